@@ -1,0 +1,229 @@
+"""Input validation shared by the reference and the fast kernels.
+
+Both implementations call the same checker, so they accept and reject exactly the same inputs, and the
+errors name the argument at fault. The checker also normalises the options (scale, window, lengths) into
+one small record, so the two implementations cannot drift on defaults either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionArgs:
+    """The validated, normalised description of one attention call.
+
+    Attributes:
+        packed: True for the packed (varlen) layout, False for padded.
+        batch: number of sequences B.
+        num_heads_q: query heads Hq.
+        num_heads_kv: key/value heads Hkv (divides Hq).
+        head_dim: D.
+        max_seqlen_q: longest query sequence (the padded length in padded mode).
+        max_seqlen_k: longest key sequence (the padded length in padded mode).
+        seqlens_q: int32 ``[B]`` on q's device in padded mode, else None.
+        seqlens_k: int32 ``[B]`` on q's device in padded mode, else None.
+        scale: the multiplier of ``q·k``: ``softmax_scale / q_scaling``.
+        window_left: keys at most this far left of the diagonal are visible; -1 means unbounded.
+        window_right: keys at most this far right of the diagonal are visible; -1 means unbounded.
+        softcap: 0 for none, else the cap of ``cap·tanh(s/cap)``.
+    """
+
+    packed: bool
+    batch: int
+    num_heads_q: int
+    num_heads_kv: int
+    head_dim: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    seqlens_q: torch.Tensor | None
+    seqlens_k: torch.Tensor | None
+    scale: float
+    window_left: int
+    window_right: int
+    softcap: float
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head: 1 for MHA, Hq for MQA."""
+        return self.num_heads_q // self.num_heads_kv
+
+
+def _check_tensor(name: str, x, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {x.dtype}")
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> list[int]:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with B+1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on {device} like q, got {cu.device}")
+    # one host copy: the kernels index memory with these offsets, so they are checked before any launch
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {values[0]}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the packed length {total}, got {values[-1]}")
+    return [b - a for a, b in zip(values, values[1:])]
+
+
+def _check_seqlens(name: str, lens, batch: int, capacity: int, device: torch.device) -> torch.Tensor:
+    if lens is None:
+        return torch.full((batch,), capacity, dtype=torch.int32, device=device)
+    if not isinstance(lens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(lens).__name__}")
+    if lens.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {lens.dtype}")
+    if lens.shape != (batch,):
+        raise ValueError(f"{name} must have shape [B]=({batch},), got {tuple(lens.shape)}")
+    if lens.device != device:
+        raise ValueError(f"{name} must be on {device} like q, got {lens.device}")
+    values = lens.tolist()
+    bad = [x for x in values if x < 0 or x > capacity]
+    if bad:
+        raise ValueError(f"{name} entries must lie in [0, {capacity}] (the padded length), got {bad}")
+    return lens
+
+
+def _check_max_seqlen(name: str, given, lens: list[int]) -> int:
+    actual = max(lens) if lens else 0
+    if given is None:
+        return actual
+    if not isinstance(given, int) or isinstance(given, bool):
+        raise TypeError(f"{name} must be an int, got {type(given).__name__}")
+    if given < actual:
+        raise ValueError(f"{name}={given} is smaller than the longest sequence ({actual})")
+    return given
+
+
+def check_attention(
+    q,
+    k,
+    v,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seqlens_q=None,
+    seqlens_k=None,
+    causal=False,
+    softmax_scale=None,
+    q_scaling=1.0,
+    window_size=(-1, -1),
+    softcap=0.0,
+    dtypes=FLOAT_DTYPES,
+) -> AttentionArgs:
+    """Validates the arguments of ``attention`` and returns their normalised form.
+
+    Raises:
+        TypeError: a tensor of the wrong type or dtype.
+        ValueError: wrong ranks or shapes, mismatched devices, malformed lengths or options.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, dtypes)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if packed and (cu_seqlens_q is None or cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (packed layout)")
+    rank = 3 if packed else 4
+    layout = "packed [T, H, D]" if packed else "padded [B, S, H, D]"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D for the {layout} layout, got shape {tuple(x.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
+    num_heads_q, head_dim = q.shape[-2], q.shape[-1]
+    num_heads_kv = k.shape[-2]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k's head dim must equal q's ({head_dim}), got {k.shape[-1]}")
+    if head_dim < 1:
+        raise ValueError(f"q's head dim must be positive, got {head_dim}")
+    if num_heads_kv < 1 or num_heads_q % num_heads_kv != 0:
+        raise ValueError(
+            f"k's head count ({num_heads_kv}) must divide q's head count ({num_heads_q}) for MHA/MQA/GQA"
+        )
+
+    if packed:
+        if seqlens_q is not None or seqlens_k is not None:
+            raise ValueError("seqlens_q/seqlens_k belong to the padded layout; packed input uses cu_seqlens")
+        lens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+        lens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        if len(lens_q) != len(lens_k):
+            raise ValueError(
+                f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got B={len(lens_q)} and "
+                f"B={len(lens_k)}"
+            )
+        batch = len(lens_q)
+        max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, lens_q)
+        max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, lens_k)
+        seqlens_q_t = seqlens_k_t = None
+    else:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("max_seqlen_q/max_seqlen_k belong to the packed layout; padded input has shapes")
+        batch = q.shape[0]
+        if k.shape[0] != batch:
+            raise ValueError(f"k's batch ({k.shape[0]}) must equal q's ({batch})")
+        max_q, max_k = q.shape[1], k.shape[1]
+        seqlens_q_t = _check_seqlens("seqlens_q", seqlens_q, batch, max_q, q.device)
+        seqlens_k_t = _check_seqlens("seqlens_k", seqlens_k, batch, max_k, q.device)
+
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    if not isinstance(q_scaling, (int, float)) or not math.isfinite(q_scaling) or q_scaling <= 0:
+        raise ValueError(f"q_scaling must be a positive finite number, got {q_scaling!r}")
+
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)
+    ):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= 0, or -1 for unbounded, got {tuple(window_size)}")
+    if causal:
+        if right > 0:
+            raise ValueError(f"window_size right={right} contradicts causal=True (which means right=0)")
+        right = 0
+
+    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
+
+    return AttentionArgs(
+        packed=packed,
+        batch=batch,
+        num_heads_q=num_heads_q,
+        num_heads_kv=num_heads_kv,
+        head_dim=head_dim,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        seqlens_q=seqlens_q_t,
+        seqlens_k=seqlens_k_t,
+        scale=float(softmax_scale) / float(q_scaling),
+        window_left=left,
+        window_right=right,
+        softcap=float(softcap),
+    )

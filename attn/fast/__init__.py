@@ -1,0 +1,18 @@
+"""Triton kernels with the same signatures as ``attn.reference``.
+
+On a machine without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), which executes
+each program in numpy: slow, but exact enough to test every kernel on a CPU. The variable must be set before
+the kernels are defined, hence here, before the kernel modules are imported. Set it yourself to force either
+mode.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .attention import attention  # noqa: E402
+
+__all__ = ["attention"]

@@ -1,0 +1,353 @@
+"""Fused context-phase attention (FlashAttention-2 style forward) in Triton.
+
+One program computes ``BLOCK_M`` query rows of one (sequence, query head). It streams the visible key/value
+tiles through an online softmax, so neither ``Q·Kᵀ`` nor the probabilities ever reach memory.
+
+Supports: padded ``[B, S, H, D]`` (with per-sequence lengths) and packed ``[T, H, D]`` + ``cu_seqlens``;
+MHA/MQA/GQA; bottom-right causal; sliding windows; soft-capping; ``q_scaling``; ``return_lse``; any head dim
+up to 256 (padded to a power of two inside the kernel); fp16, bf16 and fp32 inputs with fp32 accumulation.
+
+The key range of each row block is split three ways: masked tiles on the left edge of a window, unmasked
+tiles in the middle, masked tiles along the diagonal and the sequence end. Tiles nobody can see are never
+visited, and the middle loop carries no mask arithmetic at all.
+
+Lineage: the structure follows Triton's fused-attention tutorial and FlashAttention-2 (Dao, 2023).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..checks import check_attention
+from ._triton import autotune, is_interpreter, next_power_of_2
+
+LOG2E = 1.4426950408889634
+
+# Hopper starting points; the context-phase speed work widens this list.
+CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm in (64, 128)
+    for bn in (32, 64, 128)
+    for w in (4, 8)
+    for s in (2, 3, 4)
+]
+
+
+def _keep(configs, named_args, **kwargs):
+    head_dim = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD"))
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        # a 128x128 tile with D=256 overflows shared memory and registers; a 64-row block with 8 warps
+        # leaves each warp too few rows to feed the tensor cores
+        if head_dim >= 256 and (bn > 64 or c.num_stages > 2):
+            continue
+        if bm == 64 and c.num_warps == 8:
+            continue
+        kept.append(c)
+    return kept
+
+
+@triton.jit
+def _tanh(x):
+    # no libdevice call, so the interpreter can run it too; saturates cleanly to +-1 for large |x|
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _attn_fwd_tiles(
+    acc, l_i, m_i, q,
+    k_base, v_base, stride_kn, stride_vn,
+    offs_m, offs_n, offs_d,
+    lo, hi, seqlen_k, diag, window_left, window_right,
+    qk_scale, cap_log2,
+    MASKED: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_kn = start_n + offs_n
+        if MASKED:
+            kv_mask = (offs_kn[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+        else:
+            kv_mask = offs_d[None, :] < HEAD_DIM
+        # [BLOCK_N, HEAD_DIM_PAD]
+        if MASKED or PAD_D:
+            k = tl.load(k_base + offs_kn[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_base + offs_kn[:, None] * stride_kn + offs_d[None, :])
+        # [BLOCK_M, BLOCK_N], already in log2 units: exp2 is the cheap exponential on the GPU
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if HAS_SOFTCAP:
+            s = cap_log2 * _tanh(qk * qk_scale)
+        else:
+            s = qk * qk_scale
+        if MASKED:
+            visible = offs_kn[None, :] < seqlen_k
+            if HAS_WINDOW_RIGHT:
+                visible &= offs_kn[None, :] <= offs_m[:, None] + diag + window_right
+            if HAS_WINDOW_LEFT:
+                visible &= offs_kn[None, :] >= offs_m[:, None] + diag - window_left
+            s = tl.where(visible, s, float("-inf"))
+        # [BLOCK_M]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            # a row that has seen no visible key yet keeps m = -inf; subtracting 0 instead avoids inf - inf
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        p = tl.math.exp2(s - m_new_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # [BLOCK_N, HEAD_DIM_PAD]
+        if MASKED or PAD_D:
+            v = tl.load(v_base + offs_kn[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        else:
+            v = tl.load(v_base + offs_kn[:, None] * stride_vn + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@autotune(
+    configs=CONFIGS,
+    key=["HEAD_DIM_PAD", "IS_VARLEN", "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT", "HAS_SOFTCAP", "seqlen_bucket"],
+    interpret_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    prune_configs_by={"early_config_prune": _keep},
+)
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    seq_q_ptr, seq_k_ptr,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lh, stride_lm,
+    num_heads_q, group_size, out_rows,
+    qk_scale, cap_log2, window_left, window_right, seqlen_bucket,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0)
+    # the heaviest row blocks (most keys under a causal mask) start first, so the tail of the grid is short
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // num_heads_q
+    h = pid_bh % num_heads_q
+    h_kv = h // group_size
+
+    b64 = b.to(tl.int64)
+    if IS_VARLEN:
+        start_q = tl.load(seq_q_ptr + b).to(tl.int64)
+        seqlen_q = (tl.load(seq_q_ptr + b + 1) - start_q).to(tl.int32)
+        start_k = tl.load(seq_k_ptr + b).to(tl.int64)
+        seqlen_k = (tl.load(seq_k_ptr + b + 1) - start_k).to(tl.int32)
+        # packed rows past this sequence belong to the next one: never store them
+        row_limit = seqlen_q
+    else:
+        start_q = b64 * 0
+        seqlen_q = tl.load(seq_q_ptr + b)
+        start_k = b64 * 0
+        seqlen_k = tl.load(seq_k_ptr + b)
+        # padded rows past the sequence are part of the output and get zeros
+        row_limit = out_rows + seqlen_q * 0
+
+    m0 = pid_m * BLOCK_M
+    if m0 >= row_limit:
+        return
+
+    q_base = q_ptr + b64 * stride_qb + start_q * stride_qm + h.to(tl.int64) * stride_qh
+    k_base = k_ptr + b64 * stride_kb + start_k * stride_kn + h_kv.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + start_k * stride_vn + h_kv.to(tl.int64) * stride_vh
+    o_base = o_ptr + b64 * stride_ob + start_q * stride_om + h.to(tl.int64) * stride_oh
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_valid = offs_m < seqlen_q
+    # [BLOCK_M, HEAD_DIM_PAD]
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+
+    # bottom-right alignment: query row i sits on key diag + i
+    diag = seqlen_k - seqlen_q
+    m_last = m0 + BLOCK_M - 1
+    # [lo, hi): keys visible to at least one row of the block
+    lo = seqlen_k * 0
+    hi = seqlen_k
+    if HAS_WINDOW_LEFT:
+        lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
+    if HAS_WINDOW_RIGHT:
+        hi = tl.minimum(m_last + diag + window_right + 1, seqlen_k)
+    if m0 >= seqlen_q:
+        hi = lo
+    # [full_lo, full_hi): keys visible to every row of the block, tile-aligned
+    full_lo = lo
+    if HAS_WINDOW_LEFT:
+        full_lo = tl.cdiv(tl.maximum(m_last + diag - window_left, 0), BLOCK_N) * BLOCK_N
+    full_hi = seqlen_k
+    if HAS_WINDOW_RIGHT:
+        full_hi = tl.minimum(m0 + diag + window_right + 1, seqlen_k)
+    full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), tl.maximum(hi, lo))
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    acc, l_i, m_i = _attn_fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        lo, full_lo, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2,
+        True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+        BLOCK_N, PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        full_lo, full_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2,
+        False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+        BLOCK_N, PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        full_hi, hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2,
+        True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+        BLOCK_N, PRECISION,
+    )  # fmt: skip
+
+    # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros
+    has_key = (l_i > 0.0) & row_valid
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+    store_rows = offs_m < row_limit
+    tl.store(
+        o_base + offs_m[:, None] * stride_om + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=store_rows[:, None] & (offs_d[None, :] < HEAD_DIM),
+    )
+    if STORE_LSE:
+        # m_i is in log2 units; ln(sum exp(s)) = (m + log2(l)) * ln(2)
+        lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        lse_base = lse_ptr + b64 * stride_lb + h.to(tl.int64) * stride_lh + start_q * stride_lm
+        tl.store(lse_base + offs_m * stride_lm, lse, mask=store_rows)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    seqlens_q: torch.Tensor | None = None,
+    seqlens_k: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    q_scaling: float = 1.0,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+):
+    """Fused context-phase attention; same contract as :func:`attn.reference.attention`.
+
+    Two layouts. Padded: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, optionally with the valid lengths
+    ``seqlens_q/k``. Packed (varlen): ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` with ``cu_seqlens_q/k``.
+    Accumulation is always fp32 (TensorRT-LLM's ``enabled_with_fp32_acc``); fp32 inputs use full-precision
+    (not TF32) products.
+
+    Args:
+        q: queries, float16/bfloat16/float32, on a CUDA device (or any device under the interpreter).
+        k: keys, same dtype and device as q.
+        v: values, same shape as k.
+        cu_seqlens_q: int32 ``[B+1]`` prefix sums of the query lengths (packed layout).
+        cu_seqlens_k: int32 ``[B+1]`` prefix sums of the key lengths (packed layout).
+        max_seqlen_q: longest query sequence (packed layout); computed when None.
+        max_seqlen_k: longest key sequence (packed layout); computed when None.
+        seqlens_q: int32 ``[B]`` valid query lengths (padded layout); rows past them output zeros.
+        seqlens_k: int32 ``[B]`` valid key lengths (padded layout); keys past them are invisible.
+        causal: bottom-right aligned causal mask (query ``i`` sees key ``j`` iff ``j <= i + Sk - Sq``).
+        softmax_scale: multiplier of the scores; defaults to ``1/sqrt(D)``.
+        q_scaling: TensorRT-LLM's divisor of the scale: ``scale = softmax_scale / q_scaling``.
+        window_size: ``(left, right)`` sliding window around the diagonal, inclusive; -1 is unbounded.
+        softcap: if > 0, scores become ``softcap·tanh(s/softcap)`` after scaling.
+        return_lse: also return the natural-log log-sum-exp of each row's scores.
+
+    Returns:
+        ``out`` shaped like q in q's dtype, and with ``return_lse`` also float32 ``lse``: ``[B, Hq, Sq]``
+        padded or ``[Hq, Tq]`` packed (``-inf`` for rows that see no key, and for padding rows).
+    """
+    args = check_attention(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,
+        softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    )  # fmt: skip
+    if args.head_dim > 256:
+        raise ValueError(f"q's head dim must be at most 256 for the fused kernel, got {args.head_dim}")
+    if q.device.type != "cuda" and not is_interpreter():
+        raise ValueError(f"q must be a CUDA tensor (or run with TRITON_INTERPRET=1), got device {q.device}")
+    # the kernel reads each head's D features with unit stride; anything else is copied once here
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if args.packed:
+        lse_shape, row_dim = (args.num_heads_q, q.shape[0]), q.shape[0]
+    else:
+        lse_shape, row_dim = (args.batch, args.num_heads_q, q.shape[1]), q.shape[1]
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if return_lse else None
+    if q.numel() == 0 or k.numel() == 0:
+        # nothing to attend to (or nobody asking): zeros and -inf by definition, without a launch
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return (out, lse) if return_lse else out
+
+    if args.packed:
+        seq_q, seq_k = cu_seqlens_q, cu_seqlens_k
+        sqb = skb = svb = sob = slb = 0
+        slh, slm = lse.stride() if lse is not None else (0, 0)
+        sqm, sqh = q.stride(0), q.stride(1)
+        skn, skh = k.stride(0), k.stride(1)
+        svn, svh = v.stride(0), v.stride(1)
+        som, soh = out.stride(0), out.stride(1)
+    else:
+        seq_q, seq_k = args.seqlens_q, args.seqlens_k
+        sqb, sqm, sqh = q.stride(0), q.stride(1), q.stride(2)
+        skb, skn, skh = k.stride(0), k.stride(1), k.stride(2)
+        svb, svn, svh = v.stride(0), v.stride(1), v.stride(2)
+        sob, som, soh = out.stride(0), out.stride(1), out.stride(2)
+        slb, slh, slm = lse.stride() if lse is not None else (0, 0, 0)
+
+    if args.softcap > 0:
+        # s = cap * tanh(qk * scale / cap), kept in log2 units for exp2
+        qk_scale, cap_log2 = args.scale / args.softcap, args.softcap * LOG2E
+    else:
+        qk_scale, cap_log2 = args.scale * LOG2E, 0.0
+    head_dim_pad = max(16, next_power_of_2(args.head_dim))
+    max_rows = args.max_seqlen_q if args.packed else row_dim
+
+    def grid(meta):
+        return (args.batch * args.num_heads_q, triton.cdiv(max_rows, meta["BLOCK_M"]))
+
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse if lse is not None else out,
+        seq_q, seq_k,
+        sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, slb, slh, slm,
+        args.num_heads_q, args.group_size, row_dim,
+        qk_scale, cap_log2, args.window_left, args.window_right, next_power_of_2(max_rows),
+        HEAD_DIM=args.head_dim, HEAD_DIM_PAD=head_dim_pad,
+        IS_VARLEN=args.packed, HAS_WINDOW_LEFT=args.window_left >= 0,
+        HAS_WINDOW_RIGHT=args.window_right >= 0, HAS_SOFTCAP=args.softcap > 0,
+        STORE_LSE=lse is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    return (out, lse) if return_lse else out

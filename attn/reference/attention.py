@@ -1,0 +1,245 @@
+"""Context-phase attention, written to be read: the definition every kernel is tested against.
+
+Semantics (see SPEC.md):
+- MHA/MQA/GQA: query head ``h`` reads KV head ``h // (Hq // Hkv)``. GQA is computed by viewing the query heads
+  as ``[Hkv, group]``, never by copying K/V.
+- Scores ``s = (q·k) · softmax_scale / q_scaling``, then soft-capping ``cap·tanh(s/cap)`` if ``softcap > 0``.
+- Causal and sliding windows are bottom-right aligned: query ``i`` of ``Sq`` sits at position ``i + Sk - Sq``
+  among the keys, so the last query sees the last key.
+- A query row with no visible key outputs zeros and ``lse = -inf``.
+
+Everything is computed in float32 (float64 when the inputs are float64) and cast back to q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from ..checks import AttentionArgs, check_attention
+
+
+def attention_mask(
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    device=None,
+) -> torch.Tensor:
+    """Which keys each query may see, with bottom-right alignment.
+
+    Args:
+        seqlen_q: number of queries Sq.
+        seqlen_k: number of keys Sk.
+        causal: forbid keys to the right of the diagonal.
+        window_size: ``(left, right)`` inclusive reach from the diagonal; -1 is unbounded.
+        device: where to build the mask.
+
+    Returns:
+        bool ``[Sq, Sk]``, True where key ``j`` is visible to query ``i``.
+    """
+    left, right = window_size
+    if causal:
+        right = 0
+    # the diagonal of query i is key i + Sk - Sq: the last query lines up with the last key
+    i = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        visible &= j >= i - left
+    if right >= 0:
+        visible &= j <= i + right
+    return visible
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, args: AttentionArgs) -> torch.Tensor:
+    """Scaled (and capped) scores of one sequence.
+
+    Args:
+        q: ``[Sq, Hq, D]``.
+        k: ``[Sk, Hkv, D]``.
+
+    Returns:
+        ``[Hkv, group, Sq, Sk]`` in the compute dtype.
+    """
+    dtype = _compute_dtype(q)
+    q = rearrange(q.to(dtype), "i (h g) d -> h g i d", h=args.num_heads_kv)
+    k = rearrange(k.to(dtype), "j h d -> h j d")
+    s = torch.einsum("hgid,hjd->hgij", q, k) * args.scale
+    if args.softcap > 0:
+        s = args.softcap * torch.tanh(s / args.softcap)
+    return s
+
+
+def _masked_softmax(s: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last axis that gives zero rows (and -inf lse) where nothing is visible.
+
+    Returns:
+        ``(p, lse)``: probabilities shaped like ``s`` and the natural-log log-sum-exp of the visible scores.
+    """
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    # exp(s - lse) would be exp(-inf + inf) = nan on empty rows; a finite stand-in keeps them at zero
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    return p, lse
+
+
+def _attend_one(q, k, v, args: AttentionArgs):
+    """Attention for one sequence: ``q [Sq, Hq, D]``, ``k, v [Sk, Hkv, D]`` → ``o [Sq, Hq, D]``, ``lse [Hq, Sq]``."""
+    s = _scores(q, k, args)
+    visible = attention_mask(
+        q.shape[0], k.shape[0], window_size=(args.window_left, args.window_right), device=q.device
+    )
+    p, lse = _masked_softmax(s, visible)
+    vv = rearrange(v.to(s.dtype), "j h d -> h j d")
+    o = torch.einsum("hgij,hjd->hgid", p, vv)
+    return rearrange(o, "h g i d -> i (h g) d"), rearrange(lse, "h g i -> (h g) i")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    seqlens_q: torch.Tensor | None = None,
+    seqlens_k: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    q_scaling: float = 1.0,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+):
+    """Context-phase attention, one sequence at a time.
+
+    Two layouts. Padded: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, optionally with the valid lengths
+    ``seqlens_q/k``. Packed (varlen): ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` with ``cu_seqlens_q/k``.
+
+    Args:
+        q: queries, float16/bfloat16/float32/float64.
+        k: keys, same dtype and device as q.
+        v: values, same shape as k.
+        cu_seqlens_q: int32 ``[B+1]`` prefix sums of the query lengths (packed layout).
+        cu_seqlens_k: int32 ``[B+1]`` prefix sums of the key lengths (packed layout).
+        max_seqlen_q: longest query sequence (packed layout); computed when None.
+        max_seqlen_k: longest key sequence (packed layout); computed when None.
+        seqlens_q: int32 ``[B]`` valid query lengths (padded layout); rows past them output zeros.
+        seqlens_k: int32 ``[B]`` valid key lengths (padded layout); keys past them are invisible.
+        causal: bottom-right aligned causal mask (query ``i`` sees key ``j`` iff ``j <= i + Sk - Sq``).
+        softmax_scale: multiplier of the scores; defaults to ``1/sqrt(D)``.
+        q_scaling: TensorRT-LLM's divisor of the scale: ``scale = softmax_scale / q_scaling``.
+        window_size: ``(left, right)`` sliding window around the diagonal, inclusive; -1 is unbounded.
+        softcap: if > 0, scores become ``softcap·tanh(s/softcap)`` after scaling.
+        return_lse: also return the natural-log log-sum-exp of each row's scores.
+
+    Returns:
+        ``out`` shaped like q in q's dtype, and with ``return_lse`` also float32 ``lse``: ``[B, Hq, Sq]``
+        padded or ``[Hq, Tq]`` packed (``-inf`` for rows that see no key, and for padding rows).
+    """
+    args = check_attention(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,
+        softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
+    )  # fmt: skip
+    out = torch.zeros_like(q)
+    if args.packed:
+        lse = torch.full((args.num_heads_q, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        for b in range(args.batch):
+            sq, eq = bounds_q[b], bounds_q[b + 1]
+            sk, ek = bounds_k[b], bounds_k[b + 1]
+            o, l = _attend_one(q[sq:eq], k[sk:ek], v[sk:ek], args)
+            out[sq:eq] = o.to(q.dtype)
+            lse[:, sq:eq] = l.float()
+    else:
+        lse = torch.full(
+            (args.batch, args.num_heads_q, q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device
+        )
+        for b, (lq, lk) in enumerate(zip(args.seqlens_q.tolist(), args.seqlens_k.tolist())):
+            o, l = _attend_one(q[b, :lq], k[b, :lk], v[b, :lk], args)
+            out[b, :lq] = o.to(q.dtype)
+            lse[b, :, :lq] = l.float()
+    return (out, lse) if return_lse else out
+
+
+def attention_unfused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    seqlens_q: torch.Tensor | None = None,
+    seqlens_k: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    q_scaling: float = 1.0,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+):
+    """The unfused context path (TensorRT-LLM ``context_fmha_type=disabled``): three whole-batch steps.
+
+    1. ``S = Q·Kᵀ`` for the whole padded batch, materialized as ``[B, Hq, Sq, Sk]``;
+    2. scale, cap, mask and softmax ``S`` into ``P`` (same size);
+    3. ``O = P·V``.
+
+    Its memory grows with ``B·Hq·Sq·Sk``, which is what the fused kernel avoids. Packed input is padded
+    first (the padding is masked out). Arguments and results are those of :func:`attention`.
+    """
+    args = check_attention(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,
+        softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
+    )  # fmt: skip
+    from ..layout import pad
+
+    if args.packed:
+        lens_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        lens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+        qp = pad(q, cu_seqlens_q, args.max_seqlen_q)
+        kp = pad(k, cu_seqlens_k, args.max_seqlen_k)
+        vp = pad(v, cu_seqlens_k, args.max_seqlen_k)
+    else:
+        lens_q, lens_k = args.seqlens_q, args.seqlens_k
+        qp, kp, vp = q, k, v
+    dtype = _compute_dtype(q)
+    sq, sk = qp.shape[1], kp.shape[1]
+
+    # step 1: the full score tensor, [B, Hkv, group, Sq, Sk]
+    qg = rearrange(qp.to(dtype), "b i (h g) d -> b h g i d", h=args.num_heads_kv)
+    s = torch.einsum("bhgid,bjhd->bhgij", qg, kp.to(dtype)) * args.scale
+    if args.softcap > 0:
+        s = args.softcap * torch.tanh(s / args.softcap)
+
+    # step 2: each sequence's own bottom-right mask, aligned on its true lengths rather than the padding
+    i = torch.arange(sq, device=q.device)
+    j = torch.arange(sk, device=q.device)
+    diag = (i[None, :] + (lens_k - lens_q)[:, None])[:, :, None]  # [B, Sq, 1]
+    visible = (i[None, :, None] < lens_q[:, None, None]) & (j[None, None, :] < lens_k[:, None, None])
+    if args.window_left >= 0:
+        visible &= j[None, None, :] >= diag - args.window_left
+    if args.window_right >= 0:
+        visible &= j[None, None, :] <= diag + args.window_right
+    p, lse = _masked_softmax(s, visible[:, None, None])
+
+    # step 3: the second product, [B, Sq, Hq, D]
+    o = torch.einsum("bhgij,bjhd->bihgd", p, vp.to(dtype))
+    o = rearrange(o, "b i h g d -> b i (h g) d").to(q.dtype)
+    lse = rearrange(lse, "b h g i -> b (h g) i").float()
+    if args.packed:
+        keep = i[None, :] < lens_q[:, None]
+        o = o[keep]
+        lse = rearrange(lse, "b h i -> b i h")[keep].transpose(0, 1).contiguous()
+    return (o, lse) if return_lse else o

@@ -1,0 +1,51 @@
+"""Test setup: the Triton interpreter on CPU machines, the gpu marker, seeds and NaN-poisoned allocations."""
+
+import os
+
+import torch
+
+# must happen before any kernel is defined (attn.fast does the same on import; this makes it explicit)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (runs on the H200 with the gpu marker)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # a fresh but reproducible draw per test: the seed follows the test id, so a failure can be replayed
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+
+
+@pytest.fixture(autouse=True)
+def poison_allocations(monkeypatch):
+    """Every floating-point ``torch.empty``/``empty_like`` during a test starts as NaN.
+
+    Kernels allocate their outputs with ``torch.empty``; poisoning it proves every element that a test
+    compares was written by the kernel (stale zeros would otherwise pass for "no visible key" rows).
+    """
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))

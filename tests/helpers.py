@@ -1,0 +1,60 @@
+"""Comparison and input helpers shared by the parity tests."""
+
+from __future__ import annotations
+
+import torch
+
+from attn.layout import cu_seqlens_from_lengths
+
+
+def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Relative RMS error ``‖out − ref‖ / ‖ref‖`` in float64 (``‖out‖`` when ``ref`` is all zeros)."""
+    ref, out = ref.double(), out.double()
+    denom = ref.norm().item() or out.norm().item() or 1.0
+    return (out - ref).norm().item() / denom
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
+    """Fails on any NaN in ``out`` and on a relative RMS error above ``tol``; prints the error either way."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    nan = torch.isnan(out)
+    assert not nan.any(), f"{name}: {int(nan.sum())} NaN entries (unwritten or invalid output)"
+    err = rel_err(ref, out)
+    print(f"{name}: rel err {err:.3e} (tol {tol:.1e})")
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def assert_lse_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
+    """LSE rows that see no key must be exactly -inf in both; the others agree to ``tol·max(1, |lse|)``."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in lse"
+    empty = torch.isneginf(ref)
+    assert torch.equal(torch.isneginf(out), empty), f"{name}: -inf pattern differs from the reference"
+    diff = (out.double() - ref.double())[~empty].abs()
+    bound = tol * ref.double()[~empty].abs().clamp_min(1.0)
+    worst = (diff / bound).max().item() if diff.numel() else 0.0
+    assert worst <= 1.0, f"{name}: lse error {worst:.2f}x over its tolerance {tol:.1e}"
+
+
+# Why these tolerances (relative RMS error against a float64 reference):
+# - float32 inputs: products run in IEEE fp32 with fp32 accumulation, so the error is a few fp32 ulps
+#   amplified by the reduction length; 2e-5 leaves a wide margin over the ~1e-6 observed.
+# - float16 / bfloat16 inputs: the kernel rounds P to the input dtype before P·V and rounds the output, each a
+#   relative error of at most eps/2 per element; 2·eps bounds their sum with margin (eps = 2^-10 and 2^-7).
+TOL = {torch.float32: 2e-5, torch.float16: 2 * 2.0**-10, torch.bfloat16: 2 * 2.0**-7}
+# the lse is computed entirely in fp32 from exactly-represented inputs: rounding of the scores only
+LSE_TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def random_packed(lens_q, lens_k, hq, hkv, d, dtype, device):
+    """Packed q, k, v with the given per-sequence lengths, plus their ``cu_seqlens``."""
+    lens_q = torch.tensor(lens_q, dtype=torch.int32, device=device)
+    lens_k = torch.tensor(lens_k, dtype=torch.int32, device=device)
+    q = torch.randn(int(lens_q.sum()), hq, d, dtype=dtype, device=device)
+    k = torch.randn(int(lens_k.sum()), hkv, d, dtype=dtype, device=device)
+    v = torch.randn(int(lens_k.sum()), hkv, d, dtype=dtype, device=device)
+    return q, k, v, cu_seqlens_from_lengths(lens_q), cu_seqlens_from_lengths(lens_k)
+
+
+def shape_id(b, sq, sk, hq, hkv, d) -> str:
+    return f"B{b}-Sq{sq}-Sk{sk}-Hq{hq}-Hkv{hkv}-D{d}"

@@ -160,9 +160,7 @@ def check_attention(
     if head_dim < 1:
         raise ValueError(f"q's head dim must be positive, got {head_dim}")
     if num_heads_kv < 1 or num_heads_q % num_heads_kv != 0:
-        raise ValueError(
-            f"k's head count ({num_heads_kv}) must divide q's head count ({num_heads_q}) for MHA/MQA/GQA"
-        )
+        raise ValueError(f"k's head count ({num_heads_kv}) must divide q's head count ({num_heads_q}) for MHA/MQA/GQA")
 
     if packed:
         if seqlens_q is not None or seqlens_k is not None:
@@ -171,8 +169,7 @@ def check_attention(
         lens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
         if len(lens_q) != len(lens_k):
             raise ValueError(
-                f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got B={len(lens_q)} and "
-                f"B={len(lens_k)}"
+                f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got B={len(lens_q)} and B={len(lens_k)}"
             )
         batch = len(lens_q)
         max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, lens_q)

@@ -48,7 +48,7 @@ def _check(q, k, v, dtype, **kw):
     assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: shape_id(*s))
 def test_padded_matches_reference(shape, feature, dtype, device):
@@ -56,7 +56,7 @@ def test_padded_matches_reference(shape, feature, dtype, device):
     _check(q, k, v, dtype, **FEATURES[feature])
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(
     "lens_q, lens_k",
@@ -78,9 +78,7 @@ def test_packed_equals_padded(causal, device):
     lens_q = torch.tensor([29, 0, 64, 7], dtype=torch.int32, device=device)
     lens_k = torch.tensor([40, 5, 64, 7], dtype=torch.int32, device=device)
     q, k, v = _padded((4, 64, 70, 4, 2, 32), torch.float16, device)
-    out_pad, lse_pad = fast.attention(
-        q, k, v, seqlens_q=lens_q, seqlens_k=lens_k, causal=causal, return_lse=True
-    )
+    out_pad, lse_pad = fast.attention(q, k, v, seqlens_q=lens_q, seqlens_k=lens_k, causal=causal, return_lse=True)
     qp, cu_q, max_q = unpad(q, lens_q)
     kp, cu_k, max_k = unpad(k, lens_k)
     vp, _, _ = unpad(v, lens_k)
@@ -186,7 +184,7 @@ GPU_SHAPES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("feature", ["full", "causal", "causal-window", "softcap"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: shape_id(*s))
 def test_gpu_padded_matches_reference(shape, feature, dtype):
@@ -195,7 +193,7 @@ def test_gpu_padded_matches_reference(shape, feature, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_packed_matches_reference(causal, dtype):
     lens_q = [1000, 0, 3000, 17, 256, 1]

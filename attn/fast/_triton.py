@@ -1,10 +1,8 @@
-"""Small helpers shared by the kernels: interpreter detection and the project's autotune wrapper."""
+"""Small helpers shared by the kernels: interpreter detection and when to autotune."""
 
 from __future__ import annotations
 
 import os
-
-import triton
 
 
 def is_interpreter() -> bool:
@@ -12,16 +10,14 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def autotune(configs: list[triton.Config], key: list[str], interpret_config: triton.Config, **kwargs):
-    """``triton.autotune`` over ``configs`` on a GPU; a single fixed config under the interpreter.
+def autotune_enabled() -> bool:
+    """Whether launchers should benchmark their config lists (the default on a GPU).
 
-    Benchmarking configs in the interpreter takes minutes and measures nothing real, so it gets one config,
-    with small blocks so that tiny test shapes still span several tiles (and so exercise the tile loops and
-    their boundary masks, as long sequences do on the GPU).
+    Off under the interpreter, where benchmarking takes minutes and measures nothing real, and when
+    ``ATTN_AUTOTUNE=0``: the GPU test suite sets it, because tuning every one of its many shapes would spend
+    most of the run compiling. Launchers then use a fixed config chosen by a simple rule.
     """
-    if is_interpreter():
-        return triton.autotune([interpret_config], key=key)
-    return triton.autotune(configs, key=key, **kwargs)
+    return not is_interpreter() and os.environ.get("ATTN_AUTOTUNE", "1") != "0"
 
 
 def next_power_of_2(n: int) -> int:

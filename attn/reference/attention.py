@@ -92,9 +92,7 @@ def _masked_softmax(s: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tenso
 def _attend_one(q, k, v, args: AttentionArgs):
     """Attention for one sequence: ``q [Sq, Hq, D]``, ``k, v [Sk, Hkv, D]`` → ``o [Sq, Hq, D]``, ``lse [Hq, Sq]``."""
     s = _scores(q, k, args)
-    visible = attention_mask(
-        q.shape[0], k.shape[0], window_size=(args.window_left, args.window_right), device=q.device
-    )
+    visible = attention_mask(q.shape[0], k.shape[0], window_size=(args.window_left, args.window_right), device=q.device)
     p, lse = _masked_softmax(s, visible)
     vv = rearrange(v.to(s.dtype), "j h d -> h j d")
     o = torch.einsum("hgij,hjd->hgid", p, vv)

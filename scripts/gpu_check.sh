@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU session's batch: the GPU test suite, then the benchmark, with logs under $OUT.
+# Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [tests] [quick] [bench]
+# Compiling dominates the test run, so the suite runs as several pytest processes side by side, and the
+# Triton cache is handed back as one archive (.triton_cache/cache.tgz is unpacked first when present).
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export TRITON_CACHE_DIR=/tmp/triton_cache
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f .triton_cache/cache.tgz ] && tar xzf .triton_cache/cache.tgz -C "$TRITON_CACHE_DIR"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+status=0
+for job in "$@"; do
+  case "$job" in
+    tests)
+      shards=(
+        "test_padded_matches_reference and float32 and not gpu"
+        "test_padded_matches_reference and float16 and not gpu"
+        "test_gpu_padded_matches_reference and bfloat16"
+        "test_gpu_padded_matches_reference and float16 and not bfloat16"
+        "test_gpu_padded_matches_reference and float32"
+        "not test_padded_matches_reference and not test_gpu_padded_matches_reference"
+      )
+      pids=()
+      for i in "${!shards[@]}"; do
+        ATTN_AUTOTUNE=0 timeout 420 python3 -m pytest -q tests -k "${shards[$i]}" >"$OUT/tests_$i.log" 2>&1 &
+        pids+=($!)
+      done
+      for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || status=1
+        echo "shard $i (${shards[$i]}): $(tail -1 "$OUT/tests_$i.log")"
+      done
+      cat "$OUT"/tests_*.log > "$OUT/gpu_tests.log"; rm -f "$OUT"/tests_*.log
+      grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
+      ;;
+    quick) python3 scripts/quick_perf.py 2>&1 | tee "$OUT/quick_perf.log" ;;
+    bench) python3 -m bench.bench_attention --out "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench.log" ;;
+  esac
+done
+tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" .
+exit $status

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session's batch: the GPU test suite, then the benchmark, with logs under $OUT.
-# Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [tests] [quick] [bench]
+# Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [tests] [bench]
 # Compiling dominates the test run, so the suite runs as several pytest processes side by side, and the
 # Triton cache is handed back as one archive (.triton_cache/cache.tgz is unpacked first when present).
 set -uo pipefail
@@ -36,7 +36,6 @@ for job in "$@"; do
       cat "$OUT"/tests_*.log > "$OUT/gpu_tests.log"; rm -f "$OUT"/tests_*.log
       grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
       ;;
-    quick) python3 scripts/quick_perf.py 2>&1 | tee "$OUT/quick_perf.log" ;;
     bench) python3 -m bench.bench_attention --out "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench.log" ;;
   esac
 done

@@ -58,3 +58,7 @@ def random_packed(lens_q, lens_k, hq, hkv, d, dtype, device):
 
 def shape_id(b, sq, sk, hq, hkv, d) -> str:
     return f"B{b}-Sq{sq}-Sk{sk}-Hq{hq}-Hkv{hkv}-D{d}"
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

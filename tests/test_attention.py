@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import attn.fast as fast
 import attn.reference as reference
 from attn.layout import pad, unpad
-from helpers import LSE_TOL, TOL, assert_close, assert_lse_close, random_packed, shape_id
+from helpers import LSE_TOL, TOL, assert_close, assert_lse_close, dtype_id, random_packed, shape_id
 
 # (B, Sq, Sk, Hq, Hkv, D): single tokens, ragged non-powers of two, Sq != Sk both ways, odd head dims,
 # MHA (Hq = Hkv), GQA and MQA (Hkv = 1)
@@ -48,7 +48,7 @@ def _check(q, k, v, dtype, **kw):
     assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: shape_id(*s))
 def test_padded_matches_reference(shape, feature, dtype, device):
@@ -56,7 +56,7 @@ def test_padded_matches_reference(shape, feature, dtype, device):
     _check(q, k, v, dtype, **FEATURES[feature])
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(
     "lens_q, lens_k",
@@ -91,6 +91,25 @@ def test_packed_equals_padded(causal, device):
     assert torch.equal(lse_packed_padded, lse_pad)
     # padding rows are defined: zero output, -inf lse
     assert (out_pad[1] == 0).all() and torch.isneginf(lse_pad[1]).all()
+
+
+@pytest.mark.parametrize("feature", ["full", "causal", "window-both", "softcap"])
+def test_unfused_kernels_match_reference(feature, device):
+    lens_q = [17, 0, 33]
+    lens_k = [17, 9, 48]
+    q, k, v, cu_q, cu_k = random_packed(lens_q, lens_k, 4, 2, 40, torch.float16, device)
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **FEATURES[feature])
+    out, lse = fast.attention_unfused(q, k, v, return_lse=True, **kw)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    assert_close("unfused kernels", ref, out, TOL[torch.float16])
+    assert_lse_close("lse", ref_lse, lse, LSE_TOL[torch.float16])
+    # padded input with padding rows: zeros there, as in the fused kernel
+    qp, kp, vp = (pad(x, cu, n) for x, cu, n in ((q, cu_q, 40), (k, cu_k, 48), (v, cu_k, 48)))
+    lq, lk = (torch.tensor(x, dtype=torch.int32, device=device) for x in (lens_q, lens_k))
+    kw = FEATURES[feature]
+    out_pad = fast.attention_unfused(qp, kp, vp, seqlens_q=lq, seqlens_k=lk, **kw)
+    fused_pad = fast.attention(qp, kp, vp, seqlens_q=lq, seqlens_k=lk, **kw)
+    assert_close("unfused vs fused, padded", fused_pad, out_pad, 2 * TOL[torch.float16])
 
 
 @pytest.mark.parametrize("feature", ["full", "causal", "window-both", "softcap"])
@@ -184,7 +203,7 @@ GPU_SHAPES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("feature", ["full", "causal", "causal-window", "softcap"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: shape_id(*s))
 def test_gpu_padded_matches_reference(shape, feature, dtype):
@@ -193,7 +212,16 @@ def test_gpu_padded_matches_reference(shape, feature, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("feature", ["full", "causal", "window-both", "softcap"])
+def test_gpu_unfused_kernels(feature):
+    q, k, v = _padded((2, 300, 517, 8, 2, 128), torch.bfloat16, "cuda")
+    out = fast.attention_unfused(q, k, v, **FEATURES[feature])
+    ref = reference.attention(q.double(), k.double(), v.double(), **FEATURES[feature])
+    assert_close("unfused kernels", ref, out, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_packed_matches_reference(causal, dtype):
     lens_q = [1000, 0, 3000, 17, 256, 1]

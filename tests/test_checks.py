@@ -6,7 +6,12 @@ import torch
 import attn.fast as fast
 import attn.reference as reference
 
-IMPLS = {"reference": reference.attention, "fast": fast.attention}
+IMPLS = {
+    "reference": reference.attention,
+    "reference-unfused": reference.attention_unfused,
+    "fast": fast.attention,
+    "fast-unfused": fast.attention_unfused,
+}
 
 
 def _qkv(b=2, s=8, hq=4, hkv=2, d=16, dtype=torch.float32):

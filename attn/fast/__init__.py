@@ -14,5 +14,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .attention import attention  # noqa: E402
+from .unfused import attention_unfused  # noqa: E402
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_unfused"]

@@ -112,9 +112,7 @@ def _attn_fwd_tiles(
 
 
 # lengths, head counts and window sizes vary per call: specializing on their values would recompile often
-@triton.jit(
-    do_not_specialize=["num_heads_q", "group_size", "out_rows", "window_left", "window_right", "seqlen_bucket"]
-)
+@triton.jit(do_not_specialize=["num_heads_q", "group_size", "out_rows", "window_left", "window_right", "seqlen_bucket"])
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     seq_q_ptr, seq_k_ptr,

@@ -1,0 +1,224 @@
+"""The unfused context path in Triton (TensorRT-LLM ``context_fmha_type=disabled``): three kernels.
+
+1. ``_scores_kernel``: ``S = scale·Q·Kᵀ`` (capped, masked with -inf) for the whole padded batch, written to an
+   fp32 ``[B, Hq, Sq, Sk]`` buffer;
+2. ``_softmax_kernel``: each row of ``S`` becomes probabilities in place (and its log-sum-exp is kept);
+3. ``_pv_kernel``: ``O = P·V``.
+
+It exists to be measured against the fused kernel: the buffer grows with ``B·Hq·Sq·Sk`` and every element
+crosses memory three times, which is what fusion removes. Packed input is padded first, as TensorRT-LLM's
+unfused path works on padded tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..checks import check_attention
+from ..layout import pad
+from ._triton import is_interpreter, next_power_of_2
+from .attention import _tanh
+
+# a constexpr, because jitted code may only read globals that are
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _scores_kernel(
+    q_ptr, k_ptr, s_ptr, seqlens_q_ptr, seqlens_k_ptr,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+    stride_sb, stride_sh, stride_sm,
+    num_heads_q, group_size, seqlen_q_pad, seqlen_k_pad,
+    scale, softcap, window_left, window_right,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = pid_bh // num_heads_q
+    h = pid_bh % num_heads_q
+    seqlen_q = tl.load(seqlens_q_ptr + b)
+    seqlen_k = tl.load(seqlens_k_ptr + b)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // group_size).to(tl.int64) * stride_kh
+    # [BLOCK_M, HEAD_DIM_PAD]
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    # [BLOCK_N, HEAD_DIM_PAD]
+    k = tl.load(
+        k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+        mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    # [BLOCK_M, BLOCK_N]
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    if HAS_SOFTCAP:
+        s = softcap * _tanh(s / softcap)
+    diag = seqlen_k - seqlen_q
+    visible = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+    if HAS_WINDOW_RIGHT:
+        visible &= offs_n[None, :] <= offs_m[:, None] + diag + window_right
+    if HAS_WINDOW_LEFT:
+        visible &= offs_n[None, :] >= offs_m[:, None] + diag - window_left
+    s = tl.where(visible, s, float("-inf"))
+    s_base = s_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+    tl.store(
+        s_base + offs_m[:, None].to(tl.int64) * stride_sm + offs_n[None, :],
+        s,
+        mask=(offs_m[:, None] < seqlen_q_pad) & (offs_n[None, :] < seqlen_k_pad),
+    )
+
+
+@triton.jit
+def _softmax_kernel(s_ptr, lse_ptr, seqlen_k_pad, BLOCK_N: tl.constexpr):
+    # one program per score row: a pass for the row's max and sum, then one that writes the probabilities
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * seqlen_k_pad
+    offs = tl.arange(0, BLOCK_N)
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, seqlen_k_pad, BLOCK_N):
+        x = tl.load(s_row + start + offs, mask=start + offs < seqlen_k_pad, other=float("-inf")) * LOG2E
+        m_new = tl.maximum(m, x)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.math.exp2(m - m_safe) + tl.math.exp2(x - m_safe)
+        m = m_new
+    m_row = tl.max(m, 0)
+    m_row_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
+    l_row = tl.sum(l * tl.math.exp2(m - m_row_safe), 0)
+    l_safe = tl.where(l_row > 0.0, l_row, 1.0)
+    for start in range(0, seqlen_k_pad, BLOCK_N):
+        mask = start + offs < seqlen_k_pad
+        x = tl.load(s_row + start + offs, mask=mask, other=float("-inf")) * LOG2E
+        tl.store(s_row + start + offs, tl.math.exp2(x - m_row_safe) / l_safe, mask=mask)
+    lse = tl.where(l_row > 0.0, (m_row_safe + tl.math.log2(l_safe)) / LOG2E, float("-inf"))
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _pv_kernel(
+    p_ptr, v_ptr, o_ptr, seqlens_k_ptr,
+    stride_pb, stride_ph, stride_pm, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+    num_heads_q, group_size, seqlen_q_pad,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b = pid_bh // num_heads_q
+    h = pid_bh % num_heads_q
+    seqlen_k = tl.load(seqlens_k_ptr + b)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    p_base = p_ptr + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + (h // group_size).to(tl.int64) * stride_vh
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols = start_n + offs_n
+        # [BLOCK_M, BLOCK_N]
+        p = tl.load(
+            p_base + offs_m[:, None].to(tl.int64) * stride_pm + cols[None, :],
+            mask=(offs_m[:, None] < seqlen_q_pad) & (cols[None, :] < seqlen_k),
+            other=0.0,
+        )
+        # [BLOCK_N, HEAD_DIM_PAD]
+        v = tl.load(
+            v_base + cols[:, None] * stride_vn + offs_d[None, :],
+            mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
+            other=0.0,
+        )
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(
+        o_base + offs_m[:, None] * stride_om + offs_d[None, :],
+        acc.to(o_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < seqlen_q_pad) & (offs_d[None, :] < HEAD_DIM),
+    )
+
+
+def attention_unfused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    seqlens_q: torch.Tensor | None = None,
+    seqlens_k: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    q_scaling: float = 1.0,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+):
+    """The unfused context path as three Triton kernels; same contract as :func:`attn.reference.attention`.
+
+    Materializes the fp32 score/probability buffer ``[B, Hq, max_seqlen_q, max_seqlen_k]``: use it to see
+    (and measure) what the fused kernel saves, not to serve.
+    """
+    args = check_attention(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,
+        softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    )  # fmt: skip
+    if args.head_dim > 256:
+        raise ValueError(f"q's head dim must be at most 256 for the Triton kernels, got {args.head_dim}")
+    if q.device.type != "cuda" and not is_interpreter():
+        raise ValueError(f"q must be a CUDA tensor (or run with TRITON_INTERPRET=1), got device {q.device}")
+    if args.packed:
+        lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.int32)
+        lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+        qp = pad(q, cu_seqlens_q, args.max_seqlen_q)
+        kp = pad(k, cu_seqlens_k, args.max_seqlen_k)
+        vp = pad(v, cu_seqlens_k, args.max_seqlen_k)
+    else:
+        lens_q, lens_k = args.seqlens_q, args.seqlens_k
+        qp, kp, vp = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    bsz, sq, hq, d = qp.shape
+    sk = kp.shape[1]
+
+    scores = torch.empty((bsz, hq, sq, sk), dtype=torch.float32, device=q.device)
+    lse = torch.empty((bsz, hq, sq), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(qp)
+    if qp.numel() == 0 or sk == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+    else:
+        head_dim_pad = max(16, next_power_of_2(d))
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        bm, bn = (32, 16) if is_interpreter() else (64, 64)
+        _scores_kernel[(triton.cdiv(sq, bm), triton.cdiv(sk, bn), bsz * hq)](
+            qp, kp, scores, lens_q, lens_k,
+            qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            hq, args.group_size, sq, sk,
+            args.scale, args.softcap, args.window_left, args.window_right,
+            HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad,
+            HAS_WINDOW_LEFT=args.window_left >= 0, HAS_WINDOW_RIGHT=args.window_right >= 0,
+            HAS_SOFTCAP=args.softcap > 0, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn,
+        )  # fmt: skip
+        _softmax_kernel[(bsz * hq * sq,)](scores, lse, sk, BLOCK_N=min(1024, next_power_of_2(sk)))
+        _pv_kernel[(triton.cdiv(sq, bm), bsz * hq)](
+            scores, vp, out, lens_k,
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            vp.stride(0), vp.stride(1), vp.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            hq, args.group_size, sq,
+            HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn,
+        )  # fmt: skip
+    if args.packed:
+        keep = torch.arange(sq, device=q.device)[None, :] < lens_q[:, None]
+        out = out[keep]
+        lse = lse.transpose(1, 2)[keep].transpose(0, 1).contiguous()
+    return (out, lse) if return_lse else out

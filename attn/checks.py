@@ -112,6 +112,35 @@ def _check_max_seqlen(name: str, given, lens: list[int]) -> int:
     return given
 
 
+def _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap):
+    """Checks the score options shared by every attention call; returns ``(scale, left, right, softcap)``."""
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    if not isinstance(q_scaling, (int, float)) or not math.isfinite(q_scaling) or q_scaling <= 0:
+        raise ValueError(f"q_scaling must be a positive finite number, got {q_scaling!r}")
+
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)
+    ):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= 0, or -1 for unbounded, got {tuple(window_size)}")
+    if causal:
+        if right > 0:
+            raise ValueError(f"window_size right={right} contradicts causal=True (which means right=0)")
+        right = 0
+
+    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
+
+    return float(softmax_scale) / float(q_scaling), left, right, float(softcap)
+
+
 def check_attention(
     q,
     k,
@@ -185,29 +214,7 @@ def check_attention(
         seqlens_q_t = _check_seqlens("seqlens_q", seqlens_q, batch, max_q, q.device)
         seqlens_k_t = _check_seqlens("seqlens_k", seqlens_k, batch, max_k, q.device)
 
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
-    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
-    if not isinstance(q_scaling, (int, float)) or not math.isfinite(q_scaling) or q_scaling <= 0:
-        raise ValueError(f"q_scaling must be a positive finite number, got {q_scaling!r}")
-
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)
-    ):
-        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    left, right = window_size
-    if left < -1 or right < -1:
-        raise ValueError(f"window_size entries must be >= 0, or -1 for unbounded, got {tuple(window_size)}")
-    if causal:
-        if right > 0:
-            raise ValueError(f"window_size right={right} contradicts causal=True (which means right=0)")
-        right = 0
-
-    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
+    scale, left, right, softcap = _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap)
 
     return AttentionArgs(
         packed=packed,
@@ -219,8 +226,165 @@ def check_attention(
         max_seqlen_k=max_k,
         seqlens_q=seqlens_q_t,
         seqlens_k=seqlens_k_t,
-        scale=float(softmax_scale) / float(q_scaling),
+        scale=scale,
         window_left=left,
         window_right=right,
         softcap=float(softcap),
+    )
+
+
+@dataclass(frozen=True)
+class DecodeArgs:
+    """The validated, normalised description of one decode call.
+
+    Attributes:
+        batch: number of sequences B.
+        seqlen_q: new query tokens per sequence (1 for plain decoding, a few for speculative decoding).
+        num_heads_q: query heads Hq.
+        num_heads_kv: cache heads Hkv (divides Hq).
+        head_dim: D.
+        paged: whether the cache is a block pool read through ``block_table``.
+        page_size: tokens per block (paged) or the cache length (contiguous).
+        capacity: most tokens one sequence's cache can hold.
+        max_seqlen_k: the longest ``cache_seqlens`` entry (0 when not validated).
+        scale: the multiplier of ``q·k``.
+        window_left: as in :class:`AttentionArgs`.
+        window_right: as in :class:`AttentionArgs`.
+        softcap: as in :class:`AttentionArgs`.
+    """
+
+    batch: int
+    seqlen_q: int
+    num_heads_q: int
+    num_heads_kv: int
+    head_dim: int
+    paged: bool
+    page_size: int
+    capacity: int
+    max_seqlen_k: int
+    scale: float
+    window_left: int
+    window_right: int
+    softcap: float
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads_q // self.num_heads_kv
+
+
+def check_decode(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    *,
+    block_table=None,
+    causal=False,
+    softmax_scale=None,
+    q_scaling=1.0,
+    window_size=(-1, -1),
+    softcap=0.0,
+    num_splits=None,
+    validate=True,
+    dtypes=FLOAT_DTYPES,
+) -> DecodeArgs:
+    """Validates the arguments of ``decode`` and returns their normalised form.
+
+    With ``validate=False`` the checks that read tensor values (and so wait for the device) are skipped:
+    lengths within capacity and block-table entries inside the pool. Only for inputs already checked.
+
+    Raises:
+        TypeError: a tensor of the wrong type or dtype.
+        ValueError: wrong ranks or shapes, mismatched devices, lengths or block indices out of range.
+    """
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, x, dtypes)
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(
+            f"k_cache and v_cache must have q's dtype {q.dtype}, got k_cache={k_cache.dtype}, v_cache={v_cache.dtype}"
+        )
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [B, Sq, Hq, D], got shape {tuple(q.shape)}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(x.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    batch, seqlen_q, num_heads_q, head_dim = q.shape
+    num_heads_kv = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache's head dim must equal q's ({head_dim}), got {k_cache.shape[3]}")
+    if num_heads_kv < 1 or num_heads_q % num_heads_kv != 0:
+        raise ValueError(
+            f"k_cache's head count ({num_heads_kv}) must divide q's head count ({num_heads_q}) for MHA/MQA/GQA"
+        )
+    if seqlen_q < 1:
+        raise ValueError(f"q must hold at least one new token per sequence, got Sq={seqlen_q}")
+
+    paged = block_table is not None
+    if paged:
+        if not isinstance(block_table, torch.Tensor):
+            raise TypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"block_table must be [B={batch}, max_blocks], got shape {tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table must be on q's device {q.device}, got {block_table.device}")
+        page_size = k_cache.shape[1]
+        capacity = block_table.shape[1] * page_size
+    else:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache's batch ({k_cache.shape[0]}) must equal q's ({batch}) for a contiguous cache")
+        page_size = capacity = k_cache.shape[1]
+
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if cache_seqlens.shape != (batch,):
+        raise ValueError(f"cache_seqlens must have shape [B]=({batch},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
+
+    max_seqlen_k = 0
+    if validate:
+        lens = cache_seqlens.tolist()
+        bad = [x for x in lens if x < 0 or x > capacity]
+        if bad:
+            raise ValueError(f"cache_seqlens entries must lie in [0, {capacity}] (the cache capacity), got {bad}")
+        max_seqlen_k = max(lens) if lens else 0
+        if paged and batch:
+            # only the blocks that hold tokens are read; those must all lie inside the pool
+            used = (torch.arange(block_table.shape[1], device=q.device)[None, :] * page_size) < cache_seqlens[:, None]
+            entries = block_table[used]
+            if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= k_cache.shape[0]):
+                raise ValueError(
+                    f"block_table entries in use must lie in [0, {k_cache.shape[0]}) (the pool's blocks), "
+                    f"got values from {int(entries.min())} to {int(entries.max())}"
+                )
+
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
+        raise ValueError(f"num_splits must be None (automatic) or an int >= 1, got {num_splits!r}")
+
+    scale, left, right, softcap = _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap)
+    return DecodeArgs(
+        batch=batch,
+        seqlen_q=seqlen_q,
+        num_heads_q=num_heads_q,
+        num_heads_kv=num_heads_kv,
+        head_dim=head_dim,
+        paged=paged,
+        page_size=page_size,
+        capacity=capacity,
+        max_seqlen_k=max_seqlen_k,
+        scale=scale,
+        window_left=left,
+        window_right=right,
+        softcap=softcap,
     )

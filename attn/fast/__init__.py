@@ -3,7 +3,8 @@
 On a machine without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), which executes
 each program in numpy: slow, but exact enough to test every kernel on a CPU. The variable must be set before
 the kernels are defined, hence here, before the kernel modules are imported. Set it yourself to force either
-mode.
+mode. On a CPU, import ``attn`` before ``triton`` (or export the variable before starting Python): Triton
+decides some of its interpreter set-up when it is first imported.
 """
 
 import os

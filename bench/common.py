@@ -60,7 +60,8 @@ def _run(cmd: Sequence[str], timeout: float = 10.0) -> str | None:
 
 
 def git_commit() -> str:
-    return _run(["git", "rev-parse", "HEAD"]) or "unknown"
+    # the device machine gets a copy of the tree without .git: the launching command passes the commit along
+    return _run(["git", "rev-parse", "HEAD"]) or os.environ.get("ATTN_GIT_COMMIT", "unknown")
 
 
 def git_dirty() -> bool | None:

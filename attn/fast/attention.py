@@ -40,6 +40,10 @@ CONFIGS = [
 
 def _keep(configs, named_args, **kwargs):
     head_dim = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD"))
+    if named_args["q_ptr"].dtype == torch.float32:
+        # IEEE fp32 products run without tensor cores and hold 4-byte tiles: large tiles only spill registers
+        # (and take ptxas minutes to compile); fp32 is a correctness path, not a fast one
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
     if head_dim >= 256:
         # 256-wide rows: deeper pipelines or 128-key tiles overflow the 228 KB of shared memory
         return [
@@ -241,11 +245,13 @@ _attn_fwd_tuned = triton.autotune(
 )(_attn_fwd_kernel)
 
 
-def _fixed_config(head_dim_pad: int) -> dict:
+def _fixed_config(head_dim_pad: int, dtype: torch.dtype) -> dict:
     """The config used when not autotuning: small tiles in the interpreter, a safe Hopper default otherwise."""
     if is_interpreter():
         # small tiles so that tiny test shapes still span several tiles, exercising the loops and edge masks
         return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     if head_dim_pad >= 256:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
@@ -353,7 +359,7 @@ def attention(
     if autotune_enabled():
         kernel, meta = _attn_fwd_tuned, {}
     else:
-        kernel, meta = _attn_fwd_kernel, _fixed_config(head_dim_pad)
+        kernel, meta = _attn_fwd_kernel, _fixed_config(head_dim_pad, q.dtype)
     kernel[grid](
         q, k, v, out, lse if lse is not None else out,
         seq_q, seq_k,

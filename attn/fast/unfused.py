@@ -198,7 +198,7 @@ def attention_unfused(
     else:
         head_dim_pad = max(16, next_power_of_2(d))
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        bm, bn = (32, 16) if is_interpreter() else (64, 64)
+        bm, bn = (32, 16) if is_interpreter() or q.dtype == torch.float32 else (64, 64)
         _scores_kernel[(triton.cdiv(sq, bm), triton.cdiv(sk, bn), bsz * hq)](
             qp, kp, scores, lens_q, lens_k,
             qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),

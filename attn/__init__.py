@@ -5,7 +5,7 @@ the top-level names are the fast ones.
 """
 
 from . import layout, reference
-from .fast import attention
+from .fast import attention, attention_unfused, decode
 
-__all__ = ["attention", "layout", "reference", "fast"]
+__all__ = ["attention", "attention_unfused", "decode", "layout", "reference", "fast"]
 __version__ = "0.1.0"

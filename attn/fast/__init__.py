@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .attention import attention  # noqa: E402
+from .decode import choose_num_splits, decode  # noqa: E402
 from .unfused import attention_unfused  # noqa: E402
 
-__all__ = ["attention", "attention_unfused"]
+__all__ = ["attention", "attention_unfused", "choose_num_splits", "decode"]

@@ -1,5 +1,6 @@
 """Readable PyTorch definitions of every operation: what "correct" means for the kernels in ``attn.fast``."""
 
 from .attention import attention, attention_mask, attention_unfused
+from .decode import decode, gather_kv
 
-__all__ = ["attention", "attention_mask", "attention_unfused"]
+__all__ = ["attention", "attention_mask", "attention_unfused", "decode", "gather_kv"]

@@ -1,0 +1,325 @@
+"""Generation-phase (decode) attention in Triton: GQA-packed, split-K, over contiguous or paged caches.
+
+One program serves all ``G = Hq / Hkv`` query heads of one KV head (times the ``Sq`` new tokens): their
+``Sq·G`` rows form the M dimension of the products, so each K/V tile is read from memory once for the whole
+group and the products run on tensor cores (TensorRT-LLM's XQA idea; vLLM and FlashAttention call it GQA
+packing).
+
+Decode reads the whole cache to produce a handful of rows, so it is bound by memory bandwidth, and a batch
+with few ``(sequence, KV head)`` pairs leaves most of the 132 SMs idle. Multi-block mode (split-K,
+"flash-decoding") cuts each cache into ``num_splits`` chunks handled by separate programs; each writes its
+normalised partial output and log-sum-exp, and a second kernel merges them:
+``lse = logsumexp_s(lse_s)``, ``o = Σ_s exp(lse_s − lse)·o_s``.
+
+Paged caches are read through the block table one key at a time (a gather of block indices per tile), which
+works for any block size, including sizes smaller than the tile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..checks import check_decode
+from ._triton import autotune_enabled, is_interpreter, next_power_of_2
+from .attention import LOG2E, _tanh
+
+CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bn, w, s in [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4)]
+]
+
+
+def _keep(configs, named_args, **kwargs):
+    if named_args["q_ptr"].dtype == torch.float32:
+        # IEEE fp32 tiles: small ones, as in the context kernel (this path is for correctness, not speed)
+        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    return configs
+
+
+@triton.jit(do_not_specialize=["num_heads_kv", "seqlen_q", "page_size", "num_splits", "window_left", "window_right"])
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seqlens_ptr, block_table_ptr,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_bt,
+    stride_ob, stride_om, stride_oh, stride_os,
+    stride_lb, stride_lm, stride_lh, stride_ls,
+    num_heads_kv, seqlen_q, page_size, num_splits,
+    qk_scale, cap_log2, window_left, window_right,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // num_heads_kv
+    h_kv = pid_bh % num_heads_kv
+    b64 = b.to(tl.int64)
+    seqlen_k = tl.load(seqlens_ptr + b)
+
+    # row r of the block is new token r // GROUP of query head h_kv * GROUP + r % GROUP
+    offs_r = tl.arange(0, BLOCK_M)
+    tok = offs_r // GROUP
+    head = h_kv * GROUP + offs_r % GROUP
+    row_valid = tok < seqlen_q
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    # [BLOCK_M, HEAD_DIM_PAD]
+    q = tl.load(
+        q_ptr + b64 * stride_qb + tok[:, None] * stride_qm + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_valid[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+
+    # this program's chunk of the cache, tile-aligned so that splits never share a tile
+    chunk = tl.cdiv(tl.cdiv(seqlen_k, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, seqlen_k)
+    # bottom-right alignment: new token i sits on key diag + i
+    diag = seqlen_k - seqlen_q
+    if HAS_WINDOW_LEFT:
+        lo = tl.maximum(lo, diag - window_left)
+    if HAS_WINDOW_RIGHT:
+        hi = tl.minimum(hi, seqlen_q - 1 + diag + window_right + 1)
+
+    k_head = k_ptr + h_kv.to(tl.int64) * stride_kh
+    v_head = v_ptr + h_kv.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_valid = offs_n < hi
+        if IS_PAGED:
+            # logical token -> (pool block, slot); entries were validated against the pool on the host
+            block = tl.load(block_table_ptr + b64 * stride_bt + offs_n // page_size, mask=key_valid, other=0)
+            k_off = block.to(tl.int64) * stride_kb + (offs_n % page_size) * stride_kn
+            v_off = block.to(tl.int64) * stride_vb + (offs_n % page_size) * stride_vn
+        else:
+            k_off = b64 * stride_kb + offs_n.to(tl.int64) * stride_kn
+            v_off = b64 * stride_vb + offs_n.to(tl.int64) * stride_vn
+        kv_mask = key_valid[:, None] & d_mask[None, :]
+        # [BLOCK_N, HEAD_DIM_PAD]
+        k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        # [BLOCK_M, BLOCK_N], in log2 units
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if HAS_SOFTCAP:
+            s = cap_log2 * _tanh(qk * qk_scale)
+        else:
+            s = qk * qk_scale
+        visible = key_valid[None, :]
+        if HAS_WINDOW_RIGHT:
+            visible &= offs_n[None, :] <= tok[:, None] + diag + window_right
+        if HAS_WINDOW_LEFT:
+            visible &= offs_n[None, :] >= tok[:, None] + diag - window_left
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows with nothing visible yet keep m = -inf; subtracting 0 instead avoids inf - inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # [BLOCK_N, HEAD_DIM_PAD]
+        v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+    o_rows = o_ptr + b64 * stride_ob + tok * stride_om + head * stride_oh + split * stride_os
+    o_mask = row_valid[:, None] & d_mask[None, :]
+    tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=o_mask)
+    # m_i is in log2 units; ln(sum exp(s)) = (m + log2(l)) * ln(2)
+    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptr + b64 * stride_lb + tok * stride_lm + head * stride_lh + split * stride_ls, lse, mask=row_valid)
+
+
+@triton.jit
+def _combine_kernel(
+    o_part_ptr, lse_part_ptr, o_ptr, lse_ptr,
+    seqlen_q, num_heads_q, num_splits,
+    stride_ob, stride_om, stride_oh, stride_lb, stride_lh, stride_lm,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    # one program per (sequence, new token, query head) row; partials are laid out [row, split, D]
+    row = tl.program_id(0)
+    h = row % num_heads_q
+    tok = (row // num_heads_q) % seqlen_q
+    b = row // (num_heads_q * seqlen_q)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    s_mask = offs_s < num_splits
+    # [BLOCK_S]
+    lse_s = tl.load(lse_part_ptr + row.to(tl.int64) * num_splits + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)
+    total = tl.sum(w, 0)
+    # [BLOCK_S, HEAD_DIM_PAD]
+    o_s = tl.load(
+        o_part_ptr + (row.to(tl.int64) * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+        mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    out = tl.sum(o_s * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    lse = tl.where(total > 0.0, m_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+    tl.store(
+        o_ptr + b.to(tl.int64) * stride_ob + tok * stride_om + h * stride_oh + offs_d,
+        out.to(o_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+    tl.store(lse_ptr + b.to(tl.int64) * stride_lb + h * stride_lh + tok * stride_lm, lse)
+
+
+_decode_tuned = triton.autotune(
+    configs=CONFIGS,
+    key=["HEAD_DIM_PAD", "GROUP", "IS_PAGED", "BLOCK_M", "HAS_WINDOW_LEFT", "HAS_SOFTCAP"],
+    prune_configs_by={"early_config_prune": _keep},
+)(_decode_kernel)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, num_heads_kv: int, max_seqlen_k: int, num_sms: int) -> int:
+    """Multi-block heuristic: enough programs for about two waves, but no split shorter than 512 keys.
+
+    ``B·Hkv`` programs already fill the GPU when they are more than the SMs; below that, each cache is cut
+    into parts until about ``2·num_sms`` programs exist, as long as each part keeps enough keys to amortize
+    its own launch, its partial writes and the merge.
+    """
+    programs = max(batch * num_heads_kv, 1)
+    if programs >= num_sms:
+        return 1
+    splits = triton.cdiv(2 * num_sms, programs)
+    return max(1, min(splits, triton.cdiv(max(max_seqlen_k, 1), 512), 256))
+
+
+def decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    block_table: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    q_scaling: float = 1.0,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+    validate: bool = True,
+):
+    """Decode-step attention over a contiguous or paged KV cache; same contract as
+    :func:`attn.reference.decode`.
+
+    Args:
+        q: ``[B, Sq, Hq, D]``, the new tokens' queries (``Sq`` is 1 for plain decoding).
+        k_cache: contiguous ``[B, max_len, Hkv, D]`` or paged pool ``[num_blocks, block_size, Hkv, D]``;
+            q's dtype, unit stride along D.
+        v_cache: same shape and dtype as ``k_cache``.
+        cache_seqlens: int32 ``[B]``, tokens in each sequence's cache, the new ones included.
+        block_table: int32 ``[B, max_blocks]`` mapping logical blocks to pool blocks; None for contiguous.
+        causal: bottom-right causal among the new tokens; irrelevant when ``Sq = 1``.
+        softmax_scale: multiplier of the scores; defaults to ``1/sqrt(D)``.
+        q_scaling: TensorRT-LLM's divisor of the scale.
+        window_size: ``(left, right)`` sliding window around the diagonal; -1 is unbounded.
+        softcap: if > 0, scores become ``softcap·tanh(s/softcap)`` after scaling.
+        return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
+        num_splits: multi-block mode: 1 turns it off, n > 1 forces n parts per cache, None chooses from
+            ``B·Hkv``, the lengths and the SM count (:func:`choose_num_splits`).
+        validate: check lengths and block-table entries on the host before launching. Turn it off only for
+            inputs already checked (for example inside CUDA-graph capture, where host reads are not allowed).
+
+    Returns:
+        ``out [B, Sq, Hq, D]`` in q's dtype, and with ``return_lse`` also float32 ``lse [B, Hq, Sq]``.
+    """
+    args = check_decode(
+        q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
+        q_scaling=q_scaling, window_size=window_size, softcap=softcap, num_splits=num_splits, validate=validate,
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    )  # fmt: skip
+    if args.head_dim > 256:
+        raise ValueError(f"q's head dim must be at most 256 for the decode kernel, got {args.head_dim}")
+    if q.device.type != "cuda" and not is_interpreter():
+        raise ValueError(f"q must be a CUDA tensor (or run with TRITON_INTERPRET=1), got device {q.device}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        # a cache is updated in place by the append step, so it is never silently copied here
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride along the head dim, got strides {x.stride()}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+
+    bsz, sq, hq, d = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(bsz, hq, sq, dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return (out, lse) if return_lse else out
+
+    if num_splits is None:
+        sms = 132 if is_interpreter() else _num_sms(q.device.index or 0)
+        max_len = args.max_seqlen_k if validate else args.capacity
+        num_splits = choose_num_splits(bsz, args.num_heads_kv, max_len, sms)
+    group = args.group_size
+    block_m = max(16, next_power_of_2(sq * group))
+    head_dim_pad = max(16, next_power_of_2(d))
+    if args.softcap > 0:
+        qk_scale, cap_log2 = args.scale / args.softcap, args.softcap * LOG2E
+    else:
+        qk_scale, cap_log2 = args.scale * LOG2E, 0.0
+
+    if num_splits == 1:
+        o_dst, l_dst = out, lse
+        o_strides = (out.stride(0), out.stride(1), out.stride(2), 0)
+        l_strides = (lse.stride(0), lse.stride(2), lse.stride(1), 0)
+    else:
+        # partials [B, Sq, Hq, splits, D] and [B, Sq, Hq, splits], merged by the combine kernel
+        o_dst = torch.empty(bsz, sq, hq, num_splits, d, dtype=torch.float32, device=q.device)
+        l_dst = torch.empty(bsz, sq, hq, num_splits, dtype=torch.float32, device=q.device)
+        o_strides = (o_dst.stride(0), o_dst.stride(1), o_dst.stride(2), o_dst.stride(3))
+        l_strides = (l_dst.stride(0), l_dst.stride(1), l_dst.stride(2), l_dst.stride(3))
+
+    bt = block_table if block_table is not None else cache_seqlens
+    bt_stride = block_table.stride(0) if block_table is not None else 0
+    kw = dict(
+        GROUP=group, HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, IS_PAGED=args.paged,
+        HAS_WINDOW_LEFT=args.window_left >= 0, HAS_WINDOW_RIGHT=args.window_right >= 0,
+        HAS_SOFTCAP=args.softcap > 0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
+    )  # fmt: skip
+    if autotune_enabled():
+        kernel = _decode_tuned
+    else:
+        kernel = _decode_kernel
+        if is_interpreter():
+            kw.update(BLOCK_N=16, num_warps=4, num_stages=1)
+        elif q.dtype == torch.float32:
+            kw.update(BLOCK_N=32, num_warps=4, num_stages=2)
+        else:
+            kw.update(BLOCK_N=64, num_warps=4, num_stages=3)
+    kernel[(bsz * args.num_heads_kv, num_splits)](
+        q, k_cache, v_cache, o_dst, l_dst, cache_seqlens, bt,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        bt_stride, *o_strides, *l_strides,
+        args.num_heads_kv, sq, args.page_size, num_splits,
+        qk_scale, cap_log2, args.window_left, args.window_right,
+        **kw,
+    )  # fmt: skip
+    if num_splits > 1:
+        _combine_kernel[(bsz * sq * hq,)](
+            o_dst, l_dst, out, lse, sq, hq, num_splits,
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+            HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, BLOCK_S=max(2, next_power_of_2(num_splits)),
+        )  # fmt: skip
+    return (out, lse) if return_lse else out

@@ -1,0 +1,101 @@
+"""Generation-phase attention over a KV cache, written to be read.
+
+A decode step has a few new query tokens per sequence (one for plain decoding, several for speculative
+decoding) whose keys and values are already in the cache. Each query attends to its sequence's cached tokens
+with the context phase's semantics: bottom-right alignment (the last query is the newest token), windows,
+soft-capping, ``q_scaling``.
+
+Two cache layouts:
+- contiguous: ``k_cache, v_cache [B, max_len, Hkv, D]``; sequence ``b`` owns row ``b``;
+- paged: pools ``k_cache, v_cache [num_blocks, block_size, Hkv, D]`` and ``block_table [B, max_blocks]``;
+  token ``t`` of sequence ``b`` lives in block ``block_table[b, t // block_size]`` at slot ``t % block_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checks import AttentionArgs, check_decode
+from .attention import _attend_one
+
+
+def gather_kv(cache: torch.Tensor, seqlen: int, b: int, block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """The first ``seqlen`` cached tokens of sequence ``b``, in order.
+
+    Args:
+        cache: contiguous ``[B, max_len, Hkv, D]`` or a paged pool ``[num_blocks, block_size, Hkv, D]``.
+        seqlen: how many tokens to read.
+        b: the sequence.
+        block_table: int32 ``[B, max_blocks]`` for a paged pool, else None.
+
+    Returns:
+        ``[seqlen, Hkv, D]``.
+    """
+    if block_table is None:
+        return cache[b, :seqlen]
+    t = torch.arange(seqlen, device=cache.device)
+    block_size = cache.shape[1]
+    blocks = block_table[b, t // block_size].long()
+    return cache[blocks, t % block_size]
+
+
+def decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    block_table: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    q_scaling: float = 1.0,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+    validate: bool = True,
+):
+    """Decode-step attention of new tokens over a contiguous or paged KV cache.
+
+    Args:
+        q: ``[B, Sq, Hq, D]``, the new tokens' queries (``Sq`` is 1 for plain decoding).
+        k_cache: contiguous ``[B, max_len, Hkv, D]`` or paged pool ``[num_blocks, block_size, Hkv, D]``;
+            q's dtype.
+        v_cache: same shape and dtype as ``k_cache``.
+        cache_seqlens: int32 ``[B]``, tokens in each sequence's cache, the new ones included.
+        block_table: int32 ``[B, max_blocks]`` mapping each sequence's logical blocks to pool blocks; None for
+            a contiguous cache.
+        causal: bottom-right causal among the new tokens (query ``i`` sees key ``j`` iff
+            ``j <= i + L - Sq``); irrelevant when ``Sq = 1``.
+        softmax_scale: multiplier of the scores; defaults to ``1/sqrt(D)``.
+        q_scaling: TensorRT-LLM's divisor of the scale.
+        window_size: ``(left, right)`` sliding window around the diagonal; -1 is unbounded.
+        softcap: if > 0, scores become ``softcap·tanh(s/softcap)`` after scaling.
+        return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
+        num_splits: how many parts the fast kernel splits each cache into (None: chosen automatically). The
+            result does not depend on it; the reference accepts it to keep the signatures equal.
+        validate: check lengths and block-table entries against the cache (reads them on the host).
+
+    Returns:
+        ``out [B, Sq, Hq, D]`` in q's dtype, and with ``return_lse`` also float32 ``lse [B, Hq, Sq]``.
+    """
+    args = check_decode(
+        q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
+        q_scaling=q_scaling, window_size=window_size, softcap=softcap, num_splits=num_splits, validate=validate,
+    )  # fmt: skip
+    # the per-sequence attention of the context phase, with the cache's tokens as the keys
+    opts = AttentionArgs(
+        packed=False, batch=args.batch, num_heads_q=args.num_heads_q, num_heads_kv=args.num_heads_kv,
+        head_dim=args.head_dim, max_seqlen_q=args.seqlen_q, max_seqlen_k=args.capacity, seqlens_q=None,
+        seqlens_k=None, scale=args.scale, window_left=args.window_left, window_right=args.window_right,
+        softcap=args.softcap,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    lse = torch.empty(args.batch, args.num_heads_q, args.seqlen_q, dtype=torch.float32, device=q.device)
+    for b, seqlen in enumerate(cache_seqlens.tolist()):
+        k = gather_kv(k_cache, seqlen, b, block_table)
+        v = gather_kv(v_cache, seqlen, b, block_table)
+        o, l = _attend_one(q[b], k, v, opts)
+        out[b] = o.to(q.dtype)
+        lse[b] = l.float()
+    return (out, lse) if return_lse else out

@@ -1,0 +1,219 @@
+"""Generation-phase (decode) attention: our split-K kernel beside its peers, same process, same inputs.
+
+    python -m bench.bench_decode                      # the PERF.md decode shapes, contiguous and paged
+    python -m bench.bench_decode --only L131072 --out bench/results/x.json
+
+Decode is bound by memory bandwidth, so the metric is TB/s of K and V read (``2·Σ_b L_b·Hkv·D·2`` bytes),
+against the copy ceiling measured in the same run. Contenders, each checked against the fp32 reference on the
+first and last sequence before it is timed:
+  ours        attn.fast.decode on the contiguous cache [B, L, Hkv, D] (num_splits chosen by the heuristic)
+  ours-p16    the same cache as a shuffled block pool with 16-token blocks
+  ours-p64    ... with 64-token blocks
+  cudnn, flash, efficient   SDPA pinned to one backend, q [B, Hq, 1, D] over [B, Hkv, L, D] copies
+  flex        torch.compile(flex_attention), enable_gqa, no mask
+The ragged shape (one batch of mixed lengths) has only our kernels: the SDPA backends take no per-sequence
+lengths. Our timed calls pass ``validate=False`` (the same inputs were validated by the checked call before),
+so the time is the kernel's, as in a serving loop that validates its metadata once per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from bench import common
+
+PEERS = ["cudnn", "flash", "efficient", "flex"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    lengths: tuple[int, ...]
+    heads_q: int
+    heads_kv: int
+    head_dim: int = 128
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def ragged(self) -> bool:
+        return len(set(self.lengths)) > 1
+
+    def kv_bytes(self, elem: int = 2) -> float:
+        return 2.0 * sum(self.lengths) * self.heads_kv * self.head_dim * elem
+
+
+def shapes(quick: bool) -> list[Shape]:
+    if quick:
+        return [Shape("B8 H32/8 L4096", (4096,) * 8, 32, 8)]
+    gen = torch.Generator().manual_seed(0)
+    ragged = tuple(int(x) for x in torch.randint(128, 8193, (32,), generator=gen))
+    return [
+        Shape("B64 H32/8 L4096", (4096,) * 64, 32, 8),
+        Shape("B8 H32/8 L32768", (32768,) * 8, 32, 8),
+        Shape("B1 H32/8 L131072", (131072,), 32, 8),
+        Shape("B128 H32/32 L2048", (2048,) * 128, 32, 32),
+        Shape(f"B32 H32/8 ragged L128..8192 (sum {sum(ragged)})", ragged, 32, 8),
+    ]
+
+
+def to_paged(k_cache, v_cache, block_size, gen):
+    b, max_len, hkv, d = k_cache.shape
+    n = math.ceil(max_len / block_size)
+    pad = n * block_size - max_len
+    kc = torch.nn.functional.pad(k_cache, (0, 0, 0, 0, 0, pad)).view(b * n, block_size, hkv, d)
+    vc = torch.nn.functional.pad(v_cache, (0, 0, 0, 0, 0, pad)).view(b * n, block_size, hkv, d)
+    perm = torch.randperm(b * n, generator=gen).to(k_cache.device)
+    k_pool, v_pool = torch.empty_like(kc), torch.empty_like(vc)
+    k_pool[perm], v_pool[perm] = kc, vc
+    return k_pool, v_pool, perm.view(b, n).to(torch.int32)
+
+
+def run_shape(shape: Shape, args, ceilings) -> dict:
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    import attn.fast as fast
+    import attn.reference as reference
+
+    dev, dtype = "cuda", torch.bfloat16
+    gen = torch.Generator().manual_seed(args.seed)
+    max_len = max(shape.lengths)
+    q = torch.randn(shape.batch, 1, shape.heads_q, shape.head_dim, dtype=dtype, device=dev)
+    kc = torch.randn(shape.batch, max_len, shape.heads_kv, shape.head_dim, dtype=dtype, device=dev)
+    vc = torch.randn_like(kc)
+    seqlens = torch.tensor(shape.lengths, dtype=torch.int32, device=dev)
+    nbytes = shape.kv_bytes()
+
+    check_rows = sorted({0, shape.batch - 1})
+    refs = {
+        b: reference.decode(q[b : b + 1].float(), kc[b : b + 1].float(), vc[b : b + 1].float(), seqlens[b : b + 1])
+        for b in check_rows
+    }
+
+    def err_of(out):
+        return max(common.rel_err(out[b : b + 1].float(), refs[b]) for b in check_rows)
+
+    contenders = {}
+    caches = {"ours": (kc, vc, None)}
+    for bs in (16, 64):
+        caches[f"ours-p{bs}"] = to_paged(kc, vc, bs, gen)
+    for name, (k_, v_, table) in caches.items():
+        fn = lambda k_=k_, v_=v_, table=table, check=False: fast.decode(
+            q, k_, v_, seqlens, block_table=table, validate=check
+        )
+        contenders[name] = (fn, lambda o: o, None)
+    if not shape.ragged:
+        qt = q.transpose(1, 2).contiguous()
+        kt, vt = (x.transpose(1, 2).contiguous() for x in (kc, vc))
+        to_ours = lambda o: o.transpose(1, 2)
+        gqa = shape.heads_q != shape.heads_kv
+        from torch.nn.attention import SDPBackend
+
+        backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                    "efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
+        for name, backend in backends.items():
+            ctx = lambda backend=backend: sdpa_kernel(backend)
+            fn = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
+            contenders[name] = (fn, to_ours, ctx)
+        torch._dynamo.config.cache_size_limit = 64
+        flex = torch.compile(flex_attention, dynamic=False)
+        contenders["flex"] = (lambda: flex(qt, kt, vt, enable_gqa=gqa), to_ours, None)
+
+    results = {}
+    for name, (fn, to_ours, ctx) in contenders.items():
+        if args.peers and name not in args.peers and not name.startswith("ours"):
+            continue
+        entry = {}
+        try:
+            with ctx() if ctx else _null():
+                if name.startswith("ours"):
+                    # a validated call first; the timed ones skip the host reads of the metadata
+                    fn(check=True)
+                out = fn()
+                torch.cuda.synchronize()
+                entry["err"] = err_of(to_ours(out))
+                if not entry["err"] <= args.tol:
+                    entry["status"] = "WRONG"
+                else:
+                    ms, method = common.time_ms(fn)
+                    entry.update(status="ok", ms=ms, method=method, tbps=common.tbps(nbytes, ms))
+                    copy = ceilings.get("copy_tbps")
+                    entry["frac_copy_ceiling"] = entry["tbps"] / copy if copy else None
+        except Exception as e:  # one peer failing is a result, not the end of the run
+            entry.update(status="ERR", error=common.short_error(e))
+        results[name] = entry
+        common.free_memory()
+    ours_ms = results.get("ours", {}).get("ms")
+    for r in results.values():
+        if r.get("ms") and ours_ms:
+            r["speedup_vs_this"] = r["ms"] / ours_ms
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    splits = fast.choose_num_splits(shape.batch, shape.heads_kv, max_len, sms)
+    return {"shape": shape.name, "lengths": list(shape.lengths), "kv_bytes": nbytes, "num_splits": splits,
+            "contenders": results}  # fmt: skip
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", action="append", default=[])
+    p.add_argument("--peers", default="", help="comma list of peers to run (default all)")
+    p.add_argument("--out")
+    p.add_argument("--tol", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    args.peers = [x for x in args.peers.split(",") if x]
+    common.require_cuda("bench_decode")
+    import attn.fast  # noqa: F401  (before triton, whatever the machine)
+
+    ceilings = common.measure_ceilings()
+    out_path = args.out or common.default_out_path("decode")
+    record = {"benchmark": "decode", "env": common.env_info(), "command": common.command_line(),
+              "ceilings": ceilings, "bytes_definition": "2 * sum(L_b) * Hkv * D * 2 (K and V read once, bf16)",
+              "results": []}  # fmt: skip
+    rows = []
+    for shape in shapes(args.quick):
+        if args.only and not any(s in shape.name for s in args.only):
+            continue
+        print(f"== {shape.name}", flush=True)
+        r = run_shape(shape, args, ceilings)
+        record["results"].append(r)
+        common.write_json(out_path, record)
+        cells = [shape.name, str(r["num_splits"])]
+        for name in ["ours", "ours-p16", "ours-p64", *PEERS]:
+            c = r["contenders"].get(name)
+            if not c:
+                cells.append("-")
+            elif c.get("status") != "ok":
+                cells.append(c.get("status", "?"))
+            else:
+                ratio = "" if name == "ours" else f" ({c['speedup_vs_this']:.2f}x)"
+                cells.append(f"{c['tbps']:.2f}{ratio}")
+            if c and c.get("status") == "ERR":
+                print(f"  {name}: {c['error'][:200]}", flush=True)
+        rows.append(cells)
+        print("  " + " | ".join(cells), flush=True)
+    print("\nTB/s of K+V read (peer_ms / our_ms in parentheses: > 1 means ours is faster)")
+    print(common.format_table(["shape", "splits", "ours", "ours-p16", "ours-p64", *PEERS], rows))
+    print(f"ceilings: copy {ceilings.get('copy_tbps')} TB/s\nresults: {out_path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

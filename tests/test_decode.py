@@ -1,0 +1,173 @@
+"""Parity of the decode kernel with the reference, and equivalences: paged == contiguous, split-K invariance,
+a decode step == the last rows of a prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn.fast as fast
+import attn.reference as reference
+from helpers import LSE_TOL, TOL, assert_close, assert_lse_close, dtype_id
+
+
+def _contiguous(b, sq, hq, hkv, d, lens, dtype, device, max_len=None):
+    max_len = max_len or max(lens) + 3
+    q = torch.randn(b, sq, hq, d, dtype=dtype, device=device)
+    k_cache = torch.randn(b, max_len, hkv, d, dtype=dtype, device=device)
+    v_cache = torch.randn(b, max_len, hkv, d, dtype=dtype, device=device)
+    return q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+def _to_paged(k_cache, v_cache, lens, block_size, extra_blocks=3):
+    """The same cache as a shuffled block pool: equal contents, scattered blocks (and unused pool blocks)."""
+    b, max_len, hkv, d = k_cache.shape
+    blocks_per_seq = -(-max_len // block_size)
+    num_blocks = b * blocks_per_seq + extra_blocks
+    perm = torch.randperm(num_blocks, device=k_cache.device)[: b * blocks_per_seq]
+    block_table = perm.view(b, blocks_per_seq).to(torch.int32)
+    k_pool = torch.randn(num_blocks, block_size, hkv, d, dtype=k_cache.dtype, device=k_cache.device)
+    v_pool = torch.randn_like(k_pool)
+    for i in range(b):
+        for t in range(int(lens[i])):
+            blk, slot = int(block_table[i, t // block_size]), t % block_size
+            k_pool[blk, slot] = k_cache[i, t]
+            v_pool[blk, slot] = v_cache[i, t]
+    return k_pool, v_pool, block_table
+
+
+CASES = {  # (B, Sq, Hq, Hkv, D, lengths)
+    "mha-d64": (3, 1, 4, 4, 64, [1, 70, 33]),
+    "gqa4-d40": (2, 1, 8, 2, 40, [101, 17]),
+    "mqa-d72": (2, 1, 6, 1, 72, [45, 9]),
+    "gqa8-spec3": (2, 3, 8, 1, 32, [3, 88]),
+    "empty-cache": (2, 1, 4, 2, 16, [0, 20]),
+}
+FEATURES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"causal": True, "window_size": (23, 0)},
+    "softcap": {"softcap": 2.0, "q_scaling": 1.3},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("splits", [None, 1, 3], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("case", CASES)
+def test_decode_contiguous_matches_reference(case, feature, splits, dtype, device):
+    b, sq, hq, hkv, d, lens = CASES[case]
+    q, kc, vc, seqlens = _contiguous(b, sq, hq, hkv, d, lens, dtype, device)
+    kw = FEATURES[feature]
+    out, lse = fast.decode(q, kc, vc, seqlens, num_splits=splits, return_lse=True, **kw)
+    ref, ref_lse = reference.decode(q.double(), kc.double(), vc.double(), seqlens, return_lse=True, **kw)
+    assert_close("decode", ref, out, TOL[dtype])
+    assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
+
+
+@pytest.mark.parametrize("block_size", [16, 5, 32])
+@pytest.mark.parametrize("case", ["gqa4-d40", "gqa8-spec3", "empty-cache"])
+def test_paged_equals_contiguous(case, block_size, device):
+    # the kernel visits the same keys in the same order either way, so the results agree bit for bit
+    b, sq, hq, hkv, d, lens = CASES[case]
+    q, kc, vc, seqlens = _contiguous(b, sq, hq, hkv, d, lens, torch.float16, device)
+    k_pool, v_pool, block_table = _to_paged(kc, vc, lens, block_size)
+    for splits in (1, 2):
+        contiguous = fast.decode(q, kc, vc, seqlens, causal=True, num_splits=splits, return_lse=True)
+        paged = fast.decode(
+            q, k_pool, v_pool, seqlens, block_table=block_table, causal=True, num_splits=splits, return_lse=True
+        )
+        assert torch.equal(contiguous[0], paged[0]) and torch.equal(contiguous[1], paged[1])
+    ref = reference.decode(q.double(), k_pool.double(), v_pool.double(), seqlens, block_table=block_table, causal=True)
+    assert_close("paged vs reference", ref, paged[0], TOL[torch.float16])
+
+
+def test_decode_step_is_last_rows_of_prefill(device):
+    # a decode step over a cache holding the whole sequence is the prefill's last Sq rows
+    b, sq, hq, hkv, d, n = 2, 2, 8, 2, 32, 57
+    q_all = torch.randn(b, n, hq, d, device=device)
+    k_all = torch.randn(b, n, hkv, d, device=device)
+    v_all = torch.randn(b, n, hkv, d, device=device)
+    prefill = fast.attention(q_all, k_all, v_all, causal=True)
+    seqlens = torch.full((b,), n, dtype=torch.int32, device=device)
+    step = fast.decode(q_all[:, -sq:].contiguous(), k_all, v_all, seqlens, causal=True, num_splits=2)
+    assert_close("decode vs prefill", prefill[:, -sq:], step, TOL[torch.float32])
+
+
+def test_num_splits_heuristic():
+    assert fast.choose_num_splits(64, 8, 4096, 132) == 1  # 512 programs fill the GPU
+    assert fast.choose_num_splits(1, 8, 131072, 132) == 33  # 8 programs: ~2 waves of 264
+    assert fast.choose_num_splits(1, 8, 1000, 132) == 2  # but never parts under 512 keys
+    assert fast.choose_num_splits(8, 8, 32768, 132) == 5
+
+
+def _three_heads(cache):
+    return cache[:, :, :1].expand(-1, -1, 3, -1)
+
+
+def _bad(device):
+    q, kc, vc, seqlens = _contiguous(2, 1, 4, 2, 16, [5, 9], torch.float32, device, max_len=12)
+    k_pool, v_pool, table = _to_paged(kc, vc, [5, 9], 4, extra_blocks=0)
+    return q, kc, vc, seqlens, k_pool, v_pool, table
+
+
+BAD = {
+    "seqlens-over-capacity": (lambda q, kc, vc, s, kp, vp, t: (q, kc, vc, s + 4), {}, ValueError, "cache_seqlens"),
+    "seqlens-dtype": (lambda q, kc, vc, s, kp, vp, t: (q, kc, vc, s.long()), {}, TypeError, "cache_seqlens"),
+    "cache-dtype": (lambda q, kc, vc, s, kp, vp, t: (q, kc.half(), vc.half(), s), {}, TypeError, "k_cache"),
+    "cache-heads": (lambda q, kc, vc, s, kp, vp, t: (q, _three_heads(kc), _three_heads(vc), s), {}, ValueError,
+                    "head count"),
+    "cache-head-dim": (lambda q, kc, vc, s, kp, vp, t: (q, kc[..., :8], vc[..., :8], s), {}, ValueError, "head dim"),
+    "table-outside-pool": (lambda q, kc, vc, s, kp, vp, t: (q, kp, vp, s), {"block_table": "oob"}, ValueError,
+                           "block_table entries"),
+    "table-dtype": (lambda q, kc, vc, s, kp, vp, t: (q, kp, vp, s), {"block_table": "long"}, TypeError, "block_table"),
+    "splits": (lambda q, kc, vc, s, kp, vp, t: (q, kc, vc, s), {"num_splits": 0}, ValueError, "num_splits"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("case", BAD)
+def test_decode_rejects_bad_input(case, impl, device):
+    make, kwargs, exc, match = BAD[case]
+    parts = _bad(device)
+    kwargs = dict(kwargs)
+    if kwargs.get("block_table") == "oob":
+        table = parts[6].clone()
+        table[1, 0] = parts[4].shape[0]  # one past the pool
+        kwargs["block_table"] = table
+    elif kwargs.get("block_table") == "long":
+        kwargs["block_table"] = parts[6].long()
+    fn = reference.decode if impl == "reference" else fast.decode
+    with pytest.raises(exc, match=match):
+        fn(*make(*parts), **kwargs)
+
+
+# ---- on the GPU: bf16, long caches, the benchmark's GQA ratio, paged block sizes 16 and 64
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("splits", [None, 1, 7], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("block_size", [None, 16, 64], ids=lambda s: "contiguous" if s is None else f"paged{s}")
+@pytest.mark.parametrize("hq, hkv", [(32, 8), (32, 32), (16, 1)], ids=["gqa4", "mha", "mqa"])
+def test_gpu_decode(hq, hkv, block_size, splits, dtype):
+    lens = [1, 777, 4099, 2048]
+    q, kc, vc, seqlens = _contiguous(4, 1, hq, hkv, 128, lens, dtype, "cuda")
+    kw = {}
+    if block_size is not None:
+        kc, vc, kw["block_table"] = _to_paged_fast(kc, vc, block_size)
+    out, lse = fast.decode(q, kc, vc, seqlens, num_splits=splits, return_lse=True, **kw)
+    ref, ref_lse = reference.decode(q.float(), kc.float(), vc.float(), seqlens, return_lse=True, **kw)
+    assert_close("decode", ref, out, TOL[dtype])
+    assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
+
+
+def _to_paged_fast(k_cache, v_cache, block_size):
+    """Vectorized ``_to_paged`` for long caches: whole blocks moved to shuffled pool positions."""
+    b, max_len, hkv, d = k_cache.shape
+    n = -(-max_len // block_size)
+    pad = n * block_size - max_len
+    kc = torch.nn.functional.pad(k_cache, (0, 0, 0, 0, 0, pad)).view(b * n, block_size, hkv, d)
+    vc = torch.nn.functional.pad(v_cache, (0, 0, 0, 0, 0, pad)).view(b * n, block_size, hkv, d)
+    perm = torch.randperm(b * n, device=k_cache.device)
+    k_pool, v_pool = torch.empty_like(kc), torch.empty_like(vc)
+    k_pool[perm], v_pool[perm] = kc, vc
+    return k_pool, v_pool, perm.view(b, n).to(torch.int32)

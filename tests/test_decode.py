@@ -96,9 +96,9 @@ def test_decode_step_is_last_rows_of_prefill(device):
 
 def test_num_splits_heuristic():
     assert fast.choose_num_splits(64, 8, 4096, 132) == 1  # 512 programs fill the GPU
-    assert fast.choose_num_splits(1, 8, 131072, 132) == 33  # 8 programs: ~2 waves of 264
-    assert fast.choose_num_splits(1, 8, 1000, 132) == 2  # but never parts under 512 keys
-    assert fast.choose_num_splits(8, 8, 32768, 132) == 5
+    assert fast.choose_num_splits(1, 8, 131072, 132) == 64  # 8 programs: 2048 keys per split caps it
+    assert fast.choose_num_splits(1, 8, 1000, 132) == 1  # too short to split
+    assert fast.choose_num_splits(8, 8, 32768, 132) == 16  # 64 programs: 16 splits of 2048 keys
 
 
 def _three_heads(cache):

@@ -248,9 +248,9 @@ class DecodeArgs:
         capacity: most tokens one sequence's cache can hold.
         max_seqlen_k: the longest ``cache_seqlens`` entry (0 when not validated).
         scale: the multiplier of ``q·k``.
-        window_left: as in :class:`AttentionArgs`.
-        window_right: as in :class:`AttentionArgs`.
-        softcap: as in :class:`AttentionArgs`.
+        window_left: as in `AttentionArgs`.
+        window_right: as in `AttentionArgs`.
+        softcap: as in `AttentionArgs`.
     """
 
     batch: int

@@ -275,7 +275,7 @@ def attention(
     softcap: float = 0.0,
     return_lse: bool = False,
 ):
-    """Fused context-phase attention; same contract as :func:`attn.reference.attention`.
+    """Fused context-phase attention; same contract as `attn.reference.attention`.
 
     Two layouts. Padded: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, optionally with the valid lengths
     ``seqlens_q/k``. Packed (varlen): ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` with ``cu_seqlens_q/k``.

@@ -226,7 +226,7 @@ def decode(
     validate: bool = True,
 ):
     """Decode-step attention over a contiguous or paged KV cache; same contract as
-    :func:`attn.reference.decode`.
+    `attn.reference.decode`.
 
     Args:
         q: ``[B, Sq, Hq, D]``, the new tokens' queries (``Sq`` is 1 for plain decoding).
@@ -242,7 +242,7 @@ def decode(
         softcap: if > 0, scores become ``softcap·tanh(s/softcap)`` after scaling.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: multi-block mode: 1 turns it off, n > 1 forces n parts per cache, None chooses from
-            ``B·Hkv``, the lengths and the SM count (:func:`choose_num_splits`).
+            ``B·Hkv``, the lengths and the SM count (`choose_num_splits`).
         validate: check lengths and block-table entries on the host before launching. Turn it off only for
             inputs already checked (for example inside CUDA-graph capture, where host reads are not allowed).
 

@@ -162,7 +162,7 @@ def attention_unfused(
     softcap: float = 0.0,
     return_lse: bool = False,
 ):
-    """The unfused context path as three Triton kernels; same contract as :func:`attn.reference.attention`.
+    """The unfused context path as three Triton kernels; same contract as `attn.reference.attention`.
 
     Materializes the fp32 score/probability buffer ``[B, Hq, max_seqlen_q, max_seqlen_k]``: use it to see
     (and measure) what the fused kernel saves, not to serve.

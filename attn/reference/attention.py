@@ -1,6 +1,7 @@
 """Context-phase attention, written to be read: the definition every kernel is tested against.
 
 Semantics (see SPEC.md):
+
 - MHA/MQA/GQA: query head ``h`` reads KV head ``h // (Hq // Hkv)``. GQA is computed by viewing the query heads
   as ``[Hkv, group]``, never by copying K/V.
 - Scores ``s = (q·k) · softmax_scale / q_scaling``, then soft-capping ``cap·tanh(s/cap)`` if ``softcap > 0``.
@@ -25,7 +26,7 @@ def attention_mask(
     *,
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
-    device=None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Which keys each query may see, with bottom-right alignment.
 
@@ -194,7 +195,7 @@ def attention_unfused(
     3. ``O = P·V``.
 
     Its memory grows with ``B·Hq·Sq·Sk``, which is what the fused kernel avoids. Packed input is padded
-    first (the padding is masked out). Arguments and results are those of :func:`attention`.
+    first (the padding is masked out). Arguments and results are those of `attention`.
     """
     args = check_attention(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,

@@ -6,6 +6,7 @@ with the context phase's semantics: bottom-right alignment (the last query is th
 soft-capping, ``q_scaling``.
 
 Two cache layouts:
+
 - contiguous: ``k_cache, v_cache [B, max_len, Hkv, D]``; sequence ``b`` owns row ``b``;
 - paged: pools ``k_cache, v_cache [num_blocks, block_size, Hkv, D]`` and ``block_table [B, max_blocks]``;
   token ``t`` of sequence ``b`` lives in block ``block_table[b, t // block_size]`` at slot ``t % block_size``.

@@ -1,0 +1,62 @@
+"""MkDocs hooks for the attn site, named under ``hooks:`` in mkdocs.yml; not meant to be run by itself.
+
+The site must work with no network at all, so:
+
+- MathJax is served from the site. Its files come from the ``django-static-mathjax`` wheel on PyPI (MathJax
+  3.2.2 as published by its authors, packaged as a Python module called ``mathjax``; Django is not needed).
+  ``on_files`` adds the subset the pages use to the build, under ``assets/mathjax/``.
+- Executed notebooks carry nbconvert's own loaders, which point at cdnjs: a MathJax 2 ``<script src>`` with
+  its config block, and a Mermaid module that imports from the CDN when a page has diagrams.
+  ``on_page_content`` removes them; the site-wide MathJax typesets notebook math as well.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mkdocs.config.defaults import MkDocsConfig
+from mkdocs.exceptions import PluginError
+from mkdocs.structure.files import File, Files
+from mkdocs.structure.pages import Page
+
+MATHJAX_DEST = "assets/mathjax"
+# tex-svg.js is the combined loader the pages include. SVG output draws glyphs from paths inside the script,
+# so no web font is fetched (browsers refuse fonts to pages opened from disk). The folders hold what it loads
+# lazily: TeX extensions on first use (autoload), and the menu's accessibility and speech tools.
+MATHJAX_PARTS = ["tex-svg.js", "input", "a11y", "ui", "sre"]
+
+_NB_MATHJAX = re.compile(r"<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->", re.S)
+_NB_MERMAID = re.compile(r"<script type=\"module\">(?:(?!</script>).)*?mermaid(?:(?!</script>).)*?</script>", re.S)
+_EXTERNAL_SCRIPT = re.compile(r"<script[^>]*\ssrc=\"(?:https?:)?//[^\"]*\"[^>]*>\s*</script>", re.S)
+
+
+def _mathjax_root() -> Path:
+    try:
+        import mathjax
+    except ImportError as err:
+        raise PluginError(
+            "MathJax is served from the site: install the docs extra, pip install -e '.[docs]' "
+            "(it brings django-static-mathjax)"
+        ) from err
+    root = Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
+    if not (root / MATHJAX_PARTS[0]).is_file():
+        raise PluginError(f"no MathJax {MATHJAX_PARTS[0]} under {root}")
+    return root
+
+
+def on_files(files: Files, config: MkDocsConfig) -> Files:
+    root = _mathjax_root()
+    for part in MATHJAX_PARTS:
+        path = root / part
+        paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for p in paths:
+            rel = p.relative_to(root).as_posix()
+            files.append(File.generated(config, f"{MATHJAX_DEST}/{rel}", abs_src_path=str(p)))
+    return files
+
+
+def on_page_content(html: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    html = _NB_MATHJAX.sub("", html)
+    html = _NB_MERMAID.sub("", html)
+    return _EXTERNAL_SCRIPT.sub("", html)

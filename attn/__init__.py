@@ -4,8 +4,22 @@
 the top-level names are the fast ones.
 """
 
-from . import layout, reference
-from .fast import attention, attention_unfused, decode
+from . import kv_cache, layout, reference
+from .fast import append_kv, attention, attention_unfused, decode
+from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
 
-__all__ = ["attention", "attention_unfused", "decode", "layout", "reference", "fast"]
+__all__ = [
+    "BlockAllocator",
+    "ContiguousKVCache",
+    "PagedKVCache",
+    "PoolExhaustedError",
+    "append_kv",
+    "attention",
+    "attention_unfused",
+    "decode",
+    "fast",
+    "kv_cache",
+    "layout",
+    "reference",
+]
 __version__ = "0.1.0"

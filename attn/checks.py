@@ -388,3 +388,103 @@ def check_decode(
         window_right=right,
         softcap=softcap,
     )
+
+
+@dataclass(frozen=True)
+class AppendArgs:
+    """The validated description of one append into a KV cache.
+
+    Attributes:
+        batch: number of sequences B.
+        packed: whether the new tokens come packed ``[T, Hkv, D]`` with ``cu_seqlens_new``.
+        new_bounds: host list ``[B+1]``: sequence ``b``'s new tokens are rows ``new_bounds[b]:new_bounds[b+1]``
+            of the packed input, or ``new_bounds[b+1] - new_bounds[b]`` tokens of row ``b`` when padded.
+        block_size: tokens per block (paged) or the cache length (contiguous).
+        capacity: most tokens one sequence's cache can hold.
+    """
+
+    batch: int
+    packed: bool
+    new_bounds: list[int]
+    block_size: int
+    capacity: int
+
+
+def check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new=None, block_table=None) -> AppendArgs:
+    """Validates an append before anything is written, so a rejected call leaves the cache untouched.
+
+    Raises:
+        TypeError: a tensor of the wrong type or dtype.
+        ValueError: mismatched shapes or devices, a sequence that would outgrow its cache, or a block the
+            append would write that lies outside the pool.
+    """
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
+        _check_tensor(name, x)
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
+        raise ValueError(
+            f"k_cache and v_cache must be 4-D and of one shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    for name, x in (("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
+        if x.dtype != k_cache.dtype:
+            raise TypeError(f"{name} must have k_cache's dtype {k_cache.dtype}, got {x.dtype}")
+        if x.device != k_cache.device:
+            raise ValueError(f"{name} must be on k_cache's device {k_cache.device}, got {x.device}")
+    if k_new.shape != v_new.shape:
+        raise ValueError(f"k_new and v_new must have one shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+    if k_new.shape[-2:] != k_cache.shape[-2:]:
+        raise ValueError(
+            f"k_new's [Hkv, D] must match the cache's {tuple(k_cache.shape[-2:])}, got {tuple(k_new.shape[-2:])}"
+        )
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or cache_seqlens.dim() != 1:
+        raise TypeError("cache_seqlens must be a 1-D int32 tensor")
+    if cache_seqlens.device != k_cache.device:
+        raise ValueError(f"cache_seqlens must be on k_cache's device {k_cache.device}, got {cache_seqlens.device}")
+    batch = cache_seqlens.shape[0]
+
+    packed = cu_seqlens_new is not None
+    if packed:
+        if k_new.dim() != 3:
+            raise ValueError(f"k_new must be [T, Hkv, D] with cu_seqlens_new, got shape {tuple(k_new.shape)}")
+        counts = _check_cu_seqlens("cu_seqlens_new", cu_seqlens_new, k_new.shape[0], k_cache.device)
+        if len(counts) != batch:
+            raise ValueError(f"cu_seqlens_new must describe B={batch} sequences, got {len(counts)}")
+        bounds = cu_seqlens_new.tolist()
+    else:
+        if k_new.dim() != 4 or k_new.shape[0] != batch:
+            raise ValueError(
+                f"k_new must be [B={batch}, S_new, Hkv, D] without cu_seqlens_new, got {tuple(k_new.shape)}"
+            )
+        counts = [k_new.shape[1]] * batch
+        bounds = [i * k_new.shape[1] for i in range(batch + 1)]
+
+    if block_table is not None:
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
+            raise TypeError("block_table must be an int32 tensor")
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"block_table must be [B={batch}, max_blocks], got shape {tuple(block_table.shape)}")
+        if block_table.device != k_cache.device:
+            raise ValueError(f"block_table must be on k_cache's device {k_cache.device}, got {block_table.device}")
+        block_size = k_cache.shape[1]
+        capacity = block_table.shape[1] * block_size
+    else:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache's batch ({k_cache.shape[0]}) must equal cache_seqlens' ({batch})")
+        block_size = capacity = k_cache.shape[1]
+
+    starts = cache_seqlens.tolist()
+    for b, (start, n) in enumerate(zip(starts, counts)):
+        if start < 0 or start + n > capacity:
+            raise ValueError(
+                f"sequence {b} would hold {start + n} tokens (cache_seqlens={start} + {n} new), "
+                f"over the cache capacity {capacity}"
+            )
+    if block_table is not None:
+        pool = k_cache.shape[0]
+        for b, (start, n) in enumerate(zip(starts, counts)):
+            if n == 0:
+                continue
+            used = block_table[b, start // block_size : (start + n - 1) // block_size + 1].tolist()
+            bad = [x for x in used if x < 0 or x >= pool]
+            if bad:
+                raise ValueError(f"block_table[{b}] points outside the pool of {pool} blocks: {bad}")
+    return AppendArgs(batch=batch, packed=packed, new_bounds=bounds, block_size=block_size, capacity=capacity)

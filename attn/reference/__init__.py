@@ -2,5 +2,6 @@
 
 from .attention import attention, attention_mask, attention_unfused
 from .decode import decode, gather_kv
+from .kv_cache import append_kv, slot_of
 
-__all__ = ["attention", "attention_mask", "attention_unfused", "decode", "gather_kv"]
+__all__ = ["append_kv", "attention", "attention_mask", "attention_unfused", "decode", "gather_kv", "slot_of"]

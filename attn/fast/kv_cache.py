@@ -1,0 +1,111 @@
+"""Appending new tokens' K/V to a contiguous or paged KV cache, in Triton; same contract as
+``attn.reference.append_kv``.
+
+One program copies ``BLOCK_T`` new tokens of one KV head. Each token's destination comes from its sequence's
+cached length (and, for a paged cache, the block table), computed per token inside the kernel, so a ragged
+batch needs no host loop. The append is a pure copy: its speed is bytes moved over bandwidth.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..checks import check_append
+from ._triton import is_interpreter, next_power_of_2
+
+
+@triton.jit(do_not_specialize=["num_tokens", "block_size"])
+def _append_kernel(
+    k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr,
+    tok_seq_ptr, tok_pos_ptr, block_table_ptr,
+    stride_nt, stride_nh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_bt,
+    num_tokens, block_size,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    h = tl.program_id(1).to(tl.int64)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    t_mask = offs_t < num_tokens
+    mask = t_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    # [BLOCK_T]: which sequence each new token belongs to, and its position in that sequence
+    seq = tl.load(tok_seq_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    pos = tl.load(tok_pos_ptr + offs_t, mask=t_mask, other=0)
+    if IS_PAGED:
+        # entries were checked against the pool on the host before this launch
+        row = tl.load(block_table_ptr + seq * stride_bt + pos // block_size, mask=t_mask, other=0).to(tl.int64)
+        slot = (pos % block_size).to(tl.int64)
+    else:
+        row = seq
+        slot = pos.to(tl.int64)
+    src = offs_t.to(tl.int64)[:, None] * stride_nt + h * stride_nh + offs_d[None, :]
+    # [BLOCK_T, HEAD_DIM_PAD]
+    k = tl.load(k_new_ptr + src, mask=mask)
+    v = tl.load(v_new_ptr + src, mask=mask)
+    k_dst = (row * stride_kb + slot * stride_kn)[:, None] + h * stride_kh + offs_d[None, :]
+    v_dst = (row * stride_vb + slot * stride_vn)[:, None] + h * stride_vh + offs_d[None, :]
+    tl.store(k_cache_ptr + k_dst, k, mask=mask)
+    tl.store(v_cache_ptr + v_dst, v, mask=mask)
+
+
+def append_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    cu_seqlens_new: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+) -> None:
+    """Writes new tokens' K/V after each sequence's cached tokens, in place.
+
+    Args:
+        k_cache: contiguous ``[B, max_len, Hkv, D]`` or paged pool ``[num_blocks, block_size, Hkv, D]``.
+        v_cache: same shape and dtype as ``k_cache``.
+        k_new: new keys, padded ``[B, S_new, Hkv, D]`` or packed ``[T, Hkv, D]`` with ``cu_seqlens_new``.
+        v_new: new values, shaped like ``k_new``.
+        cache_seqlens: int32 ``[B]``, tokens already cached per sequence (not updated here).
+        cu_seqlens_new: int32 ``[B+1]`` prefix sums of the new tokens per sequence (packed ``k_new``).
+        block_table: int32 ``[B, max_blocks]`` for a paged pool, else None.
+
+    Raises:
+        ValueError: a sequence would outgrow its cache, or a block it writes to is outside the pool. Nothing
+            is written then.
+    """
+    args = check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table)
+    if k_cache.device.type != "cuda" and not is_interpreter():
+        raise ValueError(f"k_cache must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {k_cache.device}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride along the head dim, got strides {x.stride()}")
+    hkv, d = k_new.shape[-2:]
+    k_flat = k_new.reshape(-1, hkv, d)
+    v_flat = v_new.reshape(-1, hkv, d)
+    if k_flat.stride(-1) != 1 or k_flat.stride() != v_flat.stride():
+        k_flat, v_flat = k_flat.contiguous(), v_flat.contiguous()
+    num_tokens = k_flat.shape[0]
+    if num_tokens == 0:
+        return
+    device = k_cache.device
+    counts = torch.tensor(
+        [b - a for a, b in zip(args.new_bounds, args.new_bounds[1:])], dtype=torch.int64, device=device
+    )
+    tok_seq = torch.repeat_interleave(torch.arange(args.batch, device=device), counts, output_size=num_tokens)
+    starts = torch.tensor(args.new_bounds[:-1], dtype=torch.int64, device=device)
+    tok_pos = (cache_seqlens.long()[tok_seq] + torch.arange(num_tokens, device=device) - starts[tok_seq]).to(
+        torch.int32
+    )
+    tok_seq = tok_seq.to(torch.int32)
+    bt = block_table if block_table is not None else tok_seq
+    block_t = 16 if is_interpreter() else 32
+    _append_kernel[(triton.cdiv(num_tokens, block_t), hkv)](
+        k_flat, v_flat, k_cache, v_cache, tok_seq, tok_pos, bt,
+        k_flat.stride(0), k_flat.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0) if block_table is not None else 0,
+        num_tokens, args.block_size,
+        HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d), IS_PAGED=block_table is not None, BLOCK_T=block_t,
+    )  # fmt: skip

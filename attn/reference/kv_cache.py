@@ -1,0 +1,57 @@
+"""Appending new tokens' keys and values to a KV cache, written to be read.
+
+The generation phase writes each new token's K and V into the cache before attending over it. Token ``t``
+of sequence ``b`` (counting from the start of the sequence) lives at row ``t`` of ``cache[b]`` in a contiguous
+cache, and at slot ``t % block_size`` of pool block ``block_table[b, t // block_size]`` in a paged one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checks import check_append
+
+
+def slot_of(position: int, b: int, block_size: int, block_table: torch.Tensor | None) -> tuple[int, int]:
+    """Where token ``position`` of sequence ``b`` lives: ``(row, slot)`` of the cache tensor's first two dims."""
+    if block_table is None:
+        return b, position
+    return int(block_table[b, position // block_size]), position % block_size
+
+
+def append_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    cu_seqlens_new: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+) -> None:
+    """Writes new tokens' K/V after each sequence's cached tokens, in place.
+
+    Args:
+        k_cache: contiguous ``[B, max_len, Hkv, D]`` or paged pool ``[num_blocks, block_size, Hkv, D]``.
+        v_cache: same shape and dtype as ``k_cache``.
+        k_new: new keys, padded ``[B, S_new, Hkv, D]`` (every sequence gets ``S_new`` tokens) or packed
+            ``[T, Hkv, D]`` with ``cu_seqlens_new``; the cache's dtype.
+        v_new: new values, shaped like ``k_new``.
+        cache_seqlens: int32 ``[B]``, tokens already cached per sequence; the new ones go after them. Not
+            updated here: the caller owns the lengths.
+        cu_seqlens_new: int32 ``[B+1]`` prefix sums of the new tokens per sequence (packed ``k_new``).
+        block_table: int32 ``[B, max_blocks]`` for a paged pool, else None.
+
+    Raises:
+        ValueError: a sequence would outgrow its cache, or a block it writes to is outside the pool. Nothing
+            is written then.
+    """
+    args = check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table)
+    starts = cache_seqlens.tolist()
+    for b in range(args.batch):
+        lo, hi = args.new_bounds[b], args.new_bounds[b + 1]
+        for i in range(hi - lo):
+            src = lo + i if args.packed else (b, i)
+            row, slot = slot_of(starts[b] + i, b, args.block_size, block_table)
+            k_cache[row, slot] = k_new[src]
+            v_cache[row, slot] = v_new[src]

@@ -5,7 +5,7 @@ the top-level names are the fast ones.
 """
 
 from . import kv_cache, layout, reference
-from .fast import append_kv, attention, attention_unfused, decode
+from .fast import append_kv, attention, attention_unfused, decode, preprocess
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "fast",
     "kv_cache",
     "layout",
+    "preprocess",
     "reference",
 ]
 __version__ = "0.1.0"

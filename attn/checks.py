@@ -488,3 +488,66 @@ def check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new=N
             if bad:
                 raise ValueError(f"block_table[{b}] points outside the pool of {pool} blocks: {bad}")
     return AppendArgs(batch=batch, packed=packed, new_bounds=bounds, block_size=block_size, capacity=capacity)
+
+
+@dataclass(frozen=True)
+class PreprocessArgs:
+    """The validated description of one pre-processing call.
+
+    Attributes:
+        packed: whether ``qkv`` is packed ``[T, ...]`` with ``cu_seqlens_new``.
+        head_dim: D.
+        token_seq: int32 ``[T]`` on the device: each new token's sequence.
+        positions: int32 ``[T]`` on the device: each new token's position in its sequence.
+        append: the append's own validated arguments.
+    """
+
+    packed: bool
+    head_dim: int
+    token_seq: torch.Tensor
+    positions: torch.Tensor
+    append: AppendArgs
+
+
+def check_preprocess(
+    qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
+    rotary_dim, rope_style,
+) -> PreprocessArgs:  # fmt: skip
+    """Validates a pre-processing call (and the append it implies) before anything is written."""
+    _check_tensor("qkv", qkv)
+    _check_tensor("k_cache", k_cache)
+    for name, n in (("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if num_heads_q % num_heads_kv != 0:
+        raise ValueError(f"num_heads_kv ({num_heads_kv}) must divide num_heads_q ({num_heads_q})")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be 4-D, got shape {tuple(k_cache.shape)}")
+    d = k_cache.shape[-1]
+    if k_cache.shape[-2] != num_heads_kv:
+        raise ValueError(f"k_cache holds {k_cache.shape[-2]} KV heads, but num_heads_kv is {num_heads_kv}")
+    width = (num_heads_q + 2 * num_heads_kv) * d
+    packed = cu_seqlens_new is not None
+    if qkv.dim() != (2 if packed else 3) or qkv.shape[-1] != width:
+        layout = "[T, (Hq + 2·Hkv)·D]" if packed else "[B, S_new, (Hq + 2·Hkv)·D]"
+        raise ValueError(f"qkv must be {layout} = [..., {width}], got shape {tuple(qkv.shape)}")
+    if qkv_bias is not None:
+        _check_tensor("qkv_bias", qkv_bias)
+        if qkv_bias.shape != (width,) or qkv_bias.device != qkv.device:
+            raise ValueError(
+                f"qkv_bias must be [{width}] on {qkv.device}, got {tuple(qkv_bias.shape)} on {qkv_bias.device}"
+            )
+    if rope_style not in ("neox", "gptj"):
+        raise ValueError(f"rope_style must be 'neox' or 'gptj', got {rope_style!r}")
+    if not isinstance(rotary_dim, int) or isinstance(rotary_dim, bool) or rotary_dim < 0 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be an even int >= 0 (0 disables RoPE), got {rotary_dim!r}")
+    if rotary_dim > d:
+        raise ValueError(f"rotary_dim ({rotary_dim}) must be at most the head dim ({d})")
+
+    # the append sees k in its own layout; only shapes matter for its checks
+    k_like = qkv[..., : num_heads_kv * d].unflatten(-1, (num_heads_kv, d))
+    append = check_append(k_cache, v_cache, k_like, k_like, cache_seqlens, cu_seqlens_new, block_table)
+    from .layout import new_token_positions
+
+    token_seq, positions = new_token_positions(append.new_bounds, cache_seqlens)
+    return PreprocessArgs(packed=packed, head_dim=d, token_seq=token_seq, positions=positions, append=append)

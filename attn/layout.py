@@ -76,3 +76,22 @@ def pad(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, value: float
     for b, (start, n) in enumerate(zip(starts, lengths)):
         out[b, :n] = x[start : start + n]
     return out
+
+
+def new_token_positions(new_bounds: list[int], cache_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For new tokens appended after cached ones: each token's sequence and its position in that sequence.
+
+    Args:
+        new_bounds: host list ``[B+1]``, prefix sums of the new tokens per sequence.
+        cache_seqlens: int32 ``[B]``, tokens already cached per sequence.
+
+    Returns:
+        ``(seq, pos)``, int32 ``[T]`` each, on ``cache_seqlens``' device, computed without a host sync.
+    """
+    device = cache_seqlens.device
+    total = new_bounds[-1]
+    counts = torch.tensor([b - a for a, b in zip(new_bounds, new_bounds[1:])], dtype=torch.int64, device=device)
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=device), counts, output_size=total)
+    starts = torch.tensor(new_bounds[:-1], dtype=torch.int64, device=device)
+    pos = cache_seqlens.long()[seq] + torch.arange(total, device=device) - starts[seq]
+    return seq.to(torch.int32), pos.to(torch.int32)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..checks import check_append
+from ..layout import new_token_positions
 from ._triton import is_interpreter, next_power_of_2
 
 
@@ -88,16 +89,7 @@ def append_kv(
     num_tokens = k_flat.shape[0]
     if num_tokens == 0:
         return
-    device = k_cache.device
-    counts = torch.tensor(
-        [b - a for a, b in zip(args.new_bounds, args.new_bounds[1:])], dtype=torch.int64, device=device
-    )
-    tok_seq = torch.repeat_interleave(torch.arange(args.batch, device=device), counts, output_size=num_tokens)
-    starts = torch.tensor(args.new_bounds[:-1], dtype=torch.int64, device=device)
-    tok_pos = (cache_seqlens.long()[tok_seq] + torch.arange(num_tokens, device=device) - starts[tok_seq]).to(
-        torch.int32
-    )
-    tok_seq = tok_seq.to(torch.int32)
+    tok_seq, tok_pos = new_token_positions(args.new_bounds, cache_seqlens)
     bt = block_table if block_table is not None else tok_seq
     block_t = 16 if is_interpreter() else 32
     _append_kernel[(triton.cdiv(num_tokens, block_t), hkv)](

@@ -3,5 +3,17 @@
 from .attention import attention, attention_mask, attention_unfused
 from .decode import decode, gather_kv
 from .kv_cache import append_kv, slot_of
+from .preprocess import apply_rope, preprocess, rope_cos_sin
 
-__all__ = ["append_kv", "attention", "attention_mask", "attention_unfused", "decode", "gather_kv", "slot_of"]
+__all__ = [
+    "append_kv",
+    "apply_rope",
+    "attention",
+    "attention_mask",
+    "attention_unfused",
+    "decode",
+    "gather_kv",
+    "preprocess",
+    "rope_cos_sin",
+    "slot_of",
+]

@@ -1,0 +1,197 @@
+"""The generation phase's pre-processing as one Triton kernel: QKV bias, RoPE on q and k, append of k and v
+into a contiguous or paged cache. Same contract as ``attn.reference.preprocess``.
+
+One program handles ``BLOCK_T`` new tokens of one head: a query head (bias, rotate, write q) or a KV head
+(bias, rotate k, write k and v into the cache). Every byte of ``qkv`` is read once and every output byte
+written once, so the kernel's speed is bytes over bandwidth. The rotation reads cos/sin from a float32 table
+(``attn.reference.rope_cos_sin``), which keeps it exact for long positions and identical to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..checks import check_preprocess
+from ..reference.preprocess import rope_cos_sin
+from ._triton import is_interpreter, next_power_of_2
+
+
+@triton.jit
+def _load_biased(row_ptr, bias_ptr, cols, mask, HAS_BIAS: tl.constexpr):
+    x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _write_head(
+    row_ptr, bias_ptr, col0, dst_ptr, offs_d, t_mask, cos, sin, idx1, idx2, pair_mask,
+    HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
+):  # fmt: skip
+    # features past the rotary dim pass through; the rotated pairs are stored separately, so no address is
+    # written twice by one program
+    rest = t_mask[:, None] & (offs_d[None, :] >= ROTARY_DIM) & (offs_d[None, :] < HEAD_DIM)
+    x = _load_biased(row_ptr, bias_ptr, col0 + offs_d[None, :], rest, HAS_BIAS)
+    tl.store(dst_ptr + offs_d[None, :], x.to(dst_ptr.dtype.element_ty), mask=rest)
+    if ROTARY_DIM > 0:
+        pm = t_mask[:, None] & pair_mask[None, :]
+        # [BLOCK_T, HALF_PAD]
+        x1 = _load_biased(row_ptr, bias_ptr, col0 + idx1[None, :], pm, HAS_BIAS)
+        x2 = _load_biased(row_ptr, bias_ptr, col0 + idx2[None, :], pm, HAS_BIAS)
+        if ROTATE:
+            y1 = x1 * cos - x2 * sin
+            y2 = x2 * cos + x1 * sin
+        else:
+            y1 = x1
+            y2 = x2
+        tl.store(dst_ptr + idx1[None, :], y1.to(dst_ptr.dtype.element_ty), mask=pm)
+        tl.store(dst_ptr + idx2[None, :], y2.to(dst_ptr.dtype.element_ty), mask=pm)
+
+
+@triton.jit(do_not_specialize=["num_tokens", "block_size"])
+def _preprocess_kernel(
+    qkv_ptr, bias_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
+    tok_seq_ptr, tok_pos_ptr, block_table_ptr,
+    stride_row, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_bt, stride_cos,
+    num_tokens, block_size,
+    NUM_HEADS_Q: tl.constexpr, NUM_HEADS_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, GPTJ: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_PAGED: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    hh = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < num_tokens
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ptr = qkv_ptr + offs_t.to(tl.int64)[:, None] * stride_row
+    pos = tl.load(tok_pos_ptr + offs_t, mask=t_mask, other=0)
+
+    # the pair of features each rotation mixes: (i, i + r/2) for GPT-NeoX, (2i, 2i + 1) for GPT-J
+    offs_i = tl.arange(0, HALF_PAD)
+    pair_mask = offs_i < ROTARY_DIM // 2
+    if GPTJ:
+        idx1 = 2 * offs_i
+        idx2 = 2 * offs_i + 1
+    else:
+        idx1 = offs_i
+        idx2 = offs_i + ROTARY_DIM // 2
+    cs_off = pos.to(tl.int64)[:, None] * stride_cos + offs_i[None, :]
+    cs_mask = t_mask[:, None] & pair_mask[None, :]
+    # [BLOCK_T, HALF_PAD]
+    cos = tl.load(cos_ptr + cs_off, mask=cs_mask, other=1.0)
+    sin = tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0)
+
+    if hh < NUM_HEADS_Q:
+        dst = q_ptr + offs_t.to(tl.int64)[:, None] * stride_qt + hh * stride_qh
+        _write_head(row_ptr, bias_ptr, hh * HEAD_DIM, dst, offs_d, t_mask, cos, sin, idx1, idx2, pair_mask,
+                    HEAD_DIM, ROTARY_DIM, HAS_BIAS, True)  # fmt: skip
+    else:
+        h = hh - NUM_HEADS_Q
+        seq = tl.load(tok_seq_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+        if IS_PAGED:
+            # entries were checked against the pool on the host before this launch
+            row = tl.load(block_table_ptr + seq * stride_bt + pos // block_size, mask=t_mask, other=0).to(tl.int64)
+            slot = (pos % block_size).to(tl.int64)
+        else:
+            row = seq
+            slot = pos.to(tl.int64)
+        k_dst = k_cache_ptr + (row * stride_kb + slot * stride_kn)[:, None] + h * stride_kh
+        v_dst = v_cache_ptr + (row * stride_vb + slot * stride_vn)[:, None] + h * stride_vh
+        _write_head(row_ptr, bias_ptr, (NUM_HEADS_Q + h) * HEAD_DIM, k_dst, offs_d, t_mask, cos, sin, idx1, idx2,
+                    pair_mask, HEAD_DIM, ROTARY_DIM, HAS_BIAS, True)  # fmt: skip
+        _write_head(row_ptr, bias_ptr, (NUM_HEADS_Q + NUM_HEADS_KV + h) * HEAD_DIM, v_dst, offs_d, t_mask, cos, sin,
+                    idx1, idx2, pair_mask, HEAD_DIM, ROTARY_DIM, HAS_BIAS, False)  # fmt: skip
+
+
+_tables: dict = {}
+
+
+def _cos_sin(num_positions: int, rotary_dim: int, base: float, device):
+    """The cos/sin table, kept per (rotary dim, base, device) and grown in powers of two."""
+    key = (rotary_dim, float(base), str(device))
+    table = _tables.get(key)
+    if table is None or table[0].shape[0] < num_positions:
+        table = rope_cos_sin(max(next_power_of_2(num_positions), 4096), rotary_dim, base, device)
+        _tables[key] = table
+    return table
+
+
+def preprocess(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    num_heads_q: int,
+    num_heads_kv: int,
+    cu_seqlens_new: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    qkv_bias: torch.Tensor | None = None,
+    rotary_dim: int = 0,
+    rope_base: float = 10000.0,
+    rope_style: str = "neox",
+) -> torch.Tensor:
+    """Splits, biases and rotates new tokens' fused QKV, appends their K/V to the cache, and returns q.
+
+    Args:
+        qkv: new tokens' fused projections, packed ``[T, (Hq + 2·Hkv)·D]`` with ``cu_seqlens_new``, or padded
+            ``[B, S_new, (Hq + 2·Hkv)·D]``; the cache's dtype. Within a row: the q heads, then k, then v.
+        k_cache: contiguous ``[B, max_len, Hkv, D]`` or paged pool ``[num_blocks, block_size, Hkv, D]``.
+        v_cache: same shape and dtype as ``k_cache``.
+        cache_seqlens: int32 ``[B]``, tokens cached before these; new token ``i`` of sequence ``b`` is at
+            position ``cache_seqlens[b] + i``. Not updated here.
+        num_heads_q: Hq.
+        num_heads_kv: Hkv.
+        cu_seqlens_new: int32 ``[B+1]``, prefix sums of the new tokens per sequence (packed ``qkv``).
+        block_table: int32 ``[B, max_blocks]`` for a paged pool, else None.
+        qkv_bias: ``[(Hq + 2·Hkv)·D]`` added to every row before anything else, or None.
+        rotary_dim: features of each q/k head to rotate (even, at most D); 0 disables RoPE.
+        rope_base: the frequency base θ.
+        rope_style: ``"neox"`` or ``"gptj"``.
+
+    Returns:
+        ``q`` shaped ``[T, Hq, D]`` (packed) or ``[B, S_new, Hq, D]`` (padded), rotated, in qkv's dtype.
+    """
+    args = check_preprocess(
+        qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
+        rotary_dim, rope_style,
+    )  # fmt: skip
+    if qkv.device.type != "cuda" and not is_interpreter():
+        raise ValueError(f"qkv must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {qkv.device}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride along the head dim, got strides {x.stride()}")
+    d = args.head_dim
+    rows = qkv.reshape(-1, qkv.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    num_tokens = rows.shape[0]
+    q = torch.empty(num_tokens, num_heads_q, d, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens:
+        tok_seq = args.token_seq
+        # the table must cover the last position written: cached tokens plus the new ones
+        last = max((s + (b - a) for s, a, b in zip(
+            cache_seqlens.tolist(), args.append.new_bounds, args.append.new_bounds[1:])), default=0)  # fmt: skip
+        if rotary_dim:
+            cos, sin = _cos_sin(last, rotary_dim, rope_base, qkv.device)
+        else:
+            cos = sin = torch.ones(1, 1, dtype=torch.float32, device=qkv.device)
+        block_t = 16 if is_interpreter() else 32
+        _preprocess_kernel[(triton.cdiv(num_tokens, block_t), num_heads_q + num_heads_kv)](
+            rows, qkv_bias if qkv_bias is not None else rows, q, k_cache, v_cache, cos, sin,
+            tok_seq, args.positions, block_table if block_table is not None else tok_seq,
+            rows.stride(0), q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_table.stride(0) if block_table is not None else 0, cos.stride(0),
+            num_tokens, args.append.block_size,
+            NUM_HEADS_Q=num_heads_q, NUM_HEADS_KV=num_heads_kv, HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d),
+            ROTARY_DIM=rotary_dim, HALF_PAD=max(1, next_power_of_2(rotary_dim // 2)), GPTJ=rope_style == "gptj",
+            HAS_BIAS=qkv_bias is not None, IS_PAGED=block_table is not None, BLOCK_T=block_t,
+        )  # fmt: skip
+    if args.packed:
+        return q
+    return q.view(*qkv.shape[:2], num_heads_q, d)

@@ -1,0 +1,129 @@
+"""The pre-processing step (QKV bias, RoPE, append): kernel vs reference, RoPE's defining property, and
+agreement with Hugging Face's rotate_half formulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn.fast as fast
+import attn.reference as reference
+from attn.layout import cu_seqlens_from_lengths
+from helpers import TOL, assert_close, dtype_id
+
+HQ, HKV, D = 4, 2, 40
+
+
+def _qkv_and_cache(dtype, device, paged, packed, counts=(3, 0, 5), starts=(0, 9, 70)):
+    b = len(counts)
+    width = (HQ + 2 * HKV) * D
+    if packed:
+        cu = cu_seqlens_from_lengths(torch.tensor(counts, device=device))
+        qkv = torch.randn(sum(counts), width, dtype=dtype, device=device)
+    else:
+        cu = None
+        qkv = torch.randn(b, 2, width, dtype=dtype, device=device)
+    if paged:
+        k_cache = torch.randn(40, 8, HKV, D, dtype=dtype, device=device)
+        table = torch.randperm(40, device=device)[: b * 12].view(b, 12).to(torch.int32)
+    else:
+        k_cache = torch.randn(b, 96, HKV, D, dtype=dtype, device=device)
+        table = None
+    seqlens = torch.tensor(starts, dtype=torch.int32, device=device)
+    return qkv, k_cache, torch.randn_like(k_cache), seqlens, cu, table
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("rope", [(0, "neox"), (40, "neox"), (16, "neox"), (40, "gptj"), (24, "gptj")],
+                         ids=lambda r: f"rot{r[0]}-{r[1]}")  # fmt: skip
+@pytest.mark.parametrize("layout", ["packed-contiguous", "packed-paged", "padded-paged"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_preprocess_matches_reference(bias, layout, rope, dtype, device):
+    packed, paged = layout.startswith("packed"), layout.endswith("paged")
+    qkv, k_cache, v_cache, seqlens, cu, table = _qkv_and_cache(dtype, device, paged, packed)
+    qkv_bias = torch.randn(qkv.shape[-1], dtype=dtype, device=device) if bias else None
+    kw = dict(num_heads_q=HQ, num_heads_kv=HKV, cu_seqlens_new=cu, block_table=table, qkv_bias=qkv_bias,
+              rotary_dim=rope[0], rope_style=rope[1])  # fmt: skip
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_ref = reference.preprocess(qkv, k_ref, v_ref, seqlens, **kw)
+    q = fast.preprocess(qkv, k_cache, v_cache, seqlens, **kw)
+    # both compute the bias and rotation in fp32 and round once: they can differ by one rounding of a value
+    # whose fp32 computation differed in the last bits (operation order, fused multiply-adds), so half the
+    # usual low-precision tolerance; v is only biased, which both do identically
+    assert_close("q", q_ref, q, TOL[dtype] / 2)
+    assert_close("k cache", k_ref, k_cache, TOL[dtype] / 2)
+    assert torch.equal(v_cache, v_ref)
+
+
+def test_rope_depends_on_relative_position(device):
+    # the point of RoPE: q_m · k_n depends on m - n only
+    q = torch.randn(1, 1, 64, dtype=torch.float64, device=device)
+    k = torch.randn(1, 1, 64, dtype=torch.float64, device=device)
+    for style in ("neox", "gptj"):
+
+        def dot(m, n, style=style):
+            qm = reference.apply_rope(q, torch.tensor([m], device=device), style=style)
+            kn = reference.apply_rope(k, torch.tensor([n], device=device), style=style)
+            return (qm * kn).sum().item()
+
+        assert dot(5, 2) == pytest.approx(dot(103, 100), rel=1e-5)
+        assert dot(5, 2) != pytest.approx(dot(5, 3), rel=1e-3)
+
+
+def test_rope_matches_hugging_face_formulation(device):
+    # HF's Llama: q * cos + rotate_half(q) * sin with cos/sin repeated over the two halves
+    x = torch.randn(7, 3, 32, device=device)
+    pos = torch.tensor([0, 1, 5, 100, 2047, 4096, 70000], device=device)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 32, 2, dtype=torch.int64).float() / 32))
+    freqs = pos.float()[:, None] * inv_freq[None, :].to(device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+    rotate_half = torch.cat((-x[..., 16:], x[..., :16]), dim=-1)
+    expected = x * cos + rotate_half * sin
+    torch.testing.assert_close(reference.apply_rope(x, pos, style="neox"), expected, rtol=1e-6, atol=1e-6)
+
+
+BAD = {
+    "rotary-odd": ({"rotary_dim": 7}, ValueError, "rotary_dim must be an even"),
+    "rotary-large": ({"rotary_dim": 48}, ValueError, "at most the head dim"),
+    "style": ({"rotary_dim": 8, "rope_style": "llama"}, ValueError, "rope_style"),
+    "bias-shape": ({"qkv_bias": "short"}, ValueError, "qkv_bias must be"),
+    "heads": ({"num_heads_q": 3}, ValueError, "must divide"),
+}
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("case", BAD)
+def test_preprocess_rejects_bad_input(case, impl, device):
+    qkv, k_cache, v_cache, seqlens, cu, table = _qkv_and_cache(torch.float32, device, True, True)
+    before = k_cache.clone()
+    extra, exc, match = BAD[case]
+    kw = dict(num_heads_q=HQ, num_heads_kv=HKV, cu_seqlens_new=cu, block_table=table)
+    kw.update(extra)
+    if kw.get("qkv_bias") == "short":
+        kw["qkv_bias"] = torch.zeros(5, device=device)
+    fn = reference.preprocess if impl == "reference" else fast.preprocess
+    with pytest.raises(exc, match=match):
+        fn(qkv, k_cache, v_cache, seqlens, **kw)
+    assert torch.equal(k_cache, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("style", ["neox", "gptj"])
+def test_gpu_preprocess_long_positions(style):
+    # positions up to 128k: the kernel's cos/sin table keeps large angles exact
+    b, hq, hkv, d = 8, 32, 8, 128
+    counts = [1] * b
+    cu = cu_seqlens_from_lengths(torch.tensor(counts, device="cuda"))
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, dtype=torch.bfloat16, device="cuda")
+    k_cache = torch.randn(b * 2048, 64, hkv, d, dtype=torch.bfloat16, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(b * 2048, device="cuda").view(b, 2048).to(torch.int32)
+    seqlens = torch.randint(0, 131000, (b,), dtype=torch.int32, device="cuda")
+    kw = dict(num_heads_q=hq, num_heads_kv=hkv, cu_seqlens_new=cu, block_table=table, rotary_dim=d, rope_style=style)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_ref = reference.preprocess(qkv, k_ref, v_ref, seqlens, **kw)
+    q = fast.preprocess(qkv, k_cache, v_cache, seqlens, **kw)
+    assert_close("q", q_ref, q, TOL[torch.bfloat16] / 2)
+    assert_close("k cache", k_ref, k_cache, TOL[torch.bfloat16] / 2)
+    assert torch.equal(v_cache, v_ref)

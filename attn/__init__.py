@@ -7,12 +7,14 @@ the top-level names are the fast ones.
 from . import kv_cache, layout, reference
 from .fast import append_kv, attention, attention_unfused, decode, preprocess
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
+from .reference.alibi import alibi_slopes
 
 __all__ = [
     "BlockAllocator",
     "ContiguousKVCache",
     "PagedKVCache",
     "PoolExhaustedError",
+    "alibi_slopes",
     "append_kv",
     "attention",
     "attention_unfused",

@@ -33,6 +33,9 @@ class AttentionArgs:
         window_left: keys at most this far left of the diagonal are visible; -1 means unbounded.
         window_right: keys at most this far right of the diagonal are visible; -1 means unbounded.
         softcap: 0 for none, else the cap of ``cap·tanh(s/cap)``.
+        alibi_slopes: float32 ``[B, Hq]`` ALiBi slopes (a ``[Hq]`` input is expanded, not copied), or None.
+        alibi_with_scale: TensorRT-LLM's ``alibi_with_scale`` order: ``(q·k + bias)·scale`` rather than
+            ``q·k·scale + bias``.
     """
 
     packed: bool
@@ -48,6 +51,8 @@ class AttentionArgs:
     window_left: int
     window_right: int
     softcap: float
+    alibi_slopes: torch.Tensor | None = None
+    alibi_with_scale: bool = False
 
     @property
     def group_size(self) -> int:
@@ -141,6 +146,28 @@ def _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, soft
     return float(softmax_scale) / float(q_scaling), left, right, float(softcap)
 
 
+ALIBI_MODES = ("alibi", "alibi_with_scale")
+
+
+def _check_alibi(alibi_slopes, alibi_mode, batch, num_heads_q, device):
+    """Checks ALiBi slopes (``[Hq]`` or ``[B, Hq]``) and the mode; returns float32 ``[B, Hq]`` (or None)."""
+    if alibi_mode not in ALIBI_MODES:
+        raise ValueError(f"alibi_mode must be one of {ALIBI_MODES}, got {alibi_mode!r}")
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.dtype.is_floating_point:
+        raise TypeError("alibi_slopes must be a floating-point torch.Tensor")
+    if alibi_slopes.shape not in ((num_heads_q,), (batch, num_heads_q)):
+        raise ValueError(
+            f"alibi_slopes must be [Hq]=({num_heads_q},) or [B, Hq]=({batch}, {num_heads_q}), "
+            f"got {tuple(alibi_slopes.shape)}"
+        )
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
+    slopes = alibi_slopes.float()
+    return slopes.expand(batch, num_heads_q) if slopes.dim() == 1 else slopes
+
+
 def check_attention(
     q,
     k,
@@ -157,6 +184,8 @@ def check_attention(
     q_scaling=1.0,
     window_size=(-1, -1),
     softcap=0.0,
+    alibi_slopes=None,
+    alibi_mode="alibi",
     dtypes=FLOAT_DTYPES,
 ) -> AttentionArgs:
     """Validates the arguments of ``attention`` and returns their normalised form.
@@ -215,6 +244,7 @@ def check_attention(
         seqlens_k_t = _check_seqlens("seqlens_k", seqlens_k, batch, max_k, q.device)
 
     scale, left, right, softcap = _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap)
+    slopes = _check_alibi(alibi_slopes, alibi_mode, batch, num_heads_q, q.device)
 
     return AttentionArgs(
         packed=packed,
@@ -230,6 +260,8 @@ def check_attention(
         window_left=left,
         window_right=right,
         softcap=float(softcap),
+        alibi_slopes=slopes,
+        alibi_with_scale=alibi_mode == "alibi_with_scale",
     )
 
 
@@ -251,6 +283,8 @@ class DecodeArgs:
         window_left: as in `AttentionArgs`.
         window_right: as in `AttentionArgs`.
         softcap: as in `AttentionArgs`.
+        alibi_slopes: as in `AttentionArgs`.
+        alibi_with_scale: as in `AttentionArgs`.
     """
 
     batch: int
@@ -266,6 +300,8 @@ class DecodeArgs:
     window_left: int
     window_right: int
     softcap: float
+    alibi_slopes: torch.Tensor | None = None
+    alibi_with_scale: bool = False
 
     @property
     def group_size(self) -> int:
@@ -284,6 +320,8 @@ def check_decode(
     q_scaling=1.0,
     window_size=(-1, -1),
     softcap=0.0,
+    alibi_slopes=None,
+    alibi_mode="alibi",
     num_splits=None,
     validate=True,
     dtypes=FLOAT_DTYPES,
@@ -373,6 +411,7 @@ def check_decode(
         raise ValueError(f"num_splits must be None (automatic) or an int >= 1, got {num_splits!r}")
 
     scale, left, right, softcap = _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap)
+    slopes = _check_alibi(alibi_slopes, alibi_mode, batch, num_heads_q, q.device)
     return DecodeArgs(
         batch=batch,
         seqlen_q=seqlen_q,
@@ -387,6 +426,8 @@ def check_decode(
         window_left=left,
         window_right=right,
         softcap=softcap,
+        alibi_slopes=slopes,
+        alibi_with_scale=alibi_mode == "alibi_with_scale",
     )
 
 

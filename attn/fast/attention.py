@@ -65,9 +65,10 @@ def _attn_fwd_tiles(
     k_base, v_base, stride_kn, stride_vn,
     offs_m, offs_n, offs_d,
     lo, hi, seqlen_k, diag, window_left, window_right,
-    qk_scale, cap_log2,
+    qk_scale, cap_log2, slope,
     MASKED: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr,
+    PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
@@ -83,10 +84,18 @@ def _attn_fwd_tiles(
             k = tl.load(k_base + offs_kn[:, None] * stride_kn + offs_d[None, :])
         # [BLOCK_M, BLOCK_N], already in log2 units: exp2 is the cheap exponential on the GPU
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if HAS_ALIBI:
+            # ALiBi from the slope and the distance to the diagonal, never materialized
+            rel = (offs_kn[None, :] - (offs_m[:, None] + diag)).to(tl.float32)
+            if ALIBI_WITH_SCALE:
+                qk += slope * rel
         if HAS_SOFTCAP:
             s = cap_log2 * _tanh(qk * qk_scale)
         else:
             s = qk * qk_scale
+        if HAS_ALIBI:
+            if not ALIBI_WITH_SCALE:
+                s += (slope * 1.4426950408889634) * rel
         if MASKED:
             visible = offs_kn[None, :] < seqlen_k
             if HAS_WINDOW_RIGHT:
@@ -119,7 +128,7 @@ def _attn_fwd_tiles(
 @triton.jit(do_not_specialize=["num_heads_q", "group_size", "out_rows", "window_left", "window_right", "seqlen_bucket"])
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    seq_q_ptr, seq_k_ptr,
+    seq_q_ptr, seq_k_ptr, alibi_ptr, stride_ab, stride_ah,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -129,7 +138,8 @@ def _attn_fwd_kernel(
     qk_scale, cap_log2, window_left, window_right, seqlen_bucket,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr,
+    STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
@@ -138,6 +148,9 @@ def _attn_fwd_kernel(
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
     h_kv = h // group_size
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + b * stride_ab + h * stride_ah)
 
     b64 = b.to(tl.int64)
     if IS_VARLEN:
@@ -204,20 +217,23 @@ def _attn_fwd_kernel(
 
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        lo, full_lo, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2,
-        True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+        lo, full_lo, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
+        True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+        HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
         BLOCK_N, PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        full_lo, full_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2,
-        False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+        full_lo, full_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
+        False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+        HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
         BLOCK_N, PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        full_hi, hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2,
-        True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+        full_hi, hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
+        True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+        HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
         BLOCK_N, PRECISION,
     )  # fmt: skip
 
@@ -240,7 +256,15 @@ def _attn_fwd_kernel(
 
 _attn_fwd_tuned = triton.autotune(
     configs=CONFIGS,
-    key=["HEAD_DIM_PAD", "IS_VARLEN", "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT", "HAS_SOFTCAP", "seqlen_bucket"],
+    key=[
+        "HEAD_DIM_PAD",
+        "IS_VARLEN",
+        "HAS_WINDOW_LEFT",
+        "HAS_WINDOW_RIGHT",
+        "HAS_SOFTCAP",
+        "HAS_ALIBI",
+        "seqlen_bucket",
+    ],  # fmt: skip
     prune_configs_by={"early_config_prune": _keep},
 )(_attn_fwd_kernel)
 
@@ -273,6 +297,8 @@ def attention(
     q_scaling: float = 1.0,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    alibi_mode: str = "alibi",
     return_lse: bool = False,
 ):
     """Fused context-phase attention; same contract as `attn.reference.attention`.
@@ -297,6 +323,10 @@ def attention(
         q_scaling: TensorRT-LLM's divisor of the scale: ``scale = softmax_scale / q_scaling``.
         window_size: ``(left, right)`` sliding window around the diagonal, inclusive; -1 is unbounded.
         softcap: if > 0, scores become ``softcap·tanh(s/softcap)`` after scaling.
+        alibi_slopes: ALiBi slopes, float ``[Hq]`` or ``[B, Hq]``; the bias ``slope·(j − (i + Sk − Sq))`` is
+            computed inside the kernel, never materialized.
+        alibi_mode: ``"alibi"`` (bias after scaling and capping) or ``"alibi_with_scale"`` (bias on the raw
+            product, before scaling).
         return_lse: also return the natural-log log-sum-exp of each row's scores.
 
     Returns:
@@ -307,7 +337,7 @@ def attention(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,
         softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        alibi_slopes=alibi_slopes, alibi_mode=alibi_mode, dtypes=(torch.float16, torch.bfloat16, torch.float32),
     )  # fmt: skip
     if args.head_dim > 256:
         raise ValueError(f"q's head dim must be at most 256 for the fused kernel, got {args.head_dim}")
@@ -356,19 +386,22 @@ def attention(
     def grid(meta):
         return (args.batch * args.num_heads_q, triton.cdiv(max_rows, meta["BLOCK_M"]))
 
+    slopes = args.alibi_slopes if args.alibi_slopes is not None else seq_q
+    slope_strides = args.alibi_slopes.stride() if args.alibi_slopes is not None else (0, 0)
     if autotune_enabled():
         kernel, meta = _attn_fwd_tuned, {}
     else:
         kernel, meta = _attn_fwd_kernel, _fixed_config(head_dim_pad, q.dtype)
     kernel[grid](
         q, k, v, out, lse if lse is not None else out,
-        seq_q, seq_k,
+        seq_q, seq_k, slopes, *slope_strides,
         sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, slb, slh, slm,
         args.num_heads_q, args.group_size, row_dim,
         qk_scale, cap_log2, args.window_left, args.window_right, next_power_of_2(max_rows),
         HEAD_DIM=args.head_dim, HEAD_DIM_PAD=head_dim_pad,
         IS_VARLEN=args.packed, HAS_WINDOW_LEFT=args.window_left >= 0,
         HAS_WINDOW_RIGHT=args.window_right >= 0, HAS_SOFTCAP=args.softcap > 0,
+        HAS_ALIBI=args.alibi_slopes is not None, ALIBI_WITH_SCALE=args.alibi_with_scale,
         STORE_LSE=lse is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **meta,
     )  # fmt: skip

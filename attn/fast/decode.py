@@ -44,7 +44,7 @@ def _keep(configs, named_args, **kwargs):
     do_not_specialize=["num_heads_kv", "seqlen_q", "page_size", "num_splits", "window_left", "window_right", "tune_len"]
 )
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seqlens_ptr, block_table_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seqlens_ptr, block_table_ptr, alibi_ptr, stride_ab, stride_ah,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -55,6 +55,7 @@ def _decode_kernel(
     qk_scale, cap_log2, window_left, window_right, tune_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
@@ -77,6 +78,10 @@ def _decode_kernel(
         mask=row_valid[:, None] & d_mask[None, :],
         other=0.0,
     )
+
+    if HAS_ALIBI:
+        # [BLOCK_M]: each packed row belongs to its own query head, so each has its own slope
+        slope = tl.load(alibi_ptr + b64 * stride_ab + head * stride_ah, mask=row_valid, other=0.0)
 
     # this program's chunk of the cache, tile-aligned so that splits never share a tile
     chunk = tl.cdiv(tl.cdiv(seqlen_k, num_splits), BLOCK_N) * BLOCK_N
@@ -110,10 +115,17 @@ def _decode_kernel(
         k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         # [BLOCK_M, BLOCK_N], in log2 units
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if HAS_ALIBI:
+            rel = (offs_n[None, :] - (tok[:, None] + diag)).to(tl.float32)
+            if ALIBI_WITH_SCALE:
+                qk += slope[:, None] * rel
         if HAS_SOFTCAP:
             s = cap_log2 * _tanh(qk * qk_scale)
         else:
             s = qk * qk_scale
+        if HAS_ALIBI:
+            if not ALIBI_WITH_SCALE:
+                s += (slope[:, None] * 1.4426950408889634) * rel
         visible = key_valid[None, :]
         if HAS_WINDOW_RIGHT:
             visible &= offs_n[None, :] <= tok[:, None] + diag + window_right
@@ -183,7 +195,17 @@ def _combine_kernel(
 _decode_tuned = triton.autotune(
     configs=CONFIGS,
     # split and unsplit launches of one head shape want different tiles: the split count and the length are keys
-    key=["HEAD_DIM_PAD", "GROUP", "IS_PAGED", "BLOCK_M", "HAS_WINDOW_LEFT", "HAS_SOFTCAP", "num_splits", "tune_len"],
+    key=[
+        "HEAD_DIM_PAD",
+        "GROUP",
+        "IS_PAGED",
+        "BLOCK_M",
+        "HAS_WINDOW_LEFT",
+        "HAS_SOFTCAP",
+        "HAS_ALIBI",
+        "num_splits",
+        "tune_len",
+    ],  # fmt: skip
     prune_configs_by={"early_config_prune": _keep},
 )(_decode_kernel)
 
@@ -221,6 +243,8 @@ def decode(
     q_scaling: float = 1.0,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    alibi_mode: str = "alibi",
     return_lse: bool = False,
     num_splits: int | None = None,
     validate: bool = True,
@@ -240,6 +264,8 @@ def decode(
         q_scaling: TensorRT-LLM's divisor of the scale.
         window_size: ``(left, right)`` sliding window around the diagonal; -1 is unbounded.
         softcap: if > 0, scores become ``softcap·tanh(s/softcap)`` after scaling.
+        alibi_slopes: ALiBi slopes, float ``[Hq]`` or ``[B, Hq]``, computed into the scores in the kernel.
+        alibi_mode: ``"alibi"`` or ``"alibi_with_scale"``, as in `attn.reference.attention`.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: multi-block mode: 1 turns it off, n > 1 forces n parts per cache, None chooses from
             ``B·Hkv``, the lengths and the SM count (`choose_num_splits`).
@@ -251,7 +277,8 @@ def decode(
     """
     args = check_decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
-        q_scaling=q_scaling, window_size=window_size, softcap=softcap, num_splits=num_splits, validate=validate,
+        q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+        alibi_mode=alibi_mode, num_splits=num_splits, validate=validate,
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
     )  # fmt: skip
     if args.head_dim > 256:
@@ -299,7 +326,9 @@ def decode(
     kw = dict(
         GROUP=group, HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, IS_PAGED=args.paged,
         HAS_WINDOW_LEFT=args.window_left >= 0, HAS_WINDOW_RIGHT=args.window_right >= 0,
-        HAS_SOFTCAP=args.softcap > 0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
+        HAS_SOFTCAP=args.softcap > 0, HAS_ALIBI=args.alibi_slopes is not None,
+        ALIBI_WITH_SCALE=args.alibi_with_scale, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m,
     )  # fmt: skip
     if autotune_enabled():
         kernel = _decode_tuned
@@ -313,6 +342,8 @@ def decode(
             kw.update(BLOCK_N=64, num_warps=4, num_stages=3)
     kernel[(bsz * args.num_heads_kv, num_splits)](
         q, k_cache, v_cache, o_dst, l_dst, cache_seqlens, bt,
+        args.alibi_slopes if args.alibi_slopes is not None else cache_seqlens,
+        *(args.alibi_slopes.stride() if args.alibi_slopes is not None else (0, 0)),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -27,13 +27,14 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _scores_kernel(
-    q_ptr, k_ptr, s_ptr, seqlens_q_ptr, seqlens_k_ptr,
+    q_ptr, k_ptr, s_ptr, seqlens_q_ptr, seqlens_k_ptr, alibi_ptr, stride_ab, stride_ah,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_sb, stride_sh, stride_sm,
     num_heads_q, group_size, seqlen_q_pad, seqlen_k_pad,
     scale, softcap, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -59,10 +60,19 @@ def _scores_kernel(
         other=0.0,
     )
     # [BLOCK_M, BLOCK_N]
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    diag = seqlen_k - seqlen_q
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + b * stride_ab + h * stride_ah)
+        bias = slope * (offs_n[None, :] - (offs_m[:, None] + diag)).to(tl.float32)
+        if ALIBI_WITH_SCALE:
+            qk += bias
+    s = qk * scale
     if HAS_SOFTCAP:
         s = softcap * _tanh(s / softcap)
-    diag = seqlen_k - seqlen_q
+    if HAS_ALIBI:
+        if not ALIBI_WITH_SCALE:
+            s += bias
     visible = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
     if HAS_WINDOW_RIGHT:
         visible &= offs_n[None, :] <= offs_m[:, None] + diag + window_right
@@ -160,6 +170,8 @@ def attention_unfused(
     q_scaling: float = 1.0,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    alibi_mode: str = "alibi",
     return_lse: bool = False,
 ):
     """The unfused context path as three Triton kernels; same contract as `attn.reference.attention`.
@@ -171,7 +183,7 @@ def attention_unfused(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,
         softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        alibi_slopes=alibi_slopes, alibi_mode=alibi_mode, dtypes=(torch.float16, torch.bfloat16, torch.float32),
     )  # fmt: skip
     if args.head_dim > 256:
         raise ValueError(f"q's head dim must be at most 256 for the Triton kernels, got {args.head_dim}")
@@ -201,13 +213,16 @@ def attention_unfused(
         bm, bn = (32, 16) if is_interpreter() or q.dtype == torch.float32 else (64, 64)
         _scores_kernel[(triton.cdiv(sq, bm), triton.cdiv(sk, bn), bsz * hq)](
             qp, kp, scores, lens_q, lens_k,
+            args.alibi_slopes if args.alibi_slopes is not None else lens_q,
+            *(args.alibi_slopes.stride() if args.alibi_slopes is not None else (0, 0)),
             qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
             scores.stride(0), scores.stride(1), scores.stride(2),
             hq, args.group_size, sq, sk,
             args.scale, args.softcap, args.window_left, args.window_right,
             HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad,
             HAS_WINDOW_LEFT=args.window_left >= 0, HAS_WINDOW_RIGHT=args.window_right >= 0,
-            HAS_SOFTCAP=args.softcap > 0, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn,
+            HAS_SOFTCAP=args.softcap > 0, HAS_ALIBI=args.alibi_slopes is not None,
+            ALIBI_WITH_SCALE=args.alibi_with_scale, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn,
         )  # fmt: skip
         _softmax_kernel[(bsz * hq * sq,)](scores, lse, sk, BLOCK_N=min(1024, next_power_of_2(sk)))
         _pv_kernel[(triton.cdiv(sq, bm), bsz * hq)](

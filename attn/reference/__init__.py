@@ -1,11 +1,14 @@
 """Readable PyTorch definitions of every operation: what "correct" means for the kernels in ``attn.fast``."""
 
-from .attention import attention, attention_mask, attention_unfused
+from .alibi import alibi_slopes
+from .attention import alibi_bias, attention, attention_mask, attention_unfused
 from .decode import decode, gather_kv
 from .kv_cache import append_kv, slot_of
 from .preprocess import apply_rope, preprocess, rope_cos_sin
 
 __all__ = [
+    "alibi_bias",
+    "alibi_slopes",
     "append_kv",
     "apply_rope",
     "attention",

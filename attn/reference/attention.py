@@ -58,12 +58,31 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, args: AttentionArgs) -> torch.Tensor:
-    """Scaled (and capped) scores of one sequence.
+def alibi_bias(seqlen_q: int, seqlen_k: int, slopes: torch.Tensor) -> torch.Tensor:
+    """ALiBi's additive bias: ``slope_h · (j − (i + Sk − Sq))``, zero on the diagonal, negative to its left.
+
+    Args:
+        seqlen_q: Sq.
+        seqlen_k: Sk.
+        slopes: ``[Hq]``, one slope per query head.
+
+    Returns:
+        ``[Hq, Sq, Sk]`` in the slopes' dtype (float32 or float64). TensorRT-LLM adds ``slope·j``, which differs
+        by a constant per row and so gives the same softmax; FlashAttention uses ``−slope·|j − diag|``, which
+        differs for keys right of the diagonal (bidirectional attention).
+    """
+    i = torch.arange(seqlen_q, device=slopes.device)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=slopes.device)[None, :]
+    return slopes[:, None, None] * (j - i).to(slopes.dtype)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, args: AttentionArgs, slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores of one sequence: scaled, biased (ALiBi) and capped.
 
     Args:
         q: ``[Sq, Hq, D]``.
         k: ``[Sk, Hkv, D]``.
+        slopes: ``[Hq]`` ALiBi slopes of this sequence, or None.
 
     Returns:
         ``[Hkv, group, Sq, Sk]`` in the compute dtype.
@@ -71,9 +90,16 @@ def _scores(q: torch.Tensor, k: torch.Tensor, args: AttentionArgs) -> torch.Tens
     dtype = _compute_dtype(q)
     q = rearrange(q.to(dtype), "i (h g) d -> h g i d", h=args.num_heads_kv)
     k = rearrange(k.to(dtype), "j h d -> h j d")
-    s = torch.einsum("hgid,hjd->hgij", q, k) * args.scale
+    s = torch.einsum("hgid,hjd->hgij", q, k)
+    bias = None
+    if slopes is not None:
+        bias = rearrange(alibi_bias(q.shape[2], k.shape[1], slopes.to(dtype)), "(h g) i j -> h g i j", h=q.shape[0])
+    # TensorRT-LLM's two orders: alibi_with_scale biases the raw product, alibi the scaled (and capped) one
+    s = (s + bias) * args.scale if bias is not None and args.alibi_with_scale else s * args.scale
     if args.softcap > 0:
         s = args.softcap * torch.tanh(s / args.softcap)
+    if bias is not None and not args.alibi_with_scale:
+        s = s + bias
     return s
 
 
@@ -90,9 +116,10 @@ def _masked_softmax(s: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tenso
     return p, lse
 
 
-def _attend_one(q, k, v, args: AttentionArgs):
-    """Attention for one sequence: ``q [Sq, Hq, D]``, ``k, v [Sk, Hkv, D]`` → ``o [Sq, Hq, D]``, ``lse [Hq, Sq]``."""
-    s = _scores(q, k, args)
+def _attend_one(q, k, v, args: AttentionArgs, b: int = 0):
+    """Attention for sequence ``b``: ``q [Sq, Hq, D]``, ``k, v [Sk, Hkv, D]`` → ``o [Sq, Hq, D]``, ``lse [Hq, Sq]``."""
+    slopes = args.alibi_slopes[b] if args.alibi_slopes is not None else None
+    s = _scores(q, k, args, slopes)
     visible = attention_mask(q.shape[0], k.shape[0], window_size=(args.window_left, args.window_right), device=q.device)
     p, lse = _masked_softmax(s, visible)
     vv = rearrange(v.to(s.dtype), "j h d -> h j d")
@@ -116,6 +143,8 @@ def attention(
     q_scaling: float = 1.0,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    alibi_mode: str = "alibi",
     return_lse: bool = False,
 ):
     """Context-phase attention, one sequence at a time.
@@ -138,6 +167,10 @@ def attention(
         q_scaling: TensorRT-LLM's divisor of the scale: ``scale = softmax_scale / q_scaling``.
         window_size: ``(left, right)`` sliding window around the diagonal, inclusive; -1 is unbounded.
         softcap: if > 0, scores become ``softcap·tanh(s/softcap)`` after scaling.
+        alibi_slopes: ALiBi slopes, float ``[Hq]`` or ``[B, Hq]``; adds ``slope·(j − (i + Sk − Sq))`` to the
+            scores (see `alibi_bias`), computed on the fly by the kernels.
+        alibi_mode: ``"alibi"`` adds the bias after scaling (and capping); ``"alibi_with_scale"`` adds it to
+            the raw product before scaling, as TensorRT-LLM's two position-embedding types do.
         return_lse: also return the natural-log log-sum-exp of each row's scores.
 
     Returns:
@@ -148,6 +181,7 @@ def attention(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,
         softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, alibi_mode=alibi_mode,
     )  # fmt: skip
     out = torch.zeros_like(q)
     if args.packed:
@@ -156,7 +190,7 @@ def attention(
         for b in range(args.batch):
             sq, eq = bounds_q[b], bounds_q[b + 1]
             sk, ek = bounds_k[b], bounds_k[b + 1]
-            o, l = _attend_one(q[sq:eq], k[sk:ek], v[sk:ek], args)
+            o, l = _attend_one(q[sq:eq], k[sk:ek], v[sk:ek], args, b)
             out[sq:eq] = o.to(q.dtype)
             lse[:, sq:eq] = l.float()
     else:
@@ -164,7 +198,7 @@ def attention(
             (args.batch, args.num_heads_q, q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device
         )
         for b, (lq, lk) in enumerate(zip(args.seqlens_q.tolist(), args.seqlens_k.tolist())):
-            o, l = _attend_one(q[b, :lq], k[b, :lk], v[b, :lk], args)
+            o, l = _attend_one(q[b, :lq], k[b, :lk], v[b, :lk], args, b)
             out[b, :lq] = o.to(q.dtype)
             lse[b, :, :lq] = l.float()
     return (out, lse) if return_lse else out
@@ -186,6 +220,8 @@ def attention_unfused(
     q_scaling: float = 1.0,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    alibi_mode: str = "alibi",
     return_lse: bool = False,
 ):
     """The unfused context path (TensorRT-LLM ``context_fmha_type=disabled``): three whole-batch steps.
@@ -201,6 +237,7 @@ def attention_unfused(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,
         softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, alibi_mode=alibi_mode,
     )  # fmt: skip
     from ..layout import pad
 
@@ -218,9 +255,20 @@ def attention_unfused(
 
     # step 1: the full score tensor, [B, Hkv, group, Sq, Sk]
     qg = rearrange(qp.to(dtype), "b i (h g) d -> b h g i d", h=args.num_heads_kv)
-    s = torch.einsum("bhgid,bjhd->bhgij", qg, kp.to(dtype)) * args.scale
+    s = torch.einsum("bhgid,bjhd->bhgij", qg, kp.to(dtype))
+    bias = None
+    if args.alibi_slopes is not None:
+        # slope·(j − diag_i) with each sequence's own diagonal offset Sk_b − Sq_b
+        rel = torch.arange(sk, device=q.device)[None, None, :] - (
+            torch.arange(sq, device=q.device)[None, :, None] + (lens_k - lens_q)[:, None, None]
+        )  # [B, Sq, Sk]
+        slopes = rearrange(args.alibi_slopes.to(dtype), "b (h g) -> b h g () ()", h=args.num_heads_kv)
+        bias = slopes * rel[:, None, None].to(dtype)
+    s = (s + bias) * args.scale if bias is not None and args.alibi_with_scale else s * args.scale
     if args.softcap > 0:
         s = args.softcap * torch.tanh(s / args.softcap)
+    if bias is not None and not args.alibi_with_scale:
+        s = s + bias
 
     # step 2: each sequence's own bottom-right mask, aligned on its true lengths rather than the padding
     i = torch.arange(sq, device=q.device)

@@ -52,6 +52,8 @@ def decode(
     q_scaling: float = 1.0,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    alibi_mode: str = "alibi",
     return_lse: bool = False,
     num_splits: int | None = None,
     validate: bool = True,
@@ -72,6 +74,8 @@ def decode(
         q_scaling: TensorRT-LLM's divisor of the scale.
         window_size: ``(left, right)`` sliding window around the diagonal; -1 is unbounded.
         softcap: if > 0, scores become ``softcap·tanh(s/softcap)`` after scaling.
+        alibi_slopes: ALiBi slopes, float ``[Hq]`` or ``[B, Hq]``, as in `attn.reference.attention`.
+        alibi_mode: ``"alibi"`` or ``"alibi_with_scale"``, as in `attn.reference.attention`.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: how many parts the fast kernel splits each cache into (None: chosen automatically). The
             result does not depend on it; the reference accepts it to keep the signatures equal.
@@ -82,21 +86,22 @@ def decode(
     """
     args = check_decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
-        q_scaling=q_scaling, window_size=window_size, softcap=softcap, num_splits=num_splits, validate=validate,
+        q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+        alibi_mode=alibi_mode, num_splits=num_splits, validate=validate,
     )  # fmt: skip
     # the per-sequence attention of the context phase, with the cache's tokens as the keys
     opts = AttentionArgs(
         packed=False, batch=args.batch, num_heads_q=args.num_heads_q, num_heads_kv=args.num_heads_kv,
         head_dim=args.head_dim, max_seqlen_q=args.seqlen_q, max_seqlen_k=args.capacity, seqlens_q=None,
         seqlens_k=None, scale=args.scale, window_left=args.window_left, window_right=args.window_right,
-        softcap=args.softcap,
+        softcap=args.softcap, alibi_slopes=args.alibi_slopes, alibi_with_scale=args.alibi_with_scale,
     )  # fmt: skip
     out = torch.empty_like(q)
     lse = torch.empty(args.batch, args.num_heads_q, args.seqlen_q, dtype=torch.float32, device=q.device)
     for b, seqlen in enumerate(cache_seqlens.tolist()):
         k = gather_kv(k_cache, seqlen, b, block_table)
         v = gather_kv(v_cache, seqlen, b, block_table)
-        o, l = _attend_one(q[b], k, v, opts)
+        o, l = _attend_one(q[b], k, v, opts, b)
         out[b] = o.to(q.dtype)
         lse[b] = l.float()
     return (out, lse) if return_lse else out

@@ -33,7 +33,17 @@ import time
 from urllib.parse import urlsplit
 
 # (path, least number of typeset formulas expected)
-PAGES = [("index.html", 3), ("lessons/01_attention.html", 20), ("api/reference.html", 0), ("benchmarks.html", 0)]
+PAGES = [
+    ("index.html", 3),
+    ("lessons/01_attention.html", 20),
+    ("lessons/02_context_phase.html", 20),
+    ("lessons/03_kv_cache_decode.html", 20),
+    ("lessons/04_paged_kv_cache.html", 10),
+    ("lessons/05_multi_block_decode.html", 20),
+    ("api/reference.html", 0),
+    ("api/kv_cache.html", 0),
+    ("benchmarks.html", 0),
+]
 # readers may also open the files straight from disk, with no server at all
 FILE_PAGES = [("index.html", 3), ("lessons/01_attention.html", 20)]
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}

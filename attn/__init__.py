@@ -8,12 +8,14 @@ from . import kv_cache, layout, reference
 from .fast import append_kv, attention, attention_unfused, decode, preprocess
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
 from .reference.alibi import alibi_slopes
+from .reference.preprocess import RopeScaling
 
 __all__ = [
     "BlockAllocator",
     "ContiguousKVCache",
     "PagedKVCache",
     "PoolExhaustedError",
+    "RopeScaling",
     "alibi_slopes",
     "append_kv",
     "attention",

@@ -540,6 +540,7 @@ class PreprocessArgs:
         head_dim: D.
         token_seq: int32 ``[T]`` on the device: each new token's sequence.
         positions: int32 ``[T]`` on the device: each new token's position in its sequence.
+        num_positions: the longest sequence after the append (cached plus new tokens), at least 1.
         append: the append's own validated arguments.
     """
 
@@ -547,6 +548,7 @@ class PreprocessArgs:
     head_dim: int
     token_seq: torch.Tensor
     positions: torch.Tensor
+    num_positions: int
     append: AppendArgs
 
 
@@ -591,4 +593,8 @@ def check_preprocess(
     from .layout import new_token_positions
 
     token_seq, positions = new_token_positions(append.new_bounds, cache_seqlens)
-    return PreprocessArgs(packed=packed, head_dim=d, token_seq=token_seq, positions=positions, append=append)
+    bounds = append.new_bounds
+    num_positions = max([s + (b - a) for s, a, b in zip(cache_seqlens.tolist(), bounds, bounds[1:])] + [1])
+    return PreprocessArgs(
+        packed=packed, head_dim=d, token_seq=token_seq, positions=positions, num_positions=num_positions, append=append
+    )

@@ -127,3 +127,68 @@ def test_gpu_preprocess_long_positions(style):
     assert_close("q", q_ref, q, TOL[torch.bfloat16] / 2)
     assert_close("k cache", k_ref, k_cache, TOL[torch.bfloat16] / 2)
     assert torch.equal(v_cache, v_ref)
+
+
+SCALINGS = {
+    "linear": (dict(rope_type="linear", factor=4.0), dict(type="linear", factor=4.0)),
+    "dynamic": (dict(rope_type="dynamic", factor=2.0), dict(type="dynamic", factor=2.0, original_max_position=2048)),
+    "llama3": (
+        dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+             original_max_position_embeddings=512),
+        dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=512),
+    ),
+    "yarn": (
+        dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=512),
+        dict(type="yarn", factor=4.0, original_max_position=512),
+    ),
+    "yarn-deepseek": (
+        dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=512, mscale=1.0, mscale_all_dim=0.707,
+             beta_fast=32, beta_slow=1),
+        dict(type="yarn", factor=40.0, original_max_position=512, mscale=1.0, mscale_all_dim=0.707),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("seq_len", [1000, 6000])
+@pytest.mark.parametrize("base", [10000.0, 500000.0])
+@pytest.mark.parametrize("name", SCALINGS)
+def test_rope_scaling_matches_hugging_face(name, base, seq_len):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_params, ours = SCALINGS[name]
+    config = transformers.LlamaConfig(
+        hidden_size=64 * 8, num_attention_heads=8, max_position_embeddings=2048,
+        rope_parameters={**hf_params, "rope_theta": base},
+    )  # fmt: skip
+    hf_inv, hf_factor = ROPE_INIT_FUNCTIONS[hf_params["rope_type"]](config, "cpu", seq_len=seq_len)
+    inv, factor = reference.rope_inv_freq(64, base, reference.RopeScaling(**ours), seq_len=seq_len)
+    torch.testing.assert_close(inv, hf_inv.float(), rtol=1e-6, atol=0)
+    assert factor == pytest.approx(hf_factor, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", SCALINGS)
+def test_preprocess_with_rope_scaling(name, device):
+    qkv, k_cache, v_cache, seqlens, cu, table = _qkv_and_cache(torch.float32, device, True, True)
+    params = dict(SCALINGS[name][1])
+    if name == "dynamic":
+        params["original_max_position"] = 32  # dynamic NTK changes nothing until sequences outgrow this
+    kw = dict(num_heads_q=HQ, num_heads_kv=HKV, cu_seqlens_new=cu, block_table=table, rotary_dim=32,
+              rope_scaling=reference.RopeScaling(**params))  # fmt: skip
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_ref = reference.preprocess(qkv, k_ref, v_ref, seqlens, **kw)
+    q = fast.preprocess(qkv, k_cache, v_cache, seqlens, **kw)
+    assert_close("q", q_ref, q, TOL[torch.float32])
+    assert_close("k cache", k_ref, k_cache, TOL[torch.float32])
+    # the scaling changed something: plain RoPE gives a different q
+    plain = reference.preprocess(qkv, k_ref.clone(), v_ref.clone(), seqlens, **{**kw, "rope_scaling": None})
+    assert not torch.allclose(plain, q_ref)
+
+
+def test_rope_scaling_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="rope_scaling.type"):
+        reference.RopeScaling(type="ntk")
+    with pytest.raises(ValueError, match="needs original_max_position"):
+        reference.RopeScaling(type="yarn", factor=4.0)
+    with pytest.raises(ValueError, match="factor must be positive"):
+        reference.RopeScaling(type="linear", factor=0.0)

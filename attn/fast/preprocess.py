@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..checks import check_preprocess
-from ..reference.preprocess import rope_cos_sin
+from ..reference.preprocess import RopeScaling, rope_cos_sin
 from ._triton import is_interpreter, next_power_of_2
 
 
@@ -109,12 +109,18 @@ def _preprocess_kernel(
 _tables: dict = {}
 
 
-def _cos_sin(num_positions: int, rotary_dim: int, base: float, device):
-    """The cos/sin table, kept per (rotary dim, base, device) and grown in powers of two."""
-    key = (rotary_dim, float(base), str(device))
+def _cos_sin(num_positions: int, rotary_dim: int, base: float, device, scaling: RopeScaling | None):
+    """The cos/sin table, kept per (rotary dim, base, scaling, device) and grown in powers of two.
+
+    Rows of a longer table equal the shorter one's, except under ``dynamic`` scaling, whose frequencies
+    depend on the length served: that table is built for exactly the call's length.
+    """
+    if scaling is not None and scaling.type == "dynamic":
+        return rope_cos_sin(num_positions, rotary_dim, base, device, scaling)
+    key = (rotary_dim, float(base), scaling, str(device))
     table = _tables.get(key)
     if table is None or table[0].shape[0] < num_positions:
-        table = rope_cos_sin(max(next_power_of_2(num_positions), 4096), rotary_dim, base, device)
+        table = rope_cos_sin(max(next_power_of_2(num_positions), 4096), rotary_dim, base, device, scaling)
         _tables[key] = table
     return table
 
@@ -133,6 +139,7 @@ def preprocess(
     rotary_dim: int = 0,
     rope_base: float = 10000.0,
     rope_style: str = "neox",
+    rope_scaling: RopeScaling | None = None,
 ) -> torch.Tensor:
     """Splits, biases and rotates new tokens' fused QKV, appends their K/V to the cache, and returns q.
 
@@ -151,6 +158,7 @@ def preprocess(
         rotary_dim: features of each q/k head to rotate (even, at most D); 0 disables RoPE.
         rope_base: the frequency base θ.
         rope_style: ``"neox"`` or ``"gptj"``.
+        rope_scaling: a ``RopeScaling`` variant, or None.
 
     Returns:
         ``q`` shaped ``[T, Hq, D]`` (packed) or ``[B, S_new, Hq, D]`` (padded), rotated, in qkv's dtype.
@@ -172,11 +180,9 @@ def preprocess(
     q = torch.empty(num_tokens, num_heads_q, d, dtype=qkv.dtype, device=qkv.device)
     if num_tokens:
         tok_seq = args.token_seq
-        # the table must cover the last position written: cached tokens plus the new ones
-        last = max((s + (b - a) for s, a, b in zip(
-            cache_seqlens.tolist(), args.append.new_bounds, args.append.new_bounds[1:])), default=0)  # fmt: skip
         if rotary_dim:
-            cos, sin = _cos_sin(last, rotary_dim, rope_base, qkv.device)
+            # the table covers the last position written: cached tokens plus the new ones
+            cos, sin = _cos_sin(args.num_positions, rotary_dim, rope_base, qkv.device, rope_scaling)
         else:
             cos = sin = torch.ones(1, 1, dtype=torch.float32, device=qkv.device)
         block_t = 16 if is_interpreter() else 32

@@ -4,9 +4,10 @@ from .alibi import alibi_slopes
 from .attention import alibi_bias, attention, attention_mask, attention_unfused
 from .decode import decode, gather_kv
 from .kv_cache import append_kv, slot_of
-from .preprocess import apply_rope, preprocess, rope_cos_sin
+from .preprocess import RopeScaling, apply_rope, preprocess, rope_cos_sin, rope_inv_freq
 
 __all__ = [
+    "RopeScaling",
     "alibi_bias",
     "alibi_slopes",
     "append_kv",
@@ -18,5 +19,6 @@ __all__ = [
     "gather_kv",
     "preprocess",
     "rope_cos_sin",
+    "rope_inv_freq",
     "slot_of",
 ]

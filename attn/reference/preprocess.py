@@ -17,15 +17,122 @@ Features ``r..D`` pass through unrotated (partial rotary, e.g. GPT-NeoX's ``rota
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from ..checks import check_preprocess
 from .kv_cache import append_kv
 
 
-def rope_inv_freq(rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """``θ_i = base^(-2i/r)`` for ``i < r/2``, in float32 (computed as Hugging Face's RoPE does)."""
-    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+@dataclass(frozen=True)
+class RopeScaling:
+    """A RoPE scaling variant, with Hugging Face's parameter names (``rope_parameters`` in its configs).
+
+    Attributes:
+        type: ``"linear"`` (position interpolation: every frequency divided by ``factor``), ``"dynamic"``
+            (NTK-aware: the base grows once the sequence outgrows ``original_max_position``), ``"llama3"``
+            (Llama 3.1: low frequencies divided by ``factor``, high ones kept, a smooth ramp between), or
+            ``"yarn"`` (YaRN: a ramp between interpolated and original frequencies by their rotations over the
+            original context, and cos/sin multiplied by an attention factor).
+        factor: the context extension factor.
+        original_max_position: the context length the model was trained with (``dynamic``, ``llama3``,
+            ``yarn``).
+        low_freq_factor: ``llama3``: wavelengths above ``original_max_position / low_freq_factor`` are scaled.
+        high_freq_factor: ``llama3``: wavelengths below ``original_max_position / high_freq_factor`` are kept.
+        beta_fast: ``yarn``: rotation count above which frequencies are kept.
+        beta_slow: ``yarn``: rotation count below which frequencies are interpolated.
+        attention_factor: ``yarn``: the cos/sin multiplier; inferred from ``factor`` (and ``mscale``,
+            ``mscale_all_dim``) when None.
+        mscale: ``yarn``: DeepSeek's numerator coefficient of the inferred attention factor.
+        mscale_all_dim: ``yarn``: DeepSeek's denominator coefficient.
+        truncate: ``yarn``: round the correction range to whole dimensions.
+    """
+
+    type: str
+    factor: float = 1.0
+    original_max_position: int | None = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        if self.type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"rope_scaling.type must be one of {ROPE_SCALING_TYPES}, got {self.type!r}")
+        if not self.factor > 0:
+            raise ValueError(f"rope_scaling.factor must be positive, got {self.factor!r}")
+        if self.type in ("dynamic", "llama3", "yarn") and not self.original_max_position:
+            raise ValueError(f"rope_scaling of type {self.type!r} needs original_max_position")
+        if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError("rope_scaling llama3 needs high_freq_factor > low_freq_factor > 0")
+
+
+ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
+
+
+def rope_inv_freq(
+    rotary_dim: int, base: float = 10000.0, scaling: RopeScaling | None = None, seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """The rotation frequencies ``θ_i`` of the pairs, float32 ``[r/2]``, and the factor cos/sin are scaled by.
+
+    Plain RoPE: ``θ_i = base^(-2i/r)``. The scaling variants reshape this spectrum so that a model trained on
+    ``original_max_position`` tokens can read longer sequences. ``seq_len`` (the sequence length the table
+    serves) matters only to ``dynamic``.
+    """
+    r = rotary_dim
+    exponents = torch.arange(0, r, 2, dtype=torch.int64).float() / r
+    if scaling is None:
+        return 1.0 / (base**exponents), 1.0
+    f = scaling.factor
+    if scaling.type == "linear":
+        # position interpolation: position p behaves as p / factor
+        return 1.0 / (base**exponents) / f, 1.0
+    if scaling.type == "dynamic":
+        # NTK-aware: raise the base so the slowest pair stretches over the longer sequence, the fastest barely
+        n = max(seq_len or 0, scaling.original_max_position)
+        grown = base * ((f * n / scaling.original_max_position) - (f - 1)) ** (r / (r - 2))
+        return 1.0 / (grown**exponents), 1.0
+    inv_freq = 1.0 / (base**exponents)
+    if scaling.type == "llama3":
+        wavelength = 2 * math.pi / inv_freq
+        context = scaling.original_max_position
+        low, high = scaling.low_freq_factor, scaling.high_freq_factor
+        # pairs that turn less than `low` times over the trained context are interpolated, more than `high`
+        # times kept, and the ones between blend linearly in the number of turns
+        turns = context / wavelength
+        blend = ((turns - low) / (high - low)).clamp(0, 1)
+        return (1 - blend) * inv_freq / f + blend * inv_freq, 1.0
+    # yarn: the same blend, with the boundaries given in rotations over the trained context, per dimension
+    context = scaling.original_max_position
+
+    def dim_of(rotations):
+        return r * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+    if scaling.truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, r - 1)
+    hi = hi + 0.001 if lo == hi else hi
+    ramp = ((torch.arange(r // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    keep = 1 - ramp  # 1: keep the original frequency (fast pairs), 0: interpolate (slow pairs)
+    inv_freq = inv_freq / f * (1 - keep) + inv_freq * keep
+    attention = scaling.attention_factor
+    if attention is None:
+
+        def m(scale, coeff=1.0):
+            return 1.0 if scale <= 1 else 0.1 * coeff * math.log(scale) + 1.0
+
+        if scaling.mscale and scaling.mscale_all_dim:
+            attention = m(f, scaling.mscale) / m(f, scaling.mscale_all_dim)
+        else:
+            attention = m(f)
+    return inv_freq, float(attention)
 
 
 def pair_indices(rotary_dim: int, style: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,21 +143,33 @@ def pair_indices(rotary_dim: int, style: str) -> tuple[torch.Tensor, torch.Tenso
     return 2 * i, 2 * i + 1
 
 
-def rope_cos_sin(num_positions: int, rotary_dim: int, base: float = 10000.0, device=None):
+def rope_cos_sin(
+    num_positions: int, rotary_dim: int, base: float = 10000.0, device=None, scaling: RopeScaling | None = None
+):
     """The cos/sin table of every position below ``num_positions``: ``(cos, sin)``, float32 ``[P, r/2]`` each.
 
-    The angle ``p·θ_i`` is formed in float32, as Hugging Face does, and its cos and sin are taken accurately.
+    The angle ``p·θ_i`` is formed in float32, as Hugging Face does, and its cos and sin are taken accurately;
+    a scaling variant changes the frequencies ``θ_i`` and may multiply cos and sin by an attention factor
+    (YaRN). For ``dynamic`` scaling the table depends on the length it serves: ``num_positions``.
     Kernels read this table instead of evaluating cos/sin themselves: the GPU's fast cos/sin lose accuracy
     for angles of thousands of radians (position 100k at θ_0 = 1), and a scaled RoPE variant is just another
     table.
     """
+    inv_freq, attention_factor = rope_inv_freq(rotary_dim, base, scaling, seq_len=num_positions)
     positions = torch.arange(num_positions, device=device, dtype=torch.float32)
-    angles = positions[:, None] * rope_inv_freq(rotary_dim, base).to(device)[None, :]  # [P, r/2]
-    return torch.cos(angles), torch.sin(angles)
+    angles = positions[:, None] * inv_freq.to(device)[None, :]  # [P, r/2]
+    return torch.cos(angles) * attention_factor, torch.sin(angles) * attention_factor
 
 
 def apply_rope(
-    x: torch.Tensor, positions: torch.Tensor, *, rotary_dim: int | None = None, base: float = 10000.0, style="neox"
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    rotary_dim: int | None = None,
+    base: float = 10000.0,
+    style: str = "neox",
+    scaling: RopeScaling | None = None,
+    num_positions: int | None = None,
 ) -> torch.Tensor:
     """Rotates the first ``rotary_dim`` features of every head of ``x`` by its token's position.
 
@@ -60,13 +179,17 @@ def apply_rope(
         rotary_dim: features rotated (even, at most D); defaults to D.
         base: the frequency base θ (10000 in most models).
         style: ``"neox"`` or ``"gptj"`` pairing.
+        scaling: a RoPE scaling variant, or None.
+        num_positions: the sequence length the frequencies serve (``dynamic`` scaling depends on it);
+            defaults to the largest position + 1.
 
     Returns:
         ``[T, H, D]`` in x's dtype; angles in float32 as in Hugging Face, the rotation in float32.
     """
     rotary_dim = x.shape[-1] if rotary_dim is None else rotary_dim
-    num_positions = int(positions.max()) + 1 if positions.numel() else 1
-    cos_table, sin_table = rope_cos_sin(num_positions, rotary_dim, base, x.device)
+    if num_positions is None:
+        num_positions = int(positions.max()) + 1 if positions.numel() else 1
+    cos_table, sin_table = rope_cos_sin(num_positions, rotary_dim, base, x.device, scaling)
     cos, sin = cos_table[positions.long()][:, None, :], sin_table[positions.long()][:, None, :]  # [T, 1, r/2]
     first, second = (idx.to(x.device) for idx in pair_indices(rotary_dim, style))
     out = x.float().clone()
@@ -90,6 +213,7 @@ def preprocess(
     rotary_dim: int = 0,
     rope_base: float = 10000.0,
     rope_style: str = "neox",
+    rope_scaling: RopeScaling | None = None,
 ) -> torch.Tensor:
     """Splits, biases and rotates new tokens' fused QKV, appends their K/V to the cache, and returns q.
 
@@ -108,6 +232,8 @@ def preprocess(
         rotary_dim: features of each q/k head to rotate (even, at most D); 0 disables RoPE.
         rope_base: the frequency base θ.
         rope_style: ``"neox"`` or ``"gptj"``.
+        rope_scaling: a `RopeScaling` variant, or None. Its frequencies serve the longest sequence of the
+            call (cached plus new tokens), which is what ``dynamic`` scaling depends on.
 
     Returns:
         ``q`` shaped ``[T, Hq, D]`` (packed) or ``[B, S_new, Hq, D]`` (padded), rotated, in qkv's dtype.
@@ -126,9 +252,10 @@ def preprocess(
     k = heads[:, num_heads_q : num_heads_q + num_heads_kv]
     v = heads[:, num_heads_q + num_heads_kv :]
     if rotary_dim:
-        positions = args.positions
-        q = apply_rope(q, positions, rotary_dim=rotary_dim, base=rope_base, style=rope_style)
-        k = apply_rope(k, positions, rotary_dim=rotary_dim, base=rope_base, style=rope_style)
+        kw = dict(rotary_dim=rotary_dim, base=rope_base, style=rope_style, scaling=rope_scaling,
+                  num_positions=args.num_positions)  # fmt: skip
+        q = apply_rope(q, args.positions, **kw)
+        k = apply_rope(k, args.positions, **kw)
     q, k, v = (x.to(qkv.dtype) for x in (q, k, v))
     if args.packed:
         append_kv(k_cache, v_cache, k, v, cache_seqlens, cu_seqlens_new=cu_seqlens_new, block_table=block_table)

@@ -9,12 +9,14 @@ from .fast import append_kv, attention, attention_unfused, decode, preprocess
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
 from .reference.alibi import alibi_slopes
 from .reference.preprocess import RopeScaling
+from .reference.relative_bias import RelativeBias
 
 __all__ = [
     "BlockAllocator",
     "ContiguousKVCache",
     "PagedKVCache",
     "PoolExhaustedError",
+    "RelativeBias",
     "RopeScaling",
     "alibi_slopes",
     "append_kv",

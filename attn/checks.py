@@ -36,6 +36,7 @@ class AttentionArgs:
         alibi_slopes: float32 ``[B, Hq]`` ALiBi slopes (a ``[Hq]`` input is expanded, not copied), or None.
         alibi_with_scale: TensorRT-LLM's ``alibi_with_scale`` order: ``(q·k + bias)·scale`` rather than
             ``q·k·scale + bias``.
+        rel_bias: a validated ``RelativeBias`` (T5), or None.
     """
 
     packed: bool
@@ -53,6 +54,7 @@ class AttentionArgs:
     softcap: float
     alibi_slopes: torch.Tensor | None = None
     alibi_with_scale: bool = False
+    rel_bias: object | None = None
 
     @property
     def group_size(self) -> int:
@@ -168,6 +170,37 @@ def _check_alibi(alibi_slopes, alibi_mode, batch, num_heads_q, device):
     return slopes.expand(batch, num_heads_q) if slopes.dim() == 1 else slopes
 
 
+def _check_rel_bias(rel, num_heads_q, max_position, device):
+    """Checks a T5 ``RelativeBias``: exactly one of ``table`` (implicit) and ``bias`` (regular)."""
+    if rel is None:
+        return None
+    table, bias = getattr(rel, "table", None), getattr(rel, "bias", None)
+    if (table is None) == (bias is None):
+        raise ValueError("rel_bias must have exactly one of table (implicit mode) and bias (regular mode)")
+    x, name = (table, "rel_bias.table") if table is not None else (bias, "rel_bias.bias")
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point torch.Tensor")
+    if x.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {x.device}")
+    if table is not None:
+        if table.dim() != 2 or table.shape[0] != num_heads_q or table.shape[1] < 2:
+            raise ValueError(f"rel_bias.table must be [Hq={num_heads_q}, num_buckets >= 2], got {tuple(table.shape)}")
+        half = table.shape[1] // 2 if rel.bidirectional else table.shape[1]
+        exact = half // 2
+        md = rel.max_distance
+        if not isinstance(md, int) or isinstance(md, bool) or md <= 0 or md <= exact:
+            raise ValueError(
+                f"rel_bias.max_distance must be an int above the exact buckets ({exact} for {table.shape[1]} "
+                f"buckets), got {md!r}"
+            )
+    elif bias.dim() != 3 or bias.shape[0] != num_heads_q or min(bias.shape[1:]) < max_position:
+        raise ValueError(
+            f"rel_bias.bias must be [Hq={num_heads_q}, L, L] with L >= {max_position} (the longest key sequence), "
+            f"got {tuple(bias.shape)}"
+        )
+    return rel
+
+
 def check_attention(
     q,
     k,
@@ -186,6 +219,7 @@ def check_attention(
     softcap=0.0,
     alibi_slopes=None,
     alibi_mode="alibi",
+    rel_bias=None,
     dtypes=FLOAT_DTYPES,
 ) -> AttentionArgs:
     """Validates the arguments of ``attention`` and returns their normalised form.
@@ -245,6 +279,7 @@ def check_attention(
 
     scale, left, right, softcap = _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap)
     slopes = _check_alibi(alibi_slopes, alibi_mode, batch, num_heads_q, q.device)
+    rel_bias = _check_rel_bias(rel_bias, num_heads_q, max_k, q.device)
 
     return AttentionArgs(
         packed=packed,
@@ -262,6 +297,7 @@ def check_attention(
         softcap=float(softcap),
         alibi_slopes=slopes,
         alibi_with_scale=alibi_mode == "alibi_with_scale",
+        rel_bias=rel_bias,
     )
 
 
@@ -285,6 +321,7 @@ class DecodeArgs:
         softcap: as in `AttentionArgs`.
         alibi_slopes: as in `AttentionArgs`.
         alibi_with_scale: as in `AttentionArgs`.
+        rel_bias: as in `AttentionArgs`.
     """
 
     batch: int
@@ -302,6 +339,7 @@ class DecodeArgs:
     softcap: float
     alibi_slopes: torch.Tensor | None = None
     alibi_with_scale: bool = False
+    rel_bias: object | None = None
 
     @property
     def group_size(self) -> int:
@@ -322,6 +360,7 @@ def check_decode(
     softcap=0.0,
     alibi_slopes=None,
     alibi_mode="alibi",
+    rel_bias=None,
     num_splits=None,
     validate=True,
     dtypes=FLOAT_DTYPES,
@@ -412,6 +451,7 @@ def check_decode(
 
     scale, left, right, softcap = _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap)
     slopes = _check_alibi(alibi_slopes, alibi_mode, batch, num_heads_q, q.device)
+    rel_bias = _check_rel_bias(rel_bias, num_heads_q, max_seqlen_k if validate else capacity, q.device)
     return DecodeArgs(
         batch=batch,
         seqlen_q=seqlen_q,
@@ -428,6 +468,7 @@ def check_decode(
         softcap=softcap,
         alibi_slopes=slopes,
         alibi_with_scale=alibi_mode == "alibi_with_scale",
+        rel_bias=rel_bias,
     )
 
 

@@ -65,9 +65,9 @@ def _attn_fwd_tiles(
     k_base, v_base, stride_kn, stride_vn,
     offs_m, offs_n, offs_d,
     lo, hi, seqlen_k, diag, window_left, window_right,
-    qk_scale, cap_log2, slope,
+    qk_scale, cap_log2, slope, rel_head, stride_rm, rel_md, seqlen_q,
     MASKED: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr,
     PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -96,6 +96,17 @@ def _attn_fwd_tiles(
         if HAS_ALIBI:
             if not ALIBI_WITH_SCALE:
                 s += (slope * 1.4426950408889634) * rel
+        if REL_MODE == 1:
+            # T5 implicit: the per-distance table, distances past max_distance sharing its ends
+            rp = offs_kn[None, :] - (offs_m[:, None] + diag)
+            rp = tl.minimum(tl.maximum(rp, -rel_md), rel_md)
+            s += tl.load(rel_head + rp + rel_md) * 1.4426950408889634
+        if REL_MODE == 2:
+            # T5 regular: bias[h, query position, key position], the query at i + Sk - Sq
+            q_pos = tl.maximum(offs_m + diag, 0)
+            r_mask = (offs_m[:, None] < seqlen_q) & (offs_kn[None, :] < seqlen_k)
+            r_off = q_pos[:, None].to(tl.int64) * stride_rm + offs_kn[None, :]
+            s += tl.load(rel_head + r_off, mask=r_mask, other=0.0).to(tl.float32) * 1.4426950408889634
         if MASKED:
             visible = offs_kn[None, :] < seqlen_k
             if HAS_WINDOW_RIGHT:
@@ -128,7 +139,7 @@ def _attn_fwd_tiles(
 @triton.jit(do_not_specialize=["num_heads_q", "group_size", "out_rows", "window_left", "window_right", "seqlen_bucket"])
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    seq_q_ptr, seq_k_ptr, alibi_ptr, stride_ab, stride_ah,
+    seq_q_ptr, seq_k_ptr, alibi_ptr, stride_ab, stride_ah, rel_ptr, stride_rh, stride_rm, rel_md,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -138,7 +149,7 @@ def _attn_fwd_kernel(
     qk_scale, cap_log2, window_left, window_right, seqlen_bucket,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr,
     STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -151,6 +162,7 @@ def _attn_fwd_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(alibi_ptr + b * stride_ab + h * stride_ah)
+    rel_head = rel_ptr + h.to(tl.int64) * stride_rh
 
     b64 = b.to(tl.int64)
     if IS_VARLEN:
@@ -218,22 +230,25 @@ def _attn_fwd_kernel(
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         lo, full_lo, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
+        rel_head, stride_rm, rel_md, seqlen_q,
         True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
-        HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+        REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
         BLOCK_N, PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         full_lo, full_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
+        rel_head, stride_rm, rel_md, seqlen_q,
         False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
-        HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+        REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
         BLOCK_N, PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         full_hi, hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
+        rel_head, stride_rm, rel_md, seqlen_q,
         True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
-        HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+        REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
         BLOCK_N, PRECISION,
     )  # fmt: skip
 
@@ -252,6 +267,21 @@ def _attn_fwd_kernel(
         lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         lse_base = lse_ptr + b64 * stride_lb + h.to(tl.int64) * stride_lh + start_q * stride_lm
         tl.store(lse_base + offs_m * stride_lm, lse, mask=store_rows)
+
+
+def relative_bias_operands(rel, placeholder: torch.Tensor):
+    """What the kernels read for a T5 bias: ``(mode, tensor, (stride_h, stride_q), max_distance)``.
+
+    Mode 0: none. Mode 1 (implicit): the per-distance table ``[Hq, 2·max_distance + 1]``. Mode 2 (regular):
+    the given ``[Hq, L, L]`` bias, which must have unit stride along the key position.
+    """
+    if rel is None:
+        return 0, placeholder, (0, 0), 0
+    if rel.implicit:
+        table = rel.distance_table()
+        return 1, table, (table.stride(0), 0), rel.max_distance
+    bias = rel.bias if rel.bias.stride(-1) == 1 else rel.bias.contiguous()
+    return 2, bias, (bias.stride(0), bias.stride(1)), 0
 
 
 _attn_fwd_tuned = triton.autotune(
@@ -299,6 +329,7 @@ def attention(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     alibi_mode: str = "alibi",
+    rel_bias=None,
     return_lse: bool = False,
 ):
     """Fused context-phase attention; same contract as `attn.reference.attention`.
@@ -327,6 +358,8 @@ def attention(
             computed inside the kernel, never materialized.
         alibi_mode: ``"alibi"`` (bias after scaling and capping) or ``"alibi_with_scale"`` (bias on the raw
             product, before scaling).
+        rel_bias: a T5 ``RelativeBias``: implicit mode reads a per-distance table of ``2·max_distance + 1``
+            values per head inside the kernel; regular mode reads the given ``[Hq, L, L]`` bias per score.
         return_lse: also return the natural-log log-sum-exp of each row's scores.
 
     Returns:
@@ -337,7 +370,8 @@ def attention(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,
         softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, alibi_mode=alibi_mode, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        alibi_slopes=alibi_slopes, alibi_mode=alibi_mode, rel_bias=rel_bias,
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
     )  # fmt: skip
     if args.head_dim > 256:
         raise ValueError(f"q's head dim must be at most 256 for the fused kernel, got {args.head_dim}")
@@ -386,6 +420,7 @@ def attention(
     def grid(meta):
         return (args.batch * args.num_heads_q, triton.cdiv(max_rows, meta["BLOCK_M"]))
 
+    rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias, seq_q)
     slopes = args.alibi_slopes if args.alibi_slopes is not None else seq_q
     slope_strides = args.alibi_slopes.stride() if args.alibi_slopes is not None else (0, 0)
     if autotune_enabled():
@@ -394,14 +429,14 @@ def attention(
         kernel, meta = _attn_fwd_kernel, _fixed_config(head_dim_pad, q.dtype)
     kernel[grid](
         q, k, v, out, lse if lse is not None else out,
-        seq_q, seq_k, slopes, *slope_strides,
+        seq_q, seq_k, slopes, *slope_strides, rel_t, *rel_strides, rel_md,
         sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, slb, slh, slm,
         args.num_heads_q, args.group_size, row_dim,
         qk_scale, cap_log2, args.window_left, args.window_right, next_power_of_2(max_rows),
         HEAD_DIM=args.head_dim, HEAD_DIM_PAD=head_dim_pad,
         IS_VARLEN=args.packed, HAS_WINDOW_LEFT=args.window_left >= 0,
         HAS_WINDOW_RIGHT=args.window_right >= 0, HAS_SOFTCAP=args.softcap > 0,
-        HAS_ALIBI=args.alibi_slopes is not None, ALIBI_WITH_SCALE=args.alibi_with_scale,
+        HAS_ALIBI=args.alibi_slopes is not None, ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode,
         STORE_LSE=lse is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **meta,
     )  # fmt: skip

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ..checks import check_decode
 from ._triton import autotune_enabled, is_interpreter, next_power_of_2
-from .attention import LOG2E, _tanh
+from .attention import LOG2E, _tanh, relative_bias_operands
 
 CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -41,10 +41,20 @@ def _keep(configs, named_args, **kwargs):
 
 
 @triton.jit(
-    do_not_specialize=["num_heads_kv", "seqlen_q", "page_size", "num_splits", "window_left", "window_right", "tune_len"]
+    do_not_specialize=[
+        "num_heads_kv",
+        "seqlen_q",
+        "page_size",
+        "num_splits",
+        "window_left",
+        "window_right",
+        "tune_len",
+        "rel_md",
+    ]
 )
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seqlens_ptr, block_table_ptr, alibi_ptr, stride_ab, stride_ah,
+    rel_ptr, stride_rh, stride_rm, rel_md,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -55,7 +65,7 @@ def _decode_kernel(
     qk_scale, cap_log2, window_left, window_right, tune_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
@@ -94,6 +104,7 @@ def _decode_kernel(
     if HAS_WINDOW_RIGHT:
         hi = tl.minimum(hi, seqlen_q - 1 + diag + window_right + 1)
 
+    rel_rows = rel_ptr + head.to(tl.int64) * stride_rh
     k_head = k_ptr + h_kv.to(tl.int64) * stride_kh
     v_head = v_ptr + h_kv.to(tl.int64) * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -126,6 +137,17 @@ def _decode_kernel(
         if HAS_ALIBI:
             if not ALIBI_WITH_SCALE:
                 s += (slope[:, None] * 1.4426950408889634) * rel
+        if REL_MODE == 1:
+            # T5 implicit: each packed row reads its own head's per-distance table
+            rp = offs_n[None, :] - (tok[:, None] + diag)
+            rp = tl.minimum(tl.maximum(rp, -rel_md), rel_md)
+            r_mask = row_valid[:, None] & key_valid[None, :]
+            s += tl.load(rel_rows[:, None] + rp + rel_md, mask=r_mask, other=0.0) * 1.4426950408889634
+        if REL_MODE == 2:
+            q_pos = tl.maximum(tok + diag, 0)
+            r_mask = row_valid[:, None] & key_valid[None, :]
+            r_off = q_pos[:, None].to(tl.int64) * stride_rm + offs_n[None, :]
+            s += tl.load(rel_rows[:, None] + r_off, mask=r_mask, other=0.0).to(tl.float32) * 1.4426950408889634
         visible = key_valid[None, :]
         if HAS_WINDOW_RIGHT:
             visible &= offs_n[None, :] <= tok[:, None] + diag + window_right
@@ -245,6 +267,7 @@ def decode(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     alibi_mode: str = "alibi",
+    rel_bias=None,
     return_lse: bool = False,
     num_splits: int | None = None,
     validate: bool = True,
@@ -266,6 +289,7 @@ def decode(
         softcap: if > 0, scores become ``softcap·tanh(s/softcap)`` after scaling.
         alibi_slopes: ALiBi slopes, float ``[Hq]`` or ``[B, Hq]``, computed into the scores in the kernel.
         alibi_mode: ``"alibi"`` or ``"alibi_with_scale"``, as in `attn.reference.attention`.
+        rel_bias: a T5 ``RelativeBias``, as in `attn.fast.attention`.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: multi-block mode: 1 turns it off, n > 1 forces n parts per cache, None chooses from
             ``B·Hkv``, the lengths and the SM count (`choose_num_splits`).
@@ -278,7 +302,7 @@ def decode(
     args = check_decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-        alibi_mode=alibi_mode, num_splits=num_splits, validate=validate,
+        alibi_mode=alibi_mode, rel_bias=rel_bias, num_splits=num_splits, validate=validate,
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
     )  # fmt: skip
     if args.head_dim > 256:
@@ -321,14 +345,15 @@ def decode(
         o_strides = (o_dst.stride(0), o_dst.stride(1), o_dst.stride(2), o_dst.stride(3))
         l_strides = (l_dst.stride(0), l_dst.stride(1), l_dst.stride(2), l_dst.stride(3))
 
+    rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias, cache_seqlens)
     bt = block_table if block_table is not None else cache_seqlens
     bt_stride = block_table.stride(0) if block_table is not None else 0
     kw = dict(
         GROUP=group, HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, IS_PAGED=args.paged,
         HAS_WINDOW_LEFT=args.window_left >= 0, HAS_WINDOW_RIGHT=args.window_right >= 0,
         HAS_SOFTCAP=args.softcap > 0, HAS_ALIBI=args.alibi_slopes is not None,
-        ALIBI_WITH_SCALE=args.alibi_with_scale, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m,
+        ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
     )  # fmt: skip
     if autotune_enabled():
         kernel = _decode_tuned
@@ -344,6 +369,7 @@ def decode(
         q, k_cache, v_cache, o_dst, l_dst, cache_seqlens, bt,
         args.alibi_slopes if args.alibi_slopes is not None else cache_seqlens,
         *(args.alibi_slopes.stride() if args.alibi_slopes is not None else (0, 0)),
+        rel_t, *rel_strides, rel_md,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -5,8 +5,10 @@ from .attention import alibi_bias, attention, attention_mask, attention_unfused
 from .decode import decode, gather_kv
 from .kv_cache import append_kv, slot_of
 from .preprocess import RopeScaling, apply_rope, preprocess, rope_cos_sin, rope_inv_freq
+from .relative_bias import RelativeBias, relative_bias_matrix, t5_bucket
 
 __all__ = [
+    "RelativeBias",
     "RopeScaling",
     "alibi_bias",
     "alibi_slopes",
@@ -18,7 +20,9 @@ __all__ = [
     "decode",
     "gather_kv",
     "preprocess",
+    "relative_bias_matrix",
     "rope_cos_sin",
     "rope_inv_freq",
     "slot_of",
+    "t5_bucket",
 ]

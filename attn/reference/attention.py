@@ -18,6 +18,7 @@ import torch
 from einops import rearrange
 
 from ..checks import AttentionArgs, check_attention
+from .relative_bias import relative_bias_matrix
 
 
 def attention_mask(
@@ -77,7 +78,7 @@ def alibi_bias(seqlen_q: int, seqlen_k: int, slopes: torch.Tensor) -> torch.Tens
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, args: AttentionArgs, slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores of one sequence: scaled, biased (ALiBi) and capped.
+    """Scores of one sequence: scaled, biased (ALiBi, T5) and capped.
 
     Args:
         q: ``[Sq, Hq, D]``.
@@ -100,6 +101,9 @@ def _scores(q: torch.Tensor, k: torch.Tensor, args: AttentionArgs, slopes: torch
         s = args.softcap * torch.tanh(s / args.softcap)
     if bias is not None and not args.alibi_with_scale:
         s = s + bias
+    if args.rel_bias is not None:
+        rel = relative_bias_matrix(args.rel_bias, q.shape[2], k.shape[1]).to(dtype)  # [Hq, Sq, Sk]
+        s = s + rearrange(rel, "(h g) i j -> h g i j", h=q.shape[0])
     return s
 
 
@@ -145,6 +149,7 @@ def attention(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     alibi_mode: str = "alibi",
+    rel_bias=None,
     return_lse: bool = False,
 ):
     """Context-phase attention, one sequence at a time.
@@ -171,6 +176,8 @@ def attention(
             scores (see `alibi_bias`), computed on the fly by the kernels.
         alibi_mode: ``"alibi"`` adds the bias after scaling (and capping); ``"alibi_with_scale"`` adds it to
             the raw product before scaling, as TensorRT-LLM's two position-embedding types do.
+        rel_bias: a T5 ``RelativeBias`` (implicit table or regular bias tensor), added after scaling and
+            capping; see `attn.reference.relative_bias`.
         return_lse: also return the natural-log log-sum-exp of each row's scores.
 
     Returns:
@@ -181,7 +188,7 @@ def attention(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,
         softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, alibi_mode=alibi_mode,
+        alibi_slopes=alibi_slopes, alibi_mode=alibi_mode, rel_bias=rel_bias,
     )  # fmt: skip
     out = torch.zeros_like(q)
     if args.packed:
@@ -231,7 +238,8 @@ def attention_unfused(
     3. ``O = P·V``.
 
     Its memory grows with ``B·Hq·Sq·Sk``, which is what the fused kernel avoids. Packed input is padded
-    first (the padding is masked out). Arguments and results are those of `attention`.
+    first (the padding is masked out). Arguments and results are those of `attention`, except that the T5
+    relative bias is not offered on this path.
     """
     args = check_attention(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,

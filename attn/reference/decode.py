@@ -54,6 +54,7 @@ def decode(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     alibi_mode: str = "alibi",
+    rel_bias=None,
     return_lse: bool = False,
     num_splits: int | None = None,
     validate: bool = True,
@@ -76,6 +77,8 @@ def decode(
         softcap: if > 0, scores become ``softcap·tanh(s/softcap)`` after scaling.
         alibi_slopes: ALiBi slopes, float ``[Hq]`` or ``[B, Hq]``, as in `attn.reference.attention`.
         alibi_mode: ``"alibi"`` or ``"alibi_with_scale"``, as in `attn.reference.attention`.
+        rel_bias: a T5 ``RelativeBias``, as in `attn.reference.attention` (the query sits at position
+            ``L − Sq + i``).
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: how many parts the fast kernel splits each cache into (None: chosen automatically). The
             result does not depend on it; the reference accepts it to keep the signatures equal.
@@ -87,7 +90,7 @@ def decode(
     args = check_decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-        alibi_mode=alibi_mode, num_splits=num_splits, validate=validate,
+        alibi_mode=alibi_mode, rel_bias=rel_bias, num_splits=num_splits, validate=validate,
     )  # fmt: skip
     # the per-sequence attention of the context phase, with the cache's tokens as the keys
     opts = AttentionArgs(
@@ -95,6 +98,7 @@ def decode(
         head_dim=args.head_dim, max_seqlen_q=args.seqlen_q, max_seqlen_k=args.capacity, seqlens_q=None,
         seqlens_k=None, scale=args.scale, window_left=args.window_left, window_right=args.window_right,
         softcap=args.softcap, alibi_slopes=args.alibi_slopes, alibi_with_scale=args.alibi_with_scale,
+        rel_bias=args.rel_bias,
     )  # fmt: skip
     out = torch.empty_like(q)
     lse = torch.empty(args.batch, args.num_heads_q, args.seqlen_q, dtype=torch.float32, device=q.device)

@@ -1,0 +1,122 @@
+"""T5 relative attention bias: the bucket function against transformers' T5, and both modes (regular and
+implicit) in the prefill and decode kernels against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn.fast as fast
+import attn.reference as reference
+from helpers import LSE_TOL, TOL, assert_close, assert_lse_close, dtype_id, random_packed
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (16, 64), (8, 20)])
+def test_bucket_matches_t5(num_buckets, max_distance, bidirectional):
+    transformers = pytest.importorskip("transformers")
+    t5 = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket
+    rp = torch.arange(-600, 601)
+    expected = t5(rp, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+    ours = reference.t5_bucket(rp, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+    assert torch.equal(ours, expected)
+
+
+def test_distance_table_is_the_bucket_lookup():
+    table = torch.randn(3, 32)
+    rel = reference.RelativeBias(table=table, max_distance=128)
+    dist = rel.distance_table()
+    assert dist.shape == (3, 257)
+    # every distance, near or far, reads the bucket T5 assigns it (far ones clamp to the table's ends)
+    for rp in (-1000, -128, -127, -9, 0, 5, 64, 128, 4000):
+        bucket = reference.t5_bucket(torch.tensor(rp), num_buckets=32, max_distance=128)
+        assert torch.equal(dist[:, max(-128, min(rp, 128)) + 128], table[:, bucket])
+
+
+def _implicit(hq, device, bidirectional=True):
+    return reference.RelativeBias(table=torch.randn(hq, 32, device=device), max_distance=24,
+                                  bidirectional=bidirectional)  # fmt: skip
+
+
+def _regular(hq, length, device):
+    return reference.RelativeBias(bias=torch.randn(hq, length, length, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("mode", ["implicit", "implicit-causal", "regular"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_prefill_with_relative_bias(causal, mode, dtype, device):
+    lens_q, lens_k = [13, 0, 40], [20, 5, 40]
+    q, k, v, cu_q, cu_k = random_packed(lens_q, lens_k, 6, 2, 32, dtype, device)
+    rel = _regular(6, 40, device) if mode == "regular" else _implicit(6, device, mode == "implicit")
+    # T5: no 1/sqrt(D); q_scaling = 1/sqrt(D) makes the scale 1
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, rel_bias=rel, q_scaling=32**-0.5)
+    out, lse = fast.attention(q, k, v, return_lse=True, **kw)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    assert_close("prefill", ref, out, TOL[dtype])
+    assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("mode", ["implicit-causal", "regular"])
+def test_decode_with_relative_bias(mode, paged, device):
+    b, sq, hq, hkv, d = 3, 2, 8, 2, 32
+    lens = torch.tensor([2, 37, 60], dtype=torch.int32, device=device)
+    q = torch.randn(b, sq, hq, d, device=device, dtype=torch.float16)
+    k_cache = torch.randn(b, 64, hkv, d, device=device, dtype=torch.float16)
+    v_cache = torch.randn_like(k_cache)
+    rel = _regular(hq, 64, device) if mode == "regular" else _implicit(hq, device, False)
+    kw = dict(rel_bias=rel, causal=True, num_splits=2)
+    if paged:
+        k_cache, v_cache = k_cache.view(b * 8, 8, hkv, d), v_cache.view(b * 8, 8, hkv, d)
+        kw["block_table"] = torch.randperm(b * 8, device=device).to(torch.int32).view(b, 8)
+    out, lse = fast.decode(q, k_cache, v_cache, lens, return_lse=True, **kw)
+    ref, ref_lse = reference.decode(q.double(), k_cache.double(), v_cache.double(), lens, return_lse=True, **kw)
+    assert_close("decode", ref, out, TOL[torch.float16])
+    assert_lse_close("lse", ref_lse, lse, LSE_TOL[torch.float16])
+
+
+def test_decode_step_sees_the_prefill_positions(device):
+    # the last rows of a causal prefill and a decode step over the same cache read the same biases
+    hq, d, n = 4, 16, 30
+    q, k, v = (torch.randn(1, n, h, d, device=device) for h in (hq, 2, 2))
+    rel = _implicit(hq, device, False)
+    prefill = fast.attention(q, k, v, causal=True, rel_bias=rel)
+    step = fast.decode(q[:, -1:].contiguous(), k, v, torch.tensor([n], dtype=torch.int32, device=device),
+                       causal=True, rel_bias=rel)  # fmt: skip
+    assert_close("decode vs prefill", prefill[:, -1:], step, TOL[torch.float32])
+
+
+BAD = {
+    "both": (lambda d: reference.RelativeBias(table=torch.ones(4, 8, device=d), bias=torch.ones(4, 9, 9, device=d)),
+             ValueError, "exactly one of"),
+    "table-heads": (lambda d: reference.RelativeBias(table=torch.ones(3, 8, device=d)), ValueError, "rel_bias.table"),
+    "buckets": (lambda d: reference.RelativeBias(table=torch.ones(4, 1, device=d)), ValueError, "num_buckets >= 2"),
+    "max-distance": (lambda d: reference.RelativeBias(table=torch.ones(4, 32, device=d), max_distance=0), ValueError,
+                     "max_distance"),
+    "bias-short": (lambda d: reference.RelativeBias(bias=torch.ones(4, 5, 5, device=d)), ValueError, "L >= 9"),
+    "bias-int": (lambda d: reference.RelativeBias(bias=torch.ones(4, 9, 9, dtype=torch.int32, device=d)), TypeError,
+                 "floating-point"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("case", BAD)
+def test_relative_bias_bad_input(case, impl, device):
+    make, exc, match = BAD[case]
+    q = torch.randn(2, 9, 4, 16, device=device)
+    fn = reference.attention if impl == "reference" else fast.attention
+    with pytest.raises(exc, match=match):
+        fn(q, q, q, rel_bias=make(device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["implicit", "regular"])
+def test_gpu_relative_bias(mode):
+    q = torch.randn(2, 1024, 16, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    rel = _regular(16, 1024, "cuda") if mode == "regular" else reference.RelativeBias(
+        table=torch.randn(16, 32, device="cuda"), max_distance=128)  # fmt: skip
+    kw = dict(rel_bias=rel, q_scaling=64**-0.5)
+    assert_close("prefill", reference.attention(q.float(), k.float(), v.float(), **kw), fast.attention(q, k, v, **kw),
+                 TOL[torch.bfloat16])  # fmt: skip

@@ -13,6 +13,38 @@ from dataclasses import dataclass
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# quantized KV-cache storage: symmetric INT8 (values in [-127, 127]) and FP8 e4m3 (saturating at +-448)
+QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+QUANT_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def check_kv_scales(k_cache, k_scale, v_scale, num_heads_kv):
+    """Checks the dequantization scales of a quantized cache (``x ≈ stored · scale``).
+
+    Returns:
+        float32 ``(k_scale, v_scale)``, each ``[Hkv]`` (a per-tensor ``[1]`` scale is expanded), or
+        ``(None, None)`` for an unquantized cache.
+    """
+    quantized = k_cache.dtype in QUANT_DTYPES
+    if not quantized:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale/v_scale apply to int8 or float8_e4m3fn caches, not {k_cache.dtype}")
+        return None, None
+    out = []
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(f"a {k_cache.dtype} cache needs {name} (the dequantization scale)")
+        if not isinstance(scale, torch.Tensor) or not scale.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point torch.Tensor")
+        if scale.shape not in ((1,), (num_heads_kv,)) or scale.device != k_cache.device:
+            raise ValueError(
+                f"{name} must be [1] or [Hkv={num_heads_kv}] on {k_cache.device}, got {tuple(scale.shape)} on "
+                f"{scale.device}"
+            )
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise ValueError(f"{name} must be positive and finite, got {scale.tolist()}")
+        out.append(scale.float().expand(num_heads_kv).contiguous())
+    return out[0], out[1]
 
 
 @dataclass(frozen=True)
@@ -322,6 +354,8 @@ class DecodeArgs:
         alibi_slopes: as in `AttentionArgs`.
         alibi_with_scale: as in `AttentionArgs`.
         rel_bias: as in `AttentionArgs`.
+        k_scale: float32 ``[Hkv]`` dequantization scales of a quantized cache, else None.
+        v_scale: likewise for V.
     """
 
     batch: int
@@ -340,6 +374,8 @@ class DecodeArgs:
     alibi_slopes: torch.Tensor | None = None
     alibi_with_scale: bool = False
     rel_bias: object | None = None
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
     @property
     def group_size(self) -> int:
@@ -361,6 +397,8 @@ def check_decode(
     alibi_slopes=None,
     alibi_mode="alibi",
     rel_bias=None,
+    k_scale=None,
+    v_scale=None,
     num_splits=None,
     validate=True,
     dtypes=FLOAT_DTYPES,
@@ -374,11 +412,13 @@ def check_decode(
         TypeError: a tensor of the wrong type or dtype.
         ValueError: wrong ranks or shapes, mismatched devices, lengths or block indices out of range.
     """
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_tensor(name, x, dtypes)
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    _check_tensor("q", q, dtypes)
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, x, dtypes + QUANT_DTYPES)
+    if v_cache.dtype != k_cache.dtype or (k_cache.dtype != q.dtype and k_cache.dtype not in QUANT_DTYPES):
         raise TypeError(
-            f"k_cache and v_cache must have q's dtype {q.dtype}, got k_cache={k_cache.dtype}, v_cache={v_cache.dtype}"
+            f"k_cache and v_cache must have q's dtype {q.dtype} (or be an int8/float8_e4m3fn quantized cache), "
+            f"got k_cache={k_cache.dtype}, v_cache={v_cache.dtype}"
         )
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         if x.device != q.device:
@@ -452,6 +492,7 @@ def check_decode(
     scale, left, right, softcap = _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap)
     slopes = _check_alibi(alibi_slopes, alibi_mode, batch, num_heads_q, q.device)
     rel_bias = _check_rel_bias(rel_bias, num_heads_q, max_seqlen_k if validate else capacity, q.device)
+    k_scale, v_scale = check_kv_scales(k_cache, k_scale, v_scale, num_heads_kv)
     return DecodeArgs(
         batch=batch,
         seqlen_q=seqlen_q,
@@ -469,6 +510,8 @@ def check_decode(
         alibi_slopes=slopes,
         alibi_with_scale=alibi_mode == "alibi_with_scale",
         rel_bias=rel_bias,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
 
 
@@ -483,6 +526,8 @@ class AppendArgs:
             of the packed input, or ``new_bounds[b+1] - new_bounds[b]`` tokens of row ``b`` when padded.
         block_size: tokens per block (paged) or the cache length (contiguous).
         capacity: most tokens one sequence's cache can hold.
+        k_scale: float32 ``[Hkv]`` dequantization scales of a quantized cache, else None.
+        v_scale: likewise for V.
     """
 
     batch: int
@@ -490,9 +535,13 @@ class AppendArgs:
     new_bounds: list[int]
     block_size: int
     capacity: int
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
-def check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new=None, block_table=None) -> AppendArgs:
+def check_append(
+    k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new=None, block_table=None, k_scale=None, v_scale=None
+) -> AppendArgs:
     """Validates an append before anything is written, so a rejected call leaves the cache untouched.
 
     Raises:
@@ -500,15 +549,21 @@ def check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new=N
         ValueError: mismatched shapes or devices, a sequence that would outgrow its cache, or a block the
             append would write that lies outside the pool.
     """
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, x, FLOAT_DTYPES + QUANT_DTYPES)
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
         _check_tensor(name, x)
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
         raise ValueError(
             f"k_cache and v_cache must be 4-D and of one shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
+    if v_new.dtype != k_new.dtype:
+        raise TypeError(f"v_new must have k_new's dtype {k_new.dtype}, got {v_new.dtype}")
+    if k_cache.dtype not in QUANT_DTYPES and k_new.dtype != k_cache.dtype:
+        raise TypeError(f"k_new must have k_cache's dtype {k_cache.dtype}, got {k_new.dtype}")
     for name, x in (("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
-        if x.dtype != k_cache.dtype:
-            raise TypeError(f"{name} must have k_cache's dtype {k_cache.dtype}, got {x.dtype}")
         if x.device != k_cache.device:
             raise ValueError(f"{name} must be on k_cache's device {k_cache.device}, got {x.device}")
     if k_new.shape != v_new.shape:
@@ -569,7 +624,11 @@ def check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new=N
             bad = [x for x in used if x < 0 or x >= pool]
             if bad:
                 raise ValueError(f"block_table[{b}] points outside the pool of {pool} blocks: {bad}")
-    return AppendArgs(batch=batch, packed=packed, new_bounds=bounds, block_size=block_size, capacity=capacity)
+    k_scale, v_scale = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2])
+    return AppendArgs(
+        batch=batch, packed=packed, new_bounds=bounds, block_size=block_size, capacity=capacity, k_scale=k_scale,
+        v_scale=v_scale,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

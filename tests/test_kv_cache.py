@@ -72,7 +72,7 @@ def test_rejected_append_leaves_cache_untouched(impl, device):
         IMPLS[impl](k_cache, v_cache, k_new, k_new, starts, block_table=table)
     with pytest.raises(ValueError, match="over the cache capacity 8"):
         IMPLS[impl](k_cache, v_cache, k_new, k_new, starts + 5, block_table=table)
-    with pytest.raises(TypeError, match="v_new must have k_cache's dtype"):
+    with pytest.raises(TypeError, match="v_new must have k_new's dtype"):
         IMPLS[impl](k_cache, v_cache, k_new, k_new.half(), starts, block_table=table[:, :1])
     assert torch.equal(k_cache, before)
 

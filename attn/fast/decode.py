@@ -26,6 +26,7 @@ import triton.language as tl
 from ..checks import check_decode
 from ._triton import autotune_enabled, is_interpreter, next_power_of_2
 from .attention import LOG2E, _tanh, relative_bias_operands
+from .kv_cache import quant_code
 
 CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -54,7 +55,7 @@ def _keep(configs, named_args, **kwargs):
 )
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seqlens_ptr, block_table_ptr, alibi_ptr, stride_ab, stride_ah,
-    rel_ptr, stride_rh, stride_rm, rel_md,
+    rel_ptr, stride_rh, stride_rm, rel_md, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -65,7 +66,7 @@ def _decode_kernel(
     qk_scale, cap_log2, window_left, window_right, tune_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr, QUANT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
@@ -105,6 +106,9 @@ def _decode_kernel(
         hi = tl.minimum(hi, seqlen_q - 1 + diag + window_right + 1)
 
     rel_rows = rel_ptr + head.to(tl.int64) * stride_rh
+    if QUANT != 0:
+        k_scale = tl.load(k_scale_ptr + h_kv)
+        v_scale = tl.load(v_scale_ptr + h_kv)
     k_head = k_ptr + h_kv.to(tl.int64) * stride_kh
     v_head = v_ptr + h_kv.to(tl.int64) * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -124,8 +128,14 @@ def _decode_kernel(
         kv_mask = key_valid[:, None] & d_mask[None, :]
         # [BLOCK_N, HEAD_DIM_PAD]
         k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if QUANT != 0:
+            # int8 and e4m3 values are exact in fp16/bf16: the products see the stored values, and the scale
+            # multiplies the scores instead of every element
+            k = k.to(q_ptr.dtype.element_ty)
         # [BLOCK_M, BLOCK_N], in log2 units
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if QUANT != 0:
+            qk = qk * k_scale
         if HAS_ALIBI:
             rel = (offs_n[None, :] - (tok[:, None] + diag)).to(tl.float32)
             if ALIBI_WITH_SCALE:
@@ -163,12 +173,17 @@ def _decode_kernel(
         acc = acc * alpha[:, None]
         # [BLOCK_N, HEAD_DIM_PAD]
         v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if QUANT != 0:
+            v = v.to(q_ptr.dtype.element_ty)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+    if QUANT != 0:
+        # the output is linear in V: its scale applies once, here
+        out = out * v_scale
     o_rows = o_ptr + b64 * stride_ob + tok * stride_om + head * stride_oh + split * stride_os
     o_mask = row_valid[:, None] & d_mask[None, :]
     tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=o_mask)
@@ -268,6 +283,8 @@ def decode(
     alibi_slopes: torch.Tensor | None = None,
     alibi_mode: str = "alibi",
     rel_bias=None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
     validate: bool = True,
@@ -278,7 +295,7 @@ def decode(
     Args:
         q: ``[B, Sq, Hq, D]``, the new tokens' queries (``Sq`` is 1 for plain decoding).
         k_cache: contiguous ``[B, max_len, Hkv, D]`` or paged pool ``[num_blocks, block_size, Hkv, D]``;
-            q's dtype, unit stride along D.
+            q's dtype, or int8 / float8_e4m3fn with ``k_scale`` and ``v_scale``; unit stride along D.
         v_cache: same shape and dtype as ``k_cache``.
         cache_seqlens: int32 ``[B]``, tokens in each sequence's cache, the new ones included.
         block_table: int32 ``[B, max_blocks]`` mapping logical blocks to pool blocks; None for contiguous.
@@ -290,6 +307,9 @@ def decode(
         alibi_slopes: ALiBi slopes, float ``[Hq]`` or ``[B, Hq]``, computed into the scores in the kernel.
         alibi_mode: ``"alibi"`` or ``"alibi_with_scale"``, as in `attn.reference.attention`.
         rel_bias: a T5 ``RelativeBias``, as in `attn.fast.attention`.
+        k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``;
+            folded into the scores.
+        v_scale: likewise for V; folded into the output.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: multi-block mode: 1 turns it off, n > 1 forces n parts per cache, None chooses from
             ``B·Hkv``, the lengths and the SM count (`choose_num_splits`).
@@ -302,8 +322,8 @@ def decode(
     args = check_decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-        alibi_mode=alibi_mode, rel_bias=rel_bias, num_splits=num_splits, validate=validate,
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, num_splits=num_splits,
+        validate=validate, dtypes=(torch.float16, torch.bfloat16, torch.float32),
     )  # fmt: skip
     if args.head_dim > 256:
         raise ValueError(f"q's head dim must be at most 256 for the decode kernel, got {args.head_dim}")
@@ -346,13 +366,14 @@ def decode(
         l_strides = (l_dst.stride(0), l_dst.stride(1), l_dst.stride(2), l_dst.stride(3))
 
     rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias, cache_seqlens)
+    quant = quant_code(k_cache.dtype)
     bt = block_table if block_table is not None else cache_seqlens
     bt_stride = block_table.stride(0) if block_table is not None else 0
     kw = dict(
         GROUP=group, HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, IS_PAGED=args.paged,
         HAS_WINDOW_LEFT=args.window_left >= 0, HAS_WINDOW_RIGHT=args.window_right >= 0,
         HAS_SOFTCAP=args.softcap > 0, HAS_ALIBI=args.alibi_slopes is not None,
-        ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode,
+        ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode, QUANT=quant,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
     )  # fmt: skip
     if autotune_enabled():
@@ -370,6 +391,7 @@ def decode(
         args.alibi_slopes if args.alibi_slopes is not None else cache_seqlens,
         *(args.alibi_slopes.stride() if args.alibi_slopes is not None else (0, 0)),
         rel_t, *rel_strides, rel_md,
+        args.k_scale if quant else cache_seqlens, args.v_scale if quant else cache_seqlens,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

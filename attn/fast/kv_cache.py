@@ -17,13 +17,35 @@ from ..layout import new_token_positions
 from ._triton import is_interpreter, next_power_of_2
 
 
+@triton.jit
+def _round_to_e4m3(y):
+    # Round-to-nearest-even onto the e4m3 grid in float32 arithmetic, so the cast that follows is exact. The
+    # cast alone would do this on the GPU, but Triton's interpreter mis-rounds values whose rounding carries
+    # into the exponent (-125.9 became -64, not -128), and the CPU tests must see the GPU's bytes.
+    bits = y.to(tl.int32, bitcast=True)
+    # normal numbers: keep 3 of float32's 23 mantissa bits, ties to even, carries into the exponent allowed
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+    normal = bits.to(tl.float32, bitcast=True)
+    # subnormals (below 2^-6) sit on a fixed grid of 2^-9: adding 1.5·2^14 makes float32 round onto it
+    subnormal = (y + 24576.0) - 24576.0
+    return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _quantize(y, QUANT: tl.constexpr):
+    if QUANT == 1:
+        return tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0).to(tl.int8)
+    return _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(tl.float8e4nv)
+
+
 @triton.jit(do_not_specialize=["num_tokens", "block_size"])
 def _append_kernel(
     k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr,
-    tok_seq_ptr, tok_pos_ptr, block_table_ptr,
+    tok_seq_ptr, tok_pos_ptr, block_table_ptr, k_inv_ptr, v_inv_ptr,
     stride_nt, stride_nh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_bt,
     num_tokens, block_size,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(1).to(tl.int64)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -44,10 +66,19 @@ def _append_kernel(
     # [BLOCK_T, HEAD_DIM_PAD]
     k = tl.load(k_new_ptr + src, mask=mask)
     v = tl.load(v_new_ptr + src, mask=mask)
+    if QUANT != 0:
+        # x / scale as x times the float32 reciprocal, then INT8's floor(y + 0.5) or FP8's saturating cast
+        k = _quantize(k.to(tl.float32) * tl.load(k_inv_ptr + h), QUANT)
+        v = _quantize(v.to(tl.float32) * tl.load(v_inv_ptr + h), QUANT)
     k_dst = (row * stride_kb + slot * stride_kn)[:, None] + h * stride_kh + offs_d[None, :]
     v_dst = (row * stride_vb + slot * stride_vn)[:, None] + h * stride_vh + offs_d[None, :]
     tl.store(k_cache_ptr + k_dst, k, mask=mask)
     tl.store(v_cache_ptr + v_dst, v, mask=mask)
+
+
+def quant_code(dtype: torch.dtype) -> int:
+    """The kernels' QUANT flag: 0 for an unquantized cache, 1 for INT8, 2 for FP8 e4m3."""
+    return {torch.int8: 1, torch.float8_e4m3fn: 2}.get(dtype, 0)
 
 
 def append_kv(
@@ -59,6 +90,8 @@ def append_kv(
     *,
     cu_seqlens_new: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Writes new tokens' K/V after each sequence's cached tokens, in place.
 
@@ -70,12 +103,15 @@ def append_kv(
         cache_seqlens: int32 ``[B]``, tokens already cached per sequence (not updated here).
         cu_seqlens_new: int32 ``[B+1]`` prefix sums of the new tokens per sequence (packed ``k_new``).
         block_table: int32 ``[B, max_blocks]`` for a paged pool, else None.
+        k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale ``[1]`` or ``[Hkv]``: new keys
+            are quantized with it in the kernel.
+        v_scale: likewise for V.
 
     Raises:
         ValueError: a sequence would outgrow its cache, or a block it writes to is outside the pool. Nothing
             is written then.
     """
-    args = check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table)
+    args = check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table, k_scale, v_scale)
     if k_cache.device.type != "cuda" and not is_interpreter():
         raise ValueError(f"k_cache must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {k_cache.device}")
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -91,13 +127,17 @@ def append_kv(
         return
     tok_seq, tok_pos = new_token_positions(args.new_bounds, cache_seqlens)
     bt = block_table if block_table is not None else tok_seq
+    quant = quant_code(k_cache.dtype)
+    # reciprocals computed here, once, as the reference computes them
+    k_inv = 1.0 / args.k_scale if quant else tok_seq
+    v_inv = 1.0 / args.v_scale if quant else tok_seq
     block_t = 16 if is_interpreter() else 32
     _append_kernel[(triton.cdiv(num_tokens, block_t), hkv)](
-        k_flat, v_flat, k_cache, v_cache, tok_seq, tok_pos, bt,
+        k_flat, v_flat, k_cache, v_cache, tok_seq, tok_pos, bt, k_inv, v_inv,
         k_flat.stride(0), k_flat.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0) if block_table is not None else 0,
         num_tokens, args.block_size,
-        HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d), IS_PAGED=block_table is not None, BLOCK_T=block_t,
+        HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d), IS_PAGED=block_table is not None, QUANT=quant, BLOCK_T=block_t,
     )  # fmt: skip

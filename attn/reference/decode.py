@@ -18,6 +18,7 @@ import torch
 
 from ..checks import AttentionArgs, check_decode
 from .attention import _attend_one
+from .kv_quant import dequantize
 
 
 def gather_kv(cache: torch.Tensor, seqlen: int, b: int, block_table: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,6 +56,8 @@ def decode(
     alibi_slopes: torch.Tensor | None = None,
     alibi_mode: str = "alibi",
     rel_bias=None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
     validate: bool = True,
@@ -64,7 +67,7 @@ def decode(
     Args:
         q: ``[B, Sq, Hq, D]``, the new tokens' queries (``Sq`` is 1 for plain decoding).
         k_cache: contiguous ``[B, max_len, Hkv, D]`` or paged pool ``[num_blocks, block_size, Hkv, D]``;
-            q's dtype.
+            q's dtype, or int8 / float8_e4m3fn with ``k_scale`` and ``v_scale``.
         v_cache: same shape and dtype as ``k_cache``.
         cache_seqlens: int32 ``[B]``, tokens in each sequence's cache, the new ones included.
         block_table: int32 ``[B, max_blocks]`` mapping each sequence's logical blocks to pool blocks; None for
@@ -79,6 +82,8 @@ def decode(
         alibi_mode: ``"alibi"`` or ``"alibi_with_scale"``, as in `attn.reference.attention`.
         rel_bias: a T5 ``RelativeBias``, as in `attn.reference.attention` (the query sits at position
             ``L − Sq + i``).
+        k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``.
+        v_scale: likewise for V.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: how many parts the fast kernel splits each cache into (None: chosen automatically). The
             result does not depend on it; the reference accepts it to keep the signatures equal.
@@ -90,7 +95,8 @@ def decode(
     args = check_decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-        alibi_mode=alibi_mode, rel_bias=rel_bias, num_splits=num_splits, validate=validate,
+        alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, num_splits=num_splits,
+        validate=validate,
     )  # fmt: skip
     # the per-sequence attention of the context phase, with the cache's tokens as the keys
     opts = AttentionArgs(
@@ -105,6 +111,10 @@ def decode(
     for b, seqlen in enumerate(cache_seqlens.tolist()):
         k = gather_kv(k_cache, seqlen, b, block_table)
         v = gather_kv(v_cache, seqlen, b, block_table)
+        if args.k_scale is not None:
+            # the quantized cache means what it dequantizes to
+            dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            k, v = dequantize(k, args.k_scale, dtype), dequantize(v, args.v_scale, dtype)
         o, l = _attend_one(q[b], k, v, opts, b)
         out[b] = o.to(q.dtype)
         lse[b] = l.float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import check_append
+from .kv_quant import quantize
 
 
 def slot_of(position: int, b: int, block_size: int, block_table: torch.Tensor | None) -> tuple[int, int]:
@@ -28,6 +29,8 @@ def append_kv(
     *,
     cu_seqlens_new: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Writes new tokens' K/V after each sequence's cached tokens, in place.
 
@@ -41,17 +44,23 @@ def append_kv(
             updated here: the caller owns the lengths.
         cu_seqlens_new: int32 ``[B+1]`` prefix sums of the new tokens per sequence (packed ``k_new``).
         block_table: int32 ``[B, max_blocks]`` for a paged pool, else None.
+        k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``:
+            new keys are quantized with it as they are written.
+        v_scale: likewise for V.
 
     Raises:
         ValueError: a sequence would outgrow its cache, or a block it writes to is outside the pool. Nothing
             is written then.
     """
-    args = check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table)
+    args = check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table, k_scale, v_scale)
     starts = cache_seqlens.tolist()
     for b in range(args.batch):
         lo, hi = args.new_bounds[b], args.new_bounds[b + 1]
         for i in range(hi - lo):
             src = lo + i if args.packed else (b, i)
             row, slot = slot_of(starts[b] + i, b, args.block_size, block_table)
-            k_cache[row, slot] = k_new[src]
-            v_cache[row, slot] = v_new[src]
+            k, v = k_new[src], v_new[src]  # [Hkv, D]
+            if args.k_scale is not None:
+                k, v = quantize(k, args.k_scale, k_cache.dtype), quantize(v, args.v_scale, v_cache.dtype)
+            k_cache[row, slot] = k
+            v_cache[row, slot] = v

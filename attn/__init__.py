@@ -8,6 +8,7 @@ from . import kv_cache, layout, reference
 from .fast import append_kv, attention, attention_unfused, decode, preprocess
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
 from .reference.alibi import alibi_slopes
+from .reference.kv_quant import calibrate_kv_scales
 from .reference.preprocess import RopeScaling
 from .reference.relative_bias import RelativeBias
 
@@ -22,6 +23,7 @@ __all__ = [
     "append_kv",
     "attention",
     "attention_unfused",
+    "calibrate_kv_scales",
     "decode",
     "fast",
     "kv_cache",

@@ -4,6 +4,7 @@ from .alibi import alibi_slopes
 from .attention import alibi_bias, attention, attention_mask, attention_unfused
 from .decode import decode, gather_kv
 from .kv_cache import append_kv, slot_of
+from .kv_quant import calibrate_kv_scales, dequantize, quantize
 from .preprocess import RopeScaling, apply_rope, preprocess, rope_cos_sin, rope_inv_freq
 from .relative_bias import RelativeBias, relative_bias_matrix, t5_bucket
 
@@ -17,9 +18,12 @@ __all__ = [
     "attention",
     "attention_mask",
     "attention_unfused",
+    "calibrate_kv_scales",
+    "dequantize",
     "decode",
     "gather_kv",
     "preprocess",
+    "quantize",
     "relative_bias_matrix",
     "rope_cos_sin",
     "rope_inv_freq",

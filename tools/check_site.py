@@ -43,6 +43,7 @@ PAGES = [
     ("lessons/06_alibi.html", 20),
     ("lessons/07_rope.html", 20),
     ("lessons/08_relative_bias.html", 10),
+    ("lessons/09_kv_quantization.html", 10),
     ("api/reference.html", 0),
     ("api/kv_cache.html", 0),
     ("benchmarks.html", 0),

@@ -233,6 +233,16 @@ def _check_rel_bias(rel, num_heads_q, max_position, device):
     return rel
 
 
+def _check_cyclic(max_attention_window, capacity):
+    """A cyclic cache's size N (TensorRT-LLM's ``max_attention_window_size``): an int in [1, capacity]."""
+    if max_attention_window is None:
+        return None
+    n = max_attention_window
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= capacity:
+        raise ValueError(f"max_attention_window must be an int in [1, {capacity}] (the cache capacity), got {n!r}")
+    return n
+
+
 def check_attention(
     q,
     k,
@@ -356,6 +366,7 @@ class DecodeArgs:
         rel_bias: as in `AttentionArgs`.
         k_scale: float32 ``[Hkv]`` dequantization scales of a quantized cache, else None.
         v_scale: likewise for V.
+        max_attention_window: the size N of a cyclic cache (token t in slot t mod N), else None.
     """
 
     batch: int
@@ -376,6 +387,7 @@ class DecodeArgs:
     rel_bias: object | None = None
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+    max_attention_window: int | None = None
 
     @property
     def group_size(self) -> int:
@@ -399,6 +411,7 @@ def check_decode(
     rel_bias=None,
     k_scale=None,
     v_scale=None,
+    max_attention_window=None,
     num_splits=None,
     validate=True,
     dtypes=FLOAT_DTYPES,
@@ -469,16 +482,21 @@ def check_decode(
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
 
+    window = _check_cyclic(max_attention_window, capacity)
+    if window is not None and getattr(rel_bias, "bias", None) is not None:
+        raise ValueError("rel_bias in regular mode indexes absolute positions; it cannot read a cyclic cache")
     max_seqlen_k = 0
     if validate:
         lens = cache_seqlens.tolist()
-        bad = [x for x in lens if x < 0 or x > capacity]
+        # a cyclic cache keeps counting tokens past its size: only the last `window` are still stored
+        bad = [x for x in lens if x < 0 or (window is None and x > capacity)]
         if bad:
             raise ValueError(f"cache_seqlens entries must lie in [0, {capacity}] (the cache capacity), got {bad}")
         max_seqlen_k = max(lens) if lens else 0
         if paged and batch:
             # only the blocks that hold tokens are read; those must all lie inside the pool
-            used = (torch.arange(block_table.shape[1], device=q.device)[None, :] * page_size) < cache_seqlens[:, None]
+            stored = cache_seqlens if window is None else cache_seqlens.clamp(max=window)
+            used = (torch.arange(block_table.shape[1], device=q.device)[None, :] * page_size) < stored[:, None]
             entries = block_table[used]
             if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= k_cache.shape[0]):
                 raise ValueError(
@@ -512,6 +530,7 @@ def check_decode(
         rel_bias=rel_bias,
         k_scale=k_scale,
         v_scale=v_scale,
+        max_attention_window=window,
     )
 
 
@@ -528,6 +547,7 @@ class AppendArgs:
         capacity: most tokens one sequence's cache can hold.
         k_scale: float32 ``[Hkv]`` dequantization scales of a quantized cache, else None.
         v_scale: likewise for V.
+        max_attention_window: the size N of a cyclic cache (token t in slot t mod N), else None.
     """
 
     batch: int
@@ -537,11 +557,13 @@ class AppendArgs:
     capacity: int
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+    max_attention_window: int | None = None
 
 
 def check_append(
-    k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new=None, block_table=None, k_scale=None, v_scale=None
-) -> AppendArgs:
+    k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new=None, block_table=None, k_scale=None, v_scale=None,
+    max_attention_window=None,
+) -> AppendArgs:  # fmt: skip
     """Validates an append before anything is written, so a rejected call leaves the cache untouched.
 
     Raises:
@@ -608,26 +630,33 @@ def check_append(
             raise ValueError(f"k_cache's batch ({k_cache.shape[0]}) must equal cache_seqlens' ({batch})")
         block_size = capacity = k_cache.shape[1]
 
+    window = _check_cyclic(max_attention_window, capacity)
     starts = cache_seqlens.tolist()
     for b, (start, n) in enumerate(zip(starts, counts)):
-        if start < 0 or start + n > capacity:
+        if window is None and (start < 0 or start + n > capacity):
             raise ValueError(
                 f"sequence {b} would hold {start + n} tokens (cache_seqlens={start} + {n} new), "
                 f"over the cache capacity {capacity}"
+            )
+        if window is not None and (start < 0 or n > window):
+            raise ValueError(
+                f"sequence {b} appends {n} tokens to a cyclic cache of {window} slots (at most {window} at once), "
+                f"from cache_seqlens={start}"
             )
     if block_table is not None:
         pool = k_cache.shape[0]
         for b, (start, n) in enumerate(zip(starts, counts)):
             if n == 0:
                 continue
-            used = block_table[b, start // block_size : (start + n - 1) // block_size + 1].tolist()
+            slots = range(start, start + n) if window is None else {t % window for t in range(start, start + n)}
+            used = block_table[b, sorted({t // block_size for t in slots})].tolist()
             bad = [x for x in used if x < 0 or x >= pool]
             if bad:
                 raise ValueError(f"block_table[{b}] points outside the pool of {pool} blocks: {bad}")
     k_scale, v_scale = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2])
     return AppendArgs(
         batch=batch, packed=packed, new_bounds=bounds, block_size=block_size, capacity=capacity, k_scale=k_scale,
-        v_scale=v_scale,
+        v_scale=v_scale, max_attention_window=window,
     )  # fmt: skip
 
 

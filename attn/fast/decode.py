@@ -62,9 +62,10 @@ def _decode_kernel(
     stride_bt,
     stride_ob, stride_om, stride_oh, stride_os,
     stride_lb, stride_lm, stride_lh, stride_ls,
-    num_heads_kv, seqlen_q, page_size, num_splits,
+    num_heads_kv, seqlen_q, page_size, num_splits, cyclic_n,
     qk_scale, cap_log2, window_left, window_right, tune_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
+    CYCLIC: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr, QUANT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -94,9 +95,13 @@ def _decode_kernel(
         # [BLOCK_M]: each packed row belongs to its own query head, so each has its own slope
         slope = tl.load(alibi_ptr + b64 * stride_ab + head * stride_ah, mask=row_valid, other=0.0)
 
-    # this program's chunk of the cache, tile-aligned so that splits never share a tile
-    chunk = tl.cdiv(tl.cdiv(seqlen_k, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * chunk
+    # the tokens still stored: all of them, or a cyclic cache's last cyclic_n
+    first = seqlen_k * 0
+    if CYCLIC:
+        first = tl.maximum(seqlen_k - cyclic_n, 0)
+    # this program's chunk of them, tile-aligned so that splits never share a tile
+    chunk = tl.cdiv(tl.cdiv(seqlen_k - first, num_splits), BLOCK_N) * BLOCK_N
+    lo = first + split * chunk
     hi = tl.minimum(lo + chunk, seqlen_k)
     # bottom-right alignment: new token i sits on key diag + i
     diag = seqlen_k - seqlen_q
@@ -117,14 +122,16 @@ def _decode_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = offs_n < hi
+        # token position -> its slot in the sequence's cache (a cyclic cache wraps around)
+        slot = offs_n % cyclic_n if CYCLIC else offs_n
         if IS_PAGED:
-            # logical token -> (pool block, slot); entries were validated against the pool on the host
-            block = tl.load(block_table_ptr + b64 * stride_bt + offs_n // page_size, mask=key_valid, other=0)
-            k_off = block.to(tl.int64) * stride_kb + (offs_n % page_size) * stride_kn
-            v_off = block.to(tl.int64) * stride_vb + (offs_n % page_size) * stride_vn
+            # slot -> (pool block, row); entries were validated against the pool on the host
+            block = tl.load(block_table_ptr + b64 * stride_bt + slot // page_size, mask=key_valid, other=0)
+            k_off = block.to(tl.int64) * stride_kb + (slot % page_size) * stride_kn
+            v_off = block.to(tl.int64) * stride_vb + (slot % page_size) * stride_vn
         else:
-            k_off = b64 * stride_kb + offs_n.to(tl.int64) * stride_kn
-            v_off = b64 * stride_vb + offs_n.to(tl.int64) * stride_vn
+            k_off = b64 * stride_kb + slot.to(tl.int64) * stride_kn
+            v_off = b64 * stride_vb + slot.to(tl.int64) * stride_vn
         kv_mask = key_valid[:, None] & d_mask[None, :]
         # [BLOCK_N, HEAD_DIM_PAD]
         k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -285,6 +292,7 @@ def decode(
     rel_bias=None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    max_attention_window: int | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
     validate: bool = True,
@@ -310,6 +318,7 @@ def decode(
         k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``;
             folded into the scores.
         v_scale: likewise for V; folded into the output.
+        max_attention_window: the cache is cyclic with this many slots, as in `attn.reference.decode`.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: multi-block mode: 1 turns it off, n > 1 forces n parts per cache, None chooses from
             ``B·Hkv``, the lengths and the SM count (`choose_num_splits`).
@@ -322,8 +331,9 @@ def decode(
     args = check_decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-        alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, num_splits=num_splits,
-        validate=validate, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale,
+        max_attention_window=max_attention_window, num_splits=num_splits, validate=validate,
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
     )  # fmt: skip
     if args.head_dim > 256:
         raise ValueError(f"q's head dim must be at most 256 for the decode kernel, got {args.head_dim}")
@@ -345,6 +355,8 @@ def decode(
     if num_splits is None:
         sms = 132 if is_interpreter() else _num_sms(q.device.index or 0)
         max_len = args.max_seqlen_k if validate else args.capacity
+        if max_attention_window is not None:
+            max_len = min(max_len, max_attention_window)
         num_splits = choose_num_splits(bsz, args.num_heads_kv, max_len, sms)
     group = args.group_size
     block_m = max(16, next_power_of_2(sq * group))
@@ -371,6 +383,7 @@ def decode(
     bt_stride = block_table.stride(0) if block_table is not None else 0
     kw = dict(
         GROUP=group, HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, IS_PAGED=args.paged,
+        CYCLIC=max_attention_window is not None,
         HAS_WINDOW_LEFT=args.window_left >= 0, HAS_WINDOW_RIGHT=args.window_right >= 0,
         HAS_SOFTCAP=args.softcap > 0, HAS_ALIBI=args.alibi_slopes is not None,
         ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode, QUANT=quant,
@@ -396,7 +409,7 @@ def decode(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt_stride, *o_strides, *l_strides,
-        args.num_heads_kv, sq, args.page_size, num_splits,
+        args.num_heads_kv, sq, args.page_size, num_splits, max_attention_window or 1,
         qk_scale, cap_log2, args.window_left, args.window_right,
         next_power_of_2(max(args.max_seqlen_k if validate else args.capacity, 1)),
         **kw,

@@ -38,13 +38,14 @@ def _quantize(y, QUANT: tl.constexpr):
     return _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(tl.float8e4nv)
 
 
-@triton.jit(do_not_specialize=["num_tokens", "block_size"])
+@triton.jit(do_not_specialize=["num_tokens", "block_size", "cyclic_n"])
 def _append_kernel(
     k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr,
     tok_seq_ptr, tok_pos_ptr, block_table_ptr, k_inv_ptr, v_inv_ptr,
     stride_nt, stride_nh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_bt,
-    num_tokens, block_size,
+    num_tokens, block_size, cyclic_n,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
+    CYCLIC: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(1).to(tl.int64)
@@ -55,6 +56,9 @@ def _append_kernel(
     # [BLOCK_T]: which sequence each new token belongs to, and its position in that sequence
     seq = tl.load(tok_seq_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
     pos = tl.load(tok_pos_ptr + offs_t, mask=t_mask, other=0)
+    if CYCLIC:
+        # a cyclic cache: token t overwrites token t - N in slot t mod N
+        pos = pos % cyclic_n
     if IS_PAGED:
         # entries were checked against the pool on the host before this launch
         row = tl.load(block_table_ptr + seq * stride_bt + pos // block_size, mask=t_mask, other=0).to(tl.int64)
@@ -92,6 +96,7 @@ def append_kv(
     block_table: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    max_attention_window: int | None = None,
 ) -> None:
     """Writes new tokens' K/V after each sequence's cached tokens, in place.
 
@@ -106,12 +111,16 @@ def append_kv(
         k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale ``[1]`` or ``[Hkv]``: new keys
             are quantized with it in the kernel.
         v_scale: likewise for V.
+        max_attention_window: makes the cache cyclic with this many slots (token ``t`` in slot ``t mod N``).
 
     Raises:
         ValueError: a sequence would outgrow its cache, or a block it writes to is outside the pool. Nothing
             is written then.
     """
-    args = check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table, k_scale, v_scale)
+    args = check_append(
+        k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table, k_scale, v_scale,
+        max_attention_window,
+    )  # fmt: skip
     if k_cache.device.type != "cuda" and not is_interpreter():
         raise ValueError(f"k_cache must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {k_cache.device}")
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -138,6 +147,7 @@ def append_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0) if block_table is not None else 0,
-        num_tokens, args.block_size,
-        HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d), IS_PAGED=block_table is not None, QUANT=quant, BLOCK_T=block_t,
+        num_tokens, args.block_size, max_attention_window or 1,
+        CYCLIC=max_attention_window is not None, HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d),
+        IS_PAGED=block_table is not None, QUANT=quant, BLOCK_T=block_t,
     )  # fmt: skip

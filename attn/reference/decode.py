@@ -21,8 +21,11 @@ from .attention import _attend_one
 from .kv_quant import dequantize
 
 
-def gather_kv(cache: torch.Tensor, seqlen: int, b: int, block_table: torch.Tensor | None = None) -> torch.Tensor:
-    """The first ``seqlen`` cached tokens of sequence ``b``, in order.
+def gather_kv(
+    cache: torch.Tensor, seqlen: int, b: int, block_table: torch.Tensor | None = None, window: int | None = None
+) -> torch.Tensor:
+    """The cached tokens of sequence ``b``, in order: the first ``seqlen``, or for a cyclic cache of ``window``
+    slots the last ``min(seqlen, window)`` of them (token ``t`` in slot ``t mod window``).
 
     Args:
         cache: contiguous ``[B, max_len, Hkv, D]`` or a paged pool ``[num_blocks, block_size, Hkv, D]``.
@@ -33,9 +36,12 @@ def gather_kv(cache: torch.Tensor, seqlen: int, b: int, block_table: torch.Tenso
     Returns:
         ``[seqlen, Hkv, D]``.
     """
+    first = 0 if window is None else max(seqlen - window, 0)
+    t = torch.arange(first, seqlen, device=cache.device)
+    if window is not None:
+        t = t % window
     if block_table is None:
-        return cache[b, :seqlen]
-    t = torch.arange(seqlen, device=cache.device)
+        return cache[b, t]
     block_size = cache.shape[1]
     blocks = block_table[b, t // block_size].long()
     return cache[blocks, t % block_size]
@@ -58,6 +64,7 @@ def decode(
     rel_bias=None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    max_attention_window: int | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
     validate: bool = True,
@@ -84,6 +91,9 @@ def decode(
             ``L − Sq + i``).
         k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``.
         v_scale: likewise for V.
+        max_attention_window: the cache is cyclic with this many slots (see `append_kv`): the queries see the
+            last ``min(L, N)`` tokens, which is TensorRT-LLM's sliding window ``p − N < j <= p`` for the newest
+            token; combine with ``window_size`` for anything narrower.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: how many parts the fast kernel splits each cache into (None: chosen automatically). The
             result does not depend on it; the reference accepts it to keep the signatures equal.
@@ -95,8 +105,8 @@ def decode(
     args = check_decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-        alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, num_splits=num_splits,
-        validate=validate,
+        alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale,
+        max_attention_window=max_attention_window, num_splits=num_splits, validate=validate,
     )  # fmt: skip
     # the per-sequence attention of the context phase, with the cache's tokens as the keys
     opts = AttentionArgs(
@@ -109,8 +119,8 @@ def decode(
     out = torch.empty_like(q)
     lse = torch.empty(args.batch, args.num_heads_q, args.seqlen_q, dtype=torch.float32, device=q.device)
     for b, seqlen in enumerate(cache_seqlens.tolist()):
-        k = gather_kv(k_cache, seqlen, b, block_table)
-        v = gather_kv(v_cache, seqlen, b, block_table)
+        k = gather_kv(k_cache, seqlen, b, block_table, max_attention_window)
+        v = gather_kv(v_cache, seqlen, b, block_table, max_attention_window)
         if args.k_scale is not None:
             # the quantized cache means what it dequantizes to
             dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -31,6 +31,7 @@ def append_kv(
     block_table: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    max_attention_window: int | None = None,
 ) -> None:
     """Writes new tokens' K/V after each sequence's cached tokens, in place.
 
@@ -47,18 +48,27 @@ def append_kv(
         k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``:
             new keys are quantized with it as they are written.
         v_scale: likewise for V.
+        max_attention_window: makes the cache cyclic with this many slots (TensorRT-LLM's
+            ``max_attention_window_size``): token ``t`` goes to slot ``t mod N``, overwriting token ``t − N``.
+            ``cache_seqlens`` then counts every token ever appended.
 
     Raises:
         ValueError: a sequence would outgrow its cache, or a block it writes to is outside the pool. Nothing
             is written then.
     """
-    args = check_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table, k_scale, v_scale)
+    args = check_append(
+        k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table, k_scale, v_scale,
+        max_attention_window,
+    )  # fmt: skip
     starts = cache_seqlens.tolist()
     for b in range(args.batch):
         lo, hi = args.new_bounds[b], args.new_bounds[b + 1]
         for i in range(hi - lo):
             src = lo + i if args.packed else (b, i)
-            row, slot = slot_of(starts[b] + i, b, args.block_size, block_table)
+            position = starts[b] + i
+            if max_attention_window is not None:
+                position %= max_attention_window
+            row, slot = slot_of(position, b, args.block_size, block_table)
             k, v = k_new[src], v_new[src]  # [Hkv, D]
             if args.k_scale is not None:
                 k, v = quantize(k, args.k_scale, k_cache.dtype), quantize(v, args.v_scale, v_cache.dtype)

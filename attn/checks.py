@@ -367,6 +367,7 @@ class DecodeArgs:
         k_scale: float32 ``[Hkv]`` dequantization scales of a quantized cache, else None.
         v_scale: likewise for V.
         max_attention_window: the size N of a cyclic cache (token t in slot t mod N), else None.
+        cache_indirection: int32 ``[B, beam_width, max_len]`` for beam search, else None.
     """
 
     batch: int
@@ -388,6 +389,7 @@ class DecodeArgs:
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
     max_attention_window: int | None = None
+    cache_indirection: torch.Tensor | None = None
 
     @property
     def group_size(self) -> int:
@@ -412,6 +414,7 @@ def check_decode(
     k_scale=None,
     v_scale=None,
     max_attention_window=None,
+    cache_indirection=None,
     num_splits=None,
     validate=True,
     dtypes=FLOAT_DTYPES,
@@ -485,6 +488,18 @@ def check_decode(
     window = _check_cyclic(max_attention_window, capacity)
     if window is not None and getattr(rel_bias, "bias", None) is not None:
         raise ValueError("rel_bias in regular mode indexes absolute positions; it cannot read a cyclic cache")
+    if cache_indirection is not None:
+        if not isinstance(cache_indirection, torch.Tensor) or cache_indirection.dtype != torch.int32:
+            raise TypeError("cache_indirection must be an int32 torch.Tensor [B, beam_width, max_len]")
+        if cache_indirection.dim() != 3 or cache_indirection.shape[0] * cache_indirection.shape[1] != batch:
+            raise ValueError(
+                f"cache_indirection must be [B, beam_width, max_len] with B·beam_width = q's batch ({batch}), "
+                f"got {tuple(cache_indirection.shape)}"
+            )
+        if cache_indirection.device != q.device:
+            raise ValueError(f"cache_indirection must be on q's device {q.device}, got {cache_indirection.device}")
+        if window is not None:
+            raise ValueError("cache_indirection with a cyclic cache is not supported")
     max_seqlen_k = 0
     if validate:
         lens = cache_seqlens.tolist()
@@ -493,6 +508,19 @@ def check_decode(
         if bad:
             raise ValueError(f"cache_seqlens entries must lie in [0, {capacity}] (the cache capacity), got {bad}")
         max_seqlen_k = max(lens) if lens else 0
+        if cache_indirection is not None and batch:
+            if max_seqlen_k > cache_indirection.shape[2]:
+                raise ValueError(
+                    f"cache_indirection covers {cache_indirection.shape[2]} tokens, fewer than the longest "
+                    f"cache_seqlens entry ({max_seqlen_k})"
+                )
+            beam = cache_indirection.shape[1]
+            used = torch.arange(cache_indirection.shape[2], device=q.device)[None, :] < cache_seqlens.view(
+                -1, 1
+            )  # [B·beam, max_len]
+            entries = cache_indirection.reshape(batch, -1)[used]
+            if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= beam):
+                raise ValueError(f"cache_indirection entries in use must lie in [0, {beam}) (the beam width)")
         if paged and batch:
             # only the blocks that hold tokens are read; those must all lie inside the pool
             stored = cache_seqlens if window is None else cache_seqlens.clamp(max=window)
@@ -531,6 +559,7 @@ def check_decode(
         k_scale=k_scale,
         v_scale=v_scale,
         max_attention_window=window,
+        cache_indirection=cache_indirection,
     )
 
 

@@ -62,10 +62,10 @@ def _decode_kernel(
     stride_bt,
     stride_ob, stride_om, stride_oh, stride_os,
     stride_lb, stride_lm, stride_lh, stride_ls,
-    num_heads_kv, seqlen_q, page_size, num_splits, cyclic_n,
+    num_heads_kv, seqlen_q, page_size, num_splits, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
     qk_scale, cap_log2, window_left, window_right, tune_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
-    CYCLIC: tl.constexpr,
+    CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr, QUANT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -124,14 +124,22 @@ def _decode_kernel(
         key_valid = offs_n < hi
         # token position -> its slot in the sequence's cache (a cyclic cache wraps around)
         slot = offs_n % cyclic_n if CYCLIC else offs_n
+        if HAS_INDIRECTION:
+            # beam search: each token is read from the cache row of the beam the indirection names
+            request = b64 // beam_width
+            src = tl.load(ind_ptr + request * stride_ib + (b64 % beam_width) * stride_ibeam + offs_n,
+                          mask=key_valid, other=0)  # fmt: skip
+            seq_row = request * beam_width + src.to(tl.int64)
+        else:
+            seq_row = b64
         if IS_PAGED:
             # slot -> (pool block, row); entries were validated against the pool on the host
-            block = tl.load(block_table_ptr + b64 * stride_bt + slot // page_size, mask=key_valid, other=0)
+            block = tl.load(block_table_ptr + seq_row * stride_bt + slot // page_size, mask=key_valid, other=0)
             k_off = block.to(tl.int64) * stride_kb + (slot % page_size) * stride_kn
             v_off = block.to(tl.int64) * stride_vb + (slot % page_size) * stride_vn
         else:
-            k_off = b64 * stride_kb + slot.to(tl.int64) * stride_kn
-            v_off = b64 * stride_vb + slot.to(tl.int64) * stride_vn
+            k_off = seq_row * stride_kb + slot.to(tl.int64) * stride_kn
+            v_off = seq_row * stride_vb + slot.to(tl.int64) * stride_vn
         kv_mask = key_valid[:, None] & d_mask[None, :]
         # [BLOCK_N, HEAD_DIM_PAD]
         k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -293,6 +301,7 @@ def decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     max_attention_window: int | None = None,
+    cache_indirection: torch.Tensor | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
     validate: bool = True,
@@ -319,6 +328,8 @@ def decode(
             folded into the scores.
         v_scale: likewise for V; folded into the output.
         max_attention_window: the cache is cyclic with this many slots, as in `attn.reference.decode`.
+        cache_indirection: beam search, int32 ``[B, beam_width, max_len]``, as in `attn.reference.decode`; the
+            kernel gathers each token's row through it.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: multi-block mode: 1 turns it off, n > 1 forces n parts per cache, None chooses from
             ``B·Hkv``, the lengths and the SM count (`choose_num_splits`).
@@ -332,8 +343,8 @@ def decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale,
-        max_attention_window=max_attention_window, num_splits=num_splits, validate=validate,
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        max_attention_window=max_attention_window, cache_indirection=cache_indirection, num_splits=num_splits,
+        validate=validate, dtypes=(torch.float16, torch.bfloat16, torch.float32),
     )  # fmt: skip
     if args.head_dim > 256:
         raise ValueError(f"q's head dim must be at most 256 for the decode kernel, got {args.head_dim}")
@@ -345,6 +356,8 @@ def decode(
             raise ValueError(f"{name} must have unit stride along the head dim, got strides {x.stride()}")
     if q.stride(-1) != 1:
         q = q.contiguous()
+    if cache_indirection is not None and cache_indirection.stride(-1) != 1:
+        cache_indirection = cache_indirection.contiguous()
 
     bsz, sq, hq, d = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -383,7 +396,7 @@ def decode(
     bt_stride = block_table.stride(0) if block_table is not None else 0
     kw = dict(
         GROUP=group, HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, IS_PAGED=args.paged,
-        CYCLIC=max_attention_window is not None,
+        CYCLIC=max_attention_window is not None, HAS_INDIRECTION=cache_indirection is not None,
         HAS_WINDOW_LEFT=args.window_left >= 0, HAS_WINDOW_RIGHT=args.window_right >= 0,
         HAS_SOFTCAP=args.softcap > 0, HAS_ALIBI=args.alibi_slopes is not None,
         ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode, QUANT=quant,
@@ -410,6 +423,9 @@ def decode(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt_stride, *o_strides, *l_strides,
         args.num_heads_kv, sq, args.page_size, num_splits, max_attention_window or 1,
+        cache_indirection if cache_indirection is not None else cache_seqlens,
+        *(cache_indirection.stride()[:2] if cache_indirection is not None else (0, 0)),
+        cache_indirection.shape[1] if cache_indirection is not None else 1,
         qk_scale, cap_log2, args.window_left, args.window_right,
         next_power_of_2(max(args.max_seqlen_k if validate else args.capacity, 1)),
         **kw,

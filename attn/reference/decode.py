@@ -65,6 +65,7 @@ def decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     max_attention_window: int | None = None,
+    cache_indirection: torch.Tensor | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
     validate: bool = True,
@@ -94,6 +95,10 @@ def decode(
         max_attention_window: the cache is cyclic with this many slots (see `append_kv`): the queries see the
             last ``min(L, N)`` tokens, which is TensorRT-LLM's sliding window ``p − N < j <= p`` for the newest
             token; combine with ``window_size`` for anything narrower.
+        cache_indirection: beam search (TensorRT-LLM's layout): int32 ``[B, beam_width, max_len]``. The batch of
+            ``q`` and the cache rows are the ``B·beam_width`` beams, beam ``i`` of request ``b`` at row
+            ``b·beam_width + i``; its token ``t`` is read from the row of beam ``cache_indirection[b, i, t]``, so
+            beams that share a history share its cache entries instead of copying them.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: how many parts the fast kernel splits each cache into (None: chosen automatically). The
             result does not depend on it; the reference accepts it to keep the signatures equal.
@@ -106,7 +111,8 @@ def decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale,
-        max_attention_window=max_attention_window, num_splits=num_splits, validate=validate,
+        max_attention_window=max_attention_window, cache_indirection=cache_indirection, num_splits=num_splits,
+        validate=validate,
     )  # fmt: skip
     # the per-sequence attention of the context phase, with the cache's tokens as the keys
     opts = AttentionArgs(
@@ -119,8 +125,17 @@ def decode(
     out = torch.empty_like(q)
     lse = torch.empty(args.batch, args.num_heads_q, args.seqlen_q, dtype=torch.float32, device=q.device)
     for b, seqlen in enumerate(cache_seqlens.tolist()):
-        k = gather_kv(k_cache, seqlen, b, block_table, max_attention_window)
-        v = gather_kv(v_cache, seqlen, b, block_table, max_attention_window)
+        if cache_indirection is None:
+            k = gather_kv(k_cache, seqlen, b, block_table, max_attention_window)
+            v = gather_kv(v_cache, seqlen, b, block_table, max_attention_window)
+        else:
+            # token t comes from the beam the indirection names: a row of the same request
+            beam = cache_indirection.shape[1]
+            rows = (b // beam) * beam + cache_indirection[b // beam, b % beam, :seqlen].long()
+            k = [gather_kv(k_cache, t + 1, int(r), block_table)[t] for t, r in enumerate(rows)]
+            v = [gather_kv(v_cache, t + 1, int(r), block_table)[t] for t, r in enumerate(rows)]
+            empty = k_cache.new_zeros((0, *k_cache.shape[2:]))
+            k, v = (torch.stack(x) if x else empty for x in (k, v))
         if args.k_scale is not None:
             # the quantized cache means what it dequantizes to
             dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

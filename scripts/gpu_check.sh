@@ -16,17 +16,27 @@ status=0
 for job in "$@"; do
   case "$job" in
     tests)
+      # "file :: -k expression" per shard, balanced by how many kernel variants each compiles
       shards=(
-        "test_padded_matches_reference and float32 and not gpu"
-        "test_padded_matches_reference and float16 and not gpu"
-        "test_gpu_padded_matches_reference and bfloat16"
-        "test_gpu_padded_matches_reference and float16 and not bfloat16"
-        "test_gpu_padded_matches_reference and float32"
-        "not test_padded_matches_reference and not test_gpu_padded_matches_reference"
+        "tests/test_attention.py :: test_padded_matches_reference and float32 and not gpu"
+        "tests/test_attention.py :: test_padded_matches_reference and float16 and not gpu"
+        "tests/test_attention.py :: test_gpu_padded_matches_reference and bfloat16"
+        "tests/test_attention.py :: test_gpu_padded_matches_reference and float16 and not bfloat16"
+        "tests/test_attention.py :: test_gpu_padded_matches_reference and float32"
+        "tests/test_attention.py :: not test_padded_matches_reference and not test_gpu_padded_matches_reference"
+        "tests/test_decode.py :: not gpu"
+        "tests/test_decode.py tests/test_beam.py tests/test_cyclic.py :: gpu or beam or cyclic"
+        "tests/test_alibi.py tests/test_relative_bias.py :: "
+        "tests/test_kv_quant.py tests/test_kv_cache.py tests/test_preprocess.py :: "
+        "tests/test_checks.py tests/test_layout.py :: "
       )
       pids=()
       for i in "${!shards[@]}"; do
-        ATTN_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q tests -k "${shards[$i]}" >"$OUT/tests_$i.log" 2>&1 &
+        files=${shards[$i]%% :: *}
+        expr=${shards[$i]#* :: }
+        # shellcheck disable=SC2086
+        ATTN_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q $files ${expr:+-k "$expr"} \
+          >"$OUT/tests_$i.log" 2>&1 &
         pids+=($!)
       done
       for i in "${!pids[@]}"; do

@@ -38,6 +38,19 @@ def _quantize(y, QUANT: tl.constexpr):
     return _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(tl.float8e4nv)
 
 
+@triton.jit
+def cache_slot(seq, pos, mask, block_table_ptr, stride_bt, block_size, IS_PAGED: tl.constexpr):
+    """Where token ``pos`` of sequence ``seq`` is stored: ``(row, slot)`` of the cache's first two dims."""
+    if IS_PAGED:
+        # entries were checked against the pool on the host before this launch
+        row = tl.load(block_table_ptr + seq * stride_bt + pos // block_size, mask=mask, other=0).to(tl.int64)
+        slot = (pos % block_size).to(tl.int64)
+    else:
+        row = seq
+        slot = pos.to(tl.int64)
+    return row, slot
+
+
 @triton.jit(do_not_specialize=["num_tokens", "block_size", "cyclic_n"])
 def _append_kernel(
     k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr,
@@ -59,13 +72,7 @@ def _append_kernel(
     if CYCLIC:
         # a cyclic cache: token t overwrites token t - N in slot t mod N
         pos = pos % cyclic_n
-    if IS_PAGED:
-        # entries were checked against the pool on the host before this launch
-        row = tl.load(block_table_ptr + seq * stride_bt + pos // block_size, mask=t_mask, other=0).to(tl.int64)
-        slot = (pos % block_size).to(tl.int64)
-    else:
-        row = seq
-        slot = pos.to(tl.int64)
+    row, slot = cache_slot(seq, pos, t_mask, block_table_ptr, stride_bt, block_size, IS_PAGED)
     src = offs_t.to(tl.int64)[:, None] * stride_nt + h * stride_nh + offs_d[None, :]
     # [BLOCK_T, HEAD_DIM_PAD]
     k = tl.load(k_new_ptr + src, mask=mask)

@@ -16,6 +16,7 @@ import triton.language as tl
 from ..checks import check_preprocess
 from ..reference.preprocess import RopeScaling, rope_cos_sin
 from ._triton import is_interpreter, next_power_of_2
+from .kv_cache import cache_slot
 
 
 @triton.jit
@@ -91,13 +92,7 @@ def _preprocess_kernel(
     else:
         h = hh - NUM_HEADS_Q
         seq = tl.load(tok_seq_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
-        if IS_PAGED:
-            # entries were checked against the pool on the host before this launch
-            row = tl.load(block_table_ptr + seq * stride_bt + pos // block_size, mask=t_mask, other=0).to(tl.int64)
-            slot = (pos % block_size).to(tl.int64)
-        else:
-            row = seq
-            slot = pos.to(tl.int64)
+        row, slot = cache_slot(seq, pos, t_mask, block_table_ptr, stride_bt, block_size, IS_PAGED)
         k_dst = k_cache_ptr + (row * stride_kb + slot * stride_kn)[:, None] + h * stride_kh
         v_dst = v_cache_ptr + (row * stride_vb + slot * stride_vn)[:, None] + h * stride_vh
         _write_head(row_ptr, bias_ptr, (NUM_HEADS_Q + h) * HEAD_DIM, k_dst, offs_d, t_mask, cos, sin, idx1, idx2,

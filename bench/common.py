@@ -253,6 +253,23 @@ def graph_ms(fn: Callable[[], Any], calls_per_graph: int = 20, warmup: int = 3, 
     return float(statistics.median(times))
 
 
+def host_us(fn: Callable[[], Any], calls: int = 200) -> float:
+    """Host microseconds per call with nothing waiting on the device: the launch cost a CUDA graph removes.
+
+    When it exceeds the kernel's own time the GPU idles between calls and event timing measures the host.
+    """
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
 def time_ms(
     fn: Callable[[], Any], warmup: float = 25, rep: float = 100, graph_below_ms: float | None = GRAPH_BELOW_MS
 ) -> tuple[float, str]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session's batch: the GPU test suite, then the benchmark, with logs under $OUT.
-# Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [tests] [bench]
+# Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [tests] [bench] [decode] [cache]
 # Compiling dominates the test run, so the suite runs as several pytest processes side by side, and the
 # Triton cache is handed back as one archive (.triton_cache/cache.tgz is unpacked first when present).
 set -uo pipefail
@@ -47,6 +47,7 @@ for job in "$@"; do
       grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
       ;;
     bench) python3 -m bench.bench_attention --out "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench.log" ;;
+    decode) python3 -m bench.bench_decode --out "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" ;;
     cache)
       # hand the compiled kernels back for the next machine, if the archive fits what comes back
       tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" .

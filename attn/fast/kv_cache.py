@@ -33,9 +33,12 @@ def _round_to_e4m3(y):
 
 @triton.jit
 def _quantize(y, QUANT: tl.constexpr):
+    # an explicit else: Triton's compiler (not the interpreter) also compiles the code after a constexpr-true
+    # `if ...: return`, and then rejects the two return types
     if QUANT == 1:
         return tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0).to(tl.int8)
-    return _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(tl.float8e4nv)
+    else:
+        return _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(tl.float8e4nv)
 
 
 @triton.jit

@@ -15,6 +15,11 @@ appended) and beam search (the batch as requests × 4 beams reading through a ra
 contiguous and paged (64-token blocks, shuffled). Bandwidth counts the bytes actually read (1 byte per element
 for INT8/FP8); speedup is plain bf16 time / variant time at the same layout.
 
+Pre-processing (issue 4): the fused split + QKV bias + RoPE (NeoX, full rotary) + append of new tokens into a
+paged cache (64-token blocks), for a prefill-sized batch (16 × 1024 new tokens on 1024 cached) and for one decode
+step (B64, one token each, on 4096 cached), GQA 32/8 D128 bf16. Bandwidth counts qkv read, q written and k/v
+written; the bias and the cos/sin table are small and left out.
+
 Every variant is checked against the reference (fp32, on the same cache, dequantized where quantized) before it
 is timed. Times are medians of CUDA-graph replays (decode, as a serving loop runs it) or of do_bench (prefill).
 """
@@ -22,6 +27,7 @@ is timed. Times are medians of CUDA-graph replays (decode, as a serving loop run
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 
@@ -227,9 +233,48 @@ def decode(args, ceilings) -> list[dict]:
     return rows
 
 
+def preprocess(args, ceilings) -> list[dict]:
+    import attn.fast as fast
+    import attn.reference as reference
+
+    hq, hkv, d, bs = 32, 8, 128, 64
+    width = (hq + 2 * hkv) * d
+    rows = []
+    for name, bsz, new, cached in (("prefill 16x1024 on 1024", 16, 1024, 1024), ("decode B64 on 4096", 64, 1, 4096)):
+        total = new + cached
+        nblk = -(-total // bs)
+        gen = torch.Generator().manual_seed(args.seed)
+        table = torch.randperm(bsz * nblk, generator=gen).view(bsz, nblk).to(torch.int32).to(DEV)
+        kp = torch.zeros(bsz * nblk, bs, hkv, d, device=DEV, dtype=torch.bfloat16)
+        vp = torch.zeros_like(kp)
+        qkv = torch.randn(bsz * new, width, device=DEV, dtype=torch.bfloat16)
+        bias = torch.randn(width, device=DEV, dtype=torch.bfloat16)
+        cu = torch.arange(0, bsz + 1, device=DEV, dtype=torch.int32) * new
+        lens = torch.full((bsz,), cached, device=DEV, dtype=torch.int32)
+        kw = dict(num_heads_q=hq, num_heads_kv=hkv, cu_seqlens_new=cu, block_table=table, qkv_bias=bias,
+                  rotary_dim=d, rope_style="neox")  # fmt: skip
+        nbytes = qkv.numel() * 2 + bsz * new * (hq + 2 * hkv) * d * 2
+        entry = {"phase": "preprocess", "shape": name}
+        try:
+            kr, vr = kp.float(), vp.float()
+            want = reference.preprocess(qkv.float(), kr, vr, lens, **{**kw, "qkv_bias": bias.float()})
+            got = fast.preprocess(qkv, kp, vp, lens, **kw)
+            entry["err"] = max(_check("q", got, want, args.tol), _check("k cache", kp, kr, args.tol))
+            fn = functools.partial(fast.preprocess, qkv, kp, vp, lens, **kw)
+            ms = common.graph_ms(fn, calls_per_graph=20)
+            entry.update(ms=ms, tbps=common.tbps(nbytes, ms), bytes=nbytes, host_us=common.host_us(fn))
+            copy = ceilings.get("copy_tbps")
+            entry["frac_copy_ceiling"] = entry["tbps"] / copy if copy else None
+        except Exception as e:
+            entry["error"] = common.short_error(e)
+        rows.append(entry)
+        common.free_memory()
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["prefill", "decode"])
+    p.add_argument("--only", choices=["prefill", "decode", "preprocess"])
     p.add_argument("--out")
     p.add_argument("--tol", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
@@ -241,7 +286,7 @@ def main() -> None:
     out_path = args.out or common.default_out_path("features")
     record = {"benchmark": "features", "env": common.env_info(), "command": common.command_line(),
               "ceilings": ceilings, "results": []}  # fmt: skip
-    for phase, fn in (("prefill", prefill), ("decode", decode)):
+    for phase, fn in (("prefill", prefill), ("decode", decode), ("preprocess", preprocess)):
         if args.only and args.only != phase:
             continue
         rows = fn(args, ceilings)

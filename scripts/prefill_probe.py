@@ -1,0 +1,123 @@
+"""Probe: which prefill-kernel changes pay on the H200, measured side by side before any goes into the kernel.
+
+    PYTHONPATH=. python scripts/prefill_probe.py            # on the GPU machine
+
+Each variant is the source of ``attn/fast/attention.py`` with one textual change, written to a scratch module
+(Triton's JIT reads kernel source from files) and timed on the PERF.md prefill shapes beside the unchanged
+kernel and cuDNN, after a correctness check against cuDNN. Variants:
+
+  grid   program id 0 walks the row blocks of one head (heaviest first) and id 1 the heads, instead of the
+         reverse: the row blocks that read the same K/V then run together and find it in L2.
+  fma    the unmasked loop without biases takes the row max of the raw products and forms the exponent as
+         one multiply-add ``qk·scale − m`` (the Triton tutorial's form), one multiply per score fewer.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import attn.fast  # noqa: F401  (sets up Triton before anything else imports it)
+from bench import common
+
+SRC = Path(__file__).resolve().parent.parent / "attn" / "fast" / "attention.py"
+
+GRID = [
+    (
+        "    pid_bh = tl.program_id(0)\n"
+        "    # the heaviest row blocks (most keys under a causal mask) start first, so the tail of the grid is short\n"
+        "    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)\n",
+        "    pid_bh = tl.program_id(1)\n    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)\n",
+    ),
+    (
+        '        return (args.batch * args.num_heads_q, triton.cdiv(max_rows, meta["BLOCK_M"]))\n',
+        '        return (triton.cdiv(max_rows, meta["BLOCK_M"]), args.batch * args.num_heads_q)\n',
+    ),
+]
+# constexpr, so the compiler keeps one branch
+PLAIN = "not MASKED and not HAS_SOFTCAP and not HAS_ALIBI and REL_MODE == 0"
+FMA = [
+    (
+        "        if HAS_SOFTCAP:\n            s = cap_log2 * _tanh(qk * qk_scale)\n"
+        "        else:\n            s = qk * qk_scale\n",
+        "        if HAS_SOFTCAP:\n            s = cap_log2 * _tanh(qk * qk_scale)\n"
+        "        elif " + PLAIN + ":\n            s = qk\n        else:\n            s = qk * qk_scale\n",
+    ),
+    (
+        "        # [BLOCK_M]\n        m_new = tl.maximum(m_i, tl.max(s, 1))\n",
+        "        # [BLOCK_M]\n        if " + PLAIN + ":\n            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)\n"
+        "        else:\n            m_new = tl.maximum(m_i, tl.max(s, 1))\n",
+    ),
+    (
+        "        p = tl.math.exp2(s - m_new_safe[:, None])\n",
+        "        if " + PLAIN + ":\n            p = tl.math.exp2(s * qk_scale - m_new_safe[:, None])\n"
+        "        else:\n            p = tl.math.exp2(s - m_new_safe[:, None])\n",
+    ),
+]
+VARIANTS = {"base": [], "grid": GRID, "grid+fma": GRID + FMA}
+
+
+def load_variant(name: str, edits):
+    text = SRC.read_text()
+    for old, new in edits:
+        if old not in text:
+            raise SystemExit(f"variant {name}: the kernel source changed, edit not found:\n{old}")
+        text = text.replace(old, new)
+    mod_name = "_probe_" + name.replace("+", "_")
+    (SRC.parent / f"{mod_name}.py").write_text(text)
+    return importlib.import_module(f"attn.fast.{mod_name}")
+
+
+SHAPES = [  # (name, B, Hq, Hkv, S, D, causal)
+    ("B16 H32 S1024 causal", 16, 32, 32, 1024, 128, True),
+    ("B4 H32 S4096 causal", 4, 32, 32, 4096, 128, True),
+    ("B4 H32 S4096 full", 4, 32, 32, 4096, 128, False),
+    ("B1 H32 S16384 causal", 1, 32, 32, 16384, 128, True),
+    ("B4 H32/8 S4096 causal", 4, 32, 8, 4096, 128, True),
+    ("B8 H32 S4096 D64 causal", 8, 32, 32, 4096, 64, True),
+]
+
+
+def main() -> None:
+    common.require_cuda("prefill_probe")
+    mods = {name: load_variant(name, edits) for name, edits in VARIANTS.items()}
+    header = ["shape", "cudnn", *mods]
+    rows = []
+    for name, b, hq, hkv, s, d, causal in SHAPES:
+        q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        flops = 4.0 * b * hq * s * s * d / (2 if causal else 1)
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        sdpa = functools.partial(F.scaled_dot_product_attention, qt, kt, vt, is_causal=causal, enable_gqa=hq != hkv)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            ref = sdpa()
+            ms = common.bench_ms(sdpa)
+        cells = [name, f"{common.tflops(flops, ms):.0f}"]
+        for mod in mods.values():
+            fn = functools.partial(mod.attention, q, k, v, causal=causal)
+            err = common.rel_err(fn().transpose(1, 2).float(), ref.float())
+            if not err < 1e-2:
+                cells.append(f"WRONG {err:.2g}")
+                continue
+            cells.append(f"{common.tflops(flops, common.bench_ms(fn)):.0f}")
+        rows.append(cells)
+        print("  " + " | ".join(cells), flush=True)
+        common.free_memory()
+    print("\nTFLOP/s, bf16, autotuned (5 configs), do_bench medians")
+    print(common.format_table(header, rows))
+    for mod in mods.values():
+        for key, cfg in getattr(mod._attn_fwd_tuned, "cache", {}).items():
+            print(mod.__name__, key[:3], cfg)
+    for p in SRC.parent.glob("_probe_*.py"):
+        p.unlink()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

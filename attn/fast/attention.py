@@ -69,7 +69,7 @@ def _attn_fwd_tiles(
     MASKED: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr,
     PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PLAIN: tl.constexpr,
 ):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         offs_kn = start_n + offs_n
@@ -89,8 +89,12 @@ def _attn_fwd_tiles(
             rel = (offs_kn[None, :] - (offs_m[:, None] + diag)).to(tl.float32)
             if ALIBI_WITH_SCALE:
                 qk += slope * rel
+        # plain unmasked tiles (the bulk of the work) take the row max of the raw products and scale inside the
+        # exponent, qk·scale − m, one multiply-add per score: the Triton tutorial's form, +0-3% on the H200
         if HAS_SOFTCAP:
             s = cap_log2 * _tanh(qk * qk_scale)
+        elif PLAIN:
+            s = qk
         else:
             s = qk * qk_scale
         if HAS_ALIBI:
@@ -115,13 +119,19 @@ def _attn_fwd_tiles(
                 visible &= offs_kn[None, :] >= offs_m[:, None] + diag - window_left
             s = tl.where(visible, s, float("-inf"))
         # [BLOCK_M]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if PLAIN:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
             # a row that has seen no visible key yet keeps m = -inf; subtracting 0 instead avoids inf - inf
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
-        p = tl.math.exp2(s - m_new_safe[:, None])
+        if PLAIN:
+            p = tl.math.exp2(s * qk_scale - m_new_safe[:, None])
+        else:
+            p = tl.math.exp2(s - m_new_safe[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -136,7 +146,17 @@ def _attn_fwd_tiles(
 
 
 # lengths, head counts and window sizes vary per call: specializing on their values would recompile often
-@triton.jit(do_not_specialize=["num_heads_q", "group_size", "out_rows", "window_left", "window_right", "seqlen_bucket"])
+@triton.jit(
+    do_not_specialize=[
+        "num_heads_q",
+        "group_size",
+        "out_rows",
+        "max_rows",
+        "window_left",
+        "window_right",
+        "seqlen_bucket",
+    ]
+)
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     seq_q_ptr, seq_k_ptr, alibi_ptr, stride_ab, stride_ah, rel_ptr, stride_rh, stride_rm, rel_md,
@@ -145,7 +165,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh, stride_lm,
-    num_heads_q, group_size, out_rows,
+    num_heads_q, group_size, out_rows, max_rows,
     qk_scale, cap_log2, window_left, window_right, seqlen_bucket,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
@@ -153,9 +173,14 @@ def _attn_fwd_kernel(
     STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0)
-    # the heaviest row blocks (most keys under a causal mask) start first, so the tail of the grid is short
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    # Consecutive programs are the row blocks of one head, so the blocks that stream the same K/V run side by
+    # side and share it through L2 (the other order, all heads of one row block together, re-read every head's
+    # K/V from memory once per row block and ran 13-37% slower on the H200: bench/NOTES.md). Within a head the
+    # heaviest row blocks (most keys under a causal mask) start first, so the tail of the grid is short.
+    num_m_blocks = tl.cdiv(max_rows, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_bh = pid // num_m_blocks
+    pid_m = num_m_blocks - 1 - pid % num_m_blocks
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
     h_kv = h // group_size
@@ -233,7 +258,7 @@ def _attn_fwd_kernel(
         rel_head, stride_rm, rel_md, seqlen_q,
         True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
         REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-        BLOCK_N, PRECISION,
+        BLOCK_N, PRECISION, False,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
@@ -241,7 +266,7 @@ def _attn_fwd_kernel(
         rel_head, stride_rm, rel_md, seqlen_q,
         False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
         REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-        BLOCK_N, PRECISION,
+        BLOCK_N, PRECISION, not HAS_SOFTCAP and not HAS_ALIBI and REL_MODE == 0,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
@@ -249,7 +274,7 @@ def _attn_fwd_kernel(
         rel_head, stride_rm, rel_md, seqlen_q,
         True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
         REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-        BLOCK_N, PRECISION,
+        BLOCK_N, PRECISION, False,
     )  # fmt: skip
 
     # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros
@@ -418,7 +443,8 @@ def attention(
     max_rows = args.max_seqlen_q if args.packed else row_dim
 
     def grid(meta):
-        return (args.batch * args.num_heads_q, triton.cdiv(max_rows, meta["BLOCK_M"]))
+        # one flat axis (its limit is 2^31 - 1, a second axis's only 65535): row blocks of a head adjacent
+        return (args.batch * args.num_heads_q * triton.cdiv(max_rows, meta["BLOCK_M"]),)
 
     rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias, seq_q)
     slopes = args.alibi_slopes if args.alibi_slopes is not None else seq_q
@@ -431,7 +457,7 @@ def attention(
         q, k, v, out, lse if lse is not None else out,
         seq_q, seq_k, slopes, *slope_strides, rel_t, *rel_strides, rel_md,
         sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, slb, slh, slm,
-        args.num_heads_q, args.group_size, row_dim,
+        args.num_heads_q, args.group_size, row_dim, max_rows,
         qk_scale, cap_log2, args.window_left, args.window_right, next_power_of_2(max_rows),
         HEAD_DIM=args.head_dim, HEAD_DIM_PAD=head_dim_pad,
         IS_VARLEN=args.packed, HAS_WINDOW_LEFT=args.window_left >= 0,

@@ -396,6 +396,15 @@ class DecodeArgs:
         return self.num_heads_q // self.num_heads_kv
 
 
+def check_seqlen_hints(max_seqlen_k, total_seqlen_k) -> None:
+    """``decode``'s optional split-heuristic hints: non-negative ints (or None), the longest at most the total."""
+    for name, x in (("max_seqlen_k", max_seqlen_k), ("total_seqlen_k", total_seqlen_k)):
+        if x is not None and (not isinstance(x, int) or isinstance(x, bool) or x < 0):
+            raise ValueError(f"{name} must be None or an int >= 0, got {x!r}")
+    if max_seqlen_k is not None and total_seqlen_k is not None and max_seqlen_k > total_seqlen_k:
+        raise ValueError(f"max_seqlen_k ({max_seqlen_k}) cannot exceed total_seqlen_k ({total_seqlen_k})")
+
+
 def check_decode(
     q,
     k_cache,

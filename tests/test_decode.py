@@ -99,6 +99,22 @@ def test_num_splits_heuristic():
     assert fast.choose_num_splits(1, 8, 131072, 132) == 64  # 8 programs: 2048 keys per split caps it
     assert fast.choose_num_splits(1, 8, 1000, 132) == 1  # too short to split
     assert fast.choose_num_splits(8, 8, 32768, 132) == 16  # 64 programs: 16 splits of 2048 keys
+    # a ragged batch that fills the GPU: only the caches longer than ~total·Hkv/(2·SMs) keys are cut
+    assert fast.choose_num_splits(32, 8, 8192, 132, total_seqlen_k=32 * 3000) == 3
+    assert fast.choose_num_splits(32, 8, 8192, 132, total_seqlen_k=32 * 8192) == 1  # uniform
+    assert fast.choose_num_splits(32, 8, 8192, 132) == 1  # lengths unknown: treated as uniform
+
+
+def test_heuristic_splits_keep_short_caches_whole(device):
+    # B·Hkv = 2 programs: the heuristic cuts the 5000-token cache into 3 parts of >= 2048 keys; the 300-token
+    # one fits the minimum part, so its other two programs find nothing to do. Both must still be exact, with
+    # and without the hints a serving loop passes instead of letting decode read the lengths.
+    q, kc, vc, lens = _contiguous(2, 1, 4, 1, 16, [5000, 300], torch.float32, device)
+    assert fast.choose_num_splits(2, 1, 5000, 132) == 3
+    want = reference.decode(q, kc, vc, lens)
+    assert_close("validated", want, fast.decode(q, kc, vc, lens), TOL[torch.float32])
+    hinted = fast.decode(q, kc, vc, lens, validate=False, max_seqlen_k=5000, total_seqlen_k=5300)
+    assert_close("hinted", want, hinted, TOL[torch.float32])
 
 
 def _three_heads(cache):
@@ -122,6 +138,10 @@ BAD = {
                            "block_table entries"),
     "table-dtype": (lambda q, kc, vc, s, kp, vp, t: (q, kp, vp, s), {"block_table": "long"}, TypeError, "block_table"),
     "splits": (lambda q, kc, vc, s, kp, vp, t: (q, kc, vc, s), {"num_splits": 0}, ValueError, "num_splits"),
+    "hint-negative": (lambda q, kc, vc, s, kp, vp, t: (q, kc, vc, s), {"max_seqlen_k": -1}, ValueError,
+                      "max_seqlen_k"),
+    "hint-order": (lambda q, kc, vc, s, kp, vp, t: (q, kc, vc, s), {"max_seqlen_k": 9, "total_seqlen_k": 5},
+                   ValueError, "total_seqlen_k"),
 }  # fmt: skip
 
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import check_decode
+from ..checks import check_decode, check_seqlen_hints
 from ._triton import autotune_enabled, is_interpreter, next_power_of_2
 from .attention import LOG2E, _tanh, relative_bias_operands
 from .kv_cache import quant_code
@@ -47,6 +47,7 @@ def _keep(configs, named_args, **kwargs):
         "seqlen_q",
         "page_size",
         "num_splits",
+        "min_chunk",
         "window_left",
         "window_right",
         "tune_len",
@@ -62,7 +63,7 @@ def _decode_kernel(
     stride_bt,
     stride_ob, stride_om, stride_oh, stride_os,
     stride_lb, stride_lm, stride_lh, stride_ls,
-    num_heads_kv, seqlen_q, page_size, num_splits, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
+    num_heads_kv, seqlen_q, page_size, num_splits, min_chunk, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
     qk_scale, cap_log2, window_left, window_right, tune_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
     CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
@@ -99,8 +100,10 @@ def _decode_kernel(
     first = seqlen_k * 0
     if CYCLIC:
         first = tl.maximum(seqlen_k - cyclic_n, 0)
-    # this program's chunk of them, tile-aligned so that splits never share a tile
-    chunk = tl.cdiv(tl.cdiv(seqlen_k - first, num_splits), BLOCK_N) * BLOCK_N
+    # this program's chunk of them, tile-aligned so that splits never share a tile. A chunk is never shorter than
+    # min_chunk keys, so in a ragged batch a short cache stays in one or a few programs (the rest exit at once)
+    # while a long one is cut into num_splits: every program gets about the same work.
+    chunk = tl.cdiv(tl.maximum(tl.cdiv(seqlen_k - first, num_splits), min_chunk), BLOCK_N) * BLOCK_N
     lo = first + split * chunk
     hi = tl.minimum(lo + chunk, seqlen_k)
     # bottom-right alignment: new token i sits on key diag + i
@@ -267,7 +270,12 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_num_splits(batch: int, num_heads_kv: int, max_seqlen_k: int, num_sms: int) -> int:
+MIN_SPLIT_KEYS = 2048
+
+
+def choose_num_splits(
+    batch: int, num_heads_kv: int, max_seqlen_k: int, num_sms: int, total_seqlen_k: int | None = None
+) -> int:
     """Multi-block heuristic: up to about eight waves of programs, but no split shorter than 2048 keys.
 
     ``B·Hkv`` programs already fill the GPU when they are more than the SMs; below that, each cache is cut
@@ -275,10 +283,19 @@ def choose_num_splits(batch: int, num_heads_kv: int, max_seqlen_k: int, num_sms:
     amortize its partial writes and the merge. Measured on the H200 (scripts/split_probe.py): B8 Hkv8 L32768
     reads 3.79 TB/s with 5 splits and 4.07 with 16; B1 Hkv8 L131072 peaks near 3.8 TB/s for 16 to 64 splits
     and drops below 2.8 at 264 (1024 keys per split is past the point where the merge pays).
+
+    With ``total_seqlen_k`` (the sum of the lengths), a ragged batch (longest cache over 1.5 times the mean) is cut
+    even when ``B·Hkv`` fills the GPU, because then the programs of the longest caches set the time while most SMs
+    idle (B32 Hkv8, lengths 128..8192, unsplit: 3.31 TB/s). The longest caches are cut into parts of at most
+    ``total·Hkv / (2·num_sms)`` keys, about what each of two programs per SM would get if the work were spread
+    evenly; `decode`'s minimum part length of 2048 keys keeps the short caches whole.
     """
     programs = max(batch * num_heads_kv, 1)
     if programs >= num_sms:
-        return 1
+        if total_seqlen_k is None or batch == 0 or max_seqlen_k <= 1.5 * total_seqlen_k / batch:
+            return 1
+        target = max(MIN_SPLIT_KEYS, total_seqlen_k * num_heads_kv // (2 * num_sms))
+        return min(triton.cdiv(max_seqlen_k, target), 256)
     splits = triton.cdiv(8 * num_sms, programs)
     return max(1, min(splits, triton.cdiv(max(max_seqlen_k, 1), 2048), 256))
 
@@ -304,6 +321,8 @@ def decode(
     cache_indirection: torch.Tensor | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
+    max_seqlen_k: int | None = None,
+    total_seqlen_k: int | None = None,
     validate: bool = True,
 ):
     """Decode-step attention over a contiguous or paged KV cache; same contract as
@@ -332,7 +351,10 @@ def decode(
             kernel gathers each token's row through it.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: multi-block mode: 1 turns it off, n > 1 forces n parts per cache, None chooses from
-            ``B·Hkv``, the lengths and the SM count (`choose_num_splits`).
+            ``B·Hkv``, the lengths and the SM count (`choose_num_splits`), with parts of at least 2048 keys.
+        max_seqlen_k: the longest ``cache_seqlens`` entry, for the split heuristic when ``validate=False``
+            (a serving loop's scheduler knows it on the host); otherwise the cache capacity is assumed.
+        total_seqlen_k: the sum of ``cache_seqlens``, likewise: it lets the heuristic balance a ragged batch.
         validate: check lengths and block-table entries on the host before launching. Turn it off only for
             inputs already checked (for example inside CUDA-graph capture, where host reads are not allowed).
 
@@ -346,6 +368,7 @@ def decode(
         max_attention_window=max_attention_window, cache_indirection=cache_indirection, num_splits=num_splits,
         validate=validate, dtypes=(torch.float16, torch.bfloat16, torch.float32),
     )  # fmt: skip
+    check_seqlen_hints(max_seqlen_k, total_seqlen_k)
     if args.head_dim > 256:
         raise ValueError(f"q's head dim must be at most 256 for the decode kernel, got {args.head_dim}")
     if q.device.type != "cuda" and not is_interpreter():
@@ -365,12 +388,22 @@ def decode(
     if q.numel() == 0:
         return (out, lse) if return_lse else out
 
+    # a forced split count is taken literally (tests rely on it to cut even tiny caches); a chosen one comes with
+    # the heuristic's minimum part length
+    min_chunk = 0 if num_splits is not None else MIN_SPLIT_KEYS
     if num_splits is None:
         sms = 132 if is_interpreter() else _num_sms(q.device.index or 0)
-        max_len = args.max_seqlen_k if validate else args.capacity
+        if validate:
+            # the checks read the lengths on the host anyway
+            max_len, total = args.max_seqlen_k, int(cache_seqlens.sum())
+        else:
+            # without hints, every cache counts as full and the batch as uniform
+            max_len = max_seqlen_k if max_seqlen_k is not None else args.capacity
+            total = total_seqlen_k
         if max_attention_window is not None:
             max_len = min(max_len, max_attention_window)
-        num_splits = choose_num_splits(bsz, args.num_heads_kv, max_len, sms)
+            total = None
+        num_splits = choose_num_splits(bsz, args.num_heads_kv, max_len, sms, total_seqlen_k=total)
     group = args.group_size
     block_m = max(16, next_power_of_2(sq * group))
     head_dim_pad = max(16, next_power_of_2(d))
@@ -422,7 +455,7 @@ def decode(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt_stride, *o_strides, *l_strides,
-        args.num_heads_kv, sq, args.page_size, num_splits, max_attention_window or 1,
+        args.num_heads_kv, sq, args.page_size, num_splits, min_chunk, max_attention_window or 1,
         cache_indirection if cache_indirection is not None else cache_seqlens,
         *(cache_indirection.stride()[:2] if cache_indirection is not None else (0, 0)),
         cache_indirection.shape[1] if cache_indirection is not None else 1,

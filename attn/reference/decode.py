@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import AttentionArgs, check_decode
+from ..checks import AttentionArgs, check_decode, check_seqlen_hints
 from .attention import _attend_one
 from .kv_quant import dequantize
 
@@ -68,6 +68,8 @@ def decode(
     cache_indirection: torch.Tensor | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
+    max_seqlen_k: int | None = None,
+    total_seqlen_k: int | None = None,
     validate: bool = True,
 ):
     """Decode-step attention of new tokens over a contiguous or paged KV cache.
@@ -102,6 +104,9 @@ def decode(
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: how many parts the fast kernel splits each cache into (None: chosen automatically). The
             result does not depend on it; the reference accepts it to keep the signatures equal.
+        max_seqlen_k: the longest ``cache_seqlens`` entry, a hint for the fast kernel's split heuristic; the
+            reference accepts it (and ``total_seqlen_k``) to keep the signatures equal.
+        total_seqlen_k: the sum of ``cache_seqlens``, likewise.
         validate: check lengths and block-table entries against the cache (reads them on the host).
 
     Returns:
@@ -114,6 +119,7 @@ def decode(
         max_attention_window=max_attention_window, cache_indirection=cache_indirection, num_splits=num_splits,
         validate=validate,
     )  # fmt: skip
+    check_seqlen_hints(max_seqlen_k, total_seqlen_k)
     # the per-sequence attention of the context phase, with the cache's tokens as the keys
     opts = AttentionArgs(
         packed=False, batch=args.batch, num_heads_q=args.num_heads_q, num_heads_kv=args.num_heads_kv,

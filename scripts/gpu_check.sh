@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session's batch: the GPU test suite, then the benchmark, with logs under $OUT.
-# Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [tests] [bench] [decode] [cache]
+# Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [tests] [bench] [decode] [features] [host] [cache]
 # Compiling dominates the test run, so the suite runs as several pytest processes side by side, and the
 # Triton cache is handed back as one archive (.triton_cache/cache.tgz is unpacked first when present).
 set -uo pipefail
@@ -30,6 +30,11 @@ for job in "$@"; do
         "tests/test_kv_quant.py tests/test_kv_cache.py tests/test_preprocess.py :: "
         "tests/test_checks.py tests/test_layout.py :: "
       )
+      # every test file no shard above names gets a shard of its own, so new files are never left out
+      named=$(printf '%s\n' "${shards[@]}" | sed 's/ :: .*//' | tr ' ' '\n' | sort -u)
+      for f in tests/test_*.py; do
+        grep -qx "$f" <<<"$named" || shards+=("$f :: ")
+      done
       pids=()
       for i in "${!shards[@]}"; do
         files=${shards[$i]%% :: *}
@@ -46,6 +51,8 @@ for job in "$@"; do
       cat "$OUT"/tests_*.log > "$OUT/gpu_tests.log"; rm -f "$OUT"/tests_*.log
       grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
       ;;
+    features) python3 -m bench.bench_features --out "$OUT/bench_features.json" 2>&1 | tee "$OUT/bench_features.log" ;;
+    host) python3 scripts/host_probe.py 2>&1 | tee "$OUT/host_probe.log" ;;
     bench) python3 -m bench.bench_attention --out "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench.log" ;;
     decode) python3 -m bench.bench_decode --out "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" ;;
     cache)

@@ -313,7 +313,8 @@ for dtype in dtypes:
 # More splits mean more programs, but each one also pays fixed costs: it loads its queries, fills its loop's
 # software pipeline, writes a partial of $S_q \cdot H_q \cdot (D + 1)$ float32 numbers, and all of them are read
 # back by the merge, a second launch. With too many, chunks become a tile or two long and those costs dominate.
-# The heuristic, `attn.fast.choose_num_splits(batch, num_heads_kv, max_seqlen_k, num_sms)`:
+# The heuristic, `attn.fast.choose_num_splits(batch, num_heads_kv, max_seqlen_k, num_sms)` (and
+# `total_seqlen_k`, for ragged batches: below):
 #
 # - if $B \cdot H_{kv} \ge$ the number of SMs, no split: the grid already fills the GPU;
 # - otherwise aim at about eight "waves", $8 \cdot 132$ programs, so that every SM has several programs to
@@ -430,13 +431,66 @@ for b, length in ((8, 32768), (1, 131072)):
 #   the fixed costs of each program (and the tail of a grid of 16896 programs) dominate. Hence the
 #   2048-key floor.
 #
-# One result is not explained. With 64 splits, the benchmark run (`decode_H200_2026-11-28_v2.json`) measured
-# B1 L131072 at 2.13 TB/s, 0.54 of cuDNN, while the probe read 3.75 TB/s at 66 splits. `bench/NOTES.md`
-# records that all our B1 variants took 0.24-0.25 ms whatever their split count, which points to a fixed
-# cost outside the kernel's reading (launch overhead of two kernels, the autotuner's dispatch) rather than to
-# the split count. Until it is understood, the probe says what the split can do; the benchmark says it is not
-# yet what users get.
+# **The benchmark's B1 puzzle, solved.** With 64 splits, one benchmark run (`decode_H200_2026-11-28_v2.json`)
+# measured B1 L131072 at 2.13 TB/s, 0.54 of cuDNN, while the probe read 3.75 TB/s at 66 splits. The benchmark
+# now also times CUDA-graph replays and the host's cost per call (`decode_H200_2026-11-28_v3_graph.json`): from
+# graph replays B1 reads 4.12 TB/s (0.96 of cuDNN's 4.27), and one call of `attn.fast.decode` costs the host
+# 126-247 µs (checks, two launches with about sixty arguments each, the autotuner's dispatch) against 17-37 µs
+# for SDPA. The kernel takes about 130 µs, so an event-timed loop measured the host. Serving engines replay
+# their decode step from a CUDA graph, which removes that cost; an eager caller pays it on every layer.
+
+# %%
+graph = json.loads((RESULTS / "decode_H200_2026-11-28_v3_graph.json").read_text())
+print(f"{'shape':42s} {'events':>7s} {'graph':>7s} {'host us':>8s}   (ours; TB/s)   cuDNN graph")
+for r in graph["results"]:
+    ours, peer = r["contenders"]["ours"], r["contenders"].get("cudnn", {})
+    peer_graph = f"{peer['tbps_graph']:.2f}" if peer.get("tbps_graph") else "-"
+    print(f"{r['shape']:42s} {ours['tbps']:7.2f} {ours['tbps_graph']:7.2f} {ours['host_us']:8.0f}   {peer_graph:>14s}")
+
+# %% [markdown]
+# ### Ragged batches
 #
+# The last row of that table is a batch of 32 sequences of 128 to 8192 tokens: 256 programs, so by the first
+# rule no split, and 3.31 TB/s from graph replays. Every program runs in the first wave, and the time is that of
+# the programs holding 8192 keys while most SMs idle after their short ones. Two changes balance it:
+#
+# - a chunk chosen by the heuristic is never shorter than 2048 keys, so a short cache stays in one program
+#   and its other split programs exit at once (a split count you force is taken literally);
+# - a ragged batch (longest cache over 1.5 times the mean) is split even when $B \cdot H_{kv}$ fills the GPU:
+#   the longest caches into parts of about $\sum_b L_b \cdot H_{kv} / (2 \cdot 132)$ keys, what each of two programs
+#   per SM would get if the work were spread evenly.
+#
+# `decode` knows the lengths when it validates (it reads them anyway); a caller that skips validation, as a
+# CUDA-graph serving loop must, passes `max_seqlen_k` and `total_seqlen_k` from its scheduler. The picture:
+# keys per program for the benchmark's ragged batch, before and after.
+
+# %%
+gen = torch.Generator().manual_seed(0)
+ragged = [int(x) for x in torch.randint(128, 8193, (32,), generator=gen)]
+n_split = attn.fast.choose_num_splits(32, 8, max(ragged), NUM_SMS, total_seqlen_k=sum(ragged))
+
+
+def programs_of(lengths, splits, min_chunk, tile=64):
+    """Keys each split program reads, as the kernel cuts them (tile-aligned chunks, at least min_chunk)."""
+    work = []
+    for n in lengths:
+        chunk = cdiv(max(cdiv(n, splits), min_chunk), tile) * tile
+        work += [max(0, min(chunk, n - s * chunk)) for s in range(splits)]
+    return [w for w in work if w > 0]
+
+
+before, after = programs_of(ragged, 1, 0), programs_of(ragged, n_split, 2048)
+fig, ax = plt.subplots(figsize=(7, 3.2))
+ax.hist([before, after], bins=24, label=[f"unsplit: {len(before)} programs per KV head",
+                                         f"{n_split} splits, >= 2048 keys: {len(after)} programs"])  # fmt: skip
+ax.set_xlabel("keys read by one program")
+ax.set_ylabel("programs (per KV head)")
+ax.set_title(f"ragged B32 (128..8192 tokens): longest program {max(before)} -> {max(after)} keys", fontsize=10)
+ax.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
 # ## Summary
 #
 # - Decode's grid of $B \cdot H_{kv}$ programs cannot fill 132 SMs for small batches (8 programs for one
@@ -447,6 +501,7 @@ for b, length in ((8, 32768), (1, 131072)):
 #   $\ell_s$ and replace $-\infty$ by 0 there, so that a row with no keys at all ends as $o = 0$, $\ell = -\infty$.
 # - `attn.fast.decode(..., num_splits=n)` gives the reference's answer for every $n$, up to rounding; `None`
 #   asks `choose_num_splits`: no split once $B \cdot H_{kv} \ge$ SMs, else about eight waves, chunks of at
-#   least 2048 keys.
-# - On the H200, splitting brings B8 L32768 from 3.79 to 4.07-4.13 TB/s; too many splits (chunks of a few
-#   hundred keys) halve the speed; the B1 L131072 benchmark number remains an open question.
+#   least 2048 keys; a ragged batch's longest caches are cut even when the grid is full.
+# - On the H200, splitting brings B8 L32768 from 3.79 to 4.07-4.13 TB/s and B1 L131072 to 4.12 (graph
+#   replays); too many splits (chunks of a few hundred keys) halve the speed. Eager calls pay 0.13-0.25 ms of
+#   host time each, which CUDA graphs remove.

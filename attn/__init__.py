@@ -5,7 +5,7 @@ the top-level names are the fast ones.
 """
 
 from . import kv_cache, layout, reference
-from .fast import append_kv, attention, attention_unfused, decode, preprocess
+from .fast import append_kv, attention, attention_unfused, context_attention, decode, preprocess
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
 from .reference.alibi import alibi_slopes
 from .reference.kv_quant import calibrate_kv_scales
@@ -24,6 +24,7 @@ __all__ = [
     "attention",
     "attention_unfused",
     "calibrate_kv_scales",
+    "context_attention",
     "decode",
     "fast",
     "kv_cache",

@@ -573,6 +573,105 @@ def check_decode(
 
 
 @dataclass(frozen=True)
+class ContextArgs:
+    """The validated description of one ``context_attention`` call: the cache side as for ``decode``, plus the
+    packed queries.
+
+    Attributes:
+        cache: the `DecodeArgs` of the cache, the options and the scales (its ``seqlen_q`` is a placeholder 1).
+        max_seqlen_q: the longest sequence of new queries.
+        num_tokens: T, the packed query rows.
+    """
+
+    cache: DecodeArgs
+    max_seqlen_q: int
+    num_tokens: int
+
+
+def check_context(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    *,
+    cu_seqlens_q,
+    max_seqlen_q=None,
+    block_table=None,
+    causal=True,
+    softmax_scale=None,
+    q_scaling=1.0,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    alibi_mode="alibi",
+    rel_bias=None,
+    k_scale=None,
+    v_scale=None,
+    validate=True,
+    dtypes=FLOAT_DTYPES,
+) -> ContextArgs:
+    """Validates the arguments of ``context_attention``: packed queries ``[T, Hq, D]`` with ``cu_seqlens_q``, each
+    sequence's queries being the last of its ``cache_seqlens`` cached tokens (or, with ``causal=False``, queries
+    that see every cached token, as in cross attention).
+
+    The cache, the options and the scales are checked exactly as ``decode`` checks them.
+
+    Raises:
+        TypeError: a tensor of the wrong type or dtype.
+        ValueError: wrong ranks or shapes, ``cu_seqlens_q`` not an increasing int32 prefix sum ending at T, more
+            queries than cached tokens in a causal sequence, lengths or block indices out of range.
+    """
+    _check_tensor("q", q, dtypes)
+    if q.dim() != 3:
+        raise ValueError(f"q must be packed [T, Hq, D], got shape {tuple(q.shape)}")
+    if not isinstance(cu_seqlens_q, torch.Tensor):
+        raise TypeError(f"cu_seqlens_q must be a torch.Tensor, got {type(cu_seqlens_q).__name__}")
+    if cu_seqlens_q.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens_q must be int32, got {cu_seqlens_q.dtype}")
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() < 1:
+        raise ValueError(f"cu_seqlens_q must be 1-D [B+1], got shape {tuple(cu_seqlens_q.shape)}")
+    if cu_seqlens_q.device != q.device:
+        raise ValueError(f"cu_seqlens_q must be on q's device {q.device}, got {cu_seqlens_q.device}")
+    batch = cu_seqlens_q.numel() - 1
+    num_tokens, num_heads_q, head_dim = q.shape
+    # the cache side is decode's, checked through a [B, 1, Hq, D] stand-in for the queries
+    if num_tokens:
+        stand_in = q.as_strided((batch, 1, num_heads_q, head_dim), (0, 0, q.stride(1), q.stride(2)))
+    else:
+        stand_in = q.new_empty((batch, 1, num_heads_q, head_dim))
+    cache = check_decode(
+        stand_in, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal,
+        softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale,
+        validate=validate, dtypes=dtypes,
+    )  # fmt: skip
+    if max_seqlen_q is not None and (
+        not isinstance(max_seqlen_q, int) or isinstance(max_seqlen_q, bool) or max_seqlen_q < 0
+    ):
+        raise ValueError(f"max_seqlen_q must be None or an int >= 0, got {max_seqlen_q!r}")
+    if validate or max_seqlen_q is None:
+        cu = cu_seqlens_q.tolist()
+        lens = [b - a for a, b in zip(cu, cu[1:])]
+        if cu[0] != 0 or cu[-1] != num_tokens or any(n < 0 for n in lens):
+            raise ValueError(
+                f"cu_seqlens_q must rise from 0 to T={num_tokens} without decreasing, got {cu[:8]}"
+                f"{' ...' if len(cu) > 8 else ''}"
+            )
+        longest = max(lens, default=0)
+        if max_seqlen_q is not None and max_seqlen_q < longest:
+            raise ValueError(f"max_seqlen_q ({max_seqlen_q}) is smaller than the longest query sequence ({longest})")
+        if validate and causal:
+            over = [b for b, (n, k) in enumerate(zip(lens, cache_seqlens.tolist())) if n > k]
+            if over:
+                raise ValueError(
+                    f"causal queries are the last tokens of their cache: sequences {over[:8]} have more queries in "
+                    "cu_seqlens_q than tokens in cache_seqlens (append the new tokens first)"
+                )
+        max_seqlen_q = longest if max_seqlen_q is None else max_seqlen_q
+    return ContextArgs(cache=cache, max_seqlen_q=max_seqlen_q, num_tokens=num_tokens)
+
+
+@dataclass(frozen=True)
 class AppendArgs:
     """The validated description of one append into a KV cache.
 

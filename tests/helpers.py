@@ -62,3 +62,33 @@ def shape_id(b, sq, sk, hq, hkv, d) -> str:
 
 def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def to_paged(k_cache, v_cache, lens, block_size, extra_blocks=3):
+    """The same cache as a shuffled block pool: equal contents, scattered blocks (and unused pool blocks)."""
+    b, max_len, hkv, d = k_cache.shape
+    blocks_per_seq = -(-max_len // block_size)
+    num_blocks = b * blocks_per_seq + extra_blocks
+    perm = torch.randperm(num_blocks, device=k_cache.device)[: b * blocks_per_seq]
+    block_table = perm.view(b, blocks_per_seq).to(torch.int32)
+    k_pool = torch.randn(num_blocks, block_size, hkv, d, dtype=k_cache.dtype, device=k_cache.device)
+    v_pool = torch.randn_like(k_pool)
+    for i in range(b):
+        for t in range(int(lens[i])):
+            blk, slot = int(block_table[i, t // block_size]), t % block_size
+            k_pool[blk, slot] = k_cache[i, t]
+            v_pool[blk, slot] = v_cache[i, t]
+    return k_pool, v_pool, block_table
+
+
+def to_paged_fast(k_cache, v_cache, block_size):
+    """Vectorized ``to_paged`` for long caches: whole blocks moved to shuffled pool positions."""
+    b, max_len, hkv, d = k_cache.shape
+    n = -(-max_len // block_size)
+    pad = n * block_size - max_len
+    kc = torch.nn.functional.pad(k_cache, (0, 0, 0, 0, 0, pad)).view(b * n, block_size, hkv, d)
+    vc = torch.nn.functional.pad(v_cache, (0, 0, 0, 0, 0, pad)).view(b * n, block_size, hkv, d)
+    perm = torch.randperm(b * n, device=k_cache.device)
+    k_pool, v_pool = torch.empty_like(kc), torch.empty_like(vc)
+    k_pool[perm], v_pool[perm] = kc, vc
+    return k_pool, v_pool, perm.view(b, n).to(torch.int32)

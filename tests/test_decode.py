@@ -8,7 +8,7 @@ import torch
 
 import attn.fast as fast
 import attn.reference as reference
-from helpers import LSE_TOL, TOL, assert_close, assert_lse_close, dtype_id
+from helpers import LSE_TOL, TOL, assert_close, assert_lse_close, dtype_id, to_paged, to_paged_fast
 
 
 def _contiguous(b, sq, hq, hkv, d, lens, dtype, device, max_len=None):
@@ -17,23 +17,6 @@ def _contiguous(b, sq, hq, hkv, d, lens, dtype, device, max_len=None):
     k_cache = torch.randn(b, max_len, hkv, d, dtype=dtype, device=device)
     v_cache = torch.randn(b, max_len, hkv, d, dtype=dtype, device=device)
     return q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32, device=device)
-
-
-def _to_paged(k_cache, v_cache, lens, block_size, extra_blocks=3):
-    """The same cache as a shuffled block pool: equal contents, scattered blocks (and unused pool blocks)."""
-    b, max_len, hkv, d = k_cache.shape
-    blocks_per_seq = -(-max_len // block_size)
-    num_blocks = b * blocks_per_seq + extra_blocks
-    perm = torch.randperm(num_blocks, device=k_cache.device)[: b * blocks_per_seq]
-    block_table = perm.view(b, blocks_per_seq).to(torch.int32)
-    k_pool = torch.randn(num_blocks, block_size, hkv, d, dtype=k_cache.dtype, device=k_cache.device)
-    v_pool = torch.randn_like(k_pool)
-    for i in range(b):
-        for t in range(int(lens[i])):
-            blk, slot = int(block_table[i, t // block_size]), t % block_size
-            k_pool[blk, slot] = k_cache[i, t]
-            v_pool[blk, slot] = v_cache[i, t]
-    return k_pool, v_pool, block_table
 
 
 CASES = {  # (B, Sq, Hq, Hkv, D, lengths)
@@ -71,7 +54,7 @@ def test_paged_equals_contiguous(case, block_size, device):
     # the kernel visits the same keys in the same order either way, so the results agree bit for bit
     b, sq, hq, hkv, d, lens = CASES[case]
     q, kc, vc, seqlens = _contiguous(b, sq, hq, hkv, d, lens, torch.float16, device)
-    k_pool, v_pool, block_table = _to_paged(kc, vc, lens, block_size)
+    k_pool, v_pool, block_table = to_paged(kc, vc, lens, block_size)
     for splits in (1, 2):
         contiguous = fast.decode(q, kc, vc, seqlens, causal=True, num_splits=splits, return_lse=True)
         paged = fast.decode(
@@ -123,7 +106,7 @@ def _three_heads(cache):
 
 def _bad(device):
     q, kc, vc, seqlens = _contiguous(2, 1, 4, 2, 16, [5, 9], torch.float32, device, max_len=12)
-    k_pool, v_pool, table = _to_paged(kc, vc, [5, 9], 4, extra_blocks=0)
+    k_pool, v_pool, table = to_paged(kc, vc, [5, 9], 4, extra_blocks=0)
     return q, kc, vc, seqlens, k_pool, v_pool, table
 
 
@@ -173,21 +156,8 @@ def test_gpu_decode(hq, hkv, block_size, splits, dtype):
     q, kc, vc, seqlens = _contiguous(4, 1, hq, hkv, 128, lens, dtype, "cuda")
     kw = {}
     if block_size is not None:
-        kc, vc, kw["block_table"] = _to_paged_fast(kc, vc, block_size)
+        kc, vc, kw["block_table"] = to_paged_fast(kc, vc, block_size)
     out, lse = fast.decode(q, kc, vc, seqlens, num_splits=splits, return_lse=True, **kw)
     ref, ref_lse = reference.decode(q.float(), kc.float(), vc.float(), seqlens, return_lse=True, **kw)
     assert_close("decode", ref, out, TOL[dtype])
     assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
-
-
-def _to_paged_fast(k_cache, v_cache, block_size):
-    """Vectorized ``_to_paged`` for long caches: whole blocks moved to shuffled pool positions."""
-    b, max_len, hkv, d = k_cache.shape
-    n = -(-max_len // block_size)
-    pad = n * block_size - max_len
-    kc = torch.nn.functional.pad(k_cache, (0, 0, 0, 0, 0, pad)).view(b * n, block_size, hkv, d)
-    vc = torch.nn.functional.pad(v_cache, (0, 0, 0, 0, 0, pad)).view(b * n, block_size, hkv, d)
-    perm = torch.randperm(b * n, device=k_cache.device)
-    k_pool, v_pool = torch.empty_like(kc), torch.empty_like(vc)
-    k_pool[perm], v_pool[perm] = kc, vc
-    return k_pool, v_pool, perm.view(b, n).to(torch.int32)

@@ -15,9 +15,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .attention import attention  # noqa: E402
+from .context import context_attention  # noqa: E402
 from .decode import choose_num_splits, decode  # noqa: E402
 from .kv_cache import append_kv  # noqa: E402
 from .preprocess import preprocess  # noqa: E402
 from .unfused import attention_unfused  # noqa: E402
 
-__all__ = ["append_kv", "attention", "attention_unfused", "choose_num_splits", "decode", "preprocess"]
+__all__ = [
+    "append_kv",
+    "attention",
+    "attention_unfused",
+    "choose_num_splits",
+    "context_attention",
+    "decode",
+    "preprocess",
+]

@@ -62,7 +62,7 @@ def _tanh(x):
 @triton.jit
 def _attn_fwd_tiles(
     acc, l_i, m_i, q,
-    k_base, v_base, stride_kn, stride_vn,
+    k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size, k_scale,
     offs_m, offs_n, offs_d,
     lo, hi, seqlen_k, diag, window_left, window_right,
     qk_scale, cap_log2, slope, rel_head, stride_rm, rel_md, seqlen_q,
@@ -70,6 +70,7 @@ def _attn_fwd_tiles(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr,
     PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PLAIN: tl.constexpr,
+    IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         offs_kn = start_n + offs_n
@@ -77,13 +78,28 @@ def _attn_fwd_tiles(
             kv_mask = (offs_kn[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
         else:
             kv_mask = offs_d[None, :] < HEAD_DIM
+        if IS_PAGED:
+            # a paged cache: key j lives in pool block bt_row[j // page_size], row j % page_size; the entries a
+            # sequence uses were checked against the pool on the host, and keys past the end read block 0
+            block = tl.load(bt_row + offs_kn // page_size, mask=offs_kn < seqlen_k, other=0).to(tl.int64)
+            k_rows = block * stride_kb + (offs_kn % page_size) * stride_kn
+            v_rows = block * stride_vb + (offs_kn % page_size) * stride_vn
+        else:
+            k_rows = offs_kn * stride_kn
+            v_rows = offs_kn * stride_vn
         # [BLOCK_N, HEAD_DIM_PAD]
         if MASKED or PAD_D:
-            k = tl.load(k_base + offs_kn[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         else:
-            k = tl.load(k_base + offs_kn[:, None] * stride_kn + offs_d[None, :])
+            k = tl.load(k_base + k_rows[:, None] + offs_d[None, :])
+        if QUANT != 0:
+            # int8 and e4m3 values are exact in fp16/bf16: the product sees the stored values and the scale
+            # multiplies the scores instead of every element
+            k = k.to(q.dtype)
         # [BLOCK_M, BLOCK_N], already in log2 units: exp2 is the cheap exponential on the GPU
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if QUANT != 0:
+            qk = qk * k_scale
         if HAS_ALIBI:
             # ALiBi from the slope and the distance to the diagonal, never materialized
             rel = (offs_kn[None, :] - (offs_m[:, None] + diag)).to(tl.float32)
@@ -137,9 +153,11 @@ def _attn_fwd_tiles(
         acc = acc * alpha[:, None]
         # [BLOCK_N, HEAD_DIM_PAD]
         if MASKED or PAD_D:
-            v = tl.load(v_base + offs_kn[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         else:
-            v = tl.load(v_base + offs_kn[:, None] * stride_vn + offs_d[None, :])
+            v = tl.load(v_base + v_rows[:, None] + offs_d[None, :])
+        if QUANT != 0:
+            v = v.to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -160,6 +178,7 @@ def _attn_fwd_tiles(
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     seq_q_ptr, seq_k_ptr, alibi_ptr, stride_ab, stride_ah, rel_ptr, stride_rh, stride_rm, rel_md,
+    block_table_ptr, stride_bt, page_size, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -168,7 +187,8 @@ def _attn_fwd_kernel(
     num_heads_q, group_size, out_rows, max_rows,
     qk_scale, cap_log2, window_left, window_right, seqlen_bucket,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, KV_CACHE: tl.constexpr, IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr,
     STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -193,8 +213,13 @@ def _attn_fwd_kernel(
     if IS_VARLEN:
         start_q = tl.load(seq_q_ptr + b).to(tl.int64)
         seqlen_q = (tl.load(seq_q_ptr + b + 1) - start_q).to(tl.int32)
-        start_k = tl.load(seq_k_ptr + b).to(tl.int64)
-        seqlen_k = (tl.load(seq_k_ptr + b + 1) - start_k).to(tl.int32)
+        if KV_CACHE:
+            # keys from a KV cache (contiguous rows or pool blocks of sequence b): seq_k holds its lengths
+            start_k = b64 * 0
+            seqlen_k = tl.load(seq_k_ptr + b)
+        else:
+            start_k = tl.load(seq_k_ptr + b).to(tl.int64)
+            seqlen_k = (tl.load(seq_k_ptr + b + 1) - start_k).to(tl.int32)
         # packed rows past this sequence belong to the next one: never store them
         row_limit = seqlen_q
     else:
@@ -210,8 +235,17 @@ def _attn_fwd_kernel(
         return
 
     q_base = q_ptr + b64 * stride_qb + start_q * stride_qm + h.to(tl.int64) * stride_qh
-    k_base = k_ptr + b64 * stride_kb + start_k * stride_kn + h_kv.to(tl.int64) * stride_kh
-    v_base = v_ptr + b64 * stride_vb + start_k * stride_vn + h_kv.to(tl.int64) * stride_vh
+    if IS_PAGED:
+        # pool blocks are addressed per tile through the block table
+        k_base = k_ptr + h_kv.to(tl.int64) * stride_kh
+        v_base = v_ptr + h_kv.to(tl.int64) * stride_vh
+    else:
+        k_base = k_ptr + b64 * stride_kb + start_k * stride_kn + h_kv.to(tl.int64) * stride_kh
+        v_base = v_ptr + b64 * stride_vb + start_k * stride_vn + h_kv.to(tl.int64) * stride_vh
+    bt_row = block_table_ptr + b64 * stride_bt
+    k_scale = 1.0
+    if QUANT != 0:
+        k_scale = tl.load(k_scale_ptr + h_kv)
     o_base = o_ptr + b64 * stride_ob + start_q * stride_om + h.to(tl.int64) * stride_oh
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -253,34 +287,40 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
+        k_scale, offs_m, offs_n, offs_d,
         lo, full_lo, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
         rel_head, stride_rm, rel_md, seqlen_q,
         True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
         REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-        BLOCK_N, PRECISION, False,
+        BLOCK_N, PRECISION, False, IS_PAGED, QUANT,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
+        k_scale, offs_m, offs_n, offs_d,
         full_lo, full_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
         rel_head, stride_rm, rel_md, seqlen_q,
         False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
         REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-        BLOCK_N, PRECISION, not HAS_SOFTCAP and not HAS_ALIBI and REL_MODE == 0,
+        BLOCK_N, PRECISION, not HAS_SOFTCAP and not HAS_ALIBI and REL_MODE == 0, IS_PAGED, QUANT,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
+        k_scale, offs_m, offs_n, offs_d,
         full_hi, hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
         rel_head, stride_rm, rel_md, seqlen_q,
         True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
         REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-        BLOCK_N, PRECISION, False,
+        BLOCK_N, PRECISION, False, IS_PAGED, QUANT,
     )  # fmt: skip
 
     # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros
     has_key = (l_i > 0.0) & row_valid
     l_safe = tl.where(has_key, l_i, 1.0)
     out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+    if QUANT != 0:
+        # the output is linear in V: its scale applies once, here
+        out = out * tl.load(v_scale_ptr + h_kv)
     store_rows = offs_m < row_limit
     tl.store(
         o_base + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -314,6 +354,9 @@ _attn_fwd_tuned = triton.autotune(
     key=[
         "HEAD_DIM_PAD",
         "IS_VARLEN",
+        "KV_CACHE",
+        "IS_PAGED",
+        "QUANT",
         "HAS_WINDOW_LEFT",
         "HAS_WINDOW_RIGHT",
         "HAS_SOFTCAP",
@@ -456,11 +499,12 @@ def attention(
     kernel[grid](
         q, k, v, out, lse if lse is not None else out,
         seq_q, seq_k, slopes, *slope_strides, rel_t, *rel_strides, rel_md,
+        seq_q, 0, 1, seq_q, seq_q,
         sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, slb, slh, slm,
         args.num_heads_q, args.group_size, row_dim, max_rows,
         qk_scale, cap_log2, args.window_left, args.window_right, next_power_of_2(max_rows),
         HEAD_DIM=args.head_dim, HEAD_DIM_PAD=head_dim_pad,
-        IS_VARLEN=args.packed, HAS_WINDOW_LEFT=args.window_left >= 0,
+        IS_VARLEN=args.packed, KV_CACHE=False, IS_PAGED=False, QUANT=0, HAS_WINDOW_LEFT=args.window_left >= 0,
         HAS_WINDOW_RIGHT=args.window_right >= 0, HAS_SOFTCAP=args.softcap > 0,
         HAS_ALIBI=args.alibi_slopes is not None, ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode,
         STORE_LSE=lse is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

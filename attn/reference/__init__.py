@@ -2,6 +2,7 @@
 
 from .alibi import alibi_slopes
 from .attention import alibi_bias, attention, attention_mask, attention_unfused
+from .context import context_attention
 from .decode import decode, gather_kv
 from .kv_cache import append_kv, slot_of
 from .kv_quant import calibrate_kv_scales, dequantize, quantize
@@ -19,6 +20,7 @@ __all__ = [
     "attention_mask",
     "attention_unfused",
     "calibrate_kv_scales",
+    "context_attention",
     "dequantize",
     "decode",
     "gather_kv",

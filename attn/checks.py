@@ -820,11 +820,11 @@ class PreprocessArgs:
 
 def check_preprocess(
     qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
-    rotary_dim, rope_style,
+    rotary_dim, rope_style, k_scale=None, v_scale=None,
 ) -> PreprocessArgs:  # fmt: skip
     """Validates a pre-processing call (and the append it implies) before anything is written."""
     _check_tensor("qkv", qkv)
-    _check_tensor("k_cache", k_cache)
+    _check_tensor("k_cache", k_cache, FLOAT_DTYPES + QUANT_DTYPES)
     for name, n in (("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv)):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
@@ -855,7 +855,9 @@ def check_preprocess(
 
     # the append sees k in its own layout; only shapes matter for its checks
     k_like = qkv[..., : num_heads_kv * d].unflatten(-1, (num_heads_kv, d))
-    append = check_append(k_cache, v_cache, k_like, k_like, cache_seqlens, cu_seqlens_new, block_table)
+    append = check_append(
+        k_cache, v_cache, k_like, k_like, cache_seqlens, cu_seqlens_new, block_table, k_scale, v_scale
+    )
     from .layout import new_token_positions
 
     token_seq, positions = new_token_positions(append.new_bounds, cache_seqlens)

@@ -55,6 +55,38 @@ def test_preprocess_matches_reference(bias, layout, rope, dtype, device):
     assert torch.equal(v_cache, v_ref)
 
 
+@pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn], ids=dtype_id)
+@pytest.mark.parametrize("rotary_dim", [0, 40], ids=lambda r: f"rot{r}")
+@pytest.mark.parametrize("layout", ["packed-contiguous", "packed-paged"])
+def test_quantizing_preprocess_matches_reference(layout, rotary_dim, qdtype, device):
+    paged = layout.endswith("paged")
+    qkv, k_float, _, seqlens, cu, table = _qkv_and_cache(torch.float16, device, paged, True)
+    k_scale = torch.rand(HKV, device=device) * 0.05 + 0.01  # per head
+    v_scale = torch.full((1,), 0.03, device=device)  # one for all heads
+    k_cache = torch.zeros(k_float.shape, dtype=qdtype, device=device)
+    v_cache = torch.zeros(k_float.shape, dtype=qdtype, device=device)
+    kw = dict(num_heads_q=HQ, num_heads_kv=HKV, cu_seqlens_new=cu, block_table=table, rotary_dim=rotary_dim,
+              qkv_bias=torch.randn(qkv.shape[-1], dtype=torch.float16, device=device), k_scale=k_scale,
+              v_scale=v_scale)  # fmt: skip
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_ref = reference.preprocess(qkv, k_ref, v_ref, seqlens, **kw)
+    q = fast.preprocess(qkv, k_cache, v_cache, seqlens, **kw)
+    assert_close("q", q_ref, q, TOL[torch.float16] / 2)
+    # v is biased and quantized by the same fp32 steps: the same bytes
+    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+    if rotary_dim == 0:
+        assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    else:
+        # a rotated key can round differently in its last fp16 bit (fused multiply-adds), which moves its
+        # quantized value to the neighbouring code (int8 values, and e4m3 codes of one sign, are consecutive
+        # integers), and only for values sitting on a rounding edge
+        ints = k_cache.view(torch.int8 if qdtype == torch.int8 else torch.uint8).int()
+        ref_ints = k_ref.view(torch.int8 if qdtype == torch.int8 else torch.uint8).int()
+        differ = ints != ref_ints
+        assert differ.float().mean() <= 0.01, f"{int(differ.sum())} of {differ.numel()} key bytes differ"
+        assert ((ints - ref_ints).abs() <= 1).all()
+
+
 def test_rope_depends_on_relative_position(device):
     # the point of RoPE: q_m · k_n depends on m - n only
     q = torch.randn(1, 1, 64, dtype=torch.float64, device=device)

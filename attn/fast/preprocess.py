@@ -16,7 +16,7 @@ import triton.language as tl
 from ..checks import check_preprocess
 from ..reference.preprocess import RopeScaling, rope_cos_sin
 from ._triton import is_interpreter, next_power_of_2
-from .kv_cache import cache_slot
+from .kv_cache import _quantize, cache_slot, quant_code
 
 
 @triton.jit
@@ -28,15 +28,26 @@ def _load_biased(row_ptr, bias_ptr, cols, mask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _store(dst, x, mask, inv_scale, QUANT: tl.constexpr, SRC_TY: tl.constexpr):
+    if QUANT != 0:
+        # the reference rounds to qkv's dtype first and quantizes that value: the same bytes need the same steps
+        tl.store(dst, _quantize(x.to(SRC_TY).to(tl.float32) * inv_scale, QUANT), mask=mask)
+    else:
+        tl.store(dst, x.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _write_head(
-    row_ptr, bias_ptr, col0, dst_ptr, offs_d, t_mask, cos, sin, idx1, idx2, pair_mask,
+    row_ptr, bias_ptr, col0, dst_ptr, offs_d, t_mask, cos, sin, idx1, idx2, pair_mask, inv_scale,
     HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
+    QUANT: tl.constexpr,
 ):  # fmt: skip
     # features past the rotary dim pass through; the rotated pairs are stored separately, so no address is
     # written twice by one program
+    src_ty = row_ptr.dtype.element_ty
     rest = t_mask[:, None] & (offs_d[None, :] >= ROTARY_DIM) & (offs_d[None, :] < HEAD_DIM)
     x = _load_biased(row_ptr, bias_ptr, col0 + offs_d[None, :], rest, HAS_BIAS)
-    tl.store(dst_ptr + offs_d[None, :], x.to(dst_ptr.dtype.element_ty), mask=rest)
+    _store(dst_ptr + offs_d[None, :], x, rest, inv_scale, QUANT, src_ty)
     if ROTARY_DIM > 0:
         pm = t_mask[:, None] & pair_mask[None, :]
         # [BLOCK_T, HALF_PAD]
@@ -48,20 +59,20 @@ def _write_head(
         else:
             y1 = x1
             y2 = x2
-        tl.store(dst_ptr + idx1[None, :], y1.to(dst_ptr.dtype.element_ty), mask=pm)
-        tl.store(dst_ptr + idx2[None, :], y2.to(dst_ptr.dtype.element_ty), mask=pm)
+        _store(dst_ptr + idx1[None, :], y1, pm, inv_scale, QUANT, src_ty)
+        _store(dst_ptr + idx2[None, :], y2, pm, inv_scale, QUANT, src_ty)
 
 
 @triton.jit(do_not_specialize=["num_tokens", "block_size"])
 def _preprocess_kernel(
     qkv_ptr, bias_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
-    tok_seq_ptr, tok_pos_ptr, block_table_ptr,
+    tok_seq_ptr, tok_pos_ptr, block_table_ptr, k_inv_ptr, v_inv_ptr,
     stride_row, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bt, stride_cos,
     num_tokens, block_size,
     NUM_HEADS_Q: tl.constexpr, NUM_HEADS_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, GPTJ: tl.constexpr, HAS_BIAS: tl.constexpr,
-    IS_PAGED: tl.constexpr, BLOCK_T: tl.constexpr,
+    IS_PAGED: tl.constexpr, QUANT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     hh = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -87,18 +98,23 @@ def _preprocess_kernel(
 
     if hh < NUM_HEADS_Q:
         dst = q_ptr + offs_t.to(tl.int64)[:, None] * stride_qt + hh * stride_qh
-        _write_head(row_ptr, bias_ptr, hh * HEAD_DIM, dst, offs_d, t_mask, cos, sin, idx1, idx2, pair_mask,
-                    HEAD_DIM, ROTARY_DIM, HAS_BIAS, True)  # fmt: skip
+        _write_head(row_ptr, bias_ptr, hh * HEAD_DIM, dst, offs_d, t_mask, cos, sin, idx1, idx2, pair_mask, 1.0,
+                    HEAD_DIM, ROTARY_DIM, HAS_BIAS, True, 0)  # fmt: skip
     else:
         h = hh - NUM_HEADS_Q
         seq = tl.load(tok_seq_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
         row, slot = cache_slot(seq, pos, t_mask, block_table_ptr, stride_bt, block_size, IS_PAGED)
         k_dst = k_cache_ptr + (row * stride_kb + slot * stride_kn)[:, None] + h * stride_kh
         v_dst = v_cache_ptr + (row * stride_vb + slot * stride_vn)[:, None] + h * stride_vh
+        k_inv = 1.0
+        v_inv = 1.0
+        if QUANT != 0:
+            k_inv = tl.load(k_inv_ptr + h)
+            v_inv = tl.load(v_inv_ptr + h)
         _write_head(row_ptr, bias_ptr, (NUM_HEADS_Q + h) * HEAD_DIM, k_dst, offs_d, t_mask, cos, sin, idx1, idx2,
-                    pair_mask, HEAD_DIM, ROTARY_DIM, HAS_BIAS, True)  # fmt: skip
+                    pair_mask, k_inv, HEAD_DIM, ROTARY_DIM, HAS_BIAS, True, QUANT)  # fmt: skip
         _write_head(row_ptr, bias_ptr, (NUM_HEADS_Q + NUM_HEADS_KV + h) * HEAD_DIM, v_dst, offs_d, t_mask, cos, sin,
-                    idx1, idx2, pair_mask, HEAD_DIM, ROTARY_DIM, HAS_BIAS, False)  # fmt: skip
+                    idx1, idx2, pair_mask, v_inv, HEAD_DIM, ROTARY_DIM, HAS_BIAS, False, QUANT)  # fmt: skip
 
 
 _tables: dict = {}
@@ -135,6 +151,8 @@ def preprocess(
     rope_base: float = 10000.0,
     rope_style: str = "neox",
     rope_scaling: RopeScaling | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Splits, biases and rotates new tokens' fused QKV, appends their K/V to the cache, and returns q.
 
@@ -154,13 +172,16 @@ def preprocess(
         rope_base: the frequency base θ.
         rope_style: ``"neox"`` or ``"gptj"``.
         rope_scaling: a ``RopeScaling`` variant, or None.
+        k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``: new
+            keys are quantized with it as they are written (after rounding to qkv's dtype, as the reference does).
+        v_scale: likewise for V.
 
     Returns:
         ``q`` shaped ``[T, Hq, D]`` (packed) or ``[B, S_new, Hq, D]`` (padded), rotated, in qkv's dtype.
     """
     args = check_preprocess(
         qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
-        rotary_dim, rope_style,
+        rotary_dim, rope_style, k_scale, v_scale,
     )  # fmt: skip
     if qkv.device.type != "cuda" and not is_interpreter():
         raise ValueError(f"qkv must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {qkv.device}")
@@ -180,10 +201,13 @@ def preprocess(
             cos, sin = _cos_sin(args.num_positions, rotary_dim, rope_base, qkv.device, rope_scaling)
         else:
             cos = sin = torch.ones(1, 1, dtype=torch.float32, device=qkv.device)
+        quant = quant_code(k_cache.dtype)
+        k_inv = 1.0 / args.append.k_scale if quant else tok_seq
+        v_inv = 1.0 / args.append.v_scale if quant else tok_seq
         block_t = 16 if is_interpreter() else 32
         _preprocess_kernel[(triton.cdiv(num_tokens, block_t), num_heads_q + num_heads_kv)](
             rows, qkv_bias if qkv_bias is not None else rows, q, k_cache, v_cache, cos, sin,
-            tok_seq, args.positions, block_table if block_table is not None else tok_seq,
+            tok_seq, args.positions, block_table if block_table is not None else tok_seq, k_inv, v_inv,
             rows.stride(0), q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -191,7 +215,7 @@ def preprocess(
             num_tokens, args.append.block_size,
             NUM_HEADS_Q=num_heads_q, NUM_HEADS_KV=num_heads_kv, HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d),
             ROTARY_DIM=rotary_dim, HALF_PAD=max(1, next_power_of_2(rotary_dim // 2)), GPTJ=rope_style == "gptj",
-            HAS_BIAS=qkv_bias is not None, IS_PAGED=block_table is not None, BLOCK_T=block_t,
+            HAS_BIAS=qkv_bias is not None, IS_PAGED=block_table is not None, QUANT=quant, BLOCK_T=block_t,
         )  # fmt: skip
     if args.packed:
         return q

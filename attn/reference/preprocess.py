@@ -214,6 +214,8 @@ def preprocess(
     rope_base: float = 10000.0,
     rope_style: str = "neox",
     rope_scaling: RopeScaling | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Splits, biases and rotates new tokens' fused QKV, appends their K/V to the cache, and returns q.
 
@@ -234,13 +236,16 @@ def preprocess(
         rope_style: ``"neox"`` or ``"gptj"``.
         rope_scaling: a `RopeScaling` variant, or None. Its frequencies serve the longest sequence of the
             call (cached plus new tokens), which is what ``dynamic`` scaling depends on.
+        k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``; the
+            keys are rounded to qkv's dtype, then quantized as `append_kv` does.
+        v_scale: likewise for V.
 
     Returns:
         ``q`` shaped ``[T, Hq, D]`` (packed) or ``[B, S_new, Hq, D]`` (padded), rotated, in qkv's dtype.
     """
     args = check_preprocess(
         qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
-        rotary_dim, rope_style,
+        rotary_dim, rope_style, k_scale, v_scale,
     )  # fmt: skip
     d = args.head_dim
     # bias and rotation in float32, one rounding to the cache's dtype at the end
@@ -258,11 +263,12 @@ def preprocess(
         k = apply_rope(k, args.positions, **kw)
     q, k, v = (x.to(qkv.dtype) for x in (q, k, v))
     if args.packed:
-        append_kv(k_cache, v_cache, k, v, cache_seqlens, cu_seqlens_new=cu_seqlens_new, block_table=block_table)
+        append_kv(k_cache, v_cache, k, v, cache_seqlens, cu_seqlens_new=cu_seqlens_new, block_table=block_table,
+                  k_scale=k_scale, v_scale=v_scale)  # fmt: skip
         return q.contiguous()
     b, s = qkv.shape[:2]
     append_kv(
         k_cache, v_cache, k.reshape(b, s, num_heads_kv, d), v.reshape(b, s, num_heads_kv, d), cache_seqlens,
-        block_table=block_table,
+        block_table=block_table, k_scale=k_scale, v_scale=v_scale,
     )  # fmt: skip
     return q.reshape(b, s, num_heads_q, d).contiguous()

@@ -4,8 +4,9 @@
 the top-level names are the fast ones.
 """
 
-from . import kv_cache, layout, reference
-from .fast import append_kv, attention, attention_unfused, context_attention, decode, preprocess
+from . import inflight, kv_cache, layout, reference
+from .fast import append_kv, attention, attention_unfused, context_attention, decode, gpt_attention, preprocess
+from .inflight import InflightBatch
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
 from .reference.alibi import alibi_slopes
 from .reference.kv_quant import calibrate_kv_scales
@@ -14,6 +15,7 @@ from .reference.relative_bias import RelativeBias
 
 __all__ = [
     "BlockAllocator",
+    "InflightBatch",
     "ContiguousKVCache",
     "PagedKVCache",
     "PoolExhaustedError",
@@ -27,6 +29,8 @@ __all__ = [
     "context_attention",
     "decode",
     "fast",
+    "gpt_attention",
+    "inflight",
     "kv_cache",
     "layout",
     "preprocess",

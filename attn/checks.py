@@ -866,3 +866,42 @@ def check_preprocess(
     return PreprocessArgs(
         packed=packed, head_dim=d, token_seq=token_seq, positions=positions, num_positions=num_positions, append=append
     )
+
+
+def check_gpt_attention(
+    qkv, batch, k_cache, v_cache, *, num_heads_q, num_heads_kv, qkv_bias, rotary_dim, rope_style, softmax_scale,
+    q_scaling, window_size, softcap, alibi_slopes, alibi_mode, rel_bias, k_scale, v_scale, validate,
+) -> ContextArgs:  # fmt: skip
+    """Validates a whole ``gpt_attention`` step before anything is written: the buffer against the batch, the
+    pre-processing and append (as ``preprocess`` checks them) and the attention (as ``context_attention`` checks
+    it, on the lengths after the step). A rejected step leaves every cache untouched.
+
+    Raises:
+        TypeError: a wrong type or dtype.
+        ValueError: a buffer whose rows do not add up to the batch's new tokens, and every error of the calls
+            above.
+    """
+    from .inflight import InflightBatch
+
+    if not isinstance(batch, InflightBatch):
+        raise TypeError(f"batch must be an attn.inflight.InflightBatch, got {type(batch).__name__}")
+    _check_tensor("qkv", qkv)
+    if qkv.dim() != 2 or qkv.shape[0] != batch.num_tokens:
+        raise ValueError(
+            f"qkv must be packed [T, (Hq + 2·Hkv)·D] with T = the batch's new tokens ({batch.num_tokens}), "
+            f"got shape {tuple(qkv.shape)}"
+        )
+    if batch.cu_seqlens_new.device != qkv.device:
+        raise ValueError(f"batch must live on qkv's device {qkv.device}, got {batch.cu_seqlens_new.device}")
+    check_preprocess(
+        qkv, k_cache, v_cache, batch.cache_seqlens_before, num_heads_q, num_heads_kv, batch.cu_seqlens_new,
+        batch.block_table, qkv_bias, rotary_dim, rope_style, k_scale, v_scale,
+    )  # fmt: skip
+    head_dim = qkv.shape[1] // (num_heads_q + 2 * num_heads_kv)
+    q_like = qkv[:, : num_heads_q * head_dim].unflatten(-1, (num_heads_q, head_dim))
+    return check_context(
+        q_like, k_cache, v_cache, batch.cache_seqlens_after, cu_seqlens_q=batch.cu_seqlens_new,
+        max_seqlen_q=batch.max_new, block_table=batch.block_table, causal=True, softmax_scale=softmax_scale,
+        q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+        alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, validate=validate,
+    )  # fmt: skip

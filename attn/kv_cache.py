@@ -119,6 +119,14 @@ class _SequenceSlots:
         self._check_live(slot)
         return self._lengths[slot]
 
+    def advance(self, slots: Sequence[int], counts: Sequence[int]) -> None:
+        """Counts ``counts[i]`` more tokens as cached in ``slots[i]``, after an operation that wrote them itself
+        (`attn.gpt_attention`, `attn.preprocess`); pair it with `reserve_tokens` before that operation."""
+        for s in slots:
+            self._check_live(s)
+        for s, n in zip(slots, counts):
+            self._set_length(s, self._lengths[s] + n)
+
     @property
     def live(self) -> list[int]:
         return sorted(self._live)
@@ -157,6 +165,18 @@ class ContiguousKVCache(_SequenceSlots):
         _append_impl(impl)(self.k, self.v, k_new, v_new, seqlens, cu_seqlens_new=cu_seqlens_new, block_table=table)
         for s, n in zip(slots, counts):
             self._set_length(s, self._lengths[s] + n)
+
+    def reserve_tokens(self, slots: Sequence[int], counts: Sequence[int]) -> None:
+        """Checks that ``counts[i]`` more tokens fit in ``slots[i]`` (all or nothing); see `advance`.
+
+        Raises:
+            ValueError: a slot not in use, or a sequence that would outgrow ``max_len``.
+        """
+        for s in slots:
+            self._check_live(s)
+        over = [s for s, n in zip(slots, counts) if self._lengths[s] + n > self.max_len]
+        if over:
+            raise ValueError(f"sequence slots {over} would outgrow max_len={self.max_len}")
 
     def release(self, slot: int) -> None:
         """Ends a sequence: its slot becomes free (its rows are simply overwritten by the next owner)."""
@@ -255,7 +275,25 @@ class PagedKVCache(_SequenceSlots):
         for s in slots:
             self._check_live(s)
         counts = _new_counts(slots, k_new, cu_seqlens_new)
-        # all-or-nothing: check every sequence against its table row and the pool before reserving any block
+        self.reserve_tokens(slots, counts)
+        idx = list(slots)
+        _append_impl(impl)(
+            self.k, self.v, k_new, v_new, self.seqlens[idx],
+            cu_seqlens_new=cu_seqlens_new, block_table=self.block_table[idx],
+        )  # fmt: skip
+        for s, n in zip(slots, counts):
+            self._set_length(s, self._lengths[s] + n)
+
+    def reserve_tokens(self, slots: Sequence[int], counts: Sequence[int]) -> None:
+        """Takes the blocks that ``counts[i]`` more tokens of ``slots[i]`` need, all or nothing; see `advance`.
+
+        Raises:
+            ValueError: a slot not in use, or a sequence outgrowing its block-table row.
+            PoolExhaustedError: too few free blocks. Nothing is reserved then.
+        """
+        for s in slots:
+            self._check_live(s)
+        # check every sequence against its table row and the pool before reserving any block
         total = [-(-(self._lengths[s] + n) // self.block_size) for s, n in zip(slots, counts)]
         over = [s for s, t in zip(slots, total) if t > self.max_blocks_per_seq]
         if over:
@@ -265,13 +303,6 @@ class PagedKVCache(_SequenceSlots):
             raise PoolExhaustedError(f"appending needs {new_blocks} new blocks, {self.allocator.num_free} are free")
         for s, n in zip(slots, counts):
             self.reserve(s, n)
-        idx = list(slots)
-        _append_impl(impl)(
-            self.k, self.v, k_new, v_new, self.seqlens[idx],
-            cu_seqlens_new=cu_seqlens_new, block_table=self.block_table[idx],
-        )  # fmt: skip
-        for s, n in zip(slots, counts):
-            self._set_length(s, self._lengths[s] + n)
 
     def release(self, slot: int) -> None:
         """Ends a sequence: its blocks go back to the pool and its slot becomes free."""

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 from .attention import attention  # noqa: E402
 from .context import context_attention  # noqa: E402
 from .decode import choose_num_splits, decode  # noqa: E402
+from .gpt_attention import gpt_attention  # noqa: E402
 from .kv_cache import append_kv  # noqa: E402
 from .preprocess import preprocess  # noqa: E402
 from .unfused import attention_unfused  # noqa: E402
@@ -28,5 +29,6 @@ __all__ = [
     "choose_num_splits",
     "context_attention",
     "decode",
+    "gpt_attention",
     "preprocess",
 ]

@@ -4,6 +4,7 @@ from .alibi import alibi_slopes
 from .attention import alibi_bias, attention, attention_mask, attention_unfused
 from .context import context_attention
 from .decode import decode, gather_kv
+from .gpt_attention import gpt_attention
 from .kv_cache import append_kv, slot_of
 from .kv_quant import calibrate_kv_scales, dequantize, quantize
 from .preprocess import RopeScaling, apply_rope, preprocess, rope_cos_sin, rope_inv_freq
@@ -24,6 +25,7 @@ __all__ = [
     "dequantize",
     "decode",
     "gather_kv",
+    "gpt_attention",
     "preprocess",
     "quantize",
     "relative_bias_matrix",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session's batch: the GPU test suite, then the benchmark, with logs under $OUT.
-# Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [tests] [bench] [decode] [features] [inflight] [host] [cache]
+# Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [tests] [bench] [decode] [features] [inflight] [demo] [host] [cache]
 # Compiling dominates the test run, so the suite runs as several pytest processes side by side, and the
 # Triton cache is handed back as one archive (.triton_cache/cache.tgz is unpacked first when present).
 set -uo pipefail
@@ -53,6 +53,7 @@ for job in "$@"; do
       ;;
     features) python3 -m bench.bench_features --out "$OUT/bench_features.json" 2>&1 | tee "$OUT/bench_features.log" ;;
     inflight) python3 -m bench.bench_inflight --out "$OUT/bench_inflight.json" 2>&1 | tee "$OUT/bench_inflight.log" ;;
+    demo) python3 -m attn.demo --device cuda --large 2>&1 | tr '\r' '\n' | grep -v "^\[" | tee "$OUT/demo.log" ;;
     host) python3 scripts/host_probe.py 2>&1 | tee "$OUT/host_probe.log" ;;
     bench) python3 -m bench.bench_attention --out "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench.log" ;;
     decode) python3 -m bench.bench_decode --out "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" ;;

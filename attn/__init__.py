@@ -5,7 +5,16 @@ the top-level names are the fast ones.
 """
 
 from . import inflight, kv_cache, layout, reference
-from .fast import append_kv, attention, attention_unfused, context_attention, decode, gpt_attention, preprocess
+from .fast import (
+    append_kv,
+    attention,
+    attention_unfused,
+    context_attention,
+    cross_attention,
+    decode,
+    gpt_attention,
+    preprocess,
+)
 from .inflight import InflightBatch
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
 from .reference.alibi import alibi_slopes
@@ -27,6 +36,7 @@ __all__ = [
     "attention_unfused",
     "calibrate_kv_scales",
     "context_attention",
+    "cross_attention",
     "decode",
     "fast",
     "gpt_attention",

@@ -905,3 +905,19 @@ def check_gpt_attention(
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, validate=validate,
     )  # fmt: skip
+
+
+def check_encoder_lengths(encoder_lengths, batch: int, capacity: int, validate: bool) -> None:
+    """Cross attention's ``encoder_input_lengths``: int32 ``[B]``, each within the cross cache's capacity."""
+    if not isinstance(encoder_lengths, torch.Tensor):
+        raise TypeError(f"encoder_lengths must be a torch.Tensor, got {type(encoder_lengths).__name__}")
+    if encoder_lengths.dtype != torch.int32:
+        raise TypeError(f"encoder_lengths must be int32, got {encoder_lengths.dtype}")
+    if encoder_lengths.shape != (batch,):
+        raise ValueError(f"encoder_lengths must have shape [B]=({batch},), got {tuple(encoder_lengths.shape)}")
+    if validate:
+        bad = [x for x in encoder_lengths.tolist() if x < 0 or x > capacity]
+        if bad:
+            raise ValueError(
+                f"encoder_lengths entries must lie in [0, {capacity}] (what the cross cache holds), got {bad}"
+            )

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 from .attention import attention  # noqa: E402
 from .context import context_attention  # noqa: E402
+from .cross import cross_attention  # noqa: E402
 from .decode import choose_num_splits, decode  # noqa: E402
 from .gpt_attention import gpt_attention  # noqa: E402
 from .kv_cache import append_kv  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     "attention_unfused",
     "choose_num_splits",
     "context_attention",
+    "cross_attention",
     "decode",
     "gpt_attention",
     "preprocess",

@@ -3,6 +3,7 @@
 from .alibi import alibi_slopes
 from .attention import alibi_bias, attention, attention_mask, attention_unfused
 from .context import context_attention
+from .cross import cross_attention
 from .decode import decode, gather_kv
 from .gpt_attention import gpt_attention
 from .kv_cache import append_kv, slot_of
@@ -22,6 +23,7 @@ __all__ = [
     "attention_unfused",
     "calibrate_kv_scales",
     "context_attention",
+    "cross_attention",
     "dequantize",
     "decode",
     "gather_kv",

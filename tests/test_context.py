@@ -19,6 +19,10 @@ CASES = {
     "gqa2-d40": (4, 2, 40, [3, 0, 1, 9], [5, 7, 0, 20]),
     "mqa-d64": (4, 1, 64, [1, 17, 2], [33, 0, 6]),
     "mha-d16": (2, 2, 16, [40, 1], [3, 50]),
+    # GQA packing edge cases: a group of 3 leaves tile rows unused (tokens × 3 does not fill a power of two);
+    # a group of 32 is split into two packs of 16 heads
+    "gqa3-d24": (6, 2, 24, [11, 1, 0], [2, 0, 9]),
+    "mqa32-d16": (32, 1, 16, [2, 1, 13], [30, 9, 4]),
 }
 FEATURES = {
     "plain": {},
@@ -190,3 +194,22 @@ def test_gpu_context(cache, block_size):
                                            v_b if cache != "bf16" else v_b.float(), seqlens[b : b + 1],
                                            cu_seqlens_q=sub_cu, **one)  # fmt: skip
         assert_close(f"rows {lo}:{hi}", want, out[lo:hi], TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_gpu_generation_batch_matches_decode():
+    # a generation-only batch (60 one-token requests on ragged caches up to 4096, GQA 32/8, D128, paged 64):
+    # the autotuner's small-tile configs and the GQA packing, against the decode kernel and the reference
+    dev, hq, hkv, d = "cuda", 32, 8, 128
+    lens = torch.randint(1, 4097, (60,)).tolist()
+    kc = torch.randn(60, 4096, hkv, d, device=dev, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    kc, vc, table = to_paged_fast(kc, vc, 64)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
+    cu = torch.arange(61, dtype=torch.int32, device=dev)
+    q = torch.randn(60, hq, d, device=dev, dtype=torch.bfloat16)
+    out = fast.context_attention(q, kc, vc, seqlens, cu_seqlens_q=cu, block_table=table)
+    want = reference.context_attention(q.float(), kc.float(), vc.float(), seqlens, cu_seqlens_q=cu, block_table=table)
+    assert_close("vs reference", want, out, TOL[torch.bfloat16])
+    dec = fast.decode(q[:, None], kc, vc, seqlens, block_table=table)[:, 0]
+    assert_close("vs decode", want, dec, TOL[torch.bfloat16])

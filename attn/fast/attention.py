@@ -44,6 +44,11 @@ def _keep(configs, named_args, **kwargs):
         # IEEE fp32 products run without tensor cores and hold 4-byte tiles: large tiles only spill registers
         # (and take ptxas minutes to compile); fp32 is a correctness path, not a fast one
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    if kwargs.get("KV_CACHE") and kwargs.get("PACK", 1) * named_args["max_rows"] <= 32:
+        # queries over a cache with few rows per sequence (generation requests, short chunks): a 128-row tile
+        # would be mostly padding, so smaller ones join the candidates
+        small = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64}, num_warps=4, num_stages=3) for bm in (16, 32)]
+        configs = [c for c in small if c.kwargs["BLOCK_M"] >= kwargs.get("PACK", 1)] + configs
     if head_dim >= 256:
         # 256-wide rows: deeper pipelines or 128-key tiles overflow the 228 KB of shared memory
         return [
@@ -190,24 +195,44 @@ def _attn_fwd_kernel(
     IS_VARLEN: tl.constexpr, KV_CACHE: tl.constexpr, IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr,
-    STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, PACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Consecutive programs are the row blocks of one head, so the blocks that stream the same K/V run side by
     # side and share it through L2 (the other order, all heads of one row block together, re-read every head's
     # K/V from memory once per row block and ran 13-37% slower on the H200: bench/NOTES.md). Within a head the
     # heaviest row blocks (most keys under a causal mask) start first, so the tail of the grid is short.
-    num_m_blocks = tl.cdiv(max_rows, BLOCK_M)
+    # GQA packing (PACK > 1): a program serves PACK query heads of one KV head, its tile rows are BLOCK_M // PACK
+    # tokens × PACK heads (row r: token r // PACK, head r % PACK), so each K/V tile is loaded once for all of
+    # them. A generation request (one token) then fills PACK rows of the tile instead of one.
+    TOKENS: tl.constexpr = BLOCK_M // PACK
+    num_m_blocks = tl.cdiv(max_rows, TOKENS)
     pid = tl.program_id(0)
     pid_bh = pid // num_m_blocks
     pid_m = num_m_blocks - 1 - pid % num_m_blocks
-    b = pid_bh // num_heads_q
-    h = pid_bh % num_heads_q
+    num_programs_h = num_heads_q // PACK
+    b = pid_bh // num_programs_h
+    h = pid_bh % num_programs_h * PACK
     h_kv = h // group_size
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(alibi_ptr + b * stride_ab + h * stride_ah)
-    rel_head = rel_ptr + h.to(tl.int64) * stride_rh
+    offs_r = tl.arange(0, BLOCK_M)
+    if PACK == 1:
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(alibi_ptr + b * stride_ab + h * stride_ah)
+        rel_head = rel_ptr + h.to(tl.int64) * stride_rh
+        head_off_q = 0
+        head_off_o = 0
+        head_off_l = 0
+    else:
+        # per-row heads: slopes and bias rows become [BLOCK_M, 1] columns, broadcast over the keys
+        row_head = offs_r % PACK
+        slope = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+        if HAS_ALIBI:
+            slope = tl.load(alibi_ptr + b * stride_ab + (h + row_head) * stride_ah)[:, None]
+        rel_head = (rel_ptr + (h + row_head).to(tl.int64) * stride_rh)[:, None]
+        head_off_q = row_head * stride_qh
+        head_off_o = row_head * stride_oh
+        head_off_l = row_head * stride_lh
 
     b64 = b.to(tl.int64)
     if IS_VARLEN:
@@ -230,7 +255,7 @@ def _attn_fwd_kernel(
         # padded rows past the sequence are part of the output and get zeros
         row_limit = out_rows + seqlen_q * 0
 
-    m0 = pid_m * BLOCK_M
+    m0 = pid_m * TOKENS
     if m0 >= row_limit:
         return
 
@@ -248,20 +273,24 @@ def _attn_fwd_kernel(
         k_scale = tl.load(k_scale_ptr + h_kv)
     o_base = o_ptr + b64 * stride_ob + start_q * stride_om + h.to(tl.int64) * stride_oh
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    # the query token of each tile row
+    offs_m = m0 + offs_r // PACK
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     row_valid = offs_m < seqlen_q
+    if PACK * TOKENS != BLOCK_M:
+        # a pack that does not divide the tile leaves its last rows unused
+        row_valid &= offs_r < PACK * TOKENS
     # [BLOCK_M, HEAD_DIM_PAD]
     q = tl.load(
-        q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+        q_base + (offs_m * stride_qm + head_off_q)[:, None] + offs_d[None, :],
         mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
 
     # bottom-right alignment: query row i sits on key diag + i
     diag = seqlen_k - seqlen_q
-    m_last = m0 + BLOCK_M - 1
+    m_last = m0 + TOKENS - 1
     # [lo, hi): keys visible to at least one row of the block
     lo = seqlen_k * 0
     hi = seqlen_k
@@ -322,8 +351,10 @@ def _attn_fwd_kernel(
         # the output is linear in V: its scale applies once, here
         out = out * tl.load(v_scale_ptr + h_kv)
     store_rows = offs_m < row_limit
+    if PACK * TOKENS != BLOCK_M:
+        store_rows &= offs_r < PACK * TOKENS
     tl.store(
-        o_base + offs_m[:, None] * stride_om + offs_d[None, :],
+        o_base + (offs_m * stride_om + head_off_o)[:, None] + offs_d[None, :],
         out.to(o_ptr.dtype.element_ty),
         mask=store_rows[:, None] & (offs_d[None, :] < HEAD_DIM),
     )
@@ -331,7 +362,7 @@ def _attn_fwd_kernel(
         # m_i is in log2 units; ln(sum exp(s)) = (m + log2(l)) * ln(2)
         lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         lse_base = lse_ptr + b64 * stride_lb + h.to(tl.int64) * stride_lh + start_q * stride_lm
-        tl.store(lse_base + offs_m * stride_lm, lse, mask=store_rows)
+        tl.store(lse_base + (offs_m * stride_lm + head_off_l), lse, mask=store_rows)
 
 
 def relative_bias_operands(rel, placeholder: torch.Tensor):
@@ -361,6 +392,7 @@ _attn_fwd_tuned = triton.autotune(
         "HAS_WINDOW_RIGHT",
         "HAS_SOFTCAP",
         "HAS_ALIBI",
+        "PACK",
         "seqlen_bucket",
     ],  # fmt: skip
     prune_configs_by={"early_config_prune": _keep},
@@ -507,7 +539,7 @@ def attention(
         IS_VARLEN=args.packed, KV_CACHE=False, IS_PAGED=False, QUANT=0, HAS_WINDOW_LEFT=args.window_left >= 0,
         HAS_WINDOW_RIGHT=args.window_right >= 0, HAS_SOFTCAP=args.softcap > 0,
         HAS_ALIBI=args.alibi_slopes is not None, ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode,
-        STORE_LSE=lse is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        STORE_LSE=lse is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACK=1,
         **meta,
     )  # fmt: skip
     return (out, lse) if return_lse else out

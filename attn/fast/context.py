@@ -5,7 +5,9 @@ instead of from packed K/V: the same masked/unmasked tile split, online softmax 
 compile-time switches. ``KV_CACHE`` takes each sequence's key count from ``cache_seqlens`` and its rows from
 row ``b`` of a contiguous cache; ``IS_PAGED`` gathers each K/V tile through the block table; ``QUANT`` reads
 an INT8 or FP8 cache, converting each tile to the query's type (exact: int8 and e4m3 values are fp16/bf16
-numbers), multiplying the K scale into the scores and the V scale into the output.
+numbers), multiplying the K scale into the scores and the V scale into the output. ``PACK`` packs GQA: the
+query heads of one KV head share a program, its tile rows being tokens × heads, so each K/V tile is read once per
+group and a one-token generation request fills a group's worth of rows rather than one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from ..checks import check_context
 from ._triton import autotune_enabled, is_interpreter, next_power_of_2
 from .attention import LOG2E, _attn_fwd_kernel, _attn_fwd_tuned, _fixed_config, relative_bias_operands
 from .kv_cache import quant_code
+
+MAX_PACK = 16  # the smallest tile has 16 rows (tl.dot's minimum); a larger group is split into packs
+
+
+def gqa_pack(group_size: int) -> int:
+    """How many query heads of a KV head share a program's tile: the whole group when it fits in 16 rows,
+    else its largest divisor that does (MQA with 32 heads: packs of 16)."""
+    return max(p for p in range(1, min(group_size, MAX_PACK) + 1) if group_size % p == 0)
 
 
 def context_attention(
@@ -100,9 +110,11 @@ def context_attention(
         qk_scale, cap_log2 = c.scale * LOG2E, 0.0
     head_dim_pad = max(16, next_power_of_2(c.head_dim))
     max_rows = args.max_seqlen_q
+    pack = gqa_pack(c.group_size)
 
     def grid(meta):
-        return (c.batch * c.num_heads_q * triton.cdiv(max_rows, meta["BLOCK_M"]),)
+        # a program: one KV head's `pack` query heads over BLOCK_M // pack tokens of one sequence
+        return (c.batch * (c.num_heads_q // pack) * triton.cdiv(max_rows, meta["BLOCK_M"] // pack),)
 
     quant = quant_code(k_cache.dtype)
     placeholder = cache_seqlens
@@ -131,7 +143,7 @@ def context_attention(
         IS_VARLEN=True, KV_CACHE=True, IS_PAGED=c.paged, QUANT=quant,
         HAS_WINDOW_LEFT=c.window_left >= 0, HAS_WINDOW_RIGHT=c.window_right >= 0, HAS_SOFTCAP=c.softcap > 0,
         HAS_ALIBI=c.alibi_slopes is not None, ALIBI_WITH_SCALE=c.alibi_with_scale, REL_MODE=rel_mode,
-        STORE_LSE=lse is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        STORE_LSE=lse is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACK=pack,
         **meta,
     )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -29,7 +29,9 @@
 # 5. decoding over a paged cache: live checks against a contiguous copy and the reference, and how the kernel
 #    gathers keys through the block table;
 # 6. the converters to FlashInfer's and TensorRT-LLM's paged formats;
-# 7. what paging costs in speed, measured on an H200.
+# 7. what paging costs in speed, measured on an H200;
+# 8. chunked context over a paged cache: a prompt fed in chunks equals the whole prompt, which tiles a chunk
+#    visits, and how the query heads of a KV head share a tile.
 
 # %%
 import json
@@ -605,7 +607,151 @@ for commit in ("ae39e51", "f86bfb9"):
 # So the honest summary: on the regular shapes paging currently costs our decode kernel 5-8% of its bandwidth,
 # and more on the one ragged batch measured so far. Against that, section 1 showed that it lets several times
 # more sequences share the GPU, which is why serving systems pay it.
+
+# %% [markdown]
+# ## 8. Chunked context over a paged cache
 #
+# A long prompt need not enter the model in one piece. Serving systems cut it into chunks of a few thousand
+# tokens (TensorRT-LLM's *chunked context*), so that one long prompt does not stall the generation requests
+# batched with it and a step's activations stay bounded. A chunk of $n$ tokens is handled like this: its keys
+# and values are appended to the cache first, then its queries attend to everything the cache now holds for the
+# sequence, the earlier chunks and the chunk itself. With $L$ tokens cached (the chunk's own included), query
+# $i$ of the chunk sits at position $L - n + i$ and sees key $j$ iff
+#
+# $$ j \le i + (L - n), $$
+#
+# the causal mask aligned bottom-right, exactly as the prefill kernel defines it when $S_k > S_q$. A generation
+# request is a chunk of one; a sequence with nothing new this step is a chunk of zero.
+#
+# `attn.context_attention(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu, block_table=table)` takes a packed
+# batch of such chunks: `q [T, Hq, D]`, sequence $b$'s queries in rows `cu[b]:cu[b+1]`, its keys read through its
+# row of the block table. It is the fused prefill kernel of lesson 2 with three compile-time switches: key
+# counts from `cache_seqlens`, K/V tiles gathered through the block table (per key, as in section 5, so any
+# block size works), and INT8/FP8 tiles converted in registers.
+#
+# The claim to check: feeding two prompts chunk by chunk through a paged cache (block size 5, GQA 8/2) gives
+# the same output as attending over each whole prompt at once. Prompt lengths 37 and 22 in chunks of 16, so
+# chunks are ragged, and in the last step the shorter prompt has nothing left (a chunk of zero).
+
+# %%
+HQ, HKV, DIM, CHUNK = 8, 2, 32, 16
+lengths = [37, 22]
+chunk_cache = attn.PagedKVCache(num_blocks=20, block_size=5, num_heads_kv=HKV, head_dim=DIM, max_seqs=2,
+                                max_blocks_per_seq=8, dtype=torch.float32, device=device)  # fmt: skip
+chunk_slots = [chunk_cache.add_sequence() for _ in lengths]
+qs = [torch.randn(n, HQ, DIM, device=device) for n in lengths]
+ks = [torch.randn(n, HKV, DIM, device=device) for n in lengths]
+vs = [torch.randn(n, HKV, DIM, device=device) for n in lengths]
+outs = [[] for _ in lengths]
+for start in range(0, max(lengths), CHUNK):
+    parts = [slice(min(start, n), min(start + CHUNK, n)) for n in lengths]
+    cu = cu_seqlens_from_lengths(torch.tensor([p.stop - p.start for p in parts], device=device))
+    # append the chunk's keys and values first: its queries see themselves through the cache
+    chunk_cache.append(chunk_slots, torch.cat([k[p] for k, p in zip(ks, parts)]),
+                       torch.cat([v[p] for v, p in zip(vs, parts)]), cu_seqlens_new=cu)  # fmt: skip
+    seqlens, table = chunk_cache.metadata(chunk_slots)
+    out = attn.context_attention(torch.cat([q[p] for q, p in zip(qs, parts)]), chunk_cache.k, chunk_cache.v,
+                                 seqlens, cu_seqlens_q=cu, block_table=table)  # fmt: skip
+    print(f"step at {start:2d}: new tokens {(cu[1:] - cu[:-1]).tolist()}, cached {seqlens.tolist()}")
+    for b in range(len(lengths)):
+        outs[b].append(out[cu[b] : cu[b + 1]])
+
+for b, n in enumerate(lengths):
+    whole = reference.attention(qs[b][None].double(), ks[b][None].double(), vs[b][None].double(), causal=True)[0]
+    err = maxdiff(torch.cat(outs[b]), whole)
+    print(f"prompt {b} ({n} tokens): chunked over the paged cache vs whole prompt at once (fp64): {err:.1e}")
+    assert err < 1e-5
+
+# %% [markdown]
+# ### Which tiles a chunk visits
+#
+# The kernel walks over a chunk in row blocks and, for each, over key tiles of `BLOCK_N` keys. Like the prefill
+# kernel it splits the key range of a row block three ways (lesson 2): tiles no row of the block can see are
+# never loaded, tiles every row sees run without any mask arithmetic, and only the tiles crossing the diagonal
+# (or a window's left edge) pay for the mask. A chunk on a long prefix is therefore mostly unmasked work: the
+# whole prefix is visible to every query, and only a band of tiles along the chunk's own diagonal is masked.
+#
+# Below, the ranges are computed with the kernel's own formulas (`_attn_fwd_kernel` in `attn/fast/attention.py`)
+# for a chunk of 48 tokens on a 64-token prefix, 16-token row blocks and 16-key tiles, and checked against the
+# reference mask, `reference.attention_mask`: every visible (query, key) pair lies in a visited tile, and every
+# unmasked tile is visible in full. The right panel adds a sliding window of 40 keys, which also skips tiles on
+# the left.
+
+
+# %%
+def tile_plan(n, total, rows, cols, window_left=-1):
+    """The kernel's split of each row block's key range: (lo, full_lo, full_hi, hi) per row block."""
+    diag, plan = total - n, []
+    for m0 in range(0, n, rows):
+        m_last = m0 + rows - 1
+        lo, hi = 0, min(m_last + diag + 1, total)  # causal: the right window is 0
+        full_lo, full_hi = lo, max(min(m0 + diag + 1, total), 0) // cols * cols
+        if window_left >= 0:
+            lo = max(m0 + diag - window_left, 0) // cols * cols
+            full_lo = -(-max(m_last + diag - window_left, 0) // cols) * cols
+        full_lo = min(max(full_lo, lo), max(hi, lo))
+        full_hi = min(max(full_hi, full_lo), max(hi, lo))
+        plan.append((lo, full_lo, full_hi, hi))
+    return plan
+
+
+def check_and_draw(ax, n, total, rows, cols, window_left=-1):
+    visible = reference.attention_mask(n, total, causal=True, window_size=(window_left, 0))
+    ax.imshow(visible, cmap="Greys", vmin=0, vmax=2.5, aspect="auto", interpolation="nearest",
+              extent=(0, total, n, 0))  # fmt: skip
+    counts = {"unmasked": 0, "masked": 0, "skipped": 0}
+    for r, (lo, full_lo, full_hi, hi) in enumerate(tile_plan(n, total, rows, cols, window_left)):
+        m0 = r * rows
+        for k0 in range(0, total, cols):
+            tile = visible[m0 : m0 + rows, k0 : k0 + cols]
+            if full_lo <= k0 < full_hi:
+                kind, color = "unmasked", "C2"
+                assert tile.all(), "an unmasked tile must be visible in full"
+            elif lo <= k0 < hi:
+                kind, color = "masked", "C1"
+            else:
+                kind, color = "skipped", None
+                assert not tile.any(), "a skipped tile must hold no visible pair"
+            counts[kind] += 1
+            if color:
+                ax.add_patch(Rectangle((k0, m0), cols, rows, fill=True, alpha=0.35, color=color, lw=0))
+            ax.add_patch(Rectangle((k0, m0), cols, rows, fill=False, ec="0.5", lw=0.5))
+    ax.axvline(total - n, color="C3", ls="--", lw=1)
+    ax.set_xlabel(f"key position (prefix of {total - n} | chunk of {n})")
+    ax.set_ylabel("query of the chunk")
+    title = "causal" if window_left < 0 else f"causal, window of {window_left} keys to the left"
+    ax.set_title(f"{title}: {counts['unmasked']} unmasked, {counts['masked']} masked, {counts['skipped']} skipped",
+                 fontsize=9)  # fmt: skip
+    return counts
+
+
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+for ax, window in zip(axes, (-1, 40)):
+    print(check_and_draw(ax, n=48, total=112, rows=16, cols=16, window_left=window))
+axes[0].legend(handles=[Rectangle((0, 0), 1, 1, color="C2", alpha=0.35, label="unmasked (no mask arithmetic)"),
+                        Rectangle((0, 0), 1, 1, color="C1", alpha=0.35, label="masked (diagonal, window edge)"),
+                        Rectangle((0, 0), 1, 1, fill=False, ec="0.5", label="skipped (never loaded)")],
+               fontsize=7, loc="lower left")  # fmt: skip
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ### Packing the query heads of a KV head
+#
+# With GQA, the $H_q / H_{kv}$ query heads of a group read the same keys and values. The kernel therefore gives
+# one program a whole group: its tile rows are *tokens × heads* (row $r$ holds token $\lfloor r / g \rfloor$ of
+# the row block and head $r \bmod g$ of the group), and each K/V tile is loaded once for all $g$ heads instead of
+# once per head. The masks above are per token, so a row block of `BLOCK_M` rows covers `BLOCK_M / g` tokens.
+# This matters most for generation requests: one token alone would fill one row of a 16-row tile, while with
+# packing it fills $g$ of them. For the GQA 8/2 batch above ($g = 4$) and a 16-row tile:
+
+# %%
+g = HQ // HKV
+print("tile row:", list(range(16)))
+print("token:   ", [r // g for r in range(16)])
+print("head:    ", [r % g for r in range(16)], "(+ the group's first head)")
+
+# %% [markdown]
 # ## Summary
 #
 # - A contiguous cache reserves `max_len` tokens per sequence; with realistic lengths most of it stays empty.
@@ -621,3 +767,6 @@ for commit in ("ae39e51", "f86bfb9"):
 #   V per block in one pool and addresses them by block offsets $2i$ and $2i+1$.
 # - Measured on an H200, paged decode runs at 0.92-0.95x of contiguous on regular shapes (0.75x on the one
 #   ragged batch measured, not yet explained).
+# - A prompt chunk of $n$ tokens, appended first, attends to the $L$ cached tokens bottom-right causally;
+#   `attn.context_attention` runs a packed batch of chunks (and one-token generation requests) over a paged
+#   cache, visiting only tiles some query can see and masking only those across the diagonal.

@@ -633,6 +633,11 @@ def check_context(
     if cu_seqlens_q.device != q.device:
         raise ValueError(f"cu_seqlens_q must be on q's device {q.device}, got {cu_seqlens_q.device}")
     batch = cu_seqlens_q.numel() - 1
+    if isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dim() == 1 and cache_seqlens.numel() != batch:
+        raise ValueError(
+            f"cu_seqlens_q must have B+1 entries for the B={cache_seqlens.numel()} sequences of cache_seqlens, "
+            f"got {cu_seqlens_q.numel()}"
+        )
     num_tokens, num_heads_q, head_dim = q.shape
     # the cache side is decode's, checked through a [B, 1, Hq, D] stand-in for the queries
     if num_tokens:
@@ -780,16 +785,30 @@ def check_append(
                 f"sequence {b} appends {n} tokens to a cyclic cache of {window} slots (at most {window} at once), "
                 f"from cache_seqlens={start}"
             )
-    if block_table is not None:
+    if block_table is not None and batch:
         pool = k_cache.shape[0]
-        for b, (start, n) in enumerate(zip(starts, counts)):
-            if n == 0:
-                continue
-            slots = range(start, start + n) if window is None else {t % window for t in range(start, start + n)}
-            used = block_table[b, sorted({t // block_size for t in slots})].tolist()
-            bad = [x for x in used if x < 0 or x >= pool]
-            if bad:
-                raise ValueError(f"block_table[{b}] points outside the pool of {pool} blocks: {bad}")
+        # the table columns each sequence writes to, as one mask: a single read of the device, whatever B is
+        if window is None:
+            first = [start // block_size for start in starts]
+            last = [(start + n - 1) // block_size if n else -1 for start, n in zip(starts, counts)]
+        else:
+            # a cyclic write of n <= window slots from start % window; when it wraps, it touches every column up
+            # to the end of the window and from its start, which the range [0, last] covers conservatively
+            first = [(start % window) // block_size if (start % window) + n <= window else 0 for start, n in
+                     zip(starts, counts)]  # fmt: skip
+            last = [
+                (min(start % window + n, window) - 1) // block_size if n else -1 for start, n in zip(starts, counts)
+            ]
+            last = [max(hi, (window - 1) // block_size) if n and start % window + n > window else hi
+                    for hi, start, n in zip(last, starts, counts)]  # fmt: skip
+        cols = torch.arange(block_table.shape[1], device=block_table.device)
+        first_t = torch.tensor(first, device=block_table.device)[:, None]
+        last_t = torch.tensor(last, device=block_table.device)[:, None]
+        outside = ((cols[None, :] >= first_t) & (cols[None, :] <= last_t)) & ((block_table < 0) | (block_table >= pool))
+        if bool(outside.any()):
+            row = int(outside.nonzero()[0, 0])
+            bad = block_table[row][outside[row]].tolist()
+            raise ValueError(f"block_table[{row}] points outside the pool of {pool} blocks: {bad}")
     k_scale, v_scale = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2])
     return AppendArgs(
         batch=batch, packed=packed, new_bounds=bounds, block_size=block_size, capacity=capacity, k_scale=k_scale,

@@ -1,7 +1,7 @@
 """End-to-end demo: a small GPT-style decoder served with continuous batching, its attention all `attn`.
 
-    python -m attn.demo                       # CPU: a tiny model, a handful of requests (Triton's interpreter)
-    python -m attn.demo --device cuda --large # GPU: a bigger model and a longer stream of requests
+    python -m attn.demo                       # a tiny model, a handful of requests (on a CPU: Triton's interpreter)
+    python -m attn.demo --large               # on a GPU: a bigger model and a longer stream of requests
 
 Requests arrive at different steps with different prompt and output lengths. Every step the scheduler admits
 what fits (a sequence slot and cache blocks), gives each running request its next token, and fills the rest of
@@ -308,7 +308,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--large", action="store_true", help="the bigger model and request stream (for a GPU)")
     p.add_argument("--requests", type=int, default=0, help="how many requests (0: the preset's)")
     p.add_argument("--seed", type=int, default=0)

@@ -198,7 +198,7 @@ plt.show()
 #
 # `attn.gpt_attention` runs the whole step batched: one pre-processing launch over every row, then either one
 # `context_attention` launch over the mixed batch (`mode="unified"`) or one launch per phase, with the split-K
-# decode kernel for the generation rows (`mode="split"`). Everything is validated before the cache changes,
+# decode kernel for the generation rows (`mode="split"`, the default for a paged cache: section 6 says why). Everything is validated before the cache changes,
 # so a rejected step leaves it untouched. Both against the reference, each on its own copy of the cache:
 
 # %%

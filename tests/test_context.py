@@ -30,6 +30,7 @@ FEATURES = {
     "softcap": {"softcap": 2.0, "softmax_scale": 0.9},
     "alibi": {"alibi_slopes": "slopes"},
     "alibi-with-scale": {"alibi_slopes": "slopes", "alibi_mode": "alibi_with_scale"},
+    "alibi-per-sequence": {"alibi_slopes": "per-sequence"},
     "t5-implicit": {"rel_bias": "implicit"},
     "t5-regular": {"rel_bias": "regular"},
 }
@@ -47,10 +48,12 @@ def _inputs(case, dtype, device, extra=4):
     return q, k_cache, v_cache, seqlens, cu
 
 
-def _feature(name, hq, cap, device):
+def _feature(name, hq, cap, device, batch):
     kw = dict(FEATURES[name])
     if kw.get("alibi_slopes") == "slopes":
         kw["alibi_slopes"] = torch.rand(hq, device=device) * 0.5
+    elif kw.get("alibi_slopes") == "per-sequence":
+        kw["alibi_slopes"] = torch.rand(batch, hq, device=device) * 0.5
     if kw.get("rel_bias") == "implicit":
         kw["rel_bias"] = RelativeBias(table=torch.randn(hq, 8, device=device), max_distance=12, bidirectional=False)
     elif kw.get("rel_bias") == "regular":
@@ -64,7 +67,7 @@ def _feature(name, hq, cap, device):
 @pytest.mark.parametrize("case", CASES)
 def test_context_matches_reference(case, feature, block_size, dtype, device):
     q, kc, vc, seqlens, cu = _inputs(case, dtype, device)
-    kw = _feature(feature, q.shape[1], kc.shape[1], device)
+    kw = _feature(feature, q.shape[1], kc.shape[1], device, len(seqlens))
     if block_size is not None:
         kc, vc, kw["block_table"] = to_paged(kc, vc, seqlens.tolist(), block_size)
     ref, ref_lse = reference.context_attention(q, kc, vc, seqlens, cu_seqlens_q=cu, return_lse=True, **kw)
@@ -143,6 +146,17 @@ BAD = {  # (change to (q, kc, vc, seqlens, cu) and kwargs, error type, words the
     "max-seqlen-q": (lambda q, kc, vc, s, cu: (q, kc, vc, s, cu), {"max_seqlen_q": 2}, ValueError, "max_seqlen_q"),
     "cache-heads": (lambda q, kc, vc, s, cu: (q, kc[:, :, :1].expand(-1, -1, 3, -1), vc[:, :, :1].expand(
         -1, -1, 3, -1), s, cu), {}, ValueError, "head count"),
+    "cu-not-from-zero": (lambda q, kc, vc, s, cu: (q, kc, vc, s, cu + 1), {}, ValueError, "cu_seqlens_q"),
+    "cu-length": (lambda q, kc, vc, s, cu: (q, kc, vc, s, cu[:-1]), {}, ValueError, "cu_seqlens_q must have B"),
+    "cu-2d": (lambda q, kc, vc, s, cu: (q, kc, vc, s, cu[None]), {}, ValueError, "cu_seqlens_q"),
+    "cache-dtype": (lambda q, kc, vc, s, cu: (q, kc.half(), vc.half(), s, cu), {}, TypeError, "k_cache"),
+    "head-dim": (lambda q, kc, vc, s, cu: (q[..., :32], kc, vc, s, cu), {}, ValueError, "head dim"),
+    "int8-without-scales": (lambda q, kc, vc, s, cu: (q, kc.to(torch.int8), vc.to(torch.int8), s, cu), {},
+                            ValueError, "k_scale"),
+    "slopes-shape": (lambda q, kc, vc, s, cu: (q, kc, vc, s, cu), {"alibi_slopes": torch.ones(3)}, ValueError,
+                     "alibi_slopes"),
+    "table-dtype": (lambda q, kc, vc, s, cu: (q, kc, vc, s, cu), {"block_table": "int64"}, TypeError,
+                    "block_table must be int32"),
     "table-outside-pool": (lambda q, kc, vc, s, cu: (q, kc, vc, s, cu), {"block_table": "oob"}, ValueError,
                            "block_table entries"),
 }  # fmt: skip
@@ -157,6 +171,9 @@ def test_context_rejects_bad_input(case, impl, device):
         kc, vc, table = to_paged(kc, vc, seqlens.tolist(), 8, extra_blocks=0)
         table[-1, 0] = kc.shape[0]
         kw = {"block_table": table}
+    elif kw.get("block_table") == "int64":
+        kc, vc, table = to_paged(kc, vc, seqlens.tolist(), 8)
+        kw = {"block_table": table.long()}
     fn = reference.context_attention if impl == "reference" else fast.context_attention
     with pytest.raises(error, match=words):
         fn(q, kc, vc, seqlens, cu_seqlens_q=cu, **kw)

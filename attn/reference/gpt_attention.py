@@ -45,7 +45,7 @@ def gpt_attention(
     rel_bias=None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    mode: str = "unified",
+    mode: str | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """One inflight-batching step of attention over a mixed batch of context and generation requests.
@@ -73,15 +73,18 @@ def gpt_attention(
         rel_bias: a T5 ``RelativeBias``.
         k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale ``[1]`` or ``[Hkv]``.
         v_scale: likewise for V.
-        mode: how the fast op schedules the attention (``"unified"`` or ``"split"``); the reference accepts it to
-            keep the signatures equal.
+        mode: how the fast op schedules the attention: ``"unified"``, ``"split"``, or None for split when the
+            batch has a block table; the reference accepts it to keep the signatures equal.
         validate: check lengths and block-table entries on the host.
 
     Returns:
         ``out [T, Hq, D]`` in qkv's dtype: each new token's attention output.
     """
+    if mode is None:
+        # measured on the H200 (bench/NOTES.md): one launch per phase beat one launch over the mixed batch
+        mode = "split" if getattr(batch, "block_table", None) is not None else "unified"
     if mode not in ("unified", "split"):
-        raise ValueError(f"mode must be 'unified' or 'split', got {mode!r}")
+        raise ValueError(f"mode must be None, 'unified' or 'split', got {mode!r}")
     check_gpt_attention(
         qkv, batch, k_cache, v_cache, num_heads_q=num_heads_q, num_heads_kv=num_heads_kv, qkv_bias=qkv_bias,
         rotary_dim=rotary_dim, rope_style=rope_style, softmax_scale=softmax_scale, q_scaling=q_scaling,

@@ -67,6 +67,23 @@ def _check_and_time(name, fn, checks, tol, method, record, out_path):
     return entry
 
 
+def _run_all(part, contenders, checks, method, rate, args, record, out_path):
+    """Checks and times each contender; ``rate = (key, amount per ms)`` gives its throughput, and every row gets
+    its time over context-paged's."""
+    key, per_ms = rate
+    rows = {}
+    for name, fn in contenders.items():
+        e = rows[name] = _check_and_time(f"{part} {name}", fn, checks, args.tol, method, record, out_path)
+        if e.get("ms"):
+            e[key] = per_ms / e["ms"]
+    base = rows["context-paged"].get("ms")
+    for e in rows.values():
+        if base and e.get("ms"):
+            e["speedup_of_context_paged"] = e["ms"] / base
+    common.write_json(out_path, record)
+    return rows
+
+
 def _reference_rows(q, k, v, seqlens, cu, table, b):
     import attn.reference as reference
 
@@ -102,17 +119,7 @@ def chunked_prefill(prefix, args, record, out_path):
     flex = _flex(q, k_packed, v_packed, n, prefix, nb) if not args.no_flex else None
     if flex is not None:
         contenders["flex"] = flex
-    rows = {}
-    for name, fn in contenders.items():
-        e = _check_and_time(f"prefix{prefix} {name}", fn, checks, args.tol, "events", record, out_path)
-        if e.get("ms"):
-            e["tflops"] = flops / (e["ms"] * 1e9)
-        rows[name] = e
-    base = rows["context-paged"].get("ms")
-    for e in rows.values():
-        if base and e.get("ms"):
-            e["speedup_of_context_paged"] = e["ms"] / base
-    return rows
+    return _run_all(f"prefix{prefix}", contenders, checks, "events", ("tflops", flops / 1e9), args, record, out_path)
 
 
 def _flex(q, k, v, n, prefix, nb):
@@ -153,17 +160,7 @@ def generation(args, record, out_path):
         "decode": lambda: fast.decode(q[:, None], k_pool, v_pool, seqlens, block_table=table, validate=False,
                                       max_seqlen_k=length, total_seqlen_k=nb * length)[:, 0],
     }  # fmt: skip
-    rows = {}
-    for name, fn in contenders.items():
-        e = _check_and_time(f"generation {name}", fn, checks, args.tol, "graph", record, out_path)
-        if e.get("ms"):
-            e["kv_tbps"] = kv_bytes / (e["ms"] * 1e9)
-        rows[name] = e
-    base = rows["context-paged"].get("ms")
-    for e in rows.values():
-        if base and e.get("ms"):
-            e["speedup_of_context_paged"] = e["ms"] / base
-    return rows
+    return _run_all("generation", contenders, checks, "graph", ("kv_tbps", kv_bytes / 1e9), args, record, out_path)
 
 
 def main() -> None:

@@ -76,6 +76,24 @@ def test_context_matches_reference(case, feature, block_size, dtype, device):
     assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
 
 
+@pytest.mark.parametrize("tile", [(16, 16), (64, 32)], ids=lambda t: f"M{t[0]}N{t[1]}")
+@pytest.mark.parametrize("feature", ["plain", "window", "t5-regular"])
+@pytest.mark.parametrize("case", ["gqa3-d24", "mqa32-d16", "gqa2-d40"])
+def test_tile_shapes(case, feature, tile, device, monkeypatch):
+    # the tiles the GPU autotuner may pick besides the interpreter's 32x16: 16 rows hold one token of a pack of
+    # 16 heads, or 5 tokens of a pack of 3 (one row unused); 64 rows span several key tiles per row block
+    config = {"BLOCK_M": tile[0], "BLOCK_N": tile[1], "num_warps": 4, "num_stages": 1}
+    monkeypatch.setattr(fast.context, "_fixed_config", lambda *_: config)
+    monkeypatch.setattr(fast.context, "autotune_enabled", lambda: False)
+    q, kc, vc, seqlens, cu = _inputs(case, torch.float32, device)
+    kw = _feature(feature, q.shape[1], kc.shape[1], device, len(seqlens))
+    kc, vc, kw["block_table"] = to_paged(kc, vc, seqlens.tolist(), 5)
+    ref, ref_lse = reference.context_attention(q, kc, vc, seqlens, cu_seqlens_q=cu, return_lse=True, **kw)
+    out, lse = fast.context_attention(q, kc, vc, seqlens, cu_seqlens_q=cu, return_lse=True, **kw)
+    assert_close("out", ref, out, TOL[torch.float32])
+    assert_lse_close("lse", ref_lse, lse, LSE_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn], ids=dtype_id)
 @pytest.mark.parametrize("granularity", ["tensor", "head"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
@@ -214,9 +232,15 @@ def test_gpu_context(cache, block_size):
 
 
 @pytest.mark.gpu
-def test_gpu_generation_batch_matches_decode():
+@pytest.mark.parametrize("tile", [None, 16, 32], ids=lambda t: "default" if t is None else f"M{t}")
+def test_gpu_generation_batch_matches_decode(tile, monkeypatch):
     # a generation-only batch (60 one-token requests on ragged caches up to 4096, GQA 32/8, D128, paged 64):
-    # the autotuner's small-tile configs and the GQA packing, against the decode kernel and the reference
+    # the GQA packing in the fixed tile and in the small tiles the autotuner adds for such batches (forced here:
+    # the GPU suite runs with ATTN_AUTOTUNE=0), against the reference and the decode kernel
+    if tile is not None:
+        config = {"BLOCK_M": tile, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        monkeypatch.setattr(fast.context, "_fixed_config", lambda *_: config)
+        monkeypatch.setattr(fast.context, "autotune_enabled", lambda: False)
     dev, hq, hkv, d = "cuda", 32, 8, 128
     lens = torch.randint(1, 4097, (60,)).tolist()
     kc = torch.randn(60, 4096, hkv, d, device=dev, dtype=torch.bfloat16)

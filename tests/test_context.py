@@ -238,7 +238,7 @@ def test_gpu_generation_batch_matches_decode(tile, monkeypatch):
     # the GQA packing in the fixed tile and in the small tiles the autotuner adds for such batches (forced here:
     # the GPU suite runs with ATTN_AUTOTUNE=0), against the reference and the decode kernel
     if tile is not None:
-        config = {"BLOCK_M": tile, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        config = {"BLOCK_M": tile, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
         monkeypatch.setattr(fast.context, "_fixed_config", lambda *_: config)
         monkeypatch.setattr(fast.context, "autotune_enabled", lambda: False)
     dev, hq, hkv, d = "cuda", 32, 8, 128

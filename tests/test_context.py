@@ -83,7 +83,7 @@ def test_tile_shapes(case, feature, tile, device, monkeypatch):
     # the tiles the GPU autotuner may pick besides the interpreter's 32x16: 16 rows hold one token of a pack of
     # 16 heads, or 5 tokens of a pack of 3 (one row unused); 64 rows span several key tiles per row block
     config = {"BLOCK_M": tile[0], "BLOCK_N": tile[1], "num_warps": 4, "num_stages": 1}
-    monkeypatch.setattr(fast.context, "_fixed_config", lambda *_: config)
+    monkeypatch.setattr(fast.context, "_context_config", lambda *_: config)
     monkeypatch.setattr(fast.context, "autotune_enabled", lambda: False)
     q, kc, vc, seqlens, cu = _inputs(case, torch.float32, device)
     kw = _feature(feature, q.shape[1], kc.shape[1], device, len(seqlens))
@@ -232,15 +232,14 @@ def test_gpu_context(cache, block_size):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [None, 16, 32], ids=lambda t: "default" if t is None else f"M{t}")
+@pytest.mark.parametrize("tile", [(16, 32, 4), (32, 32, 4), (128, 64, 8)], ids=lambda t: f"M{t[0]}N{t[1]}")
 def test_gpu_generation_batch_matches_decode(tile, monkeypatch):
     # a generation-only batch (60 one-token requests on ragged caches up to 4096, GQA 32/8, D128, paged 64):
-    # the GQA packing in the fixed tile and in the small tiles the autotuner adds for such batches (forced here:
-    # the GPU suite runs with ATTN_AUTOTUNE=0), against the reference and the decode kernel
-    if tile is not None:
-        config = {"BLOCK_M": tile, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
-        monkeypatch.setattr(fast.context, "_fixed_config", lambda *_: config)
-        monkeypatch.setattr(fast.context, "autotune_enabled", lambda: False)
+    # the GQA packing in the small tiles such batches get (fixed or autotuned) and in the prefill's 128-row tile
+    # (a mixed batch's), forced here, against the reference and the decode kernel
+    config = {"BLOCK_M": tile[0], "BLOCK_N": tile[1], "num_warps": tile[2], "num_stages": 3}
+    monkeypatch.setattr(fast.context, "_context_config", lambda *_: config)
+    monkeypatch.setattr(fast.context, "autotune_enabled", lambda: False)
     dev, hq, hkv, d = "cuda", 32, 8, 128
     lens = torch.randint(1, 4097, (60,)).tolist()
     kc = torch.randn(60, 4096, hkv, d, device=dev, dtype=torch.bfloat16)

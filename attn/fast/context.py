@@ -29,6 +29,15 @@ def gqa_pack(group_size: int) -> int:
     return max(p for p in range(1, min(group_size, MAX_PACK) + 1) if group_size % p == 0)
 
 
+def _context_config(head_dim_pad: int, dtype: torch.dtype, rows: int) -> dict:
+    """The config when not autotuning; ``rows`` is the longest sequence's tile rows (query tokens × pack)."""
+    if not is_interpreter() and head_dim_pad <= 128 and rows <= 32:
+        # generation requests and short chunks: most of a 128-row tile would be padding (the autotuner weighs
+        # such tiles itself, see attention._keep)
+        return {"BLOCK_M": 16 if rows <= 16 else 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+    return _fixed_config(head_dim_pad, dtype)
+
+
 def context_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -124,7 +133,7 @@ def context_attention(
     if autotune_enabled():
         kernel, meta = _attn_fwd_tuned, {}
     else:
-        kernel, meta = _attn_fwd_kernel, _fixed_config(head_dim_pad, q.dtype)
+        kernel, meta = _attn_fwd_kernel, _context_config(head_dim_pad, q.dtype, pack * max_rows)
     kernel[grid](
         q, k_cache, v_cache, out, lse if lse is not None else out,
         cu_seqlens_q, cache_seqlens, slopes, *slope_strides, rel_t, *rel_strides, rel_md,

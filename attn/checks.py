@@ -18,7 +18,7 @@ QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 QUANT_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 
-def check_kv_scales(k_cache, k_scale, v_scale, num_heads_kv):
+def check_kv_scales(k_cache, k_scale, v_scale, num_heads_kv, validate=True):
     """Checks the dequantization scales of a quantized cache (``x ≈ stored · scale``).
 
     Returns:
@@ -41,7 +41,8 @@ def check_kv_scales(k_cache, k_scale, v_scale, num_heads_kv):
                 f"{name} must be [1] or [Hkv={num_heads_kv}] on {k_cache.device}, got {tuple(scale.shape)} on "
                 f"{scale.device}"
             )
-        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        # reading the values waits for the device (and cannot happen inside CUDA-graph capture)
+        if validate and (not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all())):
             raise ValueError(f"{name} must be positive and finite, got {scale.tolist()}")
         out.append(scale.float().expand(num_heads_kv).contiguous())
     return out[0], out[1]
@@ -547,7 +548,7 @@ def check_decode(
     scale, left, right, softcap = _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap)
     slopes = _check_alibi(alibi_slopes, alibi_mode, batch, num_heads_q, q.device)
     rel_bias = _check_rel_bias(rel_bias, num_heads_q, max_seqlen_k if validate else capacity, q.device)
-    k_scale, v_scale = check_kv_scales(k_cache, k_scale, v_scale, num_heads_kv)
+    k_scale, v_scale = check_kv_scales(k_cache, k_scale, v_scale, num_heads_kv, validate)
     return DecodeArgs(
         batch=batch,
         seqlen_q=seqlen_q,

@@ -705,9 +705,12 @@ class AppendArgs:
 
 def check_append(
     k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new=None, block_table=None, k_scale=None, v_scale=None,
-    max_attention_window=None,
+    max_attention_window=None, validate=True,
 ) -> AppendArgs:  # fmt: skip
     """Validates an append before anything is written, so a rejected call leaves the cache untouched.
+
+    With ``validate=False`` only types and shapes are checked: nothing is read back from the device (no lengths,
+    no block-table entries, no scale values), and ``new_bounds`` is None.
 
     Raises:
         TypeError: a tensor of the wrong type or dtype.
@@ -747,10 +750,17 @@ def check_append(
     if packed:
         if k_new.dim() != 3:
             raise ValueError(f"k_new must be [T, Hkv, D] with cu_seqlens_new, got shape {tuple(k_new.shape)}")
-        counts = _check_cu_seqlens("cu_seqlens_new", cu_seqlens_new, k_new.shape[0], k_cache.device)
-        if len(counts) != batch:
-            raise ValueError(f"cu_seqlens_new must describe B={batch} sequences, got {len(counts)}")
-        bounds = cu_seqlens_new.tolist()
+        if not validate:
+            if not isinstance(cu_seqlens_new, torch.Tensor) or cu_seqlens_new.dtype != torch.int32:
+                raise TypeError("cu_seqlens_new must be an int32 torch.Tensor")
+            if cu_seqlens_new.shape != (batch + 1,) or cu_seqlens_new.device != k_cache.device:
+                raise ValueError(f"cu_seqlens_new must be [B+1={batch + 1}] on {k_cache.device}")
+            counts = bounds = None
+        else:
+            counts = _check_cu_seqlens("cu_seqlens_new", cu_seqlens_new, k_new.shape[0], k_cache.device)
+            if len(counts) != batch:
+                raise ValueError(f"cu_seqlens_new must describe B={batch} sequences, got {len(counts)}")
+            bounds = cu_seqlens_new.tolist()
     else:
         if k_new.dim() != 4 or k_new.shape[0] != batch:
             raise ValueError(
@@ -774,6 +784,12 @@ def check_append(
         block_size = capacity = k_cache.shape[1]
 
     window = _check_cyclic(max_attention_window, capacity)
+    if not validate:
+        k_scale, v_scale = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2], validate=False)
+        return AppendArgs(
+            batch=batch, packed=packed, new_bounds=None, block_size=block_size, capacity=capacity,
+            k_scale=k_scale, v_scale=v_scale, max_attention_window=window,
+        )  # fmt: skip
     starts = cache_seqlens.tolist()
     for b, (start, n) in enumerate(zip(starts, counts)):
         if window is None and (start < 0 or start + n > capacity):
@@ -840,9 +856,13 @@ class PreprocessArgs:
 
 def check_preprocess(
     qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
-    rotary_dim, rope_style, k_scale=None, v_scale=None,
+    rotary_dim, rope_style, k_scale=None, v_scale=None, validate=True,
 ) -> PreprocessArgs:  # fmt: skip
-    """Validates a pre-processing call (and the append it implies) before anything is written."""
+    """Validates a pre-processing call (and the append it implies) before anything is written.
+
+    With ``validate=False`` nothing is read back from the device: the new tokens' sequences and positions are
+    computed on the device, and ``num_positions`` is the cache capacity (the cos/sin table covers it).
+    """
     _check_tensor("qkv", qkv)
     _check_tensor("k_cache", k_cache, FLOAT_DTYPES + QUANT_DTYPES)
     for name, n in (("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv)):
@@ -876,9 +896,28 @@ def check_preprocess(
     # the append sees k in its own layout; only shapes matter for its checks
     k_like = qkv[..., : num_heads_kv * d].unflatten(-1, (num_heads_kv, d))
     append = check_append(
-        k_cache, v_cache, k_like, k_like, cache_seqlens, cu_seqlens_new, block_table, k_scale, v_scale
+        k_cache,
+        v_cache,
+        k_like,
+        k_like,
+        cache_seqlens,
+        cu_seqlens_new,
+        block_table,
+        k_scale,
+        v_scale,
+        validate=validate,
     )
-    from .layout import new_token_positions
+    from .layout import device_token_positions, new_token_positions
+
+    if not validate:
+        num_tokens = qkv.shape[0] if packed else qkv.shape[0] * qkv.shape[1]
+        cu = cu_seqlens_new
+        if cu is None:
+            s_new = qkv.shape[1]
+            cu = torch.arange(0, (append.batch + 1) * s_new, s_new, dtype=torch.int32, device=qkv.device)
+        token_seq, positions = device_token_positions(cu, cache_seqlens, num_tokens)
+        return PreprocessArgs(packed=packed, head_dim=d, token_seq=token_seq, positions=positions,
+                              num_positions=max(append.capacity, 1), append=append)  # fmt: skip
 
     token_seq, positions = new_token_positions(append.new_bounds, cache_seqlens)
     bounds = append.new_bounds
@@ -915,7 +954,7 @@ def check_gpt_attention(
         raise ValueError(f"batch must live on qkv's device {qkv.device}, got {batch.cu_seqlens_new.device}")
     check_preprocess(
         qkv, k_cache, v_cache, batch.cache_seqlens_before, num_heads_q, num_heads_kv, batch.cu_seqlens_new,
-        batch.block_table, qkv_bias, rotary_dim, rope_style, k_scale, v_scale,
+        batch.block_table, qkv_bias, rotary_dim, rope_style, k_scale, v_scale, validate,
     )  # fmt: skip
     head_dim = qkv.shape[1] // (num_heads_q + 2 * num_heads_kv)
     q_like = qkv[:, : num_heads_q * head_dim].unflatten(-1, (num_heads_q, head_dim))

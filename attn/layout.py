@@ -95,3 +95,19 @@ def new_token_positions(new_bounds: list[int], cache_seqlens: torch.Tensor) -> t
     starts = torch.tensor(new_bounds[:-1], dtype=torch.int64, device=device)
     pos = cache_seqlens.long()[seq] + torch.arange(total, device=device) - starts[seq]
     return seq.to(torch.int32), pos.to(torch.int32)
+
+
+def device_token_positions(
+    cu_seqlens_new: torch.Tensor, cache_seqlens: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`new_token_positions` without reading anything back to the host: each packed row's sequence is found by
+    a binary search of ``cu_seqlens_new``, so the call can run inside CUDA-graph capture.
+
+    Returns:
+        ``(seq, pos)``, int32 ``[T]`` each, on ``cu_seqlens_new``'s device.
+    """
+    rows = torch.arange(num_tokens, dtype=torch.int32, device=cu_seqlens_new.device)
+    # the sequence of row r is the b with cu[b] <= r < cu[b + 1]: the count of ends cu[1:] at or below r
+    seq = torch.searchsorted(cu_seqlens_new[1:].contiguous(), rows, right=True)
+    pos = cache_seqlens.long()[seq] + rows.long() - cu_seqlens_new.long()[seq]
+    return seq.to(torch.int32), pos.to(torch.int32)

@@ -214,3 +214,21 @@ def test_gpu_mixed_batch(mode):
     want = reference.gpt_attention(qkv.float(), ref_batch, k_ref, v_ref, **kw)
     got = fast.gpt_attention(qkv, batch, k_cache, v_cache, mode=mode, **kw)
     assert_close("out", want, got, TOL[torch.bfloat16] * 1.5)
+
+
+def test_unvalidated_step_reads_nothing_back(monkeypatch, device):
+    # validate=False is the hot path (and CUDA-graph capture): no device value may be read on the host. Every
+    # way torch hands a value to Python is made to fail, then a whole step runs.
+    qkv, batch, k_cache, v_cache = _step_inputs("generation-first", torch.float32, device, paged=True)
+    kw = dict(num_heads_q=HQ, num_heads_kv=HKV, rotary_dim=D, qkv_bias=torch.randn(WIDTH, device=device))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    want = reference.gpt_attention(qkv, batch, k_ref, v_ref, **kw)
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("a device value was read on the host")
+
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_host_read)
+    got = fast.gpt_attention(qkv, batch, k_cache, v_cache, validate=False, **kw)
+    monkeypatch.undo()
+    assert_close("out", want, got, TOL[torch.float32])

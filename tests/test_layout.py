@@ -40,3 +40,16 @@ def test_triton_runs_correctly_here(device):
     out = torch.full_like(x, float("nan"))
     _add_kernel[(triton.cdiv(1000, 128),)](x, y, out, 1000, BLOCK=128)
     assert torch.equal(out, x + y)
+
+
+def test_device_token_positions_match_host_ones():
+    from attn.layout import device_token_positions, new_token_positions
+
+    counts = [3, 0, 5, 1, 0]
+    cached = torch.tensor([4, 9, 0, 7, 2], dtype=torch.int32)
+    bounds = [0]
+    for n in counts:
+        bounds.append(bounds[-1] + n)
+    want = new_token_positions(bounds, cached)
+    got = device_token_positions(torch.tensor(bounds, dtype=torch.int32), cached, bounds[-1])
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])

@@ -227,3 +227,16 @@ def test_rope_scaling_rejects_bad_parameters():
         reference.RopeScaling(type="yarn", factor=4.0)
     with pytest.raises(ValueError, match="factor must be positive"):
         reference.RopeScaling(type="linear", factor=0.0)
+
+
+@pytest.mark.parametrize("layout", ["packed-paged", "padded-paged", "packed-contiguous"])
+def test_unvalidated_preprocess_matches_validated(layout, device):
+    # validate=False computes the positions on the device and sizes the cos/sin table by the capacity: the
+    # same q and the same cache bytes as the validated call
+    packed, paged = layout.startswith("packed"), layout.endswith("paged")
+    qkv, k_cache, v_cache, seqlens, cu, table = _qkv_and_cache(torch.float16, device, paged, packed)
+    kw = dict(num_heads_q=HQ, num_heads_kv=HKV, cu_seqlens_new=cu, block_table=table, rotary_dim=40)
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    q1 = fast.preprocess(qkv, k_cache, v_cache, seqlens, **kw)
+    q2 = fast.preprocess(qkv, k2, v2, seqlens, validate=False, **kw)
+    assert torch.equal(q1, q2) and torch.equal(k_cache, k2) and torch.equal(v_cache, v2)

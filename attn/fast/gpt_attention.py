@@ -11,9 +11,10 @@ the cache; then the attention runs over the mixed batch in one of two schedules 
   precomputed index tensors (device-side, so still no host read). Decode's split-K helps when few generation
   requests hold long caches.
 
-The batch metadata (`attn.inflight.InflightBatch`) is built once per step on the host; with ``validate=False``
-nothing in the attention reads back from the device, so the step can be captured in a CUDA graph. The
-pre-processing kernel still reads the lengths on the host to place the new tokens (one sync per call).
+The batch metadata (`attn.inflight.InflightBatch`) is built once per step on the host. With ``validate=True``
+the step's lengths and block-table entries are checked once, up front; with ``validate=False`` nothing reads
+back from the device at all (the new tokens' positions are computed on it), so the step can be captured in a
+CUDA graph.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def gpt_attention(
         qkv, k_cache, v_cache, batch.cache_seqlens_before, num_heads_q=num_heads_q, num_heads_kv=num_heads_kv,
         cu_seqlens_new=batch.cu_seqlens_new, block_table=batch.block_table, qkv_bias=qkv_bias,
         rotary_dim=rotary_dim, rope_base=rope_base, rope_style=rope_style, rope_scaling=rope_scaling,
-        k_scale=k_scale, v_scale=v_scale,
+        k_scale=k_scale, v_scale=v_scale, validate=False,
     )  # fmt: skip
     # everything was validated above, before the cache changed: the launches below read nothing back
     opts = dict(

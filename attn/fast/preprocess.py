@@ -153,6 +153,7 @@ def preprocess(
     rope_scaling: RopeScaling | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Splits, biases and rotates new tokens' fused QKV, appends their K/V to the cache, and returns q.
 
@@ -175,13 +176,17 @@ def preprocess(
         k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``: new
             keys are quantized with it as they are written (after rounding to qkv's dtype, as the reference does).
         v_scale: likewise for V.
+        validate: check lengths and block-table entries on the host first. With False nothing is read back
+            from the device (the positions are computed there, and the cos/sin table covers the cache's
+            capacity, which is also the length ``dynamic`` scaling then serves): for inputs already checked,
+            inside CUDA-graph capture or a serving loop's hot path.
 
     Returns:
         ``q`` shaped ``[T, Hq, D]`` (packed) or ``[B, S_new, Hq, D]`` (padded), rotated, in qkv's dtype.
     """
     args = check_preprocess(
         qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
-        rotary_dim, rope_style, k_scale, v_scale,
+        rotary_dim, rope_style, k_scale, v_scale, validate,
     )  # fmt: skip
     if qkv.device.type != "cuda" and not is_interpreter():
         raise ValueError(f"qkv must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {qkv.device}")

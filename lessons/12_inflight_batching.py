@@ -198,8 +198,9 @@ plt.show()
 #
 # `attn.gpt_attention` runs the whole step batched: one pre-processing launch over every row, then either one
 # `context_attention` launch over the mixed batch (`mode="unified"`) or one launch per phase, with the split-K
-# decode kernel for the generation rows (`mode="split"`, the default for a paged cache: section 6 says why). Everything is validated before the cache changes,
-# so a rejected step leaves it untouched. Both against the reference, each on its own copy of the cache:
+# decode kernel for the generation rows (`mode="split"`, the default for a paged cache: section 6 says why).
+# Everything is validated before the cache changes, so a rejected step leaves it untouched. Both against the
+# reference, each on its own copy of the cache:
 
 # %%
 qkv = torch.randn(batch.num_tokens, (HQ + 2 * HKV) * D, device=device)

@@ -715,7 +715,7 @@ excerpt("if args.softcap > 0:", "qk_scale, cap_log2 = args.scale * LOG2E")
 # first and the short ones fill the gaps at the end.
 
 # %%
-excerpt("num_m_blocks = tl.cdiv(max_rows, BLOCK_M)", "pid_m = num_m_blocks - 1", after="def _attn_fwd_kernel")
+excerpt("num_m_blocks = tl.cdiv(max_rows, TOKENS)", "pid_m = num_m_blocks - 1", after="def _attn_fwd_kernel")
 
 # %% [markdown]
 # **The three key ranges.** `diag` is the bottom-right alignment ($j \le i + S_k - S_q$); `lo, hi` bound the keys

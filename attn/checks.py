@@ -244,6 +244,30 @@ def _check_cyclic(max_attention_window, capacity):
     return n
 
 
+def _check_rotary(rotary_dim, rope_style, head_dim) -> None:
+    """RoPE's features per head (an even int in [0, D]; 0: none) and its pairing."""
+    if not isinstance(rotary_dim, int) or isinstance(rotary_dim, bool) or rotary_dim < 0 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be an even int >= 0 (0 disables RoPE), got {rotary_dim!r}")
+    if rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim ({rotary_dim}) must be at most the head dim ({head_dim})")
+    if rope_style not in ("neox", "gptj"):
+        raise ValueError(f"rope_style must be 'neox' or 'gptj', got {rope_style!r}")
+
+
+def _check_sinks(sink_token_length, window) -> int:
+    """StreamingLLM's sink tokens S: an int in [0, N) that needs a cyclic cache of N slots (0 turns them off)."""
+    s = sink_token_length
+    if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+        raise ValueError(f"sink_token_length must be an int >= 0, got {s!r}")
+    if s and window is None:
+        raise ValueError("sink_token_length needs max_attention_window: sinks pin the start of a cyclic cache")
+    if s and s >= window:
+        raise ValueError(
+            f"sink_token_length ({s}) must be below max_attention_window ({window}): the window needs a slot"
+        )
+    return s
+
+
 def check_attention(
     q,
     k,
@@ -368,6 +392,7 @@ class DecodeArgs:
         k_scale: float32 ``[Hkv]`` dequantization scales of a quantized cache, else None.
         v_scale: likewise for V.
         max_attention_window: the size N of a cyclic cache (token t in slot t mod N), else None.
+        sink_token_length: StreamingLLM's S sink tokens pinned in slots 0..S-1 of the cyclic cache (0: none).
         cache_indirection: int32 ``[B, beam_width, max_len]`` for beam search, else None.
     """
 
@@ -391,6 +416,7 @@ class DecodeArgs:
     v_scale: torch.Tensor | None = None
     max_attention_window: int | None = None
     cache_indirection: torch.Tensor | None = None
+    sink_token_length: int = 0
 
     @property
     def group_size(self) -> int:
@@ -428,6 +454,9 @@ def check_decode(
     num_splits=None,
     validate=True,
     dtypes=FLOAT_DTYPES,
+    sink_token_length=0,
+    rotary_dim=0,
+    rope_style="neox",
 ) -> DecodeArgs:
     """Validates the arguments of ``decode`` and returns their normalised form.
 
@@ -496,6 +525,10 @@ def check_decode(
         raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
 
     window = _check_cyclic(max_attention_window, capacity)
+    sinks = _check_sinks(sink_token_length, window)
+    _check_rotary(rotary_dim, rope_style, head_dim)
+    if rotary_dim and cache_indirection is not None:
+        raise ValueError("rotary_dim (RoPE when reading the cache) with cache_indirection is not supported")
     if window is not None and getattr(rel_bias, "bias", None) is not None:
         raise ValueError("rel_bias in regular mode indexes absolute positions; it cannot read a cyclic cache")
     if cache_indirection is not None:
@@ -570,6 +603,7 @@ def check_decode(
         v_scale=v_scale,
         max_attention_window=window,
         cache_indirection=cache_indirection,
+        sink_token_length=sinks,
     )
 
 
@@ -691,6 +725,7 @@ class AppendArgs:
         k_scale: float32 ``[Hkv]`` dequantization scales of a quantized cache, else None.
         v_scale: likewise for V.
         max_attention_window: the size N of a cyclic cache (token t in slot t mod N), else None.
+        sink_token_length: StreamingLLM's S sink tokens pinned in slots 0..S-1 of the cyclic cache (0: none).
     """
 
     batch: int
@@ -701,11 +736,21 @@ class AppendArgs:
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
     max_attention_window: int | None = None
+    sink_token_length: int = 0
+
+
+def cyclic_slot(position, window: int, sinks: int = 0):
+    """The slot of token ``position`` in a cyclic cache of ``window`` slots whose first ``sinks`` are pinned:
+    ``t`` for a sink, else ``S + (t − S) mod (N − S)``. Works on ints and on integer tensors alike."""
+    wrapped = sinks + (position - sinks) % (window - sinks)
+    if isinstance(position, torch.Tensor):
+        return torch.where(position < sinks, position, wrapped)
+    return position if position < sinks else wrapped
 
 
 def check_append(
     k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new=None, block_table=None, k_scale=None, v_scale=None,
-    max_attention_window=None, validate=True,
+    max_attention_window=None, validate=True, sink_token_length=0,
 ) -> AppendArgs:  # fmt: skip
     """Validates an append before anything is written, so a rejected call leaves the cache untouched.
 
@@ -784,11 +829,12 @@ def check_append(
         block_size = capacity = k_cache.shape[1]
 
     window = _check_cyclic(max_attention_window, capacity)
+    sinks = _check_sinks(sink_token_length, window)
     if not validate:
         k_scale, v_scale = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2], validate=False)
         return AppendArgs(
             batch=batch, packed=packed, new_bounds=None, block_size=block_size, capacity=capacity,
-            k_scale=k_scale, v_scale=v_scale, max_attention_window=window,
+            k_scale=k_scale, v_scale=v_scale, max_attention_window=window, sink_token_length=sinks,
         )  # fmt: skip
     starts = cache_seqlens.tolist()
     for b, (start, n) in enumerate(zip(starts, counts)):
@@ -797,12 +843,25 @@ def check_append(
                 f"sequence {b} would hold {start + n} tokens (cache_seqlens={start} + {n} new), "
                 f"over the cache capacity {capacity}"
             )
-        if window is not None and (start < 0 or n > window):
+        # one call must not write a slot twice: the kernel's writes have no order
+        rolling = n - max(0, min(n, sinks - start))
+        if window is not None and (start < 0 or rolling > window - sinks):
             raise ValueError(
-                f"sequence {b} appends {n} tokens to a cyclic cache of {window} slots (at most {window} at once), "
-                f"from cache_seqlens={start}"
+                f"sequence {b} appends {n} tokens to a cyclic cache of {window} slots ({sinks} of them sinks; at most "
+                f"{window - sinks} rolling tokens at once), from cache_seqlens={start}"
             )
-    if block_table is not None and batch:
+    if block_table is not None and batch and sinks:
+        # the exact slots each sequence writes, as a mask of table columns: one read of the device
+        pool = k_cache.shape[0]
+        cols = torch.zeros(block_table.shape, dtype=torch.bool)
+        for b, (start, n) in enumerate(zip(starts, counts)):
+            cols[b, cyclic_slot(torch.arange(start, start + n), window, sinks) // block_size] = True
+        outside = cols.to(block_table.device) & ((block_table < 0) | (block_table >= pool))
+        if bool(outside.any()):
+            row = int(outside.nonzero()[0, 0])
+            bad = block_table[row][outside[row]].tolist()
+            raise ValueError(f"block_table[{row}] points outside the pool of {pool} blocks: {bad}")
+    elif block_table is not None and batch:
         pool = k_cache.shape[0]
         # the table columns each sequence writes to, as one mask: a single read of the device, whatever B is
         if window is None:
@@ -829,7 +888,7 @@ def check_append(
     k_scale, v_scale = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2])
     return AppendArgs(
         batch=batch, packed=packed, new_bounds=bounds, block_size=block_size, capacity=capacity, k_scale=k_scale,
-        v_scale=v_scale, max_attention_window=window,
+        v_scale=v_scale, max_attention_window=window, sink_token_length=sinks,
     )  # fmt: skip
 
 
@@ -856,7 +915,7 @@ class PreprocessArgs:
 
 def check_preprocess(
     qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
-    rotary_dim, rope_style, k_scale=None, v_scale=None, validate=True,
+    rotary_dim, rope_style, k_scale=None, v_scale=None, validate=True, max_attention_window=None, sink_token_length=0,
 ) -> PreprocessArgs:  # fmt: skip
     """Validates a pre-processing call (and the append it implies) before anything is written.
 
@@ -906,6 +965,8 @@ def check_preprocess(
         k_scale,
         v_scale,
         validate=validate,
+        max_attention_window=max_attention_window,
+        sink_token_length=sink_token_length,
     )
     from .layout import device_token_positions, new_token_positions
 

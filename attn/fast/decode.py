@@ -24,9 +24,11 @@ import triton
 import triton.language as tl
 
 from ..checks import check_decode, check_seqlen_hints
+from ..reference.preprocess import RopeScaling
 from ._triton import autotune_enabled, is_interpreter, next_power_of_2
 from .attention import LOG2E, _tanh, relative_bias_operands
 from .kv_cache import quant_code
+from .preprocess import _cos_sin
 
 CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -52,6 +54,7 @@ def _keep(configs, named_args, **kwargs):
         "window_right",
         "tune_len",
         "rel_md",
+        "sinks",
     ]
 )
 def _decode_kernel(
@@ -64,7 +67,8 @@ def _decode_kernel(
     stride_ob, stride_om, stride_oh, stride_os,
     stride_lb, stride_lm, stride_lh, stride_ls,
     num_heads_kv, seqlen_q, page_size, num_splits, min_chunk, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
-    qk_scale, cap_log2, window_left, window_right, tune_len,
+    qk_scale, cap_log2, window_left, window_right, tune_len, sinks, cos_ptr, sin_ptr, stride_cos,
+    ROTARY_DIM: tl.constexpr, GPTJ: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
     CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -96,10 +100,12 @@ def _decode_kernel(
         # [BLOCK_M]: each packed row belongs to its own query head, so each has its own slope
         slope = tl.load(alibi_ptr + b64 * stride_ab + head * stride_ah, mask=row_valid, other=0.0)
 
-    # the tokens still stored: all of them, or a cyclic cache's last cyclic_n
+    # the tokens still stored: all of them, or a cyclic cache's min(L, N), counted from 0 in token order (the
+    # sinks, then the rolling part): key n of this frame is token n, or n + (L - N) past the sinks
     first = seqlen_k * 0
     if CYCLIC:
-        first = tl.maximum(seqlen_k - cyclic_n, 0)
+        skipped = tl.maximum(seqlen_k - cyclic_n, 0)
+        seqlen_k = seqlen_k - skipped
     # this program's chunk of them, tile-aligned so that splits never share a tile. A chunk is never shorter than
     # min_chunk keys, so in a ragged batch a short cache stays in one or a few programs (the rest exit at once)
     # while a long one is cut into num_splits: every program gets about the same work.
@@ -119,14 +125,30 @@ def _decode_kernel(
         v_scale = tl.load(v_scale_ptr + h_kv)
     k_head = k_ptr + h_kv.to(tl.int64) * stride_kh
     v_head = v_ptr + h_kv.to(tl.int64) * stride_vh
+    if ROTARY_DIM > 0:
+        # RoPE at read time (keys cached unrotated): feature d of a key turns with its partner, by the angle of
+        # pair fi at the key's position within the cache
+        if GPTJ:
+            partner = offs_d + 1 - 2 * (offs_d % 2)
+            sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+            fi = offs_d // 2
+        else:
+            partner = tl.where(offs_d < ROTARY_DIM // 2, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
+            sign = tl.where(offs_d < ROTARY_DIM // 2, -1.0, 1.0)
+            fi = offs_d % (ROTARY_DIM // 2)
+        rotated = offs_d < ROTARY_DIM
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = offs_n < hi
-        # token position -> its slot in the sequence's cache (a cyclic cache wraps around)
-        slot = offs_n % cyclic_n if CYCLIC else offs_n
+        # token position -> its slot in the sequence's cache (a cyclic cache wraps around, past its sinks)
+        if CYCLIC:
+            token = tl.where(offs_n < sinks, offs_n, offs_n + skipped)
+            slot = tl.where(token < sinks, token, sinks + (token - sinks) % (cyclic_n - sinks))
+        else:
+            slot = offs_n
         if HAS_INDIRECTION:
             # beam search: each token is read from the cache row of the beam the indirection names
             request = b64 // beam_width
@@ -146,6 +168,14 @@ def _decode_kernel(
         kv_mask = key_valid[:, None] & d_mask[None, :]
         # [BLOCK_N, HEAD_DIM_PAD]
         k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if ROTARY_DIM > 0:
+            # rotation is linear, so a quantized key turns before its scale applies
+            rot_mask = key_valid[:, None] & rotated[None, :]
+            k_pair = tl.load(k_head + k_off[:, None] + partner[None, :], mask=rot_mask, other=0.0).to(tl.float32)
+            cs_off = offs_n.to(tl.int64)[:, None] * stride_cos + fi[None, :]
+            cos = tl.load(cos_ptr + cs_off, mask=rot_mask, other=1.0)
+            sin = tl.load(sin_ptr + cs_off, mask=rot_mask, other=0.0)
+            k = (k.to(tl.float32) * cos + sign[None, :] * k_pair * sin).to(q_ptr.dtype.element_ty)
         if QUANT != 0:
             # int8 and e4m3 values are exact in fp16/bf16: the products see the stored values, and the scale
             # multiplies the scores instead of every element
@@ -323,6 +353,11 @@ def decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     max_attention_window: int | None = None,
+    sink_token_length: int = 0,
+    rotary_dim: int = 0,
+    rope_base: float = 10000.0,
+    rope_style: str = "neox",
+    rope_scaling: RopeScaling | None = None,
     cache_indirection: torch.Tensor | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
@@ -352,6 +387,12 @@ def decode(
             folded into the scores.
         v_scale: likewise for V; folded into the output.
         max_attention_window: the cache is cyclic with this many slots, as in `attn.reference.decode`.
+        sink_token_length: StreamingLLM's sinks, as in `attn.reference.decode`.
+        rotary_dim: RoPE at read time (keys cached unrotated), as in `attn.reference.decode`: each key tile is
+            turned by its positions within the cache, from a float32 cos/sin table; 0 compiles it out.
+        rope_base: RoPE's frequency base θ, with ``rotary_dim``.
+        rope_style: ``"neox"`` or ``"gptj"``, with ``rotary_dim``.
+        rope_scaling: a `RopeScaling` variant, with ``rotary_dim``.
         cache_indirection: beam search, int32 ``[B, beam_width, max_len]``, as in `attn.reference.decode`; the
             kernel gathers each token's row through it.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
@@ -372,6 +413,7 @@ def decode(
         alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale,
         max_attention_window=max_attention_window, cache_indirection=cache_indirection, num_splits=num_splits,
         validate=validate, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        sink_token_length=sink_token_length, rotary_dim=rotary_dim, rope_style=rope_style,
     )  # fmt: skip
     check_seqlen_hints(max_seqlen_k, total_seqlen_k)
     if args.head_dim > 256:
@@ -429,6 +471,11 @@ def decode(
         l_strides = (l_dst.stride(0), l_dst.stride(1), l_dst.stride(2), l_dst.stride(3))
 
     rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias, cache_seqlens)
+    if rotary_dim:
+        # the frame of positions never exceeds the window (or the capacity): the reference's table length
+        cos, sin = _cos_sin(max_attention_window or args.capacity, rotary_dim, rope_base, q.device, rope_scaling)
+    else:
+        cos = sin = cache_seqlens
     quant = quant_code(k_cache.dtype)
     bt = block_table if block_table is not None else cache_seqlens
     bt_stride = block_table.stride(0) if block_table is not None else 0
@@ -466,6 +513,8 @@ def decode(
         cache_indirection.shape[1] if cache_indirection is not None else 1,
         qk_scale, cap_log2, args.window_left, args.window_right,
         next_power_of_2(max(args.max_seqlen_k if validate else args.capacity, 1)),
+        args.sink_token_length, cos, sin, cos.stride(0) if rotary_dim else 0,
+        ROTARY_DIM=rotary_dim, GPTJ=rope_style == "gptj",
         **kw,
     )  # fmt: skip
     if num_splits > 1:

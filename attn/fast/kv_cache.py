@@ -54,12 +54,12 @@ def cache_slot(seq, pos, mask, block_table_ptr, stride_bt, block_size, IS_PAGED:
     return row, slot
 
 
-@triton.jit(do_not_specialize=["num_tokens", "block_size", "cyclic_n"])
+@triton.jit(do_not_specialize=["num_tokens", "block_size", "cyclic_n", "sinks"])
 def _append_kernel(
     k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr,
     tok_seq_ptr, tok_pos_ptr, block_table_ptr, k_inv_ptr, v_inv_ptr,
     stride_nt, stride_nh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_bt,
-    num_tokens, block_size, cyclic_n,
+    num_tokens, block_size, cyclic_n, sinks,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
     CYCLIC: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -73,8 +73,9 @@ def _append_kernel(
     seq = tl.load(tok_seq_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
     pos = tl.load(tok_pos_ptr + offs_t, mask=t_mask, other=0)
     if CYCLIC:
-        # a cyclic cache: token t overwrites token t - N in slot t mod N
-        pos = pos % cyclic_n
+        # a cyclic cache: token t overwrites token t - (N - S) in slot S + (t - S) mod (N - S), except the S sinks
+        # (StreamingLLM), which keep slots 0..S-1; without sinks that is slot t mod N
+        pos = tl.where(pos < sinks, pos, sinks + (pos - sinks) % (cyclic_n - sinks))
     row, slot = cache_slot(seq, pos, t_mask, block_table_ptr, stride_bt, block_size, IS_PAGED)
     src = offs_t.to(tl.int64)[:, None] * stride_nt + h * stride_nh + offs_d[None, :]
     # [BLOCK_T, HEAD_DIM_PAD]
@@ -107,6 +108,7 @@ def append_kv(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     max_attention_window: int | None = None,
+    sink_token_length: int = 0,
 ) -> None:
     """Writes new tokens' K/V after each sequence's cached tokens, in place.
 
@@ -122,6 +124,8 @@ def append_kv(
             are quantized with it in the kernel.
         v_scale: likewise for V.
         max_attention_window: makes the cache cyclic with this many slots (token ``t`` in slot ``t mod N``).
+        sink_token_length: StreamingLLM's sinks, as in `attn.reference.append_kv`: tokens ``0..S-1`` keep
+            their slots, token ``t >= S`` goes to slot ``S + (t − S) mod (N − S)``.
 
     Raises:
         ValueError: a sequence would outgrow its cache, or a block it writes to is outside the pool. Nothing
@@ -129,7 +133,7 @@ def append_kv(
     """
     args = check_append(
         k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table, k_scale, v_scale,
-        max_attention_window,
+        max_attention_window, sink_token_length=sink_token_length,
     )  # fmt: skip
     if k_cache.device.type != "cuda" and not is_interpreter():
         raise ValueError(f"k_cache must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {k_cache.device}")
@@ -157,7 +161,7 @@ def append_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0) if block_table is not None else 0,
-        num_tokens, args.block_size, max_attention_window or 1,
+        num_tokens, args.block_size, max_attention_window or 1, args.sink_token_length,
         CYCLIC=max_attention_window is not None, HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d),
         IS_PAGED=block_table is not None, QUANT=quant, BLOCK_T=block_t,
     )  # fmt: skip

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import check_preprocess
-from ..reference.preprocess import RopeScaling, rope_cos_sin
+from ..checks import check_preprocess, cyclic_slot
+from ..reference.preprocess import RopeScaling, _lengths_after, cache_positions, rope_cos_sin
 from ._triton import is_interpreter, next_power_of_2
 from .kv_cache import _quantize, cache_slot, quant_code
 
@@ -66,20 +66,23 @@ def _write_head(
 @triton.jit(do_not_specialize=["num_tokens", "block_size"])
 def _preprocess_kernel(
     qkv_ptr, bias_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
-    tok_seq_ptr, tok_pos_ptr, block_table_ptr, k_inv_ptr, v_inv_ptr,
+    tok_seq_ptr, tok_pos_ptr, rope_pos_ptr, block_table_ptr, k_inv_ptr, v_inv_ptr,
     stride_row, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bt, stride_cos,
     num_tokens, block_size,
     NUM_HEADS_Q: tl.constexpr, NUM_HEADS_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, GPTJ: tl.constexpr, HAS_BIAS: tl.constexpr,
-    IS_PAGED: tl.constexpr, QUANT: tl.constexpr, BLOCK_T: tl.constexpr,
+    IS_PAGED: tl.constexpr, QUANT: tl.constexpr, ROTATE_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     hh = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < num_tokens
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     row_ptr = qkv_ptr + offs_t.to(tl.int64)[:, None] * stride_row
+    # the cache position a token is written to (its slot in a cyclic cache), and the one RoPE turns q by (not the
+    # same with StreamingLLM's sinks, where q turns by its place within the cache)
     pos = tl.load(tok_pos_ptr + offs_t, mask=t_mask, other=0)
+    rope_pos = tl.load(rope_pos_ptr + offs_t, mask=t_mask, other=0)
 
     # the pair of features each rotation mixes: (i, i + r/2) for GPT-NeoX, (2i, 2i + 1) for GPT-J
     offs_i = tl.arange(0, HALF_PAD)
@@ -90,7 +93,7 @@ def _preprocess_kernel(
     else:
         idx1 = offs_i
         idx2 = offs_i + ROTARY_DIM // 2
-    cs_off = pos.to(tl.int64)[:, None] * stride_cos + offs_i[None, :]
+    cs_off = rope_pos.to(tl.int64)[:, None] * stride_cos + offs_i[None, :]
     cs_mask = t_mask[:, None] & pair_mask[None, :]
     # [BLOCK_T, HALF_PAD]
     cos = tl.load(cos_ptr + cs_off, mask=cs_mask, other=1.0)
@@ -112,7 +115,7 @@ def _preprocess_kernel(
             k_inv = tl.load(k_inv_ptr + h)
             v_inv = tl.load(v_inv_ptr + h)
         _write_head(row_ptr, bias_ptr, (NUM_HEADS_Q + h) * HEAD_DIM, k_dst, offs_d, t_mask, cos, sin, idx1, idx2,
-                    pair_mask, k_inv, HEAD_DIM, ROTARY_DIM, HAS_BIAS, True, QUANT)  # fmt: skip
+                    pair_mask, k_inv, HEAD_DIM, ROTARY_DIM, HAS_BIAS, ROTATE_K, QUANT)  # fmt: skip
         _write_head(row_ptr, bias_ptr, (NUM_HEADS_Q + NUM_HEADS_KV + h) * HEAD_DIM, v_dst, offs_d, t_mask, cos, sin,
                     idx1, idx2, pair_mask, v_inv, HEAD_DIM, ROTARY_DIM, HAS_BIAS, False, QUANT)  # fmt: skip
 
@@ -153,6 +156,8 @@ def preprocess(
     rope_scaling: RopeScaling | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    max_attention_window: int | None = None,
+    sink_token_length: int = 0,
     validate: bool = True,
 ) -> torch.Tensor:
     """Splits, biases and rotates new tokens' fused QKV, appends their K/V to the cache, and returns q.
@@ -176,6 +181,9 @@ def preprocess(
         k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``: new
             keys are quantized with it as they are written (after rounding to qkv's dtype, as the reference does).
         v_scale: likewise for V.
+        max_attention_window: append into a cyclic cache of this many slots, as `attn.fast.append_kv` does.
+        sink_token_length: StreamingLLM's sinks, as in `attn.reference.preprocess`: k is cached unrotated and
+            q rotated by its position within the cache after the append; `attn.fast.decode` rotates the keys.
         validate: check lengths and block-table entries on the host first. With False nothing is read back
             from the device (the positions are computed there, and the cos/sin table covers the cache's
             capacity, which is also the length ``dynamic`` scaling then serves): for inputs already checked,
@@ -186,7 +194,7 @@ def preprocess(
     """
     args = check_preprocess(
         qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
-        rotary_dim, rope_style, k_scale, v_scale, validate,
+        rotary_dim, rope_style, k_scale, v_scale, validate, max_attention_window, sink_token_length,
     )  # fmt: skip
     if qkv.device.type != "cuda" and not is_interpreter():
         raise ValueError(f"qkv must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {qkv.device}")
@@ -201,7 +209,16 @@ def preprocess(
     q = torch.empty(num_tokens, num_heads_q, d, dtype=qkv.dtype, device=qkv.device)
     if num_tokens:
         tok_seq = args.token_seq
-        if rotary_dim:
+        sinks = args.append.sink_token_length
+        slot_pos = rope_pos = args.positions
+        if max_attention_window is not None:
+            slot_pos = cyclic_slot(args.positions, max_attention_window, sinks)
+        if rotary_dim and sinks:
+            # position shift: q turns by its place within the cache, which never reaches the window's size
+            lengths = _lengths_after(qkv, cache_seqlens, cu_seqlens_new)
+            rope_pos = cache_positions(args.positions, tok_seq, lengths, max_attention_window, sinks)
+            cos, sin = _cos_sin(max_attention_window, rotary_dim, rope_base, qkv.device, rope_scaling)
+        elif rotary_dim:
             # the table covers the last position written: cached tokens plus the new ones
             cos, sin = _cos_sin(args.num_positions, rotary_dim, rope_base, qkv.device, rope_scaling)
         else:
@@ -212,7 +229,7 @@ def preprocess(
         block_t = 16 if is_interpreter() else 32
         _preprocess_kernel[(triton.cdiv(num_tokens, block_t), num_heads_q + num_heads_kv)](
             rows, qkv_bias if qkv_bias is not None else rows, q, k_cache, v_cache, cos, sin,
-            tok_seq, args.positions, block_table if block_table is not None else tok_seq, k_inv, v_inv,
+            tok_seq, slot_pos, rope_pos, block_table if block_table is not None else tok_seq, k_inv, v_inv,
             rows.stride(0), q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -220,7 +237,8 @@ def preprocess(
             num_tokens, args.append.block_size,
             NUM_HEADS_Q=num_heads_q, NUM_HEADS_KV=num_heads_kv, HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d),
             ROTARY_DIM=rotary_dim, HALF_PAD=max(1, next_power_of_2(rotary_dim // 2)), GPTJ=rope_style == "gptj",
-            HAS_BIAS=qkv_bias is not None, IS_PAGED=block_table is not None, QUANT=quant, BLOCK_T=block_t,
+            HAS_BIAS=qkv_bias is not None, IS_PAGED=block_table is not None, QUANT=quant, ROTATE_K=not sinks,
+            BLOCK_T=block_t,
         )  # fmt: skip
     if args.packed:
         return q

@@ -6,9 +6,9 @@ from .context import context_attention
 from .cross import cross_attention
 from .decode import decode, gather_kv
 from .gpt_attention import gpt_attention
-from .kv_cache import append_kv, slot_of
+from .kv_cache import append_kv, slot_of, window_tokens
 from .kv_quant import calibrate_kv_scales, dequantize, quantize
-from .preprocess import RopeScaling, apply_rope, preprocess, rope_cos_sin, rope_inv_freq
+from .preprocess import RopeScaling, apply_rope, cache_positions, preprocess, rope_cos_sin, rope_inv_freq
 from .relative_bias import RelativeBias, relative_bias_matrix, t5_bucket
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "attention",
     "attention_mask",
     "attention_unfused",
+    "cache_positions",
     "calibrate_kv_scales",
     "context_attention",
     "cross_attention",
@@ -35,4 +36,5 @@ __all__ = [
     "rope_inv_freq",
     "slot_of",
     "t5_bucket",
+    "window_tokens",
 ]

@@ -16,30 +16,39 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import AttentionArgs, check_decode, check_seqlen_hints
+from ..checks import AttentionArgs, check_decode, check_seqlen_hints, cyclic_slot
 from .attention import _attend_one
+from .kv_cache import window_tokens
 from .kv_quant import dequantize
+from .preprocess import RopeScaling, apply_rope
 
 
 def gather_kv(
-    cache: torch.Tensor, seqlen: int, b: int, block_table: torch.Tensor | None = None, window: int | None = None
+    cache: torch.Tensor,
+    seqlen: int,
+    b: int,
+    block_table: torch.Tensor | None = None,
+    window: int | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """The cached tokens of sequence ``b``, in order: the first ``seqlen``, or for a cyclic cache of ``window``
-    slots the last ``min(seqlen, window)`` of them (token ``t`` in slot ``t mod window``).
+    slots the last ``min(seqlen, window)`` of them (token ``t`` in slot ``t mod window``), or with ``sinks``
+    the first ``sinks`` tokens and then the last ``window − sinks`` (see `attn.reference.window_tokens`).
 
     Args:
         cache: contiguous ``[B, max_len, Hkv, D]`` or a paged pool ``[num_blocks, block_size, Hkv, D]``.
         seqlen: how many tokens to read.
         b: the sequence.
         block_table: int32 ``[B, max_blocks]`` for a paged pool, else None.
+        window: a cyclic cache's slot count N, else None.
+        sinks: StreamingLLM's sink tokens S (with ``window``).
 
     Returns:
-        ``[seqlen, Hkv, D]``.
+        ``[min(seqlen, window), Hkv, D]``.
     """
-    first = 0 if window is None else max(seqlen - window, 0)
-    t = torch.arange(first, seqlen, device=cache.device)
+    t = window_tokens(seqlen, window, sinks).to(cache.device)
     if window is not None:
-        t = t % window
+        t = cyclic_slot(t, window, sinks)
     if block_table is None:
         return cache[b, t]
     block_size = cache.shape[1]
@@ -65,6 +74,11 @@ def decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     max_attention_window: int | None = None,
+    sink_token_length: int = 0,
+    rotary_dim: int = 0,
+    rope_base: float = 10000.0,
+    rope_style: str = "neox",
+    rope_scaling: RopeScaling | None = None,
     cache_indirection: torch.Tensor | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
@@ -97,6 +111,16 @@ def decode(
         max_attention_window: the cache is cyclic with this many slots (see `append_kv`): the queries see the
             last ``min(L, N)`` tokens, which is TensorRT-LLM's sliding window ``p − N < j <= p`` for the newest
             token; combine with ``window_size`` for anything narrower.
+        sink_token_length: StreamingLLM's ``S`` sink tokens (see `append_kv`): the queries see the sinks and
+            the last ``N − S`` tokens, ``min(L, N)`` keys in all, which form the frame of positions below.
+        rotary_dim: if > 0, the keys were cached *before* RoPE (as `preprocess` stores them when the sinks
+            are on) and are rotated here, each by its position within the cache: sinks ``0..S-1``, then the
+            window's tokens at consecutive positions in token order (TensorRT-LLM's position shift). The
+            queries must already be rotated at their own positions in that frame (`preprocess` does it).
+        rope_base: RoPE's frequency base θ, with ``rotary_dim``.
+        rope_style: ``"neox"`` or ``"gptj"``, with ``rotary_dim``.
+        rope_scaling: a `RopeScaling` variant, with ``rotary_dim``; its frequencies serve ``N`` positions
+            (the frame never exceeds the cache), or the capacity without a window.
         cache_indirection: beam search (TensorRT-LLM's layout): int32 ``[B, beam_width, max_len]``. The batch of
             ``q`` and the cache rows are the ``B·beam_width`` beams, beam ``i`` of request ``b`` at row
             ``b·beam_width + i``; its token ``t`` is read from the row of beam ``cache_indirection[b, i, t]``, so
@@ -117,9 +141,10 @@ def decode(
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale,
         max_attention_window=max_attention_window, cache_indirection=cache_indirection, num_splits=num_splits,
-        validate=validate,
+        validate=validate, sink_token_length=sink_token_length, rotary_dim=rotary_dim, rope_style=rope_style,
     )  # fmt: skip
     check_seqlen_hints(max_seqlen_k, total_seqlen_k)
+    rope_positions = max_attention_window or args.capacity
     # the per-sequence attention of the context phase, with the cache's tokens as the keys
     opts = AttentionArgs(
         packed=False, batch=args.batch, num_heads_q=args.num_heads_q, num_heads_kv=args.num_heads_kv,
@@ -132,8 +157,8 @@ def decode(
     lse = torch.empty(args.batch, args.num_heads_q, args.seqlen_q, dtype=torch.float32, device=q.device)
     for b, seqlen in enumerate(cache_seqlens.tolist()):
         if cache_indirection is None:
-            k = gather_kv(k_cache, seqlen, b, block_table, max_attention_window)
-            v = gather_kv(v_cache, seqlen, b, block_table, max_attention_window)
+            k = gather_kv(k_cache, seqlen, b, block_table, max_attention_window, args.sink_token_length)
+            v = gather_kv(v_cache, seqlen, b, block_table, max_attention_window, args.sink_token_length)
         else:
             # token t comes from the beam the indirection names: a row of the same request
             beam = cache_indirection.shape[1]
@@ -146,6 +171,11 @@ def decode(
             # the quantized cache means what it dequantizes to
             dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
             k, v = dequantize(k, args.k_scale, dtype), dequantize(v, args.v_scale, dtype)
+        if rotary_dim:
+            # position shift: key i of the gathered frame is rotated by i, whatever its token number
+            frame = torch.arange(k.shape[0], device=k.device)
+            k = apply_rope(k, frame, rotary_dim=rotary_dim, base=rope_base, style=rope_style, scaling=rope_scaling,
+                           num_positions=rope_positions)  # fmt: skip
         o, l = _attend_one(q[b], k, v, opts, b)
         out[b] = o.to(q.dtype)
         lse[b] = l.float()

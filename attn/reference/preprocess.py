@@ -216,6 +216,8 @@ def preprocess(
     rope_scaling: RopeScaling | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    max_attention_window: int | None = None,
+    sink_token_length: int = 0,
     validate: bool = True,
 ) -> torch.Tensor:
     """Splits, biases and rotates new tokens' fused QKV, appends their K/V to the cache, and returns q.
@@ -240,6 +242,12 @@ def preprocess(
         k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``; the
             keys are rounded to qkv's dtype, then quantized as `append_kv` does.
         v_scale: likewise for V.
+        max_attention_window: append into a cyclic cache of this many slots, as `append_kv` does.
+        sink_token_length: StreamingLLM's sinks, as in `append_kv`. Then RoPE moves to read time
+            (TensorRT-LLM's position shift): k is cached unrotated, and q is rotated by its position *within
+            the cache* after the append (`cache_positions`), the frame in which `decode` rotates the keys
+            (pass it the same ``rotary_dim``, ``rope_base``, ``rope_style``, ``rope_scaling``). The cos/sin
+            table then serves ``max_attention_window`` positions.
         validate: check lengths and block-table entries on the host first. With False nothing is read back
             from the device (the positions are computed there, and the cos/sin table covers the cache's
             capacity, which is also the length ``dynamic`` scaling then serves): for inputs already checked,
@@ -250,9 +258,10 @@ def preprocess(
     """
     args = check_preprocess(
         qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
-        rotary_dim, rope_style, k_scale, v_scale, validate,
+        rotary_dim, rope_style, k_scale, v_scale, validate, max_attention_window, sink_token_length,
     )  # fmt: skip
     d = args.head_dim
+    sinks = args.append.sink_token_length
     # bias and rotation in float32, one rounding to the cache's dtype at the end
     rows = qkv.reshape(-1, (num_heads_q + 2 * num_heads_kv) * d).float()
     if qkv_bias is not None:
@@ -261,19 +270,54 @@ def preprocess(
     q = heads[:, :num_heads_q]
     k = heads[:, num_heads_q : num_heads_q + num_heads_kv]
     v = heads[:, num_heads_q + num_heads_kv :]
-    if rotary_dim:
+    if rotary_dim and sinks:
+        # position shift: k stays unrotated in the cache; q turns by its place in the cache after this append
+        positions = cache_positions(args.positions, args.token_seq, _lengths_after(qkv, cache_seqlens, cu_seqlens_new),
+                                    max_attention_window, sinks)  # fmt: skip
+        q = apply_rope(q, positions, rotary_dim=rotary_dim, base=rope_base, style=rope_style, scaling=rope_scaling,
+                       num_positions=max_attention_window)  # fmt: skip
+    elif rotary_dim:
         kw = dict(rotary_dim=rotary_dim, base=rope_base, style=rope_style, scaling=rope_scaling,
                   num_positions=args.num_positions)  # fmt: skip
         q = apply_rope(q, args.positions, **kw)
         k = apply_rope(k, args.positions, **kw)
     q, k, v = (x.to(qkv.dtype) for x in (q, k, v))
+    cyclic = dict(max_attention_window=max_attention_window, sink_token_length=sink_token_length)
     if args.packed:
         append_kv(k_cache, v_cache, k, v, cache_seqlens, cu_seqlens_new=cu_seqlens_new, block_table=block_table,
-                  k_scale=k_scale, v_scale=v_scale)  # fmt: skip
+                  k_scale=k_scale, v_scale=v_scale, **cyclic)  # fmt: skip
         return q.contiguous()
     b, s = qkv.shape[:2]
     append_kv(
         k_cache, v_cache, k.reshape(b, s, num_heads_kv, d), v.reshape(b, s, num_heads_kv, d), cache_seqlens,
-        block_table=block_table, k_scale=k_scale, v_scale=v_scale,
+        block_table=block_table, k_scale=k_scale, v_scale=v_scale, **cyclic,
     )  # fmt: skip
     return q.reshape(b, s, num_heads_q, d).contiguous()
+
+
+def _lengths_after(qkv, cache_seqlens, cu_seqlens_new) -> torch.Tensor:
+    """Each sequence's token count after the append, on the device (nothing read back)."""
+    if cu_seqlens_new is not None:
+        return cache_seqlens + (cu_seqlens_new[1:] - cu_seqlens_new[:-1])
+    return cache_seqlens + qkv.shape[1]
+
+
+def cache_positions(
+    positions: torch.Tensor, token_seq: torch.Tensor, lengths: torch.Tensor, window: int, sinks: int
+) -> torch.Tensor:
+    """Each token's position *within* a cyclic cache with sinks, once its sequence holds ``lengths`` tokens.
+
+    The cache holds the ``S`` sinks and the last ``N − S`` tokens; in token order they take positions
+    ``0..min(L, N)-1``: a sink keeps its own, and token ``t`` of the rolling part gets ``S + t − w``, ``w``
+    being the oldest token still cached, ``max(S, L − (N − S))``.
+
+    Args:
+        positions: int ``[T]``, each token's position in its sequence (one still cached).
+        token_seq: int ``[T]``, each token's sequence.
+        lengths: int ``[B]``, each sequence's token count.
+        window: N.
+        sinks: S.
+    """
+    oldest = (lengths.long()[token_seq.long()] - (window - sinks)).clamp(min=sinks)
+    positions = positions.long()
+    return torch.where(positions < sinks, positions, sinks + positions - oldest)

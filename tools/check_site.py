@@ -44,6 +44,7 @@ PAGES = [
     ("lessons/07_rope.html", 20),
     ("lessons/08_relative_bias.html", 10),
     ("lessons/09_kv_quantization.html", 10),
+    ("lessons/10_sliding_window_and_sinks.html", 10),
     ("lessons/12_inflight_batching.html", 0),
     ("lessons/13_cross_attention.html", 0),
     ("api/reference.html", 0),

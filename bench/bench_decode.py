@@ -65,15 +65,23 @@ def shapes(quick: bool) -> list[Shape]:
 
 
 def to_paged(k_cache, v_cache, block_size, gen):
+    """The contiguous cache ``[B, L, Hkv, D]`` as a pool of ``block_size``-token blocks in shuffled order, and
+    its block table. One-byte caches (INT8/FP8) are moved as raw bytes: padding and indexed copies are not
+    implemented for every float8 type."""
     b, max_len, hkv, d = k_cache.shape
     n = math.ceil(max_len / block_size)
     pad = n * block_size - max_len
-    kc = torch.nn.functional.pad(k_cache, (0, 0, 0, 0, 0, pad)).view(b * n, block_size, hkv, d)
-    vc = torch.nn.functional.pad(v_cache, (0, 0, 0, 0, 0, pad)).view(b * n, block_size, hkv, d)
     perm = torch.randperm(b * n, generator=gen).to(k_cache.device)
-    k_pool, v_pool = torch.empty_like(kc), torch.empty_like(vc)
-    k_pool[perm], v_pool[perm] = kc, vc
-    return k_pool, v_pool, perm.view(b, n).to(torch.int32)
+    pools = []
+    for x in (k_cache, v_cache):
+        raw = x.view(torch.uint8) if x.element_size() == 1 else x
+        if pad:
+            raw = torch.nn.functional.pad(raw, (0, 0, 0, 0, 0, pad))
+        blocks = raw.reshape(b * n, block_size, hkv, d)
+        pool = torch.empty_like(blocks)
+        pool[perm] = blocks
+        pools.append(pool.view(x.dtype))
+    return pools[0], pools[1], perm.view(b, n).to(torch.int32)
 
 
 def run_shape(shape: Shape, args, ceilings) -> dict:

@@ -34,6 +34,7 @@ import sys
 import torch
 
 from bench import common
+from bench.bench_decode import to_paged
 
 DEV = "cuda"
 
@@ -78,20 +79,24 @@ def prefill(args, ceilings) -> list[dict]:
             kw["rel_bias"] = RelativeBias(bias=kw["rel_bias"].bias.float())
         return reference.attention(q[:1].float(), k[:1].float(), v[:1].float(), causal=True, **kw)
 
+    def timed(name, impl, fn, first_sequence, want):
+        """Checks one contender's first sequence against the reference, then times it."""
+        entry = {"phase": "prefill", "variant": name, "impl": impl}
+        try:
+            entry["err"] = _check(name, first_sequence(fn()), want, args.tol)
+            ms = common.bench_ms(fn)
+            entry.update(ms=ms, tflops=common.tflops(flops, ms))
+        except Exception as e:
+            entry["error"] = common.short_error(e)
+        common.free_memory()
+        return entry
+
     rows = []
     for name, kw in variants.items():
         if args.variants and name not in args.variants and name != "plain":
             continue
         fn = lambda kw=kw: fast.attention(q, k, v, causal=True, **kw)
-        entry = {"phase": "prefill", "variant": name, "impl": "ours"}
-        try:
-            entry["err"] = _check(name, fn()[:1], ref(kw), args.tol)
-            ms = common.bench_ms(fn)
-            entry.update(ms=ms, tflops=common.tflops(flops, ms))
-        except Exception as e:
-            entry["error"] = common.short_error(e)
-        rows.append(entry)
-        common.free_memory()
+        rows.append(timed(name, "ours", fn, lambda out: out[:1], ref(kw)))
 
     flex = torch.compile(flex_attention, dynamic=False)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
@@ -112,15 +117,7 @@ def prefill(args, ceilings) -> list[dict]:
         if args.no_flex or (args.variants and name not in args.variants and name != "plain"):
             continue
         fn = lambda mod=mod: flex(qt, kt, vt, score_mod=mod, block_mask=mask, scale=scale)
-        entry = {"phase": "prefill", "variant": name, "impl": "flex"}
-        try:
-            entry["err"] = _check(name, fn()[:1].transpose(1, 2), ref(variants[name]), args.tol)
-            ms = common.bench_ms(fn)
-            entry.update(ms=ms, tflops=common.tflops(flops, ms))
-        except Exception as e:
-            entry["error"] = common.short_error(e)
-        rows.append(entry)
-        common.free_memory()
+        rows.append(timed(name, "flex", fn, lambda out: out[:1].transpose(1, 2), ref(variants[name])))
 
     plain_ms = {r["impl"]: r.get("ms") for r in rows if r["variant"] == "plain"}
     ours = {r["variant"]: r.get("ms") for r in rows if r["impl"] == "ours"}
@@ -131,24 +128,6 @@ def prefill(args, ceilings) -> list[dict]:
         if r["impl"] == "flex" and r.get("ms") and ours.get(r["variant"]):
             r["flex_ms_over_ours"] = r["ms"] / ours[r["variant"]]
     return rows
-
-
-def _paged(kc, vc, block_size, gen):
-    b, n_tok, hkv, d = kc.shape
-    n = math.ceil(n_tok / block_size)
-    pad = n * block_size - n_tok
-    perm = torch.randperm(b * n, generator=gen).to(kc.device)
-    pools = []
-    for x in (kc, vc):
-        # moved as raw bytes: padding and index_put are not implemented for every float8 type
-        raw = x.view(torch.uint8) if x.element_size() == 1 else x
-        if pad:
-            raw = torch.nn.functional.pad(raw, (0, 0, 0, 0, 0, pad))
-        blocks = raw.reshape(b * n, block_size, hkv, d)
-        pool = torch.empty_like(blocks)
-        pool[perm] = blocks
-        pools.append(pool.view(x.dtype))
-    return pools[0], pools[1], perm.view(b, n).to(torch.int32)
 
 
 def decode(args, ceilings) -> list[dict]:
@@ -215,7 +194,7 @@ def decode(args, ceilings) -> list[dict]:
                     if layout == "contiguous":
                         k_, v_, table = kv[0], kv[1], None
                     else:
-                        k_, v_, table = _paged(kv[0], kv[1], 64, gen)
+                        k_, v_, table = to_paged(kv[0], kv[1], 64, gen)
                     # cyclic: lens counts all L tokens ever appended into its N slots
                     fn = lambda q=q, lens=lens, k_=k_, v_=v_, table=table, kw=kw, check=False: fast.decode(
                         q, k_, v_, lens, block_table=table, validate=check, **kw

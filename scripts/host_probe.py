@@ -9,26 +9,15 @@ autotuned launch, a launch of the plain kernel with a fixed config, and the comb
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
 import attn.fast as fast
 from attn.checks import check_decode
+from bench import common
 
 # the package exports the function `decode`, which hides the module of the same name
 dec = sys.modules["attn.fast.decode"]
-
-
-def per_call_us(fn, calls=300):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
 
 
 def main() -> None:
@@ -46,10 +35,10 @@ def main() -> None:
         "4 x torch.empty": lambda: [torch.empty(b, 1, hq, 4, d, device="cuda") for _ in range(4)],
     }
     for name, fn in rows.items():
-        print(f"{per_call_us(fn):8.1f} us  {name}", flush=True)
+        print(f"{common.host_us(fn):8.1f} us  {name}", flush=True)
     # the same launch without the autotuner in front
     dec.autotune_enabled = lambda: False
-    print(f"{per_call_us(lambda: fast.decode(q, kc, vc, lens, validate=False)):8.1f} us  decode, fixed config")
+    print(f"{common.host_us(lambda: fast.decode(q, kc, vc, lens, validate=False)):8.1f} us  decode, fixed config")
 
 
 if __name__ == "__main__":

@@ -990,11 +990,15 @@ def check_preprocess(
 
 def check_gpt_attention(
     qkv, batch, k_cache, v_cache, *, num_heads_q, num_heads_kv, qkv_bias, rotary_dim, rope_style, softmax_scale,
-    q_scaling, window_size, softcap, alibi_slopes, alibi_mode, rel_bias, k_scale, v_scale, validate,
-) -> ContextArgs:  # fmt: skip
+    q_scaling, window_size, softcap, alibi_slopes, alibi_mode, rel_bias, k_scale, v_scale, validate, mode=None,
+) -> tuple[ContextArgs, str]:  # fmt: skip
     """Validates a whole ``gpt_attention`` step before anything is written: the buffer against the batch, the
     pre-processing and append (as ``preprocess`` checks them) and the attention (as ``context_attention`` checks
     it, on the lengths after the step). A rejected step leaves every cache untouched.
+
+    Returns the attention's checked arguments and the schedule: ``mode`` itself, or for None ``"split"`` when the
+    batch has a block table (one launch per phase measured faster than one over the mixed batch on the H200,
+    bench/NOTES.md) and ``"unified"`` otherwise.
 
     Raises:
         TypeError: a wrong type or dtype.
@@ -1005,6 +1009,12 @@ def check_gpt_attention(
 
     if not isinstance(batch, InflightBatch):
         raise TypeError(f"batch must be an attn.inflight.InflightBatch, got {type(batch).__name__}")
+    if mode is None:
+        mode = "split" if batch.block_table is not None else "unified"
+    if mode not in ("unified", "split"):
+        raise ValueError(f"mode must be None, 'unified' or 'split', got {mode!r}")
+    if mode == "split" and batch.block_table is None:
+        raise ValueError("mode='split' reads the generation requests through batch.block_table: give the batch one")
     _check_tensor("qkv", qkv)
     if qkv.dim() != 2 or qkv.shape[0] != batch.num_tokens:
         raise ValueError(
@@ -1019,12 +1029,13 @@ def check_gpt_attention(
     )  # fmt: skip
     head_dim = qkv.shape[1] // (num_heads_q + 2 * num_heads_kv)
     q_like = qkv[:, : num_heads_q * head_dim].unflatten(-1, (num_heads_q, head_dim))
-    return check_context(
+    args = check_context(
         q_like, k_cache, v_cache, batch.cache_seqlens_after, cu_seqlens_q=batch.cu_seqlens_new,
         max_seqlen_q=batch.max_new, block_table=batch.block_table, causal=True, softmax_scale=softmax_scale,
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, validate=validate,
     )  # fmt: skip
+    return args, mode
 
 
 def check_encoder_lengths(encoder_lengths, batch: int, capacity: int, validate: bool) -> None:

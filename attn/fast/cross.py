@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.cross import _as_packed, _check_cross
+from ..reference.cross import _as_packed, _check_cross, _like_q
 from .context import context_attention
 from .decode import decode
 
@@ -43,7 +43,4 @@ def cross_attention(
     rows, cu = _as_packed(q, cu_seqlens_q)
     out, lse = context_attention(rows, k_cache, v_cache, encoder_lengths, cu_seqlens_q=cu, causal=False,
                                  return_lse=True, **opts)  # fmt: skip
-    if cu_seqlens_q is None:
-        b, sq, hq = q.shape[:3]
-        out, lse = out.view(q.shape), lse.view(hq, b, sq).permute(1, 0, 2)
-    return (out, lse) if return_lse else out
+    return _like_q(q, cu_seqlens_q, out, lse, return_lse)

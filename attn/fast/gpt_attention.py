@@ -65,18 +65,11 @@ def gpt_attention(
     Returns:
         ``out [T, Hq, D]`` in qkv's dtype.
     """
-    if mode is None:
-        # measured on the H200 (bench/NOTES.md): one launch per phase beat one launch over the mixed batch
-        mode = "split" if getattr(batch, "block_table", None) is not None else "unified"
-    if mode not in ("unified", "split"):
-        raise ValueError(f"mode must be None, 'unified' or 'split', got {mode!r}")
-    if mode == "split" and getattr(batch, "block_table", None) is None:
-        raise ValueError("mode='split' reads the generation requests through batch.block_table: give the batch one")
-    check_gpt_attention(
+    _, mode = check_gpt_attention(
         qkv, batch, k_cache, v_cache, num_heads_q=num_heads_q, num_heads_kv=num_heads_kv, qkv_bias=qkv_bias,
         rotary_dim=rotary_dim, rope_style=rope_style, softmax_scale=softmax_scale, q_scaling=q_scaling,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, alibi_mode=alibi_mode,
-        rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, validate=validate,
+        rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, validate=validate, mode=mode,
     )  # fmt: skip
     q = preprocess(
         qkv, k_cache, v_cache, batch.cache_seqlens_before, num_heads_q=num_heads_q, num_heads_kv=num_heads_kv,

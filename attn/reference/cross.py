@@ -38,6 +38,14 @@ def _as_packed(q, cu_seqlens_q):
     return q.reshape(b * sq, *q.shape[2:]), cu
 
 
+def _like_q(q, cu_seqlens_q, out, lse, return_lse):
+    """Packed results back in the queries' layout: ``out`` like q, ``lse`` ``[B, Hq, Sq]`` when q was padded."""
+    if cu_seqlens_q is None:
+        b, sq, hq = q.shape[:3]
+        out, lse = out.view(q.shape), lse.view(hq, b, sq).permute(1, 0, 2)
+    return (out, lse) if return_lse else out
+
+
 def cross_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -84,7 +92,4 @@ def cross_attention(
         softmax_scale=softmax_scale, q_scaling=q_scaling, softcap=softcap, k_scale=k_scale, v_scale=v_scale,
         return_lse=True, validate=validate,
     )  # fmt: skip
-    if cu_seqlens_q is None:
-        b, sq, hq = q.shape[:3]
-        out, lse = out.view(q.shape), lse.view(hq, b, sq).permute(1, 0, 2)
-    return (out, lse) if return_lse else out
+    return _like_q(q, cu_seqlens_q, out, lse, return_lse)

@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 
 from ..checks import check_gpt_attention
-from ..reference.preprocess import RopeScaling
 from .context import context_attention
-from .preprocess import preprocess
+from .preprocess import RopeScaling, preprocess
 
 
 def gpt_attention(
@@ -80,16 +79,12 @@ def gpt_attention(
     Returns:
         ``out [T, Hq, D]`` in qkv's dtype: each new token's attention output.
     """
-    if mode is None:
-        # measured on the H200 (bench/NOTES.md): one launch per phase beat one launch over the mixed batch
-        mode = "split" if getattr(batch, "block_table", None) is not None else "unified"
-    if mode not in ("unified", "split"):
-        raise ValueError(f"mode must be None, 'unified' or 'split', got {mode!r}")
+    # the reference runs request by request whatever the schedule; mode is checked so both refuse the same calls
     check_gpt_attention(
         qkv, batch, k_cache, v_cache, num_heads_q=num_heads_q, num_heads_kv=num_heads_kv, qkv_bias=qkv_bias,
         rotary_dim=rotary_dim, rope_style=rope_style, softmax_scale=softmax_scale, q_scaling=q_scaling,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, alibi_mode=alibi_mode,
-        rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, validate=validate,
+        rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, validate=validate, mode=mode,
     )  # fmt: skip
     d = qkv.shape[1] // (num_heads_q + 2 * num_heads_kv)
     out = torch.empty(batch.num_tokens, num_heads_q, d, dtype=qkv.dtype, device=qkv.device)

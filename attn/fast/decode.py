@@ -32,7 +32,9 @@ from .preprocess import _cos_sin
 
 CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn, w, s in [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4)]
+    # (64, 2, 4) is the best tile for bf16 and FP8 caches at the issue's shapes, (128, 4, 5) for INT8 pages
+    # (scripts/decode_probe.py); the rest cover other head counts and lengths
+    for bn, w, s in [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4), (64, 2, 4), (128, 4, 5)]
 ]
 
 
@@ -41,6 +43,30 @@ def _keep(configs, named_args, **kwargs):
         # IEEE fp32 tiles: small ones, as in the context kernel (this path is for correctness, not speed)
         return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]
     return configs
+
+
+@triton.jit
+def _tile_keys(start_n, hi, b64, skipped, sinks, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
+               BLOCK_N: tl.constexpr, CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr):  # fmt: skip
+    """The keys of the tile at ``start_n``: positions, which are real, their slots in a sequence's cache, and
+    the cache row (sequence) each is read from."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    key_valid = offs_n < hi
+    # token position -> its slot in the sequence's cache (a cyclic cache wraps around, past its sinks)
+    if CYCLIC:
+        token = tl.where(offs_n < sinks, offs_n, offs_n + skipped)
+        slot = tl.where(token < sinks, token, sinks + (token - sinks) % (cyclic_n - sinks))
+    else:
+        slot = offs_n
+    if HAS_INDIRECTION:
+        # beam search: each token is read from the cache row of the beam the indirection names
+        request = b64 // beam_width
+        src = tl.load(ind_ptr + request * stride_ib + (b64 % beam_width) * stride_ibeam + offs_n,
+                      mask=key_valid, other=0)  # fmt: skip
+        seq_row = request * beam_width + src.to(tl.int64)
+    else:
+        seq_row = b64
+    return offs_n, key_valid, slot, seq_row
 
 
 @triton.jit(
@@ -73,7 +99,7 @@ def _decode_kernel(
     CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr, QUANT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MMA_F16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -95,6 +121,12 @@ def _decode_kernel(
         mask=row_valid[:, None] & d_mask[None, :],
         other=0.0,
     )
+    if MMA_F16:
+        # an FP8 cache under 16-bit queries: the products run in fp16, because e4m3 -> fp16 is one instruction
+        # per pair of keys while e4m3 -> bf16 takes several, enough to make the loop bound by them instead of
+        # by the bytes (scripts/decode_probe.py: 1.1x -> 1.6x the bf16 cache's speed). A bf16 query is exact in
+        # fp16 within the range the launcher checks. (INT8 stays in bf16: its conversion measured faster.)
+        q = q.to(tl.float16)
 
     if HAS_ALIBI:
         # [BLOCK_M]: each packed row belongs to its own query head, so each has its own slope
@@ -103,6 +135,7 @@ def _decode_kernel(
     # the tokens still stored: all of them, or a cyclic cache's min(L, N), counted from 0 in token order (the
     # sinks, then the rolling part): key n of this frame is token n, or n + (L - N) past the sinks
     first = seqlen_k * 0
+    skipped = first
     if CYCLIC:
         skipped = tl.maximum(seqlen_k - cyclic_n, 0)
         seqlen_k = seqlen_k - skipped
@@ -137,29 +170,31 @@ def _decode_kernel(
             sign = tl.where(offs_d < ROTARY_DIM // 2, -1.0, 1.0)
             fi = offs_d % (ROTARY_DIM // 2)
         rotated = offs_d < ROTARY_DIM
+    if IS_PAGED:
+        # slot -> (pool block, row) goes through the block table. Each tile's entries are loaded one iteration
+        # ahead: the K/V loads then depend on no load of their own iteration, and the pipeliner keeps them in
+        # flight (FP8 pages: 1.04x -> 1.3x the bf16 cache's speed, scripts/decode_probe.py). Entries were
+        # validated against the pool on the host.
+        _, n_valid, n_slot, n_row = _tile_keys(
+            lo, hi, b64, skipped, sinks, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
+            BLOCK_N, CYCLIC, HAS_INDIRECTION,
+        )  # fmt: skip
+        next_block = tl.load(block_table_ptr + n_row * stride_bt + n_slot // page_size, mask=n_valid, other=0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_valid = offs_n < hi
-        # token position -> its slot in the sequence's cache (a cyclic cache wraps around, past its sinks)
-        if CYCLIC:
-            token = tl.where(offs_n < sinks, offs_n, offs_n + skipped)
-            slot = tl.where(token < sinks, token, sinks + (token - sinks) % (cyclic_n - sinks))
-        else:
-            slot = offs_n
-        if HAS_INDIRECTION:
-            # beam search: each token is read from the cache row of the beam the indirection names
-            request = b64 // beam_width
-            src = tl.load(ind_ptr + request * stride_ib + (b64 % beam_width) * stride_ibeam + offs_n,
-                          mask=key_valid, other=0)  # fmt: skip
-            seq_row = request * beam_width + src.to(tl.int64)
-        else:
-            seq_row = b64
+        offs_n, key_valid, slot, seq_row = _tile_keys(
+            start_n, hi, b64, skipped, sinks, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
+            BLOCK_N, CYCLIC, HAS_INDIRECTION,
+        )  # fmt: skip
         if IS_PAGED:
-            # slot -> (pool block, row); entries were validated against the pool on the host
-            block = tl.load(block_table_ptr + seq_row * stride_bt + slot // page_size, mask=key_valid, other=0)
+            block = next_block
+            _, n_valid, n_slot, n_row = _tile_keys(
+                start_n + BLOCK_N, hi, b64, skipped, sinks, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
+                BLOCK_N, CYCLIC, HAS_INDIRECTION,
+            )  # fmt: skip
+            next_block = tl.load(block_table_ptr + n_row * stride_bt + n_slot // page_size, mask=n_valid, other=0)
             k_off = block.to(tl.int64) * stride_kb + (slot % page_size) * stride_kn
             v_off = block.to(tl.int64) * stride_vb + (slot % page_size) * stride_vn
         else:
@@ -175,11 +210,11 @@ def _decode_kernel(
             cs_off = offs_n.to(tl.int64)[:, None] * stride_cos + fi[None, :]
             cos = tl.load(cos_ptr + cs_off, mask=rot_mask, other=1.0)
             sin = tl.load(sin_ptr + cs_off, mask=rot_mask, other=0.0)
-            k = (k.to(tl.float32) * cos + sign[None, :] * k_pair * sin).to(q_ptr.dtype.element_ty)
+            k = (k.to(tl.float32) * cos + sign[None, :] * k_pair * sin).to(q.dtype)
         if QUANT != 0:
             # int8 and e4m3 values are exact in fp16/bf16: the products see the stored values, and the scale
             # multiplies the scores instead of every element
-            k = k.to(q_ptr.dtype.element_ty)
+            k = k.to(q.dtype)
         # [BLOCK_M, BLOCK_N], in log2 units
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if QUANT != 0:
@@ -227,7 +262,7 @@ def _decode_kernel(
         # [BLOCK_N, HEAD_DIM_PAD]
         v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if QUANT != 0:
-            v = v.to(q_ptr.dtype.element_ty)
+            v = v.to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
 
@@ -306,6 +341,7 @@ def _num_sms(device_index: int) -> int:
 
 
 MIN_SPLIT_KEYS = 2048
+F16_MAX = 65504.0
 
 
 def choose_num_splits(
@@ -477,6 +513,15 @@ def decode(
     else:
         cos = sin = cache_seqlens
     quant = quant_code(k_cache.dtype)
+    mma_f16 = quant == 2 and q.dtype != torch.float32
+    if mma_f16 and q.dtype == torch.bfloat16 and validate:
+        # the kernel's products run in fp16 (see _decode_kernel); beyond its range a query would become inf
+        q_max = float(q.abs().amax())
+        if not q_max <= F16_MAX:
+            raise ValueError(
+                f"q must lie within fp16's range (|q| <= {F16_MAX}) over an FP8 cache, whose products run in fp16; "
+                f"got max |q| = {q_max}"
+            )
     bt = block_table if block_table is not None else cache_seqlens
     bt_stride = block_table.stride(0) if block_table is not None else 0
     kw = dict(
@@ -484,7 +529,7 @@ def decode(
         CYCLIC=max_attention_window is not None, HAS_INDIRECTION=cache_indirection is not None,
         HAS_WINDOW_LEFT=args.window_left >= 0, HAS_WINDOW_RIGHT=args.window_right >= 0,
         HAS_SOFTCAP=args.softcap > 0, HAS_ALIBI=args.alibi_slopes is not None,
-        ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode, QUANT=quant,
+        ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode, QUANT=quant, MMA_F16=mma_f16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
     )  # fmt: skip
     if autotune_enabled():

@@ -45,30 +45,6 @@ def _keep(configs, named_args, **kwargs):
     return configs
 
 
-@triton.jit
-def _tile_keys(start_n, hi, b64, skipped, sinks, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
-               BLOCK_N: tl.constexpr, CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr):  # fmt: skip
-    """The keys of the tile at ``start_n``: positions, which are real, their slots in a sequence's cache, and
-    the cache row (sequence) each is read from."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    key_valid = offs_n < hi
-    # token position -> its slot in the sequence's cache (a cyclic cache wraps around, past its sinks)
-    if CYCLIC:
-        token = tl.where(offs_n < sinks, offs_n, offs_n + skipped)
-        slot = tl.where(token < sinks, token, sinks + (token - sinks) % (cyclic_n - sinks))
-    else:
-        slot = offs_n
-    if HAS_INDIRECTION:
-        # beam search: each token is read from the cache row of the beam the indirection names
-        request = b64 // beam_width
-        src = tl.load(ind_ptr + request * stride_ib + (b64 % beam_width) * stride_ibeam + offs_n,
-                      mask=key_valid, other=0)  # fmt: skip
-        seq_row = request * beam_width + src.to(tl.int64)
-    else:
-        seq_row = b64
-    return offs_n, key_valid, slot, seq_row
-
-
 @triton.jit(
     do_not_specialize=[
         "num_heads_kv",
@@ -135,7 +111,6 @@ def _decode_kernel(
     # the tokens still stored: all of them, or a cyclic cache's min(L, N), counted from 0 in token order (the
     # sinks, then the rolling part): key n of this frame is token n, or n + (L - N) past the sinks
     first = seqlen_k * 0
-    skipped = first
     if CYCLIC:
         skipped = tl.maximum(seqlen_k - cyclic_n, 0)
         seqlen_k = seqlen_k - skipped
@@ -170,31 +145,42 @@ def _decode_kernel(
             sign = tl.where(offs_d < ROTARY_DIM // 2, -1.0, 1.0)
             fi = offs_d % (ROTARY_DIM // 2)
         rotated = offs_d < ROTARY_DIM
-    if IS_PAGED:
-        # slot -> (pool block, row) goes through the block table. Each tile's entries are loaded one iteration
-        # ahead: the K/V loads then depend on no load of their own iteration, and the pipeliner keeps them in
-        # flight (FP8 pages: 1.04x -> 1.3x the bf16 cache's speed, scripts/decode_probe.py). Entries were
-        # validated against the pool on the host.
-        _, n_valid, n_slot, n_row = _tile_keys(
-            lo, hi, b64, skipped, sinks, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
-            BLOCK_N, CYCLIC, HAS_INDIRECTION,
-        )  # fmt: skip
-        next_block = tl.load(block_table_ptr + n_row * stride_bt + n_slot // page_size, mask=n_valid, other=0)
+    if IS_PAGED and not (CYCLIC or HAS_INDIRECTION):
+        # a plain paged tile's block-table entries are loaded one iteration ahead: its K/V loads then depend on
+        # no load of their own iteration, and the pipeliner keeps them in flight (FP8 pages: 1.04x -> 1.3x the
+        # bf16 cache's speed, scripts/decode_probe.py)
+        offs_lo = lo + tl.arange(0, BLOCK_N)
+        next_block = tl.load(block_table_ptr + b64 * stride_bt + offs_lo // page_size, mask=offs_lo < hi, other=0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n, key_valid, slot, seq_row = _tile_keys(
-            start_n, hi, b64, skipped, sinks, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
-            BLOCK_N, CYCLIC, HAS_INDIRECTION,
-        )  # fmt: skip
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_valid = offs_n < hi
+        # token position -> its slot in the sequence's cache (a cyclic cache wraps around, past its sinks)
+        if CYCLIC:
+            token = tl.where(offs_n < sinks, offs_n, offs_n + skipped)
+            slot = tl.where(token < sinks, token, sinks + (token - sinks) % (cyclic_n - sinks))
+        else:
+            slot = offs_n
+        if HAS_INDIRECTION:
+            # beam search: each token is read from the cache row of the beam the indirection names
+            request = b64 // beam_width
+            src = tl.load(ind_ptr + request * stride_ib + (b64 % beam_width) * stride_ibeam + offs_n,
+                          mask=key_valid, other=0)  # fmt: skip
+            seq_row = request * beam_width + src.to(tl.int64)
+        else:
+            seq_row = b64
         if IS_PAGED:
-            block = next_block
-            _, n_valid, n_slot, n_row = _tile_keys(
-                start_n + BLOCK_N, hi, b64, skipped, sinks, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
-                BLOCK_N, CYCLIC, HAS_INDIRECTION,
-            )  # fmt: skip
-            next_block = tl.load(block_table_ptr + n_row * stride_bt + n_slot // page_size, mask=n_valid, other=0)
+            # slot -> (pool block, row); entries were validated against the pool on the host
+            if CYCLIC or HAS_INDIRECTION:
+                # these slots are computed (or gathered) per key; loading them a tile ahead as well measured
+                # slower (beam search over pages: 0.83x plain decode instead of 0.975x)
+                block = tl.load(block_table_ptr + seq_row * stride_bt + slot // page_size, mask=key_valid, other=0)
+            else:
+                block = next_block
+                ahead = offs_n + BLOCK_N
+                next_block = tl.load(block_table_ptr + b64 * stride_bt + ahead // page_size, mask=ahead < hi, other=0)
             k_off = block.to(tl.int64) * stride_kb + (slot % page_size) * stride_kn
             v_off = block.to(tl.int64) * stride_vb + (slot % page_size) * stride_vn
         else:

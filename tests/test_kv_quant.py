@@ -133,10 +133,11 @@ def test_bad_scales_are_rejected_and_the_cache_untouched(case, impl, device):
         dec(q, k_cache, v_cache, starts + 3, **scales)
 
 
-def test_fp8_cache_rejects_queries_beyond_fp16(device):
-    # over an FP8 cache the kernel's products run in fp16 (attn/fast/decode.py): a bf16 query it cannot hold
-    # must be an error, not an inf in the scores
-    k_cache = torch.zeros(1, 16, 2, 8, device=device).to(torch.float8_e4m3fn)
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=dtype_id)
+def test_one_byte_cache_rejects_queries_beyond_fp16(qdtype, device):
+    # over an INT8/FP8 cache the kernel's products run in fp16 (attn/fast/decode.py): a bf16 query it cannot
+    # hold must be an error, not an inf in the scores
+    k_cache = torch.zeros(1, 16, 2, 8, device=device).to(qdtype)
     q = torch.zeros(1, 1, 4, 8, device=device, dtype=torch.bfloat16)
     q[0, 0, 1, 3] = 7e4
     lens = torch.full((1,), 5, dtype=torch.int32, device=device)

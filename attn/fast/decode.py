@@ -45,11 +45,39 @@ def _keep(configs, named_args, **kwargs):
     return configs
 
 
+@triton.jit
+def _widen(x, dtype: tl.constexpr, INT8_ASM: tl.constexpr):
+    """A tile of int8 or e4m3 codes (or of keys already turned by RoPE) in the products' dtype, exactly."""
+    if INT8_ASM and x.dtype == tl.int8 and dtype == tl.float16:
+        # int8 -> fp16 four at a time, with integer and half2 operations instead of one conversion per code
+        # (the conversion units issue at a quarter of the integer rate). Each byte plus 128 (xor 0x80) becomes
+        # the low mantissa byte of 1024.0 (high byte 0x64), which reads as 1024 + 128 + x; subtracting 1152
+        # (0x6480) leaves x. The trick is FasterTransformer's; the interpreter takes the plain conversion.
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, hi, m;
+            xor.b32 t, $2, 0x80808080;
+            mov.b32 hi, 0x64646464;
+            mov.b32 m, 0x64806480;
+            prmt.b32 $0, t, hi, 0x4140;
+            prmt.b32 $1, t, hi, 0x4342;
+            sub.f16x2 $0, $0, m;
+            sub.f16x2 $1, $1, m;
+            }""",
+            constraints="=r,=r,r",
+            args=[x],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        return x.to(dtype)
+
+
 @triton.jit(
     do_not_specialize=[
         "num_heads_kv",
         "seqlen_q",
-        "page_size",
         "num_splits",
         "min_chunk",
         "window_left",
@@ -68,9 +96,9 @@ def _decode_kernel(
     stride_bt,
     stride_ob, stride_om, stride_oh, stride_os,
     stride_lb, stride_lm, stride_lh, stride_ls,
-    num_heads_kv, seqlen_q, page_size, num_splits, min_chunk, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
+    num_heads_kv, seqlen_q, num_splits, min_chunk, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
     qk_scale, cap_log2, window_left, window_right, tune_len, sinks, cos_ptr, sin_ptr, stride_cos,
-    ROTARY_DIM: tl.constexpr, GPTJ: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, GPTJ: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
     CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -98,10 +126,10 @@ def _decode_kernel(
         other=0.0,
     )
     if MMA_F16:
-        # an FP8 cache under 16-bit queries: the products run in fp16, because e4m3 -> fp16 is one instruction
-        # per pair of keys while e4m3 -> bf16 takes several, enough to make the loop bound by them instead of
-        # by the bytes (scripts/decode_probe.py: 1.1x -> 1.6x the bf16 cache's speed). A bf16 query is exact in
-        # fp16 within the range the launcher checks. (INT8 stays in bf16: its conversion measured faster.)
+        # a one-byte cache under 16-bit queries: the products run in fp16, whose conversions from the stored
+        # codes are cheap (e4m3 -> fp16 one instruction per pair; int8 -> fp16 below), while bf16's made the
+        # loop bound by conversions instead of bytes (scripts/decode_probe.py: FP8 1.1x -> 1.6x the bf16
+        # cache's speed). A bf16 query is exact in fp16 within the range the launcher checks.
         q = q.to(tl.float16)
 
     if HAS_ALIBI:
@@ -150,7 +178,7 @@ def _decode_kernel(
         # no load of their own iteration, and the pipeliner keeps them in flight (FP8 pages: 1.04x -> 1.3x the
         # bf16 cache's speed, scripts/decode_probe.py)
         offs_lo = lo + tl.arange(0, BLOCK_N)
-        next_block = tl.load(block_table_ptr + b64 * stride_bt + offs_lo // page_size, mask=offs_lo < hi, other=0)
+        next_block = tl.load(block_table_ptr + b64 * stride_bt + offs_lo // PAGE_SIZE, mask=offs_lo < hi, other=0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -176,13 +204,13 @@ def _decode_kernel(
             if CYCLIC or HAS_INDIRECTION:
                 # these slots are computed (or gathered) per key; loading them a tile ahead as well measured
                 # slower (beam search over pages: 0.83x plain decode instead of 0.975x)
-                block = tl.load(block_table_ptr + seq_row * stride_bt + slot // page_size, mask=key_valid, other=0)
+                block = tl.load(block_table_ptr + seq_row * stride_bt + slot // PAGE_SIZE, mask=key_valid, other=0)
             else:
                 block = next_block
                 ahead = offs_n + BLOCK_N
-                next_block = tl.load(block_table_ptr + b64 * stride_bt + ahead // page_size, mask=ahead < hi, other=0)
-            k_off = block.to(tl.int64) * stride_kb + (slot % page_size) * stride_kn
-            v_off = block.to(tl.int64) * stride_vb + (slot % page_size) * stride_vn
+                next_block = tl.load(block_table_ptr + b64 * stride_bt + ahead // PAGE_SIZE, mask=ahead < hi, other=0)
+            k_off = block.to(tl.int64) * stride_kb + (slot % PAGE_SIZE) * stride_kn
+            v_off = block.to(tl.int64) * stride_vb + (slot % PAGE_SIZE) * stride_vn
         else:
             k_off = seq_row * stride_kb + slot.to(tl.int64) * stride_kn
             v_off = seq_row * stride_vb + slot.to(tl.int64) * stride_vn
@@ -200,7 +228,7 @@ def _decode_kernel(
         if QUANT != 0:
             # int8 and e4m3 values are exact in fp16/bf16: the products see the stored values, and the scale
             # multiplies the scores instead of every element
-            k = k.to(q.dtype)
+            k = _widen(k, q.dtype, INT8_ASM)
         # [BLOCK_M, BLOCK_N], in log2 units
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if QUANT != 0:
@@ -248,7 +276,7 @@ def _decode_kernel(
         # [BLOCK_N, HEAD_DIM_PAD]
         v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if QUANT != 0:
-            v = v.to(q.dtype)
+            v = _widen(v, q.dtype, INT8_ASM)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
 
@@ -499,14 +527,14 @@ def decode(
     else:
         cos = sin = cache_seqlens
     quant = quant_code(k_cache.dtype)
-    mma_f16 = quant == 2 and q.dtype != torch.float32
+    mma_f16 = quant != 0 and q.dtype != torch.float32
     if mma_f16 and q.dtype == torch.bfloat16 and validate:
         # the kernel's products run in fp16 (see _decode_kernel); beyond its range a query would become inf
         q_max = float(q.abs().amax())
         if not q_max <= F16_MAX:
             raise ValueError(
-                f"q must lie within fp16's range (|q| <= {F16_MAX}) over an FP8 cache, whose products run in fp16; "
-                f"got max |q| = {q_max}"
+                f"q must lie within fp16's range (|q| <= {F16_MAX}) over an INT8/FP8 cache, whose products run "
+                f"in fp16; got max |q| = {q_max}"
             )
     bt = block_table if block_table is not None else cache_seqlens
     bt_stride = block_table.stride(0) if block_table is not None else 0
@@ -538,7 +566,7 @@ def decode(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt_stride, *o_strides, *l_strides,
-        args.num_heads_kv, sq, args.page_size, num_splits, min_chunk, max_attention_window or 1,
+        args.num_heads_kv, sq, num_splits, min_chunk, max_attention_window or 1,
         cache_indirection if cache_indirection is not None else cache_seqlens,
         *(cache_indirection.stride()[:2] if cache_indirection is not None else (0, 0)),
         cache_indirection.shape[1] if cache_indirection is not None else 1,
@@ -546,6 +574,9 @@ def decode(
         next_power_of_2(max(args.max_seqlen_k if validate else args.capacity, 1)),
         args.sink_token_length, cos, sin, cos.stride(0) if rotary_dim else 0,
         ROTARY_DIM=rotary_dim, GPTJ=rope_style == "gptj",
+        # a compile-time page size turns the per-key division and remainder into shifts (pages are powers of
+        # two in practice; others compile to multiply-high sequences)
+        PAGE_SIZE=args.page_size if args.paged else 1, INT8_ASM=not is_interpreter(),
         **kw,
     )  # fmt: skip
     if num_splits > 1:

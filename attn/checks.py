@@ -1011,10 +1011,10 @@ def check_gpt_attention(
         raise TypeError(f"batch must be an attn.inflight.InflightBatch, got {type(batch).__name__}")
     if mode is None:
         mode = "split" if batch.block_table is not None else "unified"
-    if mode not in ("unified", "split", "overlap"):
-        raise ValueError(f"mode must be None, 'unified', 'split' or 'overlap', got {mode!r}")
-    if mode != "unified" and batch.block_table is None:
-        raise ValueError(f"mode={mode!r} reads the generation requests through batch.block_table: give the batch one")
+    if mode not in ("unified", "split"):
+        raise ValueError(f"mode must be None, 'unified' or 'split', got {mode!r}")
+    if mode == "split" and batch.block_table is None:
+        raise ValueError("mode='split' reads the generation requests through batch.block_table: give the batch one")
     _check_tensor("qkv", qkv)
     if qkv.dim() != 2 or qkv.shape[0] != batch.num_tokens:
         raise ValueError(

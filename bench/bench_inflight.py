@@ -7,12 +7,10 @@ The batch (issue 7): 4 fresh prompts of 2048 tokens and 60 generation requests w
 
   op-unified   attn.fast.gpt_attention(mode="unified"): pre-processing + one context_attention launch
   op-split     attn.fast.gpt_attention(mode="split"): pre-processing + context_attention + split-K decode
-  op-overlap   attn.fast.gpt_attention(mode="overlap"): the split launches, decode first on a second stream
   separate     pre-processing + attn.fast.attention on the prompts (packed, causal) + attn.fast.decode on the
                generation requests: what a caller without the mixed-batch op would launch
 and the attention part alone (the pre-processing is the same launch in all three): ``unified`` (one
-context_attention), ``split`` (context_attention + decode), ``overlap`` (the same two on two streams, decode
-issued first; ``overlap-ctx-first`` the other order) and ``separate`` (attention + decode). All are timed
+context_attention), ``split`` (context_attention + decode) and ``separate`` (attention + decode). All are timed
 with events (do_bench): the packed prefill and the pre-processing read lengths on the host, which CUDA graphs
 cannot capture; ``host_us`` says how much of a call is host time.
 
@@ -103,24 +101,6 @@ def main() -> None:
                          max_seqlen_k=args.gen_len)  # fmt: skip
         return torch.cat([o1, o2[:, 0]])
 
-    side = torch.cuda.Stream()
-
-    def overlap_attention(decode_first=True):
-        side.wait_stream(torch.cuda.current_stream())
-        if not decode_first:
-            o1 = fast.context_attention(q_ctx, k_cache, v_cache, batch.cache_seqlens_after[: args.prompts],
-                                        cu_seqlens_q=cu_ctx, max_seqlen_q=args.prompt_len, block_table=table_ctx,
-                                        validate=False)  # fmt: skip
-        with torch.cuda.stream(side):
-            o2 = fast.decode(q_gen, k_cache, v_cache, lens_gen, block_table=table_gen, validate=False,
-                             max_seqlen_k=args.gen_len)  # fmt: skip
-        if decode_first:
-            o1 = fast.context_attention(q_ctx, k_cache, v_cache, batch.cache_seqlens_after[: args.prompts],
-                                        cu_seqlens_q=cu_ctx, max_seqlen_q=args.prompt_len, block_table=table_ctx,
-                                        validate=False)  # fmt: skip
-        torch.cuda.current_stream().wait_stream(side)
-        return torch.cat([o1, o2[:, 0]])
-
     def op(mode):
         return lambda: fast.gpt_attention(qkv, batch, k_cache, v_cache, mode=mode, validate=False, **kw)
 
@@ -153,12 +133,9 @@ def main() -> None:
         # events for all: the packed prefill validates its cu_seqlens on the host, which graphs cannot capture
         "attention unified": (unified_attention, "events"),
         "attention split": (split_attention, "events"),
-        "attention overlap": (overlap_attention, "events"),
-        "attention overlap-ctx-first": (lambda: overlap_attention(decode_first=False), "events"),
         "attention separate": (separate_attention, "events"),
         "op unified": (op("unified"), "events"),
         "op split": (op("split"), "events"),
-        "op overlap": (op("overlap"), "events"),
         "op separate": (separate_op, "events"),
     }
     out_path = args.out or common.default_out_path("inflight")
@@ -179,8 +156,8 @@ def main() -> None:
     res = record["results"]
     for part in ("attention", "op"):
         base = res.get(f"{part} separate", {}).get("ms")
-        for mode in ("unified", "split", "overlap", "overlap-ctx-first", "separate"):
-            r = res.get(f"{part} {mode}", {})
+        for mode in ("unified", "split", "separate"):
+            r = res[f"{part} {mode}"]
             if r.get("ms") and base:
                 r["speedup_vs_separate"] = base / r["ms"]
     common.write_json(out_path, record)

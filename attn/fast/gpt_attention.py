@@ -10,9 +10,6 @@ the cache; then the attention runs over the mixed batch in one of two schedules 
   requests through the split-K `decode` kernel, with the rows gathered and scattered by the batch's
   precomputed index tensors (device-side, so still no host read). Decode's split-K helps when few generation
   requests hold long caches.
-- ``"overlap"``: the split schedule with the decode launch on a second CUDA stream, issued first: the
-  generation requests' memory-bound programs can then run beside the prompts' compute-bound ones instead of
-  after them. (On a CPU, under the interpreter, it runs as ``"split"``.)
 
 The batch metadata (`attn.inflight.InflightBatch`) is built once per step on the host. With ``validate=True``
 the step's lengths and block-table entries are checked once, up front; with ``validate=False`` nothing reads
@@ -21,8 +18,6 @@ CUDA graph.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -60,11 +55,10 @@ def gpt_attention(
 ) -> torch.Tensor:
     """One inflight-batching step; same contract as `attn.reference.gpt_attention`.
 
-    ``mode="split"`` and ``"overlap"`` need a paged cache (``batch.block_table``), because their decode launch
-    addresses the generation requests' caches through their table rows; ``"split"`` is the default then
-    (``mode=None``), because on the H200 it ran the issue's mixed batch (4 prompts of 2048 + 60 generation
-    requests on 4096 tokens) in 0.95 ms against 1.07 ms for the unified launch, whose generation rows fill 4 of
-    a 128-row tile.
+    ``mode="split"`` needs a paged cache (``batch.block_table``), because its decode launch addresses the
+    generation requests' caches through their table rows; it is the default then (``mode=None``), because on
+    the H200 it ran the issue's mixed batch (4 prompts of 2048 + 60 generation requests on 4096 tokens) in
+    0.96 ms against 1.80 ms for the unified launch, whose generation rows each fill a 128-row tile alone.
     ``rope_scaling`` of type ``"dynamic"`` computes its
     frequencies for the step's longest sequence (the reference, one request at a time, for each request's own).
 
@@ -101,22 +95,6 @@ def gpt_attention(
             return alibi_slopes
         return alibi_slopes.index_select(0, requests)
 
-    side = None
-    if mode == "overlap" and q.is_cuda and batch.context_rows.numel() and batch.generation_rows.numel():
-        side = _side_stream(q.device)
-        # the side stream starts once q and the appended cache are ready
-        side.wait_stream(torch.cuda.current_stream(q.device))
-    if batch.generation_rows.numel():
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            reqs = batch.generation_requests
-            lens = batch.cache_seqlens_after.index_select(0, reqs)
-            o = decode(
-                q.index_select(0, batch.generation_rows)[:, None], k_cache, v_cache, lens,
-                block_table=batch.block_table.index_select(0, reqs), alibi_slopes=slopes_of(reqs),
-                max_seqlen_k=batch.max_seqlen, **opts,
-            )  # fmt: skip
-            # the two phases write disjoint rows of out
-            out.index_copy_(0, batch.generation_rows, o[:, 0])
     if batch.context_rows.numel():
         reqs = batch.context_requests
         o = context_attention(
@@ -125,17 +103,13 @@ def gpt_attention(
             block_table=batch.block_table.index_select(0, reqs), alibi_slopes=slopes_of(reqs), **opts,
         )  # fmt: skip
         out.index_copy_(0, batch.context_rows, o)
-    if side is not None:
-        # joined before returning: whatever the caller does next with out, q or the cache comes after both phases
-        torch.cuda.current_stream(q.device).wait_stream(side)
+    if batch.generation_rows.numel():
+        reqs = batch.generation_requests
+        lens = batch.cache_seqlens_after.index_select(0, reqs)
+        o = decode(
+            q.index_select(0, batch.generation_rows)[:, None], k_cache, v_cache, lens,
+            block_table=batch.block_table.index_select(0, reqs), alibi_slopes=slopes_of(reqs),
+            max_seqlen_k=batch.max_seqlen, **opts,
+        )  # fmt: skip
+        out.index_copy_(0, batch.generation_rows, o[:, 0])
     return out
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]

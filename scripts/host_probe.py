@@ -1,13 +1,18 @@
-"""Probe: where the host time of one `attn.fast.decode` call goes (no device sync between calls).
+"""Probe: where the host time of one `attn.fast.decode` call, and of one `gpt_attention` step, goes.
 
     PYTHONPATH=. python scripts/host_probe.py          # on the GPU machine
 
-Prints microseconds per call for the whole call and for its parts: the checks, the output allocations, the
-autotuned launch, a launch of the plain kernel with a fixed config, and the combine kernel's launch.
+Prints microseconds per call for the whole decode call and for its parts: the checks, the output
+allocations, the autotuned launch, a launch of the plain kernel with a fixed config. Then profiles the
+issue-7 mixed-batch step (`gpt_attention(validate=False)`, 4 prompts of 2048 + 60 generation requests on
+4096 tokens, paged) with cProfile, no device sync between calls, and prints the functions that hold the
+most host time.
 """
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import sys
 
 import torch
@@ -18,6 +23,7 @@ from bench import common
 
 # the package exports the function `decode`, which hides the module of the same name
 dec = sys.modules["attn.fast.decode"]
+common_autotune = dec.autotune_enabled
 
 
 def main() -> None:
@@ -39,6 +45,37 @@ def main() -> None:
     # the same launch without the autotuner in front
     dec.autotune_enabled = lambda: False
     print(f"{common.host_us(lambda: fast.decode(q, kc, vc, lens, validate=False)):8.1f} us  decode, fixed config")
+    dec.autotune_enabled = common_autotune
+    profile_step()
+
+
+def profile_step() -> None:
+    from attn.inflight import CONTEXT, GENERATION, InflightBatch
+
+    hq, hkv, d, bs = 32, 8, 128, 64
+    types = [CONTEXT] * 4 + [GENERATION] * 60
+    new, past = [2048] * 4 + [1] * 60, [0] * 4 + [4095] * 60
+    need = [-(-(x + n) // bs) for x, n in zip(past, new)]
+    table = torch.zeros(len(types), max(need), dtype=torch.int32)
+    perm, used = torch.randperm(sum(need)), 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[used : used + n]
+        used += n
+    k_cache = torch.randn(sum(need), bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    batch = InflightBatch.build(types, new, past, block_table=table.to("cuda"))
+    qkv = torch.randn(batch.num_tokens, (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
+    for mode in ("unified", "split"):
+        step = lambda mode=mode: fast.gpt_attention(qkv, batch, k_cache, v_cache, num_heads_q=hq, num_heads_kv=hkv,
+                                                    rotary_dim=d, mode=mode, validate=False)  # fmt: skip
+        print(f"{common.host_us(step, calls=30):8.1f} us  gpt_attention step, mode={mode}", flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(30):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
 if __name__ == "__main__":

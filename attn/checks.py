@@ -916,11 +916,14 @@ class PreprocessArgs:
 def check_preprocess(
     qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
     rotary_dim, rope_style, k_scale=None, v_scale=None, validate=True, max_attention_window=None, sink_token_length=0,
+    positions=None,
 ) -> PreprocessArgs:  # fmt: skip
     """Validates a pre-processing call (and the append it implies) before anything is written.
 
     With ``validate=False`` nothing is read back from the device: the new tokens' sequences and positions are
     computed on the device, and ``num_positions`` is the cache capacity (the cos/sin table covers it).
+    ``positions``, ``(token_seq, token_positions)`` as an `attn.inflight.InflightBatch` holds them, are used
+    instead of computing them.
     """
     _check_tensor("qkv", qkv)
     _check_tensor("k_cache", k_cache, FLOAT_DTYPES + QUANT_DTYPES)
@@ -976,11 +979,11 @@ def check_preprocess(
         if cu is None:
             s_new = qkv.shape[1]
             cu = torch.arange(0, (append.batch + 1) * s_new, s_new, dtype=torch.int32, device=qkv.device)
-        token_seq, positions = device_token_positions(cu, cache_seqlens, num_tokens)
+        token_seq, positions = positions or device_token_positions(cu, cache_seqlens, num_tokens)
         return PreprocessArgs(packed=packed, head_dim=d, token_seq=token_seq, positions=positions,
                               num_positions=max(append.capacity, 1), append=append)  # fmt: skip
 
-    token_seq, positions = new_token_positions(append.new_bounds, cache_seqlens)
+    token_seq, positions = positions or new_token_positions(append.new_bounds, cache_seqlens)
     bounds = append.new_bounds
     num_positions = max([s + (b - a) for s, a, b in zip(cache_seqlens.tolist(), bounds, bounds[1:])] + [1])
     return PreprocessArgs(
@@ -991,12 +994,13 @@ def check_preprocess(
 def check_gpt_attention(
     qkv, batch, k_cache, v_cache, *, num_heads_q, num_heads_kv, qkv_bias, rotary_dim, rope_style, softmax_scale,
     q_scaling, window_size, softcap, alibi_slopes, alibi_mode, rel_bias, k_scale, v_scale, validate, mode=None,
-) -> tuple[ContextArgs, str]:  # fmt: skip
+) -> tuple[PreprocessArgs, ContextArgs, str]:  # fmt: skip
     """Validates a whole ``gpt_attention`` step before anything is written: the buffer against the batch, the
     pre-processing and append (as ``preprocess`` checks them) and the attention (as ``context_attention`` checks
     it, on the lengths after the step). A rejected step leaves every cache untouched.
 
-    Returns the attention's checked arguments and the schedule: ``mode`` itself, or for None ``"split"`` when the
+    Returns the pre-processing's and the attention's checked arguments and the schedule: ``mode`` itself, or for
+    None ``"split"`` when the
     batch has a block table (one launch per phase measured faster than one over the mixed batch on the H200,
     bench/NOTES.md) and ``"unified"`` otherwise.
 
@@ -1023,9 +1027,10 @@ def check_gpt_attention(
         )
     if batch.cu_seqlens_new.device != qkv.device:
         raise ValueError(f"batch must live on qkv's device {qkv.device}, got {batch.cu_seqlens_new.device}")
-    check_preprocess(
+    pre_args = check_preprocess(
         qkv, k_cache, v_cache, batch.cache_seqlens_before, num_heads_q, num_heads_kv, batch.cu_seqlens_new,
         batch.block_table, qkv_bias, rotary_dim, rope_style, k_scale, v_scale, validate,
+        positions=(batch.token_seq, batch.token_positions),
     )  # fmt: skip
     head_dim = qkv.shape[1] // (num_heads_q + 2 * num_heads_kv)
     q_like = qkv[:, : num_heads_q * head_dim].unflatten(-1, (num_heads_q, head_dim))
@@ -1035,7 +1040,7 @@ def check_gpt_attention(
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, validate=validate,
     )  # fmt: skip
-    return args, mode
+    return pre_args, args, mode
 
 
 def check_encoder_lengths(encoder_lengths, batch: int, capacity: int, validate: bool) -> None:

@@ -40,6 +40,9 @@ class InflightBatch:
         context_rows: int64 ``[Tc]``, the buffer rows of the context requests, in order.
         generation_rows: int64 ``[Bg]``, the buffer row of each generation request.
         cu_seqlens_context: int32 ``[Bc+1]``, prefix sums of the context requests' new tokens.
+        token_seq: int32 ``[T]``, the request of each buffer row.
+        token_positions: int32 ``[T]``, each buffer row's position in its sequence (past length + offset). Built
+            here, once per step, so that no layer's call computes them again.
         num_tokens: T.
         max_new: the most new tokens of one request.
         max_context_new: the most new tokens of one context request (0 without any).
@@ -58,6 +61,8 @@ class InflightBatch:
     context_rows: torch.Tensor
     generation_rows: torch.Tensor
     cu_seqlens_context: torch.Tensor
+    token_seq: torch.Tensor
+    token_positions: torch.Tensor
     num_tokens: int
     max_new: int
     max_context_new: int
@@ -136,6 +141,12 @@ class InflightBatch:
         for b in ctx:
             cu_ctx.append(cu_ctx[-1] + new_tokens[b])
         after = [p + n for p, n in zip(past_lengths, new_tokens)]
+        # on the host, then one copy each: row r of request b sits at position past[b] + (r - cu[b])
+        counts = torch.tensor(list(new_tokens), dtype=torch.int64)
+        seq = torch.repeat_interleave(torch.arange(batch), counts)
+        offsets = torch.arange(cu[-1]) - torch.tensor(cu[:-1], dtype=torch.int64)[seq]
+        positions = torch.tensor(list(past_lengths), dtype=torch.int64)[seq] + offsets
+        is_context = torch.tensor([t == CONTEXT for t in request_types], dtype=torch.bool)
         return cls(
             request_types=tuple(request_types),
             new_tokens=tuple(new_tokens),
@@ -146,9 +157,11 @@ class InflightBatch:
             block_table=block_table,
             context_requests=ints(ctx, torch.int64),
             generation_requests=ints(gen, torch.int64),
-            context_rows=ints([r for b in ctx for r in range(cu[b], cu[b + 1])], torch.int64),
+            context_rows=torch.nonzero(is_context[seq]).flatten().to(device),
             generation_rows=ints([cu[b] for b in gen], torch.int64),
             cu_seqlens_context=ints(cu_ctx),
+            token_seq=seq.to(device=device, dtype=torch.int32),
+            token_positions=positions.to(device=device, dtype=torch.int32),
             num_tokens=cu[-1],
             max_new=max(new_tokens, default=0),
             max_context_new=max((new_tokens[b] for b in ctx), default=0),

@@ -182,6 +182,18 @@ BAD_BATCH = {
 }
 
 
+def test_batch_positions_match_the_layout_helpers():
+    # the op takes each row's request and position from the batch instead of computing them per layer
+    from attn.layout import new_token_positions
+
+    types, new, past = [GENERATION, CONTEXT, GENERATION, CONTEXT], [1, 7, 1, 3], [9, 0, 30, 12]
+    batch = InflightBatch.build(types, new, past)
+    bounds = batch.cu_seqlens_new.tolist()
+    seq, pos = new_token_positions(bounds, batch.cache_seqlens_before)
+    assert torch.equal(batch.token_seq, seq) and torch.equal(batch.token_positions, pos)
+    assert batch.token_positions.tolist() == [9, 0, 1, 2, 3, 4, 5, 6, 30, 12, 13, 14]
+
+
 @pytest.mark.parametrize("case", BAD_BATCH)
 def test_batch_rejects_bad_metadata(case):
     lists, error, words = BAD_BATCH[case]

@@ -25,7 +25,7 @@ from ..checks import check_gpt_attention
 from ..reference.preprocess import RopeScaling
 from .context import context_attention
 from .decode import decode
-from .preprocess import preprocess
+from .preprocess import launch_preprocess
 
 
 def gpt_attention(
@@ -65,17 +65,18 @@ def gpt_attention(
     Returns:
         ``out [T, Hq, D]`` in qkv's dtype.
     """
-    _, mode = check_gpt_attention(
+    pre_args, _, mode = check_gpt_attention(
         qkv, batch, k_cache, v_cache, num_heads_q=num_heads_q, num_heads_kv=num_heads_kv, qkv_bias=qkv_bias,
         rotary_dim=rotary_dim, rope_style=rope_style, softmax_scale=softmax_scale, q_scaling=q_scaling,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, alibi_mode=alibi_mode,
         rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, validate=validate, mode=mode,
     )  # fmt: skip
-    q = preprocess(
-        qkv, k_cache, v_cache, batch.cache_seqlens_before, num_heads_q=num_heads_q, num_heads_kv=num_heads_kv,
-        cu_seqlens_new=batch.cu_seqlens_new, block_table=batch.block_table, qkv_bias=qkv_bias,
-        rotary_dim=rotary_dim, rope_base=rope_base, rope_style=rope_style, rope_scaling=rope_scaling,
-        k_scale=k_scale, v_scale=v_scale, validate=False,
+    # checked above, with the positions the batch carries: the launch alone
+    q = launch_preprocess(
+        pre_args, qkv, k_cache, v_cache, batch.cache_seqlens_before, num_heads_q=num_heads_q,
+        num_heads_kv=num_heads_kv, cu_seqlens_new=batch.cu_seqlens_new, block_table=batch.block_table,
+        qkv_bias=qkv_bias, rotary_dim=rotary_dim, rope_base=rope_base, rope_style=rope_style,
+        rope_scaling=rope_scaling,
     )  # fmt: skip
     # everything was validated above, before the cache changed: the launches below read nothing back
     opts = dict(

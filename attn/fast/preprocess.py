@@ -196,6 +196,19 @@ def preprocess(
         qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
         rotary_dim, rope_style, k_scale, v_scale, validate, max_attention_window, sink_token_length,
     )  # fmt: skip
+    return launch_preprocess(
+        args, qkv, k_cache, v_cache, cache_seqlens, num_heads_q=num_heads_q, num_heads_kv=num_heads_kv,
+        cu_seqlens_new=cu_seqlens_new, block_table=block_table, qkv_bias=qkv_bias, rotary_dim=rotary_dim,
+        rope_base=rope_base, rope_style=rope_style, rope_scaling=rope_scaling,
+        max_attention_window=max_attention_window,
+    )  # fmt: skip
+
+
+def launch_preprocess(
+    args, qkv, k_cache, v_cache, cache_seqlens, *, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
+    rotary_dim, rope_base, rope_style, rope_scaling, max_attention_window=None,
+) -> torch.Tensor:  # fmt: skip
+    """`preprocess` after `check_preprocess`: for callers that checked the call already (`gpt_attention`)."""
     if qkv.device.type != "cuda" and not is_interpreter():
         raise ValueError(f"qkv must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {qkv.device}")
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):

@@ -156,6 +156,9 @@ def _decode_kernel(
         hi = tl.minimum(hi, seqlen_q - 1 + diag + window_right + 1)
 
     rel_rows = rel_ptr + head.to(tl.int64) * stride_rh
+    if REL_MODE == 1:
+        # each row's value for every distance beyond max_distance, loaded once rather than in each far tile
+        rel_far = tl.load(rel_rows, mask=row_valid, other=0.0) * 1.4426950408889634
     if QUANT != 0:
         k_scale = tl.load(k_scale_ptr + h_kv)
         v_scale = tl.load(v_scale_ptr + h_kv)
@@ -249,7 +252,7 @@ def _decode_kernel(
             # max_distance before every query (nearly all of a long cache) adds each row's end value: a [BLOCK_M]
             # load instead of a gather per score
             if start_n + BLOCK_N - 1 - diag <= -rel_md:
-                s += tl.load(rel_rows, mask=row_valid, other=0.0)[:, None] * 1.4426950408889634
+                s += rel_far[:, None]
             else:
                 rp = offs_n[None, :] - (tok[:, None] + diag)
                 rp = tl.minimum(tl.maximum(rp, -rel_md), rel_md)

@@ -1,0 +1,84 @@
+"""Compile the decode kernel for the H200 (sm_90a) on a machine without a GPU and count its SASS instructions.
+
+    TRITON_INTERPRET=0 PYTHONPATH=. python scripts/decode_sass.py
+
+Triton can compile ahead of time for a named target with the ptxas and cuobjdump it ships, so the code a
+change produces can be read before spending GPU time on it. The specializations mimic the JIT's on the
+benchmark shapes (16-byte aligned pointers, strides divisible by 16, GROUP 4, D 128, 64-token pages). Prints
+registers and spills (ptxas -v) and counts of the instructions that tell where one-byte caches pay: global
+loads (LDG), asynchronous copies to shared memory (LDGSTS), shared stores and loads (STS, LDS, LDSM), the
+conversions (I2F, F2FP, PRMT, HADD2), the tensor-core instructions, and integer multiply-adds (address work).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import attn.fast  # noqa: F401
+
+dec = sys.modules["attn.fast.decode"]
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+POINTERS = {"q_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32", "seqlens_ptr": "*i32", "block_table_ptr": "*i32",
+            "alibi_ptr": "*fp32", "rel_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+            "ind_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}  # fmt: skip
+NOT_ALIGNED = {"stride_ab", "stride_ah", "stride_rh", "stride_rm", "stride_ib", "stride_ibeam"}
+COUNTS = ["LDG", "LDGSTS", "STS", "LDS", "LDSM", "I2F", "F2FP", "PRMT", "HADD2", "HMMA", "HGMMA", "IMAD"]
+
+
+def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: int):
+    cache = {0: "*bf16", 1: "*i8", 2: "*fp8e4nv"}[quant]
+    consts = dict(ROTARY_DIM=0, GPTJ=False, PAGE_SIZE=64 if paged else 1, INT8_ASM=True, GROUP=4, HEAD_DIM=128,
+                  HEAD_DIM_PAD=128, IS_PAGED=paged, CYCLIC=False, HAS_INDIRECTION=False, HAS_WINDOW_LEFT=False,
+                  HAS_WINDOW_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False, ALIBI_WITH_SCALE=False, REL_MODE=0,
+                  QUANT=quant, MMA_F16=quant != 0, PRECISION="tf32", BLOCK_M=16, BLOCK_N=block_n)  # fmt: skip
+    kernel = dec._decode_kernel
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in ("k_ptr", "v_ptr"):
+            signature[name] = cache
+        elif name in POINTERS:
+            signature[name] = POINTERS[name]
+        elif name in ("qk_scale", "cap_log2"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+        if name.endswith("_ptr") or (name.startswith("stride_") and name not in NOT_ALIGNED):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def main() -> None:
+    cases = [(0, False, 64, 2, 4), (0, True, 64, 2, 4), (1, False, 128, 4, 3), (1, True, 128, 4, 3),
+             (2, False, 64, 2, 4), (2, True, 64, 2, 4)]  # fmt: skip
+    print("cache paged tile        regs spills smem   " + " ".join(f"{c:>6s}" for c in COUNTS))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        for quant, paged, bn, w, st in cases:
+            kern = compile_decode(quant, paged, bn, w, st)
+            with open(ptx, "w") as f:
+                f.write(kern.asm["ptx"])
+            info = subprocess.run([os.path.join(TOOLS, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
+                                  capture_output=True, text=True, check=True).stderr  # fmt: skip
+            sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                                  check=True).stdout  # fmt: skip
+            ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
+            regs = re.search(r"Used (\d+) registers", info).group(1)
+            spills = re.search(r"(\d+) bytes spill stores", info).group(1)
+            name = {0: "bf16", 1: "int8", 2: "fp8"}[quant]
+            cells = " ".join(f"{sum(op == c for op in ops):6d}" for c in COUNTS)
+            print(f"{name:5s} {paged!s:5s} {bn}/{w}/{st:<7d} {regs:>4s} {spills:>6s} {kern.metadata.shared:6d} {cells}")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ from .fast import (
     decode,
     gpt_attention,
     preprocess,
+    update_indirection,
 )
 from .inflight import InflightBatch
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
@@ -45,5 +46,6 @@ __all__ = [
     "layout",
     "preprocess",
     "reference",
+    "update_indirection",
 ]
 __version__ = "0.1.0"

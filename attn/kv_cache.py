@@ -14,6 +14,11 @@ the tensors are plain attributes that the ``append_kv`` and ``decode`` functions
 
 The paged layout follows vLLM and FlashAttention: pools ``[num_blocks, block_size, Hkv, D]`` and an int32
 ``block_table [max_seqs, max_blocks_per_seq]`` whose row ``b`` lists the pool blocks of sequence ``b`` in order.
+
+Blocks can be shared, as vLLM shares them between the beams of a beam search: `PagedKVCache.fork` and
+`PagedKVCache.reorder_beams` hand blocks to several sequences by reference count, and a write into a shared,
+partly filled block copies that block first (copy-on-write). The contiguous cache has no such sharing: its beams
+share history through ``cache_indirection`` instead (`attn.reference.update_indirection`).
 """
 
 from __future__ import annotations
@@ -28,10 +33,13 @@ class PoolExhaustedError(RuntimeError):
 
 
 class BlockAllocator:
-    """Hands out the block indices of a pool and takes them back.
+    """Hands out the block indices of a pool, counts their owners and takes them back.
 
     A free list, last freed first out: a block released by a finished sequence is the next one reused, while
-    it may still be warm in the L2 cache.
+    it may still be warm in the L2 cache. Every allocated block has a reference count, the number of sequences
+    whose block tables list it: 1 when allocated, one more per `share` (a forked sequence, vLLM's prefix and
+    beam sharing). `free` drops one reference per listed block; a block returns to the pool when its last owner
+    lets it go.
 
     Args:
         num_blocks: the pool's size.
@@ -42,7 +50,7 @@ class BlockAllocator:
             raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}
 
     @property
     def num_free(self) -> int:
@@ -50,10 +58,15 @@ class BlockAllocator:
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        """Allocated blocks, each counted once however many sequences share it."""
+        return len(self._refs)
+
+    def ref_count(self, block: int) -> int:
+        """How many owners ``block`` has (0 when it is free)."""
+        return self._refs.get(block, 0)
 
     def allocate(self, n: int) -> list[int]:
-        """Takes ``n`` free blocks; all or nothing.
+        """Takes ``n`` free blocks, each with one owner; all or nothing.
 
         Raises:
             PoolExhaustedError: fewer than ``n`` blocks are free.
@@ -66,21 +79,46 @@ class BlockAllocator:
                 "sequences, or build the cache with more blocks"
             )
         blocks = [self._free.pop() for _ in range(n)]
-        self._used.update(blocks)
+        for b in blocks:
+            self._refs[b] = 1
         return blocks
 
-    def free(self, blocks: Sequence[int]) -> None:
-        """Returns blocks to the pool.
+    def share(self, blocks: Sequence[int]) -> None:
+        """Adds one owner to each listed block (a block listed twice gains two); all or nothing.
 
         Raises:
-            ValueError: a block that is not currently allocated (a double free, or not from this pool).
+            ValueError: a block that is not currently allocated.
         """
-        bad = [b for b in blocks if b not in self._used]
+        bad = sorted({b for b in blocks if b not in self._refs})
+        if bad:
+            raise ValueError(f"blocks {bad} are not allocated from this pool: only allocated blocks can be shared")
+        for b in blocks:
+            self._refs[b] += 1
+
+    def free(self, blocks: Sequence[int]) -> list[int]:
+        """Drops one owner of each listed block; blocks left with none go back to the pool. All or nothing.
+
+        Returns:
+            the blocks that went back to the pool.
+
+        Raises:
+            ValueError: a block that is not currently allocated, or listed more times than it has owners (a
+                double free, or not from this pool).
+        """
+        listed: dict[int, int] = {}
+        for b in blocks:
+            listed[b] = listed.get(b, 0) + 1
+        bad = sorted(b for b, n in listed.items() if self._refs.get(b, 0) < n)
         if bad:
             raise ValueError(f"blocks {bad} are not allocated from this pool (double free?)")
+        released = []
         for b in reversed(list(blocks)):
-            self._used.discard(b)
-            self._free.append(b)
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                del self._refs[b]
+                self._free.append(b)
+                released.append(b)
+        return released
 
 
 class _SequenceSlots:
@@ -199,6 +237,13 @@ class ContiguousKVCache(_SequenceSlots):
 class PagedKVCache(_SequenceSlots):
     """A block pool shared by all sequences, with a block table per sequence and a block allocator.
 
+    Sequences may share blocks (vLLM's design for beam search and parallel sampling): `fork` starts a sequence
+    that lists all of its parent's blocks, and `reorder_beams` gives each beam of a beam search its parent's
+    blocks after a step; only reference counts change. A write that would land in a block other sequences still
+    list copies that block first (copy-on-write), so the other owners never see it. Blocks whose tokens are all
+    older than the write (full blocks of the shared history) are never copied: a write of token ``L`` only
+    touches the block that holds position ``L`` and the ones after it.
+
     Args:
         num_blocks: blocks in the pool.
         block_size: tokens per block.
@@ -208,6 +253,11 @@ class PagedKVCache(_SequenceSlots):
         max_blocks_per_seq: the block table's width: a sequence holds at most this many blocks.
         dtype: the cache's dtype.
         device: where the pools live.
+
+    Attributes:
+        extra_pools: ``(k, v)`` pools of other layers that use this cache's block table (a model with one table
+            for all its layers): copy-on-write copies a block in each of them as well as in ``k``/``v``.
+        num_block_copies: how many blocks copy-on-write has copied so far (per pool pair).
     """
 
     def __init__(
@@ -230,6 +280,8 @@ class PagedKVCache(_SequenceSlots):
         self.allocator = BlockAllocator(num_blocks)
         self.k = torch.zeros(num_blocks, block_size, num_heads_kv, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self.extra_pools: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_block_copies = 0
         # unused entries stay 0: kernels only read the entries of blocks that hold tokens
         self.block_table = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
         self._blocks: dict[int, list[int]] = {}
@@ -245,24 +297,14 @@ class PagedKVCache(_SequenceSlots):
         return list(self._blocks[slot])
 
     def reserve(self, slot: int, num_new_tokens: int) -> None:
-        """Makes room for ``num_new_tokens`` more tokens, taking blocks from the pool as needed.
+        """Makes room for ``num_new_tokens`` more tokens, taking blocks from the pool as needed (and copying a
+        shared block the tokens would be written into); `reserve_tokens` for one sequence.
 
         Raises:
             ValueError: the sequence would need more blocks than its block-table row holds.
             PoolExhaustedError: the pool has too few free blocks. Either way nothing changes.
         """
-        self._check_live(slot)
-        need = -(-(self._lengths[slot] + num_new_tokens) // self.block_size)
-        have = len(self._blocks[slot])
-        if need > self.max_blocks_per_seq:
-            raise ValueError(
-                f"sequence slot {slot} would need {need} blocks for {self._lengths[slot] + num_new_tokens} tokens, "
-                f"more than its block table's {self.max_blocks_per_seq}"
-            )
-        if need > have:
-            new = self.allocator.allocate(need - have)
-            self._blocks[slot].extend(new)
-            self.block_table[slot, have:need] = torch.tensor(new, dtype=torch.int32)
+        self.reserve_tokens([slot], [num_new_tokens])
 
     def append(self, slots: Sequence[int], k_new, v_new, cu_seqlens_new=None, *, impl=None) -> None:
         """Reserves blocks, writes new tokens for ``slots`` (padded ``[len(slots), S_new, Hkv, D]`` or packed
@@ -285,27 +327,155 @@ class PagedKVCache(_SequenceSlots):
             self._set_length(s, self._lengths[s] + n)
 
     def reserve_tokens(self, slots: Sequence[int], counts: Sequence[int]) -> None:
-        """Takes the blocks that ``counts[i]`` more tokens of ``slots[i]`` need, all or nothing; see `advance`.
+        """Prepares the blocks that ``counts[i]`` more tokens of ``slots[i]`` will be written into, all or
+        nothing; see `advance`.
+
+        New blocks come from the pool. A block that already exists where the tokens go (the partly filled last
+        block) and that other sequences share is copied into a fresh block first (copy-on-write), so that the
+        write stays private. When every owner of a shared block appends in the same call, the last of them keeps
+        the original: it is no longer shared by then.
 
         Raises:
-            ValueError: a slot not in use, or a sequence outgrowing its block-table row.
-            PoolExhaustedError: too few free blocks. Nothing is reserved then.
+            ValueError: a slot not in use or listed twice, a negative count, or a sequence outgrowing its
+                block-table row.
+            PoolExhaustedError: too few free blocks for the new and the copied blocks. Nothing is reserved or
+                copied then.
         """
+        plan = self._plan_writes(slots, counts)
+        needed = sum(len(copies) + grow for _, copies, grow in plan)
+        if needed > self.allocator.num_free:
+            raise PoolExhaustedError(f"appending needs {needed} new blocks, {self.allocator.num_free} are free")
+        src, dst = [], []
+        for s, copies, grow in plan:
+            blocks = self._blocks[s]
+            for i in copies:
+                (fresh,) = self.allocator.allocate(1)
+                # the other owners keep the original; this sequence drops its reference to it
+                self.allocator.free([blocks[i]])
+                src.append(blocks[i])
+                dst.append(fresh)
+                blocks[i] = fresh
+            if grow:
+                blocks.extend(self.allocator.allocate(grow))
+            if copies or grow:
+                self.block_table[s, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self._copy_blocks(src, dst)
+
+    def _plan_writes(self, slots, counts):
+        """``[(slot, indices of its blocks to copy, blocks to add)]`` for appending ``counts`` tokens; checks
+        everything and changes nothing."""
+        slots, counts = list(slots), [int(n) for n in counts]
+        if len(counts) != len(slots):
+            raise ValueError(f"counts must have one entry per slot ({len(slots)}), got {len(counts)}")
         for s in slots:
             self._check_live(s)
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots must be distinct, got {slots}")
+        if any(n < 0 for n in counts):
+            raise ValueError(f"counts must be >= 0, got {counts}")
+        bs = self.block_size
         # check every sequence against its table row and the pool before reserving any block
-        total = [-(-(self._lengths[s] + n) // self.block_size) for s, n in zip(slots, counts)]
+        total = [-(-(self._lengths[s] + n) // bs) for s, n in zip(slots, counts)]
         over = [s for s, t in zip(slots, total) if t > self.max_blocks_per_seq]
         if over:
             raise ValueError(f"sequence slots {over} would outgrow their block-table rows of {self.max_blocks_per_seq}")
-        new_blocks = sum(max(t - len(self._blocks[s]), 0) for s, t in zip(slots, total))
-        if new_blocks > self.allocator.num_free:
-            raise PoolExhaustedError(f"appending needs {new_blocks} new blocks, {self.allocator.num_free} are free")
-        for s, n in zip(slots, counts):
-            self.reserve(s, n)
+        # owners left on each shared block as the sequences before in this call take their private copies
+        owners: dict[int, int] = {}
+        plan = []
+        for s, n, t in zip(slots, counts, total):
+            blocks = self._blocks[s]
+            copies = []
+            if n:
+                # the existing blocks the new tokens land in: the one holding position L, and any reserved after it
+                for i in range(self._lengths[s] // bs, min(t, len(blocks))):
+                    blk = blocks[i]
+                    left = owners.get(blk, self.allocator.ref_count(blk))
+                    if left > 1:
+                        copies.append(i)
+                        owners[blk] = left - 1
+            plan.append((s, copies, max(t - len(blocks), 0)))
+        return plan
+
+    def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        if not src:
+            return
+        device = self.k.device
+        src_t = torch.tensor(src, dtype=torch.long, device=device)
+        dst_t = torch.tensor(dst, dtype=torch.long, device=device)
+        for k, v in [(self.k, self.v), *self.extra_pools]:
+            k[dst_t] = k[src_t]
+            v[dst_t] = v[src_t]
+        self.num_block_copies += len(src)
+
+    def fork(self, slot: int) -> int:
+        """Starts a new sequence whose history is ``slot``'s: it lists the same blocks (their reference counts go
+        up), nothing is copied. The first write into a block both still list copies it (see `reserve_tokens`).
+
+        Returns:
+            the new sequence's slot.
+
+        Raises:
+            ValueError: ``slot`` is not in use.
+            PoolExhaustedError: every sequence slot is taken. Nothing changes then.
+        """
+        self._check_live(slot)
+        child = self.add_sequence()
+        blocks = self._blocks[slot]
+        self.allocator.share(blocks)
+        self._blocks[child] = list(blocks)
+        self.block_table[child] = self.block_table[slot]
+        self._set_length(child, self._lengths[slot])
+        return child
+
+    def reorder_beams(self, slots: Sequence[int], parents) -> None:
+        """After a beam-search step: beam ``i`` (sequence ``slots[i]``) continues the history of beam
+        ``parents[i]``; in place.
+
+        Each slot takes the block list and length its parent had before the call, by reference counts alone. A
+        block that no new beam lists any more (the tail of a beam that was dropped) goes back to the pool in
+        the same call. The slots keep their identities, so a loop reorders, appends and decodes the same slots::
+
+            slots = [cache.add_sequence()]
+            cache.append(slots, k_prompt, v_prompt)
+            slots += [cache.fork(slots[0]) for _ in range(beam_width - 1)]
+            for step in range(steps):
+                ...                                   # decode, score, pick parents and tokens
+                cache.reorder_beams(slots, parents)
+                cache.append(slots, k_new, v_new)     # copy-on-write of shared partial blocks happens here
+
+        Args:
+            slots: the live, distinct sequences of one beam search (or of several, reordered together).
+            parents: ``len(slots)`` ints (a list or a tensor) in ``[0, len(slots))``, indices into ``slots``.
+
+        Raises:
+            ValueError: a slot not in use or listed twice, or parents of the wrong length or out of range.
+                Nothing changes then.
+        """
+        slots = list(slots)
+        parents = parents.tolist() if hasattr(parents, "tolist") else list(parents)
+        for s in slots:
+            self._check_live(s)
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots must be distinct, got {slots}")
+        if len(parents) != len(slots):
+            raise ValueError(f"parents must have one entry per slot ({len(slots)}), got {len(parents)}")
+        bad = [p for p in parents if not (isinstance(p, int) and 0 <= p < len(slots))]
+        if bad:
+            raise ValueError(f"parents must be ints in [0, len(slots)) = [0, {len(slots)}), got {bad}")
+        old = [self._blocks[s] for s in slots]
+        lengths = [self._lengths[s] for s in slots]
+        rows = self.block_table[[slots[p] for p in parents]]
+        # take the new references before dropping the old ones: a block some new beam keeps never reaches 0
+        self.allocator.share([b for p in parents for b in old[p]])
+        self.allocator.free([b for blocks in old for b in blocks])
+        for s, p in zip(slots, parents):
+            self._blocks[s] = list(old[p])
+            self._set_length(s, lengths[p])
+        self.block_table[slots] = rows
 
     def release(self, slot: int) -> None:
-        """Ends a sequence: its blocks go back to the pool and its slot becomes free."""
+        """Ends a sequence: it lets go of its blocks (those no other sequence lists go back to the pool) and its
+        slot becomes free."""
         self._check_live(slot)
         self.allocator.free(self._blocks.pop(slot))
         self.block_table[slot] = 0

@@ -45,6 +45,7 @@ PAGES = [
     ("lessons/08_relative_bias.html", 10),
     ("lessons/09_kv_quantization.html", 10),
     ("lessons/10_sliding_window_and_sinks.html", 10),
+    ("lessons/11_beam_search.html", 10),
     ("lessons/12_inflight_batching.html", 0),
     ("lessons/13_cross_attention.html", 0),
     ("api/reference.html", 0),

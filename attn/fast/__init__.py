@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .attention import attention  # noqa: E402
+from .beam import update_indirection  # noqa: E402
 from .context import context_attention  # noqa: E402
 from .cross import cross_attention  # noqa: E402
 from .decode import choose_num_splits, decode  # noqa: E402
@@ -33,4 +34,5 @@ __all__ = [
     "decode",
     "gpt_attention",
     "preprocess",
+    "update_indirection",
 ]

@@ -2,6 +2,7 @@
 
 from .alibi import alibi_slopes
 from .attention import alibi_bias, attention, attention_mask, attention_unfused
+from .beam import update_indirection
 from .context import context_attention
 from .cross import cross_attention
 from .decode import decode, gather_kv
@@ -36,5 +37,6 @@ __all__ = [
     "rope_inv_freq",
     "slot_of",
     "t5_bucket",
+    "update_indirection",
     "window_tokens",
 ]

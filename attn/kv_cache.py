@@ -132,6 +132,21 @@ class _SequenceSlots:
         self._lengths = [0] * max_seqs  # host copy: the bookkeeping never waits on the device
         self._live: set[int] = set()
 
+    def _set_scales(self, k_scale, v_scale) -> None:
+        # an INT8/FP8 cache carries its dequantization scales, so that appends quantize with them and readers
+        # find them beside the codes (checked like every kernel checks them)
+        from .checks import check_kv_scales
+
+        self.k_scale, self.v_scale = check_kv_scales(self.k, k_scale, v_scale, self.k.shape[2])
+
+    @property
+    def scales(self) -> dict:
+        """``{"k_scale": ..., "v_scale": ...}`` of a quantized cache (empty for a float one), ready to pass as
+        keywords to `attn.decode`, `attn.context_attention` or `attn.gpt_attention`."""
+        if self.k_scale is None:
+            return {}
+        return {"k_scale": self.k_scale, "v_scale": self.v_scale}
+
     def add_sequence(self) -> int:
         """Claims a free sequence slot and returns its index.
 
@@ -178,15 +193,22 @@ class ContiguousKVCache(_SequenceSlots):
         max_len: tokens each slot can hold.
         num_heads_kv: KV heads.
         head_dim: D.
-        dtype: the cache's dtype.
+        dtype: the cache's dtype: a float type, or ``torch.int8`` / ``torch.float8_e4m3fn`` with the scales.
         device: where the cache lives.
+        k_scale: for an INT8/FP8 cache, the K dequantization scale, float ``[1]`` or ``[Hkv]`` (see
+            `attn.calibrate_kv_scales`); appends quantize with it, and `scales` hands it to the readers.
+        v_scale: likewise for V.
     """
 
-    def __init__(self, *, max_seqs, max_len, num_heads_kv, head_dim, dtype=torch.float16, device="cpu"):
+    def __init__(
+        self, *, max_seqs, max_len, num_heads_kv, head_dim, dtype=torch.float16, device="cpu", k_scale=None,
+        v_scale=None,
+    ):  # fmt: skip
         super().__init__(max_seqs, device)
         self.max_len = max_len
         self.k = torch.zeros(max_seqs, max_len, num_heads_kv, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self._set_scales(k_scale, v_scale)
 
     def append(self, slots: Sequence[int], k_new, v_new, cu_seqlens_new=None, *, impl=None) -> None:
         """Writes new tokens for ``slots`` (padded ``[len(slots), S_new, Hkv, D]`` or packed with
@@ -200,7 +222,9 @@ class ContiguousKVCache(_SequenceSlots):
             self._check_live(s)
         counts = _new_counts(slots, k_new, cu_seqlens_new)
         seqlens, table = self.metadata(slots)
-        _append_impl(impl)(self.k, self.v, k_new, v_new, seqlens, cu_seqlens_new=cu_seqlens_new, block_table=table)
+        _append_impl(impl)(
+            self.k, self.v, k_new, v_new, seqlens, cu_seqlens_new=cu_seqlens_new, block_table=table, **self.scales
+        )
         for s, n in zip(slots, counts):
             self._set_length(s, self._lengths[s] + n)
 
@@ -251,8 +275,11 @@ class PagedKVCache(_SequenceSlots):
         head_dim: D.
         max_seqs: sequence slots (rows of the block table).
         max_blocks_per_seq: the block table's width: a sequence holds at most this many blocks.
-        dtype: the cache's dtype.
+        dtype: the cache's dtype: a float type, or ``torch.int8`` / ``torch.float8_e4m3fn`` with the scales.
         device: where the pools live.
+        k_scale: for an INT8/FP8 cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``; appends quantize
+            with it, and `scales` hands it to the readers.
+        v_scale: likewise for V.
 
     Attributes:
         extra_pools: ``(k, v)`` pools of other layers that use this cache's block table (a model with one table
@@ -271,6 +298,8 @@ class PagedKVCache(_SequenceSlots):
         max_blocks_per_seq,
         dtype=torch.float16,
         device="cpu",
+        k_scale=None,
+        v_scale=None,
     ):
         super().__init__(max_seqs, device)
         if not isinstance(block_size, int) or block_size < 1:
@@ -280,6 +309,7 @@ class PagedKVCache(_SequenceSlots):
         self.allocator = BlockAllocator(num_blocks)
         self.k = torch.zeros(num_blocks, block_size, num_heads_kv, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self._set_scales(k_scale, v_scale)
         self.extra_pools: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_block_copies = 0
         # unused entries stay 0: kernels only read the entries of blocks that hold tokens
@@ -321,7 +351,7 @@ class PagedKVCache(_SequenceSlots):
         idx = list(slots)
         _append_impl(impl)(
             self.k, self.v, k_new, v_new, self.seqlens[idx],
-            cu_seqlens_new=cu_seqlens_new, block_table=self.block_table[idx],
+            cu_seqlens_new=cu_seqlens_new, block_table=self.block_table[idx], **self.scales,
         )  # fmt: skip
         for s, n in zip(slots, counts):
             self._set_length(s, self._lengths[s] + n)
@@ -403,8 +433,10 @@ class PagedKVCache(_SequenceSlots):
         src_t = torch.tensor(src, dtype=torch.long, device=device)
         dst_t = torch.tensor(dst, dtype=torch.long, device=device)
         for k, v in [(self.k, self.v), *self.extra_pools]:
-            k[dst_t] = k[src_t]
-            v[dst_t] = v[src_t]
+            for pool in (k, v):
+                # one-byte pools move as raw bytes: indexed copies are not implemented for every float8 type
+                raw = pool.view(torch.uint8) if pool.element_size() == 1 else pool
+                raw[dst_t] = raw[src_t]
         self.num_block_copies += len(src)
 
     def fork(self, slot: int) -> int:

@@ -149,6 +149,54 @@ def test_caches_feed_decode(device):
         assert_close("contiguous cache", ref, out_contig[b : b + 1], TOL[torch.float32])
 
 
+@pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+def test_quantized_cache_objects(qdtype, device):
+    # a cache built with an INT8/FP8 dtype and its scales quantizes on append (the reference's bytes), hands
+    # its scales to decode, and copies shared blocks byte for byte on copy-on-write
+    hq, hkv, d = 4, 2, 32
+    lens = [21, 9]
+    ks = [torch.randn(n, hkv, d, device=device) for n in lens]
+    vs = [torch.randn(n, hkv, d, device=device) for n in lens]
+    k_scale, v_scale = reference.calibrate_kv_scales(torch.cat(ks), torch.cat(vs), qdtype, "head")
+    cu = cu_seqlens_from_lengths(torch.tensor(lens, device=device))
+    q = torch.randn(2, 1, hq, d, device=device)
+    paged = PagedKVCache(
+        num_blocks=16, block_size=8, num_heads_kv=hkv, head_dim=d, max_seqs=4, max_blocks_per_seq=8, dtype=qdtype,
+        device=device, k_scale=k_scale, v_scale=v_scale,
+    )  # fmt: skip
+    contiguous = ContiguousKVCache(max_seqs=2, max_len=32, num_heads_kv=hkv, head_dim=d, dtype=qdtype,
+                                   device=device, k_scale=k_scale, v_scale=v_scale)  # fmt: skip
+    for cache in (paged, contiguous):
+        slots = [cache.add_sequence() for _ in lens]
+        cache.append(slots, torch.cat(ks), torch.cat(vs), cu)
+        seqlens, table = cache.metadata(slots)
+        out = fast.decode(q, cache.k, cache.v, seqlens, block_table=table, **cache.scales)
+        # tight: the reference decodes the same stored codes, dequantized in float64
+        ref = reference.decode(q.double(), cache.k, cache.v, seqlens, block_table=table, **cache.scales)
+        assert_close(f"{type(cache).__name__} decode", ref, out, TOL[torch.float32])
+        # the codes are the reference quantizer's
+        first = cache.k[0, :21] if cache is contiguous else cache.k[cache.blocks_of(slots[0])].flatten(0, 1)[:21]
+        want = reference.quantize(ks[0], k_scale, qdtype)
+        assert torch.equal(first.view(torch.uint8), want.view(torch.uint8))
+    # copy-on-write of a one-byte block: the forked sequence writes into the shared partial block
+    child = paged.fork(0)
+    before = paged.k.view(torch.uint8).clone()
+    paged.append([child], ks[1][:1][None], vs[1][:1][None])
+    assert paged.num_block_copies == 1
+    assert torch.equal(paged.k.view(torch.uint8)[paged.blocks_of(0)], before[paged.blocks_of(0)])
+    copied, original = paged.blocks_of(child)[-1], paged.blocks_of(0)[-1]
+    assert torch.equal(paged.k.view(torch.uint8)[copied, :5], before[original, :5])
+
+
+def test_quantized_cache_needs_its_scales(device):
+    with pytest.raises(ValueError, match="needs k_scale"):
+        PagedKVCache(num_blocks=4, block_size=8, num_heads_kv=2, head_dim=16, max_seqs=2, max_blocks_per_seq=2,
+                     dtype=torch.int8, device=device)  # fmt: skip
+    with pytest.raises(ValueError, match="apply to int8 or float8_e4m3fn caches"):
+        ContiguousKVCache(max_seqs=2, max_len=8, num_heads_kv=2, head_dim=16, device=device,
+                          k_scale=torch.ones(1, device=device), v_scale=torch.ones(1, device=device))  # fmt: skip
+
+
 def test_converters(device):
     table = torch.tensor([[3, 0, 5], [1, 7, 7], [2, 4, 6]], dtype=torch.int32, device=device)
     seqlens = torch.tensor([9, 0, 12], dtype=torch.int32, device=device)

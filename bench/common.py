@@ -60,8 +60,9 @@ def _run(cmd: Sequence[str], timeout: float = 10.0) -> str | None:
 
 
 def git_commit() -> str:
-    # the device machine gets a copy of the tree without .git: the launching command passes the commit along
-    return _run(["git", "rev-parse", "HEAD"]) or os.environ.get("ATTN_GIT_COMMIT", "unknown")
+    # the launching command's word wins: the device machine's copy of the tree may carry a stale .git (a run on
+    # 2026-11-29 reported 46bc337 while the work tree was four commits later)
+    return os.environ.get("ATTN_GIT_COMMIT") or _run(["git", "rev-parse", "HEAD"]) or "unknown"
 
 
 def git_dirty() -> bool | None:

@@ -617,7 +617,7 @@ for name, nbytes, scale_bytes in (
 results = Path(attn.__file__).resolve().parent.parent / "bench" / "results"
 runs = {
     "first kernel (11-28)": results / "features_H200_2026-11-28_b.json",
-    "current kernel (11-29)": results / "features_H200_2026-11-29_decode_a.json",
+    "current kernel (11-29)": results / "features_H200_2026-11-29_decode_b.json",
 }
 speed = {}  # (run, shape, variant, layout) -> speed-up over the bf16 cache in the same run
 for label, path in runs.items():
@@ -664,13 +664,13 @@ plt.show()
 #   quarter of the integer rate. The kernel instead writes each byte (plus 128) into the low mantissa byte of
 #   the fp16 number 1024.0, which then *reads* as $1024 + 128 + c$, and subtracts 1152 from two values at once
 #   with one half2 instruction: about five integer and half2 operations per four codes (a trick from
-#   NVIDIA's FasterTransformer). INT8 went from 1.3× to 1.4×: better, but the conversion was only part of its
-#   bound.
+#   NVIDIA's FasterTransformer). INT8 went from 1.31–1.37× to 1.42–1.48× contiguous: better, but the conversion
+#   was only part of its bound.
 # - **Paged caches load the block table a tile ahead, with the page size fixed at compile time.** A tile's K/V
 #   addresses came from a block-table load in the same iteration, so the loads could not be issued early; and
 #   dividing by a page size known only at run time costs a long integer sequence per key. Loading the next
 #   tile's entries one iteration ahead and compiling the page size in (so the division is a shift) took paged
-#   FP8 from 0.8× (slower than bf16!) to about 1.3–1.5×.
+#   FP8 from 0.77–0.85× (slower than bf16!) to 1.46–1.48×, and paged INT8 from 0.88–0.90× to 1.12–1.26×.
 #
 # The result still misses the 1.7× the project set itself, most for INT8 and for paged caches. What is left
 # is the same kind of cost: per-key integer work (addresses, masks, conversions) that the bf16 kernel can hide
@@ -691,6 +691,6 @@ plt.show()
 #   and $s_v$ the output, which is exact because the scales are constant along the summed index.
 # - Live: the Triton append writes the reference's bytes; the Triton decode on a quantized cache matches the
 #   reference on it, contiguous and paged.
-# - Speed on the H200: FP8 about 1.6× the bf16 cache contiguous and 1.3–1.5× paged, INT8 1.3–1.45× and
-#   1.1–1.3×, after moving the products to fp16 and taking the conversions off the critical path; the 2× bound
-#   is not reached.
+# - Speed on the H200: FP8 1.6× the bf16 cache contiguous and 1.46–1.48× paged, INT8 1.42–1.48× and
+#   1.12–1.26×, after moving the products to fp16 and making the conversions cheap; the 2× bound (and the
+#   project's 1.7× target) is not reached.

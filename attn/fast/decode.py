@@ -38,10 +38,22 @@ CONFIGS = [
 ]
 
 
+# shared memory of each, compiled for sm_90a by scripts/decode_sass.py's method (contiguous, D 128): 132 KiB
+# and 180 KiB
+ROTARY_CONFIGS = [
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=4),
+]
+
+
 def _keep(configs, named_args, **kwargs):
     if named_args["q_ptr"].dtype == torch.float32:
         # IEEE fp32 tiles: small ones, as in the context kernel (this path is for correctness, not speed)
         return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    if kwargs.get("ROTARY_DIM", 0):
+        # RoPE at read time pipelines a partner tile and fp32 cos/sin tiles beside K and V: 64-key tiles in three
+        # stages need 244 KiB of shared memory (over the H200's 227), so only these fit
+        return ROTARY_CONFIGS
     return configs
 
 
@@ -345,6 +357,7 @@ _decode_tuned = triton.autotune(
         "HAS_WINDOW_LEFT",
         "HAS_SOFTCAP",
         "HAS_ALIBI",
+        "ROTARY_DIM",
         "num_splits",
         "tune_len",
     ],  # fmt: skip
@@ -557,6 +570,8 @@ def decode(
             kw.update(BLOCK_N=16, num_warps=4, num_stages=1)
         elif q.dtype == torch.float32:
             kw.update(BLOCK_N=32, num_warps=4, num_stages=2)
+        elif rotary_dim:
+            kw.update(BLOCK_N=64, num_warps=4, num_stages=2)  # see ROTARY_CONFIGS
         else:
             kw.update(BLOCK_N=64, num_warps=4, num_stages=3)
     kernel[(bsz * args.num_heads_kv, num_splits)](

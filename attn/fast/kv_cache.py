@@ -23,11 +23,16 @@ def _round_to_e4m3(y):
     # cast alone would do this on the GPU, but Triton's interpreter mis-rounds values whose rounding carries
     # into the exponent (-125.9 became -64, not -128), and the CPU tests must see the GPU's bytes.
     bits = y.to(tl.int32, bitcast=True)
+    sign = bits & -2147483648
     # normal numbers: keep 3 of float32's 23 mantissa bits, ties to even, carries into the exponent allowed
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
     normal = bits.to(tl.float32, bitcast=True)
-    # subnormals (below 2^-6) sit on a fixed grid of 2^-9: adding 1.5·2^14 makes float32 round onto it
-    subnormal = (y + 24576.0) - 24576.0
+    # subnormals (below 2^-6) sit on a fixed grid of 2^-9: adding 1.5·2^14 makes float32 round onto it. The
+    # magnitude is rounded and the sign put back, so a tiny negative value becomes -0 (byte 0x80) as it does in
+    # torch's cast, not +0 (the sum loses the sign)
+    magnitude = (tl.abs(y) + 24576.0) - 24576.0
+    # (the sign goes back as a bit: the interpreter's negation turns 0 into +0)
+    subnormal = (magnitude.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
 
 

@@ -14,6 +14,9 @@ Every logit the server produces for a sampled token is checked against a naive r
 over the request's whole sequence without any cache, with plain causal attention in float32. The run fails
 loudly on a mismatch. The random weights make the text meaningless; the point is that the serving path and the
 naive path agree, step after step, while the batch composition keeps changing.
+
+`attn.demo_encdec` serves an encoder-decoder model with the same request stream, server and loop (`Server`,
+`serve`, `make_requests`), adding an encoder pass and a paged cross cache.
 """
 
 from __future__ import annotations
@@ -128,9 +131,14 @@ class Request:
 
 
 class Server:
-    """Continuous batching over a paged KV cache per layer (one block table shared by all layers)."""
+    """Continuous batching over a paged KV cache per layer (one block table shared by all layers).
 
-    def __init__(self, model: TinyGPT, *, num_blocks, block_size, max_seqs, max_blocks_per_seq, token_budget):
+    The pieces other demos reuse (`attn.demo_encdec` subclasses it): admission by whole-lifetime block
+    commitment (`can_admit`, `admit`, `finish`), the per-step schedule and its block reservation (`step`), and
+    the sampling of each request's last row. A model plugs in through `forward`.
+    """
+
+    def __init__(self, model, *, num_blocks, block_size, max_seqs, max_blocks_per_seq, token_budget):
         cfg = model.cfg
         self.model, self.token_budget = model, token_budget
         self.cache = PagedKVCache(num_blocks=num_blocks, block_size=block_size, num_heads_kv=cfg.heads_kv,
@@ -141,12 +149,35 @@ class Server:
             (torch.zeros_like(self.cache.k), torch.zeros_like(self.cache.v)) for _ in range(cfg.layers - 1)
         ]
         self.attention_s = 0.0
+        self.committed = 0
 
-    def step(self, running: list[Request]) -> list[Request]:
-        """Schedules one step over ``running`` and returns the requests that produced a token."""
+    def lifetime_blocks(self, r: Request) -> int:
+        """The self-attention blocks ``r`` holds when it finishes: prompt plus its whole output."""
+        return -(-(len(r.prompt) + r.max_new) // self.cache.block_size)
+
+    def can_admit(self, r: Request) -> bool:
+        """Whether the pool can hold ``r``'s whole lifetime besides what running requests may still take (this
+        demo does not preempt, so a request admitted never runs short of a block)."""
+        return self.committed + self.lifetime_blocks(r) <= self.cache.allocator.num_blocks
+
+    def admit(self, r: Request) -> None:
+        self.committed += self.lifetime_blocks(r)
+        r.slot = self.cache.add_sequence()
+
+    def finish(self, r: Request) -> None:
+        """Returns a finished request's blocks to the pool."""
+        self.cache.release(r.slot)
+        self.committed -= self.lifetime_blocks(r)
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """``{pool name: (blocks in use, blocks in the pool)}``, for the progress bar and the report."""
+        return {"blocks": (self.cache.allocator.num_used, self.cache.allocator.num_blocks)}
+
+    def schedule(self, running: list[Request]):
+        """This step's ``(requests, types, new token counts)``: every running request's next token first (they
+        are latency-bound), then prompt chunks in arrival order, within the token budget."""
         types, counts, chunks = [], [], []
         budget = self.token_budget
-        # generation tokens first (they are latency-bound), then prompt chunks in arrival order
         for r in running:
             if r.prefilled == len(r.prompt) and budget > 0:
                 types.append(GENERATION), counts.append(1), chunks.append(r)
@@ -156,6 +187,11 @@ class Server:
                 n = min(len(r.prompt) - r.prefilled, budget)
                 types.append(CONTEXT), counts.append(n), chunks.append(r)
                 budget -= n
+        return chunks, types, counts
+
+    def step(self, running: list[Request]) -> list[Request]:
+        """Schedules one step over ``running`` and returns the requests that produced a token."""
+        chunks, types, counts = self.schedule(running)
         if not chunks:
             return []
         slots = [r.slot for r in chunks]
@@ -166,20 +202,7 @@ class Server:
         tokens = []
         for r, kind, n in zip(chunks, types, counts):
             tokens += r.prompt[r.prefilled : r.prefilled + n] if kind == CONTEXT else [r.tokens[-1]]
-        cfg = self.model.cfg
-
-        def attend(i, qkv, bias):
-            k_pool, v_pool = self.pools[i]
-            t0 = time.perf_counter()
-            # every layer's pool has the same geometry and the same table: checking the step once is enough
-            out = attn.gpt_attention(qkv, batch, k_pool, v_pool, num_heads_q=cfg.heads_q, num_heads_kv=cfg.heads_kv,
-                                     qkv_bias=bias, rotary_dim=cfg.head_dim, validate=i == 0)  # fmt: skip
-            if qkv.is_cuda:
-                torch.cuda.synchronize()
-            self.attention_s += time.perf_counter() - t0
-            return out
-
-        logits = self.model.forward(torch.tensor(tokens, device=self.model.device), attend)
+        logits = self.forward(torch.tensor(tokens, device=self.model.device), batch, chunks)
         self.cache.advance(slots, counts)
         produced = []
         ends = batch.cu_seqlens_new[1:].tolist()
@@ -194,23 +217,123 @@ class Server:
             produced.append(r)
         return produced
 
+    def timed(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, its time (with a device sync) added to ``attention_s``."""
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        self.attention_s += time.perf_counter() - t0
+        return out
+
+    def forward(self, tokens: torch.Tensor, batch: InflightBatch, chunks: list[Request]) -> torch.Tensor:
+        """The model over one step's packed ``tokens [T]``: logits ``[T, vocab]``."""
+        cfg = self.model.cfg
+
+        def attend(i, qkv, bias):
+            k_pool, v_pool = self.pools[i]
+            # every layer's pool has the same geometry and the same table: checking the step once is enough
+            return self.timed(attn.gpt_attention, qkv, batch, k_pool, v_pool, num_heads_q=cfg.heads_q,
+                              num_heads_kv=cfg.heads_kv, qkv_bias=bias, rotary_dim=cfg.head_dim,
+                              validate=i == 0)  # fmt: skip
+
+        return self.model.forward(tokens, attend)
+
 
 def make_requests(n, vocab, prompt_range, output_range, arrival_every, seed):
+    """``n`` requests with random prompts, lengths drawn uniformly from the inclusive ranges; request ``i``
+    arrives at step ``int(i · arrival_every)`` (a fractional spacing makes some arrive together)."""
     gen = torch.Generator().manual_seed(seed + 1)
     out = []
     for i in range(n):
         plen = int(torch.randint(prompt_range[0], prompt_range[1] + 1, (1,), generator=gen))
         max_new = int(torch.randint(output_range[0], output_range[1] + 1, (1,), generator=gen))
         prompt = torch.randint(0, vocab, (plen,), generator=gen).tolist()
-        out.append(Request(rid=i, arrival=i * arrival_every, prompt=prompt, max_new=max_new))
+        out.append(Request(rid=i, arrival=int(i * arrival_every), prompt=prompt, max_new=max_new))
     return out
 
 
-def progress(done, total, step, blocks, num_blocks, width=28):
+def progress(done, total, step, usage: dict[str, tuple[int, int]], width=28):
+    """One status line, rewritten in place: requests done, the step, and ``{pool: (used, size)}``."""
     filled = int(width * done / max(total, 1))
     bar = "#" * filled + "." * (width - filled)
-    sys.stdout.write(f"\r[{bar}] {done}/{total} requests done | step {step} | blocks {blocks}/{num_blocks}")
+    pools = "".join(f" | {name} {used}/{size}" for name, (used, size) in usage.items())
+    sys.stdout.write(f"\r[{bar}] {done}/{total} requests done | step {step}{pools}")
     sys.stdout.flush()
+
+
+def serve(server, pending: list[Request], check, tol: float) -> dict:
+    """The serving loop: admit arrived requests while ``server.can_admit`` them, run a step, check every sampled
+    token with ``check(r)`` (a relative error against a naive recompute), release finished requests.
+
+    Raises:
+        AssertionError: a token's error above ``tol``.
+
+    Returns:
+        ``finished`` requests, ``steps``, ``logits_checked``, ``worst_logit_error``, ``wall_s``, ``running``
+        (requests in flight per step) and ``usage`` (per pool of `server.usage`, blocks in use after each step).
+    """
+    total = len(pending)
+    pending = list(pending)
+    running, finished, batch_sizes = [], [], []
+    usage = {name: [] for name in server.usage()}
+    checked, worst, step = 0, 0.0, 0
+    device = server.model.device
+    start = time.perf_counter()
+    while pending or running:
+        while pending and pending[0].arrival <= step and server.can_admit(pending[0]):
+            r = pending.pop(0)
+            server.admit(r)
+            running.append(r)
+        produced = server.step(running)
+        batch_sizes.append(len(running))
+        for r in produced:
+            err = check(r)
+            worst, checked = max(worst, err), checked + 1
+            if not err <= tol:
+                raise AssertionError(f"request {r.rid}, token {len(r.output)}: logits differ from the naive "
+                                     f"recompute by {err:.2e} (tolerance {tol:.0e})")  # fmt: skip
+            if len(r.output) == r.max_new:
+                r.finished_at = step
+                server.finish(r)
+                running.remove(r)
+                finished.append(r)
+        now = server.usage()
+        for name, (used, _) in now.items():
+            usage[name].append(used)
+        step += 1
+        progress(len(finished), total, step, now)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    print()
+    return {"finished": finished, "steps": step, "logits_checked": checked, "worst_logit_error": worst,
+            "wall_s": wall, "running": batch_sizes, "usage": usage}  # fmt: skip
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``‖got − want‖ / ‖want‖`` over a logit row, in float32."""
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
+def plot_over_time(path: str, series: dict[str, list[int]]) -> None:
+    """Saves ``{label: value per step}`` as step curves to ``path``, if matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for label, values in series.items():
+        ax.step(range(len(values)), values, where="post", label=label)
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot: {path}")
 
 
 def run(args) -> dict:
@@ -227,47 +350,18 @@ def run(args) -> dict:
         tol = 1e-4  # fp32 everywhere: the two paths differ by summation order only
     model = TinyGPT(cfg, device, dtype, seed=args.seed)
     naive = model.as_float32()
-    max_seqs = n_requests
-    server = Server(model, num_blocks=num_blocks, block_size=block_size, max_seqs=max_seqs,
+    server = Server(model, num_blocks=num_blocks, block_size=block_size, max_seqs=n_requests,
                     max_blocks_per_seq=num_blocks, token_budget=budget)  # fmt: skip
-    pending = make_requests(n_requests, cfg.vocab, prompt_range, output_range, every, args.seed)
-    running, finished, blocks_used, batch_sizes = [], [], [], []
-    checked, worst, step, committed = 0, 0.0, 0, 0
+    requests = make_requests(n_requests, cfg.vocab, prompt_range, output_range, every, args.seed)
 
-    def lifetime_blocks(r):
-        return -(-(len(r.prompt) + r.max_new) // block_size)
+    def check(r):
+        # the served logits of this token against the naive recompute over the whole sequence so far
+        want = naive.naive_logits(torch.tensor(r.tokens[:-1], device=device))[-1]
+        return relative_error(r.last_logits, want)
 
-    start = time.perf_counter()
-    while pending or running:
-        # admit arrived requests while the pool can hold their whole lifetime (this demo does not preempt)
-        while pending and pending[0].arrival <= step and committed + lifetime_blocks(pending[0]) <= num_blocks:
-            r = pending.pop(0)
-            committed += lifetime_blocks(r)
-            r.slot = server.cache.add_sequence()
-            running.append(r)
-        produced = server.step(running)
-        batch_sizes.append(len(running))
-        for r in produced:
-            # the served logits of this token against the naive recompute over the whole sequence so far
-            want = naive.naive_logits(torch.tensor(r.tokens[:-1], device=device))[-1]
-            err = ((r.last_logits.float() - want).norm() / want.norm()).item()
-            worst, checked = max(worst, err), checked + 1
-            if not err <= tol:
-                raise AssertionError(f"request {r.rid}, token {len(r.output)}: logits differ from the naive "
-                                     f"recompute by {err:.2e} (tolerance {tol:.0e})")  # fmt: skip
-            if len(r.output) == r.max_new:
-                r.finished_at = step
-                server.cache.release(r.slot)
-                committed -= lifetime_blocks(r)
-                running.remove(r)
-                finished.append(r)
-        blocks_used.append(server.cache.allocator.num_used)
-        step += 1
-        progress(len(finished), n_requests, step, blocks_used[-1], num_blocks)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    print()
+    out = serve(server, requests, check, tol)
+    finished, wall, step, blocks_used = out["finished"], out["wall_s"], out["steps"], out["usage"]["blocks"]
+    checked, worst = out["logits_checked"], out["worst_logit_error"]
     generated = sum(len(r.output) for r in finished)
     prompt_tokens = sum(len(r.prompt) for r in finished)
     report = {
@@ -276,7 +370,7 @@ def run(args) -> dict:
         "tokens_per_s": (generated + prompt_tokens) / wall, "generated_per_s": generated / wall,
         "attention_share": server.attention_s / wall, "logits_checked": checked, "worst_logit_error": worst,
         "peak_blocks": max(blocks_used), "num_blocks": num_blocks, "blocks_used": blocks_used,
-        "running": batch_sizes,
+        "running": out["running"],
     }  # fmt: skip
     print(
         f"{n_requests} requests, {step} steps, {prompt_tokens} prompt + {generated} generated tokens in "
@@ -288,22 +382,7 @@ def run(args) -> dict:
           f"peak {report['peak_blocks']} of {num_blocks} cache blocks in use, all returned at the end: "
           f"{server.cache.allocator.num_used == 0}")  # fmt: skip
     if args.plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib is not installed: no plot")
-        else:
-            fig, ax = plt.subplots(figsize=(7, 3))
-            ax.step(range(len(blocks_used)), blocks_used, where="post", label="cache blocks in use")
-            ax.step(range(len(batch_sizes)), batch_sizes, where="post", label="requests running")
-            ax.set_xlabel("step")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(args.plot)
-            print(f"plot: {args.plot}")
+        plot_over_time(args.plot, {"cache blocks in use": blocks_used, "requests running": out["running"]})
     return report
 
 

@@ -31,6 +31,7 @@
 # 3. `attn.cross_attention` for decoder steps and for a whole decoder prompt, checked live;
 # 4. a decoder step with T5's relative bias in self-attention and cross attention after it;
 # 5. what the cross cache costs in memory, and why it is written only once.
+# 6. a tiny T5-style model served with continuous batching, every token checked (`python -m attn.demo_encdec`).
 
 # %%
 import matplotlib.pyplot as plt
@@ -181,6 +182,50 @@ for dec_tokens in (50, 200, 448):
 # step: a decode step's cross attention is as memory-bound as its self-attention, which is why the decode
 # kernel (split-K over the encoder length, GQA-packed, INT8/FP8 if the cross cache is quantized) serves it.
 #
+# ## 6. The encoder-decoder demo
+#
+# `python -m attn.demo_encdec` puts the pieces into a served model, the encoder-decoder twin of lesson 12's demo.
+# A tiny T5-style model with random weights (2 encoder and 2 decoder layers, GQA 4/2, T5's relative bias in both
+# stacks and no `1/sqrt(D)`) serves a stream of requests, each a source text plus a short decoder prompt:
+#
+# - on admission, the request's source runs through the encoder: `attn.attention` over the packed sources of
+#   every request admitted at that step, non-causal, bidirectional T5 buckets. Its output, projected once per
+#   decoder layer, goes into a **paged cross cache** (a second `attn.PagedKVCache` with its own pool and table);
+# - every step, each decoder layer runs `attn.gpt_attention` (causal, unidirectional T5 buckets, no RoPE) over a
+#   paged self-attention cache for the whole mix of prompt chunks and generation tokens, then
+#   `attn.cross_attention` of the same rows over each request's encoder keys and values (the prompt chunks'
+#   rows packed, on the context kernel; the generation rows as one-token queries, on the decode kernel);
+# - a finished request returns its self-attention blocks and its cross blocks.
+#
+# Every sampled token's logits are compared with a float32 recompute that has no cache at all: the encoder over
+# the source and the decoder over the whole sequence so far, with plain PyTorch softmax attention. Both paths
+# compute in float32 and differ only in summation order (~1e-7), so the tolerance is 1e-4; a mismatch stops the
+# run (the tests corrupt one cross-attention row, or swap the two stacks' bucket functions, and see it stop).
+
+# %%
+from attn import demo_encdec  # noqa: E402
+
+report = demo_encdec.main([])
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 3))
+steps = range(len(report["blocks_used"]))
+ax.step(steps, report["blocks_used"], where="post", label=f"self-attention blocks (of {report['num_blocks']})")
+ax.step(steps, report["cross_blocks_used"], where="post", label=f"cross blocks (of {report['cross_num_blocks']})")
+ax.step(steps, report["running"], where="post", label="requests running")
+ax.set_xlabel("step")
+ax.set_title(f"{report['requests']} requests, all {report['logits_checked']} sampled tokens checked against "
+             f"the cache-free recompute", fontsize=9)  # fmt: skip
+ax.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The two pools behave differently. A request's cross blocks are all taken at once, when its encoder runs, and
+# stay constant until it finishes; its self-attention blocks grow with its prompt chunks and output. Here the
+# cross pool is the one that runs full (long sources, short outputs), so it is what holds new requests back:
+# the scheduler admits a request only when both pools can take it.
+#
 # ## Summary
 #
 # - Cross attention is unmasked attention from decoder queries to the encoder's keys and values.
@@ -188,4 +233,7 @@ for dec_tokens in (50, 200, 448):
 #   paged); every decoder step reads it with `encoder_lengths`.
 # - `attn.cross_attention` takes padded or packed queries; few per request run on the decode kernel, many on
 #   the context kernel; both are checked against the reference.
-# - T5's relative bias belongs to the decoder's self-attention; cross attention has no positional bias.
+# - T5's relative bias belongs to self-attention (the encoder's with bidirectional buckets, the decoder's with
+#   past-only ones); cross attention has no positional bias.
+# - `python -m attn.demo_encdec` serves a tiny T5-style model with continuous batching over a paged
+#   self-attention cache and a paged cross cache, checking every token against a cache-free recompute.

@@ -53,7 +53,10 @@ for job in "$@"; do
       ;;
     features) python3 -m bench.bench_features --out "$OUT/bench_features.json" 2>&1 | tee "$OUT/bench_features.log" ;;
     inflight) python3 -m bench.bench_inflight --out "$OUT/bench_inflight.json" 2>&1 | tee "$OUT/bench_inflight.log" ;;
-    demo) python3 -m attn.demo --device cuda --large 2>&1 | tr '\r' '\n' | grep -v "^\[" | tee "$OUT/demo.log" ;;
+    demo)
+      python3 -m attn.demo --device cuda --large 2>&1 | tr '\r' '\n' | grep -v "^\[" | tee "$OUT/demo.log" || status=1
+      python3 -m attn.demo_encdec --device cuda --large 2>&1 | tr '\r' '\n' | grep -v "^\[" | tee "$OUT/demo_encdec.log" || status=1
+      ;;
     host) python3 scripts/host_probe.py 2>&1 | tee "$OUT/host_probe.log" ;;
     bench) python3 -m bench.bench_attention --out "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench.log" ;;
     decode) python3 -m bench.bench_decode --out "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" ;;

@@ -544,17 +544,20 @@ assert torch.equal(v_trt, reference.gather_kv(paged.v, len(t), 0, table))
 # slower than reading the same bytes contiguously; the question is by how much. `bench/bench_decode.py` times
 # `attn.decode` on the same bf16 cache as a contiguous tensor (`ours`) and as a randomly shuffled pool with
 # 16-token (`ours-p16`) and 64-token blocks (`ours-p64`), and reports TB/s of K and V read. These are the numbers
-# measured on an NVIDIA H200 (copy ceiling about 4.2 TB/s), loaded from the result files:
+# measured on an NVIDIA H200 (copy ceiling about 4.2 TB/s), loaded from the result files: the first two runs
+# (2026-11-28) and the latest (2026-11-29), each timed from CUDA-graph replays where the file has them (the
+# device's time; with plain event timing our ~0.3 ms of host time per call hides the kernel on the long shapes).
 
 # %%
 results = Path(attn.__file__).resolve().parent.parent / "bench" / "results"
 rows, ceilings = [], []
-for fname in ("decode_H200_2026-11-28.json", "decode_H200_2026-11-28_v2.json"):
+for fname in ("decode_H200_2026-11-28_v4_ragged.json", "decode_H200_2026-11-29.json"):
     run = json.loads((results / fname).read_text())
     assert run["env"]["gpu"] == "NVIDIA H200"
     ceilings.append(run["ceilings"]["copy_tbps"])
     for r in run["results"]:
-        tbps = {name: r["contenders"][name]["tbps"] for name in ("ours", "ours-p16", "ours-p64")}
+        c = r["contenders"]
+        tbps = {name: c[name].get("tbps_graph") or c[name]["tbps"] for name in ("ours", "ours-p16", "ours-p64")}
         rows.append((f"{r['shape'].split(' (')[0]} [{run['env']['git_commit'][:7]}]", tbps))
 
 print(f"{'shape [commit]':38s} {'contig':>7s} {'p16':>6s} {'p64':>6s}   p16/contig  p64/contig")
@@ -576,37 +579,30 @@ ax.axhline(sum(ceilings) / len(ceilings), color="0.4", ls=":", lw=1, label="copy
 labels = [s.replace(" ragged L128..8192", "\nragged").replace(" L", "\nL").replace(" [", "\n[") for s, _ in rows]
 ax.set_xticks(range(len(rows)), labels, fontsize=7)
 ax.set_ylabel("TB/s of K and V read")
-ax.set_title("attn.decode on an NVIDIA H200, bf16, D = 128; numbers over the bars: paged / contiguous", fontsize=10)
+ax.set_title("attn.decode on an NVIDIA H200, bf16, D = 128, graph replays; over the bars: paged / contiguous",
+             fontsize=10)  # fmt: skip
 ax.set_ylim(0, 5)
 ax.legend(fontsize=7, ncols=4, loc="upper center")
 fig.tight_layout()
 plt.show()
 
-# %%
-# equal lengths and a batch that fills the GPU: everything but the B1 and ragged rows, per commit
-for commit in ("ae39e51", "f86bfb9"):
-    regular = [tb for shape, tb in rows if commit in shape and "L131072" not in shape and "ragged" not in shape]
-    ratios = [tb[p] / tb["ours"] for tb in regular for p in ("ours-p16", "ours-p64")]
-    print(f"{commit}, regular shapes: paged / contiguous = {min(ratios):.2f} .. {max(ratios):.2f}")
-
 # %% [markdown]
-# Where the batch fills the GPU and the lengths are equal, paged decoding reaches 0.92-0.95x of contiguous,
-# with 64-token blocks slightly ahead of 16-token ones (fewer table entries per tile, longer contiguous runs).
-# The one exception among these is B8 L32768 on the first commit, 0.87-0.89x, before the split-count heuristic
-# of commit f86bfb9; with it, the same shape is at 0.93-0.95x.
+# On 2026-11-28 (commit ef77225) paging cost 5-10% on the regular shapes and about 20% on the ragged
+# batch. Two changes to the kernel's paged path, made for the one-byte caches of lesson 09, removed most of it:
 #
-# Two rows do not fit that summary, and we report them as they are:
+# - **The page size became a compile-time constant.** Each key's slot is `slot // block_size` (which block) and
+#   `slot % block_size` (which row in it). With a block size known only at run time, division and remainder
+#   are a long integer sequence per key; with a constant power of two they are a shift and a mask.
+# - **A tile's block-table entries are loaded one iteration ahead.** The K and V addresses of a tile come
+#   from the block table; loaded in the same iteration, they delay the tile's loads, which the compiler can then
+#   not start early. Loaded the iteration before, the K/V loads depend on nothing in their own iteration and
+#   the software pipeline keeps them in flight.
 #
-# - **B1 L131072**: the paged variants come out a little *faster* than contiguous. That is not a property of
-#   paging: our contiguous decode is itself far below the ceiling on this shape (2.1-2.6 TB/s, where cuDNN
-#   reads 3.8-3.9), an open problem in `bench/NOTES.md`, which suspects a fixed per-call cost rather than the
-#   kernel. Until that is understood this ratio means nothing.
-# - **Ragged B32** (lengths 128 to 8192, measured once, on the earlier commit ae39e51): paged reaches only about
-#   0.75x contiguous. We have not yet explained this gap.
-#
-# So the honest summary: on the regular shapes paging currently costs our decode kernel 5-8% of its bandwidth,
-# and more on the one ragged batch measured so far. Against that, section 1 showed that it lets several times
-# more sequences share the GPU, which is why serving systems pay it.
+# On the latest run paged decoding reads 0.97-1.00x as fast as contiguous on every regular shape, with either
+# block size, and the ragged batch 0.95x (the short sequences' few tiles leave less time to hide the first
+# lookup). The pool's scattered 16- or 64-token blocks cost nothing measurable: the bandwidth was lost to the
+# address arithmetic, not to the memory layout. Paging also lets several times more sequences share the GPU
+# (section 1), which is why serving systems use it.
 
 # %% [markdown]
 # ## 8. Chunked context over a paged cache
@@ -765,8 +761,9 @@ print("head:    ", [r % g for r in range(16)], "(+ the group's first head)")
 #   bitwise that over a contiguous one, wherever the blocks sit in the pool.
 # - FlashInfer lists pages in CSR form (`kv_indptr`, `kv_indices`, `kv_last_page_len`); TensorRT-LLM pairs K and
 #   V per block in one pool and addresses them by block offsets $2i$ and $2i+1$.
-# - Measured on an H200, paged decode runs at 0.92-0.95x of contiguous on regular shapes (0.75x on the one
-#   ragged batch measured, not yet explained).
+# - Measured on an H200, paged decode runs at 0.97-1.00x of contiguous on regular shapes and 0.95x on a ragged
+#   batch, after the block size became a compile-time constant and the block-table entries are loaded a tile
+#   ahead (it was 0.90-0.95x and 0.79-0.81x before).
 # - A prompt chunk of $n$ tokens, appended first, attends to the $L$ cached tokens bottom-right causally;
 #   `attn.context_attention` runs a packed batch of chunks (and one-token generation requests) over a paged
 #   cache, visiting only tiles some query can see and masking only those across the diagonal.

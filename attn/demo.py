@@ -386,14 +386,19 @@ def run(args) -> dict:
     return report
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    """The command-line options of this demo and of `attn.demo_encdec`."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--large", action="store_true", help="the bigger model and request stream (for a GPU)")
     p.add_argument("--requests", type=int, default=0, help="how many requests (0: the preset's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", default="", help="save blocks-in-use over time to this image file")
-    return run(p.parse_args(argv))
+    p.add_argument("--plot", default="", help="save blocks in use over time to this image file")
+    return p
+
+
+def main(argv=None) -> dict:
+    return run(arg_parser(__doc__).parse_args(argv))
 
 
 if __name__ == "__main__":

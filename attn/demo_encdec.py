@@ -30,14 +30,13 @@ the source and the decoder over the whole sequence so far, with plain PyTorch at
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 import attn
-from attn.demo import Request, Server, make_requests, plot_over_time, relative_error, serve
+from attn.demo import Request, Server, arg_parser, make_requests, plot_over_time, relative_error, serve
 from attn.inflight import CONTEXT, GENERATION
 from attn.kv_cache import PagedKVCache
 from attn.layout import cu_seqlens_from_lengths
@@ -410,13 +409,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--large", action="store_true", help="the bigger model and request stream (for a GPU)")
-    p.add_argument("--requests", type=int, default=0, help="how many requests (0: the preset's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", default="", help="save blocks in use over time to this image file")
-    return run(p.parse_args(argv))
+    return run(arg_parser(__doc__).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1057,3 +1057,81 @@ def check_encoder_lengths(encoder_lengths, batch: int, capacity: int, validate: 
             raise ValueError(
                 f"encoder_lengths entries must lie in [0, {capacity}] (what the cross cache holds), got {bad}"
             )
+
+
+def check_update_indirection(cache_indirection, parents, step, out=None, validate: bool = True):
+    """Validates `update_indirection`'s inputs (shared by the reference and the kernel).
+
+    Returns:
+        ``(batch, beam_width, max_len)``.
+
+    Raises:
+        TypeError: a tensor of the wrong type or dtype, or a ``step`` that is neither an int nor a tensor.
+        ValueError: shapes that do not match, devices that differ, ``out`` sharing memory with
+            ``cache_indirection``, and (with ``validate``) a parent outside ``[0, beam_width)`` or a step
+            outside ``[0, max_len)``.
+    """
+    if not isinstance(cache_indirection, torch.Tensor) or cache_indirection.dtype != torch.int32:
+        raise TypeError(
+            "cache_indirection must be an int32 torch.Tensor [B, beam_width, max_len], got "
+            f"{getattr(cache_indirection, 'dtype', type(cache_indirection).__name__)}"
+        )
+    if cache_indirection.dim() != 3:
+        raise ValueError(f"cache_indirection must be [B, beam_width, max_len], got {tuple(cache_indirection.shape)}")
+    batch, beam, max_len = cache_indirection.shape
+    if beam < 1 or max_len < 1:
+        raise ValueError(
+            f"cache_indirection needs beam_width >= 1 and max_len >= 1, got {tuple(cache_indirection.shape)}"
+        )
+    device = cache_indirection.device
+    if not isinstance(parents, torch.Tensor) or parents.dtype != torch.int32:
+        raise TypeError(
+            f"parents must be an int32 torch.Tensor [B, beam_width], got "
+            f"{getattr(parents, 'dtype', type(parents).__name__)}"
+        )
+    if tuple(parents.shape) != (batch, beam):
+        raise ValueError(
+            f"parents must be [B, beam_width] = {(batch, beam)} like cache_indirection, got {tuple(parents.shape)}"
+        )
+    if parents.device != device:
+        raise ValueError(f"parents must be on cache_indirection's device {device}, got {parents.device}")
+    if isinstance(step, torch.Tensor):
+        if step.dtype != torch.int32:
+            raise TypeError(f"step must be an int or an int32 tensor [B], got a {step.dtype} tensor")
+        if tuple(step.shape) != (batch,):
+            raise ValueError(
+                f"step as a tensor must be [B] = [{batch}], one position per request, got {tuple(step.shape)}"
+            )
+        if step.device != device:
+            raise ValueError(f"step must be on cache_indirection's device {device}, got {step.device}")
+    elif not isinstance(step, int) or isinstance(step, bool):
+        raise TypeError(f"step must be an int or an int32 tensor [B], got {type(step).__name__}")
+    elif not 0 <= step < max_len:
+        raise ValueError(f"step must lie in [0, max_len) = [0, {max_len}), got {step}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.int32:
+            raise TypeError(f"out must be an int32 torch.Tensor, got {getattr(out, 'dtype', type(out).__name__)}")
+        if out.shape != cache_indirection.shape or out.device != device:
+            raise ValueError(
+                f"out must match cache_indirection ({tuple(cache_indirection.shape)} on {device}), "
+                f"got {tuple(out.shape)} on {out.device}"
+            )
+        if out.untyped_storage().data_ptr() == cache_indirection.untyped_storage().data_ptr():
+            # a beam may read the row another beam is overwriting: the result would depend on the order of writes
+            raise ValueError(
+                "out must not share memory with cache_indirection: the update is a gather across beams, so it "
+                "cannot run in place; keep two tables and swap them every step"
+            )
+    if validate and batch:
+        bad = (parents < 0) | (parents >= beam)
+        if bool(bad.any()):
+            b, j = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(
+                f"parents must lie in [0, beam_width) = [0, {beam}), got parents[{b}, {j}] = {int(parents[b, j])}"
+            )
+        if isinstance(step, torch.Tensor):
+            bad = (step < 0) | (step >= max_len)
+            if bool(bad.any()):
+                b = int(bad.nonzero()[0, 0])
+                raise ValueError(f"step must lie in [0, max_len) = [0, {max_len}), got step[{b}] = {int(step[b])}")
+    return batch, beam, max_len

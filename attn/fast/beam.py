@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.beam import check_update_indirection
+from ..checks import check_update_indirection
 from ._triton import is_interpreter, next_power_of_2
 
 

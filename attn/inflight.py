@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .layout import new_token_positions
+
 CONTEXT, GENERATION = 0, 1
 
 
@@ -141,11 +143,8 @@ class InflightBatch:
         for b in ctx:
             cu_ctx.append(cu_ctx[-1] + new_tokens[b])
         after = [p + n for p, n in zip(past_lengths, new_tokens)]
-        # on the host, then one copy each: row r of request b sits at position past[b] + (r - cu[b])
-        counts = torch.tensor(list(new_tokens), dtype=torch.int64)
-        seq = torch.repeat_interleave(torch.arange(batch), counts)
-        offsets = torch.arange(cu[-1]) - torch.tensor(cu[:-1], dtype=torch.int64)[seq]
-        positions = torch.tensor(list(past_lengths), dtype=torch.int64)[seq] + offsets
+        # each row's request and position, computed on the host, then one copy each
+        seq, positions = new_token_positions(cu, torch.tensor(list(past_lengths), dtype=torch.int32))
         is_context = torch.tensor([t == CONTEXT for t in request_types], dtype=torch.bool)
         return cls(
             request_types=tuple(request_types),

@@ -209,6 +209,31 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
+def kernel_variant(src, name: str, edits):
+    """A variant of a kernel module for the probes: ``src`` (an ``attn/fast/*.py`` path) with every occurrence of
+    each ``old`` replaced by ``new``, written beside it as ``_probe_<name>.py`` (Triton's JIT reads kernel source
+    from files) and imported. The file is rewritten only when its text changes, so processes that load the same
+    variant at once (compile workers) do not race on it; the caller deletes the files when done.
+
+    Raises:
+        SystemExit: an edit's ``old`` text is no longer in the source.
+    """
+    import importlib
+    from pathlib import Path
+
+    src = Path(src)
+    text = src.read_text()
+    for old, new in edits:
+        if old not in text:
+            raise SystemExit(f"variant {name}: the kernel source changed, edit not found:\n{old}")
+        text = text.replace(old, new)
+    mod_name = "_probe_" + name.replace("+", "_")
+    path = src.parent / f"{mod_name}.py"
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return importlib.import_module(f"attn.fast.{mod_name}")
+
+
 # timing
 
 

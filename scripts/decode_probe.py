@@ -28,7 +28,6 @@ products, on FP8 pages: 0.85x -> 1.31x.
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import os
 import subprocess
@@ -60,16 +59,7 @@ DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8, "fp8": torch.float8_e4m3fn
 
 
 def load_variant(name: str):
-    text = SRC.read_text()
-    for old, new in FIXED + VARIANTS[name]:
-        if old not in text:
-            raise SystemExit(f"variant {name}: the kernel source changed, edit not found:\n{old}")
-        text = text.replace(old, new)
-    mod_name = "_probe_" + name.replace("+", "_")
-    path = SRC.parent / f"{mod_name}.py"
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
-    return importlib.import_module(f"attn.fast.{mod_name}")
+    return common.kernel_variant(SRC, name, FIXED + VARIANTS[name])
 
 
 def combos():

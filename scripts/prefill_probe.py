@@ -19,7 +19,6 @@ kernel since 8bae14b; their edits are in that commit's version of this file):
 from __future__ import annotations
 
 import functools
-import importlib
 import sys
 from pathlib import Path
 
@@ -76,14 +75,8 @@ VARIANTS = {"base": [], "tma": TMA, "tma+ws": TMA + WS}
 
 
 def load_variant(name: str, edits):
-    text = SRC.read_text()
-    for old, new in edits:
-        if old not in text:
-            raise SystemExit(f"variant {name}: the kernel source changed, edit not found:\n{old}")
-        text = text.replace(old, new)  # every occurrence: the tile loop is called three times
-    mod_name = "_probe_" + name.replace("+", "_")
-    (SRC.parent / f"{mod_name}.py").write_text(text)
-    return importlib.import_module(f"attn.fast.{mod_name}")
+    # every occurrence is edited: the tile loop is called three times
+    return common.kernel_variant(SRC, name, edits)
 
 
 SHAPES = [  # (name, B, Hq, Hkv, S, D, causal)

@@ -33,12 +33,13 @@ NOT_ALIGNED = {"stride_ab", "stride_ah", "stride_rh", "stride_rm", "stride_ib", 
 COUNTS = ["LDG", "LDGSTS", "STS", "LDS", "LDSM", "I2F", "F2FP", "PRMT", "HADD2", "HMMA", "HGMMA", "IMAD"]
 
 
-def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: int):
+def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: int, **overrides):
     cache = {0: "*bf16", 1: "*i8", 2: "*fp8e4nv"}[quant]
     consts = dict(ROTARY_DIM=0, GPTJ=False, PAGE_SIZE=64 if paged else 1, INT8_ASM=True, GROUP=4, HEAD_DIM=128,
                   HEAD_DIM_PAD=128, IS_PAGED=paged, CYCLIC=False, HAS_INDIRECTION=False, HAS_WINDOW_LEFT=False,
                   HAS_WINDOW_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False, ALIBI_WITH_SCALE=False, REL_MODE=0,
                   QUANT=quant, MMA_F16=quant != 0, PRECISION="tf32", BLOCK_M=16, BLOCK_N=block_n)  # fmt: skip
+    consts.update(overrides)
     kernel = dec._decode_kernel
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):

@@ -12,6 +12,7 @@ most host time.
 from __future__ import annotations
 
 import cProfile
+import os
 import pstats
 import sys
 
@@ -40,13 +41,20 @@ def main() -> None:
         "check_decode(validate=False)": lambda: check_decode(q, kc, vc, lens, validate=False, dtypes=dtypes),
         "4 x torch.empty": lambda: [torch.empty(b, 1, hq, 4, d, device="cuda") for _ in range(4)],
     }
-    for name, fn in rows.items():
-        print(f"{common.host_us(fn):8.1f} us  {name}", flush=True)
-    # the same launch without the autotuner in front
-    dec.autotune_enabled = lambda: False
-    print(f"{common.host_us(lambda: fast.decode(q, kc, vc, lens, validate=False)):8.1f} us  decode, fixed config")
-    dec.autotune_enabled = common_autotune
-    profile_step()
+    # each row with Triton's own launch path and with attn's direct one (attn.fast._triton.launch)
+    for fast_launch in ("0", "1"):
+        os.environ["ATTN_FAST_LAUNCH"] = fast_launch
+        print(f"ATTN_FAST_LAUNCH={fast_launch}")
+        for name, fn in rows.items():
+            print(f"{common.host_us(fn):8.1f} us  {name}", flush=True)
+        # the same launch without the autotuner in front
+        dec.autotune_enabled = lambda: False
+        print(f"{common.host_us(lambda: fast.decode(q, kc, vc, lens, validate=False)):8.1f} us  decode, fixed config")
+        dec.autotune_enabled = common_autotune
+    for fast_launch in ("0", "1"):
+        os.environ["ATTN_FAST_LAUNCH"] = fast_launch
+        print(f"ATTN_FAST_LAUNCH={fast_launch}")
+        profile_step()
 
 
 def profile_step() -> None:
@@ -75,7 +83,7 @@ def profile_step() -> None:
             step()
         prof.disable()
         torch.cuda.synchronize()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":

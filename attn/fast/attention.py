@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..checks import check_attention
-from ._triton import autotune_enabled, is_interpreter, next_power_of_2
+from ._triton import autotune_enabled, is_interpreter, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -541,7 +541,8 @@ def attention(
         kernel, meta = _attn_fwd_tuned, {}
     else:
         kernel, meta = _attn_fwd_kernel, _fixed_config(head_dim_pad, q.dtype)
-    kernel[grid](
+    launch(
+        kernel, grid,
         q, k, v, out, lse if lse is not None else out,
         seq_q, seq_k, slopes, *slope_strides, rel_t, *rel_strides, rel_md,
         seq_q, 0, 1, seq_q, seq_q,

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ..checks import check_decode, check_seqlen_hints
 from ..reference.preprocess import RopeScaling
-from ._triton import autotune_enabled, is_interpreter, next_power_of_2
+from ._triton import autotune_enabled, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _tanh, relative_bias_operands
 from .kv_cache import quant_code
 from .preprocess import _cos_sin
@@ -574,7 +574,8 @@ def decode(
             kw.update(BLOCK_N=64, num_warps=4, num_stages=2)  # see ROTARY_CONFIGS
         else:
             kw.update(BLOCK_N=64, num_warps=4, num_stages=3)
-    kernel[(bsz * args.num_heads_kv, num_splits)](
+    launch(
+        kernel, (bsz * args.num_heads_kv, num_splits),
         q, k_cache, v_cache, o_dst, l_dst, cache_seqlens, bt,
         args.alibi_slopes if args.alibi_slopes is not None else cache_seqlens,
         *(args.alibi_slopes.stride() if args.alibi_slopes is not None else (0, 0)),
@@ -598,7 +599,8 @@ def decode(
         **kw,
     )  # fmt: skip
     if num_splits > 1:
-        _combine_kernel[(bsz * sq * hq,)](
+        launch(
+            _combine_kernel, (bsz * sq * hq,),
             o_dst, l_dst, out, lse, sq, hq, num_splits,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
             HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, BLOCK_S=max(2, next_power_of_2(num_splits)),

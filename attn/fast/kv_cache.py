@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..checks import check_append
 from ..layout import new_token_positions
-from ._triton import is_interpreter, next_power_of_2
+from ._triton import is_interpreter, launch, next_power_of_2
 
 
 @triton.jit
@@ -160,7 +160,8 @@ def append_kv(
     k_inv = 1.0 / args.k_scale if quant else tok_seq
     v_inv = 1.0 / args.v_scale if quant else tok_seq
     block_t = 16 if is_interpreter() else 32
-    _append_kernel[(triton.cdiv(num_tokens, block_t), hkv)](
+    launch(
+        _append_kernel, (triton.cdiv(num_tokens, block_t), hkv),
         k_flat, v_flat, k_cache, v_cache, tok_seq, tok_pos, bt, k_inv, v_inv,
         k_flat.stride(0), k_flat.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -1,0 +1,132 @@
+"""The direct launch path (`attn.fast._triton.launch`): its key never merges two specializations Triton keeps
+apart, and a repeated call reaches the compiled kernel's launcher with the same arguments Triton would pass.
+
+The GPU side (every kernel test on the H200 goes through `launch`) is covered by the parity tests; the GPU test
+here checks that a misaligned view after an aligned call is not launched with the aligned build.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend
+
+import attn.fast._triton as tr
+
+
+def _pool():
+    base = torch.zeros(64)
+    ints = [0, 1, 2, 15, 16, 17, 32, 48, 2**31 - 16, 2**31 - 1, 2**31, 2**32, -1, -16, -(2**31), -(2**31) - 1]
+    ints += [2**63, 2**64 - 16]
+    tensors = [base, base[1:], base[4:], base.to(torch.float16), base.to(torch.float16)[8:], base.to(torch.int32)]
+    return ints + tensors + [0.0, 1.0, -2.5, None, True, False]
+
+
+def _triton_spec(a):
+    return native_specialize_impl(BaseBackend, a, False, True, True)
+
+
+def test_equal_keys_mean_equal_triton_specializations():
+    # every pair from a pool that covers Triton's classes (1, multiples of 16, i32/i64/u64 ranges, aligned and
+    # misaligned tensors of several dtypes): equal keys must never hide different specializations
+    pool = _pool()
+    for a, b in itertools.product(pool, repeat=2):
+        if tr.arg_key([a]) == tr.arg_key([b]):
+            assert _triton_spec(a) == _triton_spec(b), (a, b)
+
+
+def test_random_ints_keep_the_rule():
+    rng = random.Random()
+    for _ in range(2000):
+        a = rng.choice([rng.randrange(-(2**40), 2**40), rng.randrange(0, 64) * 16, 1, rng.randrange(2**63, 2**64)])
+        b = rng.choice([rng.randrange(-(2**40), 2**40), rng.randrange(0, 64) * 16, 1])
+        if tr.arg_key([a]) == tr.arg_key([b]):
+            assert _triton_spec(a) == _triton_spec(b), (a, b)
+
+
+class _Compiled:
+    def __init__(self):
+        self.function, self.packed_metadata, self.calls = "fn", "meta", []
+
+    def run(self, *args):
+        self.calls.append(args)
+
+
+class _Kernel:
+    """Stands in for a `triton.jit` function: records how it was called and returns one compiled kernel."""
+
+    arg_names = ["x_ptr", "n", "scale", "BLOCK"]
+
+    def __init__(self):
+        self.compiled, self.slow_calls = _Compiled(), []
+
+    def __getitem__(self, grid):
+        def runner(*args, **kwargs):
+            self.slow_calls.append((grid, args, kwargs))
+            return self.compiled
+
+        return runner
+
+
+@pytest.fixture
+def gpu_free_launch(monkeypatch):
+    # run the launch path's host logic without a GPU
+    monkeypatch.setattr(tr, "is_interpreter", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"cuda_stream": 7})())
+    monkeypatch.setattr(tr, "_LAUNCHES", {})
+
+
+def test_second_call_goes_straight_to_the_launcher(gpu_free_launch):
+    k = _Kernel()
+    x = torch.zeros(32)
+    tr.launch(k, lambda meta: (3 * meta["BLOCK"],), x, 100, 0.5, BLOCK=4, num_warps=4)
+    assert len(k.slow_calls) == 1 and not k.compiled.calls
+    tr.launch(k, lambda meta: (3 * meta["BLOCK"],), x, 116, 0.25, BLOCK=4, num_warps=4)
+    assert len(k.slow_calls) == 1
+    # grid from the constexprs, stream, the compiled function, no hooks, then every parameter in order
+    assert k.compiled.calls == [(12, 1, 1, 7, "fn", "meta", None, None, None, x, 116, 0.25, 4)]
+
+
+def test_a_new_specialization_goes_through_triton(gpu_free_launch):
+    k = _Kernel()
+    x = torch.zeros(32)
+    tr.launch(k, (1,), x, 100, 0.5, BLOCK=4)
+    tr.launch(k, (1,), x[1:], 100, 0.5, BLOCK=4)  # misaligned
+    tr.launch(k, (1,), x, 96, 0.5, BLOCK=4)  # divisible by 16
+    tr.launch(k, (1,), x, 1, 0.5, BLOCK=4)  # the constant 1
+    tr.launch(k, (1,), x.half(), 100, 0.5, BLOCK=4)  # another dtype
+    tr.launch(k, (1,), x, 100, 0.5, BLOCK=8)  # another constexpr
+    assert len(k.slow_calls) == 6 and not k.compiled.calls
+
+
+def test_interpreter_and_switch_use_triton(gpu_free_launch, monkeypatch):
+    k = _Kernel()
+    x = torch.zeros(32)
+    monkeypatch.setenv("ATTN_FAST_LAUNCH", "0")
+    for _ in range(2):
+        tr.launch(k, (1,), x, 100, 0.5, BLOCK=4)
+    assert len(k.slow_calls) == 2 and not k.compiled.calls
+
+
+@pytest.mark.gpu
+def test_gpu_misaligned_view_after_aligned_call():
+    from attn import fast
+    from attn.reference import decode as ref_decode
+
+    b, hq, hkv, d, n = 2, 8, 2, 64, 300
+    kc = torch.randn(b, n, hkv, d, device="cuda", dtype=torch.float16)
+    vc = torch.randn_like(kc)
+    lens = torch.tensor([n, 77], device="cuda", dtype=torch.int32)
+    flat = torch.randn(b * hq * d + 1, device="cuda", dtype=torch.float16)
+    aligned = flat[: b * hq * d].view(b, 1, hq, d)
+    shifted = flat[1:].view(b, 1, hq, d)  # 2 bytes past a 16-byte boundary
+    for q in (aligned, shifted, aligned, shifted):
+        got = fast.decode(q, kc, vc, lens)
+        want = ref_decode(q.double(), kc.double(), vc.double(), lens)
+        # fp16 inputs, fp32 accumulation: errors of a few fp16 ulps of O(1) outputs
+        torch.testing.assert_close(got.double(), want, atol=4e-3, rtol=4e-3)

@@ -51,10 +51,45 @@ def main() -> None:
         dec.autotune_enabled = lambda: False
         print(f"{common.host_us(lambda: fast.decode(q, kc, vc, lens, validate=False)):8.1f} us  decode, fixed config")
         dec.autotune_enabled = common_autotune
+    launch_parts(lambda: fast.decode(q, kc, vc, lens, validate=False))
     for fast_launch in ("0", "1"):
         os.environ["ATTN_FAST_LAUNCH"] = fast_launch
         print(f"ATTN_FAST_LAUNCH={fast_launch}")
         profile_step()
+
+
+def launch_parts(call) -> None:
+    """The direct launch path's parts for one decode call: the Python wrapper alone (launch stubbed out),
+    the key, the stream query, and the compiled kernel's C launcher."""
+    from attn.fast import _triton as tr
+
+    os.environ["ATTN_FAST_LAUNCH"] = "1"
+    seen = {}
+    real = dec.launch
+
+    def record(kernel, grid, *args, **constexprs):
+        seen.update(kernel=kernel, grid=grid, args=args, constexprs=constexprs)
+        return real(kernel, grid, *args, **constexprs)
+
+    dec.launch = record
+    call()
+    dec.launch = lambda *a, **k: None
+    print(f"{common.host_us(call):8.1f} us  decode wrapper, launch stubbed out")
+    dec.launch = real
+    args, constexprs = seen["args"], seen["constexprs"]
+    print(f"{common.host_us(lambda: tr.arg_key(args)):8.1f} us  arg_key ({len(args)} arguments)")
+    print(f"{common.host_us(lambda: torch.cuda.current_stream().cuda_stream):8.1f} us  current stream")
+    print(f"{common.host_us(lambda: tr.launch(seen['kernel'], seen['grid'], *args, **constexprs)):8.1f} us  launch()")
+    entry = next(v for k, v in tr._LAUNCHES.items() if k[0] == id(seen["kernel"]) and v)
+    compiled, tail, _ = entry
+    stream = torch.cuda.current_stream().cuda_stream
+    g = seen["grid"]
+
+    def raw():
+        compiled.run(g[0], g[1], 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args,
+                     *tail)  # fmt: skip
+
+    print(f"{common.host_us(raw):8.1f} us  compiled.run alone (the C launcher)")
 
 
 def profile_step() -> None:

@@ -57,6 +57,49 @@ def test_prefill_with_relative_bias(causal, mode, dtype, device):
     assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "one-sided"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_prefill_far_tiles(causal, bidirectional, dtype, device):
+    # sequences several tiles longer than max_distance on both sides of the diagonal, so that the kernel's
+    # unmasked tiles split into far-left (one value per row), near (gathered) and far-right parts; chunked rows
+    # (Sq < Sk) move the diagonal off the tile grid, and an 8-key distance cap makes most tiles far
+    lens_q, lens_k = [150, 61, 1], [150, 170, 90]
+    q, k, v, cu_q, cu_k = random_packed(lens_q, lens_k, 4, 2, 32, dtype, device)
+    rel = reference.RelativeBias(table=torch.randn(4, 8, device=device), max_distance=8, bidirectional=bidirectional)
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, rel_bias=rel, q_scaling=32**-0.5)
+    out, lse = fast.attention(q, k, v, return_lse=True, **kw)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    assert_close("prefill", ref, out, TOL[dtype])
+    assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_context_far_tiles_gqa_packed(paged, device):
+    # context_attention packs a KV head's query heads into one tile (rows: tokens x heads), so each row has its
+    # own head's far values; a long cache puts most tiles beyond max_distance
+    b, hq, hkv, d, n = 2, 8, 2, 32, 160
+    lens_q = [40, 3]
+    cu = torch.tensor([0, 40, 43], dtype=torch.int32, device=device)
+    seqlens = torch.tensor([160, 131], dtype=torch.int32, device=device)
+    q = torch.randn(43, hq, d, device=device, dtype=torch.float16)
+    kc = torch.randn(b, n, hkv, d, device=device, dtype=torch.float16)
+    vc = torch.randn_like(kc)
+    kw = dict(cu_seqlens_q=cu, max_seqlen_q=max(lens_q), rel_bias=_implicit(hq, device, False), return_lse=True)
+    if paged:
+        table = torch.randperm(b * 10, device=device).to(torch.int32).view(b, 10)
+        pool_k = torch.empty(b * 10, 16, hkv, d, device=device, dtype=torch.float16)
+        pool_v = torch.empty_like(pool_k)
+        pool_k.view(b * 10, -1)[table.flatten().long()] = kc.reshape(b * 10, -1)
+        pool_v.view(b * 10, -1)[table.flatten().long()] = vc.reshape(b * 10, -1)
+        out, lse = fast.context_attention(q, pool_k, pool_v, seqlens, block_table=table, **kw)
+    else:
+        out, lse = fast.context_attention(q, kc, vc, seqlens, **kw)
+    ref, ref_lse = reference.context_attention(q.double(), kc.double(), vc.double(), seqlens, **kw)
+    assert_close("context", ref, out, TOL[torch.float16])
+    assert_lse_close("lse", ref_lse, lse, LSE_TOL[torch.float16])
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("mode", ["implicit-causal", "regular"])
 def test_decode_with_relative_bias(mode, paged, device):

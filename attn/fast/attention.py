@@ -24,6 +24,9 @@ from ..checks import check_attention
 from ._triton import autotune_enabled, is_interpreter, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
+# more than the distances one prefill tile spans (BLOCK_M + BLOCK_N - 1 <= 255 for every config): see
+# relative_bias_operands
+REL_PAD = 256
 
 # Hopper starting points; the context-phase speed work widens this list.
 CONFIGS = [
@@ -74,10 +77,10 @@ def _attn_fwd_tiles(
     k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size, k_scale,
     offs_m, offs_n, offs_d,
     lo, hi, seqlen_k, diag, window_left, window_right,
-    qk_scale, cap_log2, slope, rel_head, stride_rm, rel_md, seqlen_q,
-    MASKED: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr,
-    PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    qk_scale, cap_log2, slope, alibi_r0, rel_head, stride_rm, rel_md, seqlen_q, row_bias,
+    MASKED: tl.constexpr, ROW_BIAS: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, ALIBI_BY_KEY: tl.constexpr,
+    REL_MODE: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PLAIN: tl.constexpr,
     IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
@@ -109,8 +112,15 @@ def _attn_fwd_tiles(
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if QUANT != 0:
             qk = qk * k_scale
-        if HAS_ALIBI:
-            # ALiBi from the slope and the distance to the diagonal, never materialized
+        if HAS_ALIBI and ALIBI_BY_KEY:
+            # ALiBi's slope·(j − i − diag) is slope·(j − r0) − slope·(i + diag − r0), r0 = alibi_r0 a constant of
+            # the program. The second term is the same for every key of a row, so the softmax ignores it (the
+            # LSE gets it back at the end) and the bias is a [BLOCK_N] vector per tile: no int -> float
+            # conversion per score, which shares its unit with exp2. r0 near the block keeps the visible keys'
+            # biases small, so fp32 loses nothing to large offsets.
+            col = (offs_kn - alibi_r0).to(tl.float32)[None, :]
+        elif HAS_ALIBI:
+            # inside a soft cap the bias cannot be split: the distance of every score
             rel = (offs_kn[None, :] - (offs_m[:, None] + diag)).to(tl.float32)
             if ALIBI_WITH_SCALE:
                 qk += slope * rel
@@ -122,23 +132,31 @@ def _attn_fwd_tiles(
             s = qk
         else:
             s = qk * qk_scale
-        if HAS_ALIBI:
+        if HAS_ALIBI and ALIBI_BY_KEY:
+            if ALIBI_WITH_SCALE:
+                # (qk + slope·col)·scale, no cap: qk_scale is already in log2 units
+                s += (slope * qk_scale) * col
+            else:
+                s += (slope * 1.4426950408889634) * col
+        elif HAS_ALIBI:
             if not ALIBI_WITH_SCALE:
                 s += (slope * 1.4426950408889634) * rel
+        if ROW_BIAS and not PLAIN:
+            # a T5 far tile's one value per row; plain tiles take it in the max and the exponent below
+            s += row_bias[:, None]
         if REL_MODE == 1:
-            # T5 implicit: the per-distance table, distances past max_distance sharing its ends. A tile lying
-            # wholly beyond max_distance from the diagonal (most of them, for long sequences) adds one value;
-            # only the tiles near the diagonal gather per score (the gather cost 6x the kernel on the H200)
+            # T5 implicit: the per-distance table in log2 units, distances past max_distance sharing its ends.
+            # A tile lying wholly beyond max_distance from the diagonal adds one value; only the tiles near the
+            # diagonal gather per score. The table carries REL_PAD copies of each end value on either side, more
+            # than the distances one tile spans, so the gather needs no clamp.
             rp_min = start_n - (tl.max(offs_m) + diag)
             rp_max = start_n + BLOCK_N - 1 - (tl.min(offs_m) + diag)
             if rp_max <= -rel_md:
-                s += tl.load(rel_head) * 1.4426950408889634
+                s += tl.load(rel_head)
             elif rp_min >= rel_md:
-                s += tl.load(rel_head + 2 * rel_md) * 1.4426950408889634
+                s += tl.load(rel_head + 2 * rel_md)
             else:
-                rp = offs_kn[None, :] - (offs_m[:, None] + diag)
-                rp = tl.minimum(tl.maximum(rp, -rel_md), rel_md)
-                s += tl.load(rel_head + rp + rel_md) * 1.4426950408889634
+                s += tl.load(rel_head + (offs_kn[None, :] - (offs_m[:, None] + diag) + rel_md))
         if REL_MODE == 2:
             # T5 regular: bias[h, query position, key position], the query at i + Sk - Sq
             q_pos = tl.maximum(offs_m + diag, 0)
@@ -154,7 +172,10 @@ def _attn_fwd_tiles(
             s = tl.where(visible, s, float("-inf"))
         # [BLOCK_M]
         if PLAIN:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            if ROW_BIAS:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale + row_bias)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
@@ -162,7 +183,10 @@ def _attn_fwd_tiles(
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
-        if PLAIN:
+        if PLAIN and ROW_BIAS:
+            # qk·scale + row_bias − m: still one multiply-add per score
+            p = tl.math.exp2(s * qk_scale - (m_new_safe - row_bias)[:, None])
+        elif PLAIN:
             p = tl.math.exp2(s * qk_scale - m_new_safe[:, None])
         else:
             p = tl.math.exp2(s - m_new_safe[:, None])
@@ -327,32 +351,77 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    ALIBI_BY_KEY: tl.constexpr = not (ALIBI_WITH_SCALE and HAS_SOFTCAP)
 
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
         k_scale, offs_m, offs_n, offs_d,
         lo, full_lo, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
-        rel_head, stride_rm, rel_md, seqlen_q,
-        True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
-        REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+        m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
+        True, False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+        ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
         BLOCK_N, PRECISION, False, IS_PAGED, QUANT,
     )  # fmt: skip
-    acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
-        k_scale, offs_m, offs_n, offs_d,
-        full_lo, full_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
-        rel_head, stride_rm, rel_md, seqlen_q,
-        False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
-        REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-        BLOCK_N, PRECISION, not HAS_SOFTCAP and not HAS_ALIBI and REL_MODE == 0, IS_PAGED, QUANT,
-    )  # fmt: skip
+    if REL_MODE == 1:
+        # T5 implicit: the unmasked tiles split three ways. Wholly more than max_distance left of every row's
+        # diagonal, the bias is the table's left end for every score, one value per row that the plain path
+        # folds into the max and the exponent; likewise past max_distance on the right; only the tiles between
+        # gather per score. Measured on the H200: a gathering tile costs several plain ones.
+        far_lo = m0 + diag - rel_md + 1  # the first key within max_distance of row m0
+        near_lo = tl.cdiv(tl.maximum(far_lo - BLOCK_N + 1, 0), BLOCK_N) * BLOCK_N
+        near_lo = tl.minimum(tl.maximum(near_lo, full_lo), full_hi)
+        near_hi = tl.cdiv(tl.maximum(m_last + diag + rel_md, 0), BLOCK_N) * BLOCK_N
+        near_hi = tl.minimum(tl.maximum(near_hi, near_lo), full_hi)
+        if PACK == 1:
+            far_left = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(rel_head)
+            far_right = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(rel_head + 2 * rel_md)
+        else:
+            far_left = tl.reshape(tl.load(rel_head), [BLOCK_M])
+            far_right = tl.reshape(tl.load(rel_head + 2 * rel_md), [BLOCK_M])
+        acc, l_i, m_i = _attn_fwd_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
+            k_scale, offs_m, offs_n, offs_d,
+            full_lo, near_lo, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
+            m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, far_left,
+            False, True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+            ALIBI_BY_KEY, 0, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+            BLOCK_N, PRECISION, not HAS_SOFTCAP and not HAS_ALIBI, IS_PAGED, QUANT,
+        )  # fmt: skip
+        acc, l_i, m_i = _attn_fwd_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
+            k_scale, offs_m, offs_n, offs_d,
+            near_lo, near_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
+            m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
+            False, False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+            ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+            BLOCK_N, PRECISION, False, IS_PAGED, QUANT,
+        )  # fmt: skip
+        acc, l_i, m_i = _attn_fwd_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
+            k_scale, offs_m, offs_n, offs_d,
+            near_hi, full_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
+            m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, far_right,
+            False, True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+            ALIBI_BY_KEY, 0, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+            BLOCK_N, PRECISION, not HAS_SOFTCAP and not HAS_ALIBI, IS_PAGED, QUANT,
+        )  # fmt: skip
+    else:
+        acc, l_i, m_i = _attn_fwd_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
+            k_scale, offs_m, offs_n, offs_d,
+            full_lo, full_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
+            m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
+            False, False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+            ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+            BLOCK_N, PRECISION, not HAS_SOFTCAP and not HAS_ALIBI and REL_MODE == 0, IS_PAGED, QUANT,
+        )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
         k_scale, offs_m, offs_n, offs_d,
         full_hi, hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
-        rel_head, stride_rm, rel_md, seqlen_q,
-        True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
-        REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+        m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
+        True, False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+        ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
         BLOCK_N, PRECISION, False, IS_PAGED, QUANT,
     )  # fmt: skip
 
@@ -373,7 +442,14 @@ def _attn_fwd_kernel(
     )
     if STORE_LSE:
         # m_i is in log2 units; ln(sum exp(s)) = (m + log2(l)) * ln(2)
-        lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+        if HAS_ALIBI and ALIBI_BY_KEY:
+            # the per-row ALiBi term the tiles left out, slope·(i + diag − r0) with r0 = m0 + diag, in natural units
+            row_slope = slope if PACK == 1 else tl.reshape(slope, [BLOCK_M])
+            if ALIBI_WITH_SCALE:
+                row_slope = row_slope * (qk_scale * 0.6931471805599453)
+            lse -= row_slope * (offs_m - m0).to(tl.float32)
+        lse = tl.where(has_key, lse, float("-inf"))
         lse_base = lse_ptr + b64 * stride_lb + h.to(tl.int64) * stride_lh + start_q * stride_lm
         tl.store(lse_base + (offs_m * stride_lm + head_off_l), lse, mask=store_rows)
 
@@ -381,14 +457,22 @@ def _attn_fwd_kernel(
 def relative_bias_operands(rel, placeholder: torch.Tensor):
     """What the kernels read for a T5 bias: ``(mode, tensor, (stride_h, stride_q), max_distance)``.
 
-    Mode 0: none. Mode 1 (implicit): the per-distance table ``[Hq, 2·max_distance + 1]``. Mode 2 (regular):
+    Mode 0: none. Mode 1 (implicit): the per-distance table ``[Hq, 2·max_distance + 1]`` in log2 units (a view
+    into one padded by ``REL_PAD`` end values on either side). Mode 2 (regular):
     the given ``[Hq, L, L]`` bias, which must have unit stride along the key position.
     """
     if rel is None:
         return 0, placeholder, (0, 0), 0
     if rel.implicit:
+        # log2 units (the kernels exponentiate base 2), and REL_PAD copies of each end value on either side: the
+        # view starts at distance -max_distance, so a prefill tile's gather may index up to REL_PAD entries
+        # past either end, inside this tensor, without clamping
         table = rel.distance_table()
-        return 1, table, (table.stride(0), 0), rel.max_distance
+        padded = torch.cat([table[:, :1].expand(-1, REL_PAD), table, table[:, -1:].expand(-1, REL_PAD)], dim=1).mul_(
+            LOG2E
+        )
+        view = padded[:, REL_PAD:]
+        return 1, view, (view.stride(0), 0), rel.max_distance
     bias = rel.bias if rel.bias.stride(-1) == 1 else rel.bias.contiguous()
     return 2, bias, (bias.stride(0), bias.stride(1)), 0
 

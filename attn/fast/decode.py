@@ -170,7 +170,7 @@ def _decode_kernel(
     rel_rows = rel_ptr + head.to(tl.int64) * stride_rh
     if REL_MODE == 1:
         # each row's value for every distance beyond max_distance, loaded once rather than in each far tile
-        rel_far = tl.load(rel_rows, mask=row_valid, other=0.0) * 1.4426950408889634
+        rel_far = tl.load(rel_rows, mask=row_valid, other=0.0)
     if QUANT != 0:
         k_scale = tl.load(k_scale_ptr + h_kv)
         v_scale = tl.load(v_scale_ptr + h_kv)
@@ -269,7 +269,7 @@ def _decode_kernel(
                 rp = offs_n[None, :] - (tok[:, None] + diag)
                 rp = tl.minimum(tl.maximum(rp, -rel_md), rel_md)
                 r_mask = row_valid[:, None] & key_valid[None, :]
-                s += tl.load(rel_rows[:, None] + rp + rel_md, mask=r_mask, other=0.0) * 1.4426950408889634
+                s += tl.load(rel_rows[:, None] + rp + rel_md, mask=r_mask, other=0.0)
         if REL_MODE == 2:
             q_pos = tl.maximum(tok + diag, 0)
             r_mask = row_valid[:, None] & key_valid[None, :]

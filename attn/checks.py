@@ -644,6 +644,12 @@ def check_context(
     v_scale=None,
     validate=True,
     dtypes=FLOAT_DTYPES,
+    max_attention_window=None,
+    sink_token_length=0,
+    k_new=None,
+    v_new=None,
+    rotary_dim=0,
+    rope_style="neox",
 ) -> ContextArgs:
     """Validates the arguments of ``context_attention``: packed queries ``[T, Hq, D]`` with ``cu_seqlens_q``, each
     sequence's queries being the last of its ``cache_seqlens`` cached tokens (or, with ``causal=False``, queries
@@ -651,10 +657,16 @@ def check_context(
 
     The cache, the options and the scales are checked exactly as ``decode`` checks them.
 
+    With ``max_attention_window`` (a cyclic cache, optionally with sinks and RoPE at read time) the convention
+    changes: ``cache_seqlens`` counts the tokens cached *before* the queries' chunk, whose own keys and values
+    come as ``k_new``/``v_new`` (packed like q, q's dtype) and are appended by the caller afterwards; such a
+    call must be causal.
+
     Raises:
         TypeError: a tensor of the wrong type or dtype.
         ValueError: wrong ranks or shapes, ``cu_seqlens_q`` not an increasing int32 prefix sum ending at T, more
-            queries than cached tokens in a causal sequence, lengths or block indices out of range.
+            queries than cached tokens in a causal sequence, lengths or block indices out of range, and for a
+            cyclic cache a missing or mis-shaped ``k_new``/``v_new`` or a non-causal call.
     """
     _check_tensor("q", q, dtypes)
     if q.dim() != 3:
@@ -683,8 +695,11 @@ def check_context(
         stand_in, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal,
         softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale,
-        validate=validate, dtypes=dtypes,
+        validate=validate, dtypes=dtypes, max_attention_window=max_attention_window,
+        sink_token_length=sink_token_length, rotary_dim=rotary_dim, rope_style=rope_style,
     )  # fmt: skip
+    cyclic = cache.max_attention_window is not None
+    _check_chunk_kv(q, k_new, v_new, cache, cyclic, causal, rotary_dim)
     if max_seqlen_q is not None and (
         not isinstance(max_seqlen_q, int) or isinstance(max_seqlen_q, bool) or max_seqlen_q < 0
     ):
@@ -700,7 +715,12 @@ def check_context(
         longest = max(lens, default=0)
         if max_seqlen_q is not None and max_seqlen_q < longest:
             raise ValueError(f"max_seqlen_q ({max_seqlen_q}) is smaller than the longest query sequence ({longest})")
-        if validate and causal:
+        if validate and cyclic:
+            # positions are int32 in the kernels; a chunk past that cannot be placed
+            far = [b for b, (n, k) in enumerate(zip(lens, cache_seqlens.tolist())) if k + n >= 2**31]
+            if far:
+                raise ValueError(f"cache_seqlens + the chunk's length must stay below 2^31, not in sequences {far[:8]}")
+        elif validate and causal:
             over = [b for b, (n, k) in enumerate(zip(lens, cache_seqlens.tolist())) if n > k]
             if over:
                 raise ValueError(
@@ -709,6 +729,36 @@ def check_context(
                 )
         max_seqlen_q = longest if max_seqlen_q is None else max_seqlen_q
     return ContextArgs(cache=cache, max_seqlen_q=max_seqlen_q, num_tokens=num_tokens)
+
+
+def _check_chunk_kv(q, k_new, v_new, cache: DecodeArgs, cyclic: bool, causal: bool, rotary_dim: int) -> None:
+    """``context_attention``'s fresh chunk: ``k_new``/``v_new`` exactly when the cache is cyclic."""
+    if not cyclic:
+        if k_new is not None or v_new is not None:
+            raise ValueError(
+                "k_new/v_new are the chunk's keys for a cyclic cache (max_attention_window); without one, append "
+                "the chunk first and leave them None"
+            )
+        if rotary_dim:
+            raise ValueError("rotary_dim (RoPE when reading the cache) needs max_attention_window in context_attention")
+        return
+    if not causal:
+        raise ValueError("max_attention_window needs causal=True: a cyclic cache holds a sequence's own past")
+    if k_new is None or v_new is None:
+        raise ValueError(
+            "a cyclic cache needs k_new and v_new, the chunk's own keys and values [T, Hkv, D]: the chunk may "
+            "overwrite slots its earlier queries still read, so it is appended only after the attention"
+        )
+    shape = (q.shape[0], cache.num_heads_kv, cache.head_dim)
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype} (the chunk before any quantization), got {x.dtype}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must be [T, Hkv, D] = {list(shape)} like q's rows, got {list(x.shape)}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
 
 
 @dataclass(frozen=True)

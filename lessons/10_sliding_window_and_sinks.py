@@ -26,7 +26,8 @@
 # 3. why a model *not* trained with a window falls apart when the first tokens leave it (attention sinks);
 # 4. StreamingLLM's fix: pin the first $S$ tokens, roll the rest;
 # 5. RoPE positions *within the cache*, and checks against the kernels;
-# 6. the memory saved.
+# 6. a long prompt in chunks over the ring, and why each chunk attends before it is appended;
+# 7. the memory saved.
 
 # %%
 import matplotlib.pyplot as plt
@@ -232,7 +233,84 @@ print(f"cached tokens {tokens.tolist()}; kernels vs direct computation: relative
 assert err < 2e-3
 
 # %% [markdown]
-# ## 6. Memory saved
+# ## 6. A prompt in chunks over the ring: attend first, append after
+#
+# So far the cache grew a token or a short chunk at a time. A long prompt comes in chunks too (chunked context),
+# and each chunk's queries attend to the cached prefix plus the chunk itself. Without a window the recipe is
+# "append the chunk, then attend". Over a full ring that recipe is wrong: a chunk of $n$ tokens appended at
+# length $L$ writes slots that hold tokens $L - N .. L - N + n - 1$, and its own first query, at position $L$,
+# still needs every one of them but the oldest ($p - N < j \le p$). The picture: a ring of $N = 8$ holding tokens
+# 12..19, and a chunk of 5 (tokens 20..24). Red: keys the chunk's first query needs that its own append destroys.
+
+# %%
+N, L, n = 8, 20, 5
+before = [L - N + (s - L) % N for s in range(N)]  # the token in each slot before the chunk
+after = [t if not any(u % N == s for u in range(L, L + n)) else L + (s - L) % N for s, t in enumerate(before)]
+needed = set(range(L - N + 1, L + 1))  # what query L sees
+fig, axes = plt.subplots(1, 2, figsize=(9, 2.2))
+for ax, row, title in ((axes[0], before, "ring before the chunk"), (axes[1], after, "after appending tokens 20..24")):
+    lost = [t not in row and t in needed for t in before]
+    colors = [
+        "tab:red" if lost[s] and row is after else "tab:blue" if t < L else "tab:green" for s, t in enumerate(row)
+    ]
+    ax.bar(range(N), [1] * N, color=colors, edgecolor="k")
+    for s, t in enumerate(row):
+        ax.text(s, 0.5, t, ha="center", va="center", color="w")
+    ax.set(title=title, xlabel="slot", yticks=[])
+plt.tight_layout()
+plt.show()
+print("query 20 needs", sorted(needed), "- after the append the ring lacks", sorted(needed - set(after) - {L}))
+
+# %% [markdown]
+# So over a cyclic cache `context_attention` takes the chunk's keys and values separately (`k_new`, `v_new`),
+# counts `cache_seqlens` *before* the chunk, and leaves the cache alone; the caller appends afterwards. Each
+# query $p$ gets what `decode` would have given it had the prompt come one token at a time: the sinks and the
+# last $N - S$ tokens up to $p$, keys turned by their places in that frame, the query turned at $\min(p, N-1)$.
+# The fast version gathers each sequence's still-cached rolling tokens and the chunk into one packed
+# temporary (in token order the rolling window is a plain band, `window_size=(N - S - 1, 0)`) and runs the
+# fused prefill kernel once; the sinks, seen by every query at a distance that stops growing, are a handful
+# of keys scored beside it and merged through the log-sum-exps.
+#
+# The live check: a 40-token prompt with RoPE, chunks of 7, 1, 15 and 17 (longer than the ring of 12, with
+# 3 sinks), each attended and then appended, against decode-style attention computed token by token from
+# scratch.
+
+# %%
+hq, hkv, d, N, S, total = 4, 2, 32, 12, 3, 40
+q_raw = torch.randn(total, hq, d, dtype=torch.float16)
+k_all = torch.randn(total, hkv, d, dtype=torch.float16)  # cached unrotated: the sinks move RoPE to read time
+v_all = torch.randn_like(k_all)
+q_all = reference.apply_rope(q_raw, torch.arange(total).clamp(max=N - 1))  # each query at min(p, N - 1)
+k_cache = torch.zeros(1, N, hkv, d, dtype=torch.float16)
+v_cache = torch.zeros_like(k_cache)
+lens, outs, start = torch.zeros(1, dtype=torch.int32), [], 0
+for size in (7, 1, 15, 17):
+    rows = slice(start, start + size)
+    cu = torch.tensor([0, size], dtype=torch.int32)
+    out = fast.context_attention(q_all[rows], k_cache, v_cache, lens, cu_seqlens_q=cu, max_attention_window=N,
+                                 sink_token_length=S, k_new=k_all[rows], v_new=v_all[rows], rotary_dim=d)  # fmt: skip
+    outs.append(out)
+    # only now: one append writes at most N - S rolling slots, so a long chunk goes in pieces
+    for lo in range(start, start + size, N - S):
+        hi = min(lo + N - S, start + size)
+        fast.append_kv(k_cache, v_cache, k_all[lo:hi], v_all[lo:hi], torch.tensor([lo], dtype=torch.int32),
+                       cu_seqlens_new=torch.tensor([0, hi - lo], dtype=torch.int32), max_attention_window=N,
+                       sink_token_length=S)  # fmt: skip
+    lens += size
+    start += size
+chunked = torch.cat(outs)
+direct = []
+for p in range(total):
+    tokens = torch.arange(p + 1) if p < S else reference.window_tokens(p + 1, N, S)
+    k = reference.apply_rope(k_all[tokens].float(), torch.arange(len(tokens)))
+    direct.append(reference.attention(q_all[None, p : p + 1].double(), k[None].double(), v_all[None, tokens].double()))
+direct = torch.cat(direct, dim=1)[0]
+err = ((chunked.double() - direct).norm() / direct.norm()).item()
+print(f"chunked over the ring vs token-by-token definition: relative error {err:.1e}")
+assert err < 2e-3
+
+# %% [markdown]
+# ## 7. Memory saved
 #
 # The cache holds $N$ tokens instead of $L$: for a Llama-3-8B-like model (32 layers, 8 KV heads of 128, fp16)
 # each token costs $2 \cdot 32 \cdot 8 \cdot 128 \cdot 2$ bytes = 128 KiB. The sinks cost a handful of slots.
@@ -257,3 +335,5 @@ plt.show()
 # - StreamingLLM pins $S$ sinks in slots $0..S-1$; the rest roll through $N - S$ slots.
 # - Positions are counted within the cache, so keys are cached unrotated and rotated at read time; the decode
 #   kernel does it under a compile-time flag (`rotary_dim`), leaving plain decode untouched.
+# - A prompt chunk over a full ring must attend before it is appended (its append overwrites keys its own
+#   queries need): `context_attention(..., max_attention_window=N, k_new=..., v_new=...)`, then `append_kv`.

@@ -8,6 +8,15 @@ an INT8 or FP8 cache, converting each tile to the query's type (exact: int8 and 
 numbers), multiplying the K scale into the scores and the V scale into the output. ``PACK`` packs GQA: the
 query heads of one KV head share a program, its tile rows being tokens × heads, so each K/V tile is read once per
 group and a one-token generation request fills a group's worth of rows rather than one.
+
+A cyclic cache (``max_attention_window``) takes another road, because the chunk's own keys are not in the cache
+yet (appending them first would overwrite keys its earlier queries still need). A gather kernel packs each
+sequence's still-cached rolling tokens and then the chunk's fresh ones into a temporary, in token order,
+dequantized and, with ``rotary_dim``, rotated by RoPE; one launch of the packed `attn.fast.attention` kernel
+with the window ``(N − S − 1, 0)`` then does the attention: in token order the rolling window is a plain band.
+StreamingLLM's sinks are not: every query sees them, at a distance that stops growing once the window is full,
+which no band of the kernel expresses. They are at most a handful of keys, so their scores are computed in torch
+(``T·Hq·S`` products) and merged with the kernel's output through the two log-sum-exps.
 """
 
 from __future__ import annotations
@@ -15,10 +24,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..checks import check_context
+from ..checks import ContextArgs, check_context
+from ..reference.preprocess import RopeScaling, pair_indices, rope_inv_freq
 from ._triton import autotune_enabled, is_interpreter, next_power_of_2
-from .attention import LOG2E, _attn_fwd_kernel, _attn_fwd_tuned, _fixed_config, relative_bias_operands
-from .kv_cache import quant_code
+from .attention import LOG2E, _attn_fwd_kernel, _attn_fwd_tuned, _fixed_config, attention, relative_bias_operands
+from .kv_cache import gather_window, quant_code
 
 MAX_PACK = 16  # the smallest tile has 16 rows (tl.dot's minimum); a larger group is split into packs
 
@@ -57,6 +67,14 @@ def context_attention(
     rel_bias=None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    max_attention_window: int | None = None,
+    sink_token_length: int = 0,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    rotary_dim: int = 0,
+    rope_base: float = 10000.0,
+    rope_style: str = "neox",
+    rope_scaling: RopeScaling | None = None,
     return_lse: bool = False,
     validate: bool = True,
 ):
@@ -68,7 +86,8 @@ def context_attention(
         k_cache: contiguous ``[B, max_len, Hkv, D]`` or paged pool ``[num_blocks, block_size, Hkv, D]``; q's dtype
             or int8 / float8_e4m3fn with ``k_scale`` and ``v_scale``; unit stride along D.
         v_cache: same shape and dtype as ``k_cache``.
-        cache_seqlens: int32 ``[B]``, tokens in each cache, the queries' own tokens included.
+        cache_seqlens: int32 ``[B]``, tokens in each cache, the queries' own tokens included; with
+            ``max_attention_window`` the tokens cached *before* this chunk.
         cu_seqlens_q: int32 ``[B+1]``, prefix sums of the query counts per sequence.
         max_seqlen_q: the longest query count (pass it with ``validate=False`` to avoid a host read).
         block_table: int32 ``[B, max_blocks]`` for a paged pool, else None.
@@ -82,9 +101,20 @@ def context_attention(
         rel_bias: a T5 ``RelativeBias``, as in `attn.fast.attention`.
         k_scale: for an int8 / float8_e4m3fn cache, the K dequantization scale, float ``[1]`` or ``[Hkv]``.
         v_scale: likewise for V.
+        max_attention_window: a cyclic cache of ``N`` slots, as in `attn.reference.context_attention`: the
+            chunk attends to the cache before it plus ``k_new``/``v_new``, and the cache is not modified.
+        sink_token_length: StreamingLLM's sinks, as in `attn.reference.context_attention`.
+        k_new: the chunk's keys ``[T, Hkv, D]`` in q's dtype, with ``max_attention_window``.
+        v_new: the chunk's values, likewise.
+        rotary_dim: RoPE at read time, as in `attn.reference.context_attention` (query ``p`` rotated at
+            ``min(p, N − 1)``).
+        rope_base: RoPE's frequency base θ, with ``rotary_dim``.
+        rope_style: ``"neox"`` or ``"gptj"``, with ``rotary_dim``.
+        rope_scaling: a `RopeScaling` variant, with ``rotary_dim``.
         return_lse: also return the log-sum-exp ``[Hq, T]``.
         validate: check lengths and block-table entries on the host before launching. Turn it off only for
-            inputs already checked (inside CUDA-graph capture, for example).
+            inputs already checked (inside CUDA-graph capture, for example). The cyclic path reads the
+            lengths on the host regardless, to size its temporary.
 
     Returns:
         ``out [T, Hq, D]`` in q's dtype, and with ``return_lse`` also float32 ``lse [Hq, T]``.
@@ -94,7 +124,8 @@ def context_attention(
         block_table=block_table, causal=causal, softmax_scale=softmax_scale, q_scaling=q_scaling,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, alibi_mode=alibi_mode,
         rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, validate=validate,
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32), max_attention_window=max_attention_window,
+        sink_token_length=sink_token_length, k_new=k_new, v_new=v_new, rotary_dim=rotary_dim, rope_style=rope_style,
     )  # fmt: skip
     c = args.cache
     if c.head_dim > 256:
@@ -107,6 +138,13 @@ def context_attention(
             raise ValueError(f"{name} must have unit stride along the head dim, got strides {x.stride()}")
     if q.stride(-1) != 1:
         q = q.contiguous()
+    if max_attention_window is not None:
+        scores = dict(softmax_scale=softmax_scale, q_scaling=q_scaling, softcap=softcap, alibi_slopes=alibi_slopes,
+                      alibi_mode=alibi_mode, rel_bias=rel_bias)  # fmt: skip
+        rope = dict(rotary_dim=rotary_dim, base=rope_base, style=rope_style, scaling=rope_scaling)
+        out, lse = _cyclic(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, block_table, k_new, v_new, args,
+                           scores, rope)  # fmt: skip
+        return (out, lse) if return_lse else out
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(c.num_heads_q, args.num_tokens, dtype=torch.float32, device=q.device) if return_lse else None
@@ -156,3 +194,137 @@ def context_attention(
         **meta,
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def _turn(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int, style: str) -> torch.Tensor:
+    """RoPE's rotation of ``x [T, H, D]`` by ``delta [T]`` more positions (no attention factor: ``x`` has had it)."""
+    angle = delta.float()[:, None] * inv_freq.to(x.device)[None, :]  # [T, r/2]
+    cos, sin = torch.cos(angle)[:, None, :], torch.sin(angle)[:, None, :]
+    first, second = (i.to(x.device) for i in pair_indices(rotary_dim, style))
+    out = x.float().clone()
+    a, b = out[..., first], out[..., second]
+    out[..., first], out[..., second] = a * cos - b * sin, b * cos + a * sin
+    return out.to(x.dtype)
+
+
+def _cyclic(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, block_table, k_new, v_new, args: ContextArgs, scores,
+            rope):  # fmt: skip
+    """A chunk over a cyclic cache (see the module docstring): the gathered rolling window and the chunk in one
+    launch of the packed kernel, the sinks beside it. Returns ``(out, lse)``."""
+    c = args.cache
+    window, sinks = c.max_attention_window, c.sink_token_length
+    device, num_tokens = q.device, args.num_tokens
+    before = cache_seqlens.tolist()
+    bounds = cu_seqlens_q.tolist()
+    counts = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    # the rolling part of sequence b, in token order from oldest[b]: what the cache still holds past the sinks
+    # (the chunk's append would evict some of it), then the chunk's tokens past the sinks
+    oldest = [max(sinks, n - (window - sinks)) for n in before]
+    rolling = [max(0, n - a) + max(0, m - max(0, sinks - n)) if m else 0 for n, a, m in zip(before, oldest, counts)]
+    # the sinks each sequence's queries can see: those cached, and those its chunk brings
+    pinned = [min(sinks, n + m) if m else 0 for n, m in zip(before, counts)]
+
+    def rows(lengths, first):
+        seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
+        starts = torch.tensor([0] + lengths).cumsum(0)
+        index = torch.arange(seq.numel()) - starts[seq]
+        return seq, index + torch.tensor(first, dtype=torch.long)[seq], index
+
+    seq_a, tok_a, pos_a = rows(rolling, oldest)
+    seq_b, tok_b, pos_b = rows(pinned, [0] * len(before))
+    # one gather for both parts; a key's RoPE position is its place in its part: the rolling window's frame is
+    # shifted from decode's by a constant per sequence, which the queries' turn below makes up for
+    to_dev = dict(device=device, dtype=torch.int32)
+    row_seq, row_tok, row_pos = (torch.cat(x).to(**to_dev) for x in ((seq_a, seq_b), (tok_a, tok_b), (pos_a, pos_b)))
+    rotary_dim = rope["rotary_dim"]
+    cos = sin = inv_freq = None
+    if rotary_dim:
+        # decode's frequencies (a frame of N positions, which matters to dynamic scaling), over more positions
+        inv_freq, factor = rope_inv_freq(rotary_dim, rope["base"], rope["scaling"], seq_len=window)
+        positions = max(rolling + pinned + [1])
+        angles = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        cos, sin = (f(angles).mul(factor).to(device).contiguous() for f in (torch.cos, torch.sin))
+    k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    k_all, v_all = gather_window(
+        k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, row_seq, row_tok, window=window, sinks=sinks,
+        block_table=block_table, k_scale=c.k_scale, v_scale=c.v_scale, row_pos=row_pos, cos=cos, sin=sin,
+        rotary_dim=rotary_dim, rope_style=rope["style"], out_dtype=q.dtype,
+    )  # fmt: skip
+    num_a = seq_a.numel()
+
+    # query p of sequence b is at token p; the caller rotated it at min(p, N - 1), decode's place for it
+    tok_seq = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+    token = torch.arange(num_tokens) - torch.tensor(bounds[:-1], dtype=torch.long)[tok_seq]
+    token += torch.tensor(before, dtype=torch.long)[tok_seq]
+    q_rolling = q
+    if rotary_dim:
+        # in the gathered frame token j sits at j - oldest[b]; the query moves there too, so every distance to a
+        # rolling key is the true p - j however far the chunk runs past the window
+        delta = token - torch.tensor(oldest, dtype=torch.long)[tok_seq] - token.clamp(max=window - 1)
+        q_rolling = _turn(q, delta.to(device), inv_freq, rotary_dim, rope["style"])
+    left = window - sinks - 1
+    if c.window_left >= 0:
+        left = min(left, c.window_left)
+    cu_k = torch.tensor([0] + rolling, dtype=torch.int32).cumsum(0).to(**to_dev)
+    out_a, lse_a = attention(
+        q_rolling, k_all[:num_a], v_all[:num_a], cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_k,
+        max_seqlen_q=args.max_seqlen_q, max_seqlen_k=max(rolling + [0]), causal=True, window_size=(left, 0),
+        return_lse=True, **scores,
+    )  # fmt: skip
+    if not sinks or not sum(pinned):
+        return out_a, lse_a
+    o_b, lse_b = _sink_part(q, k_all[num_a:], v_all[num_a:], pinned, tok_seq, token, args, scores)
+    # the two parts are one softmax over disjoint keys: weight each normalized output by its share of the mass
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    w_a, w_b = torch.exp(lse_a - safe).T[..., None], torch.exp(lse_b - safe).T[..., None]  # [T, Hq, 1]
+    out = torch.empty_like(q)
+    out.copy_(out_a.float() * w_a + o_b * w_b)
+    return out, lse
+
+
+def _sink_part(q, k_sinks, v_sinks, pinned, tok_seq, token, args: ContextArgs, scores):
+    """Every query over its sequence's sinks, in torch: ``(o [T, Hq, D] float32, lse [Hq, T])``.
+
+    Sink ``s`` is at distance ``min(p, N − 1) − s`` from query ``p`` (decode's frame: the window's tokens fill
+    the positions between), the distance ALiBi, T5's bias and a narrower window see.
+    """
+    c = args.cache
+    device, num_tokens = q.device, q.shape[0]
+    hkv, group = c.num_heads_kv, c.group_size
+    sinks = c.sink_token_length
+    s = torch.arange(sinks, device=device)
+    token = token.to(device)
+    tok_seq = tok_seq.to(device)
+    diag = token.clamp(max=c.max_attention_window - 1)
+    starts = torch.tensor([0] + pinned, device=device).cumsum(0)[tok_seq]
+    # [T, S]: a sink not yet written (the chunk's own, later than p) is invisible, like any future token
+    visible = s[None, :] <= token[:, None]
+    if c.window_left >= 0:
+        visible &= diag[:, None] - s[None, :] <= c.window_left
+    rows = torch.where(visible, starts[:, None] + s[None, :], 0)
+    k = k_sinks[rows].float()  # [T, S, Hkv, D]
+    v = v_sinks[rows].float()
+    qg = q.float().view(num_tokens, hkv, group, -1)
+    x = torch.einsum("thgd,tshd->thgs", qg, k)
+    dist = (s[None, :] - diag[:, None]).float()  # [T, S], key minus query as in the kernels
+    bias = None
+    if c.alibi_slopes is not None:
+        slopes = c.alibi_slopes[tok_seq].view(num_tokens, hkv, group, 1)
+        bias = slopes * dist[:, None, None, :]
+    x = (x + bias) * c.scale if bias is not None and c.alibi_with_scale else x * c.scale
+    if c.softcap > 0:
+        x = c.softcap * torch.tanh(x / c.softcap)
+    if bias is not None and not c.alibi_with_scale:
+        x = x + bias
+    if c.rel_bias is not None:
+        # implicit mode only (a cyclic cache rejects the regular one): the per-distance table, ends shared
+        md = c.rel_bias.max_distance
+        table = c.rel_bias.distance_table()  # [Hq, 2·md + 1]
+        rel = table[:, (dist.long().clamp(-md, md) + md)]  # [Hq, T, S]
+        x = x + rel.view(hkv, group, num_tokens, sinks).permute(2, 0, 1, 3)
+    x = x.masked_fill(~visible[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(x, dim=-1)  # [T, Hkv, group]
+    p = torch.exp(x - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    o = torch.einsum("thgs,tshd->thgd", p, v)
+    return o.reshape(num_tokens, c.num_heads_q, -1), lse.reshape(num_tokens, c.num_heads_q).T

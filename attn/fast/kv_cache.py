@@ -171,3 +171,139 @@ def append_kv(
         CYCLIC=max_attention_window is not None, HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d),
         IS_PAGED=block_table is not None, QUANT=quant, BLOCK_T=block_t,
     )  # fmt: skip
+
+
+@triton.jit
+def _chunk_or_cache(
+    cache_ptr, new_ptr, cache_off, new_off, feat, in_cache, row_mask, scale, QUANT: tl.constexpr
+):  # fmt: skip
+    # [BLOCK_T, HEAD_DIM_PAD] features `feat` of each row, float32: from the cache (dequantized) or the chunk
+    from_cache = tl.load(cache_ptr + cache_off[:, None] + feat, mask=row_mask & in_cache[:, None], other=0.0)
+    from_new = tl.load(new_ptr + new_off[:, None] + feat, mask=row_mask & ~in_cache[:, None], other=0.0)
+    x = from_cache.to(tl.float32)
+    if QUANT != 0:
+        x = x * scale
+    return tl.where(in_cache[:, None], x, from_new.to(tl.float32))
+
+
+@triton.jit(do_not_specialize=["num_rows", "block_size", "cyclic_n", "sinks"])
+def _gather_window_kernel(
+    k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, k_out_ptr, v_out_ptr,
+    row_seq_ptr, row_tok_ptr, row_pos_ptr, seqlens_ptr, cu_new_ptr, block_table_ptr, k_scale_ptr, v_scale_ptr,
+    cos_ptr, sin_ptr,
+    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_nt, stride_nh,
+    stride_ot, stride_oh, stride_bt, stride_cos,
+    num_rows, block_size, cyclic_n, sinks,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, GPTJ: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    h = tl.program_id(1).to(tl.int64)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    t_mask = offs_t < num_rows
+    # [BLOCK_T]: each output row's sequence, token number, and RoPE position
+    seq = tl.load(row_seq_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    tok = tl.load(row_tok_ptr + offs_t, mask=t_mask, other=0)
+    cached = tl.load(seqlens_ptr + seq, mask=t_mask, other=0)
+    # a token from before the chunk is read from its slot; the chunk's own are read from k_new/v_new
+    in_cache = tok < cached
+    slot = tl.where(tok < sinks, tok, sinks + (tok - sinks) % (cyclic_n - sinks))
+    row, slot = cache_slot(seq, slot, t_mask & in_cache, block_table_ptr, stride_bt, block_size, IS_PAGED)
+    fresh = tl.load(cu_new_ptr + seq, mask=t_mask, other=0).to(tl.int64) + (tok - cached)
+    fresh = tl.where(in_cache, 0, fresh)
+    row_mask = t_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k_off = row * stride_kb + slot * stride_kn + h * stride_kh
+    v_off = row * stride_vb + slot * stride_vn + h * stride_vh
+    n_off = fresh * stride_nt + h * stride_nh
+    k_scale = 1.0
+    v_scale = 1.0
+    if QUANT != 0:
+        k_scale = tl.load(k_scale_ptr + h)
+        v_scale = tl.load(v_scale_ptr + h)
+    # [BLOCK_T, HEAD_DIM_PAD]
+    k = _chunk_or_cache(k_cache_ptr, k_new_ptr, k_off, n_off, offs_d[None, :], in_cache, row_mask, k_scale, QUANT)
+    v = _chunk_or_cache(v_cache_ptr, v_new_ptr, v_off, n_off, offs_d[None, :], in_cache, row_mask, v_scale, QUANT)
+    if ROTARY_DIM > 0:
+        # feature d turns with its partner by pair fi's angle at the row's position (keys are stored unrotated)
+        if GPTJ:
+            partner = offs_d + 1 - 2 * (offs_d % 2)
+            sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+            fi = offs_d // 2
+        else:
+            partner = tl.where(offs_d < ROTARY_DIM // 2, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
+            sign = tl.where(offs_d < ROTARY_DIM // 2, -1.0, 1.0)
+            fi = offs_d % (ROTARY_DIM // 2)
+        rot_mask = t_mask[:, None] & (offs_d[None, :] < ROTARY_DIM)
+        k_pair = _chunk_or_cache(k_cache_ptr, k_new_ptr, k_off, n_off, partner[None, :], in_cache, rot_mask, k_scale,
+                                 QUANT)  # fmt: skip
+        pos = tl.load(row_pos_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+        cs_off = pos[:, None] * stride_cos + fi[None, :]
+        cos = tl.load(cos_ptr + cs_off, mask=rot_mask, other=1.0)
+        sin = tl.load(sin_ptr + cs_off, mask=rot_mask, other=0.0)
+        k = tl.where(rot_mask, k * cos + sign[None, :] * k_pair * sin, k)
+    dst = offs_t.to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    tl.store(k_out_ptr + dst, k.to(k_out_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(v_out_ptr + dst, v.to(v_out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def gather_window(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    cu_seqlens_new: torch.Tensor,
+    row_seq: torch.Tensor,
+    row_tok: torch.Tensor,
+    *,
+    window: int,
+    sinks: int = 0,
+    block_table: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    row_pos: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    rotary_dim: int = 0,
+    rope_style: str = "neox",
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packs chosen tokens of a cyclic cache and of a fresh chunk into new ``[R, Hkv, D]`` tensors, in one pass.
+
+    Output row ``r`` is token ``row_tok[r]`` of sequence ``row_seq[r]``: read from its cache slot (dequantized)
+    when the token precedes ``cache_seqlens`` (the tokens cached before the chunk), else from row
+    ``cu_seqlens_new[seq] + tok − cache_seqlens[seq]`` of ``k_new``/``v_new``. With ``rotary_dim`` the key is
+    turned by RoPE at ``row_pos[r]`` from the float32 tables ``cos``/``sin`` ``[P, rotary_dim/2]``.
+
+    The caller (`attn.fast.context_attention`) has validated every input: tokens that are still cached or in
+    the chunk, block-table entries, positions inside the tables. Nothing is checked here.
+
+    Returns:
+        ``(k, v)``, each ``[R, Hkv, D]`` in ``out_dtype`` (default: k_new's dtype).
+    """
+    num_rows = row_seq.shape[0]
+    hkv, d = k_new.shape[-2:]
+    dtype = out_dtype or k_new.dtype
+    k_out = torch.empty(num_rows, hkv, d, dtype=dtype, device=k_new.device)
+    v_out = torch.empty(num_rows, hkv, d, dtype=dtype, device=k_new.device)
+    if num_rows == 0:
+        return k_out, v_out
+    quant = quant_code(k_cache.dtype)
+    placeholder = row_seq
+    block_t = 16 if is_interpreter() else 32
+    launch(
+        _gather_window_kernel, (triton.cdiv(num_rows, block_t), hkv),
+        k_cache, v_cache, k_new, v_new, k_out, v_out,
+        row_seq, row_tok, row_pos if row_pos is not None else placeholder, cache_seqlens, cu_seqlens_new,
+        block_table if block_table is not None else placeholder,
+        k_scale if quant else placeholder, v_scale if quant else placeholder,
+        cos if rotary_dim else placeholder, sin if rotary_dim else placeholder,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_new.stride(0), k_new.stride(1), k_out.stride(0), k_out.stride(1),
+        block_table.stride(0) if block_table is not None else 0, cos.stride(0) if rotary_dim else 0,
+        num_rows, k_cache.shape[1], window, sinks,
+        HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d), IS_PAGED=block_table is not None, QUANT=quant,
+        ROTARY_DIM=rotary_dim, GPTJ=rope_style == "gptj", BLOCK_T=block_t,
+    )  # fmt: skip
+    return k_out, v_out

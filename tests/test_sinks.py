@@ -248,3 +248,13 @@ def test_gpu_sinks_bf16():
         k = rotate(k_all[i, tokens], torch.arange(len(tokens), device=device), rotary_dim, "neox")
         ref = reference.attention(q[i : i + 1].double(), k[None], v_all[i : i + 1, tokens].double())
         assert_close("bf16 sinks", ref, out[i : i + 1], TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("seqlen", [0, 1, 3, 4, 5, 9, 30])
+def test_window_tokens_while_the_sinks_fill(seqlen):
+    # a cache shorter than its sinks holds every token so far (this raised before: arange(S, L) with S > L)
+    from attn.reference.kv_cache import window_tokens
+
+    got = window_tokens(seqlen, 8, sinks=4).tolist()
+    want = list(range(min(seqlen, 4))) + list(range(max(4, seqlen - 4), seqlen))
+    assert got == want

@@ -105,5 +105,6 @@ def window_tokens(seqlen: int, window: int | None, sinks: int = 0) -> torch.Tens
     token's position *within the cache*, the one RoPE uses when the sinks are on."""
     if window is None:
         return torch.arange(seqlen)
-    first = max(sinks, seqlen - (window - sinks))  # the oldest token of the rolling part
+    # the oldest token of the rolling part (none yet while the sinks are still filling)
+    first = min(max(sinks, seqlen - (window - sinks)), seqlen)
     return torch.cat([torch.arange(min(sinks, seqlen)), torch.arange(first, seqlen)])

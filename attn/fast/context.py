@@ -26,7 +26,7 @@ import triton
 
 from ..checks import ContextArgs, check_context
 from ..reference.preprocess import RopeScaling, pair_indices, rope_inv_freq
-from ._triton import autotune_enabled, is_interpreter, next_power_of_2
+from ._triton import autotune_enabled, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _attn_fwd_kernel, _attn_fwd_tuned, _fixed_config, attention, relative_bias_operands
 from .kv_cache import gather_window, quant_code
 
@@ -172,7 +172,8 @@ def context_attention(
         kernel, meta = _attn_fwd_tuned, {}
     else:
         kernel, meta = _attn_fwd_kernel, _context_config(head_dim_pad, q.dtype, pack * max_rows)
-    kernel[grid](
+    launch(
+        kernel, grid,
         q, k_cache, v_cache, out, lse if lse is not None else out,
         cu_seqlens_q, cache_seqlens, slopes, *slope_strides, rel_t, *rel_strides, rel_md,
         block_table if block_table is not None else placeholder,

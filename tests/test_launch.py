@@ -77,7 +77,7 @@ def gpu_free_launch(monkeypatch):
     # run the launch path's host logic without a GPU
     monkeypatch.setattr(tr, "is_interpreter", lambda: False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"cuda_stream": 7})())
+    monkeypatch.setattr(tr, "_current_stream", lambda device: 7)
     monkeypatch.setattr(tr, "_LAUNCHES", {})
 
 

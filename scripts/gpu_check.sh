@@ -54,7 +54,7 @@ for job in "$@"; do
     features) python3 -m bench.bench_features --out "$OUT/bench_features.json" 2>&1 | tee "$OUT/bench_features.log" ;;
     inflight) python3 -m bench.bench_inflight --out "$OUT/bench_inflight.json" 2>&1 | tee "$OUT/bench_inflight.log" ;;
     demo)
-      python3 -m attn.demo --device cuda --large 2>&1 | tr '\r' '\n' | grep -v "^\[" | tee "$OUT/demo.log" || status=1
+      python3 -m attn.demo --device cuda --large --requests 10 2>&1 | tr '\r' '\n' | grep -v "^\[" | tee "$OUT/demo.log" || status=1
       python3 -m attn.demo_encdec --device cuda --large 2>&1 | tr '\r' '\n' | grep -v "^\[" | tee "$OUT/demo_encdec.log" || status=1
       ;;
     host) python3 scripts/host_probe.py 2>&1 | tee "$OUT/host_probe.log" ;;

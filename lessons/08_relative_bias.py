@@ -39,7 +39,7 @@ import torch
 
 import attn
 from attn import reference
-from attn.fast.attention import relative_bias_operands
+from attn.fast.attention import LOG2E, REL_PAD, relative_bias_operands
 
 torch.manual_seed(0)
 torch.set_printoptions(precision=4, sci_mode=False, linewidth=120)
@@ -364,7 +364,8 @@ for name, n_half in (("bidirectional", 16), ("unidirectional", 32)):
 # How much does each mode need? We measure the bytes of the tensors the kernels are actually handed, taken from
 # `relative_bias_operands`, the helper `attn.fast.attention` and `attn.fast.decode` call to turn a `RelativeBias`
 # into the pointer the kernel reads: for regular mode that is the given `bias` itself, for implicit mode the
-# distance table. We also report the bytes of the learned table. Take $H = 16$ heads (T5-large) and float32;
+# distance table (in log2 units, padded with 256 copies of each end value so a prefill tile's gather needs no
+# clamp). We also report the bytes of the learned table. Take $H = 16$ heads (T5-large) and float32;
 # a float16 regular bias would halve its line, nothing more.
 #
 # A float32 `[16, L, L]` bias reaches 64 GiB at $L = 32768$, more than this machine has. Up to $L = 2048$ the regular
@@ -382,18 +383,21 @@ for L in lengths:
     regular = attn.RelativeBias(bias=torch.empty(H, L, L, device=where))
     _, t_reg, _, _ = relative_bias_operands(regular, table)
     mode, t_imp, _, md = relative_bias_operands(implicit, table)
-    assert mode == 1 and md == 128 and t_imp.nbytes == implicit.distance_table().nbytes
+    # the kernels read the distance table in log2 units, from a copy padded with its end values on both sides
+    held = t_imp.untyped_storage().nbytes()
+    assert mode == 1 and md == 128 and held == (2 * md + 1 + 2 * REL_PAD) * H * 4
+    assert torch.equal(t_imp[:, : 2 * md + 1], implicit.distance_table() * LOG2E)
     regular_bytes.append(t_reg.nbytes)
-    implicit_bytes.append(t_imp.nbytes)
+    implicit_bytes.append(held)
     print(
         f"L={L:6d}: regular {t_reg.nbytes / 2**20:10.1f} MiB ({where:4s})   "
-        f"implicit distance table {t_imp.nbytes:6d} B   learned table {table.nbytes} B"
+        f"implicit distance table {held:6d} B   learned table {table.nbytes} B"
     )
     del regular, t_reg
 
 fig, ax = plt.subplots(figsize=(6.5, 4))
 ax.loglog(lengths, regular_bytes, "o-", label="regular: bias [H, L, L]")
-ax.loglog(lengths, implicit_bytes, "s-", label="implicit (attn): distance table [H, 2·128+1]")
+ax.loglog(lengths, implicit_bytes, "s-", label="implicit (attn): distance table [H, 2·128+1], padded")
 ax.loglog(lengths, [table.nbytes] * len(lengths), "^--", label="implicit: learned table [H, 32]")
 ax.set_xlabel("longest sequence L (tokens)")
 ax.set_ylabel("bytes")

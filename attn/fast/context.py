@@ -25,6 +25,7 @@ import torch
 import triton
 
 from ..checks import ContextArgs, check_context
+from ..reference.attention import scale_and_cap
 from ..reference.preprocess import RopeScaling, pair_indices, rope_inv_freq
 from ._triton import autotune_enabled, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _attn_fwd_kernel, _attn_fwd_tuned, _fixed_config, attention, relative_bias_operands
@@ -313,11 +314,7 @@ def _sink_part(q, k_sinks, v_sinks, pinned, tok_seq, token, args: ContextArgs, s
     if c.alibi_slopes is not None:
         slopes = c.alibi_slopes[tok_seq].view(num_tokens, hkv, group, 1)
         bias = slopes * dist[:, None, None, :]
-    x = (x + bias) * c.scale if bias is not None and c.alibi_with_scale else x * c.scale
-    if c.softcap > 0:
-        x = c.softcap * torch.tanh(x / c.softcap)
-    if bias is not None and not c.alibi_with_scale:
-        x = x + bias
+    x = scale_and_cap(x, bias, c)
     if c.rel_bias is not None:
         # implicit mode only (a cyclic cache rejects the regular one): the per-distance table, ends shared
         md = c.rel_bias.max_distance

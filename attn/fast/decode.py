@@ -27,7 +27,7 @@ from ..checks import check_decode, check_seqlen_hints
 from ..reference.preprocess import RopeScaling
 from ._triton import autotune_enabled, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _tanh, relative_bias_operands
-from .kv_cache import quant_code
+from .kv_cache import quant_code, rope_pairs
 from .preprocess import _cos_sin
 
 CONFIGS = [
@@ -179,14 +179,7 @@ def _decode_kernel(
     if ROTARY_DIM > 0:
         # RoPE at read time (keys cached unrotated): feature d of a key turns with its partner, by the angle of
         # pair fi at the key's position within the cache
-        if GPTJ:
-            partner = offs_d + 1 - 2 * (offs_d % 2)
-            sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
-            fi = offs_d // 2
-        else:
-            partner = tl.where(offs_d < ROTARY_DIM // 2, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
-            sign = tl.where(offs_d < ROTARY_DIM // 2, -1.0, 1.0)
-            fi = offs_d % (ROTARY_DIM // 2)
+        partner, sign, fi = rope_pairs(offs_d, ROTARY_DIM, GPTJ)
         rotated = offs_d < ROTARY_DIM
     if IS_PAGED and not (CYCLIC or HAS_INDIRECTION):
         # a plain paged tile's block-table entries are loaded one iteration ahead: its K/V loads then depend on

@@ -18,6 +18,22 @@ from ._triton import is_interpreter, launch, next_power_of_2
 
 
 @triton.jit
+def rope_pairs(offs_d, ROTARY_DIM: tl.constexpr, GPTJ: tl.constexpr):
+    """RoPE at read time, per feature d of a head: the partner it turns with, the sign the partner enters with
+    (``x_d·cos + sign·x_partner·sin``), and the index of the pair's frequency. GPT-J pairs neighbours (2i, 2i+1),
+    GPT-NeoX the two halves of the rotary dims (i, i + r/2); features past ``ROTARY_DIM`` are masked by callers."""
+    if GPTJ:
+        partner = offs_d + 1 - 2 * (offs_d % 2)
+        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+        fi = offs_d // 2
+    else:
+        partner = tl.where(offs_d < ROTARY_DIM // 2, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
+        sign = tl.where(offs_d < ROTARY_DIM // 2, -1.0, 1.0)
+        fi = offs_d % (ROTARY_DIM // 2)
+    return partner, sign, fi
+
+
+@triton.jit
 def _round_to_e4m3(y):
     # Round-to-nearest-even onto the e4m3 grid in float32 arithmetic, so the cast that follows is exact. The
     # cast alone would do this on the GPU, but Triton's interpreter mis-rounds values whose rounding carries
@@ -225,14 +241,7 @@ def _gather_window_kernel(
     v = _chunk_or_cache(v_cache_ptr, v_new_ptr, v_off, n_off, offs_d[None, :], in_cache, row_mask, v_scale, QUANT)
     if ROTARY_DIM > 0:
         # feature d turns with its partner by pair fi's angle at the row's position (keys are stored unrotated)
-        if GPTJ:
-            partner = offs_d + 1 - 2 * (offs_d % 2)
-            sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
-            fi = offs_d // 2
-        else:
-            partner = tl.where(offs_d < ROTARY_DIM // 2, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
-            sign = tl.where(offs_d < ROTARY_DIM // 2, -1.0, 1.0)
-            fi = offs_d % (ROTARY_DIM // 2)
+        partner, sign, fi = rope_pairs(offs_d, ROTARY_DIM, GPTJ)
         rot_mask = t_mask[:, None] & (offs_d[None, :] < ROTARY_DIM)
         k_pair = _chunk_or_cache(k_cache_ptr, k_new_ptr, k_off, n_off, partner[None, :], in_cache, rot_mask, k_scale,
                                  QUANT)  # fmt: skip

@@ -77,6 +77,20 @@ def alibi_bias(seqlen_q: int, seqlen_k: int, slopes: torch.Tensor) -> torch.Tens
     return slopes[:, None, None] * (j - i).to(slopes.dtype)
 
 
+def scale_and_cap(s: torch.Tensor, alibi: torch.Tensor | None, args) -> torch.Tensor:
+    """Raw products to scores: scaled, soft-capped, and ALiBi-biased in TensorRT-LLM's two orders.
+
+    ``alibi_with_scale`` adds the bias to the raw product, ``alibi`` to the scaled (and capped) score. ``args`` is
+    anything with ``scale``, ``softcap`` and ``alibi_with_scale`` (the checked arguments of a call).
+    """
+    s = (s + alibi) * args.scale if alibi is not None and args.alibi_with_scale else s * args.scale
+    if args.softcap > 0:
+        s = args.softcap * torch.tanh(s / args.softcap)
+    if alibi is not None and not args.alibi_with_scale:
+        s = s + alibi
+    return s
+
+
 def _scores(q: torch.Tensor, k: torch.Tensor, args: AttentionArgs, slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Scores of one sequence: scaled, biased (ALiBi, T5) and capped.
 
@@ -95,12 +109,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, args: AttentionArgs, slopes: torch
     bias = None
     if slopes is not None:
         bias = rearrange(alibi_bias(q.shape[2], k.shape[1], slopes.to(dtype)), "(h g) i j -> h g i j", h=q.shape[0])
-    # TensorRT-LLM's two orders: alibi_with_scale biases the raw product, alibi the scaled (and capped) one
-    s = (s + bias) * args.scale if bias is not None and args.alibi_with_scale else s * args.scale
-    if args.softcap > 0:
-        s = args.softcap * torch.tanh(s / args.softcap)
-    if bias is not None and not args.alibi_with_scale:
-        s = s + bias
+    s = scale_and_cap(s, bias, args)
     if args.rel_bias is not None:
         rel = relative_bias_matrix(args.rel_bias, q.shape[2], k.shape[1]).to(dtype)  # [Hq, Sq, Sk]
         s = s + rearrange(rel, "(h g) i j -> h g i j", h=q.shape[0])
@@ -272,11 +281,7 @@ def attention_unfused(
         )  # [B, Sq, Sk]
         slopes = rearrange(args.alibi_slopes.to(dtype), "b (h g) -> b h g () ()", h=args.num_heads_kv)
         bias = slopes * rel[:, None, None].to(dtype)
-    s = (s + bias) * args.scale if bias is not None and args.alibi_with_scale else s * args.scale
-    if args.softcap > 0:
-        s = args.softcap * torch.tanh(s / args.softcap)
-    if bias is not None and not args.alibi_with_scale:
-        s = s + bias
+    s = scale_and_cap(s, bias, args)
 
     # step 2: each sequence's own bottom-right mask, aligned on its true lengths rather than the padding
     i = torch.arange(sq, device=q.device)

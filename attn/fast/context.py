@@ -26,7 +26,7 @@ import triton
 
 from ..checks import ContextArgs, check_context
 from ..reference.attention import scale_and_cap
-from ..reference.preprocess import RopeScaling, pair_indices, rope_inv_freq
+from ..reference.preprocess import RopeScaling, rope_inv_freq, rotate_pairs
 from ._triton import autotune_enabled, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _attn_fwd_kernel, _attn_fwd_tuned, _fixed_config, attention, relative_bias_operands
 from .kv_cache import gather_window, quant_code
@@ -201,12 +201,7 @@ def context_attention(
 def _turn(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int, style: str) -> torch.Tensor:
     """RoPE's rotation of ``x [T, H, D]`` by ``delta [T]`` more positions (no attention factor: ``x`` has had it)."""
     angle = delta.float()[:, None] * inv_freq.to(x.device)[None, :]  # [T, r/2]
-    cos, sin = torch.cos(angle)[:, None, :], torch.sin(angle)[:, None, :]
-    first, second = (i.to(x.device) for i in pair_indices(rotary_dim, style))
-    out = x.float().clone()
-    a, b = out[..., first], out[..., second]
-    out[..., first], out[..., second] = a * cos - b * sin, b * cos + a * sin
-    return out.to(x.dtype)
+    return rotate_pairs(x, torch.cos(angle)[:, None, :], torch.sin(angle)[:, None, :], rotary_dim, style)
 
 
 def _cyclic(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, block_table, k_new, v_new, args: ContextArgs, scores,

@@ -191,6 +191,12 @@ def apply_rope(
         num_positions = int(positions.max()) + 1 if positions.numel() else 1
     cos_table, sin_table = rope_cos_sin(num_positions, rotary_dim, base, x.device, scaling)
     cos, sin = cos_table[positions.long()][:, None, :], sin_table[positions.long()][:, None, :]  # [T, 1, r/2]
+    return rotate_pairs(x, cos, sin, rotary_dim, style)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, style: str) -> torch.Tensor:
+    """The rotation itself: each RoPE pair ``(a, b)`` of ``x [T, H, D]`` becomes ``(a·cos − b·sin, b·cos + a·sin)``,
+    with ``cos, sin [T, 1, rotary_dim/2]`` per token and pair; in float32, returned in x's dtype."""
     first, second = (idx.to(x.device) for idx in pair_indices(rotary_dim, style))
     out = x.float().clone()
     a, b = out[..., first], out[..., second]  # [T, H, r/2] each (copies)

@@ -29,7 +29,8 @@
 # 4. calibration from samples, and what happens to a value the calibration did not foresee;
 # 5. how the kernels dequantize for free, and why folding the scales into the scores and the output is exact;
 # 6. live checks: the Triton append writes the reference's bytes; the Triton decode on a quantized cache
-#    matches the reference on the same cache, contiguous and paged;
+#    matches the reference on the same cache, contiguous and paged; the cache objects quantize on append and
+#    hand their scales to the readers, and a forked sequence copies its shared block as raw bytes;
 # 7. memory saved, for a Llama-3-8B-like model;
 # 8. speed: the 2× bound, what was measured on the H200, and what the kernel had to change to approach it.
 #
@@ -574,6 +575,54 @@ for fname, qdtype in QDTYPES.items():
 # The kernel agrees with the reference far inside fp16's tolerance everywhere, while its distance to the
 # unquantized answer is set by the format and the granularity, and follows the ranking of section 3.
 #
+# **The cache objects carry their scales.** A serving loop does not pass scales around by hand:
+# `attn.PagedKVCache` and `attn.ContiguousKVCache` take `dtype=torch.int8` or `torch.float8_e4m3fn` with
+# `k_scale` and `v_scale` (checked once, as every kernel checks them), quantize on every `append`, and hand the
+# scales to the readers through `cache.scales`, a dict of keywords for `attn.decode`, `attn.context_attention`
+# or `attn.gpt_attention`. Below, two sequences grow in chunks of uneven length inside an FP8 paged pool of
+# 8-token blocks; a third is forked from the first (lesson 11's beam-search sharing) and appends its own
+# token. Its last block is shared and only partly full, so that block is copied first, as raw bytes: a copy
+# of one-byte codes must not pass through a float conversion. Decoding the three from the pool then matches
+# the reference that dequantizes the same pool, and the fork sees its parent's history plus its own token.
+
+# %%
+hkv_o, d_o = 2, 32
+pool = attn.PagedKVCache(
+    num_blocks=12, block_size=8, num_heads_kv=hkv_o, head_dim=d_o, max_seqs=4, max_blocks_per_seq=6,
+    dtype=torch.float8_e4m3fn, device=device, k_scale=torch.tensor([0.02, 0.05], device=device),
+    v_scale=torch.tensor([0.01], device=device),
+)  # fmt: skip
+seqs = [pool.add_sequence(), pool.add_sequence()]
+for chunk in ([7, 3], [5, 9], [1, 1]):
+    # packed chunks: one ragged append per step, as a scheduler would issue it
+    cu = torch.tensor([0, chunk[0], sum(chunk)], dtype=torch.int32, device=device)
+    kn = torch.randn(sum(chunk), hkv_o, d_o, device=device).half()
+    vn = torch.randn_like(kn)
+    pool.append(seqs, kn, vn, cu_seqlens_new=cu)
+fork = pool.fork(seqs[0])
+copies_before = pool.num_block_copies
+pool.append(
+    [fork], torch.randn(1, 1, hkv_o, d_o, device=device).half(), torch.randn(1, 1, hkv_o, d_o, device=device).half()
+)
+live = [seqs[0], seqs[1], fork]
+print(f"lengths {[pool.length(s) for s in live]}, blocks {[pool.blocks_of(s) for s in live]}")
+print(f"blocks copied by the fork's append: {pool.num_block_copies - copies_before}")
+print(f"pool bytes: {pool.k.numel() * pool.k.element_size() * 2} (bf16 would need twice that)")
+
+q_o = (0.3 * torch.randn(3, 1, 4 * hkv_o, d_o, device=device)).half()
+lens_o, table_o = pool.seqlens[live], pool.block_table[live]
+out_o = attn.decode(q_o, pool.k, pool.v, lens_o, block_table=table_o, **pool.scales)
+ref_o = reference.decode(q_o.cpu().double(), pool.k.cpu(), pool.v.cpu(), lens_o.cpu(), block_table=table_o.cpu(),
+                         **{n: x.cpu() for n, x in pool.scales.items()})  # fmt: skip
+err_o = rel_err(ref_o, out_o.cpu())
+print(f"decode from the FP8 pool vs the reference on the same pool: {err_o:.1e} (tolerance {TOL_FP16:.1e})")
+assert err_o < TOL_FP16
+# the fork shares its parent's first blocks: the same pool rows, so the same codes, for every shared token
+shared = pool.length(seqs[0]) // 8
+assert pool.blocks_of(fork)[:shared] == pool.blocks_of(seqs[0])[:shared]
+assert pool.num_block_copies - copies_before == 1
+
+# %% [markdown]
 # ## 7. Memory saved
 #
 # Per token, a model stores K and V for every layer and KV head: $2 \cdot N_\text{layers} \cdot H_{kv} \cdot D$

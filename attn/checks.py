@@ -8,6 +8,7 @@ one small record, so the two implementations cannot drift on defaults either.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +45,33 @@ def check_kv_scales(k_cache, k_scale, v_scale, num_heads_kv, validate=True):
         # reading the values waits for the device (and cannot happen inside CUDA-graph capture)
         if validate and (not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all())):
             raise ValueError(f"{name} must be positive and finite, got {scale.tolist()}")
-        out.append(scale.float().expand(num_heads_kv).contiguous())
+        out.append(_per_head_scale(scale, num_heads_kv))
     return out[0], out[1]
+
+
+_SCALES: dict = {}
+
+
+def _per_head_scale(scale: torch.Tensor, num_heads_kv: int) -> torch.Tensor:
+    """float32 ``[Hkv]`` from a ``[1]`` or ``[Hkv]`` scale: the kernels index scales by KV head.
+
+    Expanding a per-tensor scale is a copy kernel; for K and V that is two launches per quantized call (seen by
+    Nsight Compute beside each decode), so the copy is kept for as long as the same tensor lives unchanged:
+    the entry holds a weak reference to it and its version counter, which every in-place write bumps.
+    """
+    if scale.dtype == torch.float32 and scale.shape == (num_heads_kv,) and scale.is_contiguous():
+        return scale
+    hit = _SCALES.get(id(scale))
+    if hit is not None:
+        ref, version, expanded = hit
+        if ref() is scale and version == scale._version and expanded.shape[0] == num_heads_kv:
+            return expanded
+    expanded = scale.float().expand(num_heads_kv).contiguous()
+    if not (scale.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if len(_SCALES) >= 256:
+            _SCALES.clear()
+        _SCALES[id(scale)] = (weakref.ref(scale), scale._version, expanded)
+    return expanded
 
 
 @dataclass(frozen=True)
@@ -123,9 +149,27 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.dev
     return [b - a for a, b in zip(values, values[1:])]
 
 
+_FULL_LENGTHS: dict = {}
+
+
+def _full_lengths(batch: int, capacity: int, device: torch.device) -> torch.Tensor:
+    """``[batch]`` int32 lengths all equal to ``capacity``, made once per shape: a padded call without lengths
+    otherwise ran a fill kernel for each of q and k before the attention kernel (seen by Nsight Compute).
+    Kernels only read these. None are kept from inside CUDA-graph capture, whose memory is the graph's."""
+    key = (batch, capacity, device)
+    lens = _FULL_LENGTHS.get(key)
+    if lens is None:
+        lens = torch.full((batch,), capacity, dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(_FULL_LENGTHS) >= 256:
+                _FULL_LENGTHS.clear()
+            _FULL_LENGTHS[key] = lens
+    return lens
+
+
 def _check_seqlens(name: str, lens, batch: int, capacity: int, device: torch.device) -> torch.Tensor:
     if lens is None:
-        return torch.full((batch,), capacity, dtype=torch.int32, device=device)
+        return _full_lengths(batch, capacity, device)
     if not isinstance(lens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(lens).__name__}")
     if lens.dtype != torch.int32:

@@ -92,3 +92,38 @@ def test_fast_rejects_what_only_the_reference_takes():
     q, k, v = _qkv(d=272)
     with pytest.raises(ValueError, match="head dim must be at most 256"):
         fast.attention(q, k, v)
+
+
+def test_per_tensor_scale_copy_follows_in_place_writes():
+    # the [Hkv] copy of a [1] scale is kept between calls (a copy kernel per call otherwise); it must never
+    # outlive a change of the scale's value, or a kernel would dequantize with the old scale
+    from attn.checks import check_kv_scales
+
+    cache = torch.zeros(2, 4, 3, 8, dtype=torch.int8)
+    k_scale, v_scale = torch.tensor([0.5]), torch.tensor([0.25], dtype=torch.float64)
+    k1, v1 = check_kv_scales(cache, k_scale, v_scale, 3)
+    k2, v2 = check_kv_scales(cache, k_scale, v_scale, 3)
+    assert k2 is k1 and v2 is v1
+    assert torch.equal(k1, torch.full((3,), 0.5)) and v1.dtype == torch.float32
+    k_scale.mul_(3.0)
+    k3, _ = check_kv_scales(cache, k_scale, v_scale, 3)
+    assert torch.equal(k3, torch.full((3,), 1.5))
+    # a new tensor at a recycled address is not mistaken for the old one
+    del k_scale
+    fresh = torch.tensor([0.125])
+    assert torch.equal(check_kv_scales(cache, fresh, v_scale, 3)[0], torch.full((3,), 0.125))
+    per_head = torch.tensor([0.1, 0.2, 0.3])
+    assert check_kv_scales(cache, per_head, v_scale, 3)[0] is per_head
+
+
+def test_padded_lengths_default_to_full_and_stay_full():
+    # padded calls without lengths share one cached all-full tensor per shape: a caller's later in-place use
+    # of a returned tensor is not expected, but every call must still see full lengths
+    from attn.checks import check_attention
+
+    q = torch.randn(3, 5, 4, 8)
+    k = torch.randn(3, 7, 2, 8)
+    a = check_attention(q, k, k, dtypes=(torch.float32,))
+    b = check_attention(q, k, k, dtypes=(torch.float32,))
+    assert a.seqlens_q.tolist() == [5, 5, 5] and a.seqlens_k.tolist() == [7, 7, 7]
+    assert b.seqlens_q is a.seqlens_q

@@ -3,6 +3,8 @@ implicit) in the prefill and decode kernels against the reference."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -74,10 +76,45 @@ def test_prefill_far_tiles(causal, bidirectional, dtype, device):
     assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("window", [(40, 0), (40, 30)], ids=["left40-causal", "left40-right30"])
+def test_prefill_far_tiles_window(window, dtype, device):
+    # a sliding window much wider than max_distance: the masked tiles on the window's edges lie wholly beyond
+    # max_distance (one value per row, decided per tile inside the masked loop), the unmasked ones split three ways
+    lens_q, lens_k = [150, 61], [150, 170]
+    q, k, v, cu_q, cu_k = random_packed(lens_q, lens_k, 4, 2, 32, dtype, device)
+    rel = reference.RelativeBias(table=torch.randn(4, 8, device=device), max_distance=8)
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, window_size=window, rel_bias=rel, q_scaling=32**-0.5)
+    out, lse = fast.attention(q, k, v, return_lse=True, **kw)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    assert_close("prefill", ref, out, TOL[dtype])
+    assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("alibi_mode", ["alibi", "alibi_with_scale"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_prefill_far_tiles_with_alibi(causal, alibi_mode, dtype, device):
+    # both biases at once: the far tiles' plain path then folds two per-row terms into the max and the exponent
+    # (the T5 end value and ALiBi's per-tile offset), and the near tiles add ALiBi's per-key vector to the gather
+    lens_q, lens_k = [150, 61], [150, 170]
+    q, k, v, cu_q, cu_k = random_packed(lens_q, lens_k, 4, 2, 32, dtype, device)
+    rel = reference.RelativeBias(table=torch.randn(4, 8, device=device), max_distance=8, bidirectional=False)
+    slopes = reference.alibi_slopes(4, device=device) * torch.rand(2, 1, device=device).add(0.5)
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, rel_bias=rel, alibi_slopes=slopes,
+              alibi_mode=alibi_mode)  # fmt: skip
+    out, lse = fast.attention(q, k, v, return_lse=True, **kw)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    assert_close("prefill", ref, out, TOL[dtype])
+    assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
+
+
+@pytest.mark.parametrize("alibi", [False, True], ids=["t5", "t5+alibi"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_context_far_tiles_gqa_packed(paged, device):
+def test_context_far_tiles_gqa_packed(paged, alibi, device):
     # context_attention packs a KV head's query heads into one tile (rows: tokens x heads), so each row has its
-    # own head's far values; a long cache puts most tiles beyond max_distance
+    # own head's far values (and with ALiBi its own slope in the per-row terms); a long cache puts most tiles
+    # beyond max_distance
     b, hq, hkv, d, n = 2, 8, 2, 32, 160
     lens_q = [40, 3]
     cu = torch.tensor([0, 40, 43], dtype=torch.int32, device=device)
@@ -86,6 +123,8 @@ def test_context_far_tiles_gqa_packed(paged, device):
     kc = torch.randn(b, n, hkv, d, device=device, dtype=torch.float16)
     vc = torch.randn_like(kc)
     kw = dict(cu_seqlens_q=cu, max_seqlen_q=max(lens_q), rel_bias=_implicit(hq, device, False), return_lse=True)
+    if alibi:
+        kw["alibi_slopes"] = reference.alibi_slopes(hq, device=device)
     if paged:
         table = torch.randperm(b * 10, device=device).to(torch.int32).view(b, 10)
         pool_k = torch.empty(b * 10, 16, hkv, d, device=device, dtype=torch.float16)
@@ -98,6 +137,14 @@ def test_context_far_tiles_gqa_packed(paged, device):
     ref, ref_lse = reference.context_attention(q.double(), kc.double(), vc.double(), seqlens, **kw)
     assert_close("context", ref, out, TOL[torch.float16])
     assert_lse_close("lse", ref_lse, lse, LSE_TOL[torch.float16])
+
+
+def test_prefill_autotune_key_separates_bias_modes():
+    # implicit and regular mode both pass float32 bias tensors, so only REL_MODE in the key keeps the implicit
+    # kernel's best config (3-stage 128x128 tiles on the H200) from reaching regular mode, which cannot fit it
+    # in shared memory (scripts/prefill_sass.py)
+    module = importlib.import_module("attn.fast.attention")  # attn.fast.attention is the function
+    assert "REL_MODE" in module._attn_fwd_tuned.keys
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])

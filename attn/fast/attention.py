@@ -24,8 +24,8 @@ from ..checks import check_attention
 from ._triton import autotune_enabled, is_interpreter, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
-# more than the distances one prefill tile spans (BLOCK_M + BLOCK_N - 1 <= 255 for every config): see
-# relative_bias_operands
+# at least the distances one prefill tile spans, rounded up to a power of two (2·max(BLOCK_M, BLOCK_N) <= 256
+# for every config): see relative_bias_operands and _t5_near_bias
 REL_PAD = 256
 
 # Hopper starting points; the context-phase speed work widens this list.
@@ -72,18 +72,48 @@ def _tanh(x):
 
 
 @triton.jit
+def _t5_near_bias(rel_head, offs_m, offs_n, start_n, diag, r0, rel_md, unit, BLOCK_N: tl.constexpr,
+                  ROW_HEADS: tl.constexpr):  # fmt: skip
+    """The T5 implicit bias of one tile near the diagonal, [BLOCK_M, BLOCK_N]: table[j − i] · unit (the table is
+    in log2 units; unit 1 / qk_scale turns it into raw-product units for the plain form)."""
+    if ROW_HEADS:
+        # GQA-packed rows each read their own head's table: a gather per score
+        return tl.load(rel_head + (start_n + offs_n[None, :] - (offs_m[:, None] + diag) + rel_md)) * unit
+    else:
+        # One head: the tile's distances j − i = (start_n − r0) + n − r (r0 = m0 + diag, r the row in the block)
+        # take at most BLOCK_M + BLOCK_N − 1 values. They are loaded once as a vector (a coalesced load) and
+        # gathered from it; Triton 3.6 lowers the gather through a 1 KB shared buffer (one store, a barrier,
+        # one LDS per score with an immediate offset). A global load per score instead needed 64-bit pointers
+        # for each (spills at 255 registers) and took its result through a 32 KB layout-conversion buffer,
+        # which pushed the 3-stage 128x128 config past the 227 KB of shared memory (scripts/prefill_sass.py).
+        BLOCK_M: tl.constexpr = offs_m.shape[0]
+        SPAN: tl.constexpr = 2 * BLOCK_N if BLOCK_N >= BLOCK_M else 2 * BLOCK_M
+        tl.static_assert(SPAN <= 256, "a near tile's distances must fit in the table's REL_PAD (256) end copies")
+        # the vector starts at the tile's smallest distance (row BLOCK_M − 1, key start_n); a near tile has
+        # one distance within max_distance, so it stays inside the table's REL_PAD end copies
+        first = start_n - r0 - (BLOCK_M - 1)
+        vec = tl.load(rel_head + (first + rel_md) + tl.arange(0, SPAN)) * unit
+        rows = offs_m - (r0 - diag)
+        idx = offs_n[None, :] - rows[:, None] + (BLOCK_M - 1)
+        return tl.reshape(tl.gather(vec, tl.reshape(idx, [BLOCK_M * BLOCK_N]), 0), [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
 def _attn_fwd_tiles(
     acc, l_i, m_i, q,
     k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size, k_scale,
     offs_m, offs_n, offs_d,
     lo, hi, seqlen_k, diag, window_left, window_right,
     qk_scale, cap_log2, slope, alibi_r0, rel_head, stride_rm, rel_md, seqlen_q, row_bias,
-    MASKED: tl.constexpr, ROW_BIAS: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+    MASKED: tl.constexpr, ROW_BIAS: tl.constexpr, NEAR: tl.constexpr, ROW_HEADS: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, ALIBI_BY_KEY: tl.constexpr,
     REL_MODE: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PLAIN: tl.constexpr,
     IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
+    # T5 values outside the near loop come in log2 units, which only the non-plain form adds as they are
+    tl.static_assert(not (PLAIN and (REL_MODE == 2 or (REL_MODE == 1 and not NEAR))))
     for start_n in range(lo, hi, BLOCK_N):
         offs_kn = start_n + offs_n
         if MASKED:
@@ -112,14 +142,13 @@ def _attn_fwd_tiles(
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if QUANT != 0:
             qk = qk * k_scale
-        if HAS_ALIBI and ALIBI_BY_KEY:
+        if HAS_ALIBI and ALIBI_BY_KEY and not PLAIN:
             # ALiBi's slope·(j − i − diag) is slope·(j − r0) − slope·(i + diag − r0), r0 = alibi_r0 a constant of
             # the program. The second term is the same for every key of a row, so the softmax ignores it (the
-            # LSE gets it back at the end) and the bias is a [BLOCK_N] vector per tile: no int -> float
-            # conversion per score, which shares its unit with exp2. r0 near the block keeps the visible keys'
-            # biases small, so fp32 loses nothing to large offsets.
+            # LSE gets it back at the end) and the bias is a [BLOCK_N] vector per tile. r0 near the block keeps
+            # the visible keys' biases small, so fp32 loses nothing to large offsets.
             col = (offs_kn - alibi_r0).to(tl.float32)[None, :]
-        elif HAS_ALIBI:
+        elif HAS_ALIBI and not ALIBI_BY_KEY:
             # inside a soft cap the bias cannot be split: the distance of every score
             rel = (offs_kn[None, :] - (offs_m[:, None] + diag)).to(tl.float32)
             if ALIBI_WITH_SCALE:
@@ -130,21 +159,44 @@ def _attn_fwd_tiles(
             s = cap_log2 * _tanh(qk * qk_scale)
         elif PLAIN:
             s = qk
+            if HAS_ALIBI:
+                # ALiBi in the plain form: slope·(j − r0) = slope·n + slope·(start_n − r0) for key n of the tile.
+                # The first part, divided by the scale into raw-product units, is the same [BLOCK_N] vector every
+                # tile (the compiler computes it once, before the loop); the second is one value per row and
+                # tile, a row term below. One operation per score remains (Triton makes the vector the product's
+                # accumulator input: a register copy per score instead of the subtract in the exponent), but the
+                # conversion, multiply and add of each key's distance in every tile are gone: 600 instead of 691
+                # SASS instructions per 128x128 tile on sm_90a, plain 531 (scripts/prefill_sass.py). Precision:
+                # the vector is at most |slope|·BLOCK_N / scale (~1450 for slope 1 at D 128), rounded to fp32
+                # once: ~1e-5 in the exponent; the row term is what the non-plain form adds per key.
+                if ALIBI_WITH_SCALE:
+                    s += slope * offs_n.to(tl.float32)[None, :]
+                else:
+                    s += (slope * (1.4426950408889634 / qk_scale)) * offs_n.to(tl.float32)[None, :]
         else:
             s = qk * qk_scale
-        if HAS_ALIBI and ALIBI_BY_KEY:
+        if HAS_ALIBI and ALIBI_BY_KEY and not PLAIN:
             if ALIBI_WITH_SCALE:
                 # (qk + slope·col)·scale, no cap: qk_scale is already in log2 units
                 s += (slope * qk_scale) * col
             else:
                 s += (slope * 1.4426950408889634) * col
-        elif HAS_ALIBI:
+        elif HAS_ALIBI and not ALIBI_BY_KEY:
             if not ALIBI_WITH_SCALE:
                 s += (slope * 1.4426950408889634) * rel
         if ROW_BIAS and not PLAIN:
             # a T5 far tile's one value per row; plain tiles take it in the max and the exponent below
             s += row_bias[:, None]
-        if REL_MODE == 1:
+        if REL_MODE == 1 and NEAR and PLAIN:
+            # T5 implicit, a tile the caller knows lies within max_distance of the diagonal: no per-tile branch.
+            # In the plain form the values come in raw-product units (one multiply per vector element), so the
+            # add lands before the max and the exponent keeps its single multiply-add; Triton turns qk + bias
+            # into the product's accumulator input, so the gathered values load straight into it
+            s += _t5_near_bias(rel_head, offs_m, offs_n, start_n, diag, alibi_r0, rel_md, 1.0 / qk_scale, BLOCK_N,
+                               ROW_HEADS)  # fmt: skip
+        elif REL_MODE == 1 and NEAR:
+            s += _t5_near_bias(rel_head, offs_m, offs_n, start_n, diag, alibi_r0, rel_md, 1.0, BLOCK_N, ROW_HEADS)
+        elif REL_MODE == 1:
             # T5 implicit: the per-distance table in log2 units, distances past max_distance sharing its ends.
             # A tile lying wholly beyond max_distance from the diagonal adds one value; only the tiles near the
             # diagonal gather per score. The table carries REL_PAD copies of each end value on either side, more
@@ -156,7 +208,7 @@ def _attn_fwd_tiles(
             elif rp_min >= rel_md:
                 s += tl.load(rel_head + 2 * rel_md)
             else:
-                s += tl.load(rel_head + (offs_kn[None, :] - (offs_m[:, None] + diag) + rel_md))
+                s += _t5_near_bias(rel_head, offs_m, offs_n, start_n, diag, alibi_r0, rel_md, 1.0, BLOCK_N, ROW_HEADS)
         if REL_MODE == 2:
             # T5 regular: bias[h, query position, key position], the query at i + Sk - Sq
             q_pos = tl.maximum(offs_m + diag, 0)
@@ -171,11 +223,26 @@ def _attn_fwd_tiles(
                 visible &= offs_kn[None, :] >= offs_m[:, None] + diag - window_left
             s = tl.where(visible, s, float("-inf"))
         # [BLOCK_M]
-        if PLAIN:
-            if ROW_BIAS:
-                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale + row_bias)
+        if PLAIN and (ROW_BIAS or HAS_ALIBI):
+            # the plain form's one value per row and tile (log2 units): a T5 far tile's bias, ALiBi's
+            # slope·(start_n − r0)
+            if HAS_ALIBI:
+                if ROW_HEADS:
+                    row_slope = tl.reshape(slope, [offs_m.shape[0]])
+                else:
+                    row_slope = slope
+                if ALIBI_WITH_SCALE:
+                    row_slope = row_slope * qk_scale
+                else:
+                    row_slope = row_slope * 1.4426950408889634
+                row_term = row_slope * (start_n - alibi_r0).to(tl.float32)
+                if ROW_BIAS:
+                    row_term += row_bias
             else:
-                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                row_term = row_bias
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale + row_term)
+        elif PLAIN:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
@@ -183,9 +250,9 @@ def _attn_fwd_tiles(
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
-        if PLAIN and ROW_BIAS:
-            # qk·scale + row_bias − m: still one multiply-add per score
-            p = tl.math.exp2(s * qk_scale - (m_new_safe - row_bias)[:, None])
+        if PLAIN and (ROW_BIAS or HAS_ALIBI):
+            # qk·scale + row_term − m: still one multiply-add per score
+            p = tl.math.exp2(s * qk_scale - (m_new_safe - row_term)[:, None])
         elif PLAIN:
             p = tl.math.exp2(s * qk_scale - m_new_safe[:, None])
         else:
@@ -358,7 +425,7 @@ def _attn_fwd_kernel(
         k_scale, offs_m, offs_n, offs_d,
         lo, full_lo, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
         m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
-        True, False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+        True, False, False, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
         ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
         BLOCK_N, PRECISION, False, IS_PAGED, QUANT,
     )  # fmt: skip
@@ -366,7 +433,7 @@ def _attn_fwd_kernel(
         # T5 implicit: the unmasked tiles split three ways. Wholly more than max_distance left of every row's
         # diagonal, the bias is the table's left end for every score, one value per row that the plain path
         # folds into the max and the exponent; likewise past max_distance on the right; only the tiles between
-        # gather per score. Measured on the H200: a gathering tile costs several plain ones.
+        # gather per score, in a loop of their own (no per-tile branch: the far paths are not in its body).
         far_lo = m0 + diag - rel_md + 1  # the first key within max_distance of row m0
         near_lo = tl.cdiv(tl.maximum(far_lo - BLOCK_N + 1, 0), BLOCK_N) * BLOCK_N
         near_lo = tl.minimum(tl.maximum(near_lo, full_lo), full_hi)
@@ -383,27 +450,27 @@ def _attn_fwd_kernel(
             k_scale, offs_m, offs_n, offs_d,
             full_lo, near_lo, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
             m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, far_left,
-            False, True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+            False, True, False, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
             ALIBI_BY_KEY, 0, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-            BLOCK_N, PRECISION, not HAS_SOFTCAP and not HAS_ALIBI, IS_PAGED, QUANT,
+            BLOCK_N, PRECISION, not HAS_SOFTCAP, IS_PAGED, QUANT,
         )  # fmt: skip
         acc, l_i, m_i = _attn_fwd_tiles(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
             k_scale, offs_m, offs_n, offs_d,
             near_lo, near_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
             m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
-            False, False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+            False, False, True, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
             ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-            BLOCK_N, PRECISION, False, IS_PAGED, QUANT,
+            BLOCK_N, PRECISION, not HAS_SOFTCAP, IS_PAGED, QUANT,
         )  # fmt: skip
         acc, l_i, m_i = _attn_fwd_tiles(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
             k_scale, offs_m, offs_n, offs_d,
             near_hi, full_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
             m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, far_right,
-            False, True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+            False, True, False, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
             ALIBI_BY_KEY, 0, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-            BLOCK_N, PRECISION, not HAS_SOFTCAP and not HAS_ALIBI, IS_PAGED, QUANT,
+            BLOCK_N, PRECISION, not HAS_SOFTCAP, IS_PAGED, QUANT,
         )  # fmt: skip
     else:
         acc, l_i, m_i = _attn_fwd_tiles(
@@ -411,16 +478,16 @@ def _attn_fwd_kernel(
             k_scale, offs_m, offs_n, offs_d,
             full_lo, full_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
             m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
-            False, False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+            False, False, False, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
             ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-            BLOCK_N, PRECISION, not HAS_SOFTCAP and not HAS_ALIBI and REL_MODE == 0, IS_PAGED, QUANT,
+            BLOCK_N, PRECISION, not HAS_SOFTCAP and REL_MODE == 0, IS_PAGED, QUANT,
         )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
         k_scale, offs_m, offs_n, offs_d,
         full_hi, hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
         m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
-        True, False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
+        True, False, False, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
         ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
         BLOCK_N, PRECISION, False, IS_PAGED, QUANT,
     )  # fmt: skip
@@ -489,6 +556,10 @@ _attn_fwd_tuned = triton.autotune(
         "HAS_WINDOW_RIGHT",
         "HAS_SOFTCAP",
         "HAS_ALIBI",
+        # the bias modes need different shared memory: T5 implicit fits the 3-stage 128x128 config, regular
+        # mode does not (scripts/prefill_sass.py), and both pass float32 bias tensors, which the autotuner's
+        # dtype part of the key would not tell apart
+        "REL_MODE",
         "PACK",
         "seqlen_bucket",
     ],  # fmt: skip

@@ -740,9 +740,12 @@ excerpt("acc, l_i, m_i = _attn_fwd_tiles(", "full_hi, hi, seqlen_k", after="def 
 # enabled. Only the masked instantiation compares positions: keys past the sequence end, right of the
 # (bottom-right) diagonal plus `window_right`, or left of the window. Then section 2's update in the kernel's
 # words: `m_i`, `l_i`, `acc` are $m$, $\ell$, $a$ for the `BLOCK_M` rows, `alpha` rescales, and the $-\infty$
-# guard again exists only where a mask can hide a whole row of the tile. On unmasked tiles without a bias
+# guard again exists only where a mask can hide a whole row of the tile. On unmasked tiles without a soft cap
 # (`PLAIN`, the bulk of the work), the row max is taken over the raw products and the scale moves into the
-# exponent, `exp2(qk·scale − m)`: one fused multiply-add per score instead of a multiply and a subtract.
+# exponent, `exp2(qk·scale − m)`: one fused multiply-add per score instead of a multiply and a subtract. A bias
+# keeps this form when it can be split into a per-key vector in raw-product units, added before the max, and
+# one value per row folded into the max and the exponent: ALiBi's `slope·(j − i)` splits that way, and so does
+# the T5 table beyond `max_distance` (lessons 06 and 08).
 #
 # Both products accumulate in fp32: `tl.dot(q, tl.trans(k))` returns fp32 scores from 16-bit inputs, and
 # `tl.dot(p, v, acc)` adds into the fp32 `acc`. TensorRT-LLM's `context_fmha_type=enabled_with_fp32_acc` asks for

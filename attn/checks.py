@@ -511,30 +511,39 @@ def check_decode(
         TypeError: a tensor of the wrong type or dtype.
         ValueError: wrong ranks or shapes, mismatched devices, lengths or block indices out of range.
     """
+    # A serving loop calls this once per layer and step with validate=False, so every check here reads each
+    # attribute once and the option checks run only for non-default options: on the H200 machine's host the
+    # function took 18 µs of a decode call that the GPU finishes in tens of microseconds.
     _check_tensor("q", q, dtypes)
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_tensor(name, x, dtypes + QUANT_DTYPES)
-    if v_cache.dtype != k_cache.dtype or (k_cache.dtype != q.dtype and k_cache.dtype not in QUANT_DTYPES):
+    kv_dtypes = dtypes + QUANT_DTYPES
+    _check_tensor("k_cache", k_cache, kv_dtypes)
+    _check_tensor("v_cache", v_cache, kv_dtypes)
+    cache_dtype = k_cache.dtype
+    if v_cache.dtype != cache_dtype or (cache_dtype != q.dtype and cache_dtype not in QUANT_DTYPES):
         raise TypeError(
             f"k_cache and v_cache must have q's dtype {q.dtype} (or be an int8/float8_e4m3fn quantized cache), "
             f"got k_cache={k_cache.dtype}, v_cache={v_cache.dtype}"
         )
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    device = q.device
+    if k_cache.device != device:
+        raise ValueError(f"k_cache must be on q's device {device}, got {k_cache.device}")
+    if v_cache.device != device:
+        raise ValueError(f"v_cache must be on q's device {device}, got {v_cache.device}")
     if q.dim() != 4:
         raise ValueError(f"q must be 4-D [B, Sq, Hq, D], got shape {tuple(q.shape)}")
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(x.shape)}")
-    if k_cache.shape != v_cache.shape:
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be 4-D, got shape {tuple(k_cache.shape)}")
+    if v_cache.dim() != 4:
+        raise ValueError(f"v_cache must be 4-D, got shape {tuple(v_cache.shape)}")
+    cache_shape = k_cache.shape
+    if cache_shape != v_cache.shape:
         raise ValueError(
             f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
     batch, seqlen_q, num_heads_q, head_dim = q.shape
-    num_heads_kv = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache's head dim must equal q's ({head_dim}), got {k_cache.shape[3]}")
+    pool_len, page_size, num_heads_kv, cache_dim = cache_shape
+    if cache_dim != head_dim:
+        raise ValueError(f"k_cache's head dim must equal q's ({head_dim}), got {cache_dim}")
     if num_heads_kv < 1 or num_heads_q % num_heads_kv != 0:
         raise ValueError(
             f"k_cache's head count ({num_heads_kv}) must divide q's head count ({num_heads_q}) for MHA/MQA/GQA"
@@ -550,14 +559,13 @@ def check_decode(
             raise TypeError(f"block_table must be int32, got {block_table.dtype}")
         if block_table.dim() != 2 or block_table.shape[0] != batch:
             raise ValueError(f"block_table must be [B={batch}, max_blocks], got shape {tuple(block_table.shape)}")
-        if block_table.device != q.device:
-            raise ValueError(f"block_table must be on q's device {q.device}, got {block_table.device}")
-        page_size = k_cache.shape[1]
+        if block_table.device != device:
+            raise ValueError(f"block_table must be on q's device {device}, got {block_table.device}")
         capacity = block_table.shape[1] * page_size
     else:
-        if k_cache.shape[0] != batch:
-            raise ValueError(f"k_cache's batch ({k_cache.shape[0]}) must equal q's ({batch}) for a contiguous cache")
-        page_size = capacity = k_cache.shape[1]
+        if pool_len != batch:
+            raise ValueError(f"k_cache's batch ({pool_len}) must equal q's ({batch}) for a contiguous cache")
+        capacity = page_size
 
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
@@ -565,68 +573,41 @@ def check_decode(
         raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
     if cache_seqlens.shape != (batch,):
         raise ValueError(f"cache_seqlens must have shape [B]=({batch},), got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens must be on q's device {device}, got {cache_seqlens.device}")
 
-    window = _check_cyclic(max_attention_window, capacity)
-    sinks = _check_sinks(sink_token_length, window)
-    _check_rotary(rotary_dim, rope_style, head_dim)
+    window = None if max_attention_window is None else _check_cyclic(max_attention_window, capacity)
+    sinks = 0
+    if type(sink_token_length) is not int or sink_token_length != 0:
+        sinks = _check_sinks(sink_token_length, window)
+    if type(rotary_dim) is not int or rotary_dim != 0 or rope_style != "neox":
+        _check_rotary(rotary_dim, rope_style, head_dim)
     if rotary_dim and cache_indirection is not None:
         raise ValueError("rotary_dim (RoPE when reading the cache) with cache_indirection is not supported")
     if window is not None and getattr(rel_bias, "bias", None) is not None:
         raise ValueError("rel_bias in regular mode indexes absolute positions; it cannot read a cyclic cache")
     if cache_indirection is not None:
-        if not isinstance(cache_indirection, torch.Tensor) or cache_indirection.dtype != torch.int32:
-            raise TypeError("cache_indirection must be an int32 torch.Tensor [B, beam_width, max_len]")
-        if cache_indirection.dim() != 3 or cache_indirection.shape[0] * cache_indirection.shape[1] != batch:
-            raise ValueError(
-                f"cache_indirection must be [B, beam_width, max_len] with B·beam_width = q's batch ({batch}), "
-                f"got {tuple(cache_indirection.shape)}"
-            )
-        if cache_indirection.device != q.device:
-            raise ValueError(f"cache_indirection must be on q's device {q.device}, got {cache_indirection.device}")
-        if window is not None:
-            raise ValueError("cache_indirection with a cyclic cache is not supported")
+        _check_indirection(cache_indirection, batch, device, window)
     max_seqlen_k = 0
     if validate:
-        lens = cache_seqlens.tolist()
-        # a cyclic cache keeps counting tokens past its size: only the last `window` are still stored
-        bad = [x for x in lens if x < 0 or (window is None and x > capacity)]
-        if bad:
-            raise ValueError(f"cache_seqlens entries must lie in [0, {capacity}] (the cache capacity), got {bad}")
-        max_seqlen_k = max(lens) if lens else 0
-        if cache_indirection is not None and batch:
-            if max_seqlen_k > cache_indirection.shape[2]:
-                raise ValueError(
-                    f"cache_indirection covers {cache_indirection.shape[2]} tokens, fewer than the longest "
-                    f"cache_seqlens entry ({max_seqlen_k})"
-                )
-            beam = cache_indirection.shape[1]
-            used = torch.arange(cache_indirection.shape[2], device=q.device)[None, :] < cache_seqlens.view(
-                -1, 1
-            )  # [B·beam, max_len]
-            entries = cache_indirection.reshape(batch, -1)[used]
-            if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= beam):
-                raise ValueError(f"cache_indirection entries in use must lie in [0, {beam}) (the beam width)")
-        if paged and batch:
-            # only the blocks that hold tokens are read; those must all lie inside the pool
-            stored = cache_seqlens if window is None else cache_seqlens.clamp(max=window)
-            used = (torch.arange(block_table.shape[1], device=q.device)[None, :] * page_size) < stored[:, None]
-            entries = block_table[used]
-            if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= k_cache.shape[0]):
-                raise ValueError(
-                    f"block_table entries in use must lie in [0, {k_cache.shape[0]}) (the pool's blocks), "
-                    f"got values from {int(entries.min())} to {int(entries.max())}"
-                )
+        max_seqlen_k = _check_decode_values(
+            q, k_cache, cache_seqlens, block_table, cache_indirection, batch, capacity, page_size, window
+        )
 
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
         raise ValueError(f"num_splits must be None (automatic) or an int >= 1, got {num_splits!r}")
 
     scale, left, right, softcap = _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap)
-    slopes = _check_alibi(alibi_slopes, alibi_mode, batch, num_heads_q, q.device)
-    rel_bias = _check_rel_bias(rel_bias, num_heads_q, max_seqlen_k if validate else capacity, q.device)
+    slopes = None
+    if alibi_slopes is not None or alibi_mode != "alibi":
+        slopes = _check_alibi(alibi_slopes, alibi_mode, batch, num_heads_q, device)
+    if rel_bias is not None:
+        rel_bias = _check_rel_bias(rel_bias, num_heads_q, max_seqlen_k if validate else capacity, device)
     k_scale, v_scale = check_kv_scales(k_cache, k_scale, v_scale, num_heads_kv, validate)
-    return DecodeArgs(
+    # what DecodeArgs(...) builds, without the frozen dataclass's __init__, which sets its 21 fields through
+    # object.__setattr__ one by one (2.8 µs of a CPU's time against 0.9 here)
+    args = _new_object(DecodeArgs)
+    args.__dict__.update(
         batch=batch,
         seqlen_q=seqlen_q,
         num_heads_q=num_heads_q,
@@ -649,6 +630,60 @@ def check_decode(
         cache_indirection=cache_indirection,
         sink_token_length=sinks,
     )
+    return args
+
+
+_new_object = object.__new__
+
+
+def _check_indirection(cache_indirection, batch: int, device, window) -> None:
+    """Beam search's ``[B, beam_width, max_len]`` int32 indirection, without reading its values."""
+    if not isinstance(cache_indirection, torch.Tensor) or cache_indirection.dtype != torch.int32:
+        raise TypeError("cache_indirection must be an int32 torch.Tensor [B, beam_width, max_len]")
+    if cache_indirection.dim() != 3 or cache_indirection.shape[0] * cache_indirection.shape[1] != batch:
+        raise ValueError(
+            f"cache_indirection must be [B, beam_width, max_len] with B·beam_width = q's batch ({batch}), "
+            f"got {tuple(cache_indirection.shape)}"
+        )
+    if cache_indirection.device != device:
+        raise ValueError(f"cache_indirection must be on q's device {device}, got {cache_indirection.device}")
+    if window is not None:
+        raise ValueError("cache_indirection with a cyclic cache is not supported")
+
+
+def _check_decode_values(q, k_cache, cache_seqlens, block_table, cache_indirection, batch, capacity, page_size,
+                         window) -> int:  # fmt: skip
+    """The checks that read tensor values on the host (``validate=True``); returns the longest length."""
+    lens = cache_seqlens.tolist()
+    # a cyclic cache keeps counting tokens past its size: only the last `window` are still stored
+    bad = [x for x in lens if x < 0 or (window is None and x > capacity)]
+    if bad:
+        raise ValueError(f"cache_seqlens entries must lie in [0, {capacity}] (the cache capacity), got {bad}")
+    max_seqlen_k = max(lens) if lens else 0
+    if cache_indirection is not None and batch:
+        if max_seqlen_k > cache_indirection.shape[2]:
+            raise ValueError(
+                f"cache_indirection covers {cache_indirection.shape[2]} tokens, fewer than the longest "
+                f"cache_seqlens entry ({max_seqlen_k})"
+            )
+        beam = cache_indirection.shape[1]
+        used = torch.arange(cache_indirection.shape[2], device=q.device)[None, :] < cache_seqlens.view(
+            -1, 1
+        )  # [B·beam, max_len]
+        entries = cache_indirection.reshape(batch, -1)[used]
+        if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= beam):
+            raise ValueError(f"cache_indirection entries in use must lie in [0, {beam}) (the beam width)")
+    if block_table is not None and batch:
+        # only the blocks that hold tokens are read; those must all lie inside the pool
+        stored = cache_seqlens if window is None else cache_seqlens.clamp(max=window)
+        used = (torch.arange(block_table.shape[1], device=q.device)[None, :] * page_size) < stored[:, None]
+        entries = block_table[used]
+        if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= k_cache.shape[0]):
+            raise ValueError(
+                f"block_table entries in use must lie in [0, {k_cache.shape[0]}) (the pool's blocks), "
+                f"got values from {int(entries.min())} to {int(entries.max())}"
+            )
+    return max_seqlen_k
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,12 @@ import attn.fast  # noqa: F401
 
 dec = sys.modules["attn.fast.decode"]
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-POINTERS = {"q_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32", "seqlens_ptr": "*i32", "block_table_ptr": "*i32",
+POINTERS = {"q_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32",
+            "seqlens_ptr": "*i32", "block_table_ptr": "*i32",
             "alibi_ptr": "*fp32", "rel_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
             "ind_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}  # fmt: skip
 NOT_ALIGNED = {"stride_ab", "stride_ah", "stride_rh", "stride_rm", "stride_ib", "stride_ibeam"}
-COUNTS = ["LDG", "LDGSTS", "STS", "LDS", "LDSM", "I2F", "F2FP", "PRMT", "HADD2", "HMMA", "HGMMA", "IMAD"]
+COUNTS = "LDG LDGSTS STS LDS LDSM I2F F2FP PRMT HADD2 HMMA HGMMA IMAD STG ATOMG".split()
 
 
 def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: int, **overrides):
@@ -38,7 +39,8 @@ def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: in
     consts = dict(ROTARY_DIM=0, GPTJ=False, PAGE_SIZE=64 if paged else 1, INT8_ASM=True, GROUP=4, HEAD_DIM=128,
                   HEAD_DIM_PAD=128, IS_PAGED=paged, CYCLIC=False, HAS_INDIRECTION=False, HAS_WINDOW_LEFT=False,
                   HAS_WINDOW_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False, ALIBI_WITH_SCALE=False, REL_MODE=0,
-                  QUANT=quant, MMA_F16=quant != 0, PRECISION="tf32", BLOCK_M=16, BLOCK_N=block_n)  # fmt: skip
+                  QUANT=quant, MMA_F16=quant != 0, PRECISION="tf32", SPLIT_MERGE=False, STORE_LSE=True, MERGE_ROWS=1,
+                  BLOCK_M=16, BLOCK_N=block_n, MERGE_TILE=1024 * warps)  # fmt: skip
     consts.update(overrides)
     kernel = dec._decode_kernel
     signature, attrs = {}, {}
@@ -62,11 +64,17 @@ def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: in
 def main() -> None:
     cases = [(0, False, 64, 2, 4), (0, True, 64, 2, 4), (1, False, 128, 4, 3), (1, True, 128, 4, 3),
              (2, False, 64, 2, 4), (2, True, 64, 2, 4)]  # fmt: skip
-    print("cache paged tile        regs spills smem   " + " ".join(f"{c:>6s}" for c in COUNTS))
+    # each tile unsplit (one program per pair writes the output) and split (the last program of a pair merges
+    # the partials: SPLIT_MERGE), the latter also without the log-sum-exp (STORE_LSE off, a serving loop's call)
+    variants = [(False, True)] * len(cases) + [(True, True)] * len(cases) + [(True, False)]
+    cases = cases * 2 + cases[:1]
+    print("cache paged tile      merge lse regs spills smem   " + " ".join(f"{c:>6s}" for c in COUNTS))
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        for quant, paged, bn, w, st in cases:
-            kern = compile_decode(quant, paged, bn, w, st)
+        for (quant, paged, bn, w, st), (merge, store_lse) in zip(cases, variants):
+            kern = compile_decode(
+                quant, paged, bn, w, st, SPLIT_MERGE=merge, STORE_LSE=store_lse, MERGE_ROWS=4 if merge else 1
+            )
             with open(ptx, "w") as f:
                 f.write(kern.asm["ptx"])
             info = subprocess.run([os.path.join(TOOLS, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
@@ -78,7 +86,8 @@ def main() -> None:
             spills = re.search(r"(\d+) bytes spill stores", info).group(1)
             name = {0: "bf16", 1: "int8", 2: "fp8"}[quant]
             cells = " ".join(f"{sum(op == c for op in ops):6d}" for c in COUNTS)
-            print(f"{name:5s} {paged!s:5s} {bn}/{w}/{st:<7d} {regs:>4s} {spills:>6s} {kern.metadata.shared:6d} {cells}")
+            row = f"{name:5s} {paged!s:5s} {bn}/{w}/{st:<5d} {merge!s:5s} {store_lse!s:5s} {regs:>4s} {spills:>6s}"
+            print(f"{row} {kern.metadata.shared:6d} {cells}")
 
 
 if __name__ == "__main__":

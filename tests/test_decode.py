@@ -3,6 +3,8 @@ a decode step == the last rows of a prefill."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -79,9 +81,9 @@ def test_decode_step_is_last_rows_of_prefill(device):
 
 def test_num_splits_heuristic():
     assert fast.choose_num_splits(64, 8, 4096, 132) == 1  # 512 programs fill the GPU
-    assert fast.choose_num_splits(1, 8, 131072, 132) == 64  # 8 programs: 2048 keys per split caps it
-    assert fast.choose_num_splits(1, 8, 1000, 132) == 1  # too short to split
-    assert fast.choose_num_splits(8, 8, 32768, 132) == 16  # 64 programs: 16 splits of 2048 keys
+    assert fast.choose_num_splits(1, 8, 131072, 132) == 32  # 8 programs: 4096 keys per split caps it
+    assert fast.choose_num_splits(1, 8, 4000, 132) == 1  # too short to split
+    assert fast.choose_num_splits(8, 8, 32768, 132) == 8  # 64 programs: 8 splits of 4096 keys
     # a ragged batch that fills the GPU: only the caches longer than ~total·Hkv/(2·SMs) keys are cut
     assert fast.choose_num_splits(32, 8, 8192, 132, total_seqlen_k=32 * 3000) == 3
     assert fast.choose_num_splits(32, 8, 8192, 132, total_seqlen_k=32 * 8192) == 1  # uniform
@@ -89,15 +91,76 @@ def test_num_splits_heuristic():
 
 
 def test_heuristic_splits_keep_short_caches_whole(device):
-    # B·Hkv = 2 programs: the heuristic cuts the 5000-token cache into 3 parts of >= 2048 keys; the 300-token
-    # one fits the minimum part, so its other two programs find nothing to do. Both must still be exact, with
-    # and without the hints a serving loop passes instead of letting decode read the lengths.
+    # B·Hkv = 2 programs: the heuristic cuts the 5000-token cache into 2 parts; the 300-token one fits the
+    # minimum part of 2048 keys, so its other program finds nothing to do. Both must still be exact, with and
+    # without the hints a serving loop passes instead of letting decode read the lengths.
     q, kc, vc, lens = _contiguous(2, 1, 4, 1, 16, [5000, 300], torch.float32, device)
-    assert fast.choose_num_splits(2, 1, 5000, 132) == 3
+    assert fast.choose_num_splits(2, 1, 5000, 132) == 2
     want = reference.decode(q, kc, vc, lens)
     assert_close("validated", want, fast.decode(q, kc, vc, lens), TOL[torch.float32])
     hinted = fast.decode(q, kc, vc, lens, validate=False, max_seqlen_k=5000, total_seqlen_k=5300)
     assert_close("hinted", want, hinted, TOL[torch.float32])
+
+
+# ---- the split merge: the last program of each (sequence, KV head) pair merges the pair's partials
+SPLIT_CASES = {  # (B, Sq, Hq, Hkv, D, lengths): every length is off the interpreter's 16-key tile
+    "ragged-len1": (4, 1, 8, 2, 40, [1, 83, 30, 131]),
+    "empty-seq": (3, 1, 4, 1, 24, [0, 45, 7]),
+    "spec3-gqa4": (2, 3, 8, 2, 32, [5, 99]),
+}
+
+
+@pytest.mark.parametrize("return_lse", [True, False], ids=["lse", "no-lse"])
+@pytest.mark.parametrize("splits", [2, 3, 7], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_merge_matches_reference(case, splits, return_lse, device):
+    # Forced counts cut even the 1-key cache, so most of its programs find an empty chunk, and 7 splits of 5
+    # keys leave empty chunks in every pair: the merge must weigh those at zero. Outputs and the partials'
+    # buffer start as NaN (conftest), so a row the merge skipped or a partial it read unwritten shows up.
+    # Tolerances: TOL/LSE_TOL's (helpers.py): the merge adds float32 roundings only, far below those of the
+    # fp16 products.
+    b, sq, hq, hkv, d, lens = SPLIT_CASES[case]
+    q, kc, vc, seqlens = _contiguous(b, sq, hq, hkv, d, lens, torch.float16, device)
+    got = fast.decode(q, kc, vc, seqlens, causal=True, num_splits=splits, return_lse=return_lse)
+    ref, ref_lse = reference.decode(q.double(), kc.double(), vc.double(), seqlens, causal=True, return_lse=True)
+    out = got[0] if return_lse else got
+    assert_close("split decode", ref, out, TOL[torch.float16])
+    if return_lse:
+        assert_lse_close("split lse", ref_lse, got[1], LSE_TOL[torch.float16])
+    # with or without the log-sum-exp, the same output bit for bit
+    other = fast.decode(q, kc, vc, seqlens, causal=True, num_splits=splits, return_lse=not return_lse)
+    assert torch.equal(out, other[0] if not return_lse else other)
+
+
+def test_split_counters_return_to_zero_and_are_reused(device):
+    # the merging program resets its pair's counter: a second launch over the same buffer must merge as correctly
+    # as the first and leave every counter at zero again; so must a launch after the buffer grew (the old one is
+    # kept, since a CUDA graph may hold its address)
+    dec = sys.modules["attn.fast.decode"]
+    q, kc, vc, seqlens = _contiguous(3, 2, 8, 2, 32, [70, 1, 37], torch.float32, device)
+    first = fast.decode(q, kc, vc, seqlens, num_splits=5, return_lse=True)
+    second = fast.decode(q, kc, vc, seqlens, num_splits=5, return_lse=True)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    want = reference.decode(q.double(), kc.double(), vc.double(), seqlens)
+    assert_close("second call", want, second[0], TOL[torch.float32])
+    assert dec._COUNTERS and all(int(c.abs().sum()) == 0 for c in dec._COUNTERS.values())
+    for key, buf in list(dec._COUNTERS.items()):
+        grown = dec._split_counters(key, buf.device, buf.numel() + 1)
+        assert grown.numel() > buf.numel() and any(old is buf for old in dec._RETIRED)
+    third = fast.decode(q, kc, vc, seqlens, num_splits=5, return_lse=True)
+    assert torch.equal(first[0], third[0]) and torch.equal(first[1], third[1])
+    assert all(int(c.abs().sum()) == 0 for c in dec._COUNTERS.values())
+
+
+def test_split_merge_paged_and_heuristic_hints(device):
+    # the chosen split count with its minimum part (2 programs, the short cache's second finding nothing) over
+    # paged storage, without validation as a serving loop calls it
+    q, kc, vc, lens = _contiguous(2, 1, 4, 1, 16, [5000, 300], torch.float32, device)
+    k_pool, v_pool, table = to_paged(kc, vc, [5000, 300], 64)
+    want = reference.decode(q, kc, vc, lens)
+    got = fast.decode(q, k_pool, v_pool, lens, block_table=table, validate=False, max_seqlen_k=5000,
+                      total_seqlen_k=5300)  # fmt: skip
+    assert_close("paged, hinted", want, got, TOL[torch.float32])
 
 
 def _three_heads(cache):
@@ -161,3 +224,49 @@ def test_gpu_decode(hq, hkv, block_size, splits, dtype):
     ref, ref_lse = reference.decode(q.float(), kc.float(), vc.float(), seqlens, return_lse=True, **kw)
     assert_close("decode", ref, out, TOL[dtype])
     assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_split_merge_has_no_race():
+    # 512 programs merging through the counters, 50 times: the merge reads the partials in a fixed order,
+    # whichever program does it, so every repetition must equal the first bit for bit; a partial read before
+    # its program's stores were visible, or a counter left non-zero, would break that
+    q, kc, vc, seqlens = _contiguous(1, 1, 32, 8, 128, [32768], torch.bfloat16, "cuda", max_len=32768)
+    single = fast.decode(q, kc, vc, seqlens, num_splits=1)
+    first = fast.decode(q, kc, vc, seqlens, num_splits=64, validate=False)
+    # bf16 outputs: the split and unsplit sums round differently, within TOL's bound
+    assert_close("64 splits vs 1", single.float(), first.float(), TOL[torch.bfloat16])
+    for _ in range(50):
+        again = fast.decode(q, kc, vc, seqlens, num_splits=64, validate=False)
+        assert torch.equal(again, first)
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in sys.modules["attn.fast.decode"]._COUNTERS.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warm_on_capture_stream", [False, True], ids=["fresh", "warm"])
+def test_gpu_split_merge_under_cuda_graph(warm_on_capture_stream):
+    # captured on a stream without counters (torch's own capture stream), each call gets its own, zeroed by a
+    # memset in the graph; captured on the stream of the warm-up, the calls reuse that stream's counters, which
+    # each replay leaves at zero
+    q, kc, vc, seqlens = _contiguous(2, 1, 32, 8, 128, [9000, 1], torch.bfloat16, "cuda")
+    want = fast.decode(q, kc, vc, seqlens, num_splits=16, return_lse=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        # compiles outside the capture, and leaves counters for this stream
+        fast.decode(q, kc, vc, seqlens, num_splits=16, return_lse=True, validate=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    capture = stream if warm_on_capture_stream else None
+    with torch.cuda.graph(graph, stream=capture):
+        got = fast.decode(q, kc, vc, seqlens, num_splits=16, return_lse=True, validate=False)
+        got2 = fast.decode(q, kc, vc, seqlens, num_splits=16, return_lse=True, validate=False)
+    for _ in range(5):
+        got[0].zero_()
+        got2[1].zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(got2[0], want[0]) and torch.equal(got2[1], want[1])

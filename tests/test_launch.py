@@ -21,7 +21,8 @@ import attn.fast._triton as tr
 def _pool():
     base = torch.zeros(64)
     ints = [0, 1, 2, 15, 16, 17, 32, 48, 2**31 - 16, 2**31 - 1, 2**31, 2**32, -1, -16, -(2**31), -(2**31) - 1]
-    ints += [2**63, 2**64 - 16]
+    # around the key's codes for ints of 17 and more (17: i32 not a multiple of 16, 32: a multiple)
+    ints += [2**63, 2**64 - 16, 18, 31, 33, 64, 4096, 2**31 - 17, -15, -17, -32, -(2**31) + 16, -(2**31) - 16]
     tensors = [base, base[1:], base[4:], base.to(torch.float16), base.to(torch.float16)[8:], base.to(torch.int32)]
     return ints + tensors + [0.0, 1.0, -2.5, None, True, False]
 
@@ -37,6 +38,19 @@ def test_equal_keys_mean_equal_triton_specializations():
     for a, b in itertools.product(pool, repeat=2):
         if tr.arg_key([a]) == tr.arg_key([b]):
             assert _triton_spec(a) == _triton_spec(b), (a, b)
+
+
+def test_equal_keys_of_argument_lists_mean_equal_specializations():
+    # the key is flat (a tensor gives two entries, anything else one): lists of different lengths and kinds must
+    # never flatten to equal keys unless Triton specializes them alike, position by position
+    rng = random.Random(0)
+    pool = _pool()
+    seen = {}
+    for _ in range(20000):
+        args = [rng.choice(pool) for _ in range(rng.randrange(1, 5))]
+        key = tr.arg_key(args)
+        spec = [_triton_spec(a) for a in args]
+        assert seen.setdefault(key, spec) == spec, (args, seen[key])
 
 
 def test_random_ints_keep_the_rule():
@@ -90,6 +104,16 @@ def test_second_call_goes_straight_to_the_launcher(gpu_free_launch):
     assert len(k.slow_calls) == 1
     # grid from the constexprs, stream, the compiled function, no hooks, then every parameter in order
     assert k.compiled.calls == [(12, 1, 1, 7, "fn", "meta", None, None, None, x, 116, 0.25, 4)]
+
+
+def test_a_given_stream_is_used(gpu_free_launch):
+    # decode passes the (device, stream) it looked up for its split counters; launch must not ask again
+    k = _Kernel()
+    x = torch.zeros(32)
+    for _ in range(2):
+        tr.launch(k, (1,), x, 100, 0.5, BLOCK=4, _stream=(0, 99))
+    assert len(k.slow_calls) == 1 and "_stream" not in k.slow_calls[0][2]
+    assert k.compiled.calls == [(1, 1, 1, 99, "fn", "meta", None, None, None, x, 100, 0.5, 4)]
 
 
 def test_a_new_specialization_goes_through_triton(gpu_free_launch):

@@ -5,16 +5,32 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+from torch import Tensor
+
+_INTERPRET: bool | None = None
 
 
 def is_interpreter() -> bool:
-    """True when Triton runs kernels in its CPU interpreter instead of compiling them."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels in its CPU interpreter instead of compiling them.
+
+    Read from ``TRITON_INTERPRET`` once: `triton.jit` makes the same decision when it defines each kernel, so a
+    later change of the variable would not change the kernels anyway, and an environment lookup costs about
+    half a microsecond, several times per launch.
+    """
+    global _INTERPRET
+    if _INTERPRET is None:
+        _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRET
+
+
+def current_stream(device: int) -> int:
+    """The raw handle of ``device``'s current stream, as Triton's own launcher asks for it:
+    torch.cuda.current_stream() builds a Stream object (4.6 µs per call on the H200 machine)."""
+    return _current_stream(device)
 
 
 def _current_stream(device: int) -> int:
-    # the raw handle, as Triton's own launcher asks for it: torch.cuda.current_stream() builds a Stream object
-    # (4.6 µs per call on the H200 machine)
     global _current_stream
     try:
         from torch._C import _cuda_getCurrentRawStream as raw
@@ -66,47 +82,67 @@ def _int_class(a: int):
 
 
 def arg_key(args) -> tuple:
-    """A key that separates every pair of argument lists Triton would compile apart (it may separate more)."""
+    """A key that separates every pair of argument lists Triton would compile apart (it may separate more).
+
+    Flat, with one or two entries per argument, so that building it and looking it up stay cheap (the decode
+    kernel has 52 arguments; a tuple per argument cost twice as much). An int is keyed by its value below 17,
+    else by a code of its class: 17 for an i32 that is not a multiple of 16, 32 for one that is (17 and 32 are
+    themselves of those classes, so a code never stands for ints of another class), a tuple beyond i32. A tensor
+    gives its dtype, then its address modulo 16; a dtype entry always comes with its address entry, so no two
+    argument lists of different kinds flatten to the same key.
+    """
     key = []
     add = key.append
     for a in args:
         t = type(a)
         if t is int:
-            # most arguments are small non-negative ints: one comparison keys them
-            add(a if 0 <= a < 17 else _int_class(a))
-        elif t is torch.Tensor or isinstance(a, torch.Tensor):
-            add((a.dtype, a.data_ptr() & 15 == 0))
+            if 0 <= a < 17:
+                add(a)
+            elif -2147483648 <= a < 2147483648:
+                add(32 if a & 15 == 0 else 17)
+            else:
+                add(_int_class(a))
+        elif t is Tensor:
+            add(a.dtype)
+            add(a.data_ptr() & 15)
         elif t is float or a is None:
             add(t)
         elif t is bool:
             add(("bool",))
+        elif isinstance(a, Tensor):
+            add(a.dtype)
+            add(a.data_ptr() & 15)
         else:
             # anything else (a tensor descriptor, a numpy scalar): not keyed here, so never launched directly
             return None
     return tuple(key)
 
 
-def launch(kernel, grid, *args, **constexprs):
+def launch(kernel, grid, *args, _stream=None, **constexprs):
     """``kernel[grid](*args, **constexprs)``; repeated specializations skip Triton's binding and autotuner dispatch.
 
     ``kernel`` is a ``triton.jit`` function or a ``triton.autotune`` wrapper of one; ``args`` are its leading
     parameters by position, ``constexprs`` the rest by name (a config's tile sizes come from the autotuner).
     ``grid`` is a tuple or a callable of the constexprs and the chosen config. The autotuner's key values are
-    part of the key, so each tuning key keeps its own best config.
+    part of the key, so each tuning key keeps its own best config. ``_stream``, ``(device, raw stream handle)``
+    of the current device, saves looking them up again when the caller already has them.
     """
     if is_interpreter() or not fast_launch_enabled():
         return kernel[grid](*args, **constexprs)
-    import triton
-
     tuned = isinstance(kernel, triton.runtime.Autotuner)
     spec = arg_key(args)
     if spec is None or _hooked(triton.knobs.runtime):
         # profilers hook launches; let Triton call them
         return kernel[grid](*args, **constexprs)
-    device = torch.cuda.current_device()
-    key = (id(kernel), device, spec, tuple(constexprs.items()))
+    if _stream is None:
+        device = torch.cuda.current_device()
+        stream = None
+    else:
+        device, stream = _stream
+    # names and values as two tuples: no pair objects to build and hash on every call
+    key = (id(kernel), device, spec, tuple(constexprs), tuple(constexprs.values()))
     if tuned:
-        key += tuple(args[i] for i in _tuning_positions(kernel) if i < len(args))
+        key += _tuning_values(kernel, args)
     entry = _LAUNCHES.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **constexprs)
@@ -124,7 +160,8 @@ def launch(kernel, grid, *args, **constexprs):
         return kernel[grid](*args, **constexprs)
     compiled, tail, meta = entry
     g = grid(meta) if callable(grid) else grid
-    stream = _current_stream(device)
+    if stream is None:
+        stream = _current_stream(device)
     compiled.run(
         g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, compiled.function,
         compiled.packed_metadata, None, None, None, *args, *tail,
@@ -140,12 +177,13 @@ def _hooked(runtime) -> bool:
     return False
 
 
-_TUNING_POSITIONS: dict = {}
+_TUNING: dict = {}
 
 
-def _tuning_positions(kernel) -> tuple:
-    pos = _TUNING_POSITIONS.get(id(kernel))
+def _tuning_values(kernel, args) -> tuple:
+    """The values of the autotuner's key among ``args`` (its constexprs are in the launch key already)."""
+    pos = _TUNING.get((id(kernel), len(args)))
     if pos is None:
-        pos = tuple(kernel.arg_names.index(k) for k in kernel.keys)
-        _TUNING_POSITIONS[id(kernel)] = pos
-    return pos
+        pos = tuple(i for i in map(kernel.arg_names.index, kernel.keys) if i < len(args))
+        _TUNING[id(kernel), len(args)] = pos
+    return tuple([args[i] for i in pos])

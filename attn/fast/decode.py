@@ -8,8 +8,9 @@ packing).
 Decode reads the whole cache to produce a handful of rows, so it is bound by memory bandwidth, and a batch
 with few ``(sequence, KV head)`` pairs leaves most of the 132 SMs idle. Multi-block mode (split-K,
 "flash-decoding") cuts each cache into ``num_splits`` chunks handled by separate programs; each writes its
-normalised partial output and log-sum-exp, and a second kernel merges them:
-``lse = logsumexp_s(lse_s)``, ``o = Σ_s exp(lse_s − lse)·o_s``.
+normalised partial output and log-sum-exp, and the last program of each pair to finish merges them:
+``lse = logsumexp_s(lse_s)``, ``o = Σ_s exp(lse_s − lse)·o_s``. One launch per call, not two: at small batch a
+launch's host time is comparable to the kernel's, and event-timed callers without CUDA graphs pay it.
 
 Paged caches are read through the block table one key at a time (a gather of block indices per tile), which
 works for any block size, including sizes smaller than the tile.
@@ -25,13 +26,14 @@ import triton.language as tl
 
 from ..checks import check_decode, check_seqlen_hints
 from ..reference.preprocess import RopeScaling
-from ._triton import autotune_enabled, is_interpreter, launch, next_power_of_2
+from ._triton import autotune_enabled, current_stream, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _tanh, relative_bias_operands
 from .kv_cache import quant_code, rope_pairs
 from .preprocess import _cos_sin
 
+# MERGE_TILE: values a tile of the split merge holds, 32 a thread (see _merge_splits)
 CONFIGS = [
-    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+    triton.Config({"BLOCK_N": bn, "MERGE_TILE": 1024 * w}, num_warps=w, num_stages=s)
     # (64, 2, 4) is the best tile for bf16 and FP8 caches at the issue's shapes, (128, 4, 5) for INT8 pages
     # (scripts/decode_probe.py); the rest cover other head counts and lengths
     for bn, w, s in [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4), (64, 2, 4), (128, 4, 5)]
@@ -41,15 +43,15 @@ CONFIGS = [
 # shared memory of each, compiled for sm_90a by scripts/decode_sass.py's method (contiguous, D 128): 132 KiB
 # and 180 KiB
 ROTARY_CONFIGS = [
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "MERGE_TILE": 4096}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "MERGE_TILE": 4096}, num_warps=4, num_stages=4),
 ]
 
 
 def _keep(configs, named_args, **kwargs):
     if named_args["q_ptr"].dtype == torch.float32:
         # IEEE fp32 tiles: small ones, as in the context kernel (this path is for correctness, not speed)
-        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]
+        return [triton.Config({"BLOCK_N": 32, "MERGE_TILE": 4096}, num_warps=4, num_stages=2)]
     if kwargs.get("ROTARY_DIM", 0):
         # RoPE at read time pipelines a partner tile and fp32 cos/sin tiles beside K and V: 64-key tiles in three
         # stages need 244 KiB of shared memory (over the H200's 227), so only these fit
@@ -100,14 +102,14 @@ def _widen(x, dtype: tl.constexpr, INT8_ASM: tl.constexpr):
     ]
 )
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seqlens_ptr, block_table_ptr, alibi_ptr, stride_ab, stride_ah,
-    rel_ptr, stride_rh, stride_rm, rel_md, k_scale_ptr, v_scale_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, part_ptr, count_ptr, seqlens_ptr, block_table_ptr,
+    alibi_ptr, stride_ab, stride_ah, rel_ptr, stride_rh, stride_rm, rel_md, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_bt,
-    stride_ob, stride_om, stride_oh, stride_os,
-    stride_lb, stride_lm, stride_lh, stride_ls,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lm, stride_lh,
     num_heads_kv, seqlen_q, num_splits, min_chunk, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
     qk_scale, cap_log2, window_left, window_right, tune_len, sinks, cos_ptr, sin_ptr, stride_cos,
     ROTARY_DIM: tl.constexpr, GPTJ: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr,
@@ -115,7 +117,8 @@ def _decode_kernel(
     CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr, QUANT: tl.constexpr,
-    MMA_F16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MMA_F16: tl.constexpr, PRECISION: tl.constexpr, SPLIT_MERGE: tl.constexpr, STORE_LSE: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MERGE_TILE: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -294,49 +297,117 @@ def _decode_kernel(
     if QUANT != 0:
         # the output is linear in V: its scale applies once, here
         out = out * v_scale
-    o_rows = o_ptr + b64 * stride_ob + tok * stride_om + head * stride_oh + split * stride_os
     o_mask = row_valid[:, None] & d_mask[None, :]
-    tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=o_mask)
-    # m_i is in log2 units; ln(sum exp(s)) = (m + log2(l)) * ln(2)
-    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(lse_ptr + b64 * stride_lb + tok * stride_lm + head * stride_lh + split * stride_ls, lse, mask=row_valid)
+    if not SPLIT_MERGE:
+        o_rows = o_ptr + b64 * stride_ob + tok * stride_om + head * stride_oh
+        tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=o_mask)
+        if STORE_LSE:
+            # m_i is in log2 units; ln(sum exp(s)) = (m + log2(l)) * ln(2)
+            lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+            tl.store(lse_ptr + b64 * stride_lb + tok * stride_lm + head * stride_lh, lse, mask=row_valid)
+    else:
+        lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        # this chunk's normalised partial and its log-sum-exp, in float32 at part_ptr: for each (sequence, KV
+        # head) pair a [rows, splits, D] block of outputs, and after all of them the [rows, splits] log-sum-exps
+        rows = seqlen_q * GROUP
+        pair_row = pid_bh.to(tl.int64) * rows
+        part_row = (pair_row + offs_r) * num_splits + split
+        tl.store(part_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=o_mask)
+        lse_part = part_ptr + tl.num_programs(0).to(tl.int64) * rows * num_splits * HEAD_DIM
+        tl.store(lse_part + part_row, lse, mask=row_valid)
+        # The last of the pair's programs to get here merges all of its partials (one launch instead of a
+        # second, merging kernel: at small batch each launch costs more host time than the GPU spends on it).
+        # Every program of the pair arrives, empty chunks included, so the count to wait for is num_splits.
+        # Ordering: the barrier makes every thread's partial stores happen before the atomic, whose release
+        # (cumulative in PTX's memory model) publishes them at GPU scope; the merging program's acquire, and
+        # the barrier Triton puts after a scalar atomic to hand its result to every thread, order its reads
+        # after all of them. Its reads bypass L1 (.cg), which is not coherent across SMs.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            tl.debug_barrier()
+            _merge_splits(
+                part_ptr + pair_row * num_splits * HEAD_DIM, lse_part + pair_row * num_splits, o_ptr, lse_ptr,
+                b64, h_kv, rows, num_splits, stride_ob, stride_om, stride_oh, stride_lb, stride_lm, stride_lh,
+                GROUP, HEAD_DIM, HEAD_DIM_PAD, STORE_LSE, MERGE_ROWS, MERGE_TILE,
+            )  # fmt: skip
+            # back to zero for the next launch on this stream (kernels on one stream, or a graph's replays,
+            # run one after another; nothing else of this launch touches the pair's counter any more)
+            tl.store(count_ptr + pid_bh, 0)
 
 
 @triton.jit
-def _combine_kernel(
-    o_part_ptr, lse_part_ptr, o_ptr, lse_ptr,
-    seqlen_q, num_heads_q, num_splits,
-    stride_ob, stride_om, stride_oh, stride_lb, stride_lh, stride_lm,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+def _merge_splits(
+    o_part, lse_part, o_ptr, lse_ptr, b64, h_kv, rows, num_splits,
+    stride_ob, stride_om, stride_oh, stride_lb, stride_lm, stride_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, STORE_LSE: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, MERGE_TILE: tl.constexpr,
 ):  # fmt: skip
-    # one program per (sequence, new token, query head) row; partials are laid out [row, split, D]
-    row = tl.program_id(0)
-    h = row % num_heads_q
-    tok = (row // num_heads_q) % seqlen_q
-    b = row // (num_heads_q * seqlen_q)
-    offs_s = tl.arange(0, BLOCK_S)
+    """One pair's outputs from its split partials: ``lse = logsumexp_s(lse_s)``, ``o = Σ_s exp(lse_s − lse)·o_s``.
+
+    This runs after the last partial is written, so its latency adds to the kernel's. It works on ``[rows,
+    splits, D]`` tiles of ``MERGE_TILE`` values (32 a thread), two loaded per iteration, and every lane of the
+    splits axis keeps its own running maximum and sums, so nothing inside the loop waits on a reduction across
+    threads: the loads of an iteration depend only on its index. The lanes are combined once at the end.
+    """
+    ROW_T: tl.constexpr = min(MERGE_ROWS, max(MERGE_TILE // HEAD_DIM_PAD, 1))
+    S_T: tl.constexpr = max(MERGE_TILE // (ROW_T * HEAD_DIM_PAD), 1)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    s_mask = offs_s < num_splits
-    # [BLOCK_S]
-    lse_s = tl.load(lse_part_ptr + row.to(tl.int64) * num_splits + offs_s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - m_safe)
-    total = tl.sum(w, 0)
-    # [BLOCK_S, HEAD_DIM_PAD]
-    o_s = tl.load(
-        o_part_ptr + (row.to(tl.int64) * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
-        mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
-    out = tl.sum(o_s * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
-    lse = tl.where(total > 0.0, m_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
-    tl.store(
-        o_ptr + b.to(tl.int64) * stride_ob + tok * stride_om + h * stride_oh + offs_d,
-        out.to(o_ptr.dtype.element_ty),
-        mask=offs_d < HEAD_DIM,
-    )
-    tl.store(lse_ptr + b.to(tl.int64) * stride_lb + h * stride_lh + tok * stride_lm, lse)
+    d_mask = offs_d < HEAD_DIM
+    offs_t = tl.arange(0, S_T)
+    for r0 in range(0, rows, ROW_T):
+        r = r0 + tl.arange(0, ROW_T)
+        r_mask = r < rows
+        lse_rows = lse_part + r * num_splits
+        o_rows = o_part + r * num_splits * HEAD_DIM
+        m_lane = tl.full([ROW_T, S_T], float("-inf"), dtype=tl.float32)
+        w_sum = tl.zeros([ROW_T, S_T], dtype=tl.float32)
+        acc = tl.zeros([ROW_T, S_T, HEAD_DIM_PAD], dtype=tl.float32)
+        for s0 in range(0, num_splits, 2 * S_T):
+            sa = s0 + offs_t
+            sb = sa + S_T
+            # every partial read here was written by its program (empty chunks write zeros and -inf); masked
+            # lanes read -inf and 0, so they weigh nothing
+            mask_a = r_mask[:, None] & (sa < num_splits)[None, :]
+            mask_b = r_mask[:, None] & (sb < num_splits)[None, :]
+            lse_a = tl.load(lse_rows[:, None] + sa[None, :], mask=mask_a, other=float("-inf"), cache_modifier=".cg")
+            lse_b = tl.load(lse_rows[:, None] + sb[None, :], mask=mask_b, other=float("-inf"), cache_modifier=".cg")
+            o_a = tl.load(
+                o_rows[:, None, None] + (sa * HEAD_DIM)[None, :, None] + offs_d[None, None, :],
+                mask=mask_a[:, :, None] & d_mask[None, None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            o_b = tl.load(
+                o_rows[:, None, None] + (sb * HEAD_DIM)[None, :, None] + offs_d[None, None, :],
+                mask=mask_b[:, :, None] & d_mask[None, None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            m_new = tl.maximum(m_lane, tl.maximum(lse_a, lse_b))
+            # a lane that has seen only empty splits keeps m = -inf; subtracting 0 instead avoids inf - inf
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_lane - m_safe)
+            w_a = tl.exp(lse_a - m_safe)
+            w_b = tl.exp(lse_b - m_safe)
+            acc = acc * alpha[:, :, None] + w_a[:, :, None] * o_a + w_b[:, :, None] * o_b
+            w_sum = w_sum * alpha + w_a + w_b
+            m_lane = m_new
+        m = tl.max(m_lane, 1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        scale = tl.exp(m_lane - m_safe[:, None])
+        total = tl.sum(w_sum * scale, 1)
+        has_key = total > 0.0
+        t_safe = tl.where(has_key, total, 1.0)
+        out = tl.sum(acc * scale[:, :, None], 1) / t_safe[:, None]
+        tok = r // GROUP
+        head = h_kv * GROUP + r % GROUP
+        out_rows = o_ptr + b64 * stride_ob + tok * stride_om + head * stride_oh
+        tl.store(out_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=r_mask[:, None] & d_mask[None, :])  # fmt: skip
+        if STORE_LSE:
+            lse_out = tl.where(has_key, m_safe + tl.log(t_safe), float("-inf"))
+            tl.store(lse_ptr + b64 * stride_lb + tok * stride_lm + head * stride_lh, lse_out, mask=r_mask)
 
 
 _decode_tuned = triton.autotune(
@@ -363,35 +434,45 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv is a constexpr function now, about 2 µs a call from plain Python
+    return -(-a // b)
+
+
 MIN_SPLIT_KEYS = 2048
+# the shortest part when a batch too small to fill the GPU is cut (see choose_num_splits)
+SPLIT_KEYS = 4096
 F16_MAX = 65504.0
 
 
 def choose_num_splits(
     batch: int, num_heads_kv: int, max_seqlen_k: int, num_sms: int, total_seqlen_k: int | None = None
 ) -> int:
-    """Multi-block heuristic: up to about eight waves of programs, but no split shorter than 2048 keys.
+    """Multi-block heuristic: up to about eight waves of programs, but no split shorter than 4096 keys.
 
     ``B·Hkv`` programs already fill the GPU when they are more than the SMs; below that, each cache is cut
-    into parts until about ``8·num_sms`` programs exist, as long as each part keeps 2048 keys or more to
-    amortize its partial writes and the merge. Measured on the H200 (scripts/split_probe.py): B8 Hkv8 L32768
-    reads 3.79 TB/s with 5 splits and 4.07 with 16; B1 Hkv8 L131072 peaks near 3.8 TB/s for 16 to 64 splits
-    and drops below 2.8 at 264 (1024 keys per split is past the point where the merge pays).
+    into parts until about ``8·num_sms`` programs exist, as long as each part keeps 4096 keys or more to
+    amortize its partial writes, its arrival at the pair's counter and the merge. The merge runs in the last
+    program of each pair, at the end of the kernel, so fewer, longer parts pay; measured on the H200 with the
+    autotuned kernel (event-timed, TB/s): B1 Hkv8 L131072 3.64 at 64 splits, 3.86 at 32, 3.96 at 16; B4 L65536
+    4.06 at 32, 4.15 at 16; B8 L32768 4.10 at 16, 4.17 at 8. 4096 keys choose 32, 16 and 8 of those. (With a
+    separate merging kernel, scripts/split_probe.py had found B1 near 3.8 TB/s for 16 to 64 splits and B8 3.79
+    at 5 splits, 4.07 at 16.)
 
     With ``total_seqlen_k`` (the sum of the lengths), a ragged batch (longest cache over 1.5 times the mean) is cut
     even when ``B·Hkv`` fills the GPU, because then the programs of the longest caches set the time while most SMs
     idle (B32 Hkv8, lengths 128..8192, unsplit: 3.31 TB/s). The longest caches are cut into parts of at most
-    ``total·Hkv / (2·num_sms)`` keys, about what each of two programs per SM would get if the work were spread
-    evenly; `decode`'s minimum part length of 2048 keys keeps the short caches whole.
+    ``total·Hkv / (2·num_sms)`` keys (and at least 2048), about what each of two programs per SM would get if the
+    work were spread evenly; `decode`'s minimum part length of 2048 keys keeps the short caches whole.
     """
     programs = max(batch * num_heads_kv, 1)
     if programs >= num_sms:
         if total_seqlen_k is None or batch == 0 or max_seqlen_k <= 1.5 * total_seqlen_k / batch:
             return 1
         target = max(MIN_SPLIT_KEYS, total_seqlen_k * num_heads_kv // (2 * num_sms))
-        return min(triton.cdiv(max_seqlen_k, target), 256)
-    splits = triton.cdiv(8 * num_sms, programs)
-    return max(1, min(splits, triton.cdiv(max(max_seqlen_k, 1), 2048), 256))
+        return min(_cdiv(max_seqlen_k, target), 256)
+    splits = _cdiv(8 * num_sms, programs)
+    return max(1, min(splits, _cdiv(max(max_seqlen_k, 1), SPLIT_KEYS), 256))
 
 
 def decode(
@@ -474,31 +555,36 @@ def decode(
         validate=validate, dtypes=(torch.float16, torch.bfloat16, torch.float32),
         sink_token_length=sink_token_length, rotary_dim=rotary_dim, rope_style=rope_style,
     )  # fmt: skip
-    check_seqlen_hints(max_seqlen_k, total_seqlen_k)
+    if max_seqlen_k is not None or total_seqlen_k is not None:
+        check_seqlen_hints(max_seqlen_k, total_seqlen_k)
     if args.head_dim > 256:
         raise ValueError(f"q's head dim must be at most 256 for the decode kernel, got {args.head_dim}")
-    if q.device.type != "cuda" and not is_interpreter():
+    interpret = is_interpreter()
+    if not q.is_cuda and not interpret:
         raise ValueError(f"q must be a CUDA tensor (or run with TRITON_INTERPRET=1), got device {q.device}")
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        # a cache is updated in place by the append step, so it is never silently copied here
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name} must have unit stride along the head dim, got strides {x.stride()}")
+    # a cache is updated in place by the append step, so it is never silently copied here
+    if k_cache.stride(-1) != 1:
+        raise ValueError(f"k_cache must have unit stride along the head dim, got strides {k_cache.stride()}")
+    if v_cache.stride(-1) != 1:
+        raise ValueError(f"v_cache must have unit stride along the head dim, got strides {v_cache.stride()}")
     if q.stride(-1) != 1:
         q = q.contiguous()
     if cache_indirection is not None and cache_indirection.stride(-1) != 1:
         cache_indirection = cache_indirection.contiguous()
 
     bsz, sq, hq, d = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(bsz, hq, sq, dtype=torch.float32, device=q.device)
-    if q.numel() == 0:
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # the log-sum-exp is written only when asked for: serving loops never read it
+    lse = torch.empty((bsz, hq, sq), dtype=torch.float32, device=q.device) if return_lse else None
+    if bsz == 0 or hq == 0 or d == 0:
         return (out, lse) if return_lse else out
 
+    hkv = args.num_heads_kv
     # a forced split count is taken literally (tests rely on it to cut even tiny caches); a chosen one comes with
     # the heuristic's minimum part length
     min_chunk = 0 if num_splits is not None else MIN_SPLIT_KEYS
     if num_splits is None:
-        sms = 132 if is_interpreter() else _num_sms(q.device.index or 0)
+        sms = 132 if interpret else _num_sms(q.device.index or 0)
         if validate:
             # the checks read the lengths on the host anyway
             max_len, total = args.max_seqlen_k, int(cache_seqlens.sum())
@@ -509,25 +595,27 @@ def decode(
         if max_attention_window is not None:
             max_len = min(max_len, max_attention_window)
             total = None
-        num_splits = choose_num_splits(bsz, args.num_heads_kv, max_len, sms, total_seqlen_k=total)
+        num_splits = choose_num_splits(bsz, hkv, max_len, sms, total_seqlen_k=total)
     group = args.group_size
-    block_m = max(16, next_power_of_2(sq * group))
-    head_dim_pad = max(16, next_power_of_2(d))
     if args.softcap > 0:
         qk_scale, cap_log2 = args.scale / args.softcap, args.softcap * LOG2E
     else:
         qk_scale, cap_log2 = args.scale * LOG2E, 0.0
 
-    if num_splits == 1:
-        o_dst, l_dst = out, lse
-        o_strides = (out.stride(0), out.stride(1), out.stride(2), 0)
-        l_strides = (lse.stride(0), lse.stride(2), lse.stride(1), 0)
+    stream = None
+    if num_splits > 1:
+        # one float32 buffer for the partial outputs [B·Hkv, Sq·G, splits, D] and, after them, their
+        # log-sum-exps [B·Hkv, Sq·G, splits]; the kernel merges them (see _decode_kernel)
+        part = torch.empty(bsz * sq * hq * num_splits * (d + 1), dtype=torch.float32, device=q.device)
+        if interpret:
+            counters = _split_counters(q.device, q.device, bsz * hkv)
+        else:
+            # the device Triton launches on, and its stream (launch is handed both, so it looks neither up again)
+            device = torch.cuda.current_device()
+            stream = (device, current_stream(device))
+            counters = _split_counters(stream, q.device, bsz * hkv)
     else:
-        # partials [B, Sq, Hq, splits, D] and [B, Sq, Hq, splits], merged by the combine kernel
-        o_dst = torch.empty(bsz, sq, hq, num_splits, d, dtype=torch.float32, device=q.device)
-        l_dst = torch.empty(bsz, sq, hq, num_splits, dtype=torch.float32, device=q.device)
-        o_strides = (o_dst.stride(0), o_dst.stride(1), o_dst.stride(2), o_dst.stride(3))
-        l_strides = (l_dst.stride(0), l_dst.stride(1), l_dst.stride(2), l_dst.stride(3))
+        part = counters = cache_seqlens
 
     rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias, cache_seqlens)
     if rotary_dim:
@@ -545,21 +633,21 @@ def decode(
                 f"q must lie within fp16's range (|q| <= {F16_MAX}) over an INT8/FP8 cache, whose products run "
                 f"in fp16; got max |q| = {q_max}"
             )
-    bt = block_table if block_table is not None else cache_seqlens
-    bt_stride = block_table.stride(0) if block_table is not None else 0
-    kw = dict(
-        GROUP=group, HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, IS_PAGED=args.paged,
-        CYCLIC=max_attention_window is not None, HAS_INDIRECTION=cache_indirection is not None,
-        HAS_WINDOW_LEFT=args.window_left >= 0, HAS_WINDOW_RIGHT=args.window_right >= 0,
-        HAS_SOFTCAP=args.softcap > 0, HAS_ALIBI=args.alibi_slopes is not None,
-        ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode, QUANT=quant, MMA_F16=mma_f16,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
-    )  # fmt: skip
+    kw = {
+        "GROUP": group, "HEAD_DIM": d, "HEAD_DIM_PAD": max(16, next_power_of_2(d)), "IS_PAGED": args.paged,
+        "CYCLIC": max_attention_window is not None, "HAS_INDIRECTION": cache_indirection is not None,
+        "HAS_WINDOW_LEFT": args.window_left >= 0, "HAS_WINDOW_RIGHT": args.window_right >= 0,
+        "HAS_SOFTCAP": args.softcap > 0, "HAS_ALIBI": args.alibi_slopes is not None,
+        "ALIBI_WITH_SCALE": args.alibi_with_scale, "REL_MODE": rel_mode, "QUANT": quant, "MMA_F16": mma_f16,
+        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32", "SPLIT_MERGE": num_splits > 1,
+        "STORE_LSE": bool(return_lse), "MERGE_ROWS": next_power_of_2(sq * group) if num_splits > 1 else 1,
+        "BLOCK_M": max(16, next_power_of_2(sq * group)),
+    }  # fmt: skip
     if autotune_enabled():
         kernel = _decode_tuned
     else:
         kernel = _decode_kernel
-        if is_interpreter():
+        if interpret:
             kw.update(BLOCK_N=16, num_warps=4, num_stages=1)
         elif q.dtype == torch.float32:
             kw.update(BLOCK_N=32, num_warps=4, num_stages=2)
@@ -567,18 +655,24 @@ def decode(
             kw.update(BLOCK_N=64, num_warps=4, num_stages=2)  # see ROTARY_CONFIGS
         else:
             kw.update(BLOCK_N=64, num_warps=4, num_stages=3)
+        # as in CONFIGS; under the interpreter a small tile, so that the tests' few splits and rows take several
+        kw["MERGE_TILE"] = 256 if interpret else 1024 * kw["num_warps"]
+    slopes = args.alibi_slopes
+    if lse is None:
+        lse_t, lse_strides = cache_seqlens, (0, 0, 0)
+    else:
+        lse_t, lse_strides = lse, (lse.stride(0), lse.stride(2), lse.stride(1))
     launch(
-        kernel, (bsz * args.num_heads_kv, num_splits),
-        q, k_cache, v_cache, o_dst, l_dst, cache_seqlens, bt,
-        args.alibi_slopes if args.alibi_slopes is not None else cache_seqlens,
-        *(args.alibi_slopes.stride() if args.alibi_slopes is not None else (0, 0)),
+        kernel, (bsz * hkv, num_splits),
+        q, k_cache, v_cache, out, lse_t, part, counters, cache_seqlens,
+        block_table if block_table is not None else cache_seqlens,
+        slopes if slopes is not None else cache_seqlens, *(slopes.stride() if slopes is not None else (0, 0)),
         rel_t, *rel_strides, rel_md,
         args.k_scale if quant else cache_seqlens, args.v_scale if quant else cache_seqlens,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        bt_stride, *o_strides, *l_strides,
-        args.num_heads_kv, sq, num_splits, min_chunk, max_attention_window or 1,
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+        block_table.stride(0) if block_table is not None else 0,
+        *out.stride()[:3], *lse_strides,
+        hkv, sq, num_splits, min_chunk, max_attention_window or 1,
         cache_indirection if cache_indirection is not None else cache_seqlens,
         *(cache_indirection.stride()[:2] if cache_indirection is not None else (0, 0)),
         cache_indirection.shape[1] if cache_indirection is not None else 1,
@@ -588,14 +682,35 @@ def decode(
         ROTARY_DIM=rotary_dim, GPTJ=rope_style == "gptj",
         # a compile-time page size turns the per-key division and remainder into shifts (pages are powers of
         # two in practice; others compile to multiply-high sequences)
-        PAGE_SIZE=args.page_size if args.paged else 1, INT8_ASM=not is_interpreter(),
-        **kw,
+        PAGE_SIZE=args.page_size if args.paged else 1, INT8_ASM=not interpret,
+        _stream=stream, **kw,
     )  # fmt: skip
-    if num_splits > 1:
-        launch(
-            _combine_kernel, (bsz * sq * hq,),
-            o_dst, l_dst, out, lse, sq, hq, num_splits,
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-            HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, BLOCK_S=max(2, next_power_of_2(num_splits)),
-        )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+# Split-merge arrival counters: one int32 per (sequence, KV head) pair, zeroed when made and left at zero by every
+# launch (the merging program resets its pair's). They are kept per (device, stream): launches on one stream run
+# one after another and can share them, launches on two streams may overlap and must not. CUDA graphs captured
+# on one stream share that stream's counters, so such graphs must not be replayed concurrently with each other
+# or with eager decode calls on that stream (replaying one graph at a time, as serving loops do, is fine).
+_COUNTERS: dict = {}
+# counters replaced by larger ones stay allocated: a CUDA graph may hold their address
+_RETIRED: list = []
+
+
+def _split_counters(stream, device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` zeroed counters on ``device`` for launches on ``stream``: ``(device index, stream handle)``
+    on a GPU, the device itself under the interpreter (whose programs run one at a time)."""
+    buf = _COUNTERS.get(stream)
+    if buf is not None and buf.shape[0] >= n:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # a buffer made now is zeroed only when the graph replays (the memset is captured), so it serves this
+        # call alone: each replay zeroes it before the kernel runs. Capturing after an eager call on the same
+        # stream (a warm-up) uses the cached counters instead, without the memset.
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    if buf is not None:
+        _RETIRED.append(buf)
+    buf = torch.zeros(max(n, 1024, 2 * (buf.shape[0] if buf is not None else 0)), dtype=torch.int32, device=device)
+    _COUNTERS[stream] = buf
+    return buf

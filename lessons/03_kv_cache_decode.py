@@ -491,8 +491,9 @@ for shape, c in decode.items():
 #   a separate probe of split counts (`bench/results/decode_split_probe_2026-11-28.log`, lesson 05) measured
 #   3.75 TB/s for the same shape and about the same split count. As `bench/NOTES.md` records, our three B1
 #   variants all took 0.24-0.25 ms whatever their split count, which looks like a fixed cost (host-side launch
-#   overhead, two launches, the autotuner's dispatch) rather than the kernel's reading speed. Until that is
-#   explained, read this row as an open question, not as the kernel's speed.
+#   overhead, two launches, the autotuner's dispatch) rather than the kernel's reading speed. It was: lesson 05
+#   shows CUDA-graph replays at 4.12 TB/s for the same kernel, and after the launch path, the checks and the
+#   merge were reworked (one launch, 55-86 µs of host time), event-timed B1 reads 3.88 TB/s.
 # - FlashAttention-2 through SDPA ("FA2") is slow on the short-cache shapes; FlexAttention (in this torch)
 #   falls to 0.9 and 0.1 TB/s as the batch shrinks and the cache grows, the behaviour of a kernel that does
 #   not split the cache across SMs. The peers were run in the same process on the same inputs; PERF.md lists

@@ -32,8 +32,10 @@
 # numbers come from files measured on an H200, not from your machine.
 
 # %%
+import inspect
 import json
 import re
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -89,8 +91,9 @@ for b, hq, hkv, length in shapes:
 #
 # Cut each sequence's cache into $n$ chunks and launch $B \cdot H_{kv} \cdot n$ programs. Program $s$ attends
 # the new token's queries to its chunk only, as if the chunk were the whole cache, and writes a *partial*
-# result: its normalized output $o_s$ and the log-sum-exp $\ell_s$ of its scores. A second, tiny kernel
-# merges the $n$ partials of each query row into the final output.
+# result: its normalized output $o_s$ and the log-sum-exp $\ell_s$ of its scores. Then the $n$ partials of
+# each query row are merged into the final output: by a second, tiny kernel in FlashDecoding, and in `attn` by
+# whichever program of the sequence finishes last (section 5).
 
 # %%
 fig, ax = plt.subplots(figsize=(9, 3.6))
@@ -244,9 +247,26 @@ assert lse_none.item() == float("-inf") and o_none.abs().max().item() == 0
 #
 # whole tiles of `BLOCK_N` keys, so that no tile is shared by two programs. Every sequence of a batch gets
 # the same $n$, so a short sequence in a batch with long ones ends up with empty trailing splits: they write
-# $o_s = 0$, $\ell_s = -\infty$, and the merge kernel ignores them. The partials are kept in float32 whatever
+# $o_s = 0$, $\ell_s = -\infty$, and the merge ignores them. The partials are kept in float32 whatever
 # the input dtype, and only the merged output is rounded to it.
 #
+# **Who merges.** A separate merging kernel is the textbook form, but every launch costs the host tens of
+# microseconds, and at small batch, where splitting matters, the kernel itself takes little more than a hundred:
+# two launches made an eager B1 L131072 call host-bound (2.2 TB/s instead of 4.0 on one H200 host). So the merge
+# runs inside the same launch, as TensorRT-LLM's multi-block mode does it. After writing its partial, each
+# program adds 1 to a counter of its (sequence, KV head) pair; the program that sees $n - 1$ is the last, reads
+# all $n$ partials back and writes the output, then puts the counter back to 0 for the next call. Two things
+# make that safe: a barrier before the atomic (every thread's partial stores happen before it) with the
+# atomic's release and acquire at GPU scope (the stores are visible to the SM that merges), and reads that skip
+# the merging SM's L1 cache, which is not kept coherent with other SMs' writes:
+
+# %%
+# the package exports the function `decode`, which hides the module of the same name
+_src = inspect.getsource(sys.modules["attn.fast.decode"]._decode_kernel.fn)
+_a = _src.index("        tl.debug_barrier()\n        arrived")
+print(_src[_a : _src.index("\n", _src.index("if arrived", _a))])
+
+# %% [markdown]
 # Under the interpreter the kernel uses `BLOCK_N = 16` (on a GPU the autotuner picks 32 to 128). Here are the
 # chunks of a batch with lengths 70, 33 and 3, for a few split counts:
 
@@ -312,14 +332,15 @@ for dtype in dtypes:
 #
 # More splits mean more programs, but each one also pays fixed costs: it loads its queries, fills its loop's
 # software pipeline, writes a partial of $S_q \cdot H_q \cdot (D + 1)$ float32 numbers, and all of them are read
-# back by the merge, a second launch. With too many, chunks become a tile or two long and those costs dominate.
+# back by the merging program, which works while the rest of the GPU may already be idle. With too many, chunks
+# become a tile or two long and those costs dominate.
 # The heuristic, `attn.fast.choose_num_splits(batch, num_heads_kv, max_seqlen_k, num_sms)` (and
 # `total_seqlen_k`, for ragged batches: below):
 #
 # - if $B \cdot H_{kv} \ge$ the number of SMs, no split: the grid already fills the GPU;
 # - otherwise aim at about eight "waves", $8 \cdot 132$ programs, so that every SM has several programs to
 #   overlap and the last, partial wave is a small fraction of the run;
-# - but never chunks shorter than 2048 keys, and never more than 256 splits.
+# - but never chunks shorter than 4096 keys, and never more than 256 splits.
 #
 # What it picks for the benchmark's shapes (B64, B8, B1 with 32/8 heads at three lengths, and the MHA shape),
 # with `num_sms = 132`:
@@ -348,7 +369,7 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The rising part of each curve is the 2048-key floor; the flat part is the eight-wave target, $\lceil 1056 /
+# The rising part of each curve is the 4096-key floor; the flat part is the eight-wave target, $\lceil 1056 /
 # (8B) \rceil$ splits for $H_{kv} = 8$.
 #
 # ### What the H200 says
@@ -357,7 +378,8 @@ plt.show()
 # one new token), `scripts/split_probe.py`, whose output is `bench/results/decode_split_probe_2026-11-28.log`:
 # the K/V read rate for the two long-cache shapes at several forced split counts. The "(auto)" marks in the
 # log are the heuristic of that day (two waves, at least 512 keys per split), which picked 5 and 33 splits;
-# the current heuristic picks 16 and 64. For scale, the dotted lines are cuDNN on the same shapes in the
+# the heuristic that followed this probe picked 16 and 64, and the current one (merge in the kernel, below)
+# picks 8 and 32. For scale, the dotted lines are cuDNN on the same shapes in the
 # benchmark run `decode_H200_2026-11-28_v2.json`, a separate process on the same day.
 
 # %%
@@ -428,8 +450,11 @@ for b, length in ((8, 32768), (1, 131072)):
 # %% [markdown]
 #   A few percent cannot halve the speed. What changes is the length of each program's work: 124 keys is about
 #   two tiles of 64, too short for a loop pipelined three or four tiles deep to ever reach its steady state, so
-#   the fixed costs of each program (and the tail of a grid of 16896 programs) dominate. Hence the
-#   2048-key floor.
+#   the fixed costs of each program (and the tail of a grid of 16896 programs) dominate. Hence a floor on the
+#   chunk: 2048 keys with the separate merging kernel of this probe. Since the merge moved into the last
+#   program of each pair, its time grows with $n$ and sits at the end of the kernel: at B1 L131072 the atomic
+#   and the merge cost about 13 µs at 64 splits and 3 µs at 32 (event-timed 3.64 and 3.86 TB/s, 3.96 at 16).
+#   The floor is now 4096 keys, which picks 32 splits there and 8 for B8 L32768 (4.17 TB/s).
 #
 # **The benchmark's B1 puzzle, solved.** With 64 splits, one benchmark run (`decode_H200_2026-11-28_v2.json`)
 # measured B1 L131072 at 2.13 TB/s, 0.54 of cuDNN, while the probe read 3.75 TB/s at 66 splits. The benchmark
@@ -437,7 +462,11 @@ for b, length in ((8, 32768), (1, 131072)):
 # graph replays B1 reads 4.12 TB/s (0.96 of cuDNN's 4.27), and one call of `attn.fast.decode` costs the host
 # 126-247 µs (checks, two launches with about sixty arguments each, the autotuner's dispatch) against 17-37 µs
 # for SDPA. The kernel takes about 130 µs, so an event-timed loop measured the host. Serving engines replay
-# their decode step from a CUDA graph, which removes that cost; an eager caller pays it on every layer.
+# their decode step from a CUDA graph, which removes that cost; an eager caller pays it on every layer. Since
+# then, kernels launch through `attn.fast._triton.launch` (the compiled kernel's C launcher, after the first
+# call), the checks for `validate=False` got cheaper, and the merge joined the split kernel: one launch and
+# 55-86 µs of host time per call, and B1 L131072 event-timed at 3.88 TB/s
+# (`decode_merge_H200_2026-11-29_run4.log`).
 
 # %%
 graph = json.loads((RESULTS / "decode_H200_2026-11-28_v3_graph.json").read_text())
@@ -501,7 +530,9 @@ plt.show()
 #   $\ell_s$ and replace $-\infty$ by 0 there, so that a row with no keys at all ends as $o = 0$, $\ell = -\infty$.
 # - `attn.fast.decode(..., num_splits=n)` gives the reference's answer for every $n$, up to rounding; `None`
 #   asks `choose_num_splits`: no split once $B \cdot H_{kv} \ge$ SMs, else about eight waves, chunks of at
-#   least 2048 keys; a ragged batch's longest caches are cut even when the grid is full.
+#   least 4096 keys; a ragged batch's longest caches are cut even when the grid is full.
+# - The last program of each (sequence, KV head) to finish does the merge, found by an atomic counter: one
+#   launch per call, which is what an eager caller's host time needs.
 # - On the H200, splitting brings B8 L32768 from 3.79 to 4.07-4.13 TB/s and B1 L131072 to 4.12 (graph
-#   replays); too many splits (chunks of a few hundred keys) halve the speed. Eager calls pay 0.13-0.25 ms of
-#   host time each, which CUDA graphs remove.
+#   replays); too many splits (chunks of a few hundred keys) halve the speed. Eager calls paid 0.13-0.25 ms of
+#   host time each with two launches through Triton; one direct launch pays 55-86 µs.

@@ -57,6 +57,11 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the launchers' grids: `triton.cdiv` costs ~1.5 µs per call from Python."""
+    return -(-a // b)
+
+
 # Launching without Triton's per-call work
 #
 # `kernel[grid](*args)` binds every argument, works out its specialization (dtype, 16-byte alignment, ints equal

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..checks import check_attention
-from ._triton import autotune_enabled, is_interpreter, launch, next_power_of_2
+from ._triton import autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
 # at least the distances one prefill tile spans, rounded up to a power of two (2·max(BLOCK_M, BLOCK_N) <= 256
@@ -687,7 +687,7 @@ def attention(
 
     def grid(meta):
         # one flat axis (its limit is 2^31 - 1, a second axis's only 65535): row blocks of a head adjacent
-        return (args.batch * args.num_heads_q * triton.cdiv(max_rows, meta["BLOCK_M"]),)
+        return (args.batch * args.num_heads_q * cdiv(max_rows, meta["BLOCK_M"]),)
 
     rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias, seq_q)
     slopes = args.alibi_slopes if args.alibi_slopes is not None else seq_q

@@ -22,12 +22,11 @@ which no band of the kernel expresses. They are at most a handful of keys, so th
 from __future__ import annotations
 
 import torch
-import triton
 
 from ..checks import ContextArgs, check_context
 from ..reference.attention import scale_and_cap
 from ..reference.preprocess import RopeScaling, rope_inv_freq, rotate_pairs
-from ._triton import autotune_enabled, is_interpreter, launch, next_power_of_2
+from ._triton import autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _attn_fwd_kernel, _attn_fwd_tuned, _fixed_config, attention, relative_bias_operands
 from .kv_cache import gather_window, quant_code
 
@@ -162,7 +161,7 @@ def context_attention(
 
     def grid(meta):
         # a program: one KV head's `pack` query heads over BLOCK_M // pack tokens of one sequence
-        return (c.batch * (c.num_heads_q // pack) * triton.cdiv(max_rows, meta["BLOCK_M"] // pack),)
+        return (c.batch * (c.num_heads_q // pack) * cdiv(max_rows, meta["BLOCK_M"] // pack),)
 
     quant = quant_code(k_cache.dtype)
     placeholder = cache_seqlens

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..checks import check_append
 from ..layout import new_token_positions
-from ._triton import is_interpreter, launch, next_power_of_2
+from ._triton import cdiv, is_interpreter, launch, next_power_of_2
 
 
 @triton.jit
@@ -177,7 +177,7 @@ def append_kv(
     v_inv = 1.0 / args.v_scale if quant else tok_seq
     block_t = 16 if is_interpreter() else 32
     launch(
-        _append_kernel, (triton.cdiv(num_tokens, block_t), hkv),
+        _append_kernel, (cdiv(num_tokens, block_t), hkv),
         k_flat, v_flat, k_cache, v_cache, tok_seq, tok_pos, bt, k_inv, v_inv,
         k_flat.stride(0), k_flat.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -301,7 +301,7 @@ def gather_window(
     placeholder = row_seq
     block_t = 16 if is_interpreter() else 32
     launch(
-        _gather_window_kernel, (triton.cdiv(num_rows, block_t), hkv),
+        _gather_window_kernel, (cdiv(num_rows, block_t), hkv),
         k_cache, v_cache, k_new, v_new, k_out, v_out,
         row_seq, row_tok, row_pos if row_pos is not None else placeholder, cache_seqlens, cu_seqlens_new,
         block_table if block_table is not None else placeholder,

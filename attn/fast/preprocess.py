@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..checks import check_preprocess, cyclic_slot
 from ..reference.preprocess import RopeScaling, _lengths_after, cache_positions, rope_cos_sin
-from ._triton import is_interpreter, launch, next_power_of_2
+from ._triton import cdiv, is_interpreter, launch, next_power_of_2
 from .kv_cache import _quantize, cache_slot, quant_code
 
 
@@ -241,7 +241,7 @@ def launch_preprocess(
         v_inv = 1.0 / args.append.v_scale if quant else tok_seq
         block_t = 16 if is_interpreter() else 32
         launch(
-            _preprocess_kernel, (triton.cdiv(num_tokens, block_t), num_heads_q + num_heads_kv),
+            _preprocess_kernel, (cdiv(num_tokens, block_t), num_heads_q + num_heads_kv),
             rows, qkv_bias if qkv_bias is not None else rows, q, k_cache, v_cache, cos, sin,
             tok_seq, slot_pos, rope_pos, block_table if block_table is not None else tok_seq, k_inv, v_inv,
             rows.stride(0), q.stride(0), q.stride(1),

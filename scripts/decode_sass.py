@@ -7,7 +7,16 @@ change produces can be read before spending GPU time on it. The specializations 
 benchmark shapes (16-byte aligned pointers, strides divisible by 16, GROUP 4, D 128, 64-token pages). Prints
 registers and spills (ptxas -v) and counts of the instructions that tell where one-byte caches pay: global
 loads (LDG), asynchronous copies to shared memory (LDGSTS), shared stores and loads (STS, LDS, LDSM), the
-conversions (I2F, F2FP, PRMT, HADD2), the tensor-core instructions, and integer multiply-adds (address work).
+conversions (I2F, F2FP, PRMT, HADD2), the tensor-core instructions, and integer multiply-adds (address work);
+barriers (BAR) and shared stores mostly come from layout conversions. The last column takes apart the key loops
+(the loops with tensor-core instructions, one per part of a chunk; the merge's loops have none): the
+instructions, BAR, STS and LDS of each loop body, which is what each tile costs. The REL_MODE 1 rows are the
+T5 implicit bias, whose far loop should cost what plain decode's loop does.
+
+    TRITON_INTERPRET=0 PYTHONPATH=. python scripts/decode_sass.py [DIR]
+
+writes each kernel's SASS into DIR as well, with addresses and encodings stripped, so that two versions of the
+kernel can be diffed.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ POINTERS = {"q_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32", "part_ptr": 
             "alibi_ptr": "*fp32", "rel_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
             "ind_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}  # fmt: skip
 NOT_ALIGNED = {"stride_ab", "stride_ah", "stride_rh", "stride_rm", "stride_ib", "stride_ibeam"}
-COUNTS = "LDG LDGSTS STS LDS LDSM I2F F2FP PRMT HADD2 HMMA HGMMA IMAD STG ATOMG".split()
+COUNTS = "BAR LDG LDGSTS STS LDS LDSM I2F F2FP PRMT HADD2 HMMA HGMMA IMAD FFMA FADD FMUL STG ATOMG".split()
 
 
 def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: int, **overrides):
@@ -61,33 +70,59 @@ def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: in
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
+def key_loops(sass: str) -> str:
+    """``instrs/BAR/STS/LDS`` of each loop body (a backward branch's span) that holds tensor-core instructions."""
+    ins = [(int(a, 16), op, rest) for a, op, rest in
+           re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)([^;]*);", sass)]  # fmt: skip
+    cells = []
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            body = [o for a, o, _ in ins if int(target.group(1), 16) <= a <= addr]
+            if "HMMA" in body or "HGMMA" in body:
+                cells.append("/".join(str(n) for n in (len(body), *(body.count(c) for c in ("BAR", "STS", "LDS")))))
+    return " ".join(cells)
+
+
 def main() -> None:
     cases = [(0, False, 64, 2, 4), (0, True, 64, 2, 4), (1, False, 128, 4, 3), (1, True, 128, 4, 3),
              (2, False, 64, 2, 4), (2, True, 64, 2, 4)]  # fmt: skip
     # each tile unsplit (one program per pair writes the output) and split (the last program of a pair merges
     # the partials: SPLIT_MERGE), the latter also without the log-sum-exp (STORE_LSE off, a serving loop's call)
     variants = [(False, True)] * len(cases) + [(True, True)] * len(cases) + [(True, False)]
-    cases = cases * 2 + cases[:1]
-    print("cache paged tile      merge lse regs spills smem   " + " ".join(f"{c:>6s}" for c in COUNTS))
+    rows = [(*c, merge, lse, 0) for c, (merge, lse) in zip(cases * 2 + cases[:1], variants)]
+    # T5 implicit bias (REL_MODE 1) on the bf16 tile, as the issue's benchmark calls it (split, no LSE): its far
+    # keys should cost what plain decode's do
+    rows += [(0, paged, 64, 2, 4, merge, lse, 1) for paged in (False, True) for merge, lse in variants[-2:]]
+    # with a directory argument, each kernel's SASS is written there too (to diff two versions of the kernel)
+    dump = sys.argv[1] if len(sys.argv) > 1 else None
+    header = "cache paged tile      merge lse   rel regs spills smem  instrs " + " ".join(f"{c:>6s}" for c in COUNTS)
+    print(header + "  key loops (instrs/BAR/STS/LDS)")
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        for (quant, paged, bn, w, st), (merge, store_lse) in zip(cases, variants):
-            kern = compile_decode(
-                quant, paged, bn, w, st, SPLIT_MERGE=merge, STORE_LSE=store_lse, MERGE_ROWS=4 if merge else 1
-            )
+        for quant, paged, bn, w, st, merge, store_lse, rel_mode in rows:
+            merge_kw = dict(SPLIT_MERGE=merge, STORE_LSE=store_lse, MERGE_ROWS=4 if merge else 1)
+            kern = compile_decode(quant, paged, bn, w, st, REL_MODE=rel_mode, **merge_kw)
             with open(ptx, "w") as f:
                 f.write(kern.asm["ptx"])
             info = subprocess.run([os.path.join(TOOLS, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
                                   capture_output=True, text=True, check=True).stderr  # fmt: skip
             sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
                                   check=True).stdout  # fmt: skip
-            ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
+            ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
             regs = re.search(r"Used (\d+) registers", info).group(1)
             spills = re.search(r"(\d+) bytes spill stores", info).group(1)
             name = {0: "bf16", 1: "int8", 2: "fp8"}[quant]
             cells = " ".join(f"{sum(op == c for op in ops):6d}" for c in COUNTS)
-            row = f"{name:5s} {paged!s:5s} {bn}/{w}/{st:<5d} {merge!s:5s} {store_lse!s:5s} {regs:>4s} {spills:>6s}"
-            print(f"{row} {kern.metadata.shared:6d} {cells}")
+            row = f"{name:5s} {paged!s:5s} {bn}/{w}/{st:<5d} {merge!s:5s} {store_lse!s:5s} {rel_mode:3d} {regs:>4s}"
+            print(f"{row} {spills:>6s} {kern.metadata.shared:6d} {len(ops):6d} {cells}  {key_loops(sass)}")
+            if dump:
+                os.makedirs(dump, exist_ok=True)
+                tag = f"{name}-{'paged' if paged else 'contig'}-{bn}-{w}-{st}-m{merge:d}-l{store_lse:d}-r{rel_mode}"
+                with open(os.path.join(dump, tag + ".sass"), "w") as f:
+                    # addresses and encodings stripped, so that unchanged code diffs clean
+                    f.write("\n".join(re.sub(r"/\*[0-9a-f]{4,}\*/|/\* 0x[0-9a-f]+ \*/", "", ln).rstrip()
+                                      for ln in sass.splitlines()) + "\n")  # fmt: skip
 
 
 if __name__ == "__main__":

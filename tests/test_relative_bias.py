@@ -10,7 +10,7 @@ import torch
 
 import attn.fast as fast
 import attn.reference as reference
-from helpers import LSE_TOL, TOL, assert_close, assert_lse_close, dtype_id, random_packed
+from helpers import LSE_TOL, TOL, assert_close, assert_lse_close, dtype_id, random_packed, to_paged
 
 
 @pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
@@ -164,6 +164,34 @@ def test_decode_with_relative_bias(mode, paged, device):
     ref, ref_lse = reference.decode(q.double(), k_cache.double(), v_cache.double(), lens, return_lse=True, **kw)
     assert_close("decode", ref, out, TOL[torch.float16])
     assert_lse_close("lse", ref_lse, lse, LSE_TOL[torch.float16])
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("sq", [1, 3], ids=lambda s: f"sq{s}")
+@pytest.mark.parametrize("splits", [1, 3], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "one-sided"])
+def test_decode_far_and_near_loops(bidirectional, splits, sq, paged, device):
+    # caches several tiles (16 keys under the interpreter) longer than max_distance 20: each program's chunk
+    # splits at a tile boundary into a far loop (one value per row) and a near loop (gathered). Unsplit, the two
+    # long caches are mixed and the 7-key one all near; with 3 splits the 150-key cache has two all-far programs
+    # and an all-near one, the 97-key cache an all-far, a mixed (split inside its chunk) and an all-near one. Pages
+    # of 12 keys divide neither the lengths nor the tiles: the paged path's block-table look-ahead, re-primed at
+    # the split, starts mid-page. (A deliberately wrong far value, a split one tile late, or a look-ahead carried
+    # over from the far loop each fail this test.)
+    b, hq, hkv, d = 3, 8, 2, 32
+    lens = torch.tensor([150, 97, 7], dtype=torch.int32, device=device)
+    q = torch.randn(b, sq, hq, d, device=device)
+    k_cache = torch.randn(b, 156, hkv, d, device=device)
+    v_cache = torch.randn_like(k_cache)
+    rel = reference.RelativeBias(table=torch.randn(hq, 16, device=device) * 4, max_distance=20,
+                                 bidirectional=bidirectional)  # fmt: skip
+    kw = dict(rel_bias=rel, causal=True, num_splits=splits, q_scaling=d**-0.5)
+    if paged:
+        k_cache, v_cache, kw["block_table"] = to_paged(k_cache, v_cache, lens, 12)
+    out, lse = fast.decode(q, k_cache, v_cache, lens, return_lse=True, **kw)
+    ref, ref_lse = reference.decode(q.double(), k_cache.double(), v_cache.double(), lens, return_lse=True, **kw)
+    assert_close("decode", ref, out, TOL[torch.float32])
+    assert_lse_close("lse", ref_lse, lse, LSE_TOL[torch.float32])
 
 
 def test_decode_step_sees_the_prefill_positions(device):

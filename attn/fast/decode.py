@@ -88,112 +88,44 @@ def _widen(x, dtype: tl.constexpr, INT8_ASM: tl.constexpr):
         return x.to(dtype)
 
 
-@triton.jit(
-    do_not_specialize=[
-        "num_heads_kv",
-        "seqlen_q",
-        "num_splits",
-        "min_chunk",
-        "window_left",
-        "window_right",
-        "tune_len",
-        "rel_md",
-        "sinks",
-    ]
-)
-def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, part_ptr, count_ptr, seqlens_ptr, block_table_ptr,
-    alibi_ptr, stride_ab, stride_ah, rel_ptr, stride_rh, stride_rm, rel_md, k_scale_ptr, v_scale_ptr,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_bt,
-    stride_ob, stride_om, stride_oh,
-    stride_lb, stride_lm, stride_lh,
-    num_heads_kv, seqlen_q, num_splits, min_chunk, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
-    qk_scale, cap_log2, window_left, window_right, tune_len, sinks, cos_ptr, sin_ptr, stride_cos,
-    ROTARY_DIM: tl.constexpr, GPTJ: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
-    CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
+@triton.jit
+def _first_blocks(block_table_ptr, b64, stride_bt, lo, hi, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    # A plain paged tile's block-table entries are loaded one iteration ahead: its K/V loads then depend on no
+    # load of their own iteration, and the pipeliner keeps them in flight (FP8 pages: 1.04x -> 1.3x the bf16
+    # cache's speed, scripts/decode_probe.py). These are the first tile's, for a loop over [lo, hi).
+    offs_lo = lo + tl.arange(0, BLOCK_N)
+    return tl.load(block_table_ptr + b64 * stride_bt + offs_lo // PAGE_SIZE, mask=offs_lo < hi, other=0)
+
+
+@triton.jit
+def _decode_tiles(
+    next_block, m_i, l_i, acc, q, lo, hi,
+    tok, row_valid, diag, offs_d, d_mask,
+    k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
+    b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, skipped, sinks, cyclic_n,
+    partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
+    k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
+    T5: tl.constexpr, ROTARY_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, IS_PAGED: tl.constexpr, CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr, QUANT: tl.constexpr,
-    MMA_F16: tl.constexpr, PRECISION: tl.constexpr, SPLIT_MERGE: tl.constexpr, STORE_LSE: tl.constexpr,
-    MERGE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MERGE_TILE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid_bh // num_heads_kv
-    h_kv = pid_bh % num_heads_kv
-    b64 = b.to(tl.int64)
-    seqlen_k = tl.load(seqlens_ptr + b)
+    """The keys [lo, hi) of one program's chunk folded into its running (m_i, l_i, acc); ``next_block``, for
+    plain paged caches, the first tile's block-table entries (`_first_blocks`).
 
-    # row r of the block is new token r // GROUP of query head h_kv * GROUP + r % GROUP
-    offs_r = tl.arange(0, BLOCK_M)
-    tok = offs_r // GROUP
-    head = h_kv * GROUP + offs_r % GROUP
-    row_valid = tok < seqlen_q
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_mask = offs_d < HEAD_DIM
-    # [BLOCK_M, HEAD_DIM_PAD]
-    q = tl.load(
-        q_ptr + b64 * stride_qb + tok[:, None] * stride_qm + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_valid[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    if MMA_F16:
-        # a one-byte cache under 16-bit queries: the products run in fp16, whose conversions from the stored
-        # codes are cheap (e4m3 -> fp16 one instruction per pair; int8 -> fp16 below), while bf16's made the
-        # loop bound by conversions instead of bytes (scripts/decode_probe.py: FP8 1.1x -> 1.6x the bf16
-        # cache's speed). A bf16 query is exact in fp16 within the range the launcher checks.
-        q = q.to(tl.float16)
-
-    if HAS_ALIBI:
-        # [BLOCK_M]: each packed row belongs to its own query head, so each has its own slope
-        slope = tl.load(alibi_ptr + b64 * stride_ab + head * stride_ah, mask=row_valid, other=0.0)
-
-    # the tokens still stored: all of them, or a cyclic cache's min(L, N), counted from 0 in token order (the
-    # sinks, then the rolling part): key n of this frame is token n, or n + (L - N) past the sinks
-    first = seqlen_k * 0
-    if CYCLIC:
-        skipped = tl.maximum(seqlen_k - cyclic_n, 0)
-        seqlen_k = seqlen_k - skipped
-    # this program's chunk of them, tile-aligned so that splits never share a tile. A chunk is never shorter than
-    # min_chunk keys, so in a ragged batch a short cache stays in one or a few programs (the rest exit at once)
-    # while a long one is cut into num_splits: every program gets about the same work.
-    chunk = tl.cdiv(tl.maximum(tl.cdiv(seqlen_k - first, num_splits), min_chunk), BLOCK_N) * BLOCK_N
-    lo = first + split * chunk
-    hi = tl.minimum(lo + chunk, seqlen_k)
-    # bottom-right alignment: new token i sits on key diag + i
-    diag = seqlen_k - seqlen_q
-    if HAS_WINDOW_LEFT:
-        lo = tl.maximum(lo, diag - window_left)
-    if HAS_WINDOW_RIGHT:
-        hi = tl.minimum(hi, seqlen_q - 1 + diag + window_right + 1)
-
-    rel_rows = rel_ptr + head.to(tl.int64) * stride_rh
-    if REL_MODE == 1:
-        # each row's value for every distance beyond max_distance, loaded once rather than in each far tile
-        rel_far = tl.load(rel_rows, mask=row_valid, other=0.0)
-    if QUANT != 0:
-        k_scale = tl.load(k_scale_ptr + h_kv)
-        v_scale = tl.load(v_scale_ptr + h_kv)
-    k_head = k_ptr + h_kv.to(tl.int64) * stride_kh
-    v_head = v_ptr + h_kv.to(tl.int64) * stride_vh
-    if ROTARY_DIM > 0:
-        # RoPE at read time (keys cached unrotated): feature d of a key turns with its partner, by the angle of
-        # pair fi at the key's position within the cache
-        partner, sign, fi = rope_pairs(offs_d, ROTARY_DIM, GPTJ)
-        rotated = offs_d < ROTARY_DIM
-    if IS_PAGED and not (CYCLIC or HAS_INDIRECTION):
-        # a plain paged tile's block-table entries are loaded one iteration ahead: its K/V loads then depend on
-        # no load of their own iteration, and the pipeliner keeps them in flight (FP8 pages: 1.04x -> 1.3x the
-        # bf16 cache's speed, scripts/decode_probe.py)
-        offs_lo = lo + tl.arange(0, BLOCK_N)
-        next_block = tl.load(block_table_ptr + b64 * stride_bt + offs_lo // PAGE_SIZE, mask=offs_lo < hi, other=0)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    T5 says how a T5 implicit bias (REL_MODE 1) applies, so that the caller can give each part of the chunk a
+    loop of its own, with no per-tile branch in its body: "far", keys all more than max_distance left of every
+    row, whose bias is one value per row (``rel_far``); "near", the others, gathered per score; "none" for the
+    other modes.
+    """
+    tl.static_assert((REL_MODE == 1) == (T5 != "none"))
+    # The near loop (a few tiles per cache) prefetches one tile ahead instead of the config's depth: the
+    # pipeliner copies its gathered bias tiles through shared memory too, and at full depth those buffers pushed
+    # the 64/2/4 config from 102 to 114 KiB, past two programs per SM (scripts/decode_sass.py); at depth 2
+    # its buffers stay within the far loop's, which they reuse.
+    STAGES: tl.constexpr = 2 if T5 == "near" else None
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = offs_n < hi
         # token position -> its slot in the sequence's cache (a cyclic cache wraps around, past its sinks)
@@ -255,17 +187,13 @@ def _decode_kernel(
         if HAS_ALIBI:
             if not ALIBI_WITH_SCALE:
                 s += (slope[:, None] * 1.4426950408889634) * rel
-        if REL_MODE == 1:
-            # T5 implicit: each packed row reads its own head's per-distance table. A tile wholly more than
-            # max_distance before every query (nearly all of a long cache) adds each row's end value: a [BLOCK_M]
-            # load instead of a gather per score
-            if start_n + BLOCK_N - 1 - diag <= -rel_md:
-                s += rel_far[:, None]
-            else:
-                rp = offs_n[None, :] - (tok[:, None] + diag)
-                rp = tl.minimum(tl.maximum(rp, -rel_md), rel_md)
-                r_mask = row_valid[:, None] & key_valid[None, :]
-                s += tl.load(rel_rows[:, None] + rp + rel_md, mask=r_mask, other=0.0)
+        if T5 == "near":
+            # T5 implicit near the rows: each packed row reads its own head's per-distance table, a gather per
+            # score. Distances past max_distance (on either side) share its ends, hence the clamp
+            rp = offs_n[None, :] - (tok[:, None] + diag)
+            rp = tl.minimum(tl.maximum(rp, -rel_md), rel_md)
+            r_mask = row_valid[:, None] & key_valid[None, :]
+            s += tl.load(rel_rows[:, None] + rp + rel_md, mask=r_mask, other=0.0)
         if REL_MODE == 2:
             q_pos = tl.maximum(tok + diag, 0)
             r_mask = row_valid[:, None] & key_valid[None, :]
@@ -277,10 +205,18 @@ def _decode_kernel(
         if HAS_WINDOW_LEFT:
             visible &= offs_n[None, :] >= tok[:, None] + diag - window_left
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if T5 == "far":
+            # every score of a row has the same bias, so it is a row term of the max and the exponent, as in the
+            # prefill kernel's plain tiles: the scores stay qk·scale and each needs no add of its own
+            m_new = tl.maximum(m_i, tl.max(s, 1) + rel_far)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet keep m = -inf; subtracting 0 instead avoids inf - inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
+        if T5 == "far":
+            p = tl.math.exp2(s - (m_safe - rel_far)[:, None])
+        else:
+            p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -290,6 +226,167 @@ def _decode_kernel(
             v = _widen(v, q.dtype, INT8_ASM)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit(
+    do_not_specialize=[
+        "num_heads_kv",
+        "seqlen_q",
+        "num_splits",
+        "min_chunk",
+        "window_left",
+        "window_right",
+        "tune_len",
+        "rel_md",
+        "sinks",
+    ]
+)
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, part_ptr, count_ptr, seqlens_ptr, block_table_ptr,
+    alibi_ptr, stride_ab, stride_ah, rel_ptr, stride_rh, stride_rm, rel_md, k_scale_ptr, v_scale_ptr,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_bt,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lm, stride_lh,
+    num_heads_kv, seqlen_q, num_splits, min_chunk, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
+    qk_scale, cap_log2, window_left, window_right, tune_len, sinks, cos_ptr, sin_ptr, stride_cos,
+    ROTARY_DIM: tl.constexpr, GPTJ: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
+    CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr, QUANT: tl.constexpr,
+    MMA_F16: tl.constexpr, PRECISION: tl.constexpr, SPLIT_MERGE: tl.constexpr, STORE_LSE: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MERGE_TILE: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // num_heads_kv
+    h_kv = pid_bh % num_heads_kv
+    b64 = b.to(tl.int64)
+    seqlen_k = tl.load(seqlens_ptr + b)
+
+    # row r of the block is new token r // GROUP of query head h_kv * GROUP + r % GROUP
+    offs_r = tl.arange(0, BLOCK_M)
+    tok = offs_r // GROUP
+    head = h_kv * GROUP + offs_r % GROUP
+    row_valid = tok < seqlen_q
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    # [BLOCK_M, HEAD_DIM_PAD]
+    q = tl.load(
+        q_ptr + b64 * stride_qb + tok[:, None] * stride_qm + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_valid[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    if MMA_F16:
+        # a one-byte cache under 16-bit queries: the products run in fp16, whose conversions from the stored
+        # codes are cheap (e4m3 -> fp16 one instruction per pair; int8 -> fp16 below), while bf16's made the
+        # loop bound by conversions instead of bytes (scripts/decode_probe.py: FP8 1.1x -> 1.6x the bf16
+        # cache's speed). A bf16 query is exact in fp16 within the range the launcher checks.
+        q = q.to(tl.float16)
+
+    # operands of the features compiled out are placeholders that _decode_tiles never reads
+    slope = 0.0
+    if HAS_ALIBI:
+        # [BLOCK_M]: each packed row belongs to its own query head, so each has its own slope
+        slope = tl.load(alibi_ptr + b64 * stride_ab + head * stride_ah, mask=row_valid, other=0.0)
+
+    # the tokens still stored: all of them, or a cyclic cache's min(L, N), counted from 0 in token order (the
+    # sinks, then the rolling part): key n of this frame is token n, or n + (L - N) past the sinks
+    first = seqlen_k * 0
+    skipped = first
+    if CYCLIC:
+        skipped = tl.maximum(seqlen_k - cyclic_n, 0)
+        seqlen_k = seqlen_k - skipped
+    # this program's chunk of them, tile-aligned so that splits never share a tile. A chunk is never shorter than
+    # min_chunk keys, so in a ragged batch a short cache stays in one or a few programs (the rest exit at once)
+    # while a long one is cut into num_splits: every program gets about the same work.
+    chunk = tl.cdiv(tl.maximum(tl.cdiv(seqlen_k - first, num_splits), min_chunk), BLOCK_N) * BLOCK_N
+    lo = first + split * chunk
+    hi = tl.minimum(lo + chunk, seqlen_k)
+    # bottom-right alignment: new token i sits on key diag + i
+    diag = seqlen_k - seqlen_q
+    if HAS_WINDOW_LEFT:
+        lo = tl.maximum(lo, diag - window_left)
+    if HAS_WINDOW_RIGHT:
+        hi = tl.minimum(hi, seqlen_q - 1 + diag + window_right + 1)
+
+    rel_rows = rel_ptr + head.to(tl.int64) * stride_rh
+    rel_far = 0.0
+    if REL_MODE == 1:
+        # each row's value for every distance beyond max_distance on the left, loaded once
+        rel_far = tl.load(rel_rows, mask=row_valid, other=0.0)
+    k_scale = 1.0
+    if QUANT != 0:
+        k_scale = tl.load(k_scale_ptr + h_kv)
+        v_scale = tl.load(v_scale_ptr + h_kv)
+    k_head = k_ptr + h_kv.to(tl.int64) * stride_kh
+    v_head = v_ptr + h_kv.to(tl.int64) * stride_vh
+    partner, sign, fi, rotated = offs_d, offs_d, offs_d, offs_d
+    if ROTARY_DIM > 0:
+        # RoPE at read time (keys cached unrotated): feature d of a key turns with its partner, by the angle of
+        # pair fi at the key's position within the cache
+        partner, sign, fi = rope_pairs(offs_d, ROTARY_DIM, GPTJ)
+        rotated = offs_d < ROTARY_DIM
+    # the first range's loop: all of [lo, hi), or with a T5 implicit bias its far part (below)
+    range_hi = hi
+    if REL_MODE == 1:
+        # T5 implicit: keys more than max_distance left of every row (the nearest row is token 0, on key diag)
+        # all read the table's left end, so the chunk splits in two loops: those keys, one value per row and no
+        # gather, then the rest, gathered per score. Neither loop branches per tile, and the far one, nearly all
+        # of a long cache, is plain decode's loop plus a row term (a per-tile branch between the two had cost
+        # ~10 barriers and ~12 shared stores of layout conversions, and 0.78-0.88x plain decode's bandwidth).
+        # The split falls on the chunk's tile grid (whole tiles from lo): the near part starts on a tile boundary.
+        far_hi = tl.minimum(lo + tl.maximum(diag - rel_md + 1 - lo, 0) // BLOCK_N * BLOCK_N, hi)
+        range_hi = far_hi
+    # (m_i, l_i, acc and next_block are defined, and _decode_tiles takes them, in the order of the loop this
+    # replaced: the order of a loop's carried values reaches ptxas, and this keeps the kernels without a T5
+    # implicit bias the same code as before the split, scripts/decode_sass.py)
+    PRIME: tl.constexpr = IS_PAGED and not (CYCLIC or HAS_INDIRECTION)
+    next_block = 0
+    if PRIME:
+        next_block = _first_blocks(block_table_ptr, b64, stride_bt, lo, range_hi, PAGE_SIZE, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if REL_MODE == 1:
+        m_i, l_i, acc = _decode_tiles(
+            next_block, m_i, l_i, acc, q, lo, far_hi, tok, row_valid, diag, offs_d, d_mask,
+            k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
+            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, skipped, sinks, cyclic_n,
+            partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
+            k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
+            "far", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
+            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
+            PRECISION, BLOCK_N,
+        )  # fmt: skip
+        if PRIME:
+            # the far loop's last look-ahead was masked by its end
+            next_block = _first_blocks(block_table_ptr, b64, stride_bt, far_hi, hi, PAGE_SIZE, BLOCK_N)
+        m_i, l_i, acc = _decode_tiles(
+            next_block, m_i, l_i, acc, q, far_hi, hi, tok, row_valid, diag, offs_d, d_mask,
+            k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
+            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, skipped, sinks, cyclic_n,
+            partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
+            k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
+            "near", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
+            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
+            PRECISION, BLOCK_N,
+        )  # fmt: skip
+    else:
+        m_i, l_i, acc = _decode_tiles(
+            next_block, m_i, l_i, acc, q, lo, hi, tok, row_valid, diag, offs_d, d_mask,
+            k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
+            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, skipped, sinks, cyclic_n,
+            partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
+            k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
+            "none", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
+            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
+            PRECISION, BLOCK_N,
+        )  # fmt: skip
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)

@@ -238,3 +238,28 @@ def test_gpu_relative_bias(mode):
     kw = dict(rel_bias=rel, q_scaling=64**-0.5)
     assert_close("prefill", reference.attention(q.float(), k.float(), v.float(), **kw), fast.attention(q, k, v, **kw),
                  TOL[torch.bfloat16])  # fmt: skip
+
+
+def test_distance_table_follows_the_bucket_table(device):
+    # the kernels' log2-unit distance table is kept between calls (building it is a dozen small kernels per
+    # call); a write into the bucket table, a new table object, or another max_distance must each be seen
+    from attn.fast.attention import _log2_distance_table
+
+    lens = [40, 23]
+    q, k, v, cu_q, cu_k = random_packed(lens, lens, 4, 2, 16, torch.float32, device)
+    table = torch.randn(4, 8, device=device)
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True)
+    first = reference.RelativeBias(table=table, max_distance=8, bidirectional=False)
+    assert _log2_distance_table(first) is _log2_distance_table(
+        reference.RelativeBias(table=table, max_distance=8, bidirectional=False)
+    )
+    for rel in (
+        first,
+        reference.RelativeBias(table=table.mul_(3.0), max_distance=8, bidirectional=False),
+        reference.RelativeBias(table=table, max_distance=5, bidirectional=False),
+        reference.RelativeBias(table=table, max_distance=5, bidirectional=True),
+        reference.RelativeBias(table=torch.randn(4, 8, device=device), max_distance=5, bidirectional=True),
+    ):
+        out = fast.attention(q, k, v, rel_bias=rel, **kw)
+        ref = reference.attention(q.double(), k.double(), v.double(), rel_bias=rel, **kw)
+        assert_close("prefill", ref, out, TOL[torch.float32])

@@ -50,7 +50,7 @@ I8BF16 = [
         "    mma_f16 = quant == 2 and q.dtype != torch.float32\n",
     )
 ]
-I8CVT = [("INT8_ASM=not is_interpreter(),", "INT8_ASM=False,")]
+I8CVT = [("INT8_ASM=not interpret,", "INT8_ASM=False,")]
 VARIANTS = {"base": [], "i8bf16": I8BF16, "i8cvt": I8CVT}
 CONFIGS = [(32, 4, 3), (64, 4, 3), (64, 4, 5), (64, 2, 4), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 2, 3),
            (256, 4, 3)]  # fmt: skip

@@ -39,6 +39,14 @@ def number(text: str) -> float | None:
         return None
 
 
+# ncu picks each file's unit per metric by magnitude (one kernel's time in us, another's in ms), so cells are
+# converted to one unit per row before they sit side by side
+SCALE = {
+    "ns": ("us", 1e-3), "us": ("us", 1.0), "ms": ("us", 1e3), "s": ("us", 1e6),
+    "byte": ("MB", 1e-6), "Kbyte": ("MB", 1e-3), "Mbyte": ("MB", 1.0), "Gbyte": ("MB", 1e3),
+}  # fmt: skip
+
+
 def load(path: Path) -> dict[str, tuple[str, str]]:
     with path.open() as f:
         rows = list(csv.reader(f))
@@ -51,6 +59,10 @@ def load(path: Path) -> dict[str, tuple[str, str]]:
     out = {"kernel": (name[:60], "")}
     for h, u, v in zip(header, units, row):
         if any(re.match(p, h) for p in PATTERNS):
+            x = number(v)
+            if u in SCALE and x is not None:
+                u, factor = SCALE[u]
+                v = f"{x * factor:.6f}"
             out[h] = (v, u)
     return out
 

@@ -409,7 +409,10 @@ plt.show()
 # %% [markdown]
 # The regular bias grows as $4HL^2$ bytes, a slope of 2 on the log-log plot: 16 MiB at 512 tokens, 1 GiB at 4096,
 # 64 GiB at 32768. The implicit side is flat, $4H(2\cdot 128 + 1)$ = 16 KiB at every length. And since the distance
-# table is built from the learned one on every call, it costs the model no extra weight memory.
+# table is derived from the learned one, it costs the model no extra weight memory. It is built once per learned
+# table and kept while that tensor lives unchanged (a write into it is seen through its version counter): building
+# it is about twenty small torch operations, and on the H200 that fixed cost, ~35 µs per call, was most of what T5
+# cost a decode step (`bench/NOTES.md`, session 5).
 #
 # The reference, `attn.reference.attention`, materializes `[H, Sq, Sk]` in both modes: it is written to be read,
 # not to save memory. Only the kernels avoid it.

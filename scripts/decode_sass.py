@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
+from sass_tools import TARGET, loops, parse, resources, sass_of
 from triton.compiler import ASTSource
 
 import attn.fast  # noqa: F401
 
 dec = sys.modules["attn.fast.decode"]
-TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 POINTERS = {"q_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32",
             "seqlens_ptr": "*i32", "block_table_ptr": "*i32",
             "alibi_ptr": "*fp32", "rel_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
@@ -67,20 +65,16 @@ def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: in
         if name.endswith("_ptr") or (name.startswith("stride_") and name not in NOT_ALIGNED):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(src, target=TARGET, options=dict(num_warps=warps, num_stages=stages))
 
 
 def key_loops(sass: str) -> str:
     """``instrs/BAR/STS/LDS`` of each loop body (a backward branch's span) that holds tensor-core instructions."""
-    ins = [(int(a, 16), op, rest) for a, op, rest in
-           re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)([^;]*);", sass)]  # fmt: skip
     cells = []
-    for addr, op, rest in ins:
-        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
-        if target and int(target.group(1), 16) < addr:
-            body = [o for a, o, _ in ins if int(target.group(1), 16) <= a <= addr]
-            if "HMMA" in body or "HGMMA" in body:
-                cells.append("/".join(str(n) for n in (len(body), *(body.count(c) for c in ("BAR", "STS", "LDS")))))
+    for _, _, body in loops(parse(sass)):
+        body = [op.split(".")[0] for op in body]
+        if "HMMA" in body or "HGMMA" in body:
+            cells.append("/".join(str(n) for n in (len(body), *(body.count(c) for c in ("BAR", "STS", "LDS")))))
     return " ".join(cells)
 
 
@@ -99,19 +93,12 @@ def main() -> None:
     header = "cache paged tile      merge lse   rel regs spills smem  instrs " + " ".join(f"{c:>6s}" for c in COUNTS)
     print(header + "  key loops (instrs/BAR/STS/LDS)")
     with tempfile.TemporaryDirectory() as tmp:
-        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         for quant, paged, bn, w, st, merge, store_lse, rel_mode in rows:
             merge_kw = dict(SPLIT_MERGE=merge, STORE_LSE=store_lse, MERGE_ROWS=4 if merge else 1)
             kern = compile_decode(quant, paged, bn, w, st, REL_MODE=rel_mode, **merge_kw)
-            with open(ptx, "w") as f:
-                f.write(kern.asm["ptx"])
-            info = subprocess.run([os.path.join(TOOLS, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
-                                  capture_output=True, text=True, check=True).stderr  # fmt: skip
-            sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
-                                  check=True).stdout  # fmt: skip
-            ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
-            regs = re.search(r"Used (\d+) registers", info).group(1)
-            spills = re.search(r"(\d+) bytes spill stores", info).group(1)
+            info, sass = sass_of(kern, tmp)
+            ops = [op.split(".")[0] for _, op, _ in parse(sass)]
+            regs, spills = resources(info)
             name = {0: "bf16", 1: "int8", 2: "fp8"}[quant]
             cells = " ".join(f"{sum(op == c for op in ops):6d}" for c in COUNTS)
             row = f"{name:5s} {paged!s:5s} {bn}/{w}/{st:<5d} {merge!s:5s} {store_lse!s:5s} {rel_mode:3d} {regs:>4s}"

@@ -26,22 +26,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
-import subprocess
 import tempfile
 from collections import Counter
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from sass_tools import TARGET, loops, parse, resources, sass_of
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 import attn.fast  # noqa: F401  (sets up Triton before anything else imports it)
 from attn import RelativeBias, alibi_slopes
 
-TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-TARGET = GPUTarget("cuda", 90, 32)
 # prefixes of the full opcodes (with modifiers): MUFU.EX2 is the exponential, FMNMX the row max
 COUNTS = ["HGMMA", "HMMA", "MUFU.EX2", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "LDG", "LDGSTS", "LDS", "LDSM",
           "STS", "BAR", "SHFL", "I2F", "IMAD", "ISETP", "BRA"]  # fmt: skip
@@ -94,30 +90,6 @@ def compile_prefill(mod, kw, config):
     return triton.compile(src, target=TARGET, options=options.__dict__)
 
 
-def sass_of(kern, tmp):
-    ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-    with open(ptx, "w") as f:
-        f.write(kern.asm["ptx"])
-    info = subprocess.run([os.path.join(TOOLS, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
-                          capture_output=True, text=True, check=True).stderr  # fmt: skip
-    sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
-                          check=True).stdout  # fmt: skip
-    return info, sass
-
-
-def parse(sass):
-    """[(address, full opcode, branch target or None)] in code order."""
-    out = []
-    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", sass):
-        addr, op, rest = int(m.group(1), 16), m.group(2), m.group(3)
-        target = None
-        if op.startswith("BRA"):
-            t = re.search(r"0x([0-9a-f]+)", rest)
-            target = int(t.group(1), 16) if t else None
-        out.append((addr, op, target))
-    return out
-
-
 def count(ops):
     c = Counter()
     for op in ops:
@@ -125,16 +97,6 @@ def count(ops):
             if op == name or op.startswith(name + "."):
                 c[name] += 1
     return c
-
-
-def loops(instrs):
-    """Backward branches and the instructions they jump back over: [(start, end, ops)]."""
-    found = []
-    for addr, _, target in instrs:
-        if target is not None and target <= addr:
-            found.append((target, addr, [op for a, op, _ in instrs if target <= a <= addr]))
-    # a loop's internal backward jumps (none expected here) would show as overlapping ranges: keep them all
-    return found
 
 
 def main() -> None:
@@ -159,8 +121,7 @@ def main() -> None:
                 os.makedirs(a.dump, exist_ok=True)
                 with open(os.path.join(a.dump, f"{name}.sass"), "w") as f:
                     f.write(sass)
-            regs = re.search(r"Used (\d+) registers", info).group(1)
-            spills = re.search(r"(\d+) bytes spill stores", info).group(1)
+            regs, spills = resources(info)
             print(f"\n{name}: {regs} registers, {spills} bytes spilled, {kern.metadata.shared} bytes shared memory")
             print(head)
             instrs = parse(sass)

@@ -89,12 +89,31 @@ def _widen(x, dtype: tl.constexpr, INT8_ASM: tl.constexpr):
 
 
 @triton.jit
-def _first_blocks(block_table_ptr, b64, stride_bt, lo, hi, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    # A plain paged tile's block-table entries are loaded one iteration ahead: its K/V loads then depend on no
-    # load of their own iteration, and the pipeliner keeps them in flight (FP8 pages: 1.04x -> 1.3x the bf16
-    # cache's speed, scripts/decode_probe.py). These are the first tile's, for a loop over [lo, hi).
+def _slots(offs_n, sinks, wrap_n, ring_shift, ring, CYCLIC: tl.constexpr):
+    """Key n of the sequence (token order, within what the cache still holds) -> its slot in the cache.
+
+    A cyclic cache of N slots after L > N tokens keeps its sinks in slots [0, S) and the newest N - S of the
+    rest in a ring: token t >= S sits in slot S + (t - S) mod (N - S). Key n >= S is token n + L - N, so across
+    [S, N) its slots run up by one from S + ring_shift and wrap once, at key wrap_n: one compare and a select
+    per key instead of an integer remainder by a runtime value (ring_shift and wrap_n come once per program).
+    """
+    if CYCLIC:
+        return offs_n + tl.where(offs_n < sinks, 0, tl.where(offs_n < wrap_n, ring_shift, ring_shift - ring))
+    else:
+        return offs_n
+
+
+@triton.jit
+def _first_blocks(
+    block_table_ptr, b64, stride_bt, lo, hi, sinks, wrap_n, ring_shift, ring,
+    CYCLIC: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # A paged tile's block-table entries are loaded one iteration ahead: its K/V loads then depend on no load of
+    # their own iteration, and the pipeliner keeps them in flight (FP8 pages: 1.04x -> 1.3x the bf16 cache's
+    # speed, scripts/decode_probe.py). These are the first tile's, for a loop over [lo, hi).
     offs_lo = lo + tl.arange(0, BLOCK_N)
-    return tl.load(block_table_ptr + b64 * stride_bt + offs_lo // PAGE_SIZE, mask=offs_lo < hi, other=0)
+    slot = _slots(offs_lo, sinks, wrap_n, ring_shift, ring, CYCLIC)
+    return tl.load(block_table_ptr + b64 * stride_bt + slot // PAGE_SIZE, mask=offs_lo < hi, other=0)
 
 
 @triton.jit
@@ -102,7 +121,7 @@ def _decode_tiles(
     next_block, m_i, l_i, acc, q, lo, hi,
     tok, row_valid, diag, offs_d, d_mask,
     k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-    b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, skipped, sinks, cyclic_n,
+    b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, sinks, wrap_n, ring_shift, ring,
     partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
     k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
     T5: tl.constexpr, ROTARY_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr,
@@ -112,7 +131,7 @@ def _decode_tiles(
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The keys [lo, hi) of one program's chunk folded into its running (m_i, l_i, acc); ``next_block``, for
-    plain paged caches, the first tile's block-table entries (`_first_blocks`).
+    paged caches read without a beam indirection, the first tile's block-table entries (`_first_blocks`).
 
     T5 says how a T5 implicit bias (REL_MODE 1) applies, so that the caller can give each part of the chunk a
     loop of its own, with no per-tile branch in its body: "far", keys all more than max_distance left of every
@@ -128,12 +147,7 @@ def _decode_tiles(
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = offs_n < hi
-        # token position -> its slot in the sequence's cache (a cyclic cache wraps around, past its sinks)
-        if CYCLIC:
-            token = tl.where(offs_n < sinks, offs_n, offs_n + skipped)
-            slot = tl.where(token < sinks, token, sinks + (token - sinks) % (cyclic_n - sinks))
-        else:
-            slot = offs_n
+        slot = _slots(offs_n, sinks, wrap_n, ring_shift, ring, CYCLIC)
         if HAS_INDIRECTION:
             # beam search: each token is read from the cache row of the beam the indirection names
             request = b64 // beam_width
@@ -144,14 +158,16 @@ def _decode_tiles(
             seq_row = b64
         if IS_PAGED:
             # slot -> (pool block, row); entries were validated against the pool on the host
-            if CYCLIC or HAS_INDIRECTION:
-                # these slots are computed (or gathered) per key; loading them a tile ahead as well measured
-                # slower (beam search over pages: 0.83x plain decode instead of 0.975x)
+            if HAS_INDIRECTION:
+                # each key's row is gathered from the indirection first; loading the entries a tile ahead as well
+                # measured slower (beam search over pages: 0.83x plain decode instead of 0.975x)
                 block = tl.load(block_table_ptr + seq_row * stride_bt + slot // PAGE_SIZE, mask=key_valid, other=0)
             else:
                 block = next_block
                 ahead = offs_n + BLOCK_N
-                next_block = tl.load(block_table_ptr + b64 * stride_bt + ahead // PAGE_SIZE, mask=ahead < hi, other=0)
+                ahead_slot = _slots(ahead, sinks, wrap_n, ring_shift, ring, CYCLIC)
+                next_block = tl.load(block_table_ptr + b64 * stride_bt + ahead_slot // PAGE_SIZE, mask=ahead < hi,
+                                     other=0)  # fmt: skip
             k_off = block.to(tl.int64) * stride_kb + (slot % PAGE_SIZE) * stride_kn
             v_off = block.to(tl.int64) * stride_vb + (slot % PAGE_SIZE) * stride_vn
         else:
@@ -297,10 +313,13 @@ def _decode_kernel(
     # the tokens still stored: all of them, or a cyclic cache's min(L, N), counted from 0 in token order (the
     # sinks, then the rolling part): key n of this frame is token n, or n + (L - N) past the sinks
     first = seqlen_k * 0
-    skipped = first
+    ring, ring_shift, wrap_n = first, first, first
     if CYCLIC:
         skipped = tl.maximum(seqlen_k - cyclic_n, 0)
         seqlen_k = seqlen_k - skipped
+        ring = cyclic_n - sinks
+        ring_shift = skipped % ring
+        wrap_n = sinks + ring - ring_shift
     # this program's chunk of them, tile-aligned so that splits never share a tile. A chunk is never shorter than
     # min_chunk keys, so in a ragged batch a short cache stays in one or a few programs (the rest exit at once)
     # while a long one is cut into num_splits: every program gets about the same work.
@@ -345,10 +364,12 @@ def _decode_kernel(
     # (m_i, l_i, acc and next_block are defined, and _decode_tiles takes them, in the order of the loop this
     # replaced: the order of a loop's carried values reaches ptxas, and this keeps the kernels without a T5
     # implicit bias the same code as before the split, scripts/decode_sass.py)
-    PRIME: tl.constexpr = IS_PAGED and not (CYCLIC or HAS_INDIRECTION)
+    PRIME: tl.constexpr = IS_PAGED and not HAS_INDIRECTION
     next_block = 0
     if PRIME:
-        next_block = _first_blocks(block_table_ptr, b64, stride_bt, lo, range_hi, PAGE_SIZE, BLOCK_N)
+        next_block = _first_blocks(
+            block_table_ptr, b64, stride_bt, lo, range_hi, sinks, wrap_n, ring_shift, ring, CYCLIC, PAGE_SIZE, BLOCK_N
+        )  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -356,7 +377,8 @@ def _decode_kernel(
         m_i, l_i, acc = _decode_tiles(
             next_block, m_i, l_i, acc, q, lo, far_hi, tok, row_valid, diag, offs_d, d_mask,
             k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, skipped, sinks, cyclic_n,
+            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width,
+            sinks, wrap_n, ring_shift, ring,
             partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
             k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
             "far", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
@@ -365,11 +387,15 @@ def _decode_kernel(
         )  # fmt: skip
         if PRIME:
             # the far loop's last look-ahead was masked by its end
-            next_block = _first_blocks(block_table_ptr, b64, stride_bt, far_hi, hi, PAGE_SIZE, BLOCK_N)
+            next_block = _first_blocks(
+                block_table_ptr, b64, stride_bt, far_hi, hi, sinks, wrap_n, ring_shift, ring, CYCLIC, PAGE_SIZE,
+                BLOCK_N,
+            )  # fmt: skip
         m_i, l_i, acc = _decode_tiles(
             next_block, m_i, l_i, acc, q, far_hi, hi, tok, row_valid, diag, offs_d, d_mask,
             k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, skipped, sinks, cyclic_n,
+            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width,
+            sinks, wrap_n, ring_shift, ring,
             partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
             k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
             "near", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
@@ -380,7 +406,8 @@ def _decode_kernel(
         m_i, l_i, acc = _decode_tiles(
             next_block, m_i, l_i, acc, q, lo, hi, tok, row_valid, diag, offs_d, d_mask,
             k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, skipped, sinks, cyclic_n,
+            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width,
+            sinks, wrap_n, ring_shift, ring,
             partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
             k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
             "none", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,

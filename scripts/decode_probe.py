@@ -9,10 +9,12 @@ files) and timed with CUDA-graph replays beside the unchanged kernel, for severa
 check against the unchanged kernel's output. Compiling dominates, so worker processes compile every
 (variant, config, cache) combination first, into a shared Triton cache, and one process then times them all.
 
-The variants are edits of the current kernel:
+The variants are edits of the current kernel (one-byte caches multiply in fp16, INT8 codes widened four at
+a time by inline PTX, plain paged tiles load their block-table entries one iteration ahead, page size fixed
+at compile time):
 
-  vbytes   one-byte V tiles read in the products' layout and widened one code (INT8: four) at a time, as before
-           _load_words_widened read them as 32-bit words (round 5)
+  i8bf16   INT8 caches with bf16 products, converted one code at a time (the kernel before this probe)
+  i8cvt    INT8 with fp16 products, converted one code at a time instead of four by integer operations
 
 Earlier rounds (logs in bench/results/decode_probe_2026-11-29_*.log) measured, at B8 H32/8 L32768 and B1
 L131072: the scores as K·Qᵀ (the converted key tile as wgmma's A operand, in registers): 0.86-0.98x of base,
@@ -42,8 +44,14 @@ SRC = Path(__file__).resolve().parent.parent / "attn" / "fast" / "decode.py"
 
 FIXED = [("            kw.update(BLOCK_N=64, num_warps=4, num_stages=3)\n", "            kw.update(**PROBE_CFG)\n"),
          ("MIN_SPLIT_KEYS = 2048\n", "MIN_SPLIT_KEYS = 2048\nPROBE_CFG = {}\n")]  # fmt: skip
-VBYTES = [('        "V_WORDS": v_words,\n', '        "V_WORDS": False,\n')]
-VARIANTS = {"base": [], "vbytes": VBYTES}
+I8BF16 = [
+    (
+        "    mma_f16 = quant != 0 and q.dtype != torch.float32\n",
+        "    mma_f16 = quant == 2 and q.dtype != torch.float32\n",
+    )
+]
+I8CVT = [("INT8_ASM=not interpret,", "INT8_ASM=False,")]
+VARIANTS = {"base": [], "i8bf16": I8BF16, "i8cvt": I8CVT}
 CONFIGS = [(32, 4, 3), (64, 4, 3), (64, 4, 5), (64, 2, 4), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 2, 3),
            (256, 4, 3)]  # fmt: skip
 SHAPES = [("B8 H32/8 L32768", 8, 32768), ("B1 H32/8 L131072", 1, 131072)]
@@ -59,6 +67,8 @@ def combos():
     for name in VARIANTS:
         for dt, layout, cfg in itertools.product(DTYPES, ("contiguous", "paged64"), CONFIGS):
             if name != "base" and dt == "bf16":
+                continue
+            if name != "base" and dt != "int8":
                 continue
             yield name, dt, layout, cfg
 

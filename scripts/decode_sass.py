@@ -47,7 +47,7 @@ def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: in
                   HEAD_DIM_PAD=128, IS_PAGED=paged, CYCLIC=False, HAS_INDIRECTION=False, HAS_WINDOW_LEFT=False,
                   HAS_WINDOW_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False, ALIBI_WITH_SCALE=False, REL_MODE=0,
                   QUANT=quant, MMA_F16=quant != 0, PRECISION="tf32", SPLIT_MERGE=False, STORE_LSE=True, MERGE_ROWS=1,
-                  BLOCK_M=16, BLOCK_N=block_n, MERGE_TILE=1024 * warps, V_WORDS=quant != 0)  # fmt: skip
+                  BLOCK_M=16, BLOCK_N=block_n, MERGE_TILE=1024 * warps)  # fmt: skip
     consts.update(overrides)
     kernel = dec._decode_kernel
     signature, attrs = {}, {}

@@ -89,74 +89,6 @@ def _widen(x, dtype: tl.constexpr, INT8_ASM: tl.constexpr):
 
 
 @triton.jit
-def _load_words_widened(base, off, key_valid, ASM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """A [BLOCK_N, HEAD_DIM_PAD] tile of one-byte codes (int8 or e4m3, after ``base``'s type) in fp16, read as
-    32-bit words of four codes each and widened in registers; ``off`` holds each key's offset in bytes.
-
-    This is for V. The products want V's codes of consecutive keys side by side, which in the cache's
-    [key, feature] order are a row apart: read in the products' layout, one-byte tiles came out of shared memory
-    one byte per instruction (128 LDS.U8 a thread per 64-key tile). Read as words they take 16-byte loads, and
-    the widened fp16 tile reaches the products as a bf16 cache's does, transposed by ldmatrix (one-byte caches
-    at 64 keys x 128 features: 1080 -> 913 loop instructions for FP8, 1332 -> 1109 for INT8 at 128 keys,
-    scripts/decode_sass.py). Triton sees a join of four tiles, so it cannot move the layout change ahead of the
-    widening, as it does for a plain conversion.
-    """
-    words = base.to(tl.pointer_type(tl.int32), bitcast=True)
-    offs_w = tl.arange(0, HEAD_DIM_PAD // 4)
-    mask = key_valid[:, None] & (offs_w < HEAD_DIM // 4)[None, :]
-    w = tl.load(words + (off >> 2)[:, None] + offs_w[None, :], mask=mask, other=0)
-    if ASM and base.dtype.element_ty == tl.int8:
-        # _widen's trick for INT8, on the four bytes of a word
-        c0, c1, c2, c3 = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, hi, m, a, b;
-            xor.b32 t, $4, 0x80808080;
-            mov.b32 hi, 0x64646464;
-            mov.b32 m, 0x64806480;
-            prmt.b32 a, t, hi, 0x4140;
-            prmt.b32 b, t, hi, 0x4342;
-            sub.f16x2 a, a, m;
-            sub.f16x2 b, b, m;
-            mov.b32 {$0, $1}, a;
-            mov.b32 {$2, $3}, b;
-            }""",
-            constraints="=h,=h,=h,=h,r",
-            args=[w],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-            is_pure=True,
-            pack=1,
-        )
-    elif ASM:
-        # e4m3 -> fp16 two codes per instruction
-        c0, c1, c2, c3 = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b16 lo, hi;
-            .reg .b32 a, b;
-            mov.b32 {lo, hi}, $4;
-            cvt.rn.f16x2.e4m3x2 a, lo;
-            cvt.rn.f16x2.e4m3x2 b, hi;
-            mov.b32 {$0, $1}, a;
-            mov.b32 {$2, $3}, b;
-            }""",
-            constraints="=h,=h,=h,=h,r",
-            args=[w],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        # the interpreter: each byte of the (little-endian) word shifted out and reinterpreted as a code
-        code = base.dtype.element_ty
-        c0 = (w & 0xFF).to(tl.uint8).to(code, bitcast=True).to(tl.float16)
-        c1 = ((w >> 8) & 0xFF).to(tl.uint8).to(code, bitcast=True).to(tl.float16)
-        c2 = ((w >> 16) & 0xFF).to(tl.uint8).to(code, bitcast=True).to(tl.float16)
-        c3 = ((w >> 24) & 0xFF).to(tl.uint8).to(code, bitcast=True).to(tl.float16)
-    # element [n, w, i, j] of the joined tile is code i + 2·j of word w, so the reshape puts code c at 4·w + c
-    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BLOCK_N, HEAD_DIM_PAD])
-
-
-@triton.jit
 def _slots(offs_n, sinks, wrap_n, ring_shift, ring, CYCLIC: tl.constexpr):
     """Key n of the sequence (token order, within what the cache still holds) -> its slot in the cache.
 
@@ -192,7 +124,7 @@ def _decode_tiles(
     b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, sinks, wrap_n, ring_shift, ring,
     partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
     k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
-    T5: tl.constexpr, ROTARY_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr, V_WORDS: tl.constexpr,
+    T5: tl.constexpr, ROTARY_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr,
     HEAD_DIM: tl.constexpr, IS_PAGED: tl.constexpr, CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr, QUANT: tl.constexpr,
@@ -305,12 +237,9 @@ def _decode_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         # [BLOCK_N, HEAD_DIM_PAD]
-        if V_WORDS:
-            v = _load_words_widened(v_head, v_off, key_valid, INT8_ASM, HEAD_DIM, offs_d.shape[0], BLOCK_N)
-        else:
-            v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            if QUANT != 0:
-                v = _widen(v, q.dtype, INT8_ASM)
+        v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if QUANT != 0:
+            v = _widen(v, q.dtype, INT8_ASM)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return m_i, l_i, acc
@@ -341,8 +270,7 @@ def _decode_kernel(
     num_heads_kv, seqlen_q, num_splits, min_chunk, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
     qk_scale, cap_log2, window_left, window_right, tune_len, sinks, cos_ptr, sin_ptr, stride_cos,
     ROTARY_DIM: tl.constexpr, GPTJ: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr,
-    V_WORDS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    IS_PAGED: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
     CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr, QUANT: tl.constexpr,
@@ -453,7 +381,7 @@ def _decode_kernel(
             sinks, wrap_n, ring_shift, ring,
             partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
             k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
-            "far", ROTARY_DIM, PAGE_SIZE, INT8_ASM, V_WORDS, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
+            "far", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
             PRECISION, BLOCK_N,
         )  # fmt: skip
@@ -470,7 +398,7 @@ def _decode_kernel(
             sinks, wrap_n, ring_shift, ring,
             partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
             k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
-            "near", ROTARY_DIM, PAGE_SIZE, INT8_ASM, V_WORDS, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
+            "near", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
             PRECISION, BLOCK_N,
         )  # fmt: skip
@@ -482,7 +410,7 @@ def _decode_kernel(
             sinks, wrap_n, ring_shift, ring,
             partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
             k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
-            "none", ROTARY_DIM, PAGE_SIZE, INT8_ASM, V_WORDS, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
+            "none", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
             PRECISION, BLOCK_N,
         )  # fmt: skip
@@ -618,7 +546,6 @@ _decode_tuned = triton.autotune(
         "HAS_SOFTCAP",
         "HAS_ALIBI",
         "ROTARY_DIM",
-        "V_WORDS",
         "num_splits",
         "tune_len",
     ],  # fmt: skip
@@ -830,10 +757,7 @@ def decode(
                 f"q must lie within fp16's range (|q| <= {F16_MAX}) over an INT8/FP8 cache, whose products run "
                 f"in fp16; got max |q| = {q_max}"
             )
-    # one-byte V tiles read as 32-bit words (_load_words_widened) where every key's row starts on a word
-    v_words = mma_f16 and d % 4 == 0 and v_cache.data_ptr() % 4 == 0 and all(n % 4 == 0 for n in v_cache.stride()[:3])
     kw = {
-        "V_WORDS": v_words,
         "GROUP": group, "HEAD_DIM": d, "HEAD_DIM_PAD": max(16, next_power_of_2(d)), "IS_PAGED": args.paged,
         "CYCLIC": max_attention_window is not None, "HAS_INDIRECTION": cache_indirection is not None,
         "HAS_WINDOW_LEFT": args.window_left >= 0, "HAS_WINDOW_RIGHT": args.window_right >= 0,

@@ -22,7 +22,13 @@ slower everywhere; also Vᵀ·Pᵀ: 0.67-0.70x; FP8 converted to fp16 instead of
 1.06x -> 1.58x the bf16 cache; INT8 to fp16 by conversion: slower than to bf16 (1.13x vs 1.27x), and by
 integer operations (the byte into the mantissa of 1024.0): 1.25x vs 1.36x; one block-table entry per tile
 instead of per key: +2-14%; the block-table entries of the next tile loaded one iteration ahead, with fp16
-products, on FP8 pages: 0.85x -> 1.31x.
+products, on FP8 pages: 0.85x -> 1.31x. Round 5 (session 6, `_r5.log`): V's one-byte tiles read as 32-bit words and
+widened in registers, then handed to the products through shared memory as fp16 (ldmatrix, as for a bf16 cache)
+instead of one byte per shared-memory load: 15-17% fewer instructions in the key loop (static SASS), but slower
+on the H200 wherever it was not even: FP8 contiguous 1.61x -> 1.37x (B8) and 1.55x -> 1.32x (B1), paged
+1.44x -> 1.27x and 1.39x -> 1.19x the bf16 cache; INT8 1.37x -> 1.33x, 1.39x -> 1.24x, paged even. The fp16
+staging tile adds 16 KiB of shared memory per stage set (FP8 64/2/4: 55 -> 72 KiB, four programs an SM -> three)
+and a store-barrier-load chain per tile; the loop was waiting on latency more than on issue slots.
 """
 
 from __future__ import annotations

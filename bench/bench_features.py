@@ -20,6 +20,10 @@ paged cache (64-token blocks), for a prefill-sized batch (16 × 1024 new tokens 
 step (B64, one token each, on 4096 cached), GQA 32/8 D128 bf16. Bandwidth counts qkv read, q written and k/v
 written; the bias and the cos/sin table are small and left out.
 
+Each of our rows records the tile the autotuner chose (``config``) and, where that call tuned, every candidate
+tile's median time (``tuning_ms``): two variants may run different tiles, and a bias's cost is also given at
+the plain kernel's tile (``cost_vs_plain_same_tile``, from those tuning times).
+
 Every variant is checked against the reference (fp32, on the same cache, dequantized where quantized) before it
 is timed. Times are medians of CUDA-graph replays (decode, as a serving loop runs it) or of do_bench (prefill).
 """
@@ -79,11 +83,16 @@ def prefill(args, ceilings) -> list[dict]:
             kw["rel_bias"] = RelativeBias(bias=kw["rel_bias"].bias.float())
         return reference.attention(q[:1].float(), k[:1].float(), v[:1].float(), causal=True, **kw)
 
+    tuner = sys.modules["attn.fast.attention"]._attn_fwd_tuned
+
     def timed(name, impl, fn, first_sequence, want):
         """Checks one contender's first sequence against the reference, then times it."""
         entry = {"phase": "prefill", "variant": name, "impl": impl}
         try:
+            keys = set(tuner.cache)
             entry["err"] = _check(name, first_sequence(fn()), want, args.tol)
+            if impl == "ours":
+                entry.update(common.autotune_record(tuner, keys))
             ms = common.bench_ms(fn)
             entry.update(ms=ms, tflops=common.tflops(flops, ms))
         except Exception as e:
@@ -120,6 +129,11 @@ def prefill(args, ceilings) -> list[dict]:
         rows.append(timed(name, "flex", fn, lambda out: out[:1].transpose(1, 2), ref(variants[name])))
 
     plain_ms = {r["impl"]: r.get("ms") for r in rows if r["variant"] == "plain"}
+    # the autotuner may give a bias another tile than plain's: its cost at plain's tile, from the tuning times
+    plain = next((r for r in rows if r["variant"] == "plain" and r["impl"] == "ours"), {})
+    for r in rows:
+        if r["impl"] == "ours" and plain.get("config") in r.get("tuning_ms", {}) and "tuning_ms" in plain:
+            r["cost_vs_plain_same_tile"] = r["tuning_ms"][plain["config"]] / plain["tuning_ms"][plain["config"]]
     ours = {r["variant"]: r.get("ms") for r in rows if r["impl"] == "ours"}
     for r in rows:
         base = plain_ms.get(r["impl"])
@@ -135,6 +149,7 @@ def decode(args, ceilings) -> list[dict]:
     import attn.reference as reference
     from attn import RelativeBias, alibi_slopes, calibrate_kv_scales
 
+    tuner = sys.modules["attn.fast.decode"]._decode_tuned
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
     for bsz, length in ((8, 32768), (1, 131072)):
@@ -199,7 +214,9 @@ def decode(args, ceilings) -> list[dict]:
                     fn = lambda q=q, lens=lens, k_=k_, v_=v_, table=table, kw=kw, check=False: fast.decode(
                         q, k_, v_, lens, block_table=table, validate=check, **kw
                     )
+                    keys = set(tuner.cache)
                     entry["err"] = _check(name, fn(check=True)[:1], want, args.tol)
+                    entry.update(common.autotune_record(tuner, keys))
                     ms = common.graph_ms(fn, calls_per_graph=10)
                     entry.update(ms=ms, tbps=common.tbps(nbytes, ms), bytes=nbytes)
                     copy = ceilings.get("copy_tbps")
@@ -295,6 +312,7 @@ def main() -> None:
                 f" {k}={r[k]:.3f}"
                 for k in (
                     "cost_vs_plain",
+                    "cost_vs_plain_same_tile",
                     "flex_ms_over_ours",
                     "speedup_vs_plain",
                     "frac_copy_ceiling",
@@ -304,7 +322,8 @@ def main() -> None:
                 )
                 if k in r
             )
-            print(f"{what}: {r['ms'] * 1e3:.0f} us {perf} err={r['err']:.2g}{extra}", flush=True)
+            tile = f" [{r['config']}]" if "config" in r else ""
+            print(f"{what}: {r['ms'] * 1e3:.0f} us {perf} err={r['err']:.2g}{extra}{tile}", flush=True)
     print(f"ceilings: {ceilings}\nresults: {out_path}")
 
 

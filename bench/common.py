@@ -209,6 +209,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
+def autotune_record(tuner, keys_before: set) -> dict[str, Any]:
+    """The tile ``tuner`` (a Triton autotuner) chose for the call just made, and every candidate's median time
+    (ms) when that call was the one that tuned (its key is new since ``keys_before``, a copy of
+    ``set(tuner.cache)`` taken before the call). Two kernels compared in a benchmark may run different tiles; this
+    says which, and what each would have cost on the same inputs."""
+    out: dict[str, Any] = {}
+    if getattr(tuner, "best_config", None) is not None:
+        out["config"] = str(tuner.best_config)
+    if any(k not in keys_before for k in tuner.cache) and getattr(tuner, "configs_timings", None):
+        out["tuning_ms"] = {
+            str(cfg): (t[0] if isinstance(t, (list, tuple)) else t) for cfg, t in tuner.configs_timings.items()
+        }
+    return out
+
+
 def kernel_variant(src, name: str, edits):
     """A variant of a kernel module for the probes: ``src`` (an ``attn/fast/*.py`` path) with every occurrence of
     each ``old`` replaced by ``new``, written beside it as ``_probe_<name>.py`` (Triton's JIT reads kernel source

@@ -80,7 +80,7 @@ def key_loops(sass: str) -> str:
 
 def main() -> None:
     cases = [(0, False, 64, 2, 4), (0, True, 64, 2, 4), (1, False, 128, 4, 3), (1, True, 128, 4, 3),
-             (2, False, 64, 2, 4), (2, True, 64, 2, 4)]  # fmt: skip
+             (1, True, 64, 4, 3), (2, False, 64, 2, 4), (2, True, 64, 2, 4)]  # fmt: skip
     # each tile unsplit (one program per pair writes the output) and split (the last program of a pair merges
     # the partials: SPLIT_MERGE), the latter also without the log-sum-exp (STORE_LSE off, a serving loop's call)
     variants = [(False, True)] * len(cases) + [(True, True)] * len(cases) + [(True, False)]

@@ -50,20 +50,23 @@ def test_decode_contiguous_matches_reference(case, feature, splits, dtype, devic
     assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
 
 
+@pytest.mark.parametrize("window", [None, (23, 0)], ids=["full", "window23"])
 @pytest.mark.parametrize("block_size", [16, 5, 32])
 @pytest.mark.parametrize("case", ["gqa4-d40", "gqa8-spec3", "empty-cache"])
-def test_paged_equals_contiguous(case, block_size, device):
-    # the kernel visits the same keys in the same order either way, so the results agree bit for bit
+def test_paged_equals_contiguous(case, block_size, window, device):
+    # the kernel visits the same keys in the same order either way, so the results agree bit for bit. Pages that
+    # are a multiple of the tile (16 and 32 under the interpreter's 16-key tiles) are read one entry per tile,
+    # which needs every tile on the tile grid; a sliding window starts at a key off that grid
     b, sq, hq, hkv, d, lens = CASES[case]
     q, kc, vc, seqlens = _contiguous(b, sq, hq, hkv, d, lens, torch.float16, device)
     k_pool, v_pool, block_table = to_paged(kc, vc, lens, block_size)
+    kw = {"causal": True} if window is None else {"causal": True, "window_size": window}
     for splits in (1, 2):
-        contiguous = fast.decode(q, kc, vc, seqlens, causal=True, num_splits=splits, return_lse=True)
-        paged = fast.decode(
-            q, k_pool, v_pool, seqlens, block_table=block_table, causal=True, num_splits=splits, return_lse=True
-        )
+        contiguous = fast.decode(q, kc, vc, seqlens, num_splits=splits, return_lse=True, **kw)
+        paged = fast.decode(q, k_pool, v_pool, seqlens, block_table=block_table, num_splits=splits, return_lse=True,
+                            **kw)  # fmt: skip
         assert torch.equal(contiguous[0], paged[0]) and torch.equal(contiguous[1], paged[1])
-    ref = reference.decode(q.double(), k_pool.double(), v_pool.double(), seqlens, block_table=block_table, causal=True)
+    ref = reference.decode(q.double(), k_pool.double(), v_pool.double(), seqlens, block_table=block_table, **kw)
     assert_close("paged vs reference", ref, paged[0], TOL[torch.float16])
 
 

@@ -12,8 +12,9 @@ normalised partial output and log-sum-exp, and the last program of each pair to 
 ``lse = logsumexp_s(lse_s)``, ``o = Σ_s exp(lse_s − lse)·o_s``. One launch per call, not two: at small batch a
 launch's host time is comparable to the kernel's, and event-timed callers without CUDA graphs pay it.
 
-Paged caches are read through the block table one key at a time (a gather of block indices per tile), which
-works for any block size, including sizes smaller than the tile.
+Paged caches are read through the block table. Where every tile lies within one page (pages a multiple of the
+tile, no ring and no beam indirection) a tile needs one entry; otherwise each key looks up its own, which works
+for any block size, including sizes smaller than the tile.
 """
 
 from __future__ import annotations
@@ -110,10 +111,15 @@ def _first_blocks(
 ):  # fmt: skip
     # A paged tile's block-table entries are loaded one iteration ahead: its K/V loads then depend on no load of
     # their own iteration, and the pipeliner keeps them in flight (FP8 pages: 1.04x -> 1.3x the bf16 cache's
-    # speed, scripts/decode_probe.py). These are the first tile's, for a loop over [lo, hi).
-    offs_lo = lo + tl.arange(0, BLOCK_N)
-    slot = _slots(offs_lo, sinks, wrap_n, ring_shift, ring, CYCLIC)
-    return tl.load(block_table_ptr + b64 * stride_bt + slot // PAGE_SIZE, mask=offs_lo < hi, other=0)
+    # speed, scripts/decode_probe.py). These are the first tile's, for a loop over [lo, hi): one entry when the
+    # tile lies within a page (see _decode_tiles), else one per key.
+    if (not CYCLIC) and PAGE_SIZE % BLOCK_N == 0:
+        first = tl.load(block_table_ptr + b64 * stride_bt + lo // PAGE_SIZE, mask=lo < hi, other=0)
+    else:
+        offs_lo = lo + tl.arange(0, BLOCK_N)
+        slot = _slots(offs_lo, sinks, wrap_n, ring_shift, ring, CYCLIC)
+        first = tl.load(block_table_ptr + b64 * stride_bt + slot // PAGE_SIZE, mask=offs_lo < hi, other=0)
+    return first
 
 
 @triton.jit
@@ -139,6 +145,11 @@ def _decode_tiles(
     other modes.
     """
     tl.static_assert((REL_MODE == 1) == (T5 != "none"))
+    # every tile starts on a multiple of BLOCK_N (the caller keeps lo on that grid), so with pages a multiple of
+    # the tile a tile never crosses a page: one block-table entry and one row offset serve all of its keys, where
+    # the general path spends a load and a 64-bit multiply-add per key (the one-byte caches felt it most:
+    # 1300 against 1080 loop instructions for FP8 pages, scripts/decode_sass.py)
+    TILE_PAGES: tl.constexpr = IS_PAGED and not (CYCLIC or HAS_INDIRECTION) and PAGE_SIZE % BLOCK_N == 0
     # The near loop (a few tiles per cache) prefetches one tile ahead instead of the config's depth: the
     # pipeliner copies its gathered bias tiles through shared memory too, and at full depth those buffers pushed
     # the 64/2/4 config from 102 to 114 KiB, past two programs per SM (scripts/decode_sass.py); at depth 2
@@ -162,14 +173,25 @@ def _decode_tiles(
                 # each key's row is gathered from the indirection first; loading the entries a tile ahead as well
                 # measured slower (beam search over pages: 0.83x plain decode instead of 0.975x)
                 block = tl.load(block_table_ptr + seq_row * stride_bt + slot // PAGE_SIZE, mask=key_valid, other=0)
+            elif TILE_PAGES:
+                block = next_block
+                ahead = start_n + BLOCK_N
+                next_block = tl.load(block_table_ptr + b64 * stride_bt + ahead // PAGE_SIZE, mask=ahead < hi, other=0)
             else:
                 block = next_block
                 ahead = offs_n + BLOCK_N
                 ahead_slot = _slots(ahead, sinks, wrap_n, ring_shift, ring, CYCLIC)
                 next_block = tl.load(block_table_ptr + b64 * stride_bt + ahead_slot // PAGE_SIZE, mask=ahead < hi,
                                      other=0)  # fmt: skip
-            k_off = block.to(tl.int64) * stride_kb + (slot % PAGE_SIZE) * stride_kn
-            v_off = block.to(tl.int64) * stride_vb + (slot % PAGE_SIZE) * stride_vn
+            if TILE_PAGES:
+                # consecutive rows of one page. (Row offsets written as loop-invariant ones, plus a per-tile base,
+                # are hoisted out of the loop with the whole pointer tile: 255 registers.)
+                rows = start_n % PAGE_SIZE + tl.arange(0, BLOCK_N)
+                k_off = block.to(tl.int64) * stride_kb + rows * stride_kn
+                v_off = block.to(tl.int64) * stride_vb + rows * stride_vn
+            else:
+                k_off = block.to(tl.int64) * stride_kb + (slot % PAGE_SIZE) * stride_kn
+                v_off = block.to(tl.int64) * stride_vb + (slot % PAGE_SIZE) * stride_vn
         else:
             k_off = seq_row * stride_kb + slot.to(tl.int64) * stride_kn
             v_off = seq_row * stride_vb + slot.to(tl.int64) * stride_vn
@@ -329,7 +351,9 @@ def _decode_kernel(
     # bottom-right alignment: new token i sits on key diag + i
     diag = seqlen_k - seqlen_q
     if HAS_WINDOW_LEFT:
-        lo = tl.maximum(lo, diag - window_left)
+        # on the tile grid still (_decode_tiles' one-entry-per-tile pages rely on it); keys left of the window
+        # in the first tile are masked
+        lo = tl.maximum(lo, (diag - window_left) // BLOCK_N * BLOCK_N)
     if HAS_WINDOW_RIGHT:
         hi = tl.minimum(hi, seqlen_q - 1 + diag + window_right + 1)
 

@@ -560,11 +560,17 @@ def _merge_splits(
 
 _decode_tuned = triton.autotune(
     configs=CONFIGS,
-    # split and unsplit launches of one head shape want different tiles: the split count and the length are keys
+    # split and unsplit launches of one head shape want different tiles: the split count and the length are keys.
+    # So are the features that change the loop's addressing (a ring, a beam indirection, a T5 bias): without them
+    # a beam-search call reused whatever tile plain decode had tuned (B8 L32768 contiguous: 0.84x plain decode
+    # with plain's 64-key tile in one run, 1.00x with its 128-key tile in another)
     key=[
         "HEAD_DIM_PAD",
         "GROUP",
         "IS_PAGED",
+        "CYCLIC",
+        "HAS_INDIRECTION",
+        "REL_MODE",
         "BLOCK_M",
         "HAS_WINDOW_LEFT",
         "HAS_SOFTCAP",

@@ -478,9 +478,10 @@ print(paged.metadata(slots)[1])
 # That is one extra small load per key (neighbouring keys mostly read the same table entry, so it comes from
 # cache) and addresses that are contiguous only within a block. Because the lookup is per key, a tile may start
 # in the middle of a block and cover several blocks, so any block size works, including ones smaller than the
-# tile or not a power of two. Kernels that instead fetch a whole tile from one block must require the block
-# size to be a multiple of their tile. Here is the same computation in PyTorch, for the first tile of the
-# longest sequence of the last cache, with a 16-key tile (the size the kernel uses in the interpreter):
+# tile or not a power of two. When the block size is a multiple of the tile, the kernel takes a shortcut (section
+# 7): every tile starts on a multiple of the tile size, so it lies within one block, and one table entry serves
+# all of its keys. Here is the general computation in PyTorch, for the first tile of the longest sequence of the
+# last cache, with a 16-key tile (the size the kernel uses in the interpreter):
 
 # %%
 seqlens, table = paged.metadata(slots)
@@ -545,13 +546,15 @@ assert torch.equal(v_trt, reference.gather_kv(paged.v, len(t), 0, table))
 # `attn.decode` on the same bf16 cache as a contiguous tensor (`ours`) and as a randomly shuffled pool with
 # 16-token (`ours-p16`) and 64-token blocks (`ours-p64`), and reports TB/s of K and V read. These are the numbers
 # measured on an NVIDIA H200 (copy ceiling about 4.2 TB/s), loaded from the result files: the first two runs
-# (2026-11-28) and the latest (2026-11-29), each timed from CUDA-graph replays where the file has them (the
-# device's time; with plain event timing our ~0.3 ms of host time per call hides the kernel on the long shapes).
+# (2026-11-28), one from the next day and the latest (2026-11-29, commit 0d6c0a7), each timed from CUDA-graph
+# replays where the file has them (the device's time; with plain event timing the host time of a call hid the
+# kernel on the long shapes before the launch path was made cheaper).
 
 # %%
 results = Path(attn.__file__).resolve().parent.parent / "bench" / "results"
 rows, ceilings = [], []
-for fname in ("decode_H200_2026-11-28_v4_ragged.json", "decode_H200_2026-11-29.json"):
+runs = ("decode_H200_2026-11-28_v4_ragged.json", "decode_H200_2026-11-29.json", "decode_H200_2026-11-29_e.json")
+for fname in runs:
     run = json.loads((results / fname).read_text())
     assert run["env"]["gpu"] == "NVIDIA H200"
     ceilings.append(run["ceilings"]["copy_tbps"])
@@ -588,7 +591,7 @@ plt.show()
 
 # %% [markdown]
 # On 2026-11-28 (commit ef77225) paging cost 5-10% on the regular shapes and about 20% on the ragged
-# batch. Two changes to the kernel's paged path, made for the one-byte caches of lesson 09, removed most of it:
+# batch. Three changes to the kernel's paged path, made for the one-byte caches of lesson 09, removed it:
 #
 # - **The page size became a compile-time constant.** Each key's slot is `slot // block_size` (which block) and
 #   `slot % block_size` (which row in it). With a block size known only at run time, division and remainder
@@ -597,12 +600,20 @@ plt.show()
 #   from the block table; loaded in the same iteration, they delay the tile's loads, which the compiler can then
 #   not start early. Loaded the iteration before, the K/V loads depend on nothing in their own iteration and
 #   the software pipeline keeps them in flight.
+# - **One entry per tile where the block holds the whole tile.** With blocks a multiple of the tile (64-token
+#   blocks and 64-key tiles, say), the kernel keeps every tile on the tile grid (a sliding window's first tile
+#   starts below the window, its extra keys masked), so a tile never crosses a block. It then loads one entry
+#   per tile, a tile ahead, and forms the tile's addresses from one base and the row offsets, instead of a load
+#   and a 64-bit multiply-add per key. Compiled for the H200, the loop of a bf16 tile over pages went from 971
+#   to 610 instructions (`scripts/decode_sass.py`); bf16 decode was bound by bytes anyway, but the ragged batch
+#   went from 0.95x to 1.00x of contiguous, and one-byte caches, which are bound by instructions, gained 13-15%
+#   (lesson 09).
 #
-# On the latest run paged decoding reads 0.97-1.00x as fast as contiguous on every regular shape, with either
-# block size, and the ragged batch 0.95x (the short sequences' few tiles leave less time to hide the first
-# lookup). The pool's scattered 16- or 64-token blocks cost nothing measurable: the bandwidth was lost to the
-# address arithmetic, not to the memory layout. Paging also lets several times more sequences share the GPU
-# (section 1), which is why serving systems use it.
+# On the latest run paged decoding reads 0.98-1.00x as fast as contiguous with 64-token blocks on every shape,
+# the ragged batch included, and 0.94-0.99x with 16-token blocks (which the 64-key tiles cross, so they still
+# look up per key). The pool's scattered blocks cost nothing measurable: the bandwidth was lost to the address
+# arithmetic, not to the memory layout. Paging also lets several times more sequences share the GPU (section
+# 1), which is why serving systems use it.
 
 # %% [markdown]
 # ## 8. Chunked context over a paged cache
@@ -757,13 +768,14 @@ print("head:    ", [r % g for r in range(16)], "(+ the group's first head)")
 #   their stale contents are never read because lengths and tables decide what is valid.
 # - `append` is all or nothing: `PoolExhaustedError` when the pool is short, `ValueError` when a sequence would
 #   outgrow its table row, and the cache is untouched after either.
-# - The decode kernel looks up a block per key, so any block size works; its output over a paged cache is
-#   bitwise that over a contiguous one, wherever the blocks sit in the pool.
+# - The decode kernel looks up a block per key, so any block size works, or per tile when the block is a
+#   multiple of the tile; its output over a paged cache is bitwise that over a contiguous one, wherever the
+#   blocks sit in the pool.
 # - FlashInfer lists pages in CSR form (`kv_indptr`, `kv_indices`, `kv_last_page_len`); TensorRT-LLM pairs K and
 #   V per block in one pool and addresses them by block offsets $2i$ and $2i+1$.
-# - Measured on an H200, paged decode runs at 0.97-1.00x of contiguous on regular shapes and 0.95x on a ragged
-#   batch, after the block size became a compile-time constant and the block-table entries are loaded a tile
-#   ahead (it was 0.90-0.95x and 0.79-0.81x before).
+# - Measured on an H200, paged decode with 64-token blocks runs at 0.98-1.00x of contiguous, a ragged batch
+#   included, after the block size became a compile-time constant, the block-table entries are loaded a tile
+#   ahead and a tile takes one entry (it was 0.90-0.95x and 0.79-0.81x before).
 # - A prompt chunk of $n$ tokens, appended first, attends to the $L$ cached tokens bottom-right causally;
 #   `attn.context_attention` runs a packed batch of chunks (and one-token generation requests) over a paged
 #   cache, visiting only tiles some query can see and masking only those across the diagonal.

@@ -666,7 +666,7 @@ for name, nbytes, scale_bytes in (
 results = Path(attn.__file__).resolve().parent.parent / "bench" / "results"
 runs = {
     "first kernel (11-28)": results / "features_H200_2026-11-28_b.json",
-    "current kernel (11-29)": results / "features_H200_2026-11-29_decode_b.json",
+    "current kernel (11-29)": results / "features_H200_2026-11-29_decode_i.json",
 }
 speed = {}  # (run, shape, variant, layout) -> speed-up over the bf16 cache in the same run
 for label, path in runs.items():
@@ -713,7 +713,7 @@ plt.show()
 #   quarter of the integer rate. The kernel instead writes each byte (plus 128) into the low mantissa byte of
 #   the fp16 number 1024.0, which then *reads* as $1024 + 128 + c$, and subtracts 1152 from two values at once
 #   with one half2 instruction: about five integer and half2 operations per four codes (a trick from
-#   NVIDIA's FasterTransformer). INT8 went from 1.31–1.37× to 1.42–1.48× contiguous: better, but the conversion
+#   NVIDIA's FasterTransformer). INT8 went from 1.31–1.37× to 1.36–1.48× contiguous: better, but the conversion
 #   was only part of its bound.
 #
 # The INT8 trick is easy to check on the CPU, on every one of the 256 codes: put each byte (plus 128) under the
@@ -728,17 +728,28 @@ widened = as_fp16 - 1152.0
 print("after subtracting 1152, every code is exact:", torch.equal(widened.float(), codes.float()))
 
 # %% [markdown]
-# The third change is for paged caches:
+# The next two changes are for paged caches (lesson 04, section 7):
 #
-# - **Paged caches load the block table a tile ahead, with the page size fixed at compile time.** A tile's K/V
-#   addresses came from a block-table load in the same iteration, so the loads could not be issued early; and
-#   dividing by a page size known only at run time costs a long integer sequence per key. Loading the next
-#   tile's entries one iteration ahead and compiling the page size in (so the division is a shift) took paged
-#   FP8 from 0.77–0.85× (slower than bf16!) to 1.46–1.48×, and paged INT8 from 0.88–0.90× to 1.12–1.26×.
+# - **The block table a tile ahead, with the page size fixed at compile time.** A tile's K/V addresses came
+#   from a block-table load in the same iteration, so the loads could not be issued early; and dividing by a
+#   page size known only at run time costs a long integer sequence per key. Loading the next tile's entries one
+#   iteration ahead and compiling the page size in (so the division is a shift) took paged FP8 from 0.77–0.85×
+#   (slower than bf16!) to 1.46–1.48×, and paged INT8 from 0.88–0.90× to 1.12–1.26×.
+# - **One entry per tile** when the page is a multiple of the tile: one load and one base address for the whole
+#   tile instead of a load and a 64-bit multiply-add per key. The FP8 loop over pages went from 1300 to 1033
+#   instructions per 64-key tile (the contiguous loop has 1080), and at B8 the pages now run as fast as a
+#   contiguous cache: INT8 1.23× → 1.39–1.41×, FP8 1.47× → 1.63×. At B1 the tuner prefers 128-key tiles, which cross
+#   64-token pages and still read per key (INT8 1.16×, FP8 1.36× paged).
 #
-# The result still misses the 1.7× the project set itself, most for INT8 and for paged caches. What is left
-# is the same kind of cost: per-key integer work (addresses, masks, conversions) that the bf16 kernel can hide
-# behind its twice-larger loads and the one-byte kernel cannot.
+# The result still misses the 1.7× the project set itself. Where the time goes was measured with Nsight Compute
+# (`bench/results/ncu_H200_2026-11-29/`): the one-byte loops use half the issue slots and mostly wait on shared-
+# memory loads, with few programs per SM to hide the wait. The products want V's codes of consecutive keys
+# side by side in one register, and in the cache's [key, feature] order those are a row apart, so V comes out
+# of shared memory one byte per instruction (128 loads a thread per 64-key tile). The obvious fix, reading V as
+# 32-bit words and handing it to the products through shared memory as fp16, cut the loop by 15–17% and ran
+# *slower* (FP8 1.61× → 1.37×, `decode_probe_2026-11-29_r5.log`): the fp16 staging tile cost a resident
+# program per SM, and latency, not instruction count, was the bound. FlashAttention-3's FP8 kernel transposes
+# byte pairs with `ldmatrix` on the way out of shared memory, which Triton's language does not expose.
 #
 # ## Summary
 #
@@ -755,6 +766,6 @@ print("after subtracting 1152, every code is exact:", torch.equal(widened.float(
 #   and $s_v$ the output, which is exact because the scales are constant along the summed index.
 # - Live: the Triton append writes the reference's bytes; the Triton decode on a quantized cache matches the
 #   reference on it, contiguous and paged.
-# - Speed on the H200: FP8 1.6× the bf16 cache contiguous and 1.46–1.48× paged, INT8 1.42–1.48× and
-#   1.12–1.26×, after moving the products to fp16 and making the conversions cheap; the 2× bound (and the
-#   project's 1.7× target) is not reached.
+# - Speed on the H200: FP8 1.51–1.63× the bf16 cache contiguous and 1.36–1.63× paged, INT8 1.36–1.42× and
+#   1.16–1.40×, after moving the products to fp16, making the conversions cheap and the paged addresses per
+#   tile; the 2× bound (and the project's 1.7× target) is not reached.

@@ -17,6 +17,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # quantized KV-cache storage: symmetric INT8 (values in [-127, 127]) and FP8 e4m3 (saturating at +-448)
 QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 QUANT_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+# the largest finite fp16: decode over an INT8/FP8 cache multiplies in fp16 (attn.fast.decode)
+F16_MAX = 65504.0
 
 
 def check_kv_scales(k_cache, k_scale, v_scale, num_heads_kv, validate=True):
@@ -1162,6 +1164,21 @@ def check_gpt_attention(
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         alibi_mode=alibi_mode, rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, validate=validate,
     )  # fmt: skip
+    if validate and mode == "split" and qkv.dtype == torch.bfloat16 and k_cache.dtype in QUANT_DTYPES:
+        # the generation requests' decode multiplies in fp16, where a larger bf16 query would become inf, and
+        # their queries exist only after the pre-processing has written the cache: bound them now, from qkv and
+        # the bias. RoPE turns each pair of features by an angle, so no feature grows past √2 times the larger
+        # of its pair (a bound: a query just under it may be refused that the rotation would have kept in range)
+        q_gen = q_like.index_select(0, batch.generation_rows.to(qkv.device)).float()
+        if qkv_bias is not None:
+            q_gen = q_gen + qkv_bias[: num_heads_q * head_dim].view(num_heads_q, head_dim).float()
+        bound = float(q_gen.abs().amax()) * (math.sqrt(2.0) if rotary_dim else 1.0) if q_gen.numel() else 0.0
+        if not bound <= F16_MAX:
+            raise ValueError(
+                f"qkv's query part must stay within fp16's range (|q| <= {F16_MAX}, after the bias and RoPE) for "
+                f"the generation requests of a bf16 step over an INT8/FP8 cache in mode 'split', whose decode "
+                f"multiplies in fp16; got a bound of {bound:.6g} (mode 'unified' reads the cache in bf16)"
+            )
     return pre_args, args, mode
 
 

@@ -708,7 +708,8 @@ plt.show()
 #   fp16 with one instruction per *pair* of codes, while the path to bf16 takes several, and with half the
 #   bytes per key the loop had become bound by those conversions. In fp16, FP8 went from 1.1× to 1.6×. The
 #   query is converted too: a bf16 query is exact in fp16 as long as it stays inside fp16's range, which the
-#   launcher checks (a query beyond ±65504 is refused with a `ValueError`, not turned into `inf`).
+#   launcher checks (a query beyond ±65504 is refused with a `ValueError`, not turned into `inf`; an inflight
+#   step in `gpt_attention`'s split mode bounds its generation queries from `qkv` before it writes the cache).
 # - **INT8 four codes at a time.** A conversion instruction per code runs on the conversion units, at a
 #   quarter of the integer rate. The kernel instead writes each byte (plus 128) into the low mantissa byte of
 #   the fp16 number 1024.0, which then *reads* as $1024 + 128 + c$, and subtracts 1152 from two values at once

@@ -144,6 +144,34 @@ def test_chunked_prompt_then_decoding_equals_full_attention(mode, device):
     assert_close("chunked vs whole", want, got, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("rotary", [0, D], ids=["no-rope", "rope"])
+def test_split_step_over_one_byte_cache_bounds_bf16_queries(rotary, device):
+    # mode "split" decodes the generation requests over the INT8 cache in fp16 (attn/fast/decode.py), and their
+    # queries are only formed by the pre-processing, after the cache is written: the step must be refused
+    # before that when a generation query could pass fp16's 65504, with RoPE's factor √2 when it rotates
+    qkv, batch, k_float, v_float = _step_inputs("generation-first", torch.float32, device, paged=True)
+    k_scale, v_scale = calibrate_kv_scales(k_float, v_float, torch.int8, "head")
+    k_cache = reference.quantize(k_float, k_scale, torch.int8)
+    v_cache = reference.quantize(v_float, v_scale, torch.int8)
+    kw = dict(num_heads_q=HQ, num_heads_kv=HKV, rotary_dim=rotary, k_scale=k_scale, v_scale=v_scale, mode="split")
+    qkv = qkv.to(torch.bfloat16)
+    big = 5e4  # within fp16's range, but not once √2 times larger
+    qkv[int(batch.generation_rows[0]), 3] = big
+    before = k_cache.clone(), v_cache.clone()
+    if rotary:
+        with pytest.raises(ValueError, match="qkv's query part must stay within fp16's range"):
+            fast.gpt_attention(qkv, batch, k_cache, v_cache, **kw)
+        assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+    qkv[int(batch.generation_rows[0]), 3] = 7e4  # beyond fp16 whatever the rotation
+    with pytest.raises(ValueError, match="qkv's query part must stay within fp16's range"):
+        fast.gpt_attention(qkv, batch, k_cache, v_cache, **kw)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+    # a prompt's query is read in bf16 by the context kernel: the same value in a context row is no error
+    qkv[int(batch.generation_rows[0]), 3] = 1.0
+    qkv[int(batch.cu_seqlens_new[batch.context_requests[0]]), 3] = 7e4
+    fast.gpt_attention(qkv, batch, k_cache, v_cache, validate=True, **kw)
+
+
 BAD = {  # (what to break, error type, words the message must contain)
     "rows-short": (lambda qkv, batch: (qkv[:-1], batch), ValueError, "qkv"),
     "not-a-batch": (lambda qkv, batch: (qkv, {"cu": 1}), TypeError, "batch"),

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import check_decode, check_seqlen_hints
+from ..checks import F16_MAX, check_decode, check_seqlen_hints
 from ..reference.preprocess import RopeScaling
 from ._triton import autotune_enabled, current_stream, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _tanh, relative_bias_operands
@@ -596,7 +596,6 @@ def _cdiv(a: int, b: int) -> int:
 MIN_SPLIT_KEYS = 2048
 # the shortest part when a batch too small to fill the GPU is cut (see choose_num_splits)
 SPLIT_KEYS = 4096
-F16_MAX = 65504.0
 
 
 def choose_num_splits(

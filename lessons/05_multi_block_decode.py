@@ -456,6 +456,13 @@ for b, length in ((8, 32768), (1, 131072)):
 #   and the merge cost about 13 µs at 64 splits and 3 µs at 32 (event-timed 3.64 and 3.86 TB/s, 3.96 at 16).
 #   The floor is now 4096 keys, which picks 32 splits there and 8 for B8 L32768 (4.17 TB/s).
 #
+#   The floor was set on bf16 caches. An INT8 or FP8 cache (lesson 09) puts half the bytes into a part of the same
+#   length, which argues for fewer parts, but its loop is bound by latency rather than bytes, which argues for
+#   more programs in flight. Measured (`split_probe_H200_2026-11-29_one_byte.log`, graph replays): at B1
+#   L131072 over 64-token pages, 64 splits beat the floor's 32 by 5-14% (INT8 113.5 -> 99.2 µs), while
+#   contiguous caches were even; at B8 L32768 the floor's 8 stayed best (FP8 pages 154 µs, 164 at 16 splits).
+#   Two shapes do not make a rule yet, so the heuristic is unchanged.
+#
 # **The benchmark's B1 puzzle, solved.** With 64 splits, one benchmark run (`decode_H200_2026-11-28_v2.json`)
 # measured B1 L131072 at 2.13 TB/s, 0.54 of cuDNN, while the probe read 3.75 TB/s at 66 splits. The benchmark
 # now also times CUDA-graph replays and the host's cost per call (`decode_H200_2026-11-28_v3_graph.json`): from

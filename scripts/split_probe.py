@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python scripts/split_probe.py            # bf16 caches, event-timed (as the heuristic was set)
     PYTHONPATH=. python scripts/split_probe.py --one-byte # INT8 and FP8 caches, contiguous and 64-token pages
+    PYTHONPATH=. python scripts/split_probe.py --one-byte --shapes 1:131072,2:65536,4:32768,1:32768
 
 The split heuristic (`attn.fast.choose_num_splits`) was set on bf16 caches. A one-byte cache holds half the
 bytes per key, so each part of the same length carries half the work against the same fixed costs (partial
@@ -66,6 +67,8 @@ def probe_one_byte(b, length):
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--one-byte", action="store_true")
+    p.add_argument("--shapes", default="1:131072,8:32768", help="batch:length pairs, comma-separated")
     args = p.parse_args()
-    for shape in ((1, 131072), (8, 32768)):
-        (probe_one_byte if args.one_byte else probe)(*shape)
+    for shape in args.shapes.split(","):
+        b, length = (int(x) for x in shape.split(":"))
+        (probe_one_byte if args.one_byte else probe)(b, length)

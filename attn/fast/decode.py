@@ -383,8 +383,7 @@ def _decode_kernel(
         # of a long cache, is plain decode's loop plus a row term (a per-tile branch between the two had cost
         # ~10 barriers and ~12 shared stores of layout conversions, and 0.78-0.88x plain decode's bandwidth).
         # The split falls on the chunk's tile grid (whole tiles from lo): the near part starts on a tile boundary.
-        far_hi = tl.minimum(lo + tl.maximum(diag - rel_md + 1 - lo, 0) // BLOCK_N * BLOCK_N, hi)
-        range_hi = far_hi
+        range_hi = tl.minimum(lo + tl.maximum(diag - rel_md + 1 - lo, 0) // BLOCK_N * BLOCK_N, hi)
     # (m_i, l_i, acc and next_block are defined, and _decode_tiles takes them, in the order of the loop this
     # replaced: the order of a loop's carried values reaches ptxas, and this keeps the kernels without a T5
     # implicit bias the same code as before the split, scripts/decode_sass.py)
@@ -397,44 +396,34 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    FIRST: tl.constexpr = "far" if REL_MODE == 1 else "none"
+    m_i, l_i, acc = _decode_tiles(
+        next_block, m_i, l_i, acc, q, lo, range_hi, tok, row_valid, diag, offs_d, d_mask,
+        k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
+        b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width,
+        sinks, wrap_n, ring_shift, ring,
+        partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
+        k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
+        FIRST, ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
+        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
+        PRECISION, BLOCK_N,
+    )  # fmt: skip
     if REL_MODE == 1:
-        m_i, l_i, acc = _decode_tiles(
-            next_block, m_i, l_i, acc, q, lo, far_hi, tok, row_valid, diag, offs_d, d_mask,
-            k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width,
-            sinks, wrap_n, ring_shift, ring,
-            partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
-            k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
-            "far", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
-            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
-            PRECISION, BLOCK_N,
-        )  # fmt: skip
+        # the near part, [range_hi, hi)
         if PRIME:
             # the far loop's last look-ahead was masked by its end
             next_block = _first_blocks(
-                block_table_ptr, b64, stride_bt, far_hi, hi, sinks, wrap_n, ring_shift, ring, CYCLIC, PAGE_SIZE,
+                block_table_ptr, b64, stride_bt, range_hi, hi, sinks, wrap_n, ring_shift, ring, CYCLIC, PAGE_SIZE,
                 BLOCK_N,
             )  # fmt: skip
         m_i, l_i, acc = _decode_tiles(
-            next_block, m_i, l_i, acc, q, far_hi, hi, tok, row_valid, diag, offs_d, d_mask,
+            next_block, m_i, l_i, acc, q, range_hi, hi, tok, row_valid, diag, offs_d, d_mask,
             k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
             b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width,
             sinks, wrap_n, ring_shift, ring,
             partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
             k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
             "near", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
-            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
-            PRECISION, BLOCK_N,
-        )  # fmt: skip
-    else:
-        m_i, l_i, acc = _decode_tiles(
-            next_block, m_i, l_i, acc, q, lo, hi, tok, row_valid, diag, offs_d, d_mask,
-            k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width,
-            sinks, wrap_n, ring_shift, ring,
-            partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
-            k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
-            "none", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
             PRECISION, BLOCK_N,
         )  # fmt: skip

@@ -44,6 +44,14 @@ def _regular(hq, length, device):
     return reference.RelativeBias(bias=torch.randn(hq, length, length, device=device))
 
 
+def _check_prefill(q, k, v, dtype, **kw):
+    """The fused kernel's output and log-sum-exp against the float64 reference on the same inputs."""
+    out, lse = fast.attention(q, k, v, return_lse=True, **kw)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    assert_close("prefill", ref, out, TOL[dtype])
+    assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("mode", ["implicit", "implicit-causal", "regular"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -53,10 +61,7 @@ def test_prefill_with_relative_bias(causal, mode, dtype, device):
     rel = _regular(6, 40, device) if mode == "regular" else _implicit(6, device, mode == "implicit")
     # T5: no 1/sqrt(D); q_scaling = 1/sqrt(D) makes the scale 1
     kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, rel_bias=rel, q_scaling=32**-0.5)
-    out, lse = fast.attention(q, k, v, return_lse=True, **kw)
-    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
-    assert_close("prefill", ref, out, TOL[dtype])
-    assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
+    _check_prefill(q, k, v, dtype, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
@@ -70,10 +75,7 @@ def test_prefill_far_tiles(causal, bidirectional, dtype, device):
     q, k, v, cu_q, cu_k = random_packed(lens_q, lens_k, 4, 2, 32, dtype, device)
     rel = reference.RelativeBias(table=torch.randn(4, 8, device=device), max_distance=8, bidirectional=bidirectional)
     kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, rel_bias=rel, q_scaling=32**-0.5)
-    out, lse = fast.attention(q, k, v, return_lse=True, **kw)
-    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
-    assert_close("prefill", ref, out, TOL[dtype])
-    assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
+    _check_prefill(q, k, v, dtype, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
@@ -85,10 +87,7 @@ def test_prefill_far_tiles_window(window, dtype, device):
     q, k, v, cu_q, cu_k = random_packed(lens_q, lens_k, 4, 2, 32, dtype, device)
     rel = reference.RelativeBias(table=torch.randn(4, 8, device=device), max_distance=8)
     kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, window_size=window, rel_bias=rel, q_scaling=32**-0.5)
-    out, lse = fast.attention(q, k, v, return_lse=True, **kw)
-    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
-    assert_close("prefill", ref, out, TOL[dtype])
-    assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
+    _check_prefill(q, k, v, dtype, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
@@ -103,10 +102,7 @@ def test_prefill_far_tiles_with_alibi(causal, alibi_mode, dtype, device):
     slopes = reference.alibi_slopes(4, device=device) * torch.rand(2, 1, device=device).add(0.5)
     kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, rel_bias=rel, alibi_slopes=slopes,
               alibi_mode=alibi_mode)  # fmt: skip
-    out, lse = fast.attention(q, k, v, return_lse=True, **kw)
-    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
-    assert_close("prefill", ref, out, TOL[dtype])
-    assert_lse_close("lse", ref_lse, lse, LSE_TOL[dtype])
+    _check_prefill(q, k, v, dtype, **kw)
 
 
 @pytest.mark.parametrize("alibi", [False, True], ids=["t5", "t5+alibi"])

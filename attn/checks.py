@@ -7,11 +7,13 @@ one small record, so the two implementations cannot drift on defaults either.
 
 from __future__ import annotations
 
+import functools
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
+
+from . import _memo
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # quantized KV-cache storage: symmetric INT8 (values in [-127, 127]) and FP8 e4m3 (saturating at +-448)
@@ -58,22 +60,13 @@ def _per_head_scale(scale: torch.Tensor, num_heads_kv: int) -> torch.Tensor:
     """float32 ``[Hkv]`` from a ``[1]`` or ``[Hkv]`` scale: the kernels index scales by KV head.
 
     Expanding a per-tensor scale is a copy kernel; for K and V that is two launches per quantized call (seen by
-    Nsight Compute beside each decode), so the copy is kept for as long as the same tensor lives unchanged:
-    the entry holds a weak reference to it and its version counter, which every in-place write bumps.
+    Nsight Compute beside each decode), so the copy is kept for as long as the same tensor lives unchanged.
     """
     if scale.dtype == torch.float32 and scale.shape == (num_heads_kv,) and scale.is_contiguous():
         return scale
-    hit = _SCALES.get(id(scale))
-    if hit is not None:
-        ref, version, expanded = hit
-        if ref() is scale and version == scale._version and expanded.shape[0] == num_heads_kv:
-            return expanded
-    expanded = scale.float().expand(num_heads_kv).contiguous()
-    if not (scale.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        if len(_SCALES) >= 256:
-            _SCALES.clear()
-        _SCALES[id(scale)] = (weakref.ref(scale), scale._version, expanded)
-    return expanded
+    return _memo.derived(
+        _SCALES, scale, num_heads_kv, lambda: scale.float().expand(num_heads_kv).contiguous(), limit=256
+    )
 
 
 @dataclass(frozen=True)
@@ -157,16 +150,9 @@ _FULL_LENGTHS: dict = {}
 def _full_lengths(batch: int, capacity: int, device: torch.device) -> torch.Tensor:
     """``[batch]`` int32 lengths all equal to ``capacity``, made once per shape: a padded call without lengths
     otherwise ran a fill kernel for each of q and k before the attention kernel (seen by Nsight Compute).
-    Kernels only read these. None are kept from inside CUDA-graph capture, whose memory is the graph's."""
-    key = (batch, capacity, device)
-    lens = _FULL_LENGTHS.get(key)
-    if lens is None:
-        lens = torch.full((batch,), capacity, dtype=torch.int32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            if len(_FULL_LENGTHS) >= 256:
-                _FULL_LENGTHS.clear()
-            _FULL_LENGTHS[key] = lens
-    return lens
+    Kernels only read these."""
+    build = functools.partial(torch.full, (batch,), capacity, dtype=torch.int32, device=device)
+    return _memo.by_key(_FULL_LENGTHS, (batch, capacity, device), build, limit=256)
 
 
 def _check_seqlens(name: str, lens, batch: int, capacity: int, device: torch.device) -> torch.Tensor:

@@ -16,12 +16,11 @@ Lineage: the structure follows Triton's fused-attention tutorial and FlashAttent
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 
+from .. import _memo
 from ..checks import check_attention
 from ._triton import autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2
 
@@ -531,25 +530,19 @@ def _log2_distance_table(rel) -> torch.Tensor:
 
     Building it is a dozen small torch kernels (the bucket function over every distance, a gather, the padding):
     ~35 µs of device time per call on the H200, a fixed cost that made T5 decode 0.78-0.88x plain
-    (`features_H200_2026-11-29_decode_d.json`). The entry holds a weak reference to the bucket table and its
-    version counter, which every in-place write bumps; none is kept from inside CUDA-graph capture, whose
-    memory belongs to the graph.
+    (`features_H200_2026-11-29_decode_d.json`). It is rebuilt when the bucket table is written in place.
     """
-    params = (rel.table._version, rel.max_distance, rel.bidirectional, tuple(rel.table.shape))
-    hit = _REL_TABLES.get(id(rel.table))
-    if hit is not None and hit[0]() is rel.table and hit[1] == params:
-        return hit[2]
-    # log2 units (the kernels exponentiate base 2), and REL_PAD copies of each end value on either side: the
-    # view starts at distance -max_distance, so a prefill tile's gather may index up to REL_PAD entries
-    # past either end, inside this tensor, without clamping
-    table = rel.distance_table()
-    padded = torch.cat([table[:, :1].expand(-1, REL_PAD), table, table[:, -1:].expand(-1, REL_PAD)], dim=1).mul_(LOG2E)
-    view = padded[:, REL_PAD:]
-    if not (view.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        if len(_REL_TABLES) >= 64:
-            _REL_TABLES.clear()
-        _REL_TABLES[id(rel.table)] = (weakref.ref(rel.table), params, view)
-    return view
+
+    def build():
+        # log2 units (the kernels exponentiate base 2), and REL_PAD copies of each end value on either side: the
+        # view starts at distance -max_distance, so a prefill tile's gather may index up to REL_PAD entries
+        # past either end, inside this tensor, without clamping
+        table = rel.distance_table()
+        ends = (table[:, :1].expand(-1, REL_PAD), table, table[:, -1:].expand(-1, REL_PAD))
+        return torch.cat(ends, dim=1).mul_(LOG2E)[:, REL_PAD:]
+
+    params = (rel.max_distance, rel.bidirectional, tuple(rel.table.shape))
+    return _memo.derived(_REL_TABLES, rel.table, params, build, limit=64)
 
 
 def relative_bias_operands(rel, placeholder: torch.Tensor):

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..checks import F16_MAX, check_decode, check_seqlen_hints
 from ..reference.preprocess import RopeScaling
-from ._triton import autotune_enabled, current_stream, is_interpreter, launch, next_power_of_2
+from ._triton import autotune_enabled, cdiv, current_stream, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _tanh, relative_bias_operands
 from .kv_cache import quant_code, rope_pairs
 from .preprocess import _cos_sin
@@ -577,11 +577,6 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _cdiv(a: int, b: int) -> int:
-    # triton.cdiv is a constexpr function now, about 2 µs a call from plain Python
-    return -(-a // b)
-
-
 MIN_SPLIT_KEYS = 2048
 # the shortest part when a batch too small to fill the GPU is cut (see choose_num_splits)
 SPLIT_KEYS = 4096
@@ -612,9 +607,9 @@ def choose_num_splits(
         if total_seqlen_k is None or batch == 0 or max_seqlen_k <= 1.5 * total_seqlen_k / batch:
             return 1
         target = max(MIN_SPLIT_KEYS, total_seqlen_k * num_heads_kv // (2 * num_sms))
-        return min(_cdiv(max_seqlen_k, target), 256)
-    splits = _cdiv(8 * num_sms, programs)
-    return max(1, min(splits, _cdiv(max(max_seqlen_k, 1), SPLIT_KEYS), 256))
+        return min(cdiv(max_seqlen_k, target), 256)
+    splits = cdiv(8 * num_sms, programs)
+    return max(1, min(splits, cdiv(max(max_seqlen_k, 1), SPLIT_KEYS), 256))
 
 
 def decode(

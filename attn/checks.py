@@ -651,9 +651,23 @@ def _check_decode_values(q, k_cache, cache_seqlens, block_table, cache_indirecti
         used = torch.arange(cache_indirection.shape[2], device=q.device)[None, :] < cache_seqlens.view(
             -1, 1
         )  # [B·beam, max_len]
-        entries = cache_indirection.reshape(batch, -1)[used]
+        ind = cache_indirection.reshape(batch, -1)[:, : used.shape[1]]
+        entries = ind[used]
         if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= beam):
             raise ValueError(f"cache_indirection entries in use must lie in [0, {beam}) (the beam width)")
+        if block_table is not None:
+            # token t of beam j is read from the block-table row of the beam its entry names, not from beam j's
+            # own: every (row, column) so named must lie inside the pool
+            rows = (torch.arange(batch, device=q.device) // beam * beam)[:, None] + ind.long()
+            cols = (torch.arange(ind.shape[1], device=q.device) // page_size)[None, :].expand_as(ind)
+            entries = block_table[rows[used], cols[used]]
+            pool = k_cache.shape[0]
+            if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= pool):
+                raise ValueError(
+                    f"block_table entries read through cache_indirection must lie in [0, {pool}) (the pool's "
+                    f"blocks), got values from {int(entries.min())} to {int(entries.max())}"
+                )
+            return max_seqlen_k
     if block_table is not None and batch:
         # only the blocks that hold tokens are read; those must all lie inside the pool
         stored = cache_seqlens if window is None else cache_seqlens.clamp(max=window)

@@ -14,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from ._errors import check_errors  # noqa: E402
 from .attention import attention  # noqa: E402
 from .beam import update_indirection  # noqa: E402
 from .context import context_attention  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     "append_kv",
     "attention",
     "attention_unfused",
+    "check_errors",
     "choose_num_splits",
     "context_attention",
     "cross_attention",

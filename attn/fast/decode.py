@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..checks import F16_MAX, check_decode, check_seqlen_hints
 from ..reference.preprocess import RopeScaling
+from . import _errors
 from ._triton import autotune_enabled, cdiv, current_stream, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _tanh, relative_bias_operands
 from .kv_cache import quant_code, rope_pairs
@@ -42,22 +43,68 @@ CONFIGS = [
 
 
 # shared memory of each, compiled for sm_90a by scripts/decode_sass.py's method (contiguous, D 128): 132 KiB
-# and 180 KiB
+# and 180 KiB; the last two are for D 256, where the first needs 236 KiB (see shared_bytes)
 ROTARY_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "MERGE_TILE": 4096}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 32, "MERGE_TILE": 4096}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": bn, "MERGE_TILE": 4096}, num_warps=4, num_stages=s)
+    for bn, s in [(64, 2), (32, 4), (32, 2), (16, 4)]
 ]
+
+# the shared memory one block may use on the H100 and H200 (227 KiB); a GPU reports its own
+SMEM_LIMIT = 232448
+
+
+def shared_bytes(block_n: int, num_stages: int, head_dim_pad: int, kv_bytes: int, rotary: bool) -> int:
+    """An upper estimate of the decode kernel's shared memory: ``num_stages − 1`` buffered copies of each tile the
+    loop pipelines (K and V in the cache's dtype; with RoPE at read time also the partner tile and the fp32 cos
+    and sin tiles), plus 24 KiB for layout conversions and the bias and merge scratch. Fitted to Triton 3.6's
+    sm_90a builds: D 128 with RoPE, 64-key tiles, 2 and 3 stages, 132 and 244 KiB; 32-key tiles, 4 stages,
+    180 KiB; D 256 over 8-token pages, 64-key tiles, 2 stages, 236 KiB (the H100's OutOfResources of issue 18).
+    """
+    per_key = 2 * kv_bytes + (kv_bytes + 8 if rotary else 0)
+    return max(num_stages - 1, 1) * block_n * head_dim_pad * per_key + 24576
+
+
+@functools.cache
+def _smem_limit(device_index: int | None) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        return SMEM_LIMIT
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT) or SMEM_LIMIT
+
+
+def fitting_configs(configs, head_dim_pad: int, kv_bytes: int, rotary: bool, limit: int = SMEM_LIMIT) -> list:
+    """The configs whose `shared_bytes` fit ``limit``; the one needing least if none does (so every valid
+    input gets a launch, and a wrong estimate shows as Triton's own error rather than as no config at all)."""
+
+    def need(c):
+        return shared_bytes(c.kwargs["BLOCK_N"], c.num_stages, head_dim_pad, kv_bytes, rotary)
+
+    keep = [c for c in configs if need(c) <= limit]
+    return keep or [min(configs, key=need)]
 
 
 def _keep(configs, named_args, **kwargs):
     if named_args["q_ptr"].dtype == torch.float32:
         # IEEE fp32 tiles: small ones, as in the context kernel (this path is for correctness, not speed)
         return [triton.Config({"BLOCK_N": 32, "MERGE_TILE": 4096}, num_warps=4, num_stages=2)]
-    if kwargs.get("ROTARY_DIM", 0):
-        # RoPE at read time pipelines a partner tile and fp32 cos/sin tiles beside K and V: 64-key tiles in three
-        # stages need 244 KiB of shared memory (over the H200's 227), so only these fit
-        return ROTARY_CONFIGS
-    return configs
+    rotary = bool(kwargs.get("ROTARY_DIM", 0))
+    # RoPE at read time pipelines a partner tile and fp32 cos/sin tiles beside K and V: 64-key tiles in three
+    # stages need 244 KiB of shared memory at D 128 (over the H200's 227), so it has configs of its own
+    k = named_args["k_ptr"]
+    limit = _smem_limit(k.device.index if k.is_cuda else None)
+    return fitting_configs(ROTARY_CONFIGS if rotary else configs, kwargs["HEAD_DIM_PAD"], k.element_size(), rotary,
+                           limit)  # fmt: skip
+
+
+# error bits (attn.fast._errors), as compile-time constants of the kernels
+LENGTHS = tl.constexpr(_errors.LENGTHS)
+BLOCK_TABLE = tl.constexpr(_errors.BLOCK_TABLE)
+INDIRECTION = tl.constexpr(_errors.INDIRECTION)
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
 
 
 @triton.jit
@@ -124,11 +171,11 @@ def _first_blocks(
 
 @triton.jit
 def _decode_tiles(
-    next_block, m_i, l_i, acc, q, lo, hi,
+    next_block, m_i, l_i, acc, bad, q, lo, hi,
     tok, row_valid, diag, offs_d, d_mask,
     k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-    b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, sinks, wrap_n, ring_shift, ring,
-    partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
+    b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, pool_rows,
+    sinks, wrap_n, ring_shift, ring, partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
     k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
     T5: tl.constexpr, ROTARY_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr,
     HEAD_DIM: tl.constexpr, IS_PAGED: tl.constexpr, CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
@@ -138,6 +185,10 @@ def _decode_tiles(
 ):  # fmt: skip
     """The keys [lo, hi) of one program's chunk folded into its running (m_i, l_i, acc); ``next_block``, for
     paged caches read without a beam indirection, the first tile's block-table entries (`_first_blocks`).
+
+    Indices read from tensors (block-table entries, beam indirection entries) are clamped into the tensors they
+    address, so no value makes the loop read outside them; ``bad`` ([BLOCK_N] int32) gathers the error bits of
+    those it had to clamp (attn.fast._errors), reported once after the loop.
 
     T5 says how a T5 implicit bias (REL_MODE 1) applies, so that the caller can give each part of the chunk a
     loop of its own, with no per-tile branch in its body: "far", keys all more than max_distance left of every
@@ -164,11 +215,13 @@ def _decode_tiles(
             request = b64 // beam_width
             src = tl.load(ind_ptr + request * stride_ib + (b64 % beam_width) * stride_ibeam + offs_n,
                           mask=key_valid, other=0)  # fmt: skip
+            bad |= tl.where((src < 0) | (src >= beam_width), INDIRECTION, 0)
+            src = tl.minimum(tl.maximum(src, 0), beam_width - 1)
             seq_row = request * beam_width + src.to(tl.int64)
         else:
             seq_row = b64
         if IS_PAGED:
-            # slot -> (pool block, row); entries were validated against the pool on the host
+            # slot -> (pool block, row); an entry outside the pool is clamped into it and reported
             if HAS_INDIRECTION:
                 # each key's row is gathered from the indirection first; loading the entries a tile ahead as well
                 # measured slower (beam search over pages: 0.83x plain decode instead of 0.975x)
@@ -183,6 +236,8 @@ def _decode_tiles(
                 ahead_slot = _slots(ahead, sinks, wrap_n, ring_shift, ring, CYCLIC)
                 next_block = tl.load(block_table_ptr + b64 * stride_bt + ahead_slot // PAGE_SIZE, mask=ahead < hi,
                                      other=0)  # fmt: skip
+            bad |= tl.where((block < 0) | (block >= pool_rows), BLOCK_TABLE, 0)
+            block = tl.minimum(tl.maximum(block, 0), pool_rows - 1)
             if TILE_PAGES:
                 # consecutive rows of one page. (Row offsets written as loop-invariant ones, plus a per-tile base,
                 # are hoisted out of the loop with the whole pointer tile: 255 registers.)
@@ -264,7 +319,7 @@ def _decode_tiles(
             v = _widen(v, q.dtype, INT8_ASM)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
-    return m_i, l_i, acc
+    return m_i, l_i, acc, bad
 
 
 @triton.jit(
@@ -278,6 +333,8 @@ def _decode_tiles(
         "tune_len",
         "rel_md",
         "sinks",
+        "pool_rows",
+        "len_cap",
     ]
 )
 def _decode_kernel(
@@ -291,6 +348,7 @@ def _decode_kernel(
     stride_lb, stride_lm, stride_lh,
     num_heads_kv, seqlen_q, num_splits, min_chunk, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
     qk_scale, cap_log2, window_left, window_right, tune_len, sinks, cos_ptr, sin_ptr, stride_cos,
+    err_ptr, pool_rows, len_cap,
     ROTARY_DIM: tl.constexpr, GPTJ: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
     CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
@@ -305,6 +363,10 @@ def _decode_kernel(
     h_kv = pid_bh % num_heads_kv
     b64 = b.to(tl.int64)
     seqlen_k = tl.load(seqlens_ptr + b)
+    # nothing was read back on the host (attn.fast._errors): a length outside [0, len_cap] (the capacity, the
+    # indirection's max_len) is clamped into it, and the pair's first program reports it
+    tl.atomic_or(err_ptr, LENGTHS, mask=((seqlen_k < 0) | (seqlen_k > len_cap)) & (split == 0), sem="relaxed")
+    seqlen_k = tl.minimum(tl.maximum(seqlen_k, 0), len_cap)
 
     # row r of the block is new token r // GROUP of query head h_kv * GROUP + r % GROUP
     offs_r = tl.arange(0, BLOCK_M)
@@ -396,11 +458,12 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_N], dtype=tl.int32)
     FIRST: tl.constexpr = "far" if REL_MODE == 1 else "none"
-    m_i, l_i, acc = _decode_tiles(
-        next_block, m_i, l_i, acc, q, lo, range_hi, tok, row_valid, diag, offs_d, d_mask,
+    m_i, l_i, acc, bad = _decode_tiles(
+        next_block, m_i, l_i, acc, bad, q, lo, range_hi, tok, row_valid, diag, offs_d, d_mask,
         k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-        b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width,
+        b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, pool_rows,
         sinks, wrap_n, ring_shift, ring,
         partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
         k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
@@ -416,10 +479,10 @@ def _decode_kernel(
                 block_table_ptr, b64, stride_bt, range_hi, hi, sinks, wrap_n, ring_shift, ring, CYCLIC, PAGE_SIZE,
                 BLOCK_N,
             )  # fmt: skip
-        m_i, l_i, acc = _decode_tiles(
-            next_block, m_i, l_i, acc, q, range_hi, hi, tok, row_valid, diag, offs_d, d_mask,
+        m_i, l_i, acc, bad = _decode_tiles(
+            next_block, m_i, l_i, acc, bad, q, range_hi, hi, tok, row_valid, diag, offs_d, d_mask,
             k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width,
+            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, pool_rows,
             sinks, wrap_n, ring_shift, ring,
             partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
             k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
@@ -427,6 +490,10 @@ def _decode_kernel(
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
             PRECISION, BLOCK_N,
         )  # fmt: skip
+    if IS_PAGED or HAS_INDIRECTION:
+        # the entries this program clamped, one atomic (none at all when every entry was in range)
+        bad_bits = tl.reduce(bad, 0, _bit_or)
+        tl.atomic_or(err_ptr, bad_bits, mask=bad_bits != 0, sem="relaxed")
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -640,7 +707,7 @@ def decode(
     num_splits: int | None = None,
     max_seqlen_k: int | None = None,
     total_seqlen_k: int | None = None,
-    validate: bool = True,
+    validate: bool | None = None,
 ):
     """Decode-step attention over a contiguous or paged KV cache; same contract as
     `attn.reference.decode`.
@@ -675,15 +742,20 @@ def decode(
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]``.
         num_splits: multi-block mode: 1 turns it off, n > 1 forces n parts per cache, None chooses from
             ``B·Hkv``, the lengths and the SM count (`choose_num_splits`), with parts of at least 2048 keys.
-        max_seqlen_k: the longest ``cache_seqlens`` entry, for the split heuristic when ``validate=False``
-            (a serving loop's scheduler knows it on the host); otherwise the cache capacity is assumed.
+        max_seqlen_k: the longest ``cache_seqlens`` entry, a hint for the split heuristic (a serving loop's
+            scheduler knows it on the host); without it the cache capacity is assumed. Not checked on the
+            device: a wrong hint changes the split count, never the result.
         total_seqlen_k: the sum of ``cache_seqlens``, likewise: it lets the heuristic balance a ragged batch.
-        validate: check lengths and block-table entries on the host before launching. Turn it off only for
-            inputs already checked (for example inside CUDA-graph capture, where host reads are not allowed).
+        validate: True checks the values of lengths, block-table and indirection entries (and a bf16 query's
+            range over a one-byte cache) on the host before launching, which waits for the device and cannot
+            run inside CUDA-graph capture; a bad call then raises and nothing runs. False reads nothing back:
+            the kernel clamps out-of-range indices into its tensors and records them for
+            `attn.check_errors`. None (the default) is False unless the environment sets ``ATTN_DEBUG=1``.
 
     Returns:
         ``out [B, Sq, Hq, D]`` in q's dtype, and with ``return_lse`` also float32 ``lse [B, Hq, Sq]``.
     """
+    validate = _errors.resolve_validate(validate)
     args = check_decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -788,12 +860,19 @@ def decode(
             kw.update(BLOCK_N=16, num_warps=4, num_stages=1)
         elif q.dtype == torch.float32:
             kw.update(BLOCK_N=32, num_warps=4, num_stages=2)
-        elif rotary_dim:
-            kw.update(BLOCK_N=64, num_warps=4, num_stages=2)  # see ROTARY_CONFIGS
         else:
-            kw.update(BLOCK_N=64, num_warps=4, num_stages=3)
+            # the first of ROTARY_CONFIGS (or 64 keys in 3 stages) whose shared memory fits: D 256 with RoPE at
+            # read time takes 32-key tiles
+            first = ROTARY_CONFIGS if rotary_dim else [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3)]
+            limit = _smem_limit(q.device.index if q.is_cuda else None)
+            c = fitting_configs(first, kw["HEAD_DIM_PAD"], k_cache.element_size(), bool(rotary_dim), limit)[0]
+            kw.update(BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages)
         # as in CONFIGS; under the interpreter a small tile, so that the tests' few splits and rows take several
         kw["MERGE_TILE"] = 256 if interpret else 1024 * kw["num_warps"]
+    # the longest length the kernel accepts (it clamps longer ones): a cyclic cache counts past its size
+    len_cap = 2**31 - 1 if max_attention_window is not None else args.capacity
+    if cache_indirection is not None:
+        len_cap = min(len_cap, cache_indirection.shape[2])
     slopes = args.alibi_slopes
     if lse is None:
         lse_t, lse_strides = cache_seqlens, (0, 0, 0)
@@ -814,8 +893,9 @@ def decode(
         *(cache_indirection.stride()[:2] if cache_indirection is not None else (0, 0)),
         cache_indirection.shape[1] if cache_indirection is not None else 1,
         qk_scale, cap_log2, args.window_left, args.window_right,
-        next_power_of_2(max(args.max_seqlen_k if validate else args.capacity, 1)),
+        next_power_of_2(max(args.max_seqlen_k if validate else (max_seqlen_k or args.capacity), 1)),
         args.sink_token_length, cos, sin, cos.stride(0) if rotary_dim else 0,
+        _errors.error_word(q.device), k_cache.shape[0], len_cap,
         ROTARY_DIM=rotary_dim, GPTJ=rope_style == "gptj",
         # a compile-time page size turns the per-key division and remainder into shifts (pages are powers of
         # two in practice; others compile to multiply-high sequences)

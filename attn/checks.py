@@ -155,7 +155,20 @@ def _full_lengths(batch: int, capacity: int, device: torch.device) -> torch.Tens
     return _memo.by_key(_FULL_LENGTHS, (batch, capacity, device), build, limit=256)
 
 
-def _check_seqlens(name: str, lens, batch: int, capacity: int, device: torch.device) -> torch.Tensor:
+def _check_cu_shape(name: str, cu, device: torch.device) -> list:
+    """``cu_seqlens`` without reading its values: an int32 ``[B+1]`` tensor on ``device``; returns ``[0] * B``."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with B+1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on {device} like q, got {cu.device}")
+    return [0] * (cu.numel() - 1)
+
+
+def _check_seqlens(name: str, lens, batch: int, capacity: int, device: torch.device, validate=True) -> torch.Tensor:
     if lens is None:
         return _full_lengths(batch, capacity, device)
     if not isinstance(lens, torch.Tensor):
@@ -166,6 +179,8 @@ def _check_seqlens(name: str, lens, batch: int, capacity: int, device: torch.dev
         raise ValueError(f"{name} must have shape [B]=({batch},), got {tuple(lens.shape)}")
     if lens.device != device:
         raise ValueError(f"{name} must be on {device} like q, got {lens.device}")
+    if not validate:
+        return lens
     values = lens.tolist()
     bad = [x for x in values if x < 0 or x > capacity]
     if bad:
@@ -320,8 +335,13 @@ def check_attention(
     alibi_mode="alibi",
     rel_bias=None,
     dtypes=FLOAT_DTYPES,
+    validate=True,
 ) -> AttentionArgs:
     """Validates the arguments of ``attention`` and returns their normalised form.
+
+    With ``validate=False`` no tensor value is read (the fast kernels clamp them instead, attn.fast._errors):
+    packed input takes ``max_seqlen_q``/``max_seqlen_k`` as given, or the packed lengths as bounds, and a
+    regular T5 bias covers what it covers (keys past it are reported on the device).
 
     Raises:
         TypeError: a tensor of the wrong type or dtype.
@@ -356,15 +376,28 @@ def check_attention(
     if packed:
         if seqlens_q is not None or seqlens_k is not None:
             raise ValueError("seqlens_q/seqlens_k belong to the padded layout; packed input uses cu_seqlens")
-        lens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-        lens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        if validate:
+            lens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+            lens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        else:
+            lens_q = _check_cu_shape("cu_seqlens_q", cu_seqlens_q, q.device)
+            lens_k = _check_cu_shape("cu_seqlens_k", cu_seqlens_k, q.device)
         if len(lens_q) != len(lens_k):
             raise ValueError(
                 f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got B={len(lens_q)} and B={len(lens_k)}"
             )
         batch = len(lens_q)
-        max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, lens_q)
-        max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, lens_k)
+        if validate:
+            max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, lens_q)
+            max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, lens_k)
+        else:
+            # FlashAttention's convention: the caller knows the longest sequences; without them the packed
+            # lengths bound them (a larger grid, the same result)
+            max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, [0]) if max_seqlen_q is not None else q.shape[0]
+            max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, [0]) if max_seqlen_k is not None else k.shape[0]
+            bias = getattr(rel_bias, "bias", None)
+            if max_seqlen_k is None and isinstance(bias, torch.Tensor) and bias.dim() == 3:
+                max_k = min(max_k, *bias.shape[1:])
         seqlens_q_t = seqlens_k_t = None
     else:
         if max_seqlen_q is not None or max_seqlen_k is not None:
@@ -373,8 +406,8 @@ def check_attention(
         if k.shape[0] != batch:
             raise ValueError(f"k's batch ({k.shape[0]}) must equal q's ({batch})")
         max_q, max_k = q.shape[1], k.shape[1]
-        seqlens_q_t = _check_seqlens("seqlens_q", seqlens_q, batch, max_q, q.device)
-        seqlens_k_t = _check_seqlens("seqlens_k", seqlens_k, batch, max_k, q.device)
+        seqlens_q_t = _check_seqlens("seqlens_q", seqlens_q, batch, max_q, q.device, validate)
+        seqlens_k_t = _check_seqlens("seqlens_k", seqlens_k, batch, max_k, q.device, validate)
 
     scale, left, right, softcap = _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap)
     slopes = _check_alibi(alibi_slopes, alibi_mode, batch, num_heads_q, q.device)
@@ -778,6 +811,9 @@ def check_context(
         not isinstance(max_seqlen_q, int) or isinstance(max_seqlen_q, bool) or max_seqlen_q < 0
     ):
         raise ValueError(f"max_seqlen_q must be None or an int >= 0, got {max_seqlen_q!r}")
+    if not validate and max_seqlen_q is None and not cyclic:
+        # nothing read back: the packed length bounds the longest sequence (FlashAttention asks for it instead)
+        max_seqlen_q = num_tokens
     if validate or max_seqlen_q is None:
         cu = cu_seqlens_q.tolist()
         lens = [b - a for a, b in zip(cu, cu[1:])]
@@ -962,7 +998,9 @@ def check_append(
         )  # fmt: skip
     starts = cache_seqlens.tolist()
     for b, (start, n) in enumerate(zip(starts, counts)):
-        if window is None and (start < 0 or start + n > capacity):
+        if start < 0:
+            raise ValueError(f"cache_seqlens[{b}] = {start} is negative: a length counts the tokens already cached")
+        if window is None and start + n > capacity:
             raise ValueError(
                 f"sequence {b} would hold {start + n} tokens (cache_seqlens={start} + {n} new), "
                 f"over the cache capacity {capacity}"
@@ -1009,11 +1047,51 @@ def check_append(
             row = int(outside.nonzero()[0, 0])
             bad = block_table[row][outside[row]].tolist()
             raise ValueError(f"block_table[{row}] points outside the pool of {pool} blocks: {bad}")
+    if block_table is not None and batch and bounds[-1]:
+        _check_no_shared_slot(block_table, cache_seqlens, bounds, block_size, window, sinks)
     k_scale, v_scale = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2])
     return AppendArgs(
         batch=batch, packed=packed, new_bounds=bounds, block_size=block_size, capacity=capacity, k_scale=k_scale,
         v_scale=v_scale, max_attention_window=window, sink_token_length=sinks,
     )  # fmt: skip
+
+
+def _check_no_shared_slot(block_table, cache_seqlens, bounds, block_size, window, sinks) -> None:
+    """Two new tokens must not land in one slot of the pool (two sequences whose tables share a block, or one
+    table naming a block twice): the kernels' writes have no order, so which one stays would be chance."""
+    from .layout import new_token_positions
+
+    seq, pos = new_token_positions(bounds, cache_seqlens)
+    seq, pos = seq.long(), pos.long()
+    if window is not None:
+        pos = cyclic_slot(pos, window, sinks)
+    flat = block_table[seq, pos // block_size].long() * block_size + pos % block_size
+    uniq, inverse, counts = torch.unique(flat, return_inverse=True, return_counts=True)
+    if uniq.numel() != flat.numel():
+        shared = counts[inverse] > 1
+        seqs = sorted(set(seq[shared].tolist()))
+        raise ValueError(
+            f"block_table makes two new tokens write one slot of the pool (sequences {seqs[:8]}): their blocks "
+            "overlap, so the order of the writes, and the value kept, would be chance"
+        )
+
+
+def device_positions(cu_seqlens_new, cache_seqlens, num_tokens: int, new_shape) -> tuple:
+    """Each new token's ``(sequence, position)`` as int32 ``[T]`` tensors, computed on the device from values that
+    were not checked: a packed row past ``cu_seqlens_new[-1]`` is given the last sequence (its position is then
+    out of its range, which the kernels detect), so no index here leaves its tensor. Padded input needs only its
+    shape."""
+    device = cache_seqlens.device
+    rows = torch.arange(num_tokens, dtype=torch.int32, device=device)
+    if cu_seqlens_new is None:
+        s_new = new_shape[1]
+        seq = rows // max(s_new, 1)
+        pos = cache_seqlens[seq] + rows % max(s_new, 1)
+        return seq, pos.to(torch.int32)
+    batch = cache_seqlens.shape[0]
+    seq = torch.searchsorted(cu_seqlens_new[1:].contiguous(), rows, right=True).clamp_(max=max(batch - 1, 0))
+    pos = cache_seqlens.long()[seq] + rows.long() - cu_seqlens_new.long()[seq]
+    return seq.to(torch.int32), pos.clamp(-(2**31), 2**31 - 1).to(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -1095,17 +1173,18 @@ def check_preprocess(
         max_attention_window=max_attention_window,
         sink_token_length=sink_token_length,
     )
-    from .layout import device_token_positions, new_token_positions
+    from .layout import new_token_positions
 
     if not validate:
         num_tokens = qkv.shape[0] if packed else qkv.shape[0] * qkv.shape[1]
-        cu = cu_seqlens_new
-        if cu is None:
-            s_new = qkv.shape[1]
-            cu = torch.arange(0, (append.batch + 1) * s_new, s_new, dtype=torch.int32, device=qkv.device)
-        token_seq, positions = positions or device_token_positions(cu, cache_seqlens, num_tokens)
+        token_seq, positions = positions or device_positions(cu_seqlens_new, cache_seqlens, num_tokens, qkv.shape)
+        num_positions = max(append.capacity, 1)
+        if rotary_dim and append.max_attention_window is not None and not append.sink_token_length and num_tokens:
+            # RoPE turns a cyclic cache's keys by their absolute positions, which run past the capacity: the
+            # table is sized from the positions themselves (the one value this unvalidated path reads back)
+            num_positions = max(int(positions.max()) + 1, num_positions)
         return PreprocessArgs(packed=packed, head_dim=d, token_seq=token_seq, positions=positions,
-                              num_positions=max(append.capacity, 1), append=append)  # fmt: skip
+                              num_positions=num_positions, append=append)  # fmt: skip
 
     token_seq, positions = positions or new_token_positions(append.new_bounds, cache_seqlens)
     bounds = append.new_bounds

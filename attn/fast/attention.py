@@ -21,10 +21,16 @@ import triton
 import triton.language as tl
 
 from .. import _memo
+from . import _errors
 from ..checks import check_attention
 from ._triton import autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
+# error bits (attn.fast._errors), as compile-time constants of the kernels
+LENGTHS = tl.constexpr(_errors.LENGTHS)
+BLOCK_TABLE = tl.constexpr(_errors.BLOCK_TABLE)
+CU_SEQLENS = tl.constexpr(_errors.CU_SEQLENS)
+MAX_SEQLEN = tl.constexpr(_errors.MAX_SEQLEN)
 # at least the distances one prefill tile spans, rounded up to a power of two (2·max(BLOCK_M, BLOCK_N) <= 256
 # for every config): see relative_bias_operands and _t5_near_bias
 REL_PAD = 256
@@ -283,6 +289,10 @@ def _attn_fwd_tiles(
         "window_left",
         "window_right",
         "seqlen_bucket",
+        "cap_q",
+        "cap_k",
+        "max_k",
+        "pool_rows",
     ]
 )
 def _attn_fwd_kernel(
@@ -295,7 +305,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh, stride_lm,
     num_heads_q, group_size, out_rows, max_rows,
-    qk_scale, cap_log2, window_left, window_right, seqlen_bucket,
+    qk_scale, cap_log2, window_left, window_right, seqlen_bucket, err_ptr, cap_q, cap_k, max_k, pool_rows,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_VARLEN: tl.constexpr, KV_CACHE: tl.constexpr, IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
@@ -340,16 +350,35 @@ def _attn_fwd_kernel(
         head_off_l = row_head * stride_lh
 
     b64 = b.to(tl.int64)
+    # Offsets and lengths were not read on the host (attn.fast._errors): each is clamped into the tensor it
+    # indexes, cap_q/cap_k rows (the packed lengths, the padded lengths, or the cache capacity), and max_k keys
+    # (max_seqlen_k, or what a T5 bias covers); a violation sets a bit of the error word
     if IS_VARLEN:
-        start_q = tl.load(seq_q_ptr + b).to(tl.int64)
-        seqlen_q = (tl.load(seq_q_ptr + b + 1) - start_q).to(tl.int32)
+        cu_lo = tl.load(seq_q_ptr + b)
+        cu_hi = tl.load(seq_q_ptr + b + 1)
+        lo_c = tl.minimum(tl.maximum(cu_lo, 0), cap_q)
+        hi_c = tl.minimum(tl.maximum(cu_hi, lo_c), cap_q)
+        err = tl.where((lo_c != cu_lo) | (hi_c != cu_hi), CU_SEQLENS, 0)
+        start_q = lo_c.to(tl.int64)
+        seqlen_q = hi_c - lo_c
+        # rows past max_rows have no program
+        err |= tl.where(seqlen_q > max_rows, MAX_SEQLEN, 0)
         if KV_CACHE:
             # keys from a KV cache (contiguous rows or pool blocks of sequence b): seq_k holds its lengths
             start_k = b64 * 0
             seqlen_k = tl.load(seq_k_ptr + b)
+            err |= tl.where((seqlen_k < 0) | (seqlen_k > cap_k), LENGTHS, 0)
+            seqlen_k = tl.minimum(tl.maximum(seqlen_k, 0), cap_k)
         else:
-            start_k = tl.load(seq_k_ptr + b).to(tl.int64)
-            seqlen_k = (tl.load(seq_k_ptr + b + 1) - start_k).to(tl.int32)
+            cu_lo = tl.load(seq_k_ptr + b)
+            cu_hi = tl.load(seq_k_ptr + b + 1)
+            lo_c = tl.minimum(tl.maximum(cu_lo, 0), cap_k)
+            hi_c = tl.minimum(tl.maximum(cu_hi, lo_c), cap_k)
+            err |= tl.where((lo_c != cu_lo) | (hi_c != cu_hi), CU_SEQLENS, 0)
+            start_k = lo_c.to(tl.int64)
+            seqlen_k = hi_c - lo_c
+            err |= tl.where(seqlen_k > max_k, MAX_SEQLEN, 0)
+            seqlen_k = tl.minimum(seqlen_k, max_k)
         # packed rows past this sequence belong to the next one: never store them
         row_limit = seqlen_q
     else:
@@ -357,8 +386,13 @@ def _attn_fwd_kernel(
         seqlen_q = tl.load(seq_q_ptr + b)
         start_k = b64 * 0
         seqlen_k = tl.load(seq_k_ptr + b)
+        err = tl.where((seqlen_q < 0) | (seqlen_q > cap_q) | (seqlen_k < 0) | (seqlen_k > cap_k), LENGTHS, 0)
+        seqlen_q = tl.minimum(tl.maximum(seqlen_q, 0), cap_q)
+        seqlen_k = tl.minimum(tl.maximum(seqlen_k, 0), cap_k)
         # padded rows past the sequence are part of the output and get zeros
         row_limit = out_rows + seqlen_q * 0
+    # one program of each sequence reports
+    tl.atomic_or(err_ptr, err, mask=(err != 0) & (pid % num_m_blocks == 0) & (h == 0), sem="relaxed")
 
     m0 = pid_m * TOKENS
     if m0 >= row_limit:
@@ -403,6 +437,18 @@ def _attn_fwd_kernel(
         lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
     if HAS_WINDOW_RIGHT:
         hi = tl.minimum(m_last + diag + window_right + 1, seqlen_k)
+    if IS_PAGED:
+        # the block-table entries of the keys this block reads, checked once here instead of in the tile loops:
+        # with one outside the pool the block reads no key at all (its rows output zeros) and reports it
+        outside = 0
+        page_hi = tl.cdiv(hi, page_size)
+        for p0 in range(lo // page_size, page_hi, BLOCK_N):
+            pages = p0 + offs_n
+            entry = tl.load(bt_row + pages, mask=pages < page_hi, other=0)
+            outside |= tl.max(((entry < 0) | (entry >= pool_rows)).to(tl.int32), 0)
+        tl.atomic_or(err_ptr, BLOCK_TABLE, mask=outside != 0, sem="relaxed")
+        if outside != 0:
+            hi = lo
     if m0 >= seqlen_q:
         hi = lo
     # [full_lo, full_hi): keys visible to every row of the block, tile-aligned
@@ -616,6 +662,7 @@ def attention(
     alibi_mode: str = "alibi",
     rel_bias=None,
     return_lse: bool = False,
+    validate: bool | None = None,
 ):
     """Fused context-phase attention; same contract as `attn.reference.attention`.
 
@@ -630,8 +677,10 @@ def attention(
         v: values, same shape as k.
         cu_seqlens_q: int32 ``[B+1]`` prefix sums of the query lengths (packed layout).
         cu_seqlens_k: int32 ``[B+1]`` prefix sums of the key lengths (packed layout).
-        max_seqlen_q: longest query sequence (packed layout); computed when None.
-        max_seqlen_k: longest key sequence (packed layout); computed when None.
+        max_seqlen_q: longest query sequence (packed layout), as FlashAttention takes it. When None, the
+            validated call computes it on the host and the default call bounds it by the packed length (the same
+            result, with more programs that exit at once): pass it in a serving loop.
+        max_seqlen_k: longest key sequence (packed layout), likewise.
         seqlens_q: int32 ``[B]`` valid query lengths (padded layout); rows past them output zeros.
         seqlens_k: int32 ``[B]`` valid key lengths (padded layout); keys past them are invisible.
         causal: bottom-right aligned causal mask (query ``i`` sees key ``j`` iff ``j <= i + Sk - Sq``).
@@ -646,6 +695,10 @@ def attention(
         rel_bias: a T5 ``RelativeBias``: implicit mode reads a per-distance table of ``2·max_distance + 1``
             values per head inside the kernel; regular mode reads the given ``[Hq, L, L]`` bias per score.
         return_lse: also return the natural-log log-sum-exp of each row's scores.
+        validate: True checks ``cu_seqlens``, ``seqlens`` and the ``max_seqlen`` hints against the values on
+            the host (waiting for the device); a bad call raises and nothing runs. False reads nothing back: the
+            kernel clamps offsets and lengths into the tensors and records violations for `attn.check_errors`.
+            None (the default) is False unless the environment sets ``ATTN_DEBUG=1``.
 
     Returns:
         ``out`` shaped like q in q's dtype, and with ``return_lse`` also float32 ``lse``: ``[B, Hq, Sq]``
@@ -656,7 +709,7 @@ def attention(
         max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,
         softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, alibi_mode=alibi_mode, rel_bias=rel_bias,
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32), validate=_errors.resolve_validate(validate),
     )  # fmt: skip
     if args.head_dim > 256:
         raise ValueError(f"q's head dim must be at most 256 for the fused kernel, got {args.head_dim}")
@@ -721,6 +774,8 @@ def attention(
         sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, slb, slh, slm,
         args.num_heads_q, args.group_size, row_dim, max_rows,
         qk_scale, cap_log2, args.window_left, args.window_right, next_power_of_2(max_rows),
+        _errors.error_word(q.device), q.shape[0] if args.packed else q.shape[1],
+        k.shape[0] if args.packed else k.shape[1], args.max_seqlen_k, 1,
         HEAD_DIM=args.head_dim, HEAD_DIM_PAD=head_dim_pad,
         IS_VARLEN=args.packed, KV_CACHE=False, IS_PAGED=False, QUANT=0, HAS_WINDOW_LEFT=args.window_left >= 0,
         HAS_WINDOW_RIGHT=args.window_right >= 0, HAS_SOFTCAP=args.softcap > 0,

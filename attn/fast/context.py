@@ -26,6 +26,7 @@ import torch
 from ..checks import ContextArgs, check_context
 from ..reference.attention import scale_and_cap
 from ..reference.preprocess import RopeScaling, rope_inv_freq, rotate_pairs
+from . import _errors
 from ._triton import autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _attn_fwd_kernel, _attn_fwd_tuned, _fixed_config, attention, relative_bias_operands
 from .kv_cache import gather_window, quant_code
@@ -76,7 +77,7 @@ def context_attention(
     rope_style: str = "neox",
     rope_scaling: RopeScaling | None = None,
     return_lse: bool = False,
-    validate: bool = True,
+    validate: bool | None = None,
 ):
     """Packed queries attending over their sequences' cached keys and values; same contract as
     `attn.reference.context_attention`.
@@ -112,13 +113,17 @@ def context_attention(
         rope_style: ``"neox"`` or ``"gptj"``, with ``rotary_dim``.
         rope_scaling: a `RopeScaling` variant, with ``rotary_dim``.
         return_lse: also return the log-sum-exp ``[Hq, T]``.
-        validate: check lengths and block-table entries on the host before launching. Turn it off only for
-            inputs already checked (inside CUDA-graph capture, for example). The cyclic path reads the
-            lengths on the host regardless, to size its temporary.
+        validate: True checks lengths, ``cu_seqlens_q`` and block-table entries on the host before launching
+            (waiting for the device); a bad call raises and nothing runs. False reads nothing back: the kernel
+            clamps lengths and offsets into its tensors, reads no key of a row block whose block-table entries
+            leave the pool, and records each violation for `attn.check_errors`; without ``max_seqlen_q`` the
+            packed length bounds the grid. None (the default) is False unless ``ATTN_DEBUG=1``. The cyclic
+            path (``max_attention_window``) reads the lengths on the host regardless, to size its temporary.
 
     Returns:
         ``out [T, Hq, D]`` in q's dtype, and with ``return_lse`` also float32 ``lse [Hq, T]``.
     """
+    validate = _errors.resolve_validate(validate)
     args = check_context(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
         block_table=block_table, causal=causal, softmax_scale=softmax_scale, q_scaling=q_scaling,
@@ -187,6 +192,7 @@ def context_attention(
         0, *(lse.stride() if lse is not None else (0, 0)),
         c.num_heads_q, c.group_size, args.num_tokens, max_rows,
         qk_scale, cap_log2, c.window_left, c.window_right, next_power_of_2(max_rows),
+        _errors.error_word(q.device), args.num_tokens, c.capacity, c.capacity, k_cache.shape[0],
         HEAD_DIM=c.head_dim, HEAD_DIM_PAD=head_dim_pad,
         IS_VARLEN=True, KV_CACHE=True, IS_PAGED=c.paged, QUANT=quant,
         HAS_WINDOW_LEFT=c.window_left >= 0, HAS_WINDOW_RIGHT=c.window_right >= 0, HAS_SOFTCAP=c.softcap > 0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..reference.cross import _as_packed, _check_cross, _like_q
+from . import _errors
 from .context import context_attention
 from .decode import decode
 
@@ -32,9 +33,14 @@ def cross_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     return_lse: bool = False,
-    validate: bool = True,
+    validate: bool | None = None,
 ):
-    """Decoder queries over their request's encoder keys and values; see `attn.reference.cross_attention`."""
+    """Decoder queries over their request's encoder keys and values; see `attn.reference.cross_attention`.
+
+    ``validate`` as in `attn.fast.decode`: None (the default) reads nothing back unless ``ATTN_DEBUG=1``; the
+    kernels clamp ``encoder_lengths`` into the cross cache and record it for `attn.check_errors`.
+    """
+    validate = _errors.resolve_validate(validate)
     _check_cross(q, cu_seqlens_q, k_cache, block_table, encoder_lengths, validate)
     opts = dict(softmax_scale=softmax_scale, q_scaling=q_scaling, softcap=softcap, k_scale=k_scale, v_scale=v_scale,
                 block_table=block_table, validate=validate)  # fmt: skip

@@ -23,6 +23,7 @@ import torch
 
 from ..checks import check_gpt_attention
 from ..reference.preprocess import RopeScaling
+from . import _errors
 from .context import context_attention
 from .decode import decode
 from .preprocess import launch_preprocess
@@ -51,7 +52,7 @@ def gpt_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     mode: str | None = None,
-    validate: bool = True,
+    validate: bool | None = None,
 ) -> torch.Tensor:
     """One inflight-batching step; same contract as `attn.reference.gpt_attention`.
 
@@ -65,6 +66,7 @@ def gpt_attention(
     Returns:
         ``out [T, Hq, D]`` in qkv's dtype.
     """
+    validate = _errors.resolve_validate(validate)
     pre_args, _, mode = check_gpt_attention(
         qkv, batch, k_cache, v_cache, num_heads_q=num_heads_q, num_heads_kv=num_heads_kv, qkv_bias=qkv_bias,
         rotary_dim=rotary_dim, rope_style=rope_style, softmax_scale=softmax_scale, q_scaling=q_scaling,

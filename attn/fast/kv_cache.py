@@ -12,9 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import check_append
+from ..checks import check_append, device_positions
 from ..layout import new_token_positions
+from . import _errors
 from ._triton import cdiv, is_interpreter, launch, next_power_of_2
+
+# error bits (attn.fast._errors), as compile-time constants of the kernels
+APPEND = tl.constexpr(_errors.APPEND)
+BLOCK_TABLE = tl.constexpr(_errors.BLOCK_TABLE)
+CU_SEQLENS = tl.constexpr(_errors.CU_SEQLENS)
 
 
 @triton.jit
@@ -75,29 +81,55 @@ def cache_slot(seq, pos, mask, block_table_ptr, stride_bt, block_size, IS_PAGED:
     return row, slot
 
 
-@triton.jit(do_not_specialize=["num_tokens", "block_size", "cyclic_n", "sinks"])
+@triton.jit
+def write_mask(seq, pos, t_mask, block_table_ptr, stride_bt, block_size, pool_rows, len_cap, err_ptr,
+               IS_PAGED: tl.constexpr):  # fmt: skip
+    """``(row, slot, ok)`` of the tokens a cache write stores: ``ok`` drops (and reports, attn.fast._errors) a
+    position outside ``[0, len_cap)`` and, paged, a block-table entry outside the pool's ``pool_rows`` blocks.
+    A write is skipped rather than clamped: clamped, it would overwrite another sequence's tokens."""
+    ok = t_mask & (pos >= 0) & (pos < len_cap)
+    tl.atomic_or(err_ptr + pos * 0, APPEND, mask=t_mask & ~ok, sem="relaxed")
+    row, slot = cache_slot(seq, pos, ok, block_table_ptr, stride_bt, block_size, IS_PAGED)
+    if IS_PAGED:
+        outside = ok & ((row < 0) | (row >= pool_rows))
+        tl.atomic_or(err_ptr + pos * 0, BLOCK_TABLE, mask=outside, sem="relaxed")
+        ok = ok & ~outside
+    return row, slot, ok
+
+
+@triton.jit(do_not_specialize=["num_tokens", "block_size", "cyclic_n", "sinks", "pool_rows", "len_cap"])
 def _append_kernel(
     k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr,
     tok_seq_ptr, tok_pos_ptr, block_table_ptr, k_inv_ptr, v_inv_ptr,
     stride_nt, stride_nh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_bt,
-    num_tokens, block_size, cyclic_n, sinks,
+    num_tokens, block_size, cyclic_n, sinks, cu_ptr, err_ptr, pool_rows, len_cap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
-    CYCLIC: tl.constexpr,
+    CYCLIC: tl.constexpr, CHECK_CU: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(1).to(tl.int64)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     t_mask = offs_t < num_tokens
-    mask = t_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     # [BLOCK_T]: which sequence each new token belongs to, and its position in that sequence
     seq = tl.load(tok_seq_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
     pos = tl.load(tok_pos_ptr + offs_t, mask=t_mask, other=0)
+    if CHECK_CU:
+        # unvalidated cu_seqlens_new: a row must lie in its sequence's [cu[b], cu[b+1]), which holds for every row
+        # exactly when cu rises from 0 to T; a row that does not is not written
+        inside = (offs_t >= tl.load(cu_ptr + seq, mask=t_mask, other=0)) & (
+            offs_t < tl.load(cu_ptr + seq + 1, mask=t_mask, other=0)
+        )
+        tl.atomic_or(err_ptr + offs_t * 0, CU_SEQLENS, mask=t_mask & ~inside, sem="relaxed")
+        t_mask &= inside
     if CYCLIC:
         # a cyclic cache: token t overwrites token t - (N - S) in slot S + (t - S) mod (N - S), except the S sinks
-        # (StreamingLLM), which keep slots 0..S-1; without sinks that is slot t mod N
-        pos = tl.where(pos < sinks, pos, sinks + (pos - sinks) % (cyclic_n - sinks))
-    row, slot = cache_slot(seq, pos, t_mask, block_table_ptr, stride_bt, block_size, IS_PAGED)
+        # (StreamingLLM), which keep slots 0..S-1; without sinks that is slot t mod N (a negative t is dropped
+        # by write_mask, whatever slot it maps to)
+        pos = tl.where(pos < 0, pos, tl.where(pos < sinks, pos, sinks + (pos - sinks) % (cyclic_n - sinks)))
+    row, slot, t_mask = write_mask(seq, pos, t_mask, block_table_ptr, stride_bt, block_size, pool_rows, len_cap,
+                                   err_ptr, IS_PAGED)  # fmt: skip
+    mask = t_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     src = offs_t.to(tl.int64)[:, None] * stride_nt + h * stride_nh + offs_d[None, :]
     # [BLOCK_T, HEAD_DIM_PAD]
     k = tl.load(k_new_ptr + src, mask=mask)
@@ -130,6 +162,7 @@ def append_kv(
     v_scale: torch.Tensor | None = None,
     max_attention_window: int | None = None,
     sink_token_length: int = 0,
+    validate: bool | None = None,
 ) -> None:
     """Writes new tokens' K/V after each sequence's cached tokens, in place.
 
@@ -147,14 +180,22 @@ def append_kv(
         max_attention_window: makes the cache cyclic with this many slots (token ``t`` in slot ``t mod N``).
         sink_token_length: StreamingLLM's sinks, as in `attn.reference.append_kv`: tokens ``0..S-1`` keep
             their slots, token ``t >= S`` goes to slot ``S + (t − S) mod (N − S)``.
+        validate: True checks the values on the host first (lengths, ``cu_seqlens_new``, the block-table
+            entries written, two tokens writing one slot, the scales), which waits for the device; a bad call
+            then raises and writes nothing. False reads nothing back: the kernel skips (and records for
+            `attn.check_errors`) each token whose position lies outside its cache, whose block-table entry lies
+            outside the pool, or whose packed row lies outside its ``cu_seqlens_new`` range. It cannot see two
+            sequences whose tables share a block (their writes race): only ``validate=True`` catches that.
+            None (the default) is False unless the environment sets ``ATTN_DEBUG=1``.
 
     Raises:
-        ValueError: a sequence would outgrow its cache, or a block it writes to is outside the pool. Nothing
-            is written then.
+        ValueError: with ``validate``, a sequence would outgrow its cache, a block it writes to is outside the
+            pool, or two tokens would write one slot. Nothing is written then.
     """
+    validate = _errors.resolve_validate(validate)
     args = check_append(
         k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table, k_scale, v_scale,
-        max_attention_window, sink_token_length=sink_token_length,
+        max_attention_window, sink_token_length=sink_token_length, validate=validate,
     )  # fmt: skip
     if k_cache.device.type != "cuda" and not is_interpreter():
         raise ValueError(f"k_cache must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {k_cache.device}")
@@ -169,7 +210,10 @@ def append_kv(
     num_tokens = k_flat.shape[0]
     if num_tokens == 0:
         return
-    tok_seq, tok_pos = new_token_positions(args.new_bounds, cache_seqlens)
+    if validate:
+        tok_seq, tok_pos = new_token_positions(args.new_bounds, cache_seqlens)
+    else:
+        tok_seq, tok_pos = device_positions(cu_seqlens_new, cache_seqlens, num_tokens, k_new.shape)
     bt = block_table if block_table is not None else tok_seq
     quant = quant_code(k_cache.dtype)
     # reciprocals computed here, once, as the reference computes them
@@ -184,8 +228,11 @@ def append_kv(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0) if block_table is not None else 0,
         num_tokens, args.block_size, max_attention_window or 1, args.sink_token_length,
+        cu_seqlens_new if cu_seqlens_new is not None else tok_seq, _errors.error_word(k_cache.device),
+        k_cache.shape[0], 2**31 - 1 if max_attention_window is not None else args.capacity,
         CYCLIC=max_attention_window is not None, HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d),
-        IS_PAGED=block_table is not None, QUANT=quant, BLOCK_T=block_t,
+        IS_PAGED=block_table is not None, QUANT=quant, CHECK_CU=cu_seqlens_new is not None and not validate,
+        BLOCK_T=block_t,
     )  # fmt: skip
 
 

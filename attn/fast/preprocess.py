@@ -15,8 +15,11 @@ import triton.language as tl
 
 from ..checks import check_preprocess, cyclic_slot
 from ..reference.preprocess import RopeScaling, _lengths_after, cache_positions, rope_cos_sin
+from . import _errors
 from ._triton import cdiv, is_interpreter, launch, next_power_of_2
-from .kv_cache import _quantize, cache_slot, quant_code
+from .kv_cache import _quantize, quant_code, write_mask
+
+APPEND = tl.constexpr(_errors.APPEND)
 
 
 @triton.jit
@@ -63,13 +66,13 @@ def _write_head(
         _store(dst_ptr + idx2[None, :], y2, pm, inv_scale, QUANT, src_ty)
 
 
-@triton.jit(do_not_specialize=["num_tokens", "block_size"])
+@triton.jit(do_not_specialize=["num_tokens", "block_size", "num_positions", "pool_rows", "len_cap"])
 def _preprocess_kernel(
     qkv_ptr, bias_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
     tok_seq_ptr, tok_pos_ptr, rope_pos_ptr, block_table_ptr, k_inv_ptr, v_inv_ptr,
     stride_row, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_bt, stride_cos,
-    num_tokens, block_size,
+    num_tokens, block_size, num_positions, err_ptr, pool_rows, len_cap,
     NUM_HEADS_Q: tl.constexpr, NUM_HEADS_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, GPTJ: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_PAGED: tl.constexpr, QUANT: tl.constexpr, ROTATE_K: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -94,7 +97,11 @@ def _preprocess_kernel(
         idx1 = offs_i
         idx2 = offs_i + ROTARY_DIM // 2
     cs_off = rope_pos.to(tl.int64)[:, None] * stride_cos + offs_i[None, :]
-    cs_mask = t_mask[:, None] & pair_mask[None, :]
+    # a RoPE position past the table (possible only when nothing was validated) reads nothing and is reported
+    in_table = (rope_pos >= 0) & (rope_pos < num_positions)
+    if ROTARY_DIM > 0:
+        tl.atomic_or(err_ptr + offs_t * 0, APPEND, mask=t_mask & ~in_table & (hh == 0), sem="relaxed")
+    cs_mask = (t_mask & in_table)[:, None] & pair_mask[None, :]
     # [BLOCK_T, HALF_PAD]
     cos = tl.load(cos_ptr + cs_off, mask=cs_mask, other=1.0)
     sin = tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0)
@@ -106,7 +113,9 @@ def _preprocess_kernel(
     else:
         h = hh - NUM_HEADS_Q
         seq = tl.load(tok_seq_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
-        row, slot = cache_slot(seq, pos, t_mask, block_table_ptr, stride_bt, block_size, IS_PAGED)
+        # (a token whose slot or block lies outside the cache is not written, and is reported)
+        row, slot, t_mask = write_mask(seq, pos, t_mask, block_table_ptr, stride_bt, block_size, pool_rows, len_cap,
+                                       err_ptr, IS_PAGED)  # fmt: skip
         k_dst = k_cache_ptr + (row * stride_kb + slot * stride_kn)[:, None] + h * stride_kh
         v_dst = v_cache_ptr + (row * stride_vb + slot * stride_vn)[:, None] + h * stride_vh
         k_inv = 1.0
@@ -158,7 +167,7 @@ def preprocess(
     v_scale: torch.Tensor | None = None,
     max_attention_window: int | None = None,
     sink_token_length: int = 0,
-    validate: bool = True,
+    validate: bool | None = None,
 ) -> torch.Tensor:
     """Splits, biases and rotates new tokens' fused QKV, appends their K/V to the cache, and returns q.
 
@@ -184,14 +193,17 @@ def preprocess(
         max_attention_window: append into a cyclic cache of this many slots, as `attn.fast.append_kv` does.
         sink_token_length: StreamingLLM's sinks, as in `attn.reference.preprocess`: k is cached unrotated and
             q rotated by its position within the cache after the append; `attn.fast.decode` rotates the keys.
-        validate: check lengths and block-table entries on the host first. With False nothing is read back
-            from the device (the positions are computed there, and the cos/sin table covers the cache's
-            capacity, which is also the length ``dynamic`` scaling then serves): for inputs already checked,
-            inside CUDA-graph capture or a serving loop's hot path.
+        validate: True checks lengths and block-table entries on the host first (a bad call raises and writes
+            nothing). False reads nothing back from the device: the positions are computed there, the cos/sin
+            table covers the cache's capacity (also the length ``dynamic`` scaling then serves), and the kernel
+            skips, and records for `attn.check_errors`, a token whose slot or block lies outside the cache.
+            (One case still reads the lengths: RoPE into a cyclic cache without sinks, whose positions run past
+            the capacity and size the table.) None (the default) is False unless ``ATTN_DEBUG=1``.
 
     Returns:
         ``q`` shaped ``[T, Hq, D]`` (packed) or ``[B, S_new, Hq, D]`` (padded), rotated, in qkv's dtype.
     """
+    validate = _errors.resolve_validate(validate)
     args = check_preprocess(
         qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
         rotary_dim, rope_style, k_scale, v_scale, validate, max_attention_window, sink_token_length,
@@ -225,7 +237,9 @@ def launch_preprocess(
         sinks = args.append.sink_token_length
         slot_pos = rope_pos = args.positions
         if max_attention_window is not None:
+            # (a negative position, possible only unvalidated, stays negative: the kernel drops it)
             slot_pos = cyclic_slot(args.positions, max_attention_window, sinks)
+            slot_pos = torch.where(args.positions < 0, args.positions, slot_pos)
         if rotary_dim and sinks:
             # position shift: q turns by its place within the cache, which never reaches the window's size
             lengths = _lengths_after(qkv, cache_seqlens, cu_seqlens_new)
@@ -248,7 +262,8 @@ def launch_preprocess(
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             block_table.stride(0) if block_table is not None else 0, cos.stride(0),
-            num_tokens, args.append.block_size,
+            num_tokens, args.append.block_size, cos.shape[0], _errors.error_word(qkv.device), k_cache.shape[0],
+            args.append.capacity,
             NUM_HEADS_Q=num_heads_q, NUM_HEADS_KV=num_heads_kv, HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d),
             ROTARY_DIM=rotary_dim, HALF_PAD=max(1, next_power_of_2(rotary_dim // 2)), GPTJ=rope_style == "gptj",
             HAS_BIAS=qkv_bias is not None, IS_PAGED=block_table is not None, QUANT=quant, ROTATE_K=not sinks,

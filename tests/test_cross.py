@@ -3,6 +3,8 @@ against the reference and against plain unmasked attention over the encoder's K/
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -73,7 +75,7 @@ def test_cross_rejects_bad_encoder_lengths(case, error, words, impl, device):
     k, v, lens, _ = _cross_cache(torch.float32, device, None)
     lens = {"beyond-cache": lens + 10, "dtype": lens.long(), "shape": lens[:2]}[case]
     q = torch.randn(len(ENC), 1, HQ, D, device=device)
-    fn = reference.cross_attention if impl == "reference" else fast.cross_attention
+    fn = reference.cross_attention if impl == "reference" else functools.partial(fast.cross_attention, validate=True)
     with pytest.raises(error, match=words):
         fn(q, k, v, lens)
 

@@ -30,7 +30,8 @@ PARENTS = 64
 MESSAGES = {
     LENGTHS: "a length (cache_seqlens, seqlens_q/seqlens_k or encoder_lengths) was negative or above what its "
     "tensor holds (the cache capacity, the padded length, or cache_indirection's max_len); it was clamped",
-    BLOCK_TABLE: "a block_table entry in use pointed outside the pool of cache blocks; a read clamped it into the pool, "
+    BLOCK_TABLE: "a block_table entry in use pointed outside the pool of cache blocks; a read clamped it into the "
+    "pool, "
     "a write skipped its token",
     INDIRECTION: "a cache_indirection entry in use lay outside [0, beam_width); it was clamped",
     CU_SEQLENS: "cu_seqlens did not rise from 0 to the packed length without decreasing; offsets were clamped",

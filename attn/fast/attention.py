@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .. import _memo
-from . import _errors
 from ..checks import check_attention
+from . import _errors
 from ._triton import autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634

@@ -253,7 +253,7 @@ def test_update_indirection_reports_bad_parents():
 
 GPU_ENTRIES = [
     "decode", "decode-contiguous", "decode-beam", "attention-packed", "attention-padded", "context", "cross",
-    "append", "preprocess", "update_indirection",
+    "append", "preprocess", "update_indirection", "gpt_attention-split", "gpt_attention-unified",
 ]  # fmt: skip
 
 
@@ -272,7 +272,17 @@ def _gpu_calls():
     ind = torch.zeros(1, b, 128, dtype=torch.int32, device=dev)
     parents = torch.zeros(1, b, dtype=torch.int32, device=dev)
     kp = torch.randn(12, hkv, d, device=dev, dtype=torch.float16)
+    # an inflight step: two prompts of 3 tokens after 0 and 10 cached, two generation requests; the batch's
+    # metadata is built on the host once (the scheduler's lists), outside the timed call
+    step = attn.InflightBatch.build([0, 1, 0, 1], [3, 1, 3, 1], [0, 40, 10, 70], block_table=table)
+    qkv_step = torch.randn(step.num_tokens, (hq + 2 * hkv) * d, device=dev, dtype=torch.float16)
     return {
+        "gpt_attention-split": lambda: fast.gpt_attention(
+            qkv_step, step, k, v, num_heads_q=hq, num_heads_kv=hkv, rotary_dim=d, mode="split"
+        ),
+        "gpt_attention-unified": lambda: fast.gpt_attention(
+            qkv_step, step, k, v, num_heads_q=hq, num_heads_kv=hkv, mode="unified"
+        ),
         "decode": lambda: fast.decode(q, k, v, lens, block_table=table),
         "decode-contiguous": lambda: fast.decode(q, k[:b], v[:b], lens.clamp(max=page)),
         "decode-beam": lambda: fast.decode(q, k, v, lens, block_table=table, cache_indirection=ind),
@@ -282,7 +292,7 @@ def _gpu_calls():
         "cross": lambda: fast.cross_attention(q, k, v, lens, block_table=table),
         "append": lambda: fast.append_kv(k, v, kn, kn, short, cu_seqlens_new=cu, block_table=table),
         "preprocess": lambda: fast.preprocess(
-            qkv, k, v, short, hq, hkv, cu_seqlens_new=cu, block_table=table, rotary_dim=d
+            qkv, k, v, short, num_heads_q=hq, num_heads_kv=hkv, cu_seqlens_new=cu, block_table=table, rotary_dim=d
         ),
         "update_indirection": lambda: fast.update_indirection(ind, parents, 3, out=torch.empty_like(ind)),
     }

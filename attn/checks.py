@@ -281,6 +281,14 @@ def _check_rel_bias(rel, num_heads_q, max_position, device):
     return rel
 
 
+def _bias_extent(rel, default: int) -> tuple:
+    """The positions a regular T5 bias ``[Hq, L, L]`` covers (``min`` of its last two dims), else ``default``."""
+    bias = getattr(rel, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.dim() == 3:
+        return (min(bias.shape[1], bias.shape[2]),)
+    return (default,)
+
+
 def _check_cyclic(max_attention_window, capacity):
     """A cyclic cache's size N (TensorRT-LLM's ``max_attention_window_size``): an int in [1, capacity]."""
     if max_attention_window is None:
@@ -526,7 +534,8 @@ def check_decode(
     """Validates the arguments of ``decode`` and returns their normalised form.
 
     With ``validate=False`` the checks that read tensor values (and so wait for the device) are skipped:
-    lengths within capacity and block-table entries inside the pool. Only for inputs already checked.
+    lengths within capacity, block-table and indirection entries inside their ranges, scale values. The fast
+    kernels clamp such values instead and record them for ``attn.check_errors`` (attn.fast._errors).
 
     Raises:
         TypeError: a tensor of the wrong type or dtype.
@@ -623,7 +632,9 @@ def check_decode(
     if alibi_slopes is not None or alibi_mode != "alibi":
         slopes = _check_alibi(alibi_slopes, alibi_mode, batch, num_heads_q, device)
     if rel_bias is not None:
-        rel_bias = _check_rel_bias(rel_bias, num_heads_q, max_seqlen_k if validate else capacity, device)
+        # unvalidated, a regular bias covers what it covers: the kernels clamp lengths to its L (and report)
+        bound = max_seqlen_k if validate else min(capacity, *_bias_extent(rel_bias, capacity))
+        rel_bias = _check_rel_bias(rel_bias, num_heads_q, bound, device)
     k_scale, v_scale = check_kv_scales(k_cache, k_scale, v_scale, num_heads_kv, validate)
     return DecodeArgs(
         batch=batch,

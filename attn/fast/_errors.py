@@ -29,7 +29,8 @@ PARENTS = 64
 
 MESSAGES = {
     LENGTHS: "a length (cache_seqlens, seqlens_q/seqlens_k or encoder_lengths) was negative or above what its "
-    "tensor holds (the cache capacity, the padded length, or cache_indirection's max_len); it was clamped",
+    "tensor holds (the cache capacity, the padded length, cache_indirection's max_len, or rel_bias.bias's L); it "
+    "was clamped",
     BLOCK_TABLE: "a block_table entry in use pointed outside the pool of cache blocks; a read clamped it into the "
     "pool, "
     "a write skipped its token",

@@ -170,6 +170,9 @@ def context_attention(
 
     quant = quant_code(k_cache.dtype)
     placeholder = cache_seqlens
+    # the longest cache the kernel reads (longer lengths are clamped and reported): a regular T5 bias [Hq, L, L]
+    # is read at every key position
+    cap_k = c.capacity if c.rel_bias is None or c.rel_bias.bias is None else min(c.capacity, *c.rel_bias.bias.shape[1:])
     rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(c.rel_bias, placeholder)
     slopes = c.alibi_slopes if c.alibi_slopes is not None else placeholder
     slope_strides = c.alibi_slopes.stride() if c.alibi_slopes is not None else (0, 0)
@@ -192,7 +195,7 @@ def context_attention(
         0, *(lse.stride() if lse is not None else (0, 0)),
         c.num_heads_q, c.group_size, args.num_tokens, max_rows,
         qk_scale, cap_log2, c.window_left, c.window_right, next_power_of_2(max_rows),
-        _errors.error_word(q.device), args.num_tokens, c.capacity, c.capacity, k_cache.shape[0],
+        _errors.error_word(q.device), args.num_tokens, cap_k, cap_k, k_cache.shape[0],
         HEAD_DIM=c.head_dim, HEAD_DIM_PAD=head_dim_pad,
         IS_VARLEN=True, KV_CACHE=True, IS_PAGED=c.paged, QUANT=quant,
         HAS_WINDOW_LEFT=c.window_left >= 0, HAS_WINDOW_RIGHT=c.window_right >= 0, HAS_SOFTCAP=c.softcap > 0,

@@ -873,6 +873,9 @@ def decode(
     len_cap = 2**31 - 1 if max_attention_window is not None else args.capacity
     if cache_indirection is not None:
         len_cap = min(len_cap, cache_indirection.shape[2])
+    if rel_mode == 2:
+        # a regular T5 bias [Hq, L, L] is read at every key position
+        len_cap = min(len_cap, *args.rel_bias.bias.shape[1:])
     slopes = args.alibi_slopes
     if lse is None:
         lse_t, lse_strides = cache_seqlens, (0, 0, 0)

@@ -67,12 +67,16 @@ def error_word(device: torch.device) -> torch.Tensor:
     Made inside CUDA-graph capture, the word's zeroing is part of the graph, so every replay starts it at zero;
     a call before capture (the usual warm-up) avoids that.
     """
-    device = torch.device(device)
-    key = (device.type, device.index if device.index is not None else (0 if device.type == "cuda" else None))
-    word = _WORDS.get(key)
+    word = _WORDS.get(device)  # a tensor's own device: the launchers' case, one dict lookup
     if word is None:
-        word = torch.zeros(1, dtype=torch.int32, device=device)
-        _WORDS[key] = word
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        word = _WORDS.get(dev)
+        if word is None:
+            word = torch.zeros(1, dtype=torch.int32, device=dev)
+            _WORDS[dev] = word
+        _WORDS[device] = word
     return word
 
 
@@ -91,7 +95,7 @@ def check_errors(device: torch.device | str | None = None) -> None:
         ValueError: naming each kind of violation recorded since the last check.
     """
     if device is None:
-        words = list(_WORDS.values())
+        words = list({id(w): w for w in _WORDS.values()}.values())
     else:
         device = torch.device(device)
         words = [error_word(device)]

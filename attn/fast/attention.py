@@ -440,7 +440,7 @@ def _attn_fwd_kernel(
     if IS_PAGED:
         # the block-table entries of the keys this block reads, checked once here instead of in the tile loops:
         # with one outside the pool the block reads no key at all (its rows output zeros) and reports it
-        outside = 0
+        outside = seqlen_k * 0
         page_hi = tl.cdiv(hi, page_size)
         for p0 in range(lo // page_size, page_hi, BLOCK_N):
             pages = p0 + offs_n

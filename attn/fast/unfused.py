@@ -104,12 +104,14 @@ def _softmax_kernel(s_ptr, lse_ptr, seqlen_k_pad, BLOCK_N: tl.constexpr):
     m_row = tl.max(m, 0)
     m_row_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
     l_row = tl.sum(l * tl.math.exp2(m - m_row_safe), 0)
-    l_safe = tl.where(l_row > 0.0, l_row, 1.0)
+    # l = 0 only for a row that sees no key; a NaN score makes l NaN, which must reach p and the lse, not vanish
+    has_key = l_row != 0.0
+    l_safe = tl.where(has_key, l_row, 1.0)
     for start in range(0, seqlen_k_pad, BLOCK_N):
         mask = start + offs < seqlen_k_pad
         x = tl.load(s_row + start + offs, mask=mask, other=float("-inf")) * LOG2E
         tl.store(s_row + start + offs, tl.math.exp2(x - m_row_safe) / l_safe, mask=mask)
-    lse = tl.where(l_row > 0.0, (m_row_safe + tl.math.log2(l_safe)) / LOG2E, float("-inf"))
+    lse = tl.where(has_key, (m_row_safe + tl.math.log2(l_safe)) / LOG2E, float("-inf"))
     tl.store(lse_ptr + row, lse)
 
 

@@ -117,7 +117,7 @@ def _softmax_kernel(s_ptr, lse_ptr, seqlen_k_pad, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _pv_kernel(
-    p_ptr, v_ptr, o_ptr, seqlens_k_ptr,
+    p_ptr, v_ptr, o_ptr, seqlens_k_ptr, lse_ptr,
     stride_pb, stride_ph, stride_pm, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
     num_heads_q, group_size, seqlen_q_pad,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -148,6 +148,10 @@ def _pv_kernel(
             other=0.0,
         )
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    # a row that sees no key (lse = -inf: padding rows, rows left of a window) is zero, even where its zero
+    # weights met a non-finite value (0·NaN = NaN)
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * seqlen_q_pad + offs_m, mask=offs_m < seqlen_q_pad, other=0.0)
+    acc = tl.where((lse == float("-inf"))[:, None], 0.0, acc)
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(
         o_base + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -228,7 +232,7 @@ def attention_unfused(
         )  # fmt: skip
         _softmax_kernel[(bsz * hq * sq,)](scores, lse, sk, BLOCK_N=min(1024, next_power_of_2(sk)))
         _pv_kernel[(triton.cdiv(sq, bm), bsz * hq)](
-            scores, vp, out, lens_k,
+            scores, vp, out, lens_k, lse,
             scores.stride(0), scores.stride(1), scores.stride(2),
             vp.stride(0), vp.stride(1), vp.stride(2), out.stride(0), out.stride(1), out.stride(2),
             hq, args.group_size, sq,

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..checks import check_attention
 from ..layout import pad
-from ._triton import is_interpreter, next_power_of_2
+from ._triton import is_interpreter, launch, next_power_of_2
 from .attention import _tanh
 
 # a constexpr, because jitted code may only read globals that are
@@ -217,7 +217,8 @@ def attention_unfused(
         head_dim_pad = max(16, next_power_of_2(d))
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
         bm, bn = (32, 16) if is_interpreter() or q.dtype == torch.float32 else (64, 64)
-        _scores_kernel[(triton.cdiv(sq, bm), triton.cdiv(sk, bn), bsz * hq)](
+        launch(
+            _scores_kernel, (triton.cdiv(sq, bm), triton.cdiv(sk, bn), bsz * hq),
             qp, kp, scores, lens_q, lens_k,
             args.alibi_slopes if args.alibi_slopes is not None else lens_q,
             *(args.alibi_slopes.stride() if args.alibi_slopes is not None else (0, 0)),
@@ -230,8 +231,9 @@ def attention_unfused(
             HAS_SOFTCAP=args.softcap > 0, HAS_ALIBI=args.alibi_slopes is not None,
             ALIBI_WITH_SCALE=args.alibi_with_scale, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn,
         )  # fmt: skip
-        _softmax_kernel[(bsz * hq * sq,)](scores, lse, sk, BLOCK_N=min(1024, next_power_of_2(sk)))
-        _pv_kernel[(triton.cdiv(sq, bm), bsz * hq)](
+        launch(_softmax_kernel, (bsz * hq * sq,), scores, lse, sk, BLOCK_N=min(1024, next_power_of_2(sk)))
+        launch(
+            _pv_kernel, (triton.cdiv(sq, bm), bsz * hq),
             scores, vp, out, lens_k, lse,
             scores.stride(0), scores.stride(1), scores.stride(2),
             vp.stride(0), vp.stride(1), vp.stride(2), out.stride(0), out.stride(1), out.stride(2),

@@ -623,10 +623,12 @@ def _check_new_tokens(cache, k_new, v_new, idx, cu_seqlens_new) -> None:
 
 
 def _new_counts(slots, k_new, cu_seqlens_new) -> list[int]:
+    if not isinstance(k_new, torch.Tensor):
+        raise TypeError(f"k_new must be a torch.Tensor, got {type(k_new).__name__}")
     if cu_seqlens_new is not None:
         from .checks import _check_cu_seqlens
 
-        if not isinstance(k_new, torch.Tensor) or k_new.dim() != 3:
+        if k_new.dim() != 3:
             raise ValueError("k_new must be a packed [T, Hkv, D] tensor with cu_seqlens_new")
         counts = _check_cu_seqlens("cu_seqlens_new", cu_seqlens_new, k_new.shape[0], k_new.device)
         if len(counts) != len(slots):

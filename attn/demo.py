@@ -2,6 +2,7 @@
 
     python -m attn.demo                       # a tiny model, a handful of requests (on a CPU: Triton's interpreter)
     python -m attn.demo --large               # on a GPU: a bigger model and a longer stream of requests
+    python -m attn.demo --soak 5000           # a soak: 5000 steps of random arrivals and ends, the pool short
 
 Requests arrive at different steps with different prompt and output lengths. Every step the scheduler admits
 what fits (a sequence slot and cache blocks), gives each running request its next token, and fills the rest of
@@ -31,7 +32,7 @@ import torch
 
 import attn
 from attn.inflight import CONTEXT, GENERATION, InflightBatch
-from attn.kv_cache import PagedKVCache
+from attn.kv_cache import PagedKVCache, PoolExhaustedError
 
 
 @dataclass(frozen=True)
@@ -386,6 +387,139 @@ def run(args) -> dict:
     return report
 
 
+class SoakServer(Server):
+    """`Server` with the pool kept short: requests are admitted while a slot and a block are free, not for their
+    whole lifetime, so a step can find the pool exhausted. It then preempts (vLLM's recompute preemption): the
+    request admitted last gives back its slot and blocks and waits to be served again from its prompt; the step
+    is retried. This relies on the cache being transactional: the failed reservation changed nothing."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **kwargs)
+        self.preemptions = 0
+        self.exhausted = 0
+
+    def can_admit(self, r: Request) -> bool:
+        c = self.cache
+        return len(c.live) < c.max_seqs and c.allocator.num_free > 0
+
+    def admit(self, r: Request) -> None:
+        r.slot = self.cache.add_sequence()
+
+    def finish(self, r: Request) -> None:
+        self.cache.release(r.slot)
+        r.slot = None
+
+    def step_or_preempt(self, running: list[Request]) -> tuple[list[Request], list[Request]]:
+        """One step; on an exhausted pool preempts the latest admitted request and retries.
+
+        Returns:
+            ``(produced, preempted)``: the requests that got a token, and those sent back to wait.
+
+        Raises:
+            PoolExhaustedError: a single running request does not fit the pool (a configuration error).
+        """
+        preempted = []
+        while True:
+            try:
+                return self.step(running), preempted
+            except PoolExhaustedError:
+                self.exhausted += 1
+                if len(running) == 1:
+                    raise
+                victim = running.pop()
+                self.finish(victim)
+                victim.prefilled, victim.output, victim.last_logits = 0, [], None
+                preempted.append(victim)
+                self.preemptions += 1
+
+
+def soak(server: SoakServer, steps: int, check, tol: float, *, vocab: int, seed: int, arrival_p: float = 0.5,
+         cancel_p: float = 0.02, prompt_range=(1, 40), output_range=(1, 24)) -> dict:  # fmt: skip
+    """``steps`` serving steps with random arrivals (one with probability ``arrival_p`` a step), random ends
+    (a running request is cancelled with probability ``cancel_p`` a step, or ends at its ``max_new`` tokens),
+    and preemption whenever the pool runs out. Every sampled token is checked with ``check(r)``; at the end the
+    remaining requests are cancelled and every block and slot must be back.
+
+    Raises:
+        AssertionError: a token's error above ``tol``, or a block or slot not returned at the end.
+    """
+    gen = torch.Generator().manual_seed(seed + 7)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    pending, running = [], []
+    stats = dict(arrived=0, finished=0, cancelled=0, checked=0, worst=0.0, peak_blocks=0, peak_running=0)
+    next_id = 0
+    for step in range(steps):
+        if float(torch.rand(1, generator=gen)) < arrival_p:
+            prompt = torch.randint(0, vocab, (draw(*prompt_range),), generator=gen).tolist()
+            pending.append(Request(rid=next_id, arrival=step, prompt=prompt, max_new=draw(*output_range)))
+            next_id += 1
+            stats["arrived"] += 1
+        for r in list(running):
+            if float(torch.rand(1, generator=gen)) < cancel_p:
+                server.finish(r)
+                running.remove(r)
+                stats["cancelled"] += 1
+        while pending and server.can_admit(pending[0]):
+            r = pending.pop(0)
+            server.admit(r)
+            running.append(r)
+        produced, preempted = server.step_or_preempt(running)
+        pending[:0] = preempted  # they go first when room comes back
+        for r in produced:
+            err = check(r)
+            stats["worst"], stats["checked"] = max(stats["worst"], err), stats["checked"] + 1
+            if not err <= tol:
+                raise AssertionError(f"step {step}, request {r.rid}, token {len(r.output)}: logits differ from the "
+                                     f"naive recompute by {err:.2e} (tolerance {tol:.0e})")  # fmt: skip
+            if len(r.output) == r.max_new:
+                server.finish(r)
+                running.remove(r)
+                stats["finished"] += 1
+        stats["peak_blocks"] = max(stats["peak_blocks"], server.cache.allocator.num_used)
+        stats["peak_running"] = max(stats["peak_running"], len(running))
+        if step % 50 == 0 or step == steps - 1:
+            progress(step + 1, steps, step + 1, server.usage())
+    print()
+    for r in running:
+        server.finish(r)
+        stats["cancelled"] += 1
+    c = server.cache
+    leaked = c.allocator.num_used
+    if leaked or c.allocator.num_free != c.allocator.num_blocks or c.live:
+        raise AssertionError(f"after the soak {leaked} blocks are still in use and slots {c.live} are live")
+    stats.update(steps=steps, preemptions=server.preemptions, exhausted=server.exhausted, leaked_blocks=leaked,
+                 waiting=len(pending))  # fmt: skip
+    return stats
+
+
+def run_soak(args) -> dict:
+    """``--soak N``: the tiny model in float32 over a 40-block pool of 4-token blocks (three long requests fill
+    it), N steps, every token checked against the naive recompute."""
+    device = torch.device(args.device)
+    cfg = ModelConfig(vocab=64, layers=2, heads_q=4, heads_kv=2, head_dim=16, mlp=64)
+    model = TinyGPT(cfg, device, torch.float32, seed=args.seed)
+    naive = model.as_float32()
+    server = SoakServer(model, num_blocks=40, block_size=4, max_seqs=8, max_blocks_per_seq=40, token_budget=24)
+
+    def check(r):
+        want = naive.naive_logits(torch.tensor(r.tokens[:-1], device=device))[-1]
+        return relative_error(r.last_logits, want)
+
+    t0 = time.perf_counter()
+    stats = soak(server, args.soak, check, 1e-4, vocab=cfg.vocab, seed=args.seed)
+    stats["wall_s"] = time.perf_counter() - t0
+    print(
+        f"soak: {stats['steps']} steps, {stats['arrived']} requests arrived, {stats['finished']} finished, "
+        f"{stats['cancelled']} cancelled, {stats['preemptions']} preemptions after {stats['exhausted']} exhausted "
+        f"reservations; {stats['checked']} tokens checked (worst relative error {stats['worst']:.1e}); peak "
+        f"{stats['peak_blocks']}/40 blocks, {stats['leaked_blocks']} leaked; {stats['wall_s']:.1f} s"
+    )
+    return stats
+
+
 def arg_parser(description: str) -> argparse.ArgumentParser:
     """The command-line options of this demo and of `attn.demo_encdec`."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -394,11 +528,13 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=0, help="how many requests (0: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default="", help="save blocks in use over time to this image file")
+    p.add_argument("--soak", type=int, default=0, help="run a soak of this many steps instead (see SoakServer)")
     return p
 
 
 def main(argv=None) -> dict:
-    return run(arg_parser(__doc__).parse_args(argv))
+    args = arg_parser(__doc__).parse_args(argv)
+    return run_soak(args) if args.soak else run(args)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,20 @@ class BlockAllocator:
             self._refs[b] = 1
         return blocks
 
+    def peek(self, n: int) -> list[int]:
+        """The blocks ``allocate(n)`` would hand out now, in its order; changes nothing."""
+        return self._free[: len(self._free) - n - 1 : -1] if n > 0 else []
+
+    def _undo(self, allocated: Sequence[int], unreferenced: Sequence[int]) -> None:
+        """Takes back ``allocate`` calls that handed out ``allocated`` (in order) and ``free`` calls that dropped
+        one owner of each of ``unreferenced`` without releasing it: the free list and the counts are exactly as
+        before them."""
+        for b in reversed(list(unreferenced)):
+            self._refs[b] += 1
+        for b in reversed(list(allocated)):
+            del self._refs[b]
+            self._free.append(b)
+
     def share(self, blocks: Sequence[int]) -> None:
         """Adds one owner to each listed block (a block listed twice gains two); all or nothing.
 
@@ -175,10 +189,25 @@ class _SequenceSlots:
     def advance(self, slots: Sequence[int], counts: Sequence[int]) -> None:
         """Counts ``counts[i]`` more tokens as cached in ``slots[i]``, after an operation that wrote them itself
         (`attn.gpt_attention`, `attn.preprocess`); pair it with `reserve_tokens` before that operation."""
+        slots, counts = list(slots), [int(n) for n in counts]
         for s in slots:
             self._check_live(s)
+        if len(counts) != len(slots):
+            raise ValueError(f"counts must have one entry per slot ({len(slots)}), got {len(counts)}")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots must be distinct, got {slots}")
+        if any(n < 0 for n in counts):
+            raise ValueError(f"counts must be >= 0, got {counts}")
+        over = [s for s, n in zip(slots, counts) if self._lengths[s] + n > self._capacity(s)]
+        if over:
+            raise ValueError(
+                f"sequence slots {over} would hold more tokens than reserved for them: reserve_tokens first"
+            )
         for s, n in zip(slots, counts):
             self._set_length(s, self._lengths[s] + n)
+
+    def _capacity(self, slot: int) -> int:
+        raise NotImplementedError
 
     @property
     def live(self) -> list[int]:
@@ -227,6 +256,9 @@ class ContiguousKVCache(_SequenceSlots):
         )
         for s, n in zip(slots, counts):
             self._set_length(s, self._lengths[s] + n)
+
+    def _capacity(self, slot: int) -> int:
+        return self.max_len
 
     def reserve_tokens(self, slots: Sequence[int], counts: Sequence[int]) -> None:
         """Checks that ``counts[i]`` more tokens fit in ``slots[i]`` (all or nothing); see `advance`.
@@ -347,14 +379,23 @@ class PagedKVCache(_SequenceSlots):
         for s in slots:
             self._check_live(s)
         counts = _new_counts(slots, k_new, cu_seqlens_new)
-        self.reserve_tokens(slots, counts)
+        plan = self._plan_writes(slots, counts)
         idx = list(slots)
-        _append_impl(impl)(
-            self.k, self.v, k_new, v_new, self.seqlens[idx],
-            cu_seqlens_new=cu_seqlens_new, block_table=self.block_table[idx], **self.scales,
-        )  # fmt: skip
-        for s, n in zip(slots, counts):
-            self._set_length(s, self._lengths[s] + n)
+        # everything about k_new/v_new is checked before a block is taken or copied: a rejected call changes
+        # nothing, not even the bytes of free blocks (the append checks again, with the reserved table)
+        _check_new_tokens(self, k_new, v_new, idx, cu_seqlens_new)
+        undo = _Undo(self, idx)
+        try:
+            self._apply(plan, undo)
+            _append_impl(impl)(
+                self.k, self.v, k_new, v_new, self.seqlens[idx],
+                cu_seqlens_new=cu_seqlens_new, block_table=self.block_table[idx], **self.scales,
+            )  # fmt: skip
+            for s, n in zip(slots, counts):
+                self._set_length(s, self._lengths[s] + n)
+        except BaseException:
+            undo.rollback()
+            raise
 
     def reserve_tokens(self, slots: Sequence[int], counts: Sequence[int]) -> None:
         """Prepares the blocks that ``counts[i]`` more tokens of ``slots[i]`` will be written into, all or
@@ -372,23 +413,43 @@ class PagedKVCache(_SequenceSlots):
                 copied then.
         """
         plan = self._plan_writes(slots, counts)
+        undo = _Undo(self, [s for s, _, _ in plan])
+        try:
+            self._apply(plan, undo)
+        except BaseException:
+            undo.rollback()
+            raise
+
+    def _capacity(self, slot: int) -> int:
+        return len(self._blocks[slot]) * self.block_size
+
+    def _apply(self, plan, undo: _Undo) -> None:
+        """Takes the blocks a checked plan needs and copies the shared ones, recording in ``undo`` what it
+        changes (a failure part-way, even inside the allocator or the copy, is rolled back by the caller)."""
         needed = sum(len(copies) + grow for _, copies, grow in plan)
         if needed > self.allocator.num_free:
             raise PoolExhaustedError(f"appending needs {needed} new blocks, {self.allocator.num_free} are free")
         src, dst = [], []
         for s, copies, grow in plan:
             blocks = self._blocks[s]
+            if copies or grow:
+                undo.keep_row(s)
             for i in copies:
                 (fresh,) = self.allocator.allocate(1)
+                undo.allocated.append(fresh)
                 # the other owners keep the original; this sequence drops its reference to it
                 self.allocator.free([blocks[i]])
+                undo.unreferenced.append(blocks[i])
                 src.append(blocks[i])
                 dst.append(fresh)
                 blocks[i] = fresh
             if grow:
-                blocks.extend(self.allocator.allocate(grow))
+                fresh = self.allocator.allocate(grow)
+                undo.allocated.extend(fresh)
+                blocks.extend(fresh)
             if copies or grow:
                 self.block_table[s, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        # copies land in blocks that were free: what other sequences list is never written
         self._copy_blocks(src, dst)
 
     def _plan_writes(self, slots, counts):
@@ -520,12 +581,59 @@ class PagedKVCache(_SequenceSlots):
         return self.seqlens[idx], self.block_table[idx]
 
 
+class _Undo:
+    """What a paged cache's reservation changed, to put back exactly when a later step of the call fails.
+
+    The allocator's free list and counts, the touched sequences' block lists and table rows, their lengths and
+    the copy counter return to their values before the call. Bytes: a reservation only writes blocks it took
+    from the free list (copy-on-write targets), and an append only writes positions at or past a sequence's
+    length in blocks no other sequence lists, so no byte any sequence lists changes; the free blocks' contents
+    (never read by a kernel) may.
+    """
+
+    def __init__(self, cache: PagedKVCache, slots):
+        self.cache = cache
+        self.allocated: list[int] = []
+        self.unreferenced: list[int] = []
+        self.rows: list[tuple[int, list[int], torch.Tensor]] = []
+        self.lengths = [(s, cache._lengths[s]) for s in slots]
+        self.copies = cache.num_block_copies
+
+    def keep_row(self, slot: int) -> None:
+        self.rows.append((slot, list(self.cache._blocks[slot]), self.cache.block_table[slot].clone()))
+
+    def rollback(self) -> None:
+        c = self.cache
+        for s, blocks, row in reversed(self.rows):
+            c._blocks[s] = blocks
+            c.block_table[s] = row
+        c.allocator._undo(self.allocated, self.unreferenced)
+        for s, n in self.lengths:
+            c._set_length(s, n)
+        c.num_block_copies = self.copies
+
+
+def _check_new_tokens(cache, k_new, v_new, idx, cu_seqlens_new) -> None:
+    """The append's own checks of the new tokens against the cache (types, shapes, devices, scales), on the
+    host only; lengths and table entries are the cache's own, and the reservation makes room for them."""
+    from .checks import check_append
+
+    seqlens, table = cache.metadata(idx)
+    check_append(cache.k, cache.v, k_new, v_new, seqlens, cu_seqlens_new, table, validate=False, **cache.scales)
+
+
 def _new_counts(slots, k_new, cu_seqlens_new) -> list[int]:
+    if not isinstance(k_new, torch.Tensor):
+        raise TypeError(f"k_new must be a torch.Tensor, got {type(k_new).__name__}")
     if cu_seqlens_new is not None:
-        cu = cu_seqlens_new.tolist()
-        if len(cu) != len(slots) + 1:
-            raise ValueError(f"cu_seqlens_new must have len(slots)+1={len(slots) + 1} entries, got {len(cu)}")
-        return [b - a for a, b in zip(cu, cu[1:])]
+        from .checks import _check_cu_seqlens
+
+        if k_new.dim() != 3:
+            raise ValueError("k_new must be a packed [T, Hkv, D] tensor with cu_seqlens_new")
+        counts = _check_cu_seqlens("cu_seqlens_new", cu_seqlens_new, k_new.shape[0], k_new.device)
+        if len(counts) != len(slots):
+            raise ValueError(f"cu_seqlens_new must have len(slots)+1={len(slots) + 1} entries, got {len(counts) + 1}")
+        return counts
     if k_new.dim() != 4 or k_new.shape[0] != len(slots):
         raise ValueError(f"k_new must be [len(slots)={len(slots)}, S_new, Hkv, D], got {tuple(k_new.shape)}")
     return [k_new.shape[1]] * len(slots)

@@ -132,7 +132,9 @@ def launch(kernel, grid, *args, _stream=None, **constexprs):
     part of the key, so each tuning key keeps its own best config. ``_stream``, ``(device, raw stream handle)``
     of the current device, saves looking them up again when the caller already has them.
     """
-    if is_interpreter() or not fast_launch_enabled():
+    if is_interpreter():
+        return _interpret(kernel, grid, args, constexprs)
+    if not fast_launch_enabled():
         return kernel[grid](*args, **constexprs)
     tuned = isinstance(kernel, triton.runtime.Autotuner)
     spec = arg_key(args)
@@ -192,3 +194,39 @@ def _tuning_values(kernel, args) -> tuple:
         pos = tuple(i for i in map(kernel.arg_names.index, kernel.keys) if i < len(args))
         _TUNING[id(kernel), len(args)] = pos
     return tuple([args[i] for i in pos])
+
+
+def _interpret(kernel, grid, args, constexprs):
+    """A launch under Triton's CPU interpreter, with bfloat16 tensors computed in float32.
+
+    The interpreter runs kernels on numpy arrays, which have no bfloat16: Triton 3.6 computes a bf16 ``tl.dot``
+    wrongly there (outputs near 1e8, issue 18 finding 9). Each bf16 tensor argument is replaced by a float32
+    copy of its whole storage span, viewed with the same sizes and strides (so the kernel's stride arguments and
+    any aliasing still hold); after the launch, copies the kernel wrote go back, rounded to bf16. The kernel
+    then computes in fp32 where the GPU would use bf16 operands: a CPU user gets at least the GPU's accuracy.
+    """
+    copies: dict[int, tuple] = {}
+    new_args = []
+    for a in args:
+        if isinstance(a, Tensor) and a.dtype == torch.bfloat16:
+            if id(a) not in copies:
+                span = _storage_span(a)
+                flat = a.as_strided((span,), (1,), a.storage_offset())
+                wide = flat.float()
+                copies[id(a)] = (flat, wide, wide.as_strided(a.shape, a.stride(), 0))
+            new_args.append(copies[id(a)][2])
+        else:
+            new_args.append(a)
+    result = kernel[grid](*new_args, **constexprs)
+    for flat, wide, _ in copies.values():
+        back = wide.to(torch.bfloat16)
+        if not torch.equal(back.view(torch.int16), flat.view(torch.int16)):
+            flat.copy_(back)
+    return result
+
+
+def _storage_span(x: Tensor) -> int:
+    """Elements from ``x``'s first to its last addressable element (0 for an empty tensor)."""
+    if x.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride()) if s > 0)

@@ -539,8 +539,11 @@ def _attn_fwd_kernel(
         BLOCK_N, PRECISION, False, IS_PAGED, QUANT,
     )  # fmt: skip
 
-    # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros
-    has_key = (l_i > 0.0) & row_valid
+    # Invariant: l = 0 exactly for a row that saw no visible key (each visible score adds exp2(s − m) > 0, the
+    # max's own key 1), and those rows keep their zeros. A NaN score (NaN or ±inf in q, NaN in a visible key)
+    # makes l NaN: the max drops NaN, but exp2(NaN − m) does not. Testing l != 0 rather than l > 0 lets that NaN
+    # through acc / l (and into the lse), as the reference gives it; a NaN value makes acc NaN. No per-score work.
+    has_key = (l_i != 0.0) & row_valid
     l_safe = tl.where(has_key, l_i, 1.0)
     out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
     if QUANT != 0:

@@ -250,10 +250,15 @@ def _cyclic(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, block_table, k_new
         angles = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         cos, sin = (f(angles).mul(factor).to(device).contiguous() for f in (torch.cos, torch.sin))
     k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    # A quantized cache's keys are gathered dequantized (code × scale): rounding those to fp16 added an error
+    # up to 15x the reference's (issue 18, finding 8; codes × small scales land among fp16's subnormals). They
+    # stay fp32, and this launch computes in fp32 with the queries widened: the path costs more, the error is
+    # the reference's. A float cache's keys gather exactly in q's dtype.
+    work = torch.float32 if c.k_scale is not None else q.dtype
     k_all, v_all = gather_window(
         k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_q, row_seq, row_tok, window=window, sinks=sinks,
         block_table=block_table, k_scale=c.k_scale, v_scale=c.v_scale, row_pos=row_pos, cos=cos, sin=sin,
-        rotary_dim=rotary_dim, rope_style=rope["style"], out_dtype=q.dtype,
+        rotary_dim=rotary_dim, rope_style=rope["style"], out_dtype=work,
     )  # fmt: skip
     num_a = seq_a.numel()
 
@@ -261,12 +266,12 @@ def _cyclic(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, block_table, k_new
     tok_seq = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
     token = torch.arange(num_tokens) - torch.tensor(bounds[:-1], dtype=torch.long)[tok_seq]
     token += torch.tensor(before, dtype=torch.long)[tok_seq]
-    q_rolling = q
+    q_rolling = q.to(work)
     if rotary_dim:
         # in the gathered frame token j sits at j - oldest[b]; the query moves there too, so every distance to a
         # rolling key is the true p - j however far the chunk runs past the window
         delta = token - torch.tensor(oldest, dtype=torch.long)[tok_seq] - token.clamp(max=window - 1)
-        q_rolling = _turn(q, delta.to(device), inv_freq, rotary_dim, rope["style"])
+        q_rolling = _turn(q_rolling, delta.to(device), inv_freq, rotary_dim, rope["style"])
     left = window - sinks - 1
     if c.window_left >= 0:
         left = min(left, c.window_left)
@@ -277,7 +282,7 @@ def _cyclic(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, block_table, k_new
         return_lse=True, **scores,
     )  # fmt: skip
     if not sinks or not sum(pinned):
-        return out_a, lse_a
+        return out_a.to(q.dtype), lse_a
     o_b, lse_b = _sink_part(q, k_all[num_a:], v_all[num_a:], pinned, tok_seq, token, args, scores)
     # the two parts are one softmax over disjoint keys: weight each normalized output by its share of the mass
     lse = torch.logaddexp(lse_a, lse_b)

@@ -495,7 +495,9 @@ def _decode_kernel(
         bad_bits = tl.reduce(bad, 0, _bit_or)
         tl.atomic_or(err_ptr, bad_bits, mask=bad_bits != 0, sem="relaxed")
 
-    has_key = l_i > 0.0
+    # l = 0 exactly for a row (or a split) that saw no visible key; a NaN score makes l NaN (the max drops NaN,
+    # exp2(NaN − m) does not): l != 0 keeps that NaN in the output and the lse instead of zeroing the row
+    has_key = l_i != 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
     if QUANT != 0:
@@ -601,7 +603,8 @@ def _merge_splits(
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         scale = tl.exp(m_lane - m_safe[:, None])
         total = tl.sum(w_sum * scale, 1)
-        has_key = total > 0.0
+        # a NaN partial (lse_s NaN) makes its weight and so the total NaN: != 0 keeps it, only empty rows are 0
+        has_key = total != 0.0
         t_safe = tl.where(has_key, total, 1.0)
         out = tl.sum(acc * scale[:, :, None], 1) / t_safe[:, None]
         tok = r // GROUP

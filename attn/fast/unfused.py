@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..checks import check_attention
 from ..layout import pad
-from ._triton import is_interpreter, next_power_of_2
+from ._triton import is_interpreter, launch, next_power_of_2
 from .attention import _tanh
 
 # a constexpr, because jitted code may only read globals that are
@@ -104,18 +104,20 @@ def _softmax_kernel(s_ptr, lse_ptr, seqlen_k_pad, BLOCK_N: tl.constexpr):
     m_row = tl.max(m, 0)
     m_row_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
     l_row = tl.sum(l * tl.math.exp2(m - m_row_safe), 0)
-    l_safe = tl.where(l_row > 0.0, l_row, 1.0)
+    # l = 0 only for a row that sees no key; a NaN score makes l NaN, which must reach p and the lse, not vanish
+    has_key = l_row != 0.0
+    l_safe = tl.where(has_key, l_row, 1.0)
     for start in range(0, seqlen_k_pad, BLOCK_N):
         mask = start + offs < seqlen_k_pad
         x = tl.load(s_row + start + offs, mask=mask, other=float("-inf")) * LOG2E
         tl.store(s_row + start + offs, tl.math.exp2(x - m_row_safe) / l_safe, mask=mask)
-    lse = tl.where(l_row > 0.0, (m_row_safe + tl.math.log2(l_safe)) / LOG2E, float("-inf"))
+    lse = tl.where(has_key, (m_row_safe + tl.math.log2(l_safe)) / LOG2E, float("-inf"))
     tl.store(lse_ptr + row, lse)
 
 
 @triton.jit
 def _pv_kernel(
-    p_ptr, v_ptr, o_ptr, seqlens_k_ptr,
+    p_ptr, v_ptr, o_ptr, seqlens_k_ptr, lse_ptr,
     stride_pb, stride_ph, stride_pm, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
     num_heads_q, group_size, seqlen_q_pad,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -146,6 +148,10 @@ def _pv_kernel(
             other=0.0,
         )
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    # a row that sees no key (lse = -inf: padding rows, rows left of a window) is zero, even where its zero
+    # weights met a non-finite value (0·NaN = NaN)
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * seqlen_q_pad + offs_m, mask=offs_m < seqlen_q_pad, other=0.0)
+    acc = tl.where((lse == float("-inf"))[:, None], 0.0, acc)
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(
         o_base + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -211,7 +217,8 @@ def attention_unfused(
         head_dim_pad = max(16, next_power_of_2(d))
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
         bm, bn = (32, 16) if is_interpreter() or q.dtype == torch.float32 else (64, 64)
-        _scores_kernel[(triton.cdiv(sq, bm), triton.cdiv(sk, bn), bsz * hq)](
+        launch(
+            _scores_kernel, (triton.cdiv(sq, bm), triton.cdiv(sk, bn), bsz * hq),
             qp, kp, scores, lens_q, lens_k,
             args.alibi_slopes if args.alibi_slopes is not None else lens_q,
             *(args.alibi_slopes.stride() if args.alibi_slopes is not None else (0, 0)),
@@ -224,9 +231,10 @@ def attention_unfused(
             HAS_SOFTCAP=args.softcap > 0, HAS_ALIBI=args.alibi_slopes is not None,
             ALIBI_WITH_SCALE=args.alibi_with_scale, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn,
         )  # fmt: skip
-        _softmax_kernel[(bsz * hq * sq,)](scores, lse, sk, BLOCK_N=min(1024, next_power_of_2(sk)))
-        _pv_kernel[(triton.cdiv(sq, bm), bsz * hq)](
-            scores, vp, out, lens_k,
+        launch(_softmax_kernel, (bsz * hq * sq,), scores, lse, sk, BLOCK_N=min(1024, next_power_of_2(sk)))
+        launch(
+            _pv_kernel, (triton.cdiv(sq, bm), bsz * hq),
+            scores, vp, out, lens_k, lse,
             scores.stride(0), scores.stride(1), scores.stride(2),
             vp.stride(0), vp.stride(1), vp.stride(2), out.stride(0), out.stride(1), out.stride(2),
             hq, args.group_size, sq,

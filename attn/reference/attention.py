@@ -129,6 +129,22 @@ def _masked_softmax(s: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tenso
     return p, lse
 
 
+def _mix_values(p: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, spec: str, seen_spec: str, group_dim: int):
+    """``o = Σ_j p_ij·v_j`` over the keys each row sees, with ``einsum(spec, p, v)``.
+
+    ``p`` is exactly zero for the keys a row does not see, but the product would still multiply those zeros by
+    their values, and ``0·NaN = NaN``: a value no one showed the row would reach it. So the non-finite values
+    enter as NaN only in the rows that see them (``einsum(seen_spec, visible, bad)``, without the GQA group
+    axis ``group_dim`` of the output); the rest is a plain product over finite values.
+    """
+    bad = ~torch.isfinite(v)
+    if not bad.any():
+        return torch.einsum(spec, p, v)
+    o = torch.einsum(spec, p, v.masked_fill(bad, 0))
+    seen = torch.einsum(seen_spec, visible.to(v.dtype), bad.to(v.dtype)) > 0
+    return o.masked_fill(seen.unsqueeze(group_dim), float("nan"))
+
+
 def _attend_one(q, k, v, args: AttentionArgs, b: int = 0):
     """Attention for sequence ``b``: ``q [Sq, Hq, D]``, ``k, v [Sk, Hkv, D]`` → ``o [Sq, Hq, D]``, ``lse [Hq, Sq]``."""
     slopes = args.alibi_slopes[b] if args.alibi_slopes is not None else None
@@ -136,7 +152,7 @@ def _attend_one(q, k, v, args: AttentionArgs, b: int = 0):
     visible = attention_mask(q.shape[0], k.shape[0], window_size=(args.window_left, args.window_right), device=q.device)
     p, lse = _masked_softmax(s, visible)
     vv = rearrange(v.to(s.dtype), "j h d -> h j d")
-    o = torch.einsum("hgij,hjd->hgid", p, vv)
+    o = _mix_values(p, vv, visible, "hgij,hjd->hgid", "ij,hjd->hid", 1)
     return rearrange(o, "h g i d -> i (h g) d"), rearrange(lse, "h g i -> (h g) i")
 
 
@@ -295,7 +311,8 @@ def attention_unfused(
     p, lse = _masked_softmax(s, visible[:, None, None])
 
     # step 3: the second product, [B, Sq, Hq, D]
-    o = torch.einsum("bhgij,bjhd->bihgd", p, vp.to(dtype))
+    # padding keys past each length are invisible to every row: whatever they hold never reaches the output
+    o = _mix_values(p, vp.to(dtype), visible, "bhgij,bjhd->bihgd", "bij,bjhd->bihd", 3)
     o = rearrange(o, "b i h g d -> b i (h g) d").to(q.dtype)
     lse = rearrange(lse, "b h g i -> b (h g) i").float()
     if args.packed:

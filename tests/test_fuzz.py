@@ -1,0 +1,690 @@
+"""Property-based differential fuzzing (issue 18): every public entry, fast against reference, over its options.
+
+Each test draws one configuration (a dict of plain values: shapes, lengths, options, a seed), builds tiny
+random tensors from it and compares `attn.fast` with `attn.reference` computed in float64. Covered: padded and
+packed layouts, GQA ratios 1-4 (MQA included), head dims from 1 to 40 (odd ones too), ragged lengths with 0
+and 1, causal masks and sliding windows, soft-capping, ``q_scaling``, ALiBi (both orders, ``[Hq]`` and
+``[B, Hq]``), T5 biases (implicit, regular), INT8/FP8 caches with per-tensor and per-head scales, cyclic caches
+with sinks, RoPE at read time, beams, pages of 1 to 64 tokens, split-K, NaN-poisoned padding, unused cache
+slots and unused pool blocks, non-contiguous inputs, and NaN/±inf injected into q or a visible key or value
+(the kernels must then give the reference's non-finite pattern: see tests/test_nan.py for the rule).
+
+Budget. ``ATTN_FUZZ_PROFILE`` picks a Hypothesis profile: ``ci`` (the default: derandomized, so CI runs the
+same ~45 s of examples every time; a failure prints the configuration and a reproduction blob), ``gpu`` (20x
+the examples, random, for the GPU batch), ``dev`` (random, CI's count). ``ATTN_FUZZ_EXAMPLES=n`` sets every
+test's example count instead. Every counterexample the fuzzer has found stays below as an ``@example``.
+
+Tolerances: those of the parity tests (tests/helpers.py: fp32 2e-5, fp16 2·2^-10 relative RMS against the
+fp64 reference), except where a configuration adds roundings the parity tests justify separately (RoPE at
+read time and the gathered cyclic window: the lse bound of test_context_cyclic; quantized caches: the decode
+kernel multiplies the stored codes in fp16, exactly, and folds the scales into fp32 scores).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, note, settings
+from hypothesis import strategies as st
+from test_nan import assert_matches
+
+import attn.fast as fast
+import attn.reference as reference
+from attn import RelativeBias
+from attn.layout import cu_seqlens_from_lengths
+from helpers import LSE_TOL, TOL
+
+_COMMON = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True, database=None)
+settings.register_profile("ci", derandomize=True, **_COMMON)
+settings.register_profile("dev", derandomize=False, **_COMMON)
+settings.register_profile("gpu", derandomize=False, **_COMMON)
+PROFILE = os.environ.get("ATTN_FUZZ_PROFILE", "ci")
+settings.load_profile(PROFILE)
+
+
+def budget(n: int) -> int:
+    """Examples for a test whose CI share is ``n``."""
+    if os.environ.get("ATTN_FUZZ_EXAMPLES"):
+        return int(os.environ["ATTN_FUZZ_EXAMPLES"])
+    return n * 20 if PROFILE == "gpu" else n
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAN, INF = float("nan"), float("inf")
+COUNTS: dict[str, int] = {}
+
+
+def _count(name: str) -> None:
+    COUNTS[name] = COUNTS.get(name, 0) + 1
+
+
+def _rand(shape, dtype, noncontig=False):
+    """Standard normal values in ``dtype``; with ``noncontig`` a strided view of a wider tensor (the head axis
+    taken with a step of 2), which the wrappers must read correctly."""
+    if not noncontig or len(shape) < 2:
+        return torch.randn(shape, device=DEVICE).to(dtype)
+    wide = list(shape)
+    wide[-2] *= 2
+    return torch.randn(wide, device=DEVICE).to(dtype)[..., ::2, :]
+
+
+def _inject(kind, x, index):
+    """One non-finite entry in ``x`` at ``index`` (a tuple of leading indices; the feature is 0)."""
+    x[index + (0,)] = {"nan": NAN, "inf": INF, "ninf": -INF}[kind]
+
+
+def _tol(dtype, factor=1.0):
+    return TOL[dtype] * factor, LSE_TOL[dtype] * factor
+
+
+# ----------------------------------------------------------------------------------------------- prefill
+
+
+@st.composite
+def prefill_cfg(draw):
+    b = draw(st.integers(1, 3))
+    lens_q = draw(st.lists(st.sampled_from([0, 1, 2, 5, 9, 17, 23]), min_size=b, max_size=b))
+    same = draw(st.booleans())
+    lens_k = list(lens_q) if same else draw(st.lists(st.sampled_from([0, 1, 3, 8, 19, 30]), min_size=b, max_size=b))
+    causal = draw(st.booleans())
+    left = draw(st.sampled_from([-1, -1, 0, 2, 7]))
+    right = 0 if causal else draw(st.sampled_from([-1, -1, 0, 3]))
+    unfused = draw(st.booleans())
+    cfg = dict(
+        seed=draw(st.integers(0, 2**16)), layout=draw(st.sampled_from(["padded", "packed"])), unfused=unfused,
+        lens_q=lens_q, lens_k=lens_k, hkv=draw(st.integers(1, 2)), group=draw(st.sampled_from([1, 2, 3, 4])),
+        d=draw(st.sampled_from([1, 3, 8, 17, 24, 40])), dtype=draw(st.sampled_from(["float32", "float16"])),
+        causal=causal, window=(left, right), softcap=draw(st.sampled_from([0.0, 0.0, 1.5])),
+        q_scaling=draw(st.sampled_from([1.0, 0.7])), alibi=draw(st.sampled_from([None, None, "h", "bh"])),
+        alibi_mode=draw(st.sampled_from(["alibi", "alibi_with_scale"])),
+        rel=None if unfused else draw(st.sampled_from([None, None, "implicit", "regular"])),
+        noncontig=draw(st.booleans()), poison=draw(st.sampled_from([None, None, "q-nan", "q-inf", "k-nan", "v-nan"])),
+    )  # fmt: skip
+    return cfg
+
+
+def _rel_bias(kind, hq, length, bidirectional=True):
+    if kind == "implicit":
+        return RelativeBias(table=torch.randn(hq, 8, device=DEVICE), max_distance=10, bidirectional=bidirectional)
+    return RelativeBias(bias=torch.randn(hq, length, length, device=DEVICE))
+
+
+@given(cfg=prefill_cfg())
+@settings(max_examples=budget(14))
+@example(  # an empty batch row next to one-key rows, MQA, head dim 1, everything on
+    cfg=dict(
+        seed=1,
+        layout="padded",
+        unfused=False,
+        lens_q=[0, 1, 5],
+        lens_k=[0, 1, 8],
+        hkv=1,
+        group=4,
+        d=1,
+        dtype="float16",
+        causal=True,
+        window=(2, 0),
+        softcap=1.5,
+        q_scaling=0.7,
+        alibi="bh",
+        alibi_mode="alibi_with_scale",
+        rel="implicit",
+        noncontig=True,
+        poison="k-nan",
+    )  # fmt: skip
+)
+def test_fuzz_prefill(cfg):
+    note(cfg)
+    _count("prefill (attention, attention_unfused)")
+    torch.manual_seed(cfg["seed"])
+    dtype = getattr(torch, cfg["dtype"])
+    b, hkv, d = len(cfg["lens_q"]), cfg["hkv"], cfg["d"]
+    hq = hkv * cfg["group"]
+    lens_q, lens_k = cfg["lens_q"], cfg["lens_k"]
+    kw = dict(causal=cfg["causal"], window_size=cfg["window"], softcap=cfg["softcap"], q_scaling=cfg["q_scaling"],
+              return_lse=True)  # fmt: skip
+    if cfg["alibi"]:
+        kw["alibi_slopes"] = torch.rand(hq if cfg["alibi"] == "h" else (b, hq), device=DEVICE) * 0.5
+        kw["alibi_mode"] = cfg["alibi_mode"]
+    if cfg["rel"]:
+        kw["rel_bias"] = _rel_bias(cfg["rel"], hq, max(lens_q + lens_k + [1]) + 2)
+    if cfg["layout"] == "padded":
+        sq, sk = max(lens_q) + 1, max(lens_k) + 2  # padding past every length
+        q, k, v = (
+            _rand((b, sq, hq, d), dtype, cfg["noncontig"]),
+            _rand((b, sk, hkv, d), dtype),
+            _rand((b, sk, hkv, d), dtype),
+        )
+        for i in range(b):
+            # padding holds NaN: it must never reach an output
+            q[i, lens_q[i] :], k[i, lens_k[i] :], v[i, lens_k[i] :] = NAN, NAN, NAN
+        kw["seqlens_q"] = torch.tensor(lens_q, dtype=torch.int32, device=DEVICE)
+        kw["seqlens_k"] = torch.tensor(lens_k, dtype=torch.int32, device=DEVICE)
+        row_of = lambda i, t: (i, t)  # noqa: E731
+    else:
+        q = _rand((sum(lens_q), hq, d), dtype, cfg["noncontig"])
+        k, v = _rand((sum(lens_k), hkv, d), dtype), _rand((sum(lens_k), hkv, d), dtype)
+        cq = cu_seqlens_from_lengths(torch.tensor(lens_q, dtype=torch.int32, device=DEVICE))
+        ck = cu_seqlens_from_lengths(torch.tensor(lens_k, dtype=torch.int32, device=DEVICE))
+        kw.update(cu_seqlens_q=cq, cu_seqlens_k=ck)
+        starts_q, starts_k = cq.tolist(), ck.tolist()
+        row_of = None
+    poison = cfg["poison"]
+    if poison:
+        # the last query of the first sequence with a query and a key; for values only where no mask hides a
+        # key of the sequence from a row (tests/test_nan.py: the kernels' one documented difference)
+        seqs = [i for i in range(b) if lens_q[i] and lens_k[i]]
+        hidden = cfg["causal"] or cfg["window"] != (-1, -1)
+        if seqs and not (poison.startswith("v") and hidden):
+            i = seqs[0]
+            tq, tk = lens_q[i] - 1, lens_k[i] - 1
+            where_q = row_of(i, tq) if row_of else (starts_q[i] + tq,)
+            where_k = row_of(i, tk) if row_of else (starts_k[i] + tk,)
+            target, where = {"q": (q, where_q + (0,)), "k": (k, where_k + (0,)), "v": (v, where_k + (0,))}[poison[0]]
+            _inject(poison.split("-")[1], target, where)
+    fn = "attention_unfused" if cfg["unfused"] else "attention"
+    out, lse = getattr(fast, fn)(q, k, v, **kw)
+    ref, ref_lse = getattr(reference, fn)(q.double(), k.double(), v.double(), **kw)
+    tol, lse_tol = _tol(dtype)
+    assert_matches("out", ref, out, tol)
+    assert_matches("lse", ref_lse, lse, lse_tol, lse=True)
+
+
+# ------------------------------------------------------------------------------------------------ caches
+
+
+def _to_pools(k, v, block_size, extra=2):
+    """Contiguous caches ``[B, L, H, D]`` as shuffled pools of ``block_size``-token blocks (one table for both),
+    the unused pool blocks and the slots past L poisoned (NaN for float and FP8 pools, -128 for INT8)."""
+    b, length = k.shape[:2]
+    n = -(-length // block_size)
+    perm = torch.randperm(b * n + extra, device=k.device)[: b * n]
+    pools = []
+    for cache in (k, v):
+        rest = tuple(cache.shape[2:])
+        pool = torch.empty((b * n + extra, block_size) + rest, dtype=cache.dtype, device=cache.device)
+        padded = torch.empty((b, n * block_size) + rest, dtype=cache.dtype, device=cache.device)
+        _poison_fill(pool)
+        _poison_fill(padded)
+        padded[:, :length] = cache
+        pool[perm] = padded.view((b * n, block_size) + rest)
+        pools.append(pool)
+    return pools[0], pools[1], perm.view(b, n).to(torch.int32)
+
+
+def _poison_fill(x):
+    if x.dtype == torch.int8:
+        x.view(torch.int8).fill_(-128)  # outside the symmetric code range: a reader would see -128·scale
+    elif x.dtype == torch.float8_e4m3fn:
+        x.view(torch.uint8).fill_(0x7F)  # e4m3fn's NaN
+    else:
+        x.fill_(NAN)
+
+
+def _quantized(shape, qdtype):
+    if qdtype == "int8":
+        return torch.randint(-127, 128, shape, device=DEVICE).to(torch.int8)
+    return (torch.randn(shape, device=DEVICE) * 60).to(torch.float8_e4m3fn)
+
+
+def _cache(b, length, hkv, d, dtype, quant, lens, cyclic=None):
+    """K/V caches ``[b, length, hkv, d]``: random where a token is stored, poisoned in the unused slots."""
+    if quant:
+        k, v = _quantized((b, length, hkv, d), quant), _quantized((b, length, hkv, d), quant)
+    else:
+        k, v = _rand((b, length, hkv, d), dtype), _rand((b, length, hkv, d), dtype)
+    for i, n in enumerate(lens):
+        used = min(n, cyclic) if cyclic else n
+        _poison_fill(k[i, used:])
+        _poison_fill(v[i, used:])
+    return k, v
+
+
+def _scales(quant, hkv, per_head):
+    if not quant:
+        return {}
+    shape = (hkv,) if per_head else (1,)
+    return dict(
+        k_scale=torch.rand(shape, device=DEVICE) * 0.02 + 0.01, v_scale=torch.rand(shape, device=DEVICE) * 0.02 + 0.01
+    )
+
+
+@st.composite
+def decode_cfg(draw):
+    cyclic = draw(st.sampled_from([None, None, None, 8, 13]))
+    beam = 1 if cyclic else draw(st.sampled_from([1, 1, 2, 3]))
+    sq = 1 if beam > 1 else draw(st.sampled_from([1, 1, 2, 3]))
+    b = draw(st.integers(1, 3))
+    lens = draw(st.lists(st.sampled_from([0, 1, 2, 7, 16, 33, 50]), min_size=b * beam, max_size=b * beam))
+    lens = [max(n, sq) for n in lens]
+    d = draw(st.sampled_from([2, 8, 24, 40] if cyclic else [1, 3, 8, 17, 24, 40]))
+    rotary = draw(st.sampled_from([0, 0, d])) if cyclic and d % 2 == 0 else 0
+    sinks = draw(st.sampled_from([0, 0, 2])) if cyclic else 0
+    left = draw(st.sampled_from([-1, -1, -1, 0, 5, 20]))
+    cfg = dict(
+        seed=draw(st.integers(0, 2**16)), b=b, beam=beam, sq=sq, lens=lens, hkv=draw(st.integers(1, 2)),
+        group=draw(st.sampled_from([1, 2, 4])), d=d, dtype=draw(st.sampled_from(["float32", "float16"])),
+        quant=draw(st.sampled_from([None, None, "int8", "fp8"])), per_head=draw(st.booleans()),
+        block_size=draw(st.sampled_from([None, 1, 3, 8, 16, 64])), splits=draw(st.sampled_from([None, 1, 2, 3])),
+        causal=draw(st.booleans()), window=(left, 0 if left >= 0 else -1),
+        softcap=draw(st.sampled_from([0.0, 0.0, 2.0])), alibi=draw(st.sampled_from([None, None, "h", "bh"])),
+        alibi_mode=draw(st.sampled_from(["alibi", "alibi_with_scale"])),
+        rel=draw(st.sampled_from([None, None, "implicit"])), cyclic=cyclic, sinks=sinks, rotary=rotary,
+        noncontig=draw(st.booleans()), poison=draw(st.sampled_from([None, None, "q-nan", "q-inf", "k-nan", "v-nan"])),
+    )  # fmt: skip
+    if cfg["quant"] and cfg["dtype"] == "float32":
+        cfg["dtype"] = "float16"  # the quantized paths multiply in fp16
+    return cfg
+
+
+@given(cfg=decode_cfg())
+@settings(max_examples=budget(16))
+@example(  # pages of one token, beams, split-K, a key poisoned in every beam's row
+    cfg=dict(
+        seed=3,
+        b=2,
+        beam=3,
+        sq=1,
+        lens=[1, 7, 16, 33, 2, 50],
+        hkv=2,
+        group=2,
+        d=17,
+        dtype="float16",
+        quant=None,
+        per_head=False,
+        block_size=1,
+        splits=3,
+        causal=False,
+        window=(-1, -1),
+        softcap=2.0,
+        alibi="bh",
+        alibi_mode="alibi",
+        rel="implicit",
+        cyclic=None,
+        sinks=0,
+        rotary=0,
+        noncontig=True,
+        poison="k-nan",
+    )  # fmt: skip
+)
+@example(  # a cyclic FP8 cache with sinks and RoPE at read time, wrapped many times
+    cfg=dict(
+        seed=4,
+        b=2,
+        beam=1,
+        sq=1,
+        lens=[50, 3],
+        hkv=1,
+        group=4,
+        d=8,
+        dtype="float16",
+        quant="fp8",
+        per_head=True,
+        block_size=3,
+        splits=2,
+        causal=False,
+        window=(-1, -1),
+        softcap=0.0,
+        alibi=None,
+        alibi_mode="alibi",
+        rel=None,
+        cyclic=13,
+        sinks=2,
+        rotary=8,
+        noncontig=False,
+        poison=None,
+    )  # fmt: skip
+)
+def test_fuzz_decode(cfg):
+    note(cfg)
+    _count("decode (contiguous, paged, beams, cyclic)")
+    torch.manual_seed(cfg["seed"])
+    dtype = getattr(torch, cfg["dtype"])
+    b, beam, sq, hkv, d, lens = cfg["b"], cfg["beam"], cfg["sq"], cfg["hkv"], cfg["d"], cfg["lens"]
+    hq, rows = hkv * cfg["group"], b * beam
+    capacity = cfg["cyclic"] or max(lens) + 3
+    kc, vc = _cache(rows, capacity, hkv, d, dtype, cfg["quant"], lens, cfg["cyclic"])
+    q = _rand((rows, sq, hq, d), dtype, cfg["noncontig"])
+    kw = dict(
+        causal=cfg["causal"], softcap=cfg["softcap"], return_lse=True, **_scales(cfg["quant"], hkv, cfg["per_head"])
+    )
+    if cfg["window"] != (-1, -1):
+        kw["window_size"] = (cfg["window"][0], 0 if cfg["causal"] else cfg["window"][1])
+    if cfg["alibi"]:
+        kw["alibi_slopes"] = torch.rand(hq if cfg["alibi"] == "h" else (rows, hq), device=DEVICE) * 0.5
+        kw["alibi_mode"] = cfg["alibi_mode"]
+    if cfg["rel"]:
+        kw["rel_bias"] = _rel_bias("implicit", hq, 0, bidirectional=False)
+    if cfg["cyclic"]:
+        kw.update(max_attention_window=cfg["cyclic"], sink_token_length=cfg["sinks"], rotary_dim=cfg["rotary"])
+    if beam > 1:
+        kw["cache_indirection"] = torch.randint(0, beam, (b, beam, capacity), dtype=torch.int32, device=DEVICE)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    poison = cfg["poison"]
+    if poison and not cfg["quant"] and not cfg["cyclic"]:
+        # sequence 0's last cached token, in every beam's row (whichever the indirection picks); its last query
+        # sees it unless a window of 0 hides it; values only for one query and no window (see test_nan.py)
+        t = lens[0] - 1
+        if poison[0] == "q":
+            _inject(poison.split("-")[1], q, (0, sq - 1, 0))
+        elif poison[0] == "k" or (sq == 1 and cfg["window"] == (-1, -1)):
+            x = kc if poison[0] == "k" else vc
+            for r in range(beam):
+                _inject("nan", x, (r, t, 0))
+    wide = (lambda x: x) if cfg["quant"] else (lambda x: x.double())  # codes go to the reference as they are
+    ref, ref_lse = reference.decode(q.double(), wide(kc), wide(vc), seqlens, **kw)
+    if cfg["block_size"]:
+        kc, vc, table = _to_pools(kc, vc, cfg["block_size"])
+        kw["block_table"] = table
+    out, lse = fast.decode(q, kc, vc, seqlens, num_splits=cfg["splits"], **kw)
+    factor = 4.0 if cfg["rotary"] else 1.0
+    tol, lse_tol = _tol(dtype, factor)
+    assert_matches("out", ref, out, tol)
+    assert_matches("lse", ref_lse, lse, lse_tol * (2 if cfg["quant"] else 1), lse=True)
+
+
+# ------------------------------------------------------------------------------------------------ context
+
+
+@st.composite
+def context_cfg(draw):
+    b = draw(st.integers(1, 3))
+    cyclic = draw(st.sampled_from([None, None, 12]))
+    before = draw(st.lists(st.sampled_from([0, 1, 2, 9, 30]), min_size=b, max_size=b))
+    new = draw(st.lists(st.sampled_from([0, 1, 3, 6, 11]), min_size=b, max_size=b))
+    d = draw(st.sampled_from([8, 24] if cyclic else [3, 8, 17, 24]))
+    cfg = dict(
+        seed=draw(st.integers(0, 2**16)), before=before, new=new, hkv=draw(st.integers(1, 2)),
+        group=draw(st.sampled_from([1, 2, 3])), d=d, dtype=draw(st.sampled_from(["float32", "float16"])),
+        quant=draw(st.sampled_from([None, None, "int8", "fp8"])), per_head=draw(st.booleans()),
+        block_size=draw(st.sampled_from([None, 1, 4, 16, 64])), cyclic=cyclic,
+        sinks=draw(st.sampled_from([0, 3])) if cyclic else 0, rotary=draw(st.sampled_from([0, d])) if cyclic else 0,
+        left=draw(st.sampled_from([-1, -1, 4])), softcap=draw(st.sampled_from([0.0, 0.0, 2.0])),
+        alibi=draw(st.sampled_from([None, None, "h"])), rel=draw(st.sampled_from([None, None, "implicit"])),
+        poison=draw(st.sampled_from([None, None, "q-nan", "k-nan"])),
+    )  # fmt: skip
+    if cfg["quant"] and cfg["dtype"] == "float32":
+        cfg["dtype"] = "float16"
+    return cfg
+
+
+@given(cfg=context_cfg())
+@settings(max_examples=budget(10))
+@example(  # a cyclic INT8 cache with sinks and RoPE, a chunk longer than the window (finding 8's path)
+    cfg=dict(
+        seed=5,
+        before=[30, 0, 2],
+        new=[11, 0, 6],
+        hkv=2,
+        group=2,
+        d=24,
+        dtype="float16",
+        quant="int8",
+        per_head=True,
+        block_size=4,
+        cyclic=12,
+        sinks=3,
+        rotary=24,
+        left=-1,
+        softcap=0.0,
+        alibi="h",
+        rel=None,
+        poison=None,
+    )  # fmt: skip
+)
+def test_fuzz_context(cfg):
+    note(cfg)
+    _count("context_attention")
+    torch.manual_seed(cfg["seed"])
+    dtype = getattr(torch, cfg["dtype"])
+    before, new, hkv, d = cfg["before"], cfg["new"], cfg["hkv"], cfg["d"]
+    b, hq, cyclic = len(before), hkv * cfg["group"], cfg["cyclic"]
+    # without a ring the cache holds the chunk's own tokens too (they were appended before the call)
+    lens = before if cyclic else [n + m for n, m in zip(before, new)]
+    kc, vc = _cache(b, cyclic or max(lens) + 2, hkv, d, dtype, cfg["quant"], lens, cyclic)
+    q = _rand((sum(new), hq, d), dtype)
+    cu = cu_seqlens_from_lengths(torch.tensor(new, dtype=torch.int32, device=DEVICE))
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    kw = dict(cu_seqlens_q=cu, softcap=cfg["softcap"], return_lse=True, **_scales(cfg["quant"], hkv, cfg["per_head"]))
+    if cfg["left"] >= 0:
+        kw["window_size"] = (cfg["left"], 0)
+    if cfg["alibi"]:
+        kw["alibi_slopes"] = torch.rand(hq, device=DEVICE) * 0.5
+    if cfg["rel"]:
+        kw["rel_bias"] = _rel_bias("implicit", hq, 0, bidirectional=False)
+    if cyclic:
+        kw.update(max_attention_window=cyclic, sink_token_length=cfg["sinks"], rotary_dim=cfg["rotary"])
+        kw["k_new"], kw["v_new"] = _rand((sum(new), hkv, d), dtype), _rand((sum(new), hkv, d), dtype)
+    if cfg["poison"] and sum(new):
+        i = next(j for j, m in enumerate(new) if m)
+        first = sum(new[:i])
+        if cfg["poison"] == "q-nan":
+            _inject("nan", q, (first + new[i] - 1, 0))
+        elif cyclic:
+            _inject("nan", kw["k_new"], (first + new[i] - 1, 0))  # the chunk's last key: its last query sees it
+        elif not cfg["quant"]:
+            _inject("nan", kc, (i, lens[i] - 1, 0))
+    ref_kw = {k: (v.double() if k in ("k_new", "v_new") else v) for k, v in kw.items()}
+    ref, ref_lse = reference.context_attention(q.double(), kc if cfg["quant"] else kc.double(),
+                                               vc if cfg["quant"] else vc.double(), seqlens, **ref_kw)  # fmt: skip
+    if cfg["block_size"]:
+        kc, vc, table = _to_pools(kc, vc, cfg["block_size"])
+        kw["block_table"] = table
+    out, lse = fast.context_attention(q, kc, vc, seqlens, **kw)
+    # RoPE and the cyclic gather round keys once more (test_context_cyclic's 4x/8x lse bounds)
+    tol, lse_tol = _tol(dtype, 4.0 if cyclic else 1.0)
+    assert_matches("out", ref, out, tol)
+    assert_matches("lse", ref_lse, lse, lse_tol * (2 if cfg["quant"] else 1), lse=True)
+
+
+# ----------------------------------------------------------------------------------------- append, preprocess
+
+
+@st.composite
+def append_cfg(draw):
+    b = draw(st.integers(1, 3))
+    cyclic = draw(st.sampled_from([None, None, 10]))
+    sinks = draw(st.sampled_from([0, 2])) if cyclic else 0
+    start = draw(st.lists(st.sampled_from([0, 1, 4, 9, 23]), min_size=b, max_size=b))
+    limit = (cyclic - sinks) if cyclic else 8
+    counts = draw(st.lists(st.integers(0, limit), min_size=b, max_size=b))
+    return dict(
+        seed=draw(st.integers(0, 2**16)), start=start, counts=counts, packed=draw(st.booleans()),
+        hkv=draw(st.integers(1, 3)), d=draw(st.sampled_from([1, 5, 16, 40])),
+        cache=draw(st.sampled_from(["float16", "float32", "int8", "fp8"])), per_head=draw(st.booleans()),
+        block_size=draw(st.sampled_from([None, 1, 4, 16, 64])), cyclic=cyclic, sinks=sinks,
+        op=draw(st.sampled_from(["append_kv", "preprocess"])), rotary=draw(st.sampled_from([0, 0, 2, "d"])),
+        style=draw(st.sampled_from(["neox", "gptj"])), bias=draw(st.booleans()), group=draw(st.sampled_from([1, 2])),
+    )  # fmt: skip
+
+
+@given(cfg=append_cfg())
+@settings(max_examples=budget(12))
+def test_fuzz_append_and_preprocess(cfg):
+    note(cfg)
+    _count("append_kv, preprocess")
+    torch.manual_seed(cfg["seed"])
+    start, counts, hkv, d = cfg["start"], cfg["counts"], cfg["hkv"], cfg["d"]
+    b, cyclic = len(start), cfg["cyclic"]
+    if not cyclic and cfg["op"] == "append_kv":
+        pass
+    quant = cfg["cache"] if cfg["cache"] in ("int8", "fp8") else None
+    dtype = torch.float16 if quant else getattr(torch, cfg["cache"])
+    capacity = cyclic or max(s + n for s, n in zip(start, counts)) + 2
+    if quant:
+        kc, vc = _quantized((b, capacity, hkv, d), quant), _quantized((b, capacity, hkv, d), quant)
+    else:
+        kc, vc = _rand((b, capacity, hkv, d), dtype), _rand((b, capacity, hkv, d), dtype)
+    kw = dict(**_scales(quant, hkv, cfg["per_head"]))
+    if cyclic:
+        kw.update(max_attention_window=cyclic, sink_token_length=cfg["sinks"])
+    seqlens = torch.tensor(start, dtype=torch.int32, device=DEVICE)
+    packed = cfg["packed"]
+    if cfg["block_size"]:
+        kc, vc, table = _to_pools(kc, vc, cfg["block_size"])
+        kw["block_table"] = table
+    if cfg["op"] == "append_kv":
+        if packed:
+            kw["cu_seqlens_new"] = cu_seqlens_from_lengths(torch.tensor(counts, dtype=torch.int32, device=DEVICE))
+            k_new, v_new = _rand((sum(counts), hkv, d), dtype), _rand((sum(counts), hkv, d), dtype)
+        else:
+            n = max(counts)
+            if cyclic:
+                n = min(n, cyclic - cfg["sinks"])
+            k_new, v_new = _rand((b, n, hkv, d), dtype), _rand((b, n, hkv, d), dtype)
+        k_ref, v_ref = kc.clone(), vc.clone()
+        reference.append_kv(k_ref, v_ref, k_new, v_new, seqlens, **kw)
+        fast.append_kv(kc, vc, k_new, v_new, seqlens, **kw)
+        _assert_bitwise("k cache", k_ref, kc)
+        _assert_bitwise("v cache", v_ref, vc)
+        return
+    hq = hkv * cfg["group"]
+    rotary = d if cfg["rotary"] == "d" else cfg["rotary"]
+    if rotary % 2 or rotary > d:
+        rotary = 0
+    width = (hq + 2 * hkv) * d
+    if packed:
+        kw["cu_seqlens_new"] = cu_seqlens_from_lengths(torch.tensor(counts, dtype=torch.int32, device=DEVICE))
+        qkv = _rand((sum(counts), width), dtype)
+    else:
+        n = max(counts)
+        if cyclic:
+            n = min(n, cyclic - cfg["sinks"])
+        qkv = _rand((b, n, width), dtype)
+    if cfg["bias"]:
+        kw["qkv_bias"] = _rand((width,), dtype)
+    kw.update(num_heads_q=hq, num_heads_kv=hkv, rotary_dim=rotary, rope_style=cfg["style"])
+    k_ref, v_ref = kc.clone(), vc.clone()
+    q_ref = reference.preprocess(qkv, k_ref, v_ref, seqlens, **kw)
+    q = fast.preprocess(qkv, kc, vc, seqlens, **kw)
+    # test_preprocess's bound: both compute in fp32 and round once; one rounding apart at most
+    assert_matches("q", q_ref, q, TOL[dtype] / 2)
+    if quant:
+        # a code may differ by one step where the fp32 values straddle a rounding boundary
+        for name, r, o in (("k cache", k_ref, kc), ("v cache", v_ref, vc)):
+            diff = (r.float() - o.float()).abs()
+            step = 1.0 if quant == "int8" else r.float().abs().clamp_min(2**-6) / 8
+            assert bool((diff <= step).all()), f"{name}: codes differ by more than one step"
+    else:
+        assert_matches("k cache", k_ref, kc, TOL[dtype] / 2)
+        _assert_bitwise("v cache", v_ref, vc)
+
+
+def _assert_bitwise(name, a, b):
+    ra = a.view(torch.uint8) if a.element_size() == 1 else a
+    rb = b.view(torch.uint8) if b.element_size() == 1 else b
+    same = (ra == rb) | (torch.isnan(ra) & torch.isnan(rb)) if ra.dtype.is_floating_point else ra == rb
+    assert bool(same.all()), f"{name}: {int((~same).sum())} entries differ from the reference's append"
+
+
+# ---------------------------------------------------------------------------------------- cross, gpt_attention
+
+
+@st.composite
+def cross_cfg(draw):
+    b = draw(st.integers(1, 3))
+    return dict(
+        seed=draw(st.integers(0, 2**16)), enc=draw(st.lists(st.sampled_from([0, 1, 6, 13]), min_size=b, max_size=b)),
+        queries=draw(st.sampled_from(["step", "padded", "packed"])), hkv=draw(st.integers(1, 2)),
+        group=draw(st.sampled_from([1, 2])), d=draw(st.sampled_from([3, 16, 40])),
+        dtype=draw(st.sampled_from(["float32", "float16"])), block_size=draw(st.sampled_from([None, 1, 4, 64])),
+        poison=draw(st.sampled_from([None, "q-nan", "k-nan", "v-nan"])),
+    )  # fmt: skip
+
+
+@given(cfg=cross_cfg())
+@settings(max_examples=budget(6))
+def test_fuzz_cross(cfg):
+    note(cfg)
+    _count("cross_attention")
+    torch.manual_seed(cfg["seed"])
+    dtype = getattr(torch, cfg["dtype"])
+    enc, hkv, d = cfg["enc"], cfg["hkv"], cfg["d"]
+    b, hq = len(enc), hkv * cfg["group"]
+    kc, vc = _cache(b, max(enc) + 2, hkv, d, dtype, None, enc)
+    lens = torch.tensor(enc, dtype=torch.int32, device=DEVICE)
+    kw = {"return_lse": True}
+    if cfg["queries"] == "packed":
+        counts = [2] * b
+        kw["cu_seqlens_q"] = cu_seqlens_from_lengths(torch.tensor(counts, dtype=torch.int32, device=DEVICE))
+        q = _rand((sum(counts), hq, d), dtype)
+        q_row = (0,)
+    else:
+        q = _rand((b, 1 if cfg["queries"] == "step" else 3, hq, d), dtype)
+        q_row = (0, 0)
+    if cfg["poison"] and enc[0]:
+        # cross attention is unmasked: every query of sequence 0 sees every one of its encoder tokens
+        x = {"q": q, "k": kc, "v": vc}[cfg["poison"][0]]
+        _inject("nan", x, q_row + (0,) if cfg["poison"][0] == "q" else (0, enc[0] - 1, 0))
+    ref, ref_lse = reference.cross_attention(q.double(), kc.double(), vc.double(), lens, **kw)
+    if cfg["block_size"]:
+        kc, vc, table = _to_pools(kc, vc, cfg["block_size"])
+        kw["block_table"] = table
+    out, lse = fast.cross_attention(q, kc, vc, lens, **kw)
+    tol, lse_tol = _tol(dtype)
+    assert_matches("out", ref, out, tol)
+    assert_matches("lse", ref_lse, lse, lse_tol, lse=True)
+
+
+@st.composite
+def gpt_cfg(draw):
+    n = draw(st.integers(1, 4))
+    types = draw(st.lists(st.sampled_from([0, 1]), min_size=n, max_size=n))
+    new = [draw(st.sampled_from([1, 2, 7])) if t == 0 else 1 for t in types]
+    past = [draw(st.sampled_from([0, 3, 20])) if t == 0 else draw(st.sampled_from([1, 9, 30])) for t in types]
+    return dict(
+        seed=draw(st.integers(0, 2**16)), types=types, new=new, past=past,
+        mode=draw(st.sampled_from(["unified", "split"])),
+        dtype=draw(st.sampled_from(["float32", "float16"])), rotary=draw(st.sampled_from([0, 16, 32])),
+        style=draw(st.sampled_from(["neox", "gptj"])), alibi=draw(st.booleans()), bias=draw(st.booleans()),
+        block_size=draw(st.sampled_from([1, 8, 64])), softcap=draw(st.sampled_from([0.0, 3.0])),
+    )  # fmt: skip
+
+
+@given(cfg=gpt_cfg())
+@settings(max_examples=budget(6))
+def test_fuzz_gpt_attention(cfg):
+    from attn import InflightBatch
+
+    note(cfg)
+    _count("gpt_attention")
+    torch.manual_seed(cfg["seed"])
+    dtype = getattr(torch, cfg["dtype"])
+    hq, hkv, d = 4, 2, 32
+    width = (hq + 2 * hkv) * d
+    types, new, past, bs = cfg["types"], cfg["new"], cfg["past"], cfg["block_size"]
+    need = [-(-(p + n) // bs) for p, n in zip(past, new)]
+    pool = sum(need) + 2
+    perm = torch.randperm(pool, device=DEVICE)
+    table = torch.zeros(len(types), max(need), dtype=torch.int32, device=DEVICE)
+    used = 0
+    for i, n in enumerate(need):
+        table[i, :n] = perm[used : used + n].to(torch.int32)
+        used += n
+    k_cache, v_cache = _rand((pool, bs, hkv, d), dtype), _rand((pool, bs, hkv, d), dtype)
+    batch = InflightBatch.build(types, new, past, block_table=table, device=DEVICE)
+    qkv = _rand((batch.num_tokens, width), dtype)
+    kw = dict(num_heads_q=hq, num_heads_kv=hkv, rotary_dim=cfg["rotary"], rope_style=cfg["style"],
+              softcap=cfg["softcap"])  # fmt: skip
+    if cfg["bias"]:
+        kw["qkv_bias"] = _rand((width,), dtype)
+    if cfg["alibi"]:
+        kw["alibi_slopes"] = torch.rand(batch.batch, hq, device=DEVICE)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    want = reference.gpt_attention(qkv, batch, k_ref, v_ref, **kw)
+    got = fast.gpt_attention(qkv, batch, k_cache, v_cache, mode=cfg["mode"], **kw)
+    # the fp32 reference of a low-precision input: the parity tests' tolerance, doubled for the pre-processing's
+    # rounding of q and k before attention (test_gpt_attention)
+    assert_matches("out", want.double(), got, 2 * TOL[dtype])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    if COUNTS:
+        total = sum(COUNTS.values())
+        print(
+            f"\nfuzzed {total} configurations ({PROFILE} profile): " + ", ".join(f"{k} {v}" for k, v in COUNTS.items())
+        )

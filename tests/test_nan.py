@@ -1,0 +1,167 @@
+"""Non-finite inputs give what the reference gives (issue 18, findings 3 and 7).
+
+A row that sees no key is zero with ``lse = -inf``; a row that sees a NaN (in q, or in a visible key or value,
+cached or fresh) or a ±inf in q is NaN; values outside every row's visible keys (padding past the lengths,
+unused cache slots and pool blocks) never reach an output. Before the fix the kernels turned NaN rows into
+zeros with ``lse = -inf`` (the finalization tested ``l > 0``, false for a NaN sum), and
+``reference.attention_unfused`` let NaN in padding values through (``0 · NaN``).
+
+One documented difference remains between the kernels and the reference: a non-finite *value* (V) of a key
+inside a sequence that a row's causal or window mask hides may reach that row in the kernels, which multiply
+the hidden key's zero weight by it within a tile (``0 · NaN``); the reference keeps it out. Keys (K) are masked
+exactly. These tests therefore put non-finite values where every row of the sequence sees them, or past the
+lengths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn.fast as fast
+import attn.reference as reference
+from attn.layout import cu_seqlens_from_lengths
+from helpers import rel_err, to_paged
+
+NAN, INF = float("nan"), float("inf")
+
+
+def assert_matches(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float = 2e-5, lse: bool = False) -> None:
+    """``out`` is non-finite exactly where ``ref`` is (NaN and ±inf alike: the reference writes NaN where a row
+    sees a non-finite value, a kernel may carry the inf), and close elsewhere; with ``lse``, -inf (no key) must
+    match exactly. fp32 inputs: the tolerance is that of the fp32 parity tests (tests/helpers.py)."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    ref, out = ref.double(), out.double()
+    if lse:
+        assert torch.equal(torch.isneginf(ref), torch.isneginf(out)), f"{name}: -inf (no key) pattern differs"
+    bad_ref, bad_out = ~torch.isfinite(ref), ~torch.isfinite(out)
+    if not torch.equal(bad_ref, bad_out):
+        raise AssertionError(
+            f"{name}: non-finite pattern differs: reference {int(bad_ref.sum())} entries, kernel {int(bad_out.sum())}"
+            f" (kernel non-finite where reference finite: {int((bad_out & ~bad_ref).sum())}, kernel finite where"
+            f" reference non-finite: {int((bad_ref & ~bad_out).sum())})"
+        )
+    ok = ~bad_ref
+    if ok.any():
+        err = rel_err(ref[ok], out[ok])
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.1e} on the finite entries"
+
+
+def _poison(kind: str, q, k, v, q_row, key):
+    """A copy of (q, k, v) with one non-finite entry: ``kind`` in q_nan, q_inf, q_ninf, k_nan, v_nan, v_inf."""
+    q, k, v = q.clone(), k.clone(), v.clone()
+    if kind.startswith("q_"):
+        q[q_row + (0,)] = {"q_nan": NAN, "q_inf": INF, "q_ninf": -INF}[kind]
+    elif kind == "k_nan":
+        k[key + (1,)] = NAN
+    else:
+        v[key + (2,)] = NAN if kind == "v_nan" else INF
+    return q, k, v
+
+
+KINDS = ["q_nan", "q_inf", "q_ninf", "k_nan", "v_nan", "v_inf"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("impl", ["attention", "attention_unfused"])
+def test_prefill_padded(kind, impl):
+    # two sequences padded to 24: sequence 0 holds 20 keys, sequence 1 holds 13; causal with Sq = Sk so every
+    # row sees key 0 (the key poisoned in sequence 0 for K and V); the padding of sequence 1 holds NaN
+    b, s, hq, hkv, d = 2, 24, 4, 2, 16
+    q, k, v = (torch.randn(b, s, h, d) for h in (hq, hkv, hkv))
+    lens = torch.tensor([20, 13], dtype=torch.int32)
+    k[1, 13:], v[1, 13:] = NAN, NAN
+    q, k, v = _poison(kind, q, k, v, (0, 7, 1), (0, 0, 1))
+    kw = dict(seqlens_q=lens, seqlens_k=lens, causal=True, return_lse=True)
+    out, lse = getattr(fast, impl)(q, k, v, **kw)
+    ref, ref_lse = getattr(reference, impl)(q.double(), k.double(), v.double(), **kw)
+    assert_matches("out", ref, out)
+    assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
+    # the poison reached at least one row, and sequence 1 (NaN padding only) stayed finite
+    assert not torch.isfinite(out[0]).all()
+    assert torch.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("kind", ["q_nan", "k_nan", "v_nan"])
+def test_prefill_packed_and_empty_rows(kind):
+    # Sq > Sk under a causal mask: the first Sq - Sk rows of sequence 0 see no key and stay zero however the
+    # others are poisoned; sequence 1 (length 1 against 1) is untouched
+    lens_q, lens_k, hq, hkv, d = [9, 1], [4, 1], 2, 1, 8
+    q = torch.randn(sum(lens_q), hq, d)
+    k, v = torch.randn(sum(lens_k), hkv, d), torch.randn(sum(lens_k), hkv, d)
+    q, k, v = _poison(kind, q, k, v, (8, 0), (0, 0))
+    kw = dict(
+        cu_seqlens_q=cu_seqlens_from_lengths(torch.tensor(lens_q, dtype=torch.int32)),
+        cu_seqlens_k=cu_seqlens_from_lengths(torch.tensor(lens_k, dtype=torch.int32)),
+        causal=True,
+        return_lse=True,
+    )
+    out, lse = fast.attention(q, k, v, **kw)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), **kw)
+    assert_matches("out", ref, out)
+    assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
+    assert torch.equal(out[:5], torch.zeros_like(out[:5])) and torch.isneginf(lse[:, :5]).all()
+    assert not torch.isfinite(out[8]).all()
+
+
+@pytest.mark.parametrize("paged,splits", [(False, 3), (True, 1)], ids=["contiguous-splits3", "paged-splits1"])
+@pytest.mark.parametrize("kind", ["q_nan", "q_inf", "k_nan", "v_nan"])
+def test_decode(kind, splits, paged):
+    # sequence 0 is poisoned (q row, or cached key 5 that its one query sees); the slots past every length
+    # and the pool's unused blocks hold NaN and must not matter
+    b, hq, hkv, d, max_len = 2, 4, 2, 16, 40
+    lens = torch.tensor([37, 21], dtype=torch.int32)
+    q = torch.randn(b, 1, hq, d)
+    kc, vc = torch.randn(b, max_len, hkv, d), torch.randn(b, max_len, hkv, d)
+    for i, n in enumerate(lens.tolist()):
+        kc[i, n:], vc[i, n:] = NAN, NAN
+    q, kc, vc = _poison(kind, q, kc, vc, (0, 0, 1), (0, 5, 0))
+    ref, ref_lse = reference.decode(q.double(), kc.double(), vc.double(), lens, return_lse=True)
+    table = None
+    if paged:
+        kc, vc, table = to_paged(kc, vc, [max_len] * b, block_size=8)
+        used = set(table.flatten().tolist())
+        for blk in range(kc.shape[0]):
+            if blk not in used:
+                kc[blk], vc[blk] = NAN, NAN
+    out, lse = fast.decode(q, kc, vc, lens, block_table=table, num_splits=splits, return_lse=True)
+    assert_matches("out", ref, out)
+    assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
+    assert not torch.isfinite(out[0]).all() and torch.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("kind", ["q_nan", "k_nan", "v_nan"])
+def test_context_attention(kind):
+    # packed chunks over a paged cache: sequence 0's chunk of 5 sees cached key 2; unused blocks hold NaN
+    hq, hkv, d, bs = 4, 2, 16, 4
+    cached, new = [11, 6], [5, 3]
+    total = [c + n for c, n in zip(cached, new)]
+    q = torch.randn(sum(new), hq, d)
+    kc, vc = torch.randn(2, 20, hkv, d), torch.randn(2, 20, hkv, d)
+    q, kc, vc = _poison(kind, q, kc, vc, (1, 0), (0, 2, 0))
+    seqlens = torch.tensor(total, dtype=torch.int32)
+    cu = cu_seqlens_from_lengths(torch.tensor(new, dtype=torch.int32))
+    ref, ref_lse = reference.context_attention(q.double(), kc.double(), vc.double(), seqlens, cu_seqlens_q=cu,
+                                               return_lse=True)  # fmt: skip
+    kp, vp, table = to_paged(kc, vc, total, block_size=bs)
+    used = set(table.flatten().tolist())
+    for blk in range(kp.shape[0]):
+        if blk not in used:
+            kp[blk], vp[blk] = NAN, NAN
+    out, lse = fast.context_attention(q, kp, vp, seqlens, cu_seqlens_q=cu, block_table=table, return_lse=True)
+    assert_matches("out", ref, out)
+    assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
+    assert not torch.isfinite(out[:5]).all() and torch.isfinite(out[5:]).all()
+
+
+def test_reference_unfused_masks_padding_values():
+    # finding 7: the unfused reference multiplied the padding keys' zero weights by their values
+    b, s, h, d = 2, 10, 2, 8
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.float64) for _ in range(3))
+    lens = torch.tensor([10, 6], dtype=torch.int32)
+    k[1, 6:], v[1, 6:] = NAN, NAN
+    kw = dict(seqlens_q=lens, seqlens_k=lens, causal=True)
+    want = reference.attention(q, k, v, **kw)
+    got = reference.attention_unfused(q, k, v, **kw)
+    assert torch.isfinite(want).all()
+    assert torch.allclose(want, got, atol=1e-12, rtol=1e-12)

@@ -256,13 +256,15 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | None:
                         subs.append((pos, idx))
                     elif _storage(a) in role_storage:
                         return None  # a view of an input or output: not substituted here
-            steps.append(("launch", kernel, grid, tuple(args), tuple(subs), dict(constexprs)))
+            # the recorded inputs and outputs are not kept alive by the template: their slots are filled per run
+            template = tuple(None if any(pos == p for p, _ in subs) else a for pos, a in enumerate(args))
+            steps.append(("launch", kernel, grid, template, tuple(subs), dict(constexprs)))
         else:
             _, func, t, fargs = step
             idx = next((i for i, r in enumerate(roles) if r is t), None)
             if idx is None and _storage(t) in role_storage:
                 return None
-            steps.append(("fill", func, t, idx, fargs))
+            steps.append(("fill", func, None if idx is not None else t, idx, fargs))
     r = _Replay()
     r.signature = tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs)
     r.steps = steps
@@ -312,6 +314,9 @@ class _Plan:
         return result
 
     def _invalidate(self):
+        if self._replay:
+            # a CUDA graph captured from the old replay still points at its workspaces: keep them allocated
+            self._retired = [*getattr(self, "_retired", []), self._replay]
         self._replay = False
 
 

@@ -11,7 +11,7 @@ import torch
 
 import attn
 
-H_Q, H_KV, D, VOCAB, LAYERS, BLOCK = 4, 2, 16, 32, 2, 8
+H_Q, H_KV, D, VOCAB, LAYERS, BLOCK, NUM_BLOCKS = 4, 2, 16, 32, 2, 8, 16
 
 
 class TinyModel(torch.nn.Module):
@@ -23,12 +23,25 @@ class TinyModel(torch.nn.Module):
             torch.nn.Linear(H_Q * D, (H_Q + 2 * H_KV) * D, device=device) for _ in range(LAYERS)
         )
         self.proj = torch.nn.ModuleList(torch.nn.Linear(H_Q * D, H_Q * D, device=device) for _ in range(LAYERS))
+        # the paged pools are buffers: under mode="reduce-overhead" CUDA graphs keep them static (in place writes
+        # into graph inputs that are not static would make torch skip the graphs)
+        for layer in range(LAYERS):
+            for name in ("k", "v"):
+                self.register_buffer(f"{name}{layer}", torch.zeros(NUM_BLOCKS, BLOCK, H_KV, D, device=device))
 
-    def forward(self, tokens, pools, seqlens_before, seqlens_after, block_table, cu_seqlens=None, max_new=None):
+    def reset(self):
+        for layer in range(LAYERS):
+            getattr(self, f"k{layer}").zero_()
+            getattr(self, f"v{layer}").zero_()
+
+    def pools(self):
+        return [(getattr(self, f"k{layer}").clone(), getattr(self, f"v{layer}").clone()) for layer in range(LAYERS)]
+
+    def forward(self, tokens, seqlens_before, seqlens_after, block_table, cu_seqlens=None, max_new=None):
         """tokens [T] packed (prefill, with cu_seqlens) or [B] (one decode step)."""
         x = self.emb(tokens)
         for layer in range(LAYERS):
-            k_pool, v_pool = pools[layer]
+            k_pool, v_pool = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
             qkv = self.qkv[layer](x)
             if cu_seqlens is None:
                 qkv = qkv[:, None]  # padded [B, 1, ...]: one new token per sequence
@@ -48,28 +61,22 @@ class TinyModel(torch.nn.Module):
         return x
 
 
-def _pools(device, num_blocks=16):
-    return [
-        (torch.zeros(num_blocks, BLOCK, H_KV, D, device=device), torch.zeros(num_blocks, BLOCK, H_KV, D, device=device))
-        for _ in range(LAYERS)
-    ]
-
-
 def _serve(model, device, prompt_lens=(5, 11), steps=3):
     """Prefill both prompts, then ``steps`` decode steps; returns every step's hidden states."""
     gen = torch.Generator().manual_seed(0)
-    pools = _pools(device)
+    model_ = getattr(model, "_orig_mod", model)
+    model_.reset()
     table = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32, device=device)
     tokens = torch.randint(0, VOCAB, (sum(prompt_lens),), generator=gen).to(device)
     cu = torch.tensor([0, prompt_lens[0], sum(prompt_lens)], dtype=torch.int32, device=device)
     before = torch.zeros(2, dtype=torch.int32, device=device)
     after = torch.tensor(prompt_lens, dtype=torch.int32, device=device)
-    outs = [model(tokens, pools, before, after, table, cu, max(prompt_lens))]
+    outs = [model(tokens, before, after, table, cu, max(prompt_lens)).clone()]
     for _ in range(steps):
         before, after = after, after + 1
         step_tokens = torch.randint(0, VOCAB, (2,), generator=gen).to(device)
-        outs.append(model(step_tokens, pools, before, after, table))
-    return outs, pools
+        outs.append(model(step_tokens, before, after, table).clone())
+    return outs, model_.pools()
 
 
 def _check_compiled(device, **compile_kw):

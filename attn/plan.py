@@ -13,20 +13,27 @@ How ``run`` stays cheap. A plan calls the flat function (`attn.fast.decode`, ...
 length hints it accepts. Its first eager ``run`` does exactly that, and records what the call did: the kernel
 launches (kernel, grid, arguments), and every torch operation around them. If the operations only built
 metadata from the plan's own tensors (never read the inputs, the outputs, or a buffer a kernel receives), later
-runs replay the launches alone, with the new query, cache pools and output substituted for the recorded ones:
-a few microseconds of Python per launch instead of the flat function's argument checks and bookkeeping. Anything
+runs replay the launches alone, with the new query, cache pools and output substituted for the recorded ones.
+On a GPU a replay calls each compiled kernel's launcher directly (as `attn.fast._triton.launch` does for a
+specialization it has seen, without rebuilding its key), as long as the new tensors have the recorded 16-byte
+alignment; otherwise it goes through `_triton.launch`. That is a few microseconds of Python per launch instead of
+the flat function's argument checks and bookkeeping (tens of microseconds). Anything
 else (an operation on the inputs, a launch that bypasses `attn.fast._triton.launch`, inputs whose shapes,
 strides or dtypes differ from the recorded ones) runs the flat function instead, which is always correct.
 ``plan.replayable`` says which path a plan took. The workspaces the recorded call allocated (split partials)
-are kept by the plan and reused by every replay, so replays of one plan must not run concurrently (on two
-streams) with each other.
+are kept by the plan and reused by every replay, so a replay allocates only its output, and replays of one plan
+must not run concurrently (on two streams) with each other. The options (``softcap``, ``alibi_slopes``, ...) are
+checked by the flat function on the first run, once; tensors among them are captured as they are then (edit one
+in place and make a new plan).
 
 Metadata that changes between steps: ``plan.update(...)`` writes new lengths (and block tables) into the plan's
 device tensors in place, from a pinned host buffer, without a sync. The recorded launches stay valid while the
 lengths stay within the plan's hints (``max_seqlen_k``, rounded up to ``round_to`` tokens at planning, or a bound
 you give): then ``update`` returns True, and a CUDA graph captured from ``run`` keeps working. When the lengths
 outgrow the hints, ``update`` re-plans (new hints, the next run records again) and returns False: re-capture
-any graph. Planning itself costs one host-to-device copy of the metadata and a few checks on host lists.
+any graph (the old replay's workspaces stay allocated, so an old graph replayed by mistake still touches only
+memory it owns). Planning itself costs one host-to-device copy of the metadata and a few checks on host lists;
+`ContextPlan`, `PrefillPlan` and `GptAttentionPlan` are re-made per step rather than updated.
 """
 
 from __future__ import annotations
@@ -125,11 +132,37 @@ def _recording_launch(kernel, grid, *args, _stream=None, **constexprs):
     _state.in_launch = True
     try:
         with _disable_current_modes():
-            result = _real_launch(kernel, grid, *args, _stream=_stream, **constexprs)
+            direct = _direct_handle(kernel, grid, args, constexprs)
+            result = (
+                direct[0] if direct is not None else _real_launch(kernel, grid, *args, _stream=_stream, **constexprs)
+            )
     finally:
         _state.in_launch = False
-    rec.steps.append(("launch", kernel, grid, args, constexprs))
+    rec.steps.append(("launch", kernel, grid, args, constexprs, direct))
     return result
+
+
+def _direct_handle(kernel, grid, args, constexprs):
+    """On a GPU, launches through Triton's own entry (as `_triton.launch` does for a new specialization) and
+    returns what a replay needs to call the compiled kernel's launcher directly: ``(compiled, grid, tail)``, the
+    trailing constexpr/config values in parameter order. None under the interpreter or without fast launches."""
+    import triton
+
+    if _triton.is_interpreter() or not _triton.fast_launch_enabled() or _triton._hooked(triton.knobs.runtime):
+        return None
+    compiled = kernel[grid](*args, **constexprs)
+    if hasattr(compiled, "result"):
+        compiled = compiled.result()
+    tuned = isinstance(kernel, triton.runtime.Autotuner)
+    jit = kernel.fn if tuned else kernel
+    meta = {**constexprs, **(kernel.best_config.all_kwargs() if tuned else {})}
+    names = jit.arg_names[len(args) :]
+    if compiled is None or not hasattr(compiled, "run") or any(n not in meta for n in names):
+        return (compiled, None, None, None)
+    g = grid(meta) if callable(grid) else grid
+    g = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
+    # the device Triton launched on (its current one), whose current stream a replay launches on
+    return (compiled, g, tuple(meta[n] for n in names), torch.cuda.current_device())
 
 
 def _watch_direct_launches():
@@ -184,14 +217,23 @@ class _Replay:
         launch = _real_launch
         for step in self.steps:
             if step[0] == "launch":
-                _, kernel, grid, template, subs, constexprs = step
+                _, kernel, grid, template, subs, constexprs, direct, aligned = step
                 if subs:
                     args = list(template)
                     for pos, src in subs:
                         args[pos] = pool[src]
                 else:
                     args = template
-                launch(kernel, grid, *args, **constexprs)
+                # the compiled kernel is specialized on each tensor's 16-byte alignment: the substituted ones
+                # must align as the recorded ones did (the others are the recorded tensors themselves)
+                if direct is not None and tuple([pool[src].data_ptr() & 15 for _, src in subs]) == aligned:
+                    compiled, g, tail, device = direct
+                    compiled.run(
+                        g[0], g[1], g[2], _triton.current_stream(device), compiled.function,
+                        compiled.packed_metadata, None, None, None, *args, *tail,
+                    )  # fmt: skip
+                else:
+                    launch(kernel, grid, *args, **constexprs)
             else:
                 _, func, template_t, src, fargs = step
                 func(pool[src] if src is not None else template_t, *fargs)
@@ -247,7 +289,7 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | None:
     steps = []
     for step in rec.steps:
         if step[0] == "launch":
-            _, kernel, grid, args, constexprs = step
+            _, kernel, grid, args, constexprs, direct = step
             subs = []
             for pos, a in enumerate(args):
                 if isinstance(a, torch.Tensor):
@@ -258,7 +300,10 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | None:
                         return None  # a view of an input or output: not substituted here
             # the recorded inputs and outputs are not kept alive by the template: their slots are filled per run
             template = tuple(None if any(pos == p for p, _ in subs) else a for pos, a in enumerate(args))
-            steps.append(("launch", kernel, grid, template, tuple(subs), dict(constexprs)))
+            aligned = tuple(args[pos].data_ptr() & 15 for pos, _ in subs)
+            if direct is not None and direct[1] is None:
+                direct = None  # launched, but not in a form a replay can call directly
+            steps.append(("launch", kernel, grid, template, tuple(subs), dict(constexprs), direct, aligned))
         else:
             _, func, t, fargs = step
             idx = next((i for i, r in enumerate(roles) if r is t), None)

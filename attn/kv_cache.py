@@ -265,11 +265,11 @@ class ContiguousKVCache(_SequenceSlots):
 
         return plan_decode_for(self, slots, num_heads_q=num_heads_q, **options)
 
-    def plan_context(self, slots: Sequence[int], new_tokens: Sequence[int], *, num_heads_q: int, **options):
+    def plan_context(self, slots: Sequence[int], new_tokens: Sequence[int], **options):
         """An `attn.plan.ContextPlan` for chunks of ``new_tokens`` over ``slots`` (the chunks already appended)."""
         from .plan import plan_context_for
 
-        return plan_context_for(self, slots, new_tokens, num_heads_q=num_heads_q, **options)
+        return plan_context_for(self, slots, new_tokens, **options)
 
 
 class PagedKVCache(_SequenceSlots):
@@ -541,11 +541,11 @@ class PagedKVCache(_SequenceSlots):
 
         return plan_decode_for(self, slots, num_heads_q=num_heads_q, **options)
 
-    def plan_context(self, slots: Sequence[int], new_tokens: Sequence[int], *, num_heads_q: int, **options):
+    def plan_context(self, slots: Sequence[int], new_tokens: Sequence[int], **options):
         """An `attn.plan.ContextPlan` for chunks of ``new_tokens`` over ``slots`` (the chunks already appended)."""
         from .plan import plan_context_for
 
-        return plan_context_for(self, slots, new_tokens, num_heads_q=num_heads_q, **options)
+        return plan_context_for(self, slots, new_tokens, **options)
 
 
 def _new_counts(slots, k_new, cu_seqlens_new) -> list[int]:

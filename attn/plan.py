@@ -220,13 +220,14 @@ class _Replay:
                 _, kernel, grid, template, subs, constexprs, direct, aligned = step
                 if subs:
                     args = list(template)
-                    for pos, src in subs:
-                        args[pos] = pool[src]
+                    for pos, src, view in subs:
+                        t = pool[src]
+                        args[pos] = t if view is None else t.as_strided(view[0], view[1], t.storage_offset() + view[2])
                 else:
                     args = template
                 # the compiled kernel is specialized on each tensor's 16-byte alignment: the substituted ones
                 # must align as the recorded ones did (the others are the recorded tensors themselves)
-                if direct is not None and tuple([pool[src].data_ptr() & 15 for _, src in subs]) == aligned:
+                if direct is not None and tuple([args[pos].data_ptr() & 15 for pos, _, _ in subs]) == aligned:
                     compiled, g, tail, device = direct
                     compiled.run(
                         g[0], g[1], g[2], _triton.current_stream(device), compiled.function,
@@ -295,12 +296,20 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | None:
                 if isinstance(a, torch.Tensor):
                     idx = next((i for i, r in enumerate(roles) if r is a), None)
                     if idx is not None:
-                        subs.append((pos, idx))
+                        subs.append((pos, idx, None))
                     elif _storage(a) in role_storage:
-                        return None  # a view of an input or output: not substituted here
+                        # a view of an input or output (a slice of qkv, say): rebuilt on the new tensor with the
+                        # same sizes, strides and offset from it, if it keeps the dtype
+                        idx = next(i for i, r in enumerate(roles) if _storage(r) == _storage(a))
+                        base = roles[idx]
+                        if a.dtype != base.dtype or a.device != base.device:
+                            return None
+                        subs.append(
+                            (pos, idx, (tuple(a.shape), a.stride(), a.storage_offset() - base.storage_offset()))
+                        )
             # the recorded inputs and outputs are not kept alive by the template: their slots are filled per run
-            template = tuple(None if any(pos == p for p, _ in subs) else a for pos, a in enumerate(args))
-            aligned = tuple(args[pos].data_ptr() & 15 for pos, _ in subs)
+            template = tuple(None if any(pos == p for p, _, _ in subs) else a for pos, a in enumerate(args))
+            aligned = tuple(args[pos].data_ptr() & 15 for pos, _, _ in subs)
             if direct is not None and direct[1] is None:
                 direct = None  # launched, but not in a form a replay can call directly
             steps.append(("launch", kernel, grid, template, tuple(subs), dict(constexprs), direct, aligned))
@@ -581,14 +590,12 @@ class ContextPlan(_Plan):
         cache_seqlens: per sequence, the tokens its cache holds including this chunk (python ints / CPU tensor).
         new_tokens: per sequence, this chunk's query tokens (rows of the packed q).
         block_table: as for `DecodePlan`; None for a contiguous cache.
-        num_heads_q: query heads.
         **options: `attn.context_attention`'s other keywords, fixed for the plan.
 
     Re-plan for a new step (planning is a host check and two small copies).
     """
 
-    def __init__(self, k_cache, v_cache, cache_seqlens, new_tokens, *, block_table=None, num_heads_q: int,
-                 **options):  # fmt: skip
+    def __init__(self, k_cache, v_cache, cache_seqlens, new_tokens, *, block_table=None, **options):
         _check_pool(k_cache, v_cache)
         if "validate" in options:
             raise TypeError("ContextPlan sets validate itself")

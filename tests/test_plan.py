@@ -88,7 +88,7 @@ def test_decode_plan_contiguous_and_split(device):
 def test_context_and_prefill_plans(device):
     cache, slots = _paged_cache(device, [6, 13])
     q = torch.randn(9, H_Q, D, device=device)
-    p = cache.plan_context(slots, [4, 5], num_heads_q=H_Q)
+    p = cache.plan_context(slots, [4, 5])
     seqlens, table = cache.metadata(slots)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
     flat = attn.context_attention(q, cache.k, cache.v, seqlens, cu_seqlens_q=cu, block_table=table)
@@ -101,19 +101,21 @@ def test_context_and_prefill_plans(device):
     assert pp.replayable
 
 
-def test_gpt_attention_plan(device):
+@pytest.mark.parametrize("mode", ["unified", "split"])
+def test_gpt_attention_plan(device, mode):
     cache, slots = _paged_cache(device, [7, 0])
-    cache2 = attn.PagedKVCache(num_blocks=24, block_size=8, num_heads_kv=H_KV, head_dim=D, max_seqs=2,
-                               max_blocks_per_seq=8, device=device, dtype=torch.float32)  # fmt: skip
     cache.reserve_tokens(slots, [1, 5])
     batch = attn.InflightBatch.build([1, 0], [1, 5], [7, 0], block_table=cache.metadata(slots)[1])
-    qkv = torch.randn(6, (H_Q + 2 * H_KV) * D, device=device)
-    k0, v0 = cache.k.clone(), cache.v.clone()
-    p = batch.plan(cache.k, cache.v, num_heads_q=H_Q, num_heads_kv=H_KV, rotary_dim=D)
-    got = p.run(qkv)
-    want = attn.gpt_attention(qkv, batch, k0, v0, num_heads_q=H_Q, num_heads_kv=H_KV, rotary_dim=D)
-    assert torch.equal(got, want) and torch.equal(cache.k, k0) and torch.equal(cache.v, v0)
-    del cache2
+    p = batch.plan(cache.k, cache.v, num_heads_q=H_Q, num_heads_kv=H_KV, rotary_dim=D, mode=mode)
+    for _ in range(2):  # the recorded call, then a replay (unified) or the flat call again (split)
+        qkv = torch.randn(6, (H_Q + 2 * H_KV) * D, device=device)
+        k0, v0 = cache.k.clone(), cache.v.clone()
+        got = p.run(qkv)
+        want = attn.gpt_attention(qkv, batch, k0, v0, num_heads_q=H_Q, num_heads_kv=H_KV, rotary_dim=D, mode=mode)
+        assert torch.equal(got, want) and torch.equal(cache.k, k0) and torch.equal(cache.v, v0)
+    # unified: pre-processing and one attention launch, the qkv slices rebuilt on each new buffer; split: index
+    # operations on the pre-processed q between launches, which only the flat call redoes
+    assert p.replayable is (mode == "unified")
 
 
 def test_planning_refuses_bad_metadata(device):

@@ -15,7 +15,8 @@ first and last sequence before it is timed:
   flex        torch.compile(flex_attention), enable_gqa, no mask
 The ragged shape (one batch of mixed lengths) has only our kernels: the SDPA backends take no per-sequence
 lengths. Every row records TB/s, the fraction of the copy ceiling, the ratio to the best peer (cuDNN, FA2,
-efficient, Flex) and the host time per call (``host_us``: issue time with nothing waiting on the device).
+efficient, Flex) and the host time per call (``host_us``: 200 calls issued back to back, divided; for a call that
+syncs itself, as the default call did before issue 15's fix, that includes waiting for its own kernels).
 
     python -m bench.bench_decode --out $OUT/decode.json --timeline $OUT/decode_timeline.json
 
@@ -252,7 +253,9 @@ def record_timeline(path, shape, default_fn, planned_fn, calls: int = 6) -> None
             keep.append(("cpu", name, e))
         elif cat == "kernel":
             keep.append(("gpu", name[:60], e))
-        elif cat == "cuda_runtime" and ("Synchronize" in name or "Memcpy" in name or "LaunchKernel" in name):
+        elif cat in ("cuda_runtime", "cuda_driver") and any(
+            w in name for w in ("Synchronize", "Memcpy", "LaunchKernel")
+        ):
             keep.append(("runtime", name, e))
     t0 = min((float(e["ts"]) for _, _, e in keep), default=0.0)
     rows = [{"track": t, "name": n, "ts_us": float(e["ts"]) - t0, "dur_us": float(e.get("dur", 0))} for t, n, e in keep]

@@ -24,9 +24,8 @@
 # 4. `torch.compile`: the kernels as custom operators, so a compiled model traces through them.
 
 # %%
-import glob
 import json
-import os
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -54,14 +53,15 @@ import attn
 
 
 # %%
+RESULTS = next((p for p in (Path("bench/results"), Path("../bench/results")) if p.is_dir()), None)
+
+
 def load_timeline():
-    files = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath("__file__")), "..", "bench", "results",
-                                          "*timeline*.json")) + glob.glob("bench/results/*timeline*.json"))  # fmt: skip
-    for path in files[::-1]:
-        with open(path) as f:
-            data = json.load(f)
+    """The newest recorded timeline in bench/results/, or (None, None)."""
+    for path in sorted(RESULTS.glob("*timeline*.json"))[::-1] if RESULTS else []:
+        data = json.loads(path.read_text())
         if data.get("events"):
-            return data, os.path.basename(path)
+            return data, path.name
     return None, None
 
 

@@ -220,3 +220,21 @@ def test_public_entries_in_cuda_graphs():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, fn()), name
+
+
+def test_contiguous_cache_hands_out_plans(device):
+    cache = attn.ContiguousKVCache(max_seqs=3, max_len=32, num_heads_kv=H_KV, head_dim=D, dtype=torch.float32,
+                                   device=device)  # fmt: skip
+    slots = [cache.add_sequence() for _ in range(3)]
+    for s, n in zip(slots, [4, 20, 9]):
+        k = torch.randn(1, n, H_KV, D, device=device)
+        cache.append([s], k, torch.randn_like(k))
+    q = torch.randn(3, 1, H_Q, D, device=device)
+    every = cache.plan_decode(slots, num_heads_q=H_Q)  # all rows in order: the cache itself, no table
+    assert every.block_table is None
+    torch.testing.assert_close(every.run(q), attn.reference.decode(q, cache.k, cache.v, cache.seqlens),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    some = cache.plan_decode([2, 0], num_heads_q=H_Q)  # a subset: a one-column table of rows
+    seqlens, table = cache.metadata([2, 0])
+    want = attn.reference.decode(q[:2], cache.k, cache.v, seqlens, block_table=table)
+    torch.testing.assert_close(some.run(q[:2]), want, atol=1e-5, rtol=1e-5)

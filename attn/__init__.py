@@ -5,20 +5,13 @@ the top-level names are the fast ones.
 """
 
 from . import inflight, kv_cache, layout, reference
-from .fast import (
-    append_kv,
-    attention,
-    attention_unfused,
-    check_errors,
-    context_attention,
-    cross_attention,
-    decode,
-    gpt_attention,
-    preprocess,
-    update_indirection,
-)
+from .fast import attention_unfused, check_errors, cross_attention, update_indirection
 from .inflight import InflightBatch
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
+
+# the fast functions, through attn.ops: direct calls in eager mode, custom operators under torch.compile
+from .ops import append_kv, attention, context_attention, decode, gpt_attention, preprocess
+from .plan import ContextPlan, DecodePlan, GptAttentionPlan, PrefillPlan
 from .reference.alibi import alibi_slopes
 from .reference.kv_quant import calibrate_kv_scales
 from .reference.preprocess import RopeScaling
@@ -26,6 +19,10 @@ from .reference.relative_bias import RelativeBias
 
 __all__ = [
     "BlockAllocator",
+    "ContextPlan",
+    "DecodePlan",
+    "GptAttentionPlan",
+    "PrefillPlan",
     "InflightBatch",
     "ContiguousKVCache",
     "PagedKVCache",

@@ -166,3 +166,11 @@ class InflightBatch:
             max_context_new=max((new_tokens[b] for b in ctx), default=0),
             max_seqlen=max(after, default=0),
         )
+
+    # plans (attn.plan)
+
+    def plan(self, k_cache: torch.Tensor, v_cache: torch.Tensor, *, num_heads_q: int, num_heads_kv: int, **options):
+        """An `attn.plan.GptAttentionPlan` of this step over ``k_cache``/``v_cache``."""
+        from .plan import GptAttentionPlan
+
+        return GptAttentionPlan(self, k_cache, v_cache, num_heads_q=num_heads_q, num_heads_kv=num_heads_kv, **options)

@@ -289,6 +289,20 @@ class ContiguousKVCache(_SequenceSlots):
         table = torch.tensor(idx, dtype=torch.int32, device=self.k.device).view(-1, 1)
         return self.seqlens[idx], table
 
+    # plans (attn.plan): the step's metadata from the host bookkeeping, checked once, for every layer's call
+
+    def plan_decode(self, slots: Sequence[int], *, num_heads_q: int, **options):
+        """An `attn.plan.DecodePlan` for a decode step over ``slots`` (their new tokens already appended)."""
+        from .plan import plan_decode_for
+
+        return plan_decode_for(self, slots, num_heads_q=num_heads_q, **options)
+
+    def plan_context(self, slots: Sequence[int], new_tokens: Sequence[int], **options):
+        """An `attn.plan.ContextPlan` for chunks of ``new_tokens`` over ``slots`` (the chunks already appended)."""
+        from .plan import plan_context_for
+
+        return plan_context_for(self, slots, new_tokens, **options)
+
 
 class PagedKVCache(_SequenceSlots):
     """A block pool shared by all sequences, with a block table per sequence and a block allocator.
@@ -579,6 +593,20 @@ class PagedKVCache(_SequenceSlots):
         """``(cache_seqlens, block_table)`` for ``decode``/``append_kv`` over ``slots``, as keyword-ready tensors."""
         idx = list(slots)
         return self.seqlens[idx], self.block_table[idx]
+
+    # plans (attn.plan): the step's metadata from the host bookkeeping, checked once, for every layer's call
+
+    def plan_decode(self, slots: Sequence[int], *, num_heads_q: int, **options):
+        """An `attn.plan.DecodePlan` for a decode step over ``slots`` (their new tokens already appended)."""
+        from .plan import plan_decode_for
+
+        return plan_decode_for(self, slots, num_heads_q=num_heads_q, **options)
+
+    def plan_context(self, slots: Sequence[int], new_tokens: Sequence[int], **options):
+        """An `attn.plan.ContextPlan` for chunks of ``new_tokens`` over ``slots`` (the chunks already appended)."""
+        from .plan import plan_context_for
+
+        return plan_context_for(self, slots, new_tokens, **options)
 
 
 class _Undo:

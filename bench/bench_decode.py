@@ -6,14 +6,22 @@
 Decode is bound by memory bandwidth, so the metric is TB/s of K and V read (``2·Σ_b L_b·Hkv·D·2`` bytes),
 against the copy ceiling measured in the same run. Contenders, each checked against the fp32 reference on the
 first and last sequence before it is timed:
-  ours        attn.fast.decode on the contiguous cache [B, L, Hkv, D] (num_splits chosen by the heuristic)
-  ours-p16    the same cache as a shuffled block pool with 16-token blocks
-  ours-p64    ... with 64-token blocks
+  ours        attn.decode on the contiguous cache [B, L, Hkv, D] as a user calls it: no hints, no validate flag
+  ours-p64    the same default call on the cache as a shuffled pool of 64-token blocks, with its block table
+  *-hinted    LABELLED: validate=False plus the lengths' max and sum (what a scheduler knows)
+  *-planned   LABELLED: attn.DecodePlan.run(q), the plan made once outside the timed loop
+  *-graph     LABELLED: plan.run captured in a CUDA graph and replayed (the graph time, host cost removed)
   cudnn, flash, efficient   SDPA pinned to one backend, q [B, Hq, 1, D] over [B, Hkv, L, D] copies
   flex        torch.compile(flex_attention), enable_gqa, no mask
 The ragged shape (one batch of mixed lengths) has only our kernels: the SDPA backends take no per-sequence
-lengths. Our timed calls pass ``validate=False`` (the same inputs were validated by the checked call before),
-so the time is the kernel's, as in a serving loop that validates its metadata once per step.
+lengths. Every row records TB/s, the fraction of the copy ceiling, the ratio to the best peer (cuDNN, FA2,
+efficient, Flex) and the host time per call (``host_us``: 200 calls issued back to back, divided; for a call that
+syncs itself, as the default call did before issue 15's fix, that includes waiting for its own kernels).
+
+    python -m bench.bench_decode --out $OUT/decode.json --timeline $OUT/decode_timeline.json
+
+``--timeline`` also records a torch.profiler trace of a few default calls and a few planned calls on one shape
+(host ranges, the syncs, the GPU kernels) into a small JSON that lessons/14_serving_loop.py draws.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ import torch
 from bench import common
 
 PEERS = ["cudnn", "flash", "efficient", "flex"]
+OURS = ["ours", "ours-hinted", "ours-planned", "ours-graph", "ours-p64", "ours-p64-hinted", "ours-p64-planned",
+        "ours-p64-graph"]  # fmt: skip
+COLUMNS = [*OURS, *PEERS]
 
 
 @dataclass(frozen=True)
@@ -110,18 +121,27 @@ def run_shape(shape: Shape, args, ceilings) -> dict:
     def err_of(out):
         return max(common.rel_err(out[b : b + 1].float(), refs[b]) for b in check_rows)
 
+    import attn
+
     hints = {"max_seqlen_k": max_len, "total_seqlen_k": sum(shape.lengths)}
     contenders = {}
-    caches = {"ours": (kc, vc, None)}
-    for bs in (16, 64):
-        caches[f"ours-p{bs}"] = to_paged(kc, vc, bs, gen)
+    caches = {"ours": (kc, vc, None), "ours-p64": to_paged(kc, vc, 64, gen)}
+    plans = {}
     for name, (k_, v_, table) in caches.items():
-        # the timed calls pass the lengths' max and sum as a serving loop's scheduler would (validate=False
-        # reads nothing on the host), so the split heuristic sees the same batch as the validated call
-        fn = lambda k_=k_, v_=v_, table=table, check=False: fast.decode(
-            q, k_, v_, seqlens, block_table=table, validate=check, **({} if check else hints)
-        )
-        contenders[name] = (fn, lambda o: o, None)
+        # the default call, exactly as a user writes it
+        contenders[name] = (lambda k_=k_, v_=v_, table=table: attn.decode(q, k_, v_, seqlens, block_table=table),
+                            lambda o: o, None)  # fmt: skip
+        # labelled: the hinted flat call (validate=False and the lengths' max and sum)
+        contenders[f"{name}-hinted"] = (
+            lambda k_=k_, v_=v_, table=table: fast.decode(q, k_, v_, seqlens, block_table=table, validate=False,
+                                                          **hints),
+            lambda o: o, None,
+        )  # fmt: skip
+        # labelled: planned once (host lists, as a scheduler has them), run per call
+        plan = attn.DecodePlan(k_, v_, list(shape.lengths), block_table=None if table is None else table.cpu(),
+                               num_heads_q=shape.heads_q)  # fmt: skip
+        plans[name] = plan
+        contenders[f"{name}-planned"] = (lambda plan=plan: plan.run(q), lambda o: o, None)
     if not shape.ragged:
         qt = q.transpose(1, 2).contiguous()
         kt, vt = (x.transpose(1, 2).contiguous() for x in (kc, vc))
@@ -146,9 +166,6 @@ def run_shape(shape: Shape, args, ceilings) -> dict:
         entry = {}
         try:
             with ctx() if ctx else _null():
-                if name.startswith("ours"):
-                    # a validated call first; the timed ones skip the host reads of the metadata
-                    fn(check=True)
                 out = fn()
                 torch.cuda.synchronize()
                 entry["err"] = err_of(to_ours(out))
@@ -163,6 +180,9 @@ def run_shape(shape: Shape, args, ceilings) -> dict:
                     # per step; the graph time is the kernel's, the event time adds any host-bound gap
                     entry["host_us"] = common.host_us(fn)
                     try:
+                        if name in caches:
+                            # the default call reads lengths on the host; its capture is tests/test_plan.py's
+                            raise RuntimeError("not captured here: the default call")
                         gms = common.graph_ms(fn, calls_per_graph=max(1, min(100, int(2.0 / ms))))
                         entry.update(ms_graph=gms, tbps_graph=common.tbps(nbytes, gms))
                         entry["frac_copy_ceiling_graph"] = entry["tbps_graph"] / copy if copy else None
@@ -172,17 +192,75 @@ def run_shape(shape: Shape, args, ceilings) -> dict:
             entry.update(status="ERR", error=common.short_error(e))
         results[name] = entry
         common.free_memory()
+    # labelled graph-replayed rows: the planned call's graph time as a row of its own
+    for name in caches:
+        r = results.get(f"{name}-planned", {})
+        if r.get("ms_graph"):
+            results[f"{name}-graph"] = {"status": "ok", "ms": r["ms_graph"], "method": "cuda_graph(plan.run)",
+                                        "tbps": r["tbps_graph"], "frac_copy_ceiling": r.get("frac_copy_ceiling_graph"),
+                                        "host_us": 0.0}  # fmt: skip
+        results[name]["plan_replayable"] = plans[name].replayable
+        results[name]["plan_num_splits"] = plans[name].num_splits
     ours_ms = results.get("ours", {}).get("ms")
     ours_graph = results.get("ours", {}).get("ms_graph")
+    peer_ms = [results[p]["ms"] for p in PEERS if results.get(p, {}).get("ms")]
+    best_peer = min(peer_ms) if peer_ms else None
     for r in results.values():
         if r.get("ms") and ours_ms:
             r["speedup_vs_this"] = r["ms"] / ours_ms
         if r.get("ms_graph") and ours_graph:
             r["speedup_vs_this_graph"] = r["ms_graph"] / ours_graph
+        if r.get("ms") and best_peer:
+            # > 1: faster than the best peer (event-timed, as a user without graphs sees both)
+            r["vs_best_peer"] = best_peer / r["ms"]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = fast.choose_num_splits(shape.batch, shape.heads_kv, max_len, sms, total_seqlen_k=sum(shape.lengths))
+    if args.timeline and not args.timeline_done and args.timeline_shape in shape.name:
+        args.timeline_done = True
+        record_timeline(args.timeline, shape, contenders["ours-p64"][0], contenders["ours-p64-planned"][0])
     return {"shape": shape.name, "lengths": list(shape.lengths), "kv_bytes": nbytes, "num_splits": splits,
-            "contenders": results}  # fmt: skip
+            "best_peer_ms": best_peer, "contenders": results}  # fmt: skip
+
+
+def record_timeline(path, shape, default_fn, planned_fn, calls: int = 6) -> None:
+    """A few default calls, then a few planned calls, under torch.profiler: host ranges, syncs and GPU kernels,
+    in microseconds from the first event, as a small JSON (the full Chrome trace is megabytes)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    for fn in (default_fn, planned_fn):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for label, fn in (("default call", default_fn), ("plan.run", planned_fn)):
+            for _ in range(calls):
+                with record_function(label):
+                    fn()
+            torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = f"{tmp}/trace.json"
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = json.load(f).get("traceEvents", [])
+    keep = []
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        cat, name = e.get("cat", ""), e.get("name", "")
+        if cat == "user_annotation" and name in ("default call", "plan.run"):
+            keep.append(("cpu", name, e))
+        elif cat == "kernel":
+            keep.append(("gpu", name[:60], e))
+        elif cat in ("cuda_runtime", "cuda_driver") and any(
+            w in name for w in ("Synchronize", "Memcpy", "LaunchKernel")
+        ):
+            keep.append(("runtime", name, e))
+    t0 = min((float(e["ts"]) for _, _, e in keep), default=0.0)
+    rows = [{"track": t, "name": n, "ts_us": float(e["ts"]) - t0, "dur_us": float(e.get("dur", 0))} for t, n, e in keep]
+    common.write_json(path, {"shape": shape.name, "gpu": torch.cuda.get_device_name(), "calls": calls,
+                             "env": common.env_info(), "events": rows})  # fmt: skip
 
 
 class _null:
@@ -201,7 +279,10 @@ def main() -> None:
     p.add_argument("--out")
     p.add_argument("--tol", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeline", help="also write a profiler timeline (default vs planned calls) to this JSON")
+    p.add_argument("--timeline-shape", default="L32768", help="the shape (a substring of its name) profiled")
     args = p.parse_args()
+    args.timeline_done = False
     args.peers = [x for x in args.peers.split(",") if x]
     common.require_cuda("bench_decode")
     import attn.fast  # noqa: F401  (before triton, whatever the machine)
@@ -220,29 +301,22 @@ def main() -> None:
         record["results"].append(r)
         common.write_json(out_path, record)
         cells = [shape.name, str(r["num_splits"])]
-        for name in ["ours", "ours-p16", "ours-p64", *PEERS]:
+        for name in COLUMNS:
             c = r["contenders"].get(name)
             if not c:
                 cells.append("-")
             elif c.get("status") != "ok":
                 cells.append(c.get("status", "?"))
             else:
-                ratio = "" if name == "ours" else f" ({c['speedup_vs_this']:.2f}x)"
-                g = c.get("tbps_graph")
-                gratio = (
-                    ""
-                    if name == "ours" or not c.get("speedup_vs_this_graph")
-                    else f" {c['speedup_vs_this_graph']:.2f}x"
-                )
-                graph = f" / g {g:.2f}{gratio}" if g else ""
-                cells.append(f"{c['tbps']:.2f}{ratio}{graph} h{c['host_us']:.0f}us")
+                peer = f" p{c['vs_best_peer']:.2f}" if c.get("vs_best_peer") else ""
+                cells.append(f"{c['tbps']:.2f}{peer} h{c['host_us']:.0f}us")
             if c and c.get("status") == "ERR":
                 print(f"  {name}: {c['error'][:200]}", flush=True)
         rows.append(cells)
         print("  " + " | ".join(cells), flush=True)
-    print("\nTB/s of K+V read, event-timed (peer_ms / our_ms in parentheses: > 1 means ours is faster);")
-    print("g: from CUDA-graph replays, with the same ratio; h: host time of one call without a sync")
-    print(common.format_table(["shape", "splits", "ours", "ours-p16", "ours-p64", *PEERS], rows))
+    print("\nTB/s of K+V read, event-timed; p: best peer's time / this row's time (> 1: faster than the best peer);")
+    print("h: host time of one call without a sync; -hinted/-planned/-graph rows are labelled variants of ours")
+    print(common.format_table(["shape", "splits", *COLUMNS], rows))
     print(f"ceilings: copy {ceilings.get('copy_tbps')} TB/s\nresults: {out_path}")
 
 

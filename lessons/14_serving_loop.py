@@ -1,0 +1,200 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # From a kernel to a serving loop
+#
+# A decode kernel that reads the cache at 4 TB/s is only half of a fast decode step. The other half is the
+# *host*: the Python that checks the arguments, chooses the split count and launches the kernel. This lesson is
+# about that half:
+#
+# 1. why one host sync per call can halve decode, drawn as a CPU/GPU timeline;
+# 2. plan once, run many: `attn.DecodePlan` and its siblings, checked live;
+# 3. CUDA graphs: replaying a whole step with no host work at all;
+# 4. `torch.compile`: the kernels as custom operators, so a compiled model traces through them.
+
+# %%
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+import attn
+
+# %% [markdown]
+# ## 1. One sync, and the GPU waits
+#
+# A CUDA launch is asynchronous: the host puts the kernel on a stream and returns, usually long before the
+# kernel ends. A decode loop that only launches keeps the stream full: while the GPU runs step *n*, the host
+# prepares step *n+1*, and the host's time (50-100 µs of Python for our launcher) hides behind the kernel's.
+#
+# A *sync* breaks that. `cache_seqlens.tolist()`, `int(block_table.max())` or `bool(mask.any())` copy a device
+# value to the host, and the copy waits until every kernel queued before it has finished. Then the host starts
+# preparing the next launch only when the GPU is already idle, and the GPU idles for the whole host time of the
+# next call. Per step the time becomes **host + kernel** instead of **max(host, kernel)**: with a 60 µs host
+# and a 60 µs kernel, twice as long. That is what the default `attn.decode` call did before issue 15: its
+# checks read the lengths and the block table on the host, and the measured result was 0.43-0.80x cuDNN as a
+# user calls it, against 0.98-1.00x with the checks turned off.
+#
+# Below, a profiler timeline: the default call, then `plan.run`, over the same cache. It is drawn from a
+# trace recorded on the GPU by `python -m bench.bench_decode --timeline ...` when that file is in
+# `bench/results/`; otherwise a schematic with made-up durations stands in, labelled as such.
+
+
+# %%
+RESULTS = next((p for p in (Path("bench/results"), Path("../bench/results")) if p.is_dir()), None)
+
+
+def load_timeline():
+    """The newest recorded timeline in bench/results/, or (None, None)."""
+    for path in sorted(RESULTS.glob("*timeline*.json"))[::-1] if RESULTS else []:
+        data = json.loads(path.read_text())
+        if data.get("events"):
+            return data, path.name
+    return None, None
+
+
+def schematic(host_us=60.0, sync_us=8.0, kernel_us=60.0, calls=4):
+    """Made-up durations: a synchronizing call (its host work starts only after the previous kernel) against
+    an asynchronous one (host work overlaps the previous kernel)."""
+    events, t_host, t_gpu = [], 0.0, 0.0
+    for _ in range(calls):  # synchronizing: wait for the GPU, then prepare, then launch
+        t_host = max(t_host, t_gpu)
+        events.append({"track": "cpu", "name": "default call", "ts_us": t_host, "dur_us": host_us + sync_us})
+        t_host += host_us + sync_us
+        events.append({"track": "gpu", "name": "decode kernel", "ts_us": t_host, "dur_us": kernel_us})
+        t_gpu = t_host + kernel_us
+    t_host = t_gpu + 40
+    for _ in range(calls):  # asynchronous: the host runs ahead; the GPU runs back to back
+        events.append({"track": "cpu", "name": "plan.run", "ts_us": t_host, "dur_us": 15.0})
+        t_host += 15.0
+        start = max(t_host, t_gpu)
+        events.append({"track": "gpu", "name": "decode kernel", "ts_us": start, "dur_us": kernel_us})
+        t_gpu = start + kernel_us
+    return {"events": events}
+
+
+data, source = load_timeline()
+if data is None:
+    data, title = schematic(), "SCHEMATIC (made-up durations; no recorded timeline in bench/results/)"
+else:
+    title = f"recorded: {data.get('shape')} on {data.get('gpu')} ({source})"
+
+colors = {"default call": "tab:red", "plan.run": "tab:green"}
+fig, ax = plt.subplots(figsize=(11, 2.6))
+for e in data["events"]:
+    row = {"cpu": 1, "runtime": 0.5, "gpu": 0}[e["track"]]
+    color = colors.get(e["name"], "tab:blue" if e["track"] == "gpu" else "0.6")
+    ax.broken_barh([(e["ts_us"], max(e["dur_us"], 0.5))], (row - 0.18, 0.36), color=color)
+ax.set_yticks([0, 0.5, 1], ["GPU kernels", "CUDA runtime", "host (Python)"])
+ax.set_xlabel("µs")
+ax.set_title(title, fontsize=9)
+ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()], labels=list(colors),
+          loc="upper right", fontsize=8)  # fmt: skip
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Read the red part left to right: each call's host range starts only when the previous kernel has finished
+# (the sync), so kernels have gaps as long as the host range between them. In the green part the host ranges
+# are short and run ahead of the GPU, and the kernels sit back to back: the GPU never waits.
+#
+# ## 2. Plan once, run many
+#
+# The fix has two parts. The flat functions stop reading device values by default (value checks move into
+# the kernels and into `validate=True`), and for serving loops there is a *plan*: the step's metadata, which the
+# scheduler holds on the host anyway (lengths as Python ints, block tables as lists), is checked once and put on
+# the device once; the split count is chosen once; and `plan.run(q)` only launches. One plan serves every
+# layer of a step: each layer passes its own cache pools. This is FlashInfer's `plan`/`run` design.
+#
+# Our plans go one step further in how `run` stays cheap. The first `run` calls the flat function
+# (`validate=False`, with the plan's length hints) and *records* what it did: its kernel launches, and every torch
+# operation around them. When those operations only built metadata (never touched the query, the cache or the
+# output), later runs replay the launches alone, with the new tensors substituted. Everything else falls back to
+# the flat call, which is always right.
+
+# %%
+torch.manual_seed(0)
+cache = attn.PagedKVCache(num_blocks=16, block_size=8, num_heads_kv=2, head_dim=16, max_seqs=3,
+                          max_blocks_per_seq=6, dtype=torch.float32)  # fmt: skip
+slots = [cache.add_sequence() for _ in range(3)]
+for s, n in zip(slots, [5, 30, 17]):
+    k = torch.randn(1, n, 2, 16)
+    cache.append([s], k, torch.randn_like(k))
+
+plan = cache.plan_decode(slots, num_heads_q=4)  # host lists only: nothing read back from the device
+q = torch.randn(3, 1, 4, 16)
+out = plan.run(q)  # first run: the flat call, recorded
+out2 = plan.run(q)  # a replay of the recorded launch
+seqlens, table = cache.metadata(slots)
+ref = attn.reference.decode(q, cache.k, cache.v, seqlens, block_table=table)
+print("replayable:", plan.replayable, "| hints:", plan.hints, "| splits:", plan.num_splits)
+print("run == replay:", torch.equal(out, out2), "| max |run - reference|:", float((out2 - ref).abs().max()))
+
+# %% [markdown]
+# The lengths grow by one token per step. `plan.update(lengths)` writes them into the plan's device tensor in
+# place (an asynchronous copy from pinned memory). While they stay under the plan's hint (the longest length
+# rounded up to 256 tokens), the recorded launches, and any CUDA graph captured from them, stay valid and
+# `update` returns True; past it, the plan re-plans and returns False, and a captured graph must be captured
+# again.
+
+# %%
+print("still valid:", plan.update([6, 31, 18]))
+
+# %% [markdown]
+# ## 3. CUDA graphs
+#
+# A CUDA graph records a sequence of launches once and replays it with one call: no Python, no launcher, no
+# per-kernel host cost. Capture forbids syncs and host-to-device copies of fresh data, which is exactly what a
+# plan's `run` avoids, so a decode step (all layers) can be captured once per hint bucket:
+#
+# ```python
+# out = torch.empty_like(q)
+# graph = torch.cuda.CUDAGraph()
+# plan.run(q, out=out)                      # warm-up: compiles, records
+# with torch.cuda.graph(graph):
+#     plan.run(q, out=out)
+# for step in range(n):
+#     q.copy_(next_q); plan.update(lengths) # metadata in place
+#     graph.replay()                        # the whole step, one host call
+# ```
+#
+# `bench/bench_decode.py` times four rows per cache: the default call as a user writes it, the hinted flat call,
+# `plan.run`, and the plan replayed from a graph, each with its host time and its ratio to the best peer.
+#
+# ## 4. torch.compile
+#
+# `torch.compile` cannot trace into a Triton launcher's host checks, and a value read on the host becomes a
+# data-dependent guard it cannot handle. So each entry is also a custom operator (`torch.ops.attn.decode`,
+# `attn::attention`, `attn::context_attention`, `attn::append_kv`, `attn::preprocess`, `attn::gpt_attention`)
+# with a fake implementation (the output's shape without running anything) and `mutates_args` for the cache
+# writes. `attn.decode` and the others call the operator only while compiling; in eager mode they call the
+# launcher directly, because operator dispatch costs host time. The kernels are forward-only: `.backward()`
+# through them raises a clear error.
+
+
+# %%
+def step(q, k, v, lens, table):
+    return attn.decode(q, k, v, lens, block_table=table, validate=False) * 2
+
+
+compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # inductor (the default) on a GPU
+print("compiled == eager:", torch.equal(compiled(q, cache.k, cache.v, seqlens, table),
+                                         step(q, cache.k, cache.v, seqlens, table)))  # fmt: skip
+
+# %% [markdown]
+# `fullgraph=True` fails on any graph break, so the line above also says the decode call is one node of the
+# graph. `tests/test_compile.py` runs a two-layer model (prefill, then decode steps over a paged cache) the
+# same way, and on the GPU with inductor and `mode="reduce-overhead"`, which captures the compiled graph in a
+# CUDA graph: section 3 done by the compiler.

@@ -1,0 +1,240 @@
+"""attn.plan: plan.run equals the flat call it plans, bit for bit, replays without the flat function, updates
+in place, refuses bad metadata at planning, and (on the GPU) is captured in a CUDA graph."""
+
+import pytest
+import torch
+
+import attn
+from attn import plan as plan_mod
+
+H_Q, H_KV, D = 4, 2, 16
+
+
+def _paged_cache(device, lengths, dtype=torch.float32, block=8, num_blocks=24, width=8):
+    cache = attn.PagedKVCache(num_blocks=num_blocks, block_size=block, num_heads_kv=H_KV, head_dim=D,
+                              max_seqs=len(lengths), max_blocks_per_seq=width, dtype=dtype, device=device)  # fmt: skip
+    slots = [cache.add_sequence() for _ in lengths]
+    for s, n in zip(slots, lengths):
+        k = torch.randn(1, n, H_KV, D, device=device, dtype=dtype)
+        cache.append([s], k, torch.randn_like(k))
+    return cache, slots
+
+
+def _no_flat_calls(monkeypatch, module_name, fn_name):
+    """Makes the flat function fail if called: a replay must not go through it."""
+    import sys
+
+    def boom(*a, **k):
+        raise AssertionError(f"{fn_name} was called by a replay")
+
+    monkeypatch.setattr(sys.modules[module_name], fn_name, boom)
+    monkeypatch.setattr(attn.fast, fn_name, boom)
+
+
+def test_decode_plan_equals_flat_call_and_replays(device, monkeypatch):
+    cache, slots = _paged_cache(device, [5, 40, 17])
+    q = torch.randn(3, 1, H_Q, D, device=device)
+    p = cache.plan_decode(slots, num_heads_q=H_Q, softcap=5.0)
+    first = p.run(q)
+    assert p.replayable
+    seqlens, table = cache.metadata(slots)
+    flat = attn.decode(q, cache.k, cache.v, seqlens, block_table=table, softcap=5.0, validate=False, **p.hints)
+    assert torch.equal(first, flat)
+    ref = attn.reference.decode(q, cache.k, cache.v, seqlens, block_table=table, softcap=5.0)
+    torch.testing.assert_close(first, ref, atol=1e-5, rtol=1e-5)
+    # a second layer's pools and a new query, through the replay alone
+    k2, v2 = torch.randn_like(cache.k), torch.randn_like(cache.v)
+    q2 = torch.randn_like(q)
+    want = attn.decode(q2, k2, v2, seqlens, block_table=table, softcap=5.0, validate=False, **p.hints)
+    _no_flat_calls(monkeypatch, "attn.fast.decode", "decode")
+    out = torch.empty_like(q2)
+    got = p.run(q2, k2, v2, out=out)
+    assert got is out and torch.equal(got, want)
+
+
+def test_decode_plan_update_in_place(device):
+    cache, slots = _paged_cache(device, [5, 9])
+    q = torch.randn(2, 1, H_Q, D, device=device)
+    p = cache.plan_decode(slots, num_heads_q=H_Q, round_to=8)
+    p.run(q)
+    assert p.hints["max_seqlen_k"] == 16
+    assert p.update([4, 9]) is True  # within the hints: recorded launches stay valid
+    seqlens = torch.tensor([4, 9], dtype=torch.int32, device=device)
+    _, table = cache.metadata(slots)
+    want = attn.reference.decode(q, cache.k, cache.v, seqlens, block_table=table)
+    torch.testing.assert_close(p.run(q), want, atol=1e-5, rtol=1e-5)
+    # past the hints: re-planned, and the next run records the flat call with the new hints
+    assert p.update([4, 17], block_table=cache.metadata(slots)[1].cpu()) is False
+    assert p.hints["max_seqlen_k"] == 24
+    seqlens = torch.tensor([4, 17], dtype=torch.int32, device=device)
+    assert torch.equal(p.run(q), attn.decode(q, cache.k, cache.v, seqlens, block_table=table, validate=False,
+                                             **p.hints))  # fmt: skip
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        p.update([4, 10_000])
+
+
+def test_decode_plan_contiguous_and_split(device):
+    k = torch.randn(2, 64, H_KV, D, device=device)
+    v = torch.randn_like(k)
+    q = torch.randn(2, 1, H_Q, D, device=device)
+    p = attn.DecodePlan(k, v, [64, 33], num_heads_q=H_Q, num_splits=3)
+    got = p.run(q)
+    got = p.run(q)  # the replay
+    seqlens = torch.tensor([64, 33], dtype=torch.int32, device=device)
+    assert torch.equal(got, attn.decode(q, k, v, seqlens, validate=False, num_splits=3, **p.hints))
+    torch.testing.assert_close(got, attn.reference.decode(q, k, v, seqlens), atol=1e-5, rtol=1e-5)
+
+
+def test_context_and_prefill_plans(device):
+    cache, slots = _paged_cache(device, [6, 13])
+    q = torch.randn(9, H_Q, D, device=device)
+    p = cache.plan_context(slots, [4, 5])
+    seqlens, table = cache.metadata(slots)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    flat = attn.context_attention(q, cache.k, cache.v, seqlens, cu_seqlens_q=cu, block_table=table)
+    assert torch.equal(p.run(q), flat) and torch.equal(p.run(q), flat)
+
+    qp, kp, vp = (torch.randn(9, h, D, device=device) for h in (H_Q, H_KV, H_KV))
+    pp = attn.PrefillPlan([4, 5], causal=True, device=device)
+    flat = attn.attention(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    assert torch.equal(pp.run(qp, kp, vp), flat) and torch.equal(pp.run(qp, kp, vp), flat)
+    assert pp.replayable
+
+
+@pytest.mark.parametrize("mode", ["unified", "split"])
+def test_gpt_attention_plan(device, mode):
+    cache, slots = _paged_cache(device, [7, 0])
+    cache.reserve_tokens(slots, [1, 5])
+    batch = attn.InflightBatch.build([1, 0], [1, 5], [7, 0], block_table=cache.metadata(slots)[1])
+    p = batch.plan(cache.k, cache.v, num_heads_q=H_Q, num_heads_kv=H_KV, rotary_dim=D, mode=mode)
+    for _ in range(2):  # the recorded call, then a replay (unified) or the flat call again (split)
+        qkv = torch.randn(6, (H_Q + 2 * H_KV) * D, device=device)
+        k0, v0 = cache.k.clone(), cache.v.clone()
+        got = p.run(qkv)
+        want = attn.gpt_attention(qkv, batch, k0, v0, num_heads_q=H_Q, num_heads_kv=H_KV, rotary_dim=D, mode=mode)
+        assert torch.equal(got, want) and torch.equal(cache.k, k0) and torch.equal(cache.v, v0)
+    # unified: pre-processing and one attention launch, the qkv slices rebuilt on each new buffer; split: index
+    # operations on the pre-processed q between launches, which only the flat call redoes
+    assert p.replayable is (mode == "unified")
+
+
+def test_planning_refuses_bad_metadata(device):
+    cache, slots = _paged_cache(device, [5, 9])
+    with pytest.raises(TypeError, match="host-side"):
+        attn.DecodePlan(cache.k, cache.v, torch.tensor([5, 9], dtype=torch.int32, device="meta"),
+                        block_table=[[0], [1, 2]], num_heads_q=H_Q)  # fmt: skip
+    with pytest.raises(ValueError, match="outside the pool"):
+        attn.DecodePlan(cache.k, cache.v, [5, 9], block_table=[[0], [1, 99]], num_heads_q=H_Q)
+    with pytest.raises(ValueError, match="must lie in"):
+        attn.DecodePlan(cache.k, cache.v, [5, 90], block_table=[[0], [1, 2]], num_heads_q=H_Q)
+    with pytest.raises(ValueError, match="num_heads_q"):
+        cache.plan_decode(slots, num_heads_q=3)
+
+
+def test_replay_falls_back_when_inputs_change_layout(device):
+    cache, slots = _paged_cache(device, [5, 9])
+    q = torch.randn(2, 1, H_Q, D, device=device)
+    p = cache.plan_decode(slots, num_heads_q=H_Q)
+    p.run(q)
+    # a query with another stride is not what was recorded: the flat call serves it
+    q_t = torch.randn(2, H_Q, 1, D, device=device).transpose(1, 2)
+    seqlens, table = cache.metadata(slots)
+    assert torch.equal(p.run(q_t), attn.decode(q_t, cache.k, cache.v, seqlens, block_table=table))
+
+
+def test_recording_rejects_work_on_the_inputs():
+    """A flat call that computes on its input outside a launch must not be replayed."""
+
+    def flat(x):
+        return x * 2
+
+    class P(plan_mod._Plan):
+        def _flat(self, x):
+            return flat(x)
+
+    p = P()
+    x = torch.randn(4)
+    assert torch.equal(p._execute((x,), None), x * 2)
+    assert p.replayable is False
+    y = torch.randn(4)
+    assert torch.equal(p._execute((y,), None), y * 2)
+
+
+@pytest.mark.gpu
+def test_plans_in_cuda_graphs():
+    device = "cuda"
+    cache, slots = _paged_cache(device, [70, 300, 1000], dtype=torch.bfloat16, block=64, num_blocks=64, width=20)
+    q = torch.randn(3, 1, H_Q, D, device=device, dtype=torch.bfloat16)
+    p = cache.plan_decode(slots, num_heads_q=H_Q)
+    want = p.run(q)
+    out = torch.empty_like(q)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        p.run(q, out=out)
+    q.copy_(torch.randn_like(q))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, p.run(q)) and not torch.equal(out, want)
+    # lengths updated in place within the hints: the same graph reads them
+    assert p.update([71, 301, 1001]) is True  # within the hints (1024 keys): the graph stays valid
+    g.replay()
+    seqlens, table = cache.metadata(slots)
+    torch.testing.assert_close(out.float(), attn.reference.decode(q, cache.k, cache.v, torch.tensor(
+        p.lengths, dtype=torch.int32, device=device), block_table=table).float(), atol=2e-2, rtol=2e-2)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_public_entries_in_cuda_graphs():
+    """Each public entry, captured with validate=False (the flat opt-out of host checks) and replayed, equals its
+    eager call on new inputs written into the captured ones."""
+    device = "cuda"
+    cache, slots = _paged_cache(device, [70, 300], dtype=torch.bfloat16, block=64, num_blocks=32, width=8)
+    seqlens, table = cache.metadata(slots)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    q_dec = torch.randn(2, 1, H_Q, D, device=device, dtype=torch.bfloat16)
+    q_pack = torch.randn(9, H_Q, D, device=device, dtype=torch.bfloat16)
+    qkv = torch.randn(2, 1, (H_Q + 2 * H_KV) * D, device=device, dtype=torch.bfloat16)
+    calls = {
+        "decode": lambda: attn.decode(q_dec, cache.k, cache.v, seqlens, block_table=table, validate=False,
+                                      max_seqlen_k=300, total_seqlen_k=370),
+        # padded: the packed form's cu_seqlens are read on the host until the fastpath change (PrefillPlan's
+        # replay of it is capturable, see test_context_and_prefill_plans)
+        "attention": lambda: attn.attention(q_dec, q_dec[:, :, :H_KV], q_dec[:, :, :H_KV], causal=True),
+        "context_attention": lambda: attn.context_attention(q_pack, cache.k, cache.v, seqlens, cu_seqlens_q=cu,
+                                                            max_seqlen_q=5, block_table=table, validate=False),
+        # writes past the lengths, the same rows on every replay
+        "preprocess": lambda: attn.preprocess(qkv, cache.k, cache.v, seqlens, num_heads_q=H_Q, num_heads_kv=H_KV,
+                                              block_table=table, rotary_dim=D, validate=False),
+    }  # fmt: skip
+    for name, fn in calls.items():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fn()
+        for x in (q_dec, q_pack, qkv):
+            x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, fn()), name
+
+
+def test_contiguous_cache_hands_out_plans(device):
+    cache = attn.ContiguousKVCache(max_seqs=3, max_len=32, num_heads_kv=H_KV, head_dim=D, dtype=torch.float32,
+                                   device=device)  # fmt: skip
+    slots = [cache.add_sequence() for _ in range(3)]
+    for s, n in zip(slots, [4, 20, 9]):
+        k = torch.randn(1, n, H_KV, D, device=device)
+        cache.append([s], k, torch.randn_like(k))
+    q = torch.randn(3, 1, H_Q, D, device=device)
+    every = cache.plan_decode(slots, num_heads_q=H_Q)  # all rows in order: the cache itself, no table
+    assert every.block_table is None
+    torch.testing.assert_close(every.run(q), attn.reference.decode(q, cache.k, cache.v, cache.seqlens),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    some = cache.plan_decode([2, 0], num_heads_q=H_Q)  # a subset: a one-column table of rows
+    seqlens, table = cache.metadata([2, 0])
+    want = attn.reference.decode(q[:2], cache.k, cache.v, seqlens, block_table=table)
+    torch.testing.assert_close(some.run(q[:2]), want, atol=1e-5, rtol=1e-5)

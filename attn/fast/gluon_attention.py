@@ -82,10 +82,13 @@ def gluon_supported(q, k, v, *, packed, seqlens, head_dim, alibi, rel_bias, soft
 
 @gluon.jit
 def _tanh(x):
-    # tanh through one exp2: (1 − e^(−2|x|)) / (1 + e^(−2|x|)) with x's sign; exact at 0, saturates at ±1
-    t = gl.exp2(gl.abs(x) * (-2.0 * 1.4426950408889634))
-    r = (1.0 - t) / (1.0 + t)
-    return gl.where(x < 0.0, -r, r)
+    # tanh(x) = 1 − 2 / (e^(2x) + 1): one exp2 and one reciprocal. rcp.approx (one MUFU op, ~1 ulp) instead of
+    # the division's eight-instruction IEEE-style sequence, which made the soft-cap loop 2.4x longer in SASS.
+    # e^(2x) = inf gives 1 and e^(2x) = 0 gives −1: it saturates without a branch.
+    r = gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f",
+                                  [gl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0], dtype=gl.float32, is_pure=True,
+                                  pack=1)  # fmt: skip
+    return 1.0 - 2.0 * r
 
 
 @gluon.jit

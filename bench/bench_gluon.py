@@ -7,10 +7,12 @@ Same process, same inputs, each contender checked against the fp32 reference bef
 reported, not timed); the bf16 8192³ matmul is measured in the same run as the ceiling. Contenders:
 
   gluon            attn.fast.attention with ATTN_GLUON=1: the call a user makes, dispatched to the Gluon kernel
-                   (default variant: two 4-warp consumer partitions, Q·Kᵀ of the next tile overlapped)
+                   (default variant: two 4-warp consumer partitions, Q·Kᵀ of the next tile overlapped,
+                   persistent grid of one program per SM)
   gluon_2x4_serial attention_gluon called directly: two consumer partitions, no intra-warpgroup overlap
   gluon_1x8_ovl    attention_gluon called directly: one 8-warp consumer partition, overlap
   gluon_1x8_serial attention_gluon called directly: one 8-warp consumer partition, no overlap
+  gluon_grid       attention_gluon called directly: the default variant, one program per work item
   tl               attn.fast.attention without ATTN_GLUON: the tl.* kernel (its fixed config unless autotuning)
   cudnn / flash    SDPA pinned to one backend, on [B, H, S, D] copies made before timing
   flex             torch.compile(flex_attention), block mask built outside timing
@@ -40,6 +42,7 @@ VARIANTS = {
     "gluon_2x4_serial": {"consumers": 2, "overlap": False},
     "gluon_1x8_ovl": {"consumers": 1, "overlap": True},
     "gluon_1x8_serial": {"consumers": 1, "overlap": False},
+    "gluon_grid": {"persistent": False},
 }
 COLUMNS = ["gluon", *VARIANTS, "tl", "cudnn", "flash", "flex"]
 

@@ -39,7 +39,6 @@ def cases():
         "causal_d128": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, True, 2),
         "causal_d128_noovl": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, False, 2),
         "causal_d128_1wg8": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, True, 1),
-        "causal_d128_1wg8_noovl": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, False, 1),
         "full_d128_lse": (2, 1024, 1024, 4, 4, 128, bf, False, -1, 0.0, True, True, 2),
         "causal_d64": (2, 1024, 1024, 4, 4, 64, bf, True, -1, 0.0, False, True, 2),
         "gqa_fp16": (2, 1024, 1024, 8, 2, 128, f16, True, -1, 0.0, False, True, 2),

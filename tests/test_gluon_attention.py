@@ -64,14 +64,16 @@ def _same_precision(q, k, v, scale, left, right, softcap):
     return torch.where(l_q > 0, o / l_q.clamp_min(1e-30), torch.zeros_like(o)).to(q.dtype)
 
 
-def _check(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, overlap=True, consumers=2, name=""):
+def _check(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, overlap=True, consumers=2, persistent=True,
+           name=""):  # fmt: skip
     d = q.shape[-1]
     scale = d**-0.5
     left, right = window
     if causal:
         right = 0
     out, lse = ga.attention_gluon(q, k, v, scale=scale, window_left=left, window_right=right, softcap=softcap,
-                                  return_lse=True, overlap=overlap, consumers=consumers)  # fmt: skip
+                                  return_lse=True, overlap=overlap, consumers=consumers,
+                                  persistent=persistent)  # fmt: skip
     kw = dict(causal=causal, window_size=window, softcap=softcap)
     ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == ref_lse.shape
@@ -91,6 +93,7 @@ def _check(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, overlap=True,
 # Sq != Sk both ways, length 1, Sq > Sk (causal rows that see no key), GQA ratios 1, 4, 8 and MQA
 SHAPES = [
     (2, 1024, 1024, 8, 8, 128),
+    (4, 1000, 1000, 16, 4, 128),
     (2, 777, 777, 8, 2, 128),
     (1, 1000, 1500, 16, 2, 128),
     (1, 300, 100, 4, 1, 64),
@@ -121,16 +124,30 @@ def test_gluon_matches_reference(shape, feature):
     _check(q, k, v, name=f"{_sid(shape)} {feature}", **FEATURES[feature])
 
 
+# (consumers, overlap, persistent, dtype): the default (two 4-warp consumers, overlap, persistent) in both
+# dtypes, then each structural alternative the benchmark times
+VARIANTS = [
+    (2, True, True, torch.bfloat16),
+    (2, True, True, torch.float16),
+    (2, False, True, torch.bfloat16),
+    (1, True, True, torch.bfloat16),
+    (1, False, True, torch.bfloat16),
+    (2, True, False, torch.bfloat16),
+]
+
+
 @pytest.mark.gpu
 @sm90
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-@pytest.mark.parametrize("consumers", [1, 2], ids=["1x8warps", "2x4warps"])
-@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"c{v[0]}-{'ovl' if v[1] else 'ser'}-"
+                         f"{'pers' if v[2] else 'grid'}-{dtype_id(v[3])}")  # fmt: skip
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gluon_variants(causal, overlap, consumers, dtype):
-    # every structural variant (the benchmark times them all) on a ragged GQA shape
-    q, k, v = _inputs(2, 777, 901, 16, 4, 128, dtype)
-    _check(q, k, v, causal=causal, overlap=overlap, consumers=consumers, name=f"{causal=} {overlap=} {consumers=}")
+def test_gluon_variants(causal, variant):
+    # a ragged GQA shape with more work items (8 row blocks x 32 heads x 2) than SMs: persistent programs
+    # take several items each, of different lengths
+    consumers, overlap, persistent, dtype = variant
+    q, k, v = _inputs(2, 1000, 1100, 32, 4, 128, dtype)
+    _check(q, k, v, causal=causal, overlap=overlap, consumers=consumers, persistent=persistent,
+           name=f"{causal=} {variant}")  # fmt: skip
 
 
 @pytest.mark.gpu

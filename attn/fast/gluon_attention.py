@@ -14,8 +14,10 @@ what FlashAttention-3 (Shah et al., 2024) is built from:
 - **Softmax overlapped with the next QKᵀ** (``OVERLAP``): the product of tile j+1 is issued asynchronously
   before the softmax of tile j runs, so the tensor core and the exponent unit work at the same time within a
   warpgroup (FA3's intra-warpgroup pipelining). It costs a second score tile of registers.
-- **Longest work first.** Row blocks are launched in decreasing order of their key count (causal: the bottom
-  row blocks first), so the short blocks fill the tail of the grid.
+- **A persistent grid, longest work first.** One program per SM walks work items (a 128-row block of one
+  (b, h)) in decreasing order of their key count (causal: the bottom row blocks first), so the short ones fill
+  the tail. The producer runs ahead into the next item's K/V while the consumers finish the current one; the
+  next Q arrives during the epilogue and the output leaves through its own buffer (TMA store).
 
 Covered: padded ``[B, S, H, D]`` without per-sequence lengths, causal (bottom-right) and full, sliding windows,
 soft-capping, GQA/MQA, D in {64, 128}, fp16/bf16, ``return_lse``. Everything else (packed varlen, lengths,
@@ -48,7 +50,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 LOG2E = 1.4426950408889634
 
 # (BLOCK_M, BLOCK_N, STAGES) by head dim. 128 rows = two warpgroups of 64; the ring holds STAGES K tiles and
-# STAGES V tiles: D128 2 x 2 x 32 KB + Q 32 KB = 160 KB of the 227 KB; D64 3 x 2 x 16 KB + 16 KB = 112 KB.
+# STAGES V tiles, beside Q and an output staging buffer of 128 rows each: D128 2·2·32 + 32 + 32 = 192 KB of the
+# 227 KB; D64 3·2·16 + 16 + 16 = 128 KB.
 CONFIGS = {64: (128, 128, 3), 128: (128, 128, 2)}
 # registers: the 1-warp producer is given the minimum (24); the kernel's limit 168 = 65536 / (12 warps · 32)
 # lets the two consumer warpgroups raise theirs to 240 (setmaxnreg), FA3's split
@@ -92,21 +95,69 @@ def _tanh(x):
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, b, kv_col, n_lo, n_hi,
-              BLOCK_N: gl.constexpr):  # fmt: skip
-    """One warp: TMA copies of the K and V tiles [n_lo, n_hi) into the ring, in the order the consumers use them."""
+def _tile_coords(tile, batch, num_heads_q, seqlen_q, BLOCK_M: gl.constexpr):
+    """Work item ``tile`` -> (b, h, first row). Longest work first: items run through the row blocks from the
+    last (under a causal mask, the one with the most keys) to the first, all (b, h) of one row block together,
+    so the short blocks fill the tail of the grid; heads that share a KV head are adjacent (L2 reuse)."""
+    num_bh = batch * num_heads_q
+    pid_m = gl.cdiv(seqlen_q, BLOCK_M) - 1 - tile // num_bh
+    bh = tile % num_bh
+    return bh // num_heads_q, bh % num_heads_q, pid_m * BLOCK_M
+
+
+@gluon.jit
+def _key_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr,
+                HAS_WINDOW_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """The key ranges of the row block at m0: ``lo <= full_lo <= full_hi <= hi``. [lo, hi) holds the keys some
+    row sees (lo tile-aligned); [full_lo, full_hi) the tiles every row sees whole, which need no mask. The
+    producer and the consumers compute the same ranges, so they agree on the sequence of ring slots."""
+    # bottom-right alignment: query row i sits on key diag + i
+    diag = seqlen_k - seqlen_q
+    m_last = gl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    lo = m0 * 0
+    hi = seqlen_k + m0 * 0
+    if HAS_WINDOW_LEFT:
+        lo = gl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
+    if HAS_WINDOW_RIGHT:
+        hi = gl.maximum(gl.minimum(m_last + diag + window_right + 1, seqlen_k), lo)
+    full_lo = lo
+    if HAS_WINDOW_LEFT:
+        full_lo = gl.cdiv(gl.maximum(m_last + diag - window_left, 0), BLOCK_N) * BLOCK_N
+    full_hi = seqlen_k + m0 * 0
+    if HAS_WINDOW_RIGHT:
+        full_hi = gl.minimum(m0 + diag + window_right + 1, seqlen_k)
+    full_hi = gl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
+    full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q, group_size, seqlen_q,
+              seqlen_k, window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):  # fmt: skip
+    """One warp: TMA copies of every K and V tile this program's work items need, into the ring, in the order
+    the consumers use them. It runs ahead into the next work item as soon as stages free up."""
     STAGES: gl.constexpr = k_bufs.shape[0]
-    for i in range(gl.cdiv(n_hi - n_lo, BLOCK_N)):
-        s = i % STAGES
-        # a fresh barrier counts as having completed the phase before 0: the first pass through the ring waits
-        # on phase 1 and goes straight through
-        mbarrier.wait(kv_empty.index(s), ((i // STAGES) & 1) ^ 1)
-        n = n_lo + i * BLOCK_N
-        # K and V on separate barriers: the consumers start Q·Kᵀ while V is still in flight
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, n, kv_col], k_ready.index(s), k_bufs.index(s))
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, n, kv_col], v_ready.index(s), v_bufs.index(s))
+    num_tiles = gl.cdiv(seqlen_q, BLOCK_M) * batch * num_heads_q
+    it = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        b, h, m0 = _tile_coords(tile, batch, num_heads_q, seqlen_q, BLOCK_M)
+        kv_col = (h // group_size) * HEAD_DIM
+        lo, full_lo, full_hi, hi = _key_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                                               HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
+        for i in range(gl.cdiv(hi - lo, BLOCK_N)):
+            s = it % STAGES
+            # a fresh barrier counts as having completed the phase before 0: the first pass through the ring
+            # waits on phase 1 and goes straight through
+            mbarrier.wait(kv_empty.index(s), ((it // STAGES) & 1) ^ 1)
+            n = lo + i * BLOCK_N
+            # K and V on separate barriers: the consumers start Q·Kᵀ while V is still in flight
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, n, kv_col], k_ready.index(s), k_bufs.index(s))
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, n, kv_col], v_ready.index(s), v_bufs.index(s))
+            it += 1
 
 
 @gluon.jit
@@ -233,15 +284,17 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo,
 
 
 @gluon.jit
-def _consumer(q_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lse_ptr, stride_lb,
-              stride_lh, b, h, m_block, lo, full_lo, full_hi, hi, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left,
+def _consumer(q_desc, o_desc, q_bufs, o_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lse_ptr,
+              stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left,
               window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
-              HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, WG_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
-    """One consumer partition: Q·Kᵀ, online softmax and P·V for its WG_M rows of the block (rows
-    HALF·WG_M ...), then the epilogue. Every consumer reads every K/V stage and hands it back."""
-    m0 = m_block + HALF * WG_M
+              HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr,
+              WG_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
+    """One consumer partition: for each of the program's work items, Q·Kᵀ, online softmax and P·V for its WG_M
+    rows of the row block (rows HALF·WG_M ...), then the epilogue. Every consumer reads every K/V stage of the
+    block and hands it back. The next item's Q is loaded during this item's epilogue; the output leaves through
+    its own buffer, so its TMA store overlaps the next item."""
     q_smem = q_bufs.index(HALF)
+    o_smem = o_bufs.index(HALF)
     q_bar = q_bars.index(HALF)
     NW: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
@@ -249,93 +302,86 @@ def _consumer(q_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, 
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, m0, h * HEAD_DIM], q_bar, q_smem)
-    mbarrier.wait(q_bar, 0)
-    q = q_smem.reshape([WG_M, HEAD_DIM])
-
-    offs_m = m0 + gl.arange(0, WG_M, layout=gl.SliceLayout(1, s_layout))
     diag = seqlen_k - seqlen_q
-    m_i = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
-    it = 0
-    # masked tiles on a window's left edge, unmasked tiles, masked tiles along the diagonal and the end
-    acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo, full_lo,
-                               offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, True,
-                               HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N, HEAD_DIM,
-                               s_layout, o_layout, p_layout)  # fmt: skip
-    acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, full_lo, full_hi,
-                               offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, False,
-                               HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N, HEAD_DIM,
-                               s_layout, o_layout, p_layout)  # fmt: skip
-    acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, full_hi, hi,
-                               offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, True,
-                               HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N, HEAD_DIM,
-                               s_layout, o_layout, p_layout)  # fmt: skip
+    num_tiles = gl.cdiv(seqlen_q, BLOCK_M) * batch * num_heads_q
+    step = gl.num_programs(0)
 
-    # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros
-    has_key = l_i > 0.0
-    l_safe = gl.where(has_key, l_i, 1.0)
-    out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout)), 1)
-    # Q's buffer is free: it stages the output for one TMA store, which clips the rows past Sq
-    q_smem.reshape([WG_M, HEAD_DIM]).store(out.to(q_smem.dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, m0, h * HEAD_DIM], q_smem)
-    if STORE_LSE:
-        # m is in log2 units (scaled); ln(sum exp(s)) = (m + log2 l) · ln 2
-        lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
-        lse = gl.where(has_key, lse, float("-inf"))
-        ptrs = lse_ptr + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m
-        gl.store(ptrs, lse, mask=offs_m < seqlen_q)
+    first = gl.program_id(0)
+    if first < num_tiles:
+        b, h, m_block = _tile_coords(first, batch, num_heads_q, seqlen_q, BLOCK_M)
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, m_block + HALF * WG_M, h * HEAD_DIM], q_bar, q_smem)
+    it = 0
+    n_done = 0
+    for tile in range(first, num_tiles, step):
+        b, h, m_block = _tile_coords(tile, batch, num_heads_q, seqlen_q, BLOCK_M)
+        m0 = m_block + HALF * WG_M
+        lo, full_lo, full_hi, hi = _key_ranges(m_block, seqlen_q, seqlen_k, window_left, window_right,
+                                               HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
+        mbarrier.wait(q_bar, n_done & 1)
+        q = q_smem.reshape([WG_M, HEAD_DIM])
+        offs_m = m0 + gl.arange(0, WG_M, layout=gl.SliceLayout(1, s_layout))
+        m_i = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
+        # masked tiles on a window's left edge, unmasked tiles, masked tiles along the diagonal and the end
+        acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo, full_lo,
+                                   offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, True,
+                                   HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N,
+                                   HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, full_lo,
+                                   full_hi, offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+                                   False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N,
+                                   HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, full_hi, hi,
+                                   offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, True,
+                                   HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N,
+                                   HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        n_done += 1
+
+        # every product that read Q has completed (the last wait): the next item's Q can come in already
+        nxt = tile + step
+        if nxt < num_tiles:
+            nb, nh, nm = _tile_coords(nxt, batch, num_heads_q, seqlen_q, BLOCK_M)
+            mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [nb, nm + HALF * WG_M, nh * HEAD_DIM], q_bar, q_smem)
+
+        # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros
+        has_key = l_i > 0.0
+        l_safe = gl.where(has_key, l_i, 1.0)
+        out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout)), 1)
+        # the previous item's store has long finished reading the output buffer; the TMA store clips rows past Sq
+        tma.store_wait(0)
+        o_smem.reshape([WG_M, HEAD_DIM]).store(out.to(o_smem.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [b, m0, h * HEAD_DIM], o_smem)
+        if STORE_LSE:
+            # m is in log2 units (scaled); ln(sum exp(s)) = (m + log2 l) · ln 2
+            lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
+            lse = gl.where(has_key, lse, float("-inf"))
+            ptrs = lse_ptr + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m
+            gl.store(ptrs, lse, mask=offs_m < seqlen_q)
     tma.store_wait(0)
 
 
 # lengths, window sizes and head counts stay runtime values: one compiled variant per feature set, not one per
 # length's divisibility by 16 (each variant takes seconds of ptxas)
-@gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "num_heads_q", "group_size", "seqlen_q", "seqlen_k",
+@gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "batch", "num_heads_q", "group_size", "seqlen_q", "seqlen_k",
                               "window_left", "window_right"])  # fmt: skip
-def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_lh, num_heads_q, group_size,
+def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, group_size,
                     seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
                     HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                     STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr,
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    # each consumer owns WG_M rows (the Q descriptor's block); the program's row block is CONSUMERS of them
+    """Grid: one program per work item (row block of one (b, h)), or persistent: fewer programs, each taking
+    items program_id, program_id + grid, ... (`_tile_coords` orders them longest first)."""
+    # each consumer owns WG_M rows (the Q descriptor's block); a work item's row block is CONSUMERS of them
     WG_M: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = WG_M * CONSUMERS
-    # longest work first: program 0 takes the last row block (under a causal mask, the one with the most keys)
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // num_heads_q
-    h = bh % num_heads_q
-    kv_col = (h // group_size) * HEAD_DIM
-    m0 = pid_m * BLOCK_M
-
-    # bottom-right alignment: query row i sits on key diag + i
-    diag = seqlen_k - seqlen_q
-    m_last = gl.minimum(m0 + BLOCK_M, seqlen_q) - 1
-    # [lo, hi): keys visible to at least one row of the block, lo tile-aligned
-    lo = 0
-    hi = seqlen_k
-    if HAS_WINDOW_LEFT:
-        lo = gl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
-    if HAS_WINDOW_RIGHT:
-        hi = gl.maximum(gl.minimum(m_last + diag + window_right + 1, seqlen_k), lo)
-    # [full_lo, full_hi): tiles visible to every row of the block, tile-aligned, inside [lo, hi). Both
-    # consumers walk the block's tiles (each stage must be handed back by both), masking for their own rows.
-    full_lo = lo
-    if HAS_WINDOW_LEFT:
-        full_lo = gl.cdiv(gl.maximum(m_last + diag - window_left, 0), BLOCK_N) * BLOCK_N
-    full_hi = seqlen_k
-    if HAS_WINDOW_RIGHT:
-        full_hi = gl.minimum(m0 + diag + window_right + 1, seqlen_k)
-    full_hi = gl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
-    full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
-    full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
 
     dtype: gl.constexpr = q_desc.dtype
     q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    o_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + o_desc.block_type.shape, o_desc.layout)
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bars = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
@@ -350,21 +396,24 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_l
         # a stage is free again once every consumer partition has arrived (one elected thread each)
         mbarrier.init(kv_empty.index(i), count=CONSUMERS)
 
+    # (the partitions' argument lists are spelled out: a jit function cannot be held in a tuple)
     if CONSUMERS == 2:
         # FA3's layout: two 4-warp consumer partitions (warpgroups) that synchronize only through the ring's
         # barriers, so one's softmax can run while the other's products hold the tensor cores, and a 1-warp
         # producer. The default partition gets the registers the other two leave: (168·12 − 240·4 − 24·4) / 4.
         gl.warp_specialize(
             [
-                (_consumer, (q_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lse_ptr,
-                             stride_lb, stride_lh, b, h, m0, lo, full_lo, full_hi, hi, seqlen_q, seqlen_k, qk_scale,
+                (_consumer, (q_desc, o_desc, q_bufs, o_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale,
                              cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
-                             STORE_LSE, OVERLAP, WG_M, BLOCK_N, HEAD_DIM, 0)),
-                (_consumer, (q_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lse_ptr,
-                             stride_lb, stride_lh, b, h, m0, lo, full_lo, full_hi, hi, seqlen_q, seqlen_k, qk_scale,
+                             STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
+                (_consumer, (q_desc, o_desc, q_bufs, o_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale,
                              cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
-                             STORE_LSE, OVERLAP, WG_M, BLOCK_N, HEAD_DIM, 1)),
-                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, b, kv_col, lo, hi, BLOCK_N)),
+                             STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 1)),
+                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q,
+                             group_size, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                             HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
@@ -375,11 +424,13 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_l
         # warpgroups move in lockstep
         gl.warp_specialize(
             [
-                (_consumer, (q_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lse_ptr,
-                             stride_lb, stride_lh, b, h, m0, lo, full_lo, full_hi, hi, seqlen_q, seqlen_k, qk_scale,
+                (_consumer, (q_desc, o_desc, q_bufs, o_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale,
                              cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
-                             STORE_LSE, OVERLAP, WG_M, BLOCK_N, HEAD_DIM, 0)),
-                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, b, kv_col, lo, hi, BLOCK_N)),
+                             STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
+                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q,
+                             group_size, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                             HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM)),
             ],
             [1],
             [PRODUCER_REGS],
@@ -396,7 +447,19 @@ def _descriptor(x: torch.Tensor, rows: int, head_dim: int) -> TensorDescriptor:
     return TensorDescriptor(x, [b, s, h * d], [s * h * d, h * d, 1], block, layout)
 
 
-def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap, overlap=True, consumers=2):
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 132  # a CPU compile (scripts/gluon_sass.py): the grid is not used
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
+
+
+_SMS: dict = {}
+
+
+def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap, overlap=True, consumers=2,
+                persistent=True):  # fmt: skip
     """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and scripts/gluon_sass.py)."""
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     seqlen_k, num_heads_kv = k.shape[1], k.shape[2]
@@ -410,25 +473,29 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
         _descriptor(q, wg_m, head_dim), _descriptor(k, block_n, head_dim), _descriptor(v, block_n, head_dim),
         _descriptor(out, wg_m, head_dim), lse if lse is not None else out,
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-        num_heads_q, num_heads_q // num_heads_kv, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+        batch, num_heads_q, num_heads_q // num_heads_kv, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left,
+        window_right,
     )  # fmt: skip
     constexprs = dict(
         HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         STORE_LSE=lse is not None, OVERLAP=overlap, CONSUMERS=consumers, BLOCK_N=block_n,
         HEAD_DIM=head_dim, STAGES=stages, num_warps=8 // consumers, maxnreg=MAXNREG,
     )  # fmt: skip
-    grid = (triton.cdiv(seqlen_q, block_m), batch * num_heads_q)
+    # one CTA per SM fits (192 KB of shared memory, 384 threads at 168 registers): a persistent grid is one
+    # program per SM, each walking work items longest first; otherwise one program per item
+    items = triton.cdiv(seqlen_q, block_m) * batch * num_heads_q
+    grid = (min(items, _num_sms(q.device)) if persistent else items,)
     return grid, args, constexprs
 
 
 def attention_gluon(q, k, v, *, scale, window_left=-1, window_right=-1, softcap=0.0, return_lse=False,
-                    overlap=True, consumers=2):  # fmt: skip
+                    overlap=True, consumers=2, persistent=True):  # fmt: skip
     """The Gluon kernel on checked arguments (`attn.fast.attention.attention` checks them and calls this when
     `gluon_supported` and ``ATTN_GLUON=1``). ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, contiguous."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device) if return_lse else None
     grid, args, constexprs = launch_args(q, k, v, out, lse, scale=scale, window_left=window_left,
                                          window_right=window_right, softcap=softcap, overlap=overlap,
-                                         consumers=consumers)  # fmt: skip
+                                         consumers=consumers, persistent=persistent)  # fmt: skip
     _attn_fwd_gluon[grid](*args, **constexprs)
     return (out, lse) if return_lse else out

@@ -5,19 +5,21 @@ memory, its barriers and its warps. That is what the ``tl.*`` kernel in `attn.fa
 what FlashAttention-3 (Shah et al., 2024) is built from:
 
 - **A producer warp.** One warp does nothing but issue TMA copies of K and V tiles into a ring of shared-memory
-  stages. It waits until a stage is free (``kv_empty``) and the copy engine signals when the bytes have landed
-  (``k_ready``, ``v_ready``). It holds 24 registers; the consumers get the rest (``setmaxnreg``).
-- **Two consumer warpgroups.** The default partition is 8 warps: rows 0-63 of the 128-row query tile belong to
-  warps 0-3, rows 64-127 to warps 4-7, and each warpgroup issues its own ``wgmma``. They share the K/V stages
-  but not their work, so while one warpgroup computes its softmax the other's matrix products occupy the
-  tensor cores (FA3 orders this with named barriers; here the warp scheduler does, unforced).
+  stages (3 of K and 3 of V). It waits until a stage is free (``kv_empty``: a K stage frees once its Q·Kᵀ is
+  done, a V stage after P·V) and the copy engine signals when the bytes have landed (``k_ready``,
+  ``v_ready``). It holds 24 registers; the consumers get the rest (``setmaxnreg``).
+- **Two consumer warpgroups.** Two 4-warp partitions own rows 0-63 and 64-127 of the 128-row query block and
+  issue their own ``wgmma``. They share the K/V stages but synchronize only through the ring's barriers, so
+  while one computes its softmax the other's products can occupy the tensor cores (FA3 forces the alternation
+  with named barriers; here the warp scheduler decides). ``consumers=1`` is the alternative of one 8-warp
+  partition, whose two warpgroups move in lockstep (the compiler's barriers span all 8 warps).
 - **Softmax overlapped with the next QKᵀ** (``OVERLAP``): the product of tile j+1 is issued asynchronously
   before the softmax of tile j runs, so the tensor core and the exponent unit work at the same time within a
   warpgroup (FA3's intra-warpgroup pipelining). It costs a second score tile of registers.
 - **A persistent grid, longest work first.** One program per SM walks work items (a 128-row block of one
   (b, h)) in decreasing order of their key count (causal: the bottom row blocks first), so the short ones fill
   the tail. The producer runs ahead into the next item's K/V while the consumers finish the current one; the
-  next Q arrives during the epilogue and the output leaves through its own buffer (TMA store).
+  next Q arrives during the epilogue, and the output goes from registers straight to global memory.
 
 Covered: padded ``[B, S, H, D]`` without per-sequence lengths, causal (bottom-right) and full, sliding windows,
 soft-capping, GQA/MQA, D in {64, 128}, fp16/bf16, ``return_lse``. Everything else (packed varlen, lengths,
@@ -39,7 +41,6 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -50,9 +51,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 LOG2E = 1.4426950408889634
 
 # (BLOCK_M, BLOCK_N, STAGES) by head dim. 128 rows = two warpgroups of 64; the ring holds STAGES K tiles and
-# STAGES V tiles, beside Q and an output staging buffer of 128 rows each: D128 2·2·32 + 32 + 32 = 192 KB of the
-# 227 KB; D64 3·2·16 + 16 + 16 = 128 KB.
-CONFIGS = {64: (128, 128, 3), 128: (128, 128, 2)}
+# STAGES V tiles beside Q's 128 rows: D128 3·2·32 + 32 = 224 KB of the 227 KB; D64 3·2·16 + 16 = 112 KB.
+CONFIGS = {64: (128, 128, 3), 128: (128, 128, 3)}
 # registers: the 1-warp producer is given the minimum (24); the kernel's limit 168 = 65536 / (12 warps · 32)
 # lets the two consumer warpgroups raise theirs to 240 (setmaxnreg), FA3's split
 PRODUCER_REGS = gl.constexpr(24)
@@ -150,11 +150,15 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch,
             s = it % STAGES
             # a fresh barrier counts as having completed the phase before 0: the first pass through the ring
             # waits on phase 1 and goes straight through
-            mbarrier.wait(kv_empty.index(s), ((it // STAGES) & 1) ^ 1)
+            phase = ((it // STAGES) & 1) ^ 1
             n = lo + i * BLOCK_N
-            # K and V on separate barriers: the consumers start Q·Kᵀ while V is still in flight
+            # K and V have their own barriers both ways: the consumers start Q·Kᵀ while V is still in flight, and
+            # hand a K stage back as soon as its Q·Kᵀ is done (kv_empty[s]), a V stage after P·V
+            # (kv_empty[STAGES + s]), so the next K copy need not wait for the last P·V
+            mbarrier.wait(kv_empty.index(s), phase)
             mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [b, n, kv_col], k_ready.index(s), k_bufs.index(s))
+            mbarrier.wait(kv_empty.index(STAGES + s), phase)
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(v_desc, [b, n, kv_col], v_ready.index(s), v_bufs.index(s))
             it += 1
@@ -252,6 +256,7 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo,
         # while this warpgroup computes exponentials; one wait then collects both products
         if n_tiles > 0:
             qk = warpgroup_mma_wait(0, deps=[_qk(q, k_bufs, k_ready, it, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)])
+            mbarrier.arrive(kv_empty.index(it % STAGES), count=1)  # this K stage is read
             for t in range(n_tiles - 1):
                 qk_next = _qk(q, k_bufs, k_ready, it + 1, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)
                 acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
@@ -260,41 +265,41 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo,
                                               HAS_SOFTCAP, BLOCK_N, HEAD_DIM, s_layout, o_layout,
                                               p_layout)  # fmt: skip
                 acc, qk = warpgroup_mma_wait(0, deps=[acc_t, qk_next])
-                # K and V of this slot are read: hand the stage back to the producer
-                mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
+                # the next tile's K and this tile's V are read: hand both stages back to the producer
+                mbarrier.arrive(kv_empty.index((it + 1) % STAGES), count=1)
+                mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
                 it += 1
             acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
                                           lo + (n_tiles - 1) * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
                                           window_left, window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
                                           HAS_SOFTCAP, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
             acc = warpgroup_mma_wait(0, deps=[acc_t])
-            mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
+            mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
             it += 1
     else:
         for t in range(n_tiles):
             qk = warpgroup_mma_wait(0, deps=[_qk(q, k_bufs, k_ready, it, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)])
+            mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
             acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
                                           lo + t * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
                                           window_left, window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
                                           HAS_SOFTCAP, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
             acc = warpgroup_mma_wait(0, deps=[acc_t])
-            mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
+            mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
             it += 1
     return acc, m_i, l_i, it
 
 
 @gluon.jit
-def _consumer(q_desc, o_desc, q_bufs, o_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lse_ptr,
+def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lse_ptr,
               stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left,
               window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
               HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr,
               WG_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
     """One consumer partition: for each of the program's work items, Q·Kᵀ, online softmax and P·V for its WG_M
     rows of the row block (rows HALF·WG_M ...), then the epilogue. Every consumer reads every K/V stage of the
-    block and hands it back. The next item's Q is loaded during this item's epilogue; the output leaves through
-    its own buffer, so its TMA store overlaps the next item."""
+    block and hands it back. The next item's Q is loaded during this item's epilogue."""
     q_smem = q_bufs.index(HALF)
-    o_smem = o_bufs.index(HALF)
     q_bar = q_bars.index(HALF)
     NW: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
@@ -350,25 +355,26 @@ def _consumer(q_desc, o_desc, q_bufs, o_bufs, q_bars, k_bufs, v_bufs, k_ready, v
         has_key = l_i > 0.0
         l_safe = gl.where(has_key, l_i, 1.0)
         out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout)), 1)
-        # the previous item's store has long finished reading the output buffer; the TMA store clips rows past Sq
-        tma.store_wait(0)
-        o_smem.reshape([WG_M, HEAD_DIM]).store(out.to(o_smem.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [b, m0, h * HEAD_DIM], o_smem)
+        # straight from the accumulator's registers to global memory (no staging buffer: its 32 KB buy the
+        # third K/V stage at D 128); rows past Sq are masked
+        rows = gl.convert_layout(offs_m, gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        row_off = ((b.to(gl.int64) * seqlen_q + rows) * num_heads_q + h) * HEAD_DIM
+        o_ptrs = o_ptr + gl.expand_dims(row_off, 1) + gl.expand_dims(cols, 0)
+        gl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(rows < seqlen_q, 1))
         if STORE_LSE:
             # m is in log2 units (scaled); ln(sum exp(s)) = (m + log2 l) · ln 2
             lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
             lse = gl.where(has_key, lse, float("-inf"))
             ptrs = lse_ptr + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m
             gl.store(ptrs, lse, mask=offs_m < seqlen_q)
-    tma.store_wait(0)
 
 
 # lengths, window sizes and head counts stay runtime values: one compiled variant per feature set, not one per
 # length's divisibility by 16 (each variant takes seconds of ptxas)
 @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "batch", "num_heads_q", "group_size", "seqlen_q", "seqlen_k",
                               "window_left", "window_right"])  # fmt: skip
-def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, group_size,
+def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, group_size,
                     seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
                     HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                     STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr,
@@ -381,13 +387,13 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_l
 
     dtype: gl.constexpr = q_desc.dtype
     q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
-    o_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + o_desc.block_type.shape, o_desc.layout)
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bars = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    # kv_empty[s]: K stage s is free; kv_empty[STAGES + s]: V stage s is free
+    kv_empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(CONSUMERS):
         mbarrier.init(q_bars.index(i), count=1)
     for i in gl.static_range(STAGES):
@@ -395,6 +401,7 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_l
         mbarrier.init(v_ready.index(i), count=1)
         # a stage is free again once every consumer partition has arrived (one elected thread each)
         mbarrier.init(kv_empty.index(i), count=CONSUMERS)
+        mbarrier.init(kv_empty.index(STAGES + i), count=CONSUMERS)
 
     # (the partitions' argument lists are spelled out: a jit function cannot be held in a tuple)
     if CONSUMERS == 2:
@@ -403,11 +410,11 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_l
         # producer. The default partition gets the registers the other two leave: (168·12 − 240·4 − 24·4) / 4.
         gl.warp_specialize(
             [
-                (_consumer, (q_desc, o_desc, q_bufs, o_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
                              lse_ptr, stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale,
                              cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
                              STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
-                (_consumer, (q_desc, o_desc, q_bufs, o_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
                              lse_ptr, stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale,
                              cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
                              STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 1)),
@@ -424,7 +431,7 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_l
         # warpgroups move in lockstep
         gl.warp_specialize(
             [
-                (_consumer, (q_desc, o_desc, q_bufs, o_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
                              lse_ptr, stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale,
                              cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
                              STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
@@ -471,7 +478,7 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
         qk_scale, cap_log2 = scale * LOG2E, 0.0
     args = (
         _descriptor(q, wg_m, head_dim), _descriptor(k, block_n, head_dim), _descriptor(v, block_n, head_dim),
-        _descriptor(out, wg_m, head_dim), lse if lse is not None else out,
+        out, lse if lse is not None else out,
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         batch, num_heads_q, num_heads_q // num_heads_kv, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left,
         window_right,
@@ -481,7 +488,7 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
         STORE_LSE=lse is not None, OVERLAP=overlap, CONSUMERS=consumers, BLOCK_N=block_n,
         HEAD_DIM=head_dim, STAGES=stages, num_warps=8 // consumers, maxnreg=MAXNREG,
     )  # fmt: skip
-    # one CTA per SM fits (192 KB of shared memory, 384 threads at 168 registers): a persistent grid is one
+    # one CTA per SM fits (224 KB of shared memory, 384 threads at 168 registers): a persistent grid is one
     # program per SM, each walking work items longest first; otherwise one program per item
     items = triton.cdiv(seqlen_q, block_m) * batch * num_heads_q
     grid = (min(items, _num_sms(q.device)) if persistent else items,)

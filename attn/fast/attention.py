@@ -16,6 +16,8 @@ Lineage: the structure follows Triton's fused-attention tutorial and FlashAttent
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -720,6 +722,16 @@ def attention(
         raise ValueError(f"q must be a CUDA tensor (or run with TRITON_INTERPRET=1), got device {q.device}")
     # the kernel reads each head's D features with unit stride; anything else is copied once here
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if os.environ.get("ATTN_GLUON") == "1":
+        # opt-in (issue 17): the warp-specialized Gluon kernel on sm_90 where it covers the call
+        from . import gluon_attention as _g
+
+        if _g.gluon_supported(q, k, v, packed=args.packed, seqlens=seqlens_q is not None or seqlens_k is not None,
+                              head_dim=args.head_dim, alibi=args.alibi_slopes is not None,
+                              rel_bias=args.rel_bias is not None, softcap=args.softcap):  # fmt: skip
+            return _g.attention_gluon(q, k, v, scale=args.scale, window_left=args.window_left,
+                                      window_right=args.window_right, softcap=args.softcap,
+                                      return_lse=return_lse)  # fmt: skip
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if args.packed:

@@ -1,0 +1,508 @@
+"""Hopper (sm_90) prefill attention in Gluon, with FlashAttention-3's structure. Opt-in, GPU only.
+
+Gluon (``triton.experimental.gluon``) is Triton's lower-level dialect: the program names its layouts, its shared
+memory, its barriers and its warps. That is what the ``tl.*`` kernel in `attn.fast.attention` cannot say, and
+what FlashAttention-3 (Shah et al., 2024) is built from:
+
+- **A producer warp.** One warp does nothing but issue TMA copies of K and V tiles into a ring of shared-memory
+  stages (3 of K and 3 of V). It waits until a stage is free (``kv_empty``: a K stage frees once its Q·Kᵀ is
+  done, a V stage after P·V) and the copy engine signals when the bytes have landed (``k_ready``,
+  ``v_ready``). It holds 24 registers; the consumers get the rest (``setmaxnreg``).
+- **Two consumer warpgroups.** Two 4-warp partitions own rows 0-63 and 64-127 of the 128-row query block and
+  issue their own ``wgmma``. They share the K/V stages but synchronize only through the ring's barriers, so
+  while one computes its softmax the other's products can occupy the tensor cores (FA3 forces the alternation
+  with named barriers; here the warp scheduler decides). ``consumers=1`` is the alternative of one 8-warp
+  partition, whose two warpgroups move in lockstep (the compiler's barriers span all 8 warps).
+- **Softmax overlapped with the next QKᵀ** (``OVERLAP``): the product of tile j+1 is issued asynchronously
+  before the softmax of tile j runs, so the tensor core and the exponent unit work at the same time within a
+  warpgroup (FA3's intra-warpgroup pipelining). It costs a second score tile of registers.
+- **A persistent grid, longest work first.** One program per SM walks work items (a 128-row block of one
+  (b, h)) in decreasing order of their key count (causal: the bottom row blocks first), so the short ones fill
+  the tail. The producer runs ahead into the next item's K/V while the consumers finish the current one; the
+  next Q arrives during the epilogue, and the output goes from registers straight to global memory.
+
+Covered: padded ``[B, S, H, D]`` without per-sequence lengths, causal (bottom-right) and full, sliding windows,
+soft-capping, GQA/MQA, D in {64, 128}, fp16/bf16, ``return_lse``. Everything else (packed varlen, lengths,
+ALiBi, T5, other head dims, fp32) goes to the ``tl.*`` kernel: see `gluon_supported`.
+
+Why no per-sequence lengths: TMA fills rows outside the tensor's bounds with zeros, but a padded row inside the
+tensor is whatever the caller left there. A NaN in a padded V row would reach the output through ``0 · NaN``
+(a masked score makes p = 0, not the product). The ``tl.*`` kernel masks the load instead.
+
+Dispatch from `attn.attention` is off unless ``ATTN_GLUON=1`` (until the GPU parity tests have passed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+LOG2E = 1.4426950408889634
+
+# (BLOCK_M, BLOCK_N, STAGES) by head dim. 128 rows = two warpgroups of 64; the ring holds STAGES K tiles and
+# STAGES V tiles beside Q's 128 rows: D128 3·2·32 + 32 = 224 KB of the 227 KB; D64 3·2·16 + 16 = 112 KB.
+CONFIGS = {64: (128, 128, 3), 128: (128, 128, 3)}
+# registers: the 1-warp producer is given the minimum (24); the kernel's limit 168 = 65536 / (12 warps · 32)
+# lets the two consumer warpgroups raise theirs to 240 (setmaxnreg), FA3's split
+PRODUCER_REGS = gl.constexpr(24)
+CONSUMER_REGS = gl.constexpr(240)
+MAXNREG = 168
+
+
+def enabled() -> bool:
+    """The opt-in: ``ATTN_GLUON=1`` in the environment."""
+    return os.environ.get("ATTN_GLUON", "0") == "1"
+
+
+def gluon_supported(q, k, v, *, packed, seqlens, head_dim, alibi, rel_bias, softcap) -> bool:
+    """Whether this call can run on the Gluon kernel (everything else stays on the ``tl.*`` kernel).
+
+    Needs an sm_90 device, fp16/bf16, D in {64, 128}, the padded layout without per-sequence lengths, no ALiBi
+    and no T5 bias, and contiguous tensors whose row strides TMA accepts (16-byte multiples)."""
+    del softcap  # supported
+    if packed or seqlens or alibi or rel_bias:
+        return False
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or head_dim not in CONFIGS:
+        return False
+    if not all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (q, k, v)):
+        return False
+    # empty calls keep the tl.* wrapper's no-launch path
+    return q.numel() > 0 and k.numel() > 0
+
+
+@gluon.jit
+def _tanh(x):
+    # tanh(x) = 1 − 2 / (e^(2x) + 1): one exp2 and one reciprocal. rcp.approx (one MUFU op, ~1 ulp) instead of
+    # the division's eight-instruction IEEE-style sequence, which made the soft-cap loop 2.4x longer in SASS.
+    # e^(2x) = inf gives 1 and e^(2x) = 0 gives −1: it saturates without a branch.
+    r = gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f",
+                                  [gl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0], dtype=gl.float32, is_pure=True,
+                                  pack=1)  # fmt: skip
+    return 1.0 - 2.0 * r
+
+
+@gluon.jit
+def _tile_coords(tile, batch, num_heads_q, seqlen_q, BLOCK_M: gl.constexpr):
+    """Work item ``tile`` -> (b, h, first row). Longest work first: items run through the row blocks from the
+    last (under a causal mask, the one with the most keys) to the first, all (b, h) of one row block together,
+    so the short blocks fill the tail of the grid; heads that share a KV head are adjacent (L2 reuse)."""
+    num_bh = batch * num_heads_q
+    pid_m = gl.cdiv(seqlen_q, BLOCK_M) - 1 - tile // num_bh
+    bh = tile % num_bh
+    return bh // num_heads_q, bh % num_heads_q, pid_m * BLOCK_M
+
+
+@gluon.jit
+def _key_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr,
+                HAS_WINDOW_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """The key ranges of the row block at m0: ``lo <= full_lo <= full_hi <= hi``. [lo, hi) holds the keys some
+    row sees (lo tile-aligned); [full_lo, full_hi) the tiles every row sees whole, which need no mask. The
+    producer and the consumers compute the same ranges, so they agree on the sequence of ring slots."""
+    # bottom-right alignment: query row i sits on key diag + i
+    diag = seqlen_k - seqlen_q
+    m_last = gl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    lo = m0 * 0
+    hi = seqlen_k + m0 * 0
+    if HAS_WINDOW_LEFT:
+        lo = gl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
+    if HAS_WINDOW_RIGHT:
+        hi = gl.maximum(gl.minimum(m_last + diag + window_right + 1, seqlen_k), lo)
+    full_lo = lo
+    if HAS_WINDOW_LEFT:
+        full_lo = gl.cdiv(gl.maximum(m_last + diag - window_left, 0), BLOCK_N) * BLOCK_N
+    full_hi = seqlen_k + m0 * 0
+    if HAS_WINDOW_RIGHT:
+        full_hi = gl.minimum(m0 + diag + window_right + 1, seqlen_k)
+    full_hi = gl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
+    full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q, group_size, seqlen_q,
+              seqlen_k, window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):  # fmt: skip
+    """One warp: TMA copies of every K and V tile this program's work items need, into the ring, in the order
+    the consumers use them. It runs ahead into the next work item as soon as stages free up."""
+    STAGES: gl.constexpr = k_bufs.shape[0]
+    num_tiles = gl.cdiv(seqlen_q, BLOCK_M) * batch * num_heads_q
+    it = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        b, h, m0 = _tile_coords(tile, batch, num_heads_q, seqlen_q, BLOCK_M)
+        kv_col = (h // group_size) * HEAD_DIM
+        lo, full_lo, full_hi, hi = _key_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                                               HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
+        for i in range(gl.cdiv(hi - lo, BLOCK_N)):
+            s = it % STAGES
+            # a fresh barrier counts as having completed the phase before 0: the first pass through the ring
+            # waits on phase 1 and goes straight through
+            phase = ((it // STAGES) & 1) ^ 1
+            n = lo + i * BLOCK_N
+            # K and V have their own barriers both ways: the consumers start Q·Kᵀ while V is still in flight, and
+            # hand a K stage back as soon as its Q·Kᵀ is done (kv_empty[s]), a V stage after P·V
+            # (kv_empty[STAGES + s]), so the next K copy need not wait for the last P·V
+            mbarrier.wait(kv_empty.index(s), phase)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, n, kv_col], k_ready.index(s), k_bufs.index(s))
+            mbarrier.wait(kv_empty.index(STAGES + s), phase)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, n, kv_col], v_ready.index(s), v_bufs.index(s))
+            it += 1
+
+
+@gluon.jit
+def _scores(qk, offs_m, start, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+            MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+            HAS_SOFTCAP: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):  # fmt: skip
+    """Scores of one tile in log2 units (unscaled raw products on the plain path), masked where needed."""
+    if HAS_SOFTCAP:
+        s = cap_log2 * _tanh(qk * qk_scale)
+    else:
+        s = qk
+    if MASKED:
+        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        j = gl.expand_dims(offs_n, 0)
+        i = gl.expand_dims(offs_m, 1) + diag
+        visible = j < seqlen_k
+        if HAS_WINDOW_LEFT:
+            visible = visible & (j >= i - window_left)
+        if HAS_WINDOW_RIGHT:
+            visible = visible & (j <= i + window_right)
+        s = gl.where(visible, s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                  o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
+    """Online softmax of one tile: the new row max, P (as the A operand of P·V) and the rescaled sums."""
+    if HAS_SOFTCAP:
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+    else:
+        # plain: the row max of the raw products, scaled once per row; the exponent is one FMA per score
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    if MASKED:
+        # a row that has seen no key yet keeps m = −inf; subtracting 0 instead keeps its p = exp2(−inf) = 0
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    if HAS_SOFTCAP:
+        p = gl.exp2(s - gl.expand_dims(m_use, 1))
+    else:
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    # the score accumulator's registers are already laid out as wgmma's A fragment: no shared-memory trip
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    return p_op, m_new, l_i, acc
+
+
+@gluon.jit
+def _softmax_pv(qk, v_bufs, v_ready, slot, phase, acc, m_i, l_i, start, offs_m, diag, seqlen_k, qk_scale, cap_log2,
+                window_left, window_right, MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
+                HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, BLOCK_N: gl.constexpr,
+                HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                p_layout: gl.constexpr):  # fmt: skip
+    """Softmax of one tile's products, then P·V issued asynchronously; returns the pending accumulator."""
+    s = _scores(qk, offs_m, start, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, MASKED,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, BLOCK_N, s_layout)  # fmt: skip
+    p_op, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED, HAS_SOFTCAP, o_layout, p_layout,
+                                        v_bufs.dtype)  # fmt: skip
+    mbarrier.wait(v_ready.index(slot), phase)
+    v = v_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM])
+    acc = warpgroup_mma(p_op, v, acc, is_async=True)
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _qk(q, k_bufs, k_ready, it, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+        s_layout: gl.constexpr):  # fmt: skip
+    """Q·Kᵀ of ring slot ``it`` issued asynchronously once its K tile has landed."""
+    STAGES: gl.constexpr = k_bufs.shape[0]
+    slot = it % STAGES
+    mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
+    kt = k_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    return warpgroup_mma(q, kt, zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo, hi, offs_m, diag, seqlen_k,
+           qk_scale, cap_log2, window_left, window_right,
+           MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+           HAS_SOFTCAP: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+           HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+           p_layout: gl.constexpr):  # fmt: skip
+    """The key tiles [lo, hi): ring slots ``it, it+1, ...``; returns the running state and the next slot."""
+    STAGES: gl.constexpr = k_bufs.shape[0]
+    n_tiles = gl.cdiv(hi - lo, BLOCK_N)
+    if OVERLAP:
+        # software pipeline: tile t+1's Q·Kᵀ is issued before tile t's softmax, so the tensor cores work on it
+        # while this warpgroup computes exponentials; one wait then collects both products
+        if n_tiles > 0:
+            qk = warpgroup_mma_wait(0, deps=[_qk(q, k_bufs, k_ready, it, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)])
+            mbarrier.arrive(kv_empty.index(it % STAGES), count=1)  # this K stage is read
+            for t in range(n_tiles - 1):
+                qk_next = _qk(q, k_bufs, k_ready, it + 1, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)
+                acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
+                                              lo + t * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
+                                              window_left, window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                                              HAS_SOFTCAP, BLOCK_N, HEAD_DIM, s_layout, o_layout,
+                                              p_layout)  # fmt: skip
+                acc, qk = warpgroup_mma_wait(0, deps=[acc_t, qk_next])
+                # the next tile's K and this tile's V are read: hand both stages back to the producer
+                mbarrier.arrive(kv_empty.index((it + 1) % STAGES), count=1)
+                mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
+                it += 1
+            acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
+                                          lo + (n_tiles - 1) * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
+                                          window_left, window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                                          HAS_SOFTCAP, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+            acc = warpgroup_mma_wait(0, deps=[acc_t])
+            mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
+            it += 1
+    else:
+        for t in range(n_tiles):
+            qk = warpgroup_mma_wait(0, deps=[_qk(q, k_bufs, k_ready, it, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)])
+            mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
+            acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
+                                          lo + t * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
+                                          window_left, window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                                          HAS_SOFTCAP, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+            acc = warpgroup_mma_wait(0, deps=[acc_t])
+            mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
+            it += 1
+    return acc, m_i, l_i, it
+
+
+@gluon.jit
+def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lse_ptr,
+              stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left,
+              window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+              HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr,
+              WG_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
+    """One consumer partition: for each of the program's work items, Q·Kᵀ, online softmax and P·V for its WG_M
+    rows of the row block (rows HALF·WG_M ...), then the epilogue. Every consumer reads every K/V stage of the
+    block and hands it back. The next item's Q is loaded during this item's epilogue."""
+    q_smem = q_bufs.index(HALF)
+    q_bar = q_bars.index(HALF)
+    NW: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    diag = seqlen_k - seqlen_q
+    num_tiles = gl.cdiv(seqlen_q, BLOCK_M) * batch * num_heads_q
+    step = gl.num_programs(0)
+
+    first = gl.program_id(0)
+    if first < num_tiles:
+        b, h, m_block = _tile_coords(first, batch, num_heads_q, seqlen_q, BLOCK_M)
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, m_block + HALF * WG_M, h * HEAD_DIM], q_bar, q_smem)
+    it = 0
+    n_done = 0
+    for tile in range(first, num_tiles, step):
+        b, h, m_block = _tile_coords(tile, batch, num_heads_q, seqlen_q, BLOCK_M)
+        m0 = m_block + HALF * WG_M
+        lo, full_lo, full_hi, hi = _key_ranges(m_block, seqlen_q, seqlen_k, window_left, window_right,
+                                               HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
+        mbarrier.wait(q_bar, n_done & 1)
+        q = q_smem.reshape([WG_M, HEAD_DIM])
+        offs_m = m0 + gl.arange(0, WG_M, layout=gl.SliceLayout(1, s_layout))
+        m_i = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
+        # masked tiles on a window's left edge, unmasked tiles, masked tiles along the diagonal and the end
+        acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo, full_lo,
+                                   offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, True,
+                                   HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N,
+                                   HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, full_lo,
+                                   full_hi, offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+                                   False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N,
+                                   HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, full_hi, hi,
+                                   offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, True,
+                                   HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N,
+                                   HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        n_done += 1
+
+        # every product that read Q has completed (the last wait): the next item's Q can come in already
+        nxt = tile + step
+        if nxt < num_tiles:
+            nb, nh, nm = _tile_coords(nxt, batch, num_heads_q, seqlen_q, BLOCK_M)
+            mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [nb, nm + HALF * WG_M, nh * HEAD_DIM], q_bar, q_smem)
+
+        # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros
+        has_key = l_i > 0.0
+        l_safe = gl.where(has_key, l_i, 1.0)
+        out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout)), 1)
+        # straight from the accumulator's registers to global memory (no staging buffer: its 32 KB buy the
+        # third K/V stage at D 128); rows past Sq are masked
+        rows = gl.convert_layout(offs_m, gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        row_off = ((b.to(gl.int64) * seqlen_q + rows) * num_heads_q + h) * HEAD_DIM
+        o_ptrs = o_ptr + gl.expand_dims(row_off, 1) + gl.expand_dims(cols, 0)
+        gl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(rows < seqlen_q, 1))
+        if STORE_LSE:
+            # m is in log2 units (scaled); ln(sum exp(s)) = (m + log2 l) · ln 2
+            lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
+            lse = gl.where(has_key, lse, float("-inf"))
+            ptrs = lse_ptr + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m
+            gl.store(ptrs, lse, mask=offs_m < seqlen_q)
+
+
+# lengths, window sizes and head counts stay runtime values: one compiled variant per feature set, not one per
+# length's divisibility by 16 (each variant takes seconds of ptxas)
+@gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "batch", "num_heads_q", "group_size", "seqlen_q", "seqlen_k",
+                              "window_left", "window_right"])  # fmt: skip
+def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, group_size,
+                    seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+                    HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                    STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr,
+                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """Grid: one program per work item (row block of one (b, h)), or persistent: fewer programs, each taking
+    items program_id, program_id + grid, ... (`_tile_coords` orders them longest first)."""
+    # each consumer owns WG_M rows (the Q descriptor's block); a work item's row block is CONSUMERS of them
+    WG_M: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_M: gl.constexpr = WG_M * CONSUMERS
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    # kv_empty[s]: K stage s is free; kv_empty[STAGES + s]: V stage s is free
+    kv_empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(CONSUMERS):
+        mbarrier.init(q_bars.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        # a stage is free again once every consumer partition has arrived (one elected thread each)
+        mbarrier.init(kv_empty.index(i), count=CONSUMERS)
+        mbarrier.init(kv_empty.index(STAGES + i), count=CONSUMERS)
+
+    # (the partitions' argument lists are spelled out: a jit function cannot be held in a tuple)
+    if CONSUMERS == 2:
+        # FA3's layout: two 4-warp consumer partitions (warpgroups) that synchronize only through the ring's
+        # barriers, so one's softmax can run while the other's products hold the tensor cores, and a 1-warp
+        # producer. The default partition gets the registers the other two leave: (168·12 − 240·4 − 24·4) / 4.
+        gl.warp_specialize(
+            [
+                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale,
+                             cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
+                             STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
+                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale,
+                             cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
+                             STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 1)),
+                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q,
+                             group_size, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                             HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )  # fmt: skip
+    else:
+        # one 8-warp consumer partition over 128 rows (each of its warpgroups issues the wgmma of its 64 rows);
+        # its shared-memory and barrier operations synchronize all 8 warps (bar.sync 0, 256), so the two
+        # warpgroups move in lockstep
+        gl.warp_specialize(
+            [
+                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale,
+                             cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
+                             STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
+                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q,
+                             group_size, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                             HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM)),
+            ],
+            [1],
+            [PRODUCER_REGS],
+        )  # fmt: skip
+
+
+def _descriptor(x: torch.Tensor, rows: int, head_dim: int) -> TensorDescriptor:
+    """A TMA descriptor over ``x [B, S, H, D]`` seen as ``[B, S, H·D]``: one block is ``rows`` positions of one
+    head; rows past S (of this sequence, not the next) come back as zeros and stores to them are dropped."""
+    b, s, h, d = x.shape
+    dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    block = [1, rows, head_dim]
+    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+    return TensorDescriptor(x, [b, s, h * d], [s * h * d, h * d, 1], block, layout)
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 132  # a CPU compile (scripts/gluon_sass.py): the grid is not used
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
+
+
+_SMS: dict = {}
+
+
+def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap, overlap=True, consumers=2,
+                persistent=True):  # fmt: skip
+    """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and scripts/gluon_sass.py)."""
+    batch, seqlen_q, num_heads_q, head_dim = q.shape
+    seqlen_k, num_heads_kv = k.shape[1], k.shape[2]
+    block_m, block_n, stages = CONFIGS[head_dim]
+    wg_m = block_m // consumers
+    if softcap > 0:
+        qk_scale, cap_log2 = scale / softcap, softcap * LOG2E
+    else:
+        qk_scale, cap_log2 = scale * LOG2E, 0.0
+    args = (
+        _descriptor(q, wg_m, head_dim), _descriptor(k, block_n, head_dim), _descriptor(v, block_n, head_dim),
+        out, lse if lse is not None else out,
+        lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
+        batch, num_heads_q, num_heads_q // num_heads_kv, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left,
+        window_right,
+    )  # fmt: skip
+    constexprs = dict(
+        HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
+        STORE_LSE=lse is not None, OVERLAP=overlap, CONSUMERS=consumers, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, STAGES=stages, num_warps=8 // consumers, maxnreg=MAXNREG,
+    )  # fmt: skip
+    # one CTA per SM fits (224 KB of shared memory, 384 threads at 168 registers): a persistent grid is one
+    # program per SM, each walking work items longest first; otherwise one program per item
+    items = triton.cdiv(seqlen_q, block_m) * batch * num_heads_q
+    grid = (min(items, _num_sms(q.device)) if persistent else items,)
+    return grid, args, constexprs
+
+
+def attention_gluon(q, k, v, *, scale, window_left=-1, window_right=-1, softcap=0.0, return_lse=False,
+                    overlap=True, consumers=2, persistent=True):  # fmt: skip
+    """The Gluon kernel on checked arguments (`attn.fast.attention.attention` checks them and calls this when
+    `gluon_supported` and ``ATTN_GLUON=1``). ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, contiguous."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device) if return_lse else None
+    grid, args, constexprs = launch_args(q, k, v, out, lse, scale=scale, window_left=window_left,
+                                         window_right=window_right, softcap=softcap, overlap=overlap,
+                                         consumers=consumers, persistent=persistent)  # fmt: skip
+    _attn_fwd_gluon[grid](*args, **constexprs)
+    return (out, lse) if return_lse else out

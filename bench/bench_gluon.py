@@ -1,0 +1,252 @@
+"""The Gluon (sm_90) prefill kernel beside our tl.* kernel, cuDNN, FlashAttention-2 and FlexAttention.
+
+    python -m bench.bench_gluon --out $OUT               # the PERF.md padded shapes, every contender
+    python -m bench.bench_gluon --only S4096 --variants default --out $OUT
+
+Same process, same inputs, each contender checked against the fp32 reference before it is timed (a wrong one is
+reported, not timed); the bf16 8192³ matmul is measured in the same run as the ceiling. Contenders:
+
+  gluon            attn.fast.attention with ATTN_GLUON=1: the call a user makes, dispatched to the Gluon kernel
+                   (default variant: two 4-warp consumer partitions, Q·Kᵀ of the next tile overlapped,
+                   persistent grid of one program per SM)
+  gluon_2x4_serial attention_gluon called directly: two consumer partitions, no intra-warpgroup overlap
+  gluon_1x8_ovl    attention_gluon called directly: one 8-warp consumer partition, overlap
+  gluon_1x8_serial attention_gluon called directly: one 8-warp consumer partition, no overlap
+  gluon_grid       attention_gluon called directly: the default variant, one program per work item
+  tl               attn.fast.attention without ATTN_GLUON: the tl.* kernel (its fixed config unless autotuning)
+  cudnn / flash    SDPA pinned to one backend, on [B, H, S, D] copies made before timing
+  flex             torch.compile(flex_attention), block mask built outside timing
+
+The packed (varlen) row of PERF.md is not run: the Gluon kernel does not take packed input (gluon_supported).
+Writes one JSON (``--out`` is a folder, or a .json path) and prints TFLOP/s, the fraction of the matmul
+ceiling, and the ratio to cuDNN (cudnn_ms / ms: > 1 means faster than cuDNN) and to the tl.* kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import common
+from bench.bench_attention import SHAPES, Contender, Skip, build_flex, build_sdpa, make_check, make_inputs, prepare
+
+VARIANTS = {
+    "gluon_2x4_serial": {"consumers": 2, "overlap": False},
+    "gluon_1x8_ovl": {"consumers": 1, "overlap": True},
+    "gluon_1x8_serial": {"consumers": 1, "overlap": False},
+    "gluon_grid": {"persistent": False},
+}
+COLUMNS = ["gluon", *VARIANTS, "tl", "cudnn", "flash", "flex"]
+
+
+@contextlib.contextmanager
+def _env(value: str | None):
+    """ATTN_GLUON set to ``value`` (None: unset) for the duration."""
+    saved = os.environ.get("ATTN_GLUON")
+    if value is None:
+        os.environ.pop("ATTN_GLUON", None)
+    else:
+        os.environ["ATTN_GLUON"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("ATTN_GLUON", None)
+        else:
+            os.environ["ATTN_GLUON"] = saved
+
+
+def build_gluon(shape, x, args) -> Contender:
+    import attn.fast as fast
+    from attn.fast import gluon_attention as ga
+
+    if shape.packed:
+        raise Skip("the Gluon kernel takes the padded layout only")
+    # the user's call must really reach the Gluon kernel: count one dispatch before this contender is accepted
+    calls = []
+    real = ga.attention_gluon
+    ga.attention_gluon = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        with _env("1"):
+            fast.attention(x.q, x.k, x.v, causal=shape.causal)
+    finally:
+        ga.attention_gluon = real
+    if not calls:
+        raise RuntimeError("ATTN_GLUON=1 did not dispatch to the Gluon kernel (gluon_supported said no)")
+    return Contender(lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal), context=lambda: _env("1"),
+                     note="attn.fast.attention, ATTN_GLUON=1")  # fmt: skip
+
+
+def build_variant(name):
+    def build(shape, x, args) -> Contender:
+        from attn.fast import gluon_attention as ga
+
+        if shape.packed:
+            raise Skip("the Gluon kernel takes the padded layout only")
+        kw = VARIANTS[name]
+        scale = shape.head_dim**-0.5
+        right = 0 if shape.causal else -1
+        fn = lambda: ga.attention_gluon(x.q, x.k, x.v, scale=scale, window_right=right, **kw)
+        return Contender(fn, note=f"attention_gluon direct call {kw}")
+
+    return build
+
+
+def build_tl(shape, x, args) -> Contender:
+    import attn.fast as fast
+
+    return Contender(lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal), context=lambda: _env(None),
+                     note="attn.fast.attention, tl.* kernel")  # fmt: skip
+
+
+def contenders(variants: str) -> dict[str, list]:
+    table = {
+        "gluon": [build_gluon],
+        "tl": [build_tl],
+        "cudnn": [build_sdpa("cudnn", "native"), build_sdpa("cudnn", "repeat")],
+        "flash": [build_sdpa("flash", "native"), build_sdpa("flash", "repeat")],
+        "flex": [build_flex],
+    }
+    if variants == "all":
+        table.update({name: [build_variant(name)] for name in VARIANTS})
+    return {c: table[c] for c in COLUMNS if c in table}
+
+
+def run_shape(shape, args, ceilings) -> dict:
+    flops = shape.flops()
+    result: dict[str, Any] = {"name": shape.name, "flops": flops, "contenders": {}}
+    print(f"\n== {shape.name}   ({flops / 1e12:.3f} TFLOP)", flush=True)
+    torch.manual_seed(args.seed)
+    x = make_inputs(shape, torch.bfloat16)
+    check = make_check(shape, x, args.check_rows)
+    common.free_memory()
+    ready = {}
+    for name, builders in contenders(args.variants).items():
+        c, rec = prepare(name, builders, shape, x, check, args)
+        result["contenders"][name] = rec
+        if c is not None:
+            ready[name] = c
+        else:
+            print(f"  {name:<17} {rec['status']:<7} {rec.get('error') or rec['note']}"[:240], flush=True)
+    times: dict[str, list[float]] = {n: [] for n in ready}
+    for _ in range(args.repeat):  # round-robin: drift shows as spread, not as a difference between contenders
+        for name, c in ready.items():
+            try:
+                with c.context():
+                    ms, method = common.time_ms(c.fn, args.warmup, args.rep)
+                times[name].append(ms)
+                result["contenders"][name]["timing"] = method
+            except Exception as e:
+                rec = result["contenders"][name]
+                rec["status"], rec["error"] = "error", f"timing failed: {common.short_error(e)}"
+    ceiling = ceilings.get("matmul_bf16_tflops")
+    for name, ts in times.items():
+        rec = result["contenders"][name]
+        if rec["status"] == "ok" and ts:
+            ms = statistics.median(ts)
+            tf = common.tflops(flops, ms)
+            rec.update(ms=ms, ms_all=ts, spread=(max(ts) - min(ts)) / ms, tflops=tf,
+                       frac_of_matmul_ceiling=(tf / ceiling) if ceiling else None)  # fmt: skip
+    ref = {k: result["contenders"].get(k, {}).get("ms") for k in ("cudnn", "tl")}
+    for name, rec in result["contenders"].items():
+        if rec.get("ms"):
+            rec["vs_cudnn"] = ref["cudnn"] / rec["ms"] if ref["cudnn"] else None
+            rec["vs_tl"] = ref["tl"] / rec["ms"] if ref["tl"] else None
+            print(f"  {name:<17} {rec['ms']:8.3f} ms  {rec['tflops']:6.1f} TFLOP/s  "
+                  f"{common.fmt(rec['frac_of_matmul_ceiling'], '.2f')} of matmul  "
+                  f"x{common.fmt(rec['vs_cudnn'], '.2f')} vs cudnn  x{common.fmt(rec['vs_tl'], '.2f')} vs tl  "
+                  f"err {rec['err']:.1e}", flush=True)  # fmt: skip
+    del ready, x, check
+    common.free_memory()
+    return result
+
+
+def summary(results, ceilings) -> str:
+    cols = [c for c in COLUMNS if any(c in r["contenders"] for r in results)]
+    rows = []
+    for r in results:
+        row = [r["name"]]
+        for c in cols:
+            rec = r["contenders"].get(c)
+            if rec is None:
+                row.append("")
+            elif rec.get("tflops") is not None:
+                row.append(f"{rec['tflops']:.0f} ({common.fmt(rec.get('vs_cudnn'), '.2f')})")
+            else:
+                row.append({"skipped": "-", "wrong": "WRONG", "error": "ERR"}.get(rec["status"], rec["status"]))
+        rows.append(row)
+    bad = [f"  {r['name']} / {c}: {rec['status']} {common.fmt(rec.get('err'), '.2e')} {rec.get('error', '')}"[:240]
+           for r in results for c, rec in r["contenders"].items() if rec["status"] in ("wrong", "error")]  # fmt: skip
+    ceiling = common.fmt(ceilings.get("matmul_bf16_tflops"), ".0f")
+    lines = [
+        "TFLOP/s (cudnn_ms / ms in parentheses: > 1 means faster than cuDNN)",
+        common.format_table(["shape", *cols], rows),
+        f"ceiling: matmul bf16 8192^3 {ceiling} TFLOP/s",
+    ]
+    if bad:
+        lines += ["problems:", *bad]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="", help="folder (or .json path) for the result; default bench/results/")
+    p.add_argument("--only", action="append", default=[], help="keep shapes whose name contains this (repeatable)")
+    p.add_argument("--variants", default="all", choices=["all", "default"], help="time every Gluon variant or one")
+    p.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, ms")
+    p.add_argument("--rep", type=float, default=100, help="do_bench measuring time, ms")
+    p.add_argument("--repeat", type=int, default=2, help="timed passes over the contenders")
+    p.add_argument("--tol", type=float, default=1e-2, help="largest relative error vs the fp32 reference")
+    p.add_argument("--check-rows", type=int, default=256, help="query rows checked at each end of a sequence")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    common.require_cuda("bench.bench_gluon")
+    import attn  # noqa: F401  (before anything else imports triton)
+
+    shapes = [s for s in SHAPES if not s.packed]
+    if args.only:
+        shapes = [s for s in shapes if any(o.lower() in s.name.lower() for o in args.only)]
+    if args.out.endswith(".json"):
+        out_path = Path(args.out)
+    else:
+        name = common.default_out_path("gluon").name
+        out_path = Path(args.out) / name if args.out else common.RESULTS_DIR / name
+    env = common.env_info()
+    print(f"{env.get('gpu')} ({env.get('sm_count')} SMs)  torch {env['torch']}  triton {env.get('triton')}  "
+          f"commit {env['git_commit'][:12]}", flush=True)  # fmt: skip
+    ceilings = common.measure_ceilings()
+    print(f"ceilings: {ceilings}", flush=True)
+    doc: dict[str, Any] = {
+        "benchmark": "gluon prefill (forward) vs tl.* and peers", "env": env, "args": vars(args),
+        "ceilings": ceilings, "flops_definition": "4*Hq*Sq*Sk*D, halved for causal",
+        "ratio_definition": "vs_cudnn = cudnn_ms / ms, vs_tl = tl_ms / ms (> 1: faster than that peer)",
+        "results": [],
+    }  # fmt: skip
+    for shape in shapes:
+        t0 = time.perf_counter()
+        try:
+            res = run_shape(shape, args, ceilings)
+        except Exception as e:
+            res = {"name": shape.name, "error": common.short_error(e), "traceback": common.tail_traceback(),
+                   "contenders": {}}  # fmt: skip
+            print(f"  shape failed: {res['error']}", flush=True)
+            common.free_memory()
+        res["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"  ({res['wall_s']} s)", flush=True)
+        doc["results"].append(res)
+        common.write_json(out_path, doc)
+    print("\n" + summary(doc["results"], ceilings))
+    print(f"results: {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

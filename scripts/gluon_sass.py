@@ -1,0 +1,103 @@
+"""Compile the Gluon prefill kernel (attn/fast/gluon_attention.py) for sm_90a on a machine without a GPU and
+report what ptxas says: registers, spills, shared memory, and the instruction mix of each loop.
+
+    TRITON_INTERPRET=0 PYTHONPATH=. python scripts/gluon_sass.py [--cases plain,causal] [--dump DIR]
+
+Arguments come from the real `launch_args` on CPU tensors (TMA descriptors only record shapes and strides), so
+the specialization is the one the GPU launch would compile. A warp-specialized kernel's register count from
+ptxas is the launch limit (``maxnreg``); the partitions' own budgets appear as ``setmaxnreg`` in the SASS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from sass_tools import TARGET, loops, parse, resources, sass_of  # noqa: E402
+from triton.compiler import make_backend  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+from attn.fast import gluon_attention as ga  # noqa: E402
+
+COUNTS = ["HGMMA", "WARPGROUP", "MUFU.EX2", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "LDS", "STS", "BAR", "SYNCS",
+          "SHFL", "UTMALDG", "BRA"]  # fmt: skip
+
+
+def cases():
+    # (B, Sq, Sk, Hq, Hkv, D, dtype, causal, window, softcap, lse, overlap, consumers)
+    bf, f16 = torch.bfloat16, torch.float16
+    return {
+        "causal_d128": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, True, 2),
+        "causal_d128_noovl": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, False, 2),
+        "causal_d128_1wg8": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, True, 1),
+        "full_d128_lse": (2, 1024, 1024, 4, 4, 128, bf, False, -1, 0.0, True, True, 2),
+        "causal_d64": (2, 1024, 1024, 4, 4, 64, bf, True, -1, 0.0, False, True, 2),
+        "gqa_fp16": (2, 1024, 1024, 8, 2, 128, f16, True, -1, 0.0, False, True, 2),
+        "window_softcap": (2, 1024, 1024, 4, 4, 128, bf, True, 256, 30.0, True, True, 2),
+    }
+
+
+def compile_case(c):
+    b, sq, sk, hq, hkv, d, dtype, causal, window, softcap, want_lse, overlap, consumers = c
+    q = torch.empty(b, sq, hq, d, dtype=dtype)
+    k, v = (torch.empty(b, sk, hkv, d, dtype=dtype) for _ in range(2))
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, sq) if want_lse else None
+    grid, args, constexprs = ga.launch_args(q, k, v, out, lse, scale=d**-0.5, window_left=window,
+                                            window_right=0 if causal else -1, softcap=softcap,
+                                            overlap=overlap, consumers=consumers)  # fmt: skip
+    kernel = ga._attn_fwd_gluon
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **constexprs)
+    options, signature, consts, attrs = kernel._pack_args(backend, options, bound, specialization, options)
+    src = GluonASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=TARGET, options=options.__dict__)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="", help="comma-separated subset of " + ",".join(cases()))
+    p.add_argument("--dump", default="", help="write each case's PTX/SASS to this folder")
+    a = p.parse_args()
+    wanted = [c for c in a.cases.split(",") if c]
+    head = f"{'case':18s} {'part':7s} {'instr':>6s} " + " ".join(f"{c.split('.')[-1][:6]:>6s}" for c in COUNTS)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, c in cases().items():
+            if wanted and name not in wanted:
+                continue
+            kern = compile_case(c)
+            info, sass = sass_of(kern, tmp)
+            if a.dump:
+                os.makedirs(a.dump, exist_ok=True)
+                for ext, text in (("sass", sass), ("ptx", kern.asm["ptx"]), ("ttgir", kern.asm["ttgir"])):
+                    with open(os.path.join(a.dump, f"{name}.{ext}"), "w") as f:
+                        f.write(text)
+            regs, spills = resources(info)
+            setmax = sorted(set(re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", kern.asm["ptx"])))
+            print(f"\n{name}: {regs} registers (launch), setmaxnreg {setmax}, {spills} bytes spilled, "
+                  f"{kern.metadata.shared} bytes shared memory")  # fmt: skip
+            print(head)
+            instrs = parse(sass)
+            rows = [("total", [op for _, op, _ in instrs])]
+            rows += [(f"loop{i}", ops) for i, (_, _, ops) in enumerate(loops(instrs))]
+            for part, ops in rows:
+                cnt = Counter()
+                for op in ops:
+                    for k in COUNTS:
+                        if op == k or op.startswith(k + ".") or (k == "WARPGROUP" and op.startswith("WARPGROUP")):
+                            cnt[k] += 1
+                print(f"{name:18s} {part:7s} {len(ops):6d} " + " ".join(f"{cnt[k]:6d}" for k in COUNTS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Parity of the Gluon (sm_90) prefill kernel with the reference, and the dispatch that selects it.
+
+Gluon kernels do not run in Triton's interpreter, so the parity tests are GPU tests, skipped unless the device
+is an sm_90 (H100/H200). The CPU tests check only the dispatch's fallback.
+
+Tolerance (GPU tests): the kernel's error is compared with the error of the same computation done by torch in
+the same precision, ``softmax`` in fp32 with the unnormalized probabilities rounded to the input dtype before
+``P·V`` (fp32 accumulation) and the output rounded to the dtype: the numerics the kernel implements. The
+kernel may not be more than twice as far from the float64 reference as that computation (the running max and
+the tile order change where the roundings fall, not how many there are), and never beyond the fused kernel's
+own bound (`helpers.TOL`: 2·eps).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn.fast as fast
+import attn.reference as reference
+from attn.fast import gluon_attention as ga
+from helpers import LSE_TOL, TOL, assert_lse_close, dtype_id, rel_err
+
+ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+sm90 = pytest.mark.skipif(not ON_SM90, reason="the Gluon kernel is for sm_90 (H100/H200)")
+
+
+def _inputs(b, sq, sk, hq, hkv, d, dtype):
+    q = torch.randn(b, sq, hq, d, dtype=dtype, device="cuda")
+    k = torch.randn(b, sk, hkv, d, dtype=dtype, device="cuda")
+    v = torch.randn(b, sk, hkv, d, dtype=dtype, device="cuda")
+    return q, k, v
+
+
+def _visible(sq, sk, left, right, device):
+    """[Sq, Sk] bottom-right-aligned window mask (causal is right = 0), as attn's SPEC defines it."""
+    i = torch.arange(sq, device=device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=device)[None, :]
+    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        vis &= j >= i - left
+    if right >= 0:
+        vis &= j <= i + right
+    return vis
+
+
+def _same_precision(q, k, v, scale, left, right, softcap):
+    """The torch computation with the kernel's roundings: P (unnormalized, ≤ 1) in the input dtype before P·V."""
+    g = q.shape[2] // k.shape[2]
+    kf = k.float().repeat_interleave(g, dim=2)
+    vf = v.float().repeat_interleave(g, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), kf) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    vis = _visible(q.shape[1], k.shape[1], left, right, q.device)
+    s = s.masked_fill(~vis, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    l_sum = p.sum(-1, keepdim=True)
+    o = torch.einsum("bhqk,bkhd->bqhd", p.to(q.dtype).float(), vf)
+    l_q = l_sum.permute(0, 2, 1, 3)  # [B, Sq, H, 1], like o
+    # rows that see no key: zero, as the reference defines them
+    return torch.where(l_q > 0, o / l_q.clamp_min(1e-30), torch.zeros_like(o)).to(q.dtype)
+
+
+def _check(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, overlap=True, consumers=2, persistent=True,
+           name=""):  # fmt: skip
+    d = q.shape[-1]
+    scale = d**-0.5
+    left, right = window
+    if causal:
+        right = 0
+    out, lse = ga.attention_gluon(q, k, v, scale=scale, window_left=left, window_right=right, softcap=softcap,
+                                  return_lse=True, overlap=overlap, consumers=consumers,
+                                  persistent=persistent)  # fmt: skip
+    kw = dict(causal=causal, window_size=window, softcap=softcap)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == ref_lse.shape
+    assert not torch.isnan(out).any(), f"{name}: NaN in the output (unwritten or invalid)"
+    err = rel_err(ref, out)
+    torch_err = rel_err(ref, _same_precision(q, k, v, scale, left, right, softcap))
+    tol = min(2 * torch_err + 1e-5, TOL[q.dtype])
+    print(f"{name}: rel err {err:.3e}, same-precision torch {torch_err:.3e}, tol {tol:.3e}")
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.3e} (torch in {q.dtype}: {torch_err:.3e})"
+    # rows that see no key: exactly zero, lse −inf
+    vis_any = _visible(q.shape[1], k.shape[1], left, right, q.device).any(-1)
+    assert torch.equal(out[:, ~vis_any], torch.zeros_like(out[:, ~vis_any])), f"{name}: keyless rows not zero"
+    assert_lse_close(f"{name} lse", ref_lse, lse, LSE_TOL[q.dtype])
+
+
+# (B, Sq, Sk, Hq, Hkv, D): tile multiples, ragged lengths (not multiples of the 128-row tile or the 64-row half),
+# Sq != Sk both ways, length 1, Sq > Sk (causal rows that see no key), GQA ratios 1, 4, 8 and MQA
+SHAPES = [
+    (2, 1024, 1024, 8, 8, 128),
+    (4, 1000, 1000, 16, 4, 128),
+    (2, 777, 777, 8, 2, 128),
+    (1, 1000, 1500, 16, 2, 128),
+    (1, 300, 100, 4, 1, 64),
+    (1, 1, 1, 2, 2, 128),
+    (2, 1, 300, 8, 1, 64),
+    (3, 65, 129, 8, 8, 64),
+    (1, 2048, 2048, 32, 4, 64),
+]
+FEATURES = {
+    "full": {},
+    "causal": {"causal": True},
+    "causal-window": {"causal": True, "window": (200, -1)},
+    "window-both": {"window": (150, 70)},
+    "softcap": {"causal": True, "softcap": 20.0},
+}
+
+
+def _sid(s):
+    return "B{}-Sq{}-Sk{}-Hq{}-Hkv{}-D{}".format(*s)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+def test_gluon_matches_reference(shape, feature):
+    q, k, v = _inputs(*shape, torch.bfloat16)
+    _check(q, k, v, name=f"{_sid(shape)} {feature}", **FEATURES[feature])
+
+
+# (consumers, overlap, persistent, dtype): the default (two 4-warp consumers, overlap, persistent) in both
+# dtypes, then each structural alternative the benchmark times
+VARIANTS = [
+    (2, True, True, torch.bfloat16),
+    (2, True, True, torch.float16),
+    (2, False, True, torch.bfloat16),
+    (1, True, True, torch.bfloat16),
+    (1, False, True, torch.bfloat16),
+    (2, True, False, torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"c{v[0]}-{'ovl' if v[1] else 'ser'}-"
+                         f"{'pers' if v[2] else 'grid'}-{dtype_id(v[3])}")  # fmt: skip
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gluon_variants(causal, variant):
+    # a ragged GQA shape with more work items (8 row blocks x 32 heads x 2) than SMs: persistent programs
+    # take several items each, of different lengths
+    consumers, overlap, persistent, dtype = variant
+    q, k, v = _inputs(2, 1000, 1100, 32, 4, 128, dtype)
+    _check(q, k, v, causal=causal, overlap=overlap, consumers=consumers, persistent=persistent,
+           name=f"{causal=} {variant}")  # fmt: skip
+
+
+@pytest.mark.gpu
+@sm90
+def test_gluon_nonfinite_stays_in_its_sequence():
+    # a NaN in sequence 1's first key: every row of sequence 1 that sees it is NaN (as in the reference), and
+    # sequence 0, whose last tile the TMA copy bounds at its own end, is untouched
+    q, k, v = _inputs(2, 200, 200, 4, 4, 128, torch.bfloat16)
+    v[1, 0, 0, 0] = float("nan")
+    out = ga.attention_gluon(q, k, v, scale=128**-0.5, window_right=0)
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert rel_err(ref[0], out[0]) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@sm90
+def test_dispatch_opt_in(monkeypatch):
+    calls = []
+    real = ga.attention_gluon
+    monkeypatch.setattr(ga, "attention_gluon", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = _inputs(2, 256, 256, 8, 2, 128, torch.bfloat16)
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    monkeypatch.delenv("ATTN_GLUON", raising=False)
+    fast.attention(q, k, v, causal=True)
+    assert calls == [], "the Gluon kernel ran without ATTN_GLUON=1"
+    monkeypatch.setenv("ATTN_GLUON", "1")
+    out = fast.attention(q, k, v, causal=True)
+    assert calls == [1], "ATTN_GLUON=1 did not select the Gluon kernel on sm_90"
+    assert rel_err(ref, out) <= TOL[torch.bfloat16]
+    # unsupported variants keep the tl.* kernel: lengths, packed layout, ALiBi, other head dims
+    fast.attention(q, k, v, causal=True, seqlens_k=torch.full((2,), 200, dtype=torch.int32, device="cuda"))
+    fast.attention(q[..., :80].contiguous(), k[..., :80].contiguous(), v[..., :80].contiguous(), causal=True)
+    fast.attention(q, k, v, alibi_slopes=torch.rand(8, device="cuda"))
+    assert calls == [1]
+
+
+def test_dispatch_falls_back_off_sm90(monkeypatch, device):
+    # with the opt-in set, a call the Gluon kernel does not cover (here: not an sm_90 tensor, or ALiBi) still
+    # runs, on the tl.* kernel, and matches the reference
+    monkeypatch.setenv("ATTN_GLUON", "1")
+    q, k, v = (torch.randn(1, 9, 2, 16, device=device) for _ in range(3))
+    if device == "cuda" and ON_SM90:
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+        kw = {"alibi_slopes": torch.rand(2, device=device)}
+    else:
+        kw = {}
+    out = fast.attention(q, k, v, causal=True, **kw)
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=True, **kw)
+    assert rel_err(ref, out) <= TOL[q.dtype]

@@ -238,3 +238,50 @@ def test_contiguous_cache_hands_out_plans(device):
     seqlens, table = cache.metadata([2, 0])
     want = attn.reference.decode(q[:2], cache.k, cache.v, seqlens, block_table=table)
     torch.testing.assert_close(some.run(q[:2]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_direct_replay_bookkeeping(monkeypatch):
+    """The GPU replay path (the compiled kernel's launcher called with the recorded grid and constexpr tail) has
+    no compiled kernels to call under the interpreter; here a stand-in launcher runs the interpreted kernel from
+    exactly the arguments a replay hands it, so the substitution, the tail order and the alignment fallback are
+    checked on the CPU too."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU runs the real path (test_decode_plan_equals_flat_call_and_replays)")
+    import triton
+
+    direct_runs = []
+
+    def fake_handle(kernel, grid, args, constexprs):
+        kernel[grid](*args, **constexprs)
+        jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        names = jit.arg_names[len(args) :]
+
+        class Launcher:
+            function = packed_metadata = None
+
+            def run(self, g0, g1, g2, stream, function, packed, a, b, c, *rest):
+                direct_runs.append((g0, g1, g2))
+                n = len(rest) - len(names)
+                opts = {k: constexprs[k] for k in ("num_warps", "num_stages") if k in constexprs}
+                kernel[(g0, g1, g2)](*rest[:n], **dict(zip(names, rest[n:])), **opts)
+
+        g = (*grid, 1, 1)[:3]
+        return Launcher(), g, tuple(constexprs[n] for n in names), 0
+
+    monkeypatch.setattr(plan_mod, "_direct_handle", fake_handle)
+    monkeypatch.setattr(plan_mod._triton, "current_stream", lambda device: 0)
+    cache, slots = _paged_cache("cpu", [5, 20, 9])
+    p = cache.plan_decode(slots, num_heads_q=H_Q, num_splits=2)
+    q = torch.randn(3, 1, H_Q, D)
+    p.run(q)
+    assert p.replayable and not direct_runs
+    q2 = torch.randn_like(q)
+    seqlens, table = cache.metadata(slots)
+    want = attn.decode(q2, cache.k, cache.v, seqlens, block_table=table, validate=False, num_splits=2, **p.hints)
+    assert torch.equal(p.run(q2), want) and direct_runs == [(3 * H_KV, 2, 1)]
+    # a query 4 bytes off the 16-byte grid: the compiled kernel assumed alignment, so _triton.launch serves it
+    buf = torch.randn(q.numel() + 1)
+    q3 = buf[1:].view_as(q)
+    assert q3.stride() == q.stride() and q3.data_ptr() % 16 != q.data_ptr() % 16
+    want = attn.decode(q3, cache.k, cache.v, seqlens, block_table=table, validate=False, num_splits=2, **p.hints)
+    assert torch.equal(p.run(q3), want) and len(direct_runs) == 1

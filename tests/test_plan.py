@@ -1,6 +1,8 @@
 """attn.plan: plan.run equals the flat call it plans, bit for bit, replays without the flat function, updates
 in place, refuses bad metadata at planning, and (on the GPU) is captured in a CUDA graph."""
 
+import sys
+
 import pytest
 import torch
 
@@ -285,3 +287,33 @@ def test_direct_replay_bookkeeping(monkeypatch):
     assert q3.stride() == q.stride() and q3.data_ptr() % 16 != q.data_ptr() % 16
     want = attn.decode(q3, cache.k, cache.v, seqlens, block_table=table, validate=False, num_splits=2, **p.hints)
     assert torch.equal(p.run(q3), want) and len(direct_runs) == 1
+
+
+def test_replay_reinitializes_zeroed_workspaces():
+    """A buffer the flat call creates zeroed or filled (a kernel may count into it) is filled again by every
+    replay, as the flat call would; an output created so is filled on each run's new output."""
+
+    class P(plan_mod._Plan):
+        def _flat(self, x):
+            work = torch.full((4,), 2.0)
+            sys.modules["attn.fast.decode"].launch(_AddKernel, (1,), x, work)  # as a launcher module does
+            return work
+
+    p = P()
+    x = torch.randn(4)
+    assert torch.equal(p._execute((x,), None), x + 2) and p.replayable
+    y = torch.randn(4)
+    # replayed: full(2.0) again on a new output, then the launch (which adds x into it)
+    out = p._execute((y,), None)
+    assert torch.equal(out, y + 2)
+    assert [s[0] for s in p._replay.steps] == ["fill", "launch"]
+
+
+class _AddKernelType:
+    """Stands for a Triton kernel in `_triton.launch(kernel, grid, x, work)`: adds x into work."""
+
+    def __getitem__(self, grid):
+        return lambda x, work: work.add_(x)
+
+
+_AddKernel = _AddKernelType()

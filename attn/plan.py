@@ -69,9 +69,14 @@ _aten = torch.ops.aten
 # operations that create a tensor without reading any tensor's values
 _FACTORIES = {
     _aten.empty.memory_format, _aten.empty_strided.default, _aten.empty_like.default, _aten.new_empty.default,
-    _aten.new_empty_strided.default, _aten.zeros.default, _aten.zeros_like.default, _aten.full.default,
-    _aten.full_like.default, _aten.ones.default, _aten.arange.default, _aten.arange.start,
-    _aten.arange.start_step,
+    _aten.new_empty_strided.default, _aten.arange.default, _aten.arange.start, _aten.arange.start_step,
+}  # fmt: skip
+# factories that also set every value: replayed as fills (a kernel may count into a zeroed buffer), with the
+# value at this position of the arguments (None: the constant given)
+_INITIALIZED = {
+    _aten.zeros.default: 0, _aten.zeros_like.default: 0, _aten.new_zeros.default: 0, _aten.ones.default: 1,
+    _aten.ones_like.default: 1, _aten.new_ones.default: 1, _aten.full.default: ("arg", 1),
+    _aten.full_like.default: ("arg", 1), _aten.new_full.default: ("arg", 2),
 }  # fmt: skip
 # in-place writes of a constant into a fresh tensor (a zeroed counter, a poisoned output): replayed as steps
 _FILLS = {_aten.zero_.default, _aten.fill_.Scalar}
@@ -113,6 +118,11 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         result = func(*args, **kwargs)
         if func in _FACTORIES:
             self.fresh.update(_storage(t) for t in _tensors(result))
+        elif func in _INITIALIZED:
+            value = _INITIALIZED[func]
+            value = args[value[1]] if isinstance(value, tuple) else value
+            self.fresh.add(_storage(result))
+            self.steps.append(("fill", _aten.fill_.Scalar, result, (value,)))
         elif func in _FILLS and _storage(args[0]) in self.fresh:
             self.steps.append(("fill", func, args[0], tuple(args[1:])))
         elif not getattr(func, "is_view", False) and func is not _aten.detach.default:
@@ -314,11 +324,19 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | None:
                 direct = None  # launched, but not in a form a replay can call directly
             steps.append(("launch", kernel, grid, template, tuple(subs), dict(constexprs), direct, aligned))
         else:
+            # (a factory's result reaches the dispatch mode as another Python object than the caller's, so
+            # outputs are found here by their memory)
             _, func, t, fargs = step
-            idx = next((i for i, r in enumerate(roles) if r is t), None)
-            if idx is None and _storage(t) in role_storage:
+            idx = next((i for i, r in enumerate(roles) if _storage(r) == _storage(t)), None)
+            if idx is None:
+                steps.append(("fill", func, t, None, fargs))
+                continue
+            base = roles[idx]
+            same = (t.shape, t.stride(), t.storage_offset(), t.dtype) == (
+                base.shape, base.stride(), base.storage_offset(), base.dtype)  # fmt: skip
+            if not same:
                 return None
-            steps.append(("fill", func, None if idx is not None else t, idx, fargs))
+            steps.append(("fill", func, None, idx, fargs))
     r = _Replay()
     r.signature = tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs)
     r.steps = steps

@@ -1,6 +1,8 @@
 """attn.plan: plan.run equals the flat call it plans, bit for bit, replays without the flat function, updates
 in place, refuses bad metadata at planning, and (on the GPU) is captured in a CUDA graph."""
 
+import sys
+
 import pytest
 import torch
 
@@ -238,3 +240,80 @@ def test_contiguous_cache_hands_out_plans(device):
     seqlens, table = cache.metadata([2, 0])
     want = attn.reference.decode(q[:2], cache.k, cache.v, seqlens, block_table=table)
     torch.testing.assert_close(some.run(q[:2]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_direct_replay_bookkeeping(monkeypatch):
+    """The GPU replay path (the compiled kernel's launcher called with the recorded grid and constexpr tail) has
+    no compiled kernels to call under the interpreter; here a stand-in launcher runs the interpreted kernel from
+    exactly the arguments a replay hands it, so the substitution, the tail order and the alignment fallback are
+    checked on the CPU too."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU runs the real path (test_decode_plan_equals_flat_call_and_replays)")
+    import triton
+
+    direct_runs = []
+
+    def fake_handle(kernel, grid, args, constexprs):
+        kernel[grid](*args, **constexprs)
+        jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        names = jit.arg_names[len(args) :]
+
+        class Launcher:
+            function = packed_metadata = None
+
+            def run(self, g0, g1, g2, stream, function, packed, a, b, c, *rest):
+                direct_runs.append((g0, g1, g2))
+                n = len(rest) - len(names)
+                opts = {k: constexprs[k] for k in ("num_warps", "num_stages") if k in constexprs}
+                kernel[(g0, g1, g2)](*rest[:n], **dict(zip(names, rest[n:])), **opts)
+
+        g = (*grid, 1, 1)[:3]
+        return Launcher(), g, tuple(constexprs[n] for n in names), 0
+
+    monkeypatch.setattr(plan_mod, "_direct_handle", fake_handle)
+    monkeypatch.setattr(plan_mod._triton, "current_stream", lambda device: 0)
+    cache, slots = _paged_cache("cpu", [5, 20, 9])
+    p = cache.plan_decode(slots, num_heads_q=H_Q, num_splits=2)
+    q = torch.randn(3, 1, H_Q, D)
+    p.run(q)
+    assert p.replayable and not direct_runs
+    q2 = torch.randn_like(q)
+    seqlens, table = cache.metadata(slots)
+    want = attn.decode(q2, cache.k, cache.v, seqlens, block_table=table, validate=False, num_splits=2, **p.hints)
+    assert torch.equal(p.run(q2), want) and direct_runs == [(3 * H_KV, 2, 1)]
+    # a query 4 bytes off the 16-byte grid: the compiled kernel assumed alignment, so _triton.launch serves it
+    buf = torch.randn(q.numel() + 1)
+    q3 = buf[1:].view_as(q)
+    assert q3.stride() == q.stride() and q3.data_ptr() % 16 != q.data_ptr() % 16
+    want = attn.decode(q3, cache.k, cache.v, seqlens, block_table=table, validate=False, num_splits=2, **p.hints)
+    assert torch.equal(p.run(q3), want) and len(direct_runs) == 1
+
+
+def test_replay_reinitializes_zeroed_workspaces():
+    """A buffer the flat call creates zeroed or filled (a kernel may count into it) is filled again by every
+    replay, as the flat call would; an output created so is filled on each run's new output."""
+
+    class P(plan_mod._Plan):
+        def _flat(self, x):
+            work = torch.full((4,), 2.0)
+            sys.modules["attn.fast.decode"].launch(_AddKernel, (1,), x, work)  # as a launcher module does
+            return work
+
+    p = P()
+    x = torch.randn(4)
+    assert torch.equal(p._execute((x,), None), x + 2) and p.replayable
+    y = torch.randn(4)
+    # replayed: full(2.0) again on a new output, then the launch (which adds x into it)
+    out = p._execute((y,), None)
+    assert torch.equal(out, y + 2)
+    assert [s[0] for s in p._replay.steps] == ["fill", "launch"]
+
+
+class _AddKernelType:
+    """Stands for a Triton kernel in `_triton.launch(kernel, grid, x, work)`: adds x into work."""
+
+    def __getitem__(self, grid):
+        return lambda x, work: work.add_(x)
+
+
+_AddKernel = _AddKernelType()

@@ -26,8 +26,10 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, note, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="the fuzzer needs hypothesis (the dev extra)")
+from hypothesis import HealthCheck, example, given, note, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from test_nan import assert_matches
 
 import attn.fast as fast

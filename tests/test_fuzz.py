@@ -26,8 +26,10 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, note, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="the fuzzer needs hypothesis (the dev extra)")
+from hypothesis import HealthCheck, example, given, note, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from test_nan import assert_matches
 
 import attn.fast as fast
@@ -502,6 +504,26 @@ def append_cfg(draw):
 
 @given(cfg=append_cfg())
 @settings(max_examples=budget(12))
+@example(  # found by the fuzzer (a test bug: NaN-poisoned FP8 slots compared unequal to themselves)
+    cfg=dict(
+        seed=0,
+        start=[0],
+        counts=[0],
+        packed=False,
+        hkv=1,
+        d=1,
+        cache="fp8",
+        per_head=False,
+        block_size=1,
+        cyclic=None,
+        sinks=0,
+        op="preprocess",
+        rotary=0,
+        style="neox",
+        bias=False,
+        group=1,
+    )  # fmt: skip
+)
 def test_fuzz_append_and_preprocess(cfg):
     note(cfg)
     _count("append_kv, preprocess")
@@ -564,9 +586,11 @@ def test_fuzz_append_and_preprocess(cfg):
     if quant:
         # a code may differ by one step where the fp32 values straddle a rounding boundary
         for name, r, o in (("k cache", k_ref, kc), ("v cache", v_ref, vc)):
-            diff = (r.float() - o.float()).abs()
-            step = 1.0 if quant == "int8" else r.float().abs().clamp_min(2**-6) / 8
-            assert bool((diff <= step).all()), f"{name}: codes differ by more than one step"
+            rf, of = r.float(), o.float()
+            step = 1.0 if quant == "int8" else rf.abs().clamp_min(2**-6) / 8
+            # the poisoned slots nobody wrote are NaN in both (FP8 pools)
+            same = ((rf - of).abs() <= step) | (torch.isnan(rf) & torch.isnan(of))
+            assert bool(same.all()), f"{name}: codes differ by more than one step"
     else:
         assert_matches("k cache", k_ref, kc, TOL[dtype] / 2)
         _assert_bitwise("v cache", v_ref, vc)

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# compute-sanitizer (memcheck, racecheck, synccheck) over a subset of the GPU test suite, logs under $OUT.
+#
+# Usage, on the GPU machine from the repository root (no network needed):
+#   OUT=/tmp/out bash tests/gpu_sanitize.sh                       # the default subset, all three tools
+#   SANITIZER_TOOLS=memcheck bash tests/gpu_sanitize.sh tests/test_decode.py -k paged
+#
+# Writes $OUT/sanitizer/<tool>.log (the sanitizer's report), <tool>.pytest.log (the tests' output) and
+# summary.txt (one "ERROR SUMMARY" line and the pytest result per tool). Exits non-zero if a tool reports an
+# error or a test fails.
+#
+# Notes:
+# - PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own allocation: with PyTorch's caching allocator
+#   a read past one tensor lands inside the allocator's block and memcheck cannot see it.
+# - ATTN_AUTOTUNE=0: fixed tiles (autotuning would time every config under the sanitizer, for hours).
+# - The sanitizer slows kernels 10-100x: the default subset is the parity tests at their CPU sizes, the
+#   NaN, transactional and determinism tests, and the fuzzer in its CI profile (skipped when hypothesis is not
+#   installed); pass pytest arguments to choose others.
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1 ATTN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1
+OUT=${OUT:-/tmp/out}
+LOGS="$OUT/sanitizer"
+mkdir -p "$LOGS"
+
+SAN=${COMPUTE_SANITIZER:-}
+if [ -z "$SAN" ]; then
+  for c in "$(command -v compute-sanitizer 2>/dev/null)" /usr/local/cuda/bin/compute-sanitizer \
+           /usr/local/cuda-*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer/compute-sanitizer; do
+    if [ -n "$c" ] && [ -x "$c" ]; then SAN=$c; break; fi
+  done
+fi
+if [ -z "$SAN" ] || [ ! -x "$SAN" ]; then
+  echo "compute-sanitizer not found: install the CUDA toolkit's sanitizer or set COMPUTE_SANITIZER=/path/to/it" >&2
+  exit 2
+fi
+"$SAN" --version | head -2 | tee "$LOGS/version.txt"
+
+if [ $# -gt 0 ]; then
+  TESTS=("$@")
+else
+  TESTS=(tests/test_nan.py tests/test_transactional.py tests/test_determinism.py tests/test_fuzz.py
+         tests/test_decode.py tests/test_context.py tests/test_context_cyclic.py tests/test_beam.py
+         tests/test_cross.py tests/test_kv_cache.py tests/test_preprocess.py tests/test_gpt_attention.py
+         -m "not gpu")
+fi
+export ATTN_FUZZ_PROFILE=${ATTN_FUZZ_PROFILE:-ci}
+
+status=0
+: > "$LOGS/summary.txt"
+for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
+  extra=()
+  [ "$tool" = memcheck ] && extra=(--leak-check no --check-device-heap yes)
+  [ "$tool" = racecheck ] && extra=(--racecheck-report all)
+  echo "== $tool: ${TESTS[*]}"
+  start=$(date +%s)
+  "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 200 --log-file "$LOGS/$tool.log" \
+    python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "$LOGS/$tool.pytest.log" 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - start ))
+  summary=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS/$tool.log" | tail -1)
+  result=$(tail -1 "$LOGS/$tool.pytest.log")
+  echo "$tool: exit $rc in ${secs}s | ${summary:-no summary line} | pytest: $result" | tee -a "$LOGS/summary.txt"
+  [ $rc -ne 0 ] && status=1
+done
+exit $status

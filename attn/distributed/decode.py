@@ -29,6 +29,12 @@ def _host_ints(x, n: int, name: str) -> list[int]:
     return [int(t) for t in vals]
 
 
+def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group=None) -> None:
+    # torch ≥ 2.12 names it all_gather_single (all_gather_into_tensor warns there); older versions lack it
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp, group=group)
+
+
 def all_gather_merge(out: torch.Tensor, lse: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The one collective of a context-parallel decode step: every rank's ``(out, lse)`` gathered and merged.
 
@@ -44,10 +50,13 @@ def all_gather_merge(out: torch.Tensor, lse: torch.Tensor, group=None) -> tuple[
         return out.float(), lse.float()
     # one message: the lse rides along as an extra column of the output
     buf = torch.cat([out.float(), lse.transpose(1, 2).unsqueeze(-1).float()], dim=-1).contiguous()
-    gathered = torch.empty((world, *buf.shape), dtype=buf.dtype, device=buf.device)
     if dist.get_backend(group) == "nccl":
-        dist.all_gather_into_tensor(gathered, buf, group=group)
+        # ranks' buffers one after the other along the first axis (the layout both NCCL and gloo accept)
+        flat = torch.empty((world * buf.shape[0], *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
+        _all_gather_flat(flat, buf, group)
+        gathered = flat.view(world, *buf.shape)
     else:
+        gathered = torch.empty((world, *buf.shape), dtype=buf.dtype, device=buf.device)
         dist.all_gather(list(gathered.unbind(0)), buf, group=group)
     o, l = merge_stack(gathered[..., :-1], gathered[..., -1])
     return o, l.transpose(1, 2).contiguous()

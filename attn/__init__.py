@@ -4,7 +4,7 @@
 the top-level names are the fast ones.
 """
 
-from . import inflight, kv_cache, layout, reference
+from . import distributed, inflight, kv_cache, layout, reference
 from .fast import (
     append_kv,
     attention,
@@ -39,6 +39,7 @@ __all__ = [
     "context_attention",
     "cross_attention",
     "decode",
+    "distributed",
     "fast",
     "gpt_attention",
     "inflight",

@@ -1,7 +1,7 @@
 """Attention across GPUs over ``torch.distributed``: context parallelism (ring attention for prefill, a sharded
 KV cache for decode) and tensor-parallel helpers. See lesson 16."""
 
-from . import tensor_parallel
+from . import cost_model, tensor_parallel
 from .decode import ShardedKVCache, all_gather_merge, sharded_decode
 from .merge import merge_into, merge_stack
 from .ring import RingSchedule, attend_step, plan_calls, plan_pieces, ring_attention
@@ -12,6 +12,7 @@ __all__ = [
     "all_gather_merge",
     "sharded_decode",
     "tensor_parallel",
+    "cost_model",
     "RingSchedule",
     "Segment",
     "ShardPlan",

@@ -170,9 +170,12 @@ def _torch_cp(q, k, v, dev, world, rotate="allgather"):
     """PyTorch's context_parallel over SDPA flash on [1, H, S, D] buffers (K/V expanded to Hq heads)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
-    from torch.distributed.tensor.experimental._attention import set_rotate_method
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    try:
+        from torch.distributed.tensor.experimental._attention import set_rotate_method
+    except ImportError:
+        from torch.distributed.tensor.experimental._context_parallel._attention import set_rotate_method
     set_rotate_method(rotate)
     mesh = init_device_mesh(dev.type, (world,))
     group = HQ // HKV

@@ -125,6 +125,13 @@ def qkv(seqlen, dev, dtype, seed=0):
     return q, k, v
 
 
+def _calls_only(q, k, v, calls):
+    for c in calls:
+        attn.attention(q[c.q_lo : c.q_hi], k[c.k_lo : c.k_hi], v[c.k_lo : c.k_hi], cu_seqlens_q=c.cu_q,
+                       cu_seqlens_k=c.cu_k, max_seqlen_q=c.max_q, max_seqlen_k=c.max_k, window_size=c.window,
+                       return_lse=True)  # fmt: skip
+
+
 def run_steps(q, k, v, plan, rank, sched, out, lse, step):
     """One ring step of ``rank`` with the K/V of its source that step, as ring_attention runs it."""
     src = (rank - step) % plan.world_size
@@ -322,8 +329,16 @@ def section_steps(res, dev, dtype, seqlen, counts):
             lse = torch.full((HQ, ql.shape[0]), float("-inf"), device=dev)
             step = functools.partial(run_steps, ql, ks, vs, plan, rank, sched, out, lse)
             grid.append([time_ms(functools.partial(step, s), dev, reps=2) for s in range(n)])
+        kernel_only = None
+        if name == f"zigzag{max(counts)}":
+            # rank 0's steps without the merges: the attention calls alone, for the merges' share
+            ql = plan.shard(q, 0)
+            sched = RingSchedule(plan, 0, causal=True, device=dev)
+            kernel_only = [time_ms(functools.partial(_calls_only, ql, ks[(0 - s) % n], vs[(0 - s) % n], sched.steps[s]),
+                                   dev, reps=2) for s in range(n)]  # fmt: skip
         r[name] = {
             "world": n,
+            "rank0_kernel_only_ms": kernel_only,
             "shard_tokens": plan.local_len(0),
             "step_ms": grid,
             "calls_per_rank": [RingSchedule(plan, i, causal=True).num_calls for i in range(n)],

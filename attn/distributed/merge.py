@@ -28,7 +28,8 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, par
     total = torch.logaddexp(lse, part_lse)
     w_old = _weights(lse, total).T.unsqueeze(-1)  # [T, H, 1]
     w_new = _weights(part_lse, total).T.unsqueeze(-1)
-    out.mul_(w_old).add_(part_out.float() * w_new)
+    # two passes over the accumulator, no temporaries of its size (addcmul_ widens part_out as it reads it)
+    out.mul_(w_old).addcmul_(part_out, w_new)
     lse.copy_(total)
 
 

@@ -19,9 +19,11 @@ import torch.multiprocessing as mp
 
 import attn
 from attn.distributed import (
+    RingSchedule,
     Segment,
     ShardedKVCache,
     ShardPlan,
+    attend_step,
     contiguous_plan,
     plan_pieces,
     ring_attention,
@@ -229,6 +231,84 @@ def test_tensor_parallel_matches_single_process(dist_results):
         print(e)
         for name, err in e.items():
             assert err <= (0.0 if name.startswith("slopes") else TOL[F32]), name
+
+
+def _simulated_ring(q, k, v, plan, impl, **mask):
+    """Every rank's every ring step in this process (no transport): the planning and the merges, alone."""
+    hq, d = q.shape[1:]
+    slopes = mask.pop("alibi_slopes", None)
+    s2 = None if slopes is None else slopes.float().expand(plan.num_seqs, hq)
+    shift = (1 / d**0.5) if mask.get("alibi_mode") == "alibi_with_scale" else 1.0
+    outs, lses = [], []
+    for r in range(plan.world_size):
+        sched = RingSchedule(plan, r, causal=mask.get("causal", False), window_size=mask.get("window_size", (-1, -1)),
+                             coalesce=slopes is None, device=q.device)  # fmt: skip
+        ql = plan.shard(q, r)
+        out = torch.zeros(ql.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full((hq, ql.shape[0]), float("-inf"), device=q.device)
+        for step in range(plan.world_size):
+            src = (r - step) % plan.world_size
+            attend_step(ql, plan.shard(k, src), plan.shard(v, src), sched.steps[step], out, lse, slopes=s2,
+                        alibi_shift=shift, impl=impl, softcap=mask.get("softcap", 0.0),
+                        alibi_mode=mask.get("alibi_mode", "alibi"))  # fmt: skip
+        outs.append(out.to(q.dtype))
+        lses.append(lse)
+    return plan.unshard(outs), plan.unshard(lses, dim=1)
+
+
+MASKS = {
+    "causal": dict(causal=True),
+    "bidirectional": dict(),
+    "causal_window": dict(causal=True, window_size=(5, -1)),
+    "window_both": dict(window_size=(4, 3)),
+    "right_only": dict(window_size=(-1, 2)),
+    "causal_alibi": dict(causal=True, alibi=True),
+    "window_alibi_with_scale": dict(window_size=(6, 2), alibi=True, alibi_mode="alibi_with_scale"),
+    "bidirectional_alibi_softcap": dict(alibi=True, softcap=3.0),
+}
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_ring_plan_matches_reference_in_one_process(mask):
+    # the step planning (trimming, kernel windows from e, ALiBi shifts, packing) over many shardings, with the
+    # fp64 reference as the kernel: exact up to fp32 merges (the lse comes back in fp32)
+    lens = [13, 1, 40]
+    kw = dict(MASKS[mask])
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = torch.rand(len(lens), 4, dtype=torch.float64)
+    cu = cu_seqlens_from_lengths(torch.tensor(lens, dtype=torch.int32))
+    q = torch.randn(sum(lens), 4, 8, dtype=torch.float64)
+    k, v = torch.randn(2, sum(lens), 2, 8, dtype=torch.float64)
+    ref, ref_lse = attn.reference.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, return_lse=True, **kw)
+    plans = [
+        zigzag_plan(lens, 2),
+        zigzag_plan(lens, 4),
+        contiguous_plan(lens, 3, cuts=[[0, 0, n // 3, n] for n in lens]),
+    ]
+    for plan in plans:
+        out, lse = _simulated_ring(q, k, v, plan, attn.reference.attention, **kw)
+        assert rel_err(ref, out) <= TOL[F32], plan
+        assert _lse_err(ref_lse, lse) <= LSE_TOL[F32], plan
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask", ["causal", "causal_window", "causal_alibi", "window_both"])
+def test_ring_steps_bf16_gpu(mask):
+    # the compiled kernels through a simulated 4-rank zigzag ring, against the same kernels on the whole input
+    lens = [3001, 1111]
+    kw = dict(MASKS[mask])
+    if kw.get("window_size"):
+        kw["window_size"] = tuple(w * 100 if w > 0 else w for w in kw["window_size"])
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = attn.alibi_slopes(32, device="cuda")
+    cu = cu_seqlens_from_lengths(torch.tensor(lens, dtype=torch.int32, device="cuda"))
+    q = torch.randn(sum(lens), 32, 128, dtype=torch.bfloat16, device="cuda")
+    k, v = torch.randn(2, sum(lens), 8, 128, dtype=torch.bfloat16, device="cuda")
+    single = attn.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, **kw)
+    ref = attn.reference.attention(q.float(), k.float(), v.float(), cu_seqlens_q=cu, cu_seqlens_k=cu, **kw)
+    out, _ = _simulated_ring(q, k, v, zigzag_plan(lens, 4), attn.attention, **kw)
+    assert rel_err(ref, out) <= TOL[torch.bfloat16]
+    assert rel_err(single, out) <= TOL[torch.bfloat16]
 
 
 def test_zigzag_balances_causal_work():

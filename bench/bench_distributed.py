@@ -521,6 +521,9 @@ def main(argv=None):
 
     def watchdog():
         res["cut_short"] = f"stopped by --budget-s {args.budget_s}"
+        if world == 1:
+            with contextlib.suppress(Exception):
+                section_model(res, args.seqlen)
         save()
         sys.stdout.flush()
         os._exit(3)
@@ -533,9 +536,11 @@ def main(argv=None):
         sections = [
             ("parity", lambda: section_parity(res, dev, dtype, min(args.seqlen, 4096))),
             ("e2e", lambda: section_e2e(res, dev, dtype, args.seqlen)),
-            ("overlap", lambda: section_overlap(res, dev, dtype, args.seqlen, dist.group.WORLD)),
             ("steps", lambda: section_steps(res, dev, dtype, args.seqlen, args.counts)),
             ("decode", lambda: section_decode(res, dev, dtype, args.decode_len, args.counts)),
+            # last: a self send/recv that NCCL neither refuses nor completes would hang here, and the watchdog
+            # then still writes everything above
+            ("overlap", lambda: section_overlap(res, dev, dtype, args.seqlen, dist.group.WORLD)),
         ]
     else:
         sections = [("multi_gpu", lambda: multi_gpu(res, dev, dtype, args.seqlen, args.decode_len, rank, world))]

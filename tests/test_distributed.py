@@ -359,6 +359,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="alibi_with_scale"):
         ring_attention(q, q, q, zigzag_plan([10], 1), alibi_slopes=torch.ones(2), alibi_mode="alibi_with_scale",
                        softcap=2.0)  # fmt: skip
+    with pytest.raises(ValueError, match="schedule was built"):
+        one = zigzag_plan([10], 1)
+        ring_attention(q, q, q, one, schedule=RingSchedule(one, 0, causal=True))
     with pytest.raises(ValueError, match="tp_size"):
         tp.head_ranges(8, 4, 3, 0)
     with pytest.raises(ValueError, match="past seqlens_total"):

@@ -163,6 +163,7 @@ class RingSchedule:
     def __init__(self, plan: ShardPlan, rank: int, *, causal=False, window_size=(-1, -1), coalesce=True,
                  device=None):  # fmt: skip
         self.plan, self.rank = plan, rank
+        self.mask = (bool(causal), tuple(window_size), bool(coalesce))
         n = plan.world_size
         self.steps: list[list[Call]] = []
         for step in range(n):
@@ -350,8 +351,12 @@ def ring_attention(
     if schedule is None:
         schedule = RingSchedule(plan, rank, causal=causal, window_size=window_size,
                                 coalesce=alibi_slopes is None, device=q.device)  # fmt: skip
-    elif schedule.plan is not plan or schedule.rank != rank:
-        raise ValueError("schedule was built for another plan or rank")
+    elif (schedule.plan, schedule.rank, schedule.mask) != (
+        plan,
+        rank,
+        (causal, tuple(window_size), alibi_slopes is None),
+    ):
+        raise ValueError("schedule was built for another plan, rank, mask or ALiBi setting")
     hq, d = q.shape[1], q.shape[2]
     slopes = None if alibi_slopes is None else _slopes_2d(alibi_slopes, plan.num_seqs, hq)
     scale = (1.0 / d**0.5 if softmax_scale is None else softmax_scale) / q_scaling

@@ -331,10 +331,15 @@ print("a 4-head model (wrong):   ", attn.alibi_slopes(4).tolist())
 
 # %%
 RESULTS = next((p for p in (Path("bench/results"), Path("../bench/results")) if p.is_dir()), None)
-measured = sorted(RESULTS.glob("distributed_*_x1_*.json")) if RESULTS else []
-model = json.loads(measured[-1].read_text()).get("model") if measured else None
-if model and "prefill" in model:
-    source = f"measured step times, {measured[-1].name}"
+# the newest one-GPU result of bench/bench_distributed.py that got as far as the model (not a --smoke run)
+measured = []
+for path in sorted(RESULTS.glob("distributed_*.json")) if RESULTS else []:
+    data = json.loads(path.read_text())
+    if data.get("world") == 1 and not data.get("smoke") and "prefill" in data.get("model", {}):
+        measured.append((path, data["model"]))
+model = measured[-1][1] if measured else None
+if model:
+    source = f"measured step times, {measured[-1][0].name}, {json.loads(measured[-1][0].read_text())['env'].get('gpu')}"
     prefill = {int(n): v for n, v in model["prefill"]["by_gpus"].items()}
     decode = {int(n): v for n, v in model.get("decode", {}).get("by_gpus", {}).items()}
 else:

@@ -212,6 +212,16 @@ def section_e2e(res, dev, dtype, seqlen):
                                                             max_seqlen_q=seqlen, max_seqlen_k=seqlen), dev)  # fmt: skip
     r["ring_world1_ms"] = time_ms(lambda: ring_attention(q, k, v, plan, causal=True, schedule=sched), dev)
     r["ring_fixed_ms"] = r["ring_world1_ms"] - r["attn_attention_ms"]
+    acc = torch.zeros(seqlen, HQ, D, dtype=torch.float32, device=dev)
+
+    def setup_and_cast():
+        # what ring_attention does besides its steps: the float32 accumulator and lse, and the final cast
+        torch.zeros(seqlen, HQ, D, dtype=torch.float32, device=dev)
+        torch.full((HQ, seqlen), float("-inf"), device=dev)
+        acc.to(dtype)
+
+    r["ring_setup_cast_ms"] = time_ms(setup_and_cast, dev)
+    acc = None
     flops = 4 * seqlen * (seqlen + 1) / 2 * HQ * D
     r["attn_attention_tflops"] = common.tflops(flops, r["attn_attention_ms"])
     if dev.type == "cuda":
@@ -400,7 +410,9 @@ def section_model(res, seqlen):
         shard_bytes = {n: cm.kv_shard_bytes(seqlen // n, HKV, D) for n in grids}
         loop = res.get("overlap_loopback", {})
         rho = {n: loop.get(f"N{n}", {}).get("step_slowdown", 1.0) for n in grids}
-        fixed = {n: max(0.0, e2e["ring_fixed_ms"]) / n for n in grids}
+        # the step grids hold the merges; what scales with the local length besides them is set-up and cast
+        fixed = {n: e2e["ring_setup_cast_ms"] / n for n in grids}
+        fixed[1] = max(0.0, e2e["ring_fixed_ms"])
         pred = cm.predict_prefill(e2e["attn_attention_ms"], grids, shard_bytes, overlap_slowdown=rho, fixed_ms=fixed)
         model["prefill"] = {"single_gpu_ms": e2e["attn_attention_ms"], "overlap_slowdown": rho, "by_gpus": pred}
         if "contiguous4" in steps:

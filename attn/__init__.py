@@ -4,7 +4,7 @@
 the top-level names are the fast ones.
 """
 
-from . import inflight, kv_cache, layout, reference
+from . import distributed, inflight, kv_cache, layout, reference
 from .fast import attention_unfused, check_errors, cross_attention, update_indirection
 from .inflight import InflightBatch
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
@@ -38,6 +38,7 @@ __all__ = [
     "context_attention",
     "cross_attention",
     "decode",
+    "distributed",
     "fast",
     "gpt_attention",
     "inflight",

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .fast import _triton
+from .fast import _errors, _triton
 from .fast.decode import _num_sms, choose_num_splits
 
 __all__ = ["ContextPlan", "DecodePlan", "GptAttentionPlan", "PrefillPlan"]
@@ -255,6 +255,9 @@ class _Replay:
 
 def _record(flat, inputs):
     """Runs ``flat(*inputs)`` once, recording it; returns ``(result, _Replay or None)``."""
+    # the device's error word (attn.fast._errors) must exist before recording: made during the call, its zeroing
+    # would be recorded as a fill, and every replay would then clear violations recorded by earlier calls
+    _errors.error_word(inputs[0].device)
     rec = _Recorder()
     with _patch_lock:
         modules = _launch_modules()
@@ -684,6 +687,8 @@ class PrefillPlan(_Plan):
 
     def __init__(self, seqlens_q, seqlens_k=None, *, packed: bool = True, padded_len_q: int | None = None,
                  padded_len_k: int | None = None, device="cuda", **options):  # fmt: skip
+        if "validate" in options:
+            raise TypeError("PrefillPlan sets validate itself")
         lq = _host_ints(seqlens_q, "seqlens_q")
         lk = lq if seqlens_k is None else _host_ints(seqlens_k, "seqlens_k")
         if len(lk) != len(lq):
@@ -713,7 +718,7 @@ class PrefillPlan(_Plan):
     def _flat(self, q, k, v):
         from .fast import attention
 
-        return attention(q, k, v, **self.meta, **self.options)
+        return attention(q, k, v, validate=False, **self.meta, **self.options)
 
     def run(self, q, k, v, *, out=None):
         """Attention of q over k, v (packed or padded, as planned)."""

@@ -82,6 +82,7 @@ def test_decode_plan_contiguous_and_split(device):
     p = attn.DecodePlan(k, v, [64, 33], num_heads_q=H_Q, num_splits=3)
     got = p.run(q)
     got = p.run(q)  # the replay
+    assert p.replayable
     seqlens = torch.tensor([64, 33], dtype=torch.int32, device=device)
     assert torch.equal(got, attn.decode(q, k, v, seqlens, validate=False, num_splits=3, **p.hints))
     torch.testing.assert_close(got, attn.reference.decode(q, k, v, seqlens), atol=1e-5, rtol=1e-5)
@@ -95,12 +96,48 @@ def test_context_and_prefill_plans(device):
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
     flat = attn.context_attention(q, cache.k, cache.v, seqlens, cu_seqlens_q=cu, block_table=table)
     assert torch.equal(p.run(q), flat) and torch.equal(p.run(q), flat)
+    assert p.replayable
 
     qp, kp, vp = (torch.randn(9, h, D, device=device) for h in (H_Q, H_KV, H_KV))
     pp = attn.PrefillPlan([4, 5], causal=True, device=device)
     flat = attn.attention(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
     assert torch.equal(pp.run(qp, kp, vp), flat) and torch.equal(pp.run(qp, kp, vp), flat)
     assert pp.replayable
+
+    # padded, one prompt shorter than the padding (its length goes to the kernel as seqlens_q/seqlens_k)
+    qd, kd, vd = (torch.randn(2, 5, h, D, device=device) for h in (H_Q, H_KV, H_KV))
+    pd = attn.PrefillPlan([4, 5], causal=True, packed=False, device=device)
+    lens = torch.tensor([4, 5], dtype=torch.int32, device=device)
+    flat = attn.attention(qd, kd, vd, seqlens_q=lens, seqlens_k=lens, causal=True)
+    assert torch.equal(pd.run(qd, kd, vd)[:, :4], flat[:, :4]) and pd.replayable
+    assert torch.equal(pd.run(qd, kd, vd)[:, :4], flat[:, :4])
+
+
+def test_replays_keep_and_feed_the_error_word(device, monkeypatch):
+    """Replays pass the device's error word to the kernels as the flat call does, and never clear it: a plan
+    recorded as a process's first call must not replay the word's creation (its zeroing) as a fill."""
+    from attn.fast import _errors
+
+    monkeypatch.setattr(_errors, "_WORDS", {})  # no word yet: the recorded call would make it
+    k = torch.randn(2, 32, H_KV, D, device=device)
+    v = torch.randn_like(k)
+    q = torch.randn(2, 1, H_Q, D, device=device)
+    p = attn.DecodePlan(k, v, [32, 9], num_heads_q=H_Q)
+    p.run(q)
+    word = _errors.error_word(torch.device(device))
+    assert p.replayable
+    assert all(plan_mod._storage(st[2]) != plan_mod._storage(word) for st in p._replay.steps if st[0] == "fill"
+               and st[2] is not None)  # fmt: skip
+    word.fill_(_errors.BLOCK_TABLE)  # a violation recorded by some earlier call survives the replay
+    p.run(q)
+    with pytest.raises(ValueError, match="block_table entry"):
+        attn.check_errors(device)
+    # a length corrupted on the device after planning: the replayed kernel clamps it and records it
+    p.cache_seqlens[0] = 1000
+    out = p.run(q)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="a length"):
+        attn.check_errors(device)
 
 
 @pytest.mark.parametrize("mode", ["unified", "split"])

@@ -28,6 +28,7 @@ import torch
 
 from . import fast as _fast
 from .inflight import InflightBatch
+from .options import accepts_options
 from .reference.preprocess import RopeScaling
 from .reference.relative_bias import RelativeBias
 
@@ -395,6 +396,11 @@ def _public(fast_fn, op_call):
     return fn
 
 
+# the op calls take the options objects too (scores=, cache_view=, rope=), expanded before the operator
+_attention_call, _decode_call, _context_call, _append_call, _preprocess_call, _gpt_call = (
+    accepts_options(f) for f in (_attention_call, _decode_call, _context_call, _append_call, _preprocess_call,
+                                 _gpt_call)
+)  # fmt: skip
 attention = _public(_fast.attention, _attention_call)
 decode = _public(_fast.decode, _decode_call)
 context_attention = _public(_fast.context_attention, _context_call)

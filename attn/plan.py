@@ -38,6 +38,7 @@ memory it owns). Planning itself costs one host-to-device copy of the metadata a
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 from collections.abc import Sequence
@@ -414,6 +415,20 @@ def _host_ints(x, name: str) -> list[int]:
     return list(x)
 
 
+def _flat_options(plan: str, fn, options: dict, block_table=None):
+    """The plan's keywords with any ``scores``/``cache_view``/``rope`` object (attn/options.py) expanded into the
+    flat keywords of ``fn``; a ``CacheView``'s block table becomes the plan's ``block_table``. Returns
+    ``(options, block_table)``."""
+    from .options import expand_options
+
+    options = expand_options(plan, frozenset(inspect.signature(fn).parameters), options)
+    if "block_table" in options:
+        if block_table is not None:
+            raise TypeError(f"{plan}: block_table given both as a keyword and in cache_view")
+        block_table = options.pop("block_table")
+    return options, block_table
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -496,7 +511,8 @@ class DecodePlan(_Plan):
             hints, which `num_splits` reports.
         **options: `attn.decode`'s other keywords (causal, window_size, softcap, alibi_slopes, rel_bias,
             k_scale, v_scale, max_attention_window, sink_token_length, rotary_dim, rope_*, cache_indirection,
-            return_lse, ...), fixed for the plan.
+            return_lse, ...), fixed for the plan; or the option objects ``scores=``, ``cache_view=``, ``rope=``
+            (`attn.ScoreOptions`, `attn.CacheView`, `attn.RopeOptions`), expanded here.
 
     ``run(q, k_cache=None, v_cache=None, *, out=None)`` returns what `attn.decode` returns.
     """
@@ -504,7 +520,10 @@ class DecodePlan(_Plan):
     def __init__(self, k_cache, v_cache, cache_seqlens, *, block_table=None, num_heads_q: int, q_len: int = 1,
                  max_seqlen_k: int | None = None, round_to: int = ROUND_TO, num_splits: int | None = None,
                  **options):  # fmt: skip
+        from .fast import decode
+
         _check_pool(k_cache, v_cache)
+        options, block_table = _flat_options("DecodePlan", decode, options, block_table)
         for bad in ("validate", "total_seqlen_k"):
             if bad in options:
                 raise TypeError(f"DecodePlan sets {bad} itself")
@@ -617,7 +636,10 @@ class ContextPlan(_Plan):
     """
 
     def __init__(self, k_cache, v_cache, cache_seqlens, new_tokens, *, block_table=None, **options):
+        from .fast import context_attention
+
         _check_pool(k_cache, v_cache)
+        options, block_table = _flat_options("ContextPlan", context_attention, options, block_table)
         if "validate" in options:
             raise TypeError("ContextPlan sets validate itself")
         lengths = _host_ints(cache_seqlens, "cache_seqlens")
@@ -687,6 +709,9 @@ class PrefillPlan(_Plan):
 
     def __init__(self, seqlens_q, seqlens_k=None, *, packed: bool = True, padded_len_q: int | None = None,
                  padded_len_k: int | None = None, device="cuda", **options):  # fmt: skip
+        from .fast import attention
+
+        options, _ = _flat_options("PrefillPlan", attention, options)
         if "validate" in options:
             raise TypeError("PrefillPlan sets validate itself")
         lq = _host_ints(seqlens_q, "seqlens_q")
@@ -744,7 +769,10 @@ class GptAttentionPlan(_Plan):
     """
 
     def __init__(self, batch, k_cache, v_cache, *, num_heads_q: int, num_heads_kv: int, **options):
+        from .fast import gpt_attention
+
         _check_pool(k_cache, v_cache)
+        options, _ = _flat_options("GptAttentionPlan", gpt_attention, options)
         if "validate" in options:
             raise TypeError("GptAttentionPlan sets validate itself")
         after = [p + n for p, n in zip(batch.past_lengths, batch.new_tokens)]

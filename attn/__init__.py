@@ -11,6 +11,7 @@ from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhau
 
 # the fast functions, through attn.ops: direct calls in eager mode, custom operators under torch.compile
 from .ops import append_kv, attention, context_attention, decode, gpt_attention, preprocess
+from .options import CacheView, RopeOptions, ScoreOptions
 from .plan import ContextPlan, DecodePlan, GptAttentionPlan, PrefillPlan
 from .reference.alibi import alibi_slopes
 from .reference.kv_quant import calibrate_kv_scales
@@ -19,6 +20,7 @@ from .reference.relative_bias import RelativeBias
 
 __all__ = [
     "BlockAllocator",
+    "CacheView",
     "ContextPlan",
     "DecodePlan",
     "GptAttentionPlan",
@@ -28,7 +30,9 @@ __all__ = [
     "PagedKVCache",
     "PoolExhaustedError",
     "RelativeBias",
+    "RopeOptions",
     "RopeScaling",
+    "ScoreOptions",
     "alibi_slopes",
     "append_kv",
     "attention",

@@ -28,6 +28,7 @@ import torch
 
 from . import fast as _fast
 from .inflight import InflightBatch
+from .options import accepts_options
 from .reference.preprocess import RopeScaling
 from .reference.relative_bias import RelativeBias
 
@@ -94,7 +95,7 @@ def _attention_op(
     seqlens_q: torch.Tensor | None, seqlens_k: torch.Tensor | None, causal: bool, softmax_scale: float | None,
     q_scaling: float, window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
     alibi_mode: str, rel_table: torch.Tensor | None, rel_full: torch.Tensor | None, rel_max_distance: int,
-    rel_bidirectional: bool, return_lse: bool,
+    rel_bidirectional: bool, return_lse: bool, validate: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     r = _fast.attention(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
@@ -102,13 +103,14 @@ def _attention_op(
         softmax_scale=softmax_scale, q_scaling=q_scaling, window_size=(window_left, window_right), softcap=softcap,
         alibi_slopes=alibi_slopes, alibi_mode=alibi_mode,
         rel_bias=_rel_unflat(rel_table, rel_full, rel_max_distance, rel_bidirectional), return_lse=return_lse,
+        validate=validate,
     )  # fmt: skip
     return r if return_lse else (r, _no_lse(q))
 
 
 @_attention_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqlens_q, seqlens_k, *rest):
-    return_lse = rest[-1]
+    return_lse = rest[-2]
     out = q.new_empty(q.shape)
     if not return_lse:
         return out, _no_lse(q)
@@ -120,12 +122,12 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqlens_q
 def _attention_call(
     q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, seqlens_q=None,
     seqlens_k=None, causal=False, softmax_scale=None, q_scaling=1.0, window_size=(-1, -1), softcap=0.0,
-    alibi_slopes=None, alibi_mode="alibi", rel_bias=None, return_lse=False,
+    alibi_slopes=None, alibi_mode="alibi", rel_bias=None, return_lse=False, validate=None,
 ):  # fmt: skip
     out, lse = torch.ops.attn.attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqlens_q, seqlens_k, causal,
         softmax_scale, q_scaling, window_size[0], window_size[1], softcap, alibi_slopes, alibi_mode,
-        *_rel_flat(rel_bias), return_lse,
+        *_rel_flat(rel_bias), return_lse, validate,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -143,7 +145,7 @@ def _decode_op(
     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, max_attention_window: int | None,
     sink_token_length: int, rotary_dim: int, rope_base: float, rope_style: str, rope_scaling_type: str | None,
     rope_scaling_values: list[float], cache_indirection: torch.Tensor | None, return_lse: bool,
-    num_splits: int | None, max_seqlen_k: int | None, total_seqlen_k: int | None, validate: bool,
+    num_splits: int | None, max_seqlen_k: int | None, total_seqlen_k: int | None, validate: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     r = _fast.decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
@@ -172,7 +174,7 @@ def _decode_call(
     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, alibi_mode="alibi", rel_bias=None, k_scale=None,
     v_scale=None, max_attention_window=None, sink_token_length=0, rotary_dim=0, rope_base=10000.0,
     rope_style="neox", rope_scaling=None, cache_indirection=None, return_lse=False, num_splits=None,
-    max_seqlen_k=None, total_seqlen_k=None, validate=True,
+    max_seqlen_k=None, total_seqlen_k=None, validate=None,
 ):  # fmt: skip
     out, lse = torch.ops.attn.decode(
         q, k_cache, v_cache, cache_seqlens, block_table, causal, softmax_scale, q_scaling, window_size[0],
@@ -196,7 +198,7 @@ def _context_op(
     rel_full: torch.Tensor | None, rel_max_distance: int, rel_bidirectional: bool, k_scale: torch.Tensor | None,
     v_scale: torch.Tensor | None, max_attention_window: int | None, sink_token_length: int,
     k_new: torch.Tensor | None, v_new: torch.Tensor | None, rotary_dim: int, rope_base: float, rope_style: str,
-    rope_scaling_type: str | None, rope_scaling_values: list[float], return_lse: bool, validate: bool,
+    rope_scaling_type: str | None, rope_scaling_values: list[float], return_lse: bool, validate: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     r = _fast.context_attention(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
@@ -224,7 +226,7 @@ def _context_call(
     softmax_scale=None, q_scaling=1.0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, alibi_mode="alibi",
     rel_bias=None, k_scale=None, v_scale=None, max_attention_window=None, sink_token_length=0, k_new=None,
     v_new=None, rotary_dim=0, rope_base=10000.0, rope_style="neox", rope_scaling=None, return_lse=False,
-    validate=True,
+    validate=None,
 ):  # fmt: skip
     out, lse = torch.ops.attn.context_attention(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, max_seqlen_q, block_table, causal, softmax_scale,
@@ -244,12 +246,12 @@ def _append_op(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     cache_seqlens: torch.Tensor, cu_seqlens_new: torch.Tensor | None, block_table: torch.Tensor | None,
     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, max_attention_window: int | None,
-    sink_token_length: int,
+    sink_token_length: int, validate: bool | None,
 ) -> None:  # fmt: skip
     _fast.append_kv(
         k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new=cu_seqlens_new, block_table=block_table,
         k_scale=k_scale, v_scale=v_scale, max_attention_window=max_attention_window,
-        sink_token_length=sink_token_length,
+        sink_token_length=sink_token_length, validate=validate,
     )  # fmt: skip
 
 
@@ -260,11 +262,11 @@ def _(*args):
 
 def _append_call(
     k_cache, v_cache, k_new, v_new, cache_seqlens, *, cu_seqlens_new=None, block_table=None, k_scale=None,
-    v_scale=None, max_attention_window=None, sink_token_length=0,
+    v_scale=None, max_attention_window=None, sink_token_length=0, validate=None,
 ):  # fmt: skip
     torch.ops.attn.append_kv(
         k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table, k_scale, v_scale,
-        max_attention_window, sink_token_length,
+        max_attention_window, sink_token_length, validate,
     )  # fmt: skip
 
 
@@ -274,7 +276,7 @@ def _preprocess_op(
     num_heads_kv: int, cu_seqlens_new: torch.Tensor | None, block_table: torch.Tensor | None,
     qkv_bias: torch.Tensor | None, rotary_dim: int, rope_base: float, rope_style: str, rope_scaling_type: str | None,
     rope_scaling_values: list[float], k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
-    max_attention_window: int | None, sink_token_length: int, validate: bool,
+    max_attention_window: int | None, sink_token_length: int, validate: bool | None,
 ) -> torch.Tensor:  # fmt: skip
     return _fast.preprocess(
         qkv, k_cache, v_cache, cache_seqlens, num_heads_q=num_heads_q, num_heads_kv=num_heads_kv,
@@ -298,7 +300,7 @@ def _(qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, *rest):
 def _preprocess_call(
     qkv, k_cache, v_cache, cache_seqlens, *, num_heads_q, num_heads_kv, cu_seqlens_new=None, block_table=None,
     qkv_bias=None, rotary_dim=0, rope_base=10000.0, rope_style="neox", rope_scaling=None, k_scale=None,
-    v_scale=None, max_attention_window=None, sink_token_length=0, validate=True,
+    v_scale=None, max_attention_window=None, sink_token_length=0, validate=None,
 ):  # fmt: skip
     return torch.ops.attn.preprocess(
         qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
@@ -327,7 +329,7 @@ def _gpt_op(
     window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None, alibi_mode: str,
     rel_table: torch.Tensor | None, rel_full: torch.Tensor | None, rel_max_distance: int, rel_bidirectional: bool,
     # (split_mode: an operator argument named "mode" collides with an argument of torch's dispatch to modes)
-    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, split_mode: str | None, validate: bool,
+    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, split_mode: str | None, validate: bool | None,
 ) -> torch.Tensor:  # fmt: skip
     after = [p + n for p, n in zip(past_lengths, new_tokens)]
     ctx_new = [n for t, n in zip(request_types, new_tokens) if t == 0]
@@ -359,7 +361,7 @@ def _(qkv, k_cache, v_cache, *rest):
 def _gpt_call(
     qkv, batch, k_cache, v_cache, *, num_heads_q, num_heads_kv, qkv_bias=None, rotary_dim=0, rope_base=10000.0,
     rope_style="neox", rope_scaling=None, softmax_scale=None, q_scaling=1.0, window_size=(-1, -1), softcap=0.0,
-    alibi_slopes=None, alibi_mode="alibi", rel_bias=None, k_scale=None, v_scale=None, mode=None, validate=True,
+    alibi_slopes=None, alibi_mode="alibi", rel_bias=None, k_scale=None, v_scale=None, mode=None, validate=None,
 ):  # fmt: skip
     return torch.ops.attn.gpt_attention(
         qkv, k_cache, v_cache, list(batch.request_types), list(batch.new_tokens), list(batch.past_lengths),
@@ -394,6 +396,11 @@ def _public(fast_fn, op_call):
     return fn
 
 
+# the op calls take the options objects too (scores=, cache_view=, rope=), expanded before the operator
+_attention_call, _decode_call, _context_call, _append_call, _preprocess_call, _gpt_call = (
+    accepts_options(f) for f in (_attention_call, _decode_call, _context_call, _append_call, _preprocess_call,
+                                 _gpt_call)
+)  # fmt: skip
 attention = _public(_fast.attention, _attention_call)
 decode = _public(_fast.decode, _decode_call)
 context_attention = _public(_fast.context_attention, _context_call)

@@ -38,13 +38,14 @@ memory it owns). Planning itself costs one host-to-device copy of the metadata a
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 from collections.abc import Sequence
 
 import torch
 
-from .fast import _triton
+from .fast import _errors, _triton
 from .fast.decode import _num_sms, choose_num_splits
 
 __all__ = ["ContextPlan", "DecodePlan", "GptAttentionPlan", "PrefillPlan"]
@@ -255,6 +256,9 @@ class _Replay:
 
 def _record(flat, inputs):
     """Runs ``flat(*inputs)`` once, recording it; returns ``(result, _Replay or None)``."""
+    # the device's error word (attn.fast._errors) must exist before recording: made during the call, its zeroing
+    # would be recorded as a fill, and every replay would then clear violations recorded by earlier calls
+    _errors.error_word(inputs[0].device)
     rec = _Recorder()
     with _patch_lock:
         modules = _launch_modules()
@@ -411,6 +415,20 @@ def _host_ints(x, name: str) -> list[int]:
     return list(x)
 
 
+def _flat_options(plan: str, fn, options: dict, block_table=None):
+    """The plan's keywords with any ``scores``/``cache_view``/``rope`` object (attn/options.py) expanded into the
+    flat keywords of ``fn``; a ``CacheView``'s block table becomes the plan's ``block_table``. Returns
+    ``(options, block_table)``."""
+    from .options import expand_options
+
+    options = expand_options(plan, frozenset(inspect.signature(fn).parameters), options)
+    if "block_table" in options:
+        if block_table is not None:
+            raise TypeError(f"{plan}: block_table given both as a keyword and in cache_view")
+        block_table = options.pop("block_table")
+    return options, block_table
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -493,7 +511,8 @@ class DecodePlan(_Plan):
             hints, which `num_splits` reports.
         **options: `attn.decode`'s other keywords (causal, window_size, softcap, alibi_slopes, rel_bias,
             k_scale, v_scale, max_attention_window, sink_token_length, rotary_dim, rope_*, cache_indirection,
-            return_lse, ...), fixed for the plan.
+            return_lse, ...), fixed for the plan; or the option objects ``scores=``, ``cache_view=``, ``rope=``
+            (`attn.ScoreOptions`, `attn.CacheView`, `attn.RopeOptions`), expanded here.
 
     ``run(q, k_cache=None, v_cache=None, *, out=None)`` returns what `attn.decode` returns.
     """
@@ -501,7 +520,10 @@ class DecodePlan(_Plan):
     def __init__(self, k_cache, v_cache, cache_seqlens, *, block_table=None, num_heads_q: int, q_len: int = 1,
                  max_seqlen_k: int | None = None, round_to: int = ROUND_TO, num_splits: int | None = None,
                  **options):  # fmt: skip
+        from .fast import decode
+
         _check_pool(k_cache, v_cache)
+        options, block_table = _flat_options("DecodePlan", decode, options, block_table)
         for bad in ("validate", "total_seqlen_k"):
             if bad in options:
                 raise TypeError(f"DecodePlan sets {bad} itself")
@@ -614,7 +636,10 @@ class ContextPlan(_Plan):
     """
 
     def __init__(self, k_cache, v_cache, cache_seqlens, new_tokens, *, block_table=None, **options):
+        from .fast import context_attention
+
         _check_pool(k_cache, v_cache)
+        options, block_table = _flat_options("ContextPlan", context_attention, options, block_table)
         if "validate" in options:
             raise TypeError("ContextPlan sets validate itself")
         lengths = _host_ints(cache_seqlens, "cache_seqlens")
@@ -684,6 +709,11 @@ class PrefillPlan(_Plan):
 
     def __init__(self, seqlens_q, seqlens_k=None, *, packed: bool = True, padded_len_q: int | None = None,
                  padded_len_k: int | None = None, device="cuda", **options):  # fmt: skip
+        from .fast import attention
+
+        options, _ = _flat_options("PrefillPlan", attention, options)
+        if "validate" in options:
+            raise TypeError("PrefillPlan sets validate itself")
         lq = _host_ints(seqlens_q, "seqlens_q")
         lk = lq if seqlens_k is None else _host_ints(seqlens_k, "seqlens_k")
         if len(lk) != len(lq):
@@ -713,7 +743,7 @@ class PrefillPlan(_Plan):
     def _flat(self, q, k, v):
         from .fast import attention
 
-        return attention(q, k, v, **self.meta, **self.options)
+        return attention(q, k, v, validate=False, **self.meta, **self.options)
 
     def run(self, q, k, v, *, out=None):
         """Attention of q over k, v (packed or padded, as planned)."""
@@ -739,7 +769,10 @@ class GptAttentionPlan(_Plan):
     """
 
     def __init__(self, batch, k_cache, v_cache, *, num_heads_q: int, num_heads_kv: int, **options):
+        from .fast import gpt_attention
+
         _check_pool(k_cache, v_cache)
+        options, _ = _flat_options("GptAttentionPlan", gpt_attention, options)
         if "validate" in options:
             raise TypeError("GptAttentionPlan sets validate itself")
         after = [p + n for p, n in zip(batch.past_lengths, batch.new_tokens)]

@@ -8,6 +8,8 @@ against the copy ceiling measured in the same run. Contenders, each checked agai
 first and last sequence before it is timed:
   ours        attn.decode on the contiguous cache [B, L, Hkv, D] as a user calls it: no hints, no validate flag
   ours-p64    the same default call on the cache as a shuffled pool of 64-token blocks, with its block table
+  *-validated LABELLED: validate=True, the host checks of values that the default call made before issue 15
+              (it reads the lengths and block table back: one sync per call)
   *-hinted    LABELLED: validate=False plus the lengths' max and sum (what a scheduler knows)
   *-planned   LABELLED: attn.DecodePlan.run(q), the plan made once outside the timed loop
   *-graph     LABELLED: plan.run captured in a CUDA graph and replayed (the graph time, host cost removed)
@@ -20,8 +22,9 @@ syncs itself, as the default call did before issue 15's fix, that includes waiti
 
     python -m bench.bench_decode --out $OUT/decode.json --timeline $OUT/decode_timeline.json
 
-``--timeline`` also records a torch.profiler trace of a few default calls and a few planned calls on one shape
-(host ranges, the syncs, the GPU kernels) into a small JSON that lessons/14_serving_loop.py draws.
+``--timeline`` also records a torch.profiler trace of a few validated calls (the old default), a few default calls
+and a few planned calls on one shape (host ranges, the syncs, the GPU kernels) into a small JSON that
+lessons/14_serving_loop.py draws.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ import torch
 from bench import common
 
 PEERS = ["cudnn", "flash", "efficient", "flex"]
-OURS = ["ours", "ours-hinted", "ours-planned", "ours-graph", "ours-p64", "ours-p64-hinted", "ours-p64-planned",
-        "ours-p64-graph"]  # fmt: skip
+OURS = ["ours", "ours-validated", "ours-hinted", "ours-planned", "ours-graph", "ours-p64", "ours-p64-validated",
+        "ours-p64-hinted", "ours-p64-planned", "ours-p64-graph"]  # fmt: skip
 COLUMNS = [*OURS, *PEERS]
 
 
@@ -131,6 +134,11 @@ def run_shape(shape: Shape, args, ceilings) -> dict:
         # the default call, exactly as a user writes it
         contenders[name] = (lambda k_=k_, v_=v_, table=table: attn.decode(q, k_, v_, seqlens, block_table=table),
                             lambda o: o, None)  # fmt: skip
+        # labelled: the host checks of values, as the default call did before issue 15 (a sync per call)
+        contenders[f"{name}-validated"] = (
+            lambda k_=k_, v_=v_, table=table: attn.decode(q, k_, v_, seqlens, block_table=table, validate=True),
+            lambda o: o, None,
+        )  # fmt: skip
         # labelled: the hinted flat call (validate=False and the lengths' max and sum)
         contenders[f"{name}-hinted"] = (
             lambda k_=k_, v_=v_, table=table: fast.decode(q, k_, v_, seqlens, block_table=table, validate=False,
@@ -180,9 +188,8 @@ def run_shape(shape: Shape, args, ceilings) -> dict:
                     # per step; the graph time is the kernel's, the event time adds any host-bound gap
                     entry["host_us"] = common.host_us(fn)
                     try:
-                        if name in caches:
-                            # the default call reads lengths on the host; its capture is tests/test_plan.py's
-                            raise RuntimeError("not captured here: the default call")
+                        if name.endswith("-validated"):
+                            raise RuntimeError("not captured: validate=True reads values on the host")
                         gms = common.graph_ms(fn, calls_per_graph=max(1, min(100, int(2.0 / ms))))
                         entry.update(ms_graph=gms, tbps_graph=common.tbps(nbytes, gms))
                         entry["frac_copy_ceiling_graph"] = entry["tbps_graph"] / copy if copy else None
@@ -213,28 +220,45 @@ def run_shape(shape: Shape, args, ceilings) -> dict:
         if r.get("ms") and best_peer:
             # > 1: faster than the best peer (event-timed, as a user without graphs sees both)
             r["vs_best_peer"] = best_peer / r["ms"]
+    # issue 15's targets, from the default calls as a user makes them: >= 0.97x cuDNN, paged >= 0.95x contiguous
+    ratios = {}
+    cudnn_ms, p64_ms = results.get("cudnn", {}).get("ms"), results.get("ours-p64", {}).get("ms")
+    if ours_ms and cudnn_ms:
+        ratios["ours_vs_cudnn"] = cudnn_ms / ours_ms
+    if p64_ms and cudnn_ms:
+        ratios["p64_vs_cudnn"] = cudnn_ms / p64_ms
+    if ours_ms and p64_ms:
+        ratios["p64_vs_contiguous"] = ours_ms / p64_ms
+    hinted_ms = results.get("ours-hinted", {}).get("ms")
+    if ours_ms and hinted_ms:
+        ratios["default_vs_hinted"] = hinted_ms / ours_ms
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = fast.choose_num_splits(shape.batch, shape.heads_kv, max_len, sms, total_seqlen_k=sum(shape.lengths))
     if args.timeline and not args.timeline_done and args.timeline_shape in shape.name:
         args.timeline_done = True
-        record_timeline(args.timeline, shape, contenders["ours-p64"][0], contenders["ours-p64-planned"][0])
+        record_timeline(args.timeline, shape, {label: contenders[f"ours-p64{suffix}"][0] for label, suffix in
+                                               zip(TIMELINE_LABELS, ("-validated", "", "-planned"))})  # fmt: skip
     return {"shape": shape.name, "lengths": list(shape.lengths), "kv_bytes": nbytes, "num_splits": splits,
-            "best_peer_ms": best_peer, "contenders": results}  # fmt: skip
+            "best_peer_ms": best_peer, "default_call_ratios": ratios, "contenders": results}  # fmt: skip
 
 
-def record_timeline(path, shape, default_fn, planned_fn, calls: int = 6) -> None:
-    """A few default calls, then a few planned calls, under torch.profiler: host ranges, syncs and GPU kernels,
-    in microseconds from the first event, as a small JSON (the full Chrome trace is megabytes)."""
+TIMELINE_LABELS = ("validate=True", "default call", "plan.run")
+
+
+def record_timeline(path, shape, calls_by_label: dict, calls: int = 6) -> None:
+    """A few calls of each kind (``TIMELINE_LABELS``: the validated call that the default was before issue 15,
+    the default call, the planned call) under torch.profiler: host ranges, syncs and GPU kernels, in
+    microseconds from the first event, as a small JSON (the full Chrome trace is megabytes)."""
     import json
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    for fn in (default_fn, planned_fn):
+    for fn in calls_by_label.values():
         fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for label, fn in (("default call", default_fn), ("plan.run", planned_fn)):
+        for label, fn in calls_by_label.items():
             for _ in range(calls):
                 with record_function(label):
                     fn()
@@ -249,7 +273,7 @@ def record_timeline(path, shape, default_fn, planned_fn, calls: int = 6) -> None
         if e.get("ph") != "X":
             continue
         cat, name = e.get("cat", ""), e.get("name", "")
-        if cat == "user_annotation" and name in ("default call", "plan.run"):
+        if cat == "user_annotation" and name in calls_by_label:
             keep.append(("cpu", name, e))
         elif cat == "kernel":
             keep.append(("gpu", name[:60], e))
@@ -279,7 +303,7 @@ def main() -> None:
     p.add_argument("--out")
     p.add_argument("--tol", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeline", help="also write a profiler timeline (default vs planned calls) to this JSON")
+    p.add_argument("--timeline", help="also write a profiler timeline (validated, default, planned calls) to this JSON")
     p.add_argument("--timeline-shape", default="L32768", help="the shape (a substring of its name) profiled")
     args = p.parse_args()
     args.timeline_done = False
@@ -314,8 +338,10 @@ def main() -> None:
                 print(f"  {name}: {c['error'][:200]}", flush=True)
         rows.append(cells)
         print("  " + " | ".join(cells), flush=True)
+        print("  default-call ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in r["default_call_ratios"].items()),
+              flush=True)  # fmt: skip
     print("\nTB/s of K+V read, event-timed; p: best peer's time / this row's time (> 1: faster than the best peer);")
-    print("h: host time of one call without a sync; -hinted/-planned/-graph rows are labelled variants of ours")
+    print("h: host time of one call without a sync; -validated/-hinted/-planned/-graph rows are labelled variants")
     print(common.format_table(["shape", "splits", *COLUMNS], rows))
     print(f"ceilings: copy {ceilings.get('copy_tbps')} TB/s\nresults: {out_path}")
 

@@ -43,13 +43,20 @@ import attn
 # value to the host, and the copy waits until every kernel queued before it has finished. Then the host starts
 # preparing the next launch only when the GPU is already idle, and the GPU idles for the whole host time of the
 # next call. Per step the time becomes **host + kernel** instead of **max(host, kernel)**: with a 60 µs host
-# and a 60 µs kernel, twice as long. That is what the default `attn.decode` call did before issue 15: its
-# checks read the lengths and the block table on the host, and the measured result was 0.43-0.80x cuDNN as a
-# user calls it, against 0.98-1.00x with the checks turned off.
+# and a 60 µs kernel, twice as long.
 #
-# Below, a profiler timeline: the default call, then `plan.run`, over the same cache. It is drawn from a
-# trace recorded on the GPU by `python -m bench.bench_decode --timeline ...` when that file is in
-# `bench/results/`; otherwise a schematic with made-up durations stands in, labelled as such.
+# That is what the default `attn.decode` call did before issue 15: its checks read the lengths and the block
+# table on the host, and the measured result was 0.43-0.80x cuDNN as a user calls it, against 0.98-1.00x with
+# the checks turned off. Those checks are still there, as an opt-in: `validate=True` (or `ATTN_DEBUG=1`) reads the
+# values and raises at once on a bad one, and it still syncs, so it draws the "before" picture below. The
+# default call now reads no value on the host: the kernels clamp every index they take from a tensor into the
+# range their operands allow, and record a violation in a device-side error word that `attn.check_errors()`
+# reads when you choose to sync (after a step, once per request, in a test).
+#
+# Below, a profiler timeline of three kinds of call over the same paged cache: `validate=True` (the old default),
+# the default call, and `plan.run` (section 2). It is drawn from a trace recorded on the GPU by
+# `python -m bench.bench_decode --timeline ...` when that file is in `bench/results/`; otherwise a schematic
+# with made-up durations stands in, labelled as such.
 
 
 # %%
@@ -65,23 +72,24 @@ def load_timeline():
     return None, None
 
 
-def schematic(host_us=60.0, sync_us=8.0, kernel_us=60.0, calls=4):
-    """Made-up durations: a synchronizing call (its host work starts only after the previous kernel) against
-    an asynchronous one (host work overlaps the previous kernel)."""
+def schematic(host_us=60.0, sync_us=8.0, kernel_us=60.0, plan_us=15.0, calls=4):
+    """Made-up durations: a synchronizing call (its host work starts only after the previous kernel), then two
+    asynchronous ones (host work overlaps the previous kernel): the default call and the cheaper plan.run."""
     events, t_host, t_gpu = [], 0.0, 0.0
-    for _ in range(calls):  # synchronizing: wait for the GPU, then prepare, then launch
+    for _ in range(calls):  # validate=True: wait for the GPU, then prepare, then launch
         t_host = max(t_host, t_gpu)
-        events.append({"track": "cpu", "name": "default call", "ts_us": t_host, "dur_us": host_us + sync_us})
+        events.append({"track": "cpu", "name": "validate=True", "ts_us": t_host, "dur_us": host_us + sync_us})
         t_host += host_us + sync_us
         events.append({"track": "gpu", "name": "decode kernel", "ts_us": t_host, "dur_us": kernel_us})
         t_gpu = t_host + kernel_us
-    t_host = t_gpu + 40
-    for _ in range(calls):  # asynchronous: the host runs ahead; the GPU runs back to back
-        events.append({"track": "cpu", "name": "plan.run", "ts_us": t_host, "dur_us": 15.0})
-        t_host += 15.0
-        start = max(t_host, t_gpu)
-        events.append({"track": "gpu", "name": "decode kernel", "ts_us": start, "dur_us": kernel_us})
-        t_gpu = start + kernel_us
+    for name, dur in (("default call", host_us), ("plan.run", plan_us)):
+        t_host = t_gpu + 40
+        for _ in range(calls):  # asynchronous: the host runs ahead; the GPU runs back to back
+            events.append({"track": "cpu", "name": name, "ts_us": t_host, "dur_us": dur})
+            t_host += dur
+            start = max(t_host, t_gpu)
+            events.append({"track": "gpu", "name": "decode kernel", "ts_us": start, "dur_us": kernel_us})
+            t_gpu = start + kernel_us
     return {"events": events}
 
 
@@ -91,7 +99,7 @@ if data is None:
 else:
     title = f"recorded: {data.get('shape')} on {data.get('gpu')} ({source})"
 
-colors = {"default call": "tab:red", "plan.run": "tab:green"}
+colors = {"validate=True": "tab:red", "default call": "tab:orange", "plan.run": "tab:green"}
 fig, ax = plt.subplots(figsize=(11, 2.6))
 for e in data["events"]:
     row = {"cpu": 1, "runtime": 0.5, "gpu": 0}[e["track"]]
@@ -107,16 +115,41 @@ plt.show()
 
 # %% [markdown]
 # Read the red part left to right: each call's host range starts only when the previous kernel has finished
-# (the sync), so kernels have gaps as long as the host range between them. In the green part the host ranges
-# are short and run ahead of the GPU, and the kernels sit back to back: the GPU never waits.
+# (the sync), so kernels have gaps as long as the host range between them. In the orange and green parts the
+# host ranges run ahead of the GPU and the kernels sit back to back: the GPU never waits. A recording made
+# before issue 15 would show the red picture for the *default* call.
 #
+# What does the default call do with a bad length, then? It cannot raise (raising needs the value on the host);
+# it computes with the length clamped into the cache and records the violation. The next `attn.check_errors()`
+# raises it, once; `validate=True` raises at the call, before anything runs.
+
+# %%
+torch.manual_seed(0)
+k_pool = torch.randn(8, 4, 2, 16)  # 8 blocks of 4 tokens, 2 KV heads, head dim 16
+v_pool = torch.randn_like(k_pool)
+table = torch.tensor([[0, 3], [5, 1]], dtype=torch.int32)
+q = torch.randn(2, 1, 4, 16)
+bad_lengths = torch.tensor([6, 1000], dtype=torch.int32)  # 1000 tokens, but the table holds 8
+out = attn.decode(q, k_pool, v_pool, bad_lengths, block_table=table)  # no host read, no error yet
+clamped = attn.reference.decode(q, k_pool, v_pool, torch.tensor([6, 8], dtype=torch.int32), block_table=table)
+print("default call == reference on the clamped lengths:", torch.allclose(out, clamped, atol=1e-5))
+for label, fn in (("check_errors()", attn.check_errors),
+                  ("validate=True", lambda: attn.decode(q, k_pool, v_pool, bad_lengths, block_table=table,
+                                                        validate=True))):  # fmt: skip
+    try:
+        fn()
+    except ValueError as e:
+        print(f"{label} raises: {e}")
+
+# %% [markdown]
 # ## 2. Plan once, run many
 #
-# The fix has two parts. The flat functions stop reading device values by default (value checks move into
-# the kernels and into `validate=True`), and for serving loops there is a *plan*: the step's metadata, which the
-# scheduler holds on the host anyway (lengths as Python ints, block tables as lists), is checked once and put on
-# the device once; the split count is chosen once; and `plan.run(q)` only launches. One plan serves every
-# layer of a step: each layer passes its own cache pools. This is FlashInfer's `plan`/`run` design.
+# The default call is asynchronous now, but it still does its host work on every call: argument checks, the
+# split heuristic, the launcher's bookkeeping (about 60 µs on an H100, enough to be the bottleneck when the
+# kernel is shorter than that). For serving loops there is a *plan*: the step's metadata, which the scheduler
+# holds on the host anyway (lengths as Python ints, block tables as lists), is checked once and put on the
+# device once; the split count is chosen once; and `plan.run(q)` only launches (about 18 µs). One plan serves
+# every layer of a step: each layer passes its own cache pools. This is FlashInfer's `plan`/`run` design.
 #
 # Our plans go one step further in how `run` stays cheap. The first `run` calls the flat function
 # (`validate=False`, with the plan's length hints) and *records* what it did: its kernel launches, and every torch
@@ -170,8 +203,13 @@ print("still valid:", plan.update([6, 31, 18]))
 #     graph.replay()                        # the whole step, one host call
 # ```
 #
-# `bench/bench_decode.py` times four rows per cache: the default call as a user writes it, the hinted flat call,
-# `plan.run`, and the plan replayed from a graph, each with its host time and its ratio to the best peer.
+# Since the default call reads nothing on the host either, `attn.decode(...)` itself can be captured the same
+# way; the plan's advantage is the host time of the calls it replaces, and that it carries the metadata.
+# `tests/test_plan.py` captures every public entry with its default arguments, and every `plan.run`.
+#
+# `bench/bench_decode.py` times five rows per cache: the default call as a user writes it, `validate=True` (the
+# old default), the hinted flat call, `plan.run`, and the plan replayed from a graph, each with its host time
+# and its ratio to the best peer.
 #
 # ## 4. torch.compile
 #
@@ -186,7 +224,7 @@ print("still valid:", plan.update([6, 31, 18]))
 
 # %%
 def step(q, k, v, lens, table):
-    return attn.decode(q, k, v, lens, block_table=table, validate=False) * 2
+    return attn.decode(q, k, v, lens, block_table=table) * 2  # the default call: no value read on the host
 
 
 compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # inductor (the default) on a GPU
@@ -197,4 +235,5 @@ print("compiled == eager:", torch.equal(compiled(q, cache.k, cache.v, seqlens, t
 # `fullgraph=True` fails on any graph break, so the line above also says the decode call is one node of the
 # graph. `tests/test_compile.py` runs a two-layer model (prefill, then decode steps over a paged cache) the
 # same way, and on the GPU with inductor and `mode="reduce-overhead"`, which captures the compiled graph in a
-# CUDA graph: section 3 done by the compiler.
+# CUDA graph: section 3 done by the compiler. That test also checks that the graphs were really captured (the
+# attn kernels ran while the stream was capturing, and inductor skipped none).

@@ -6,6 +6,8 @@ the compiled graph runs with backend "aot_eager" (the operators run the interpre
 C++ compile time here); on the GPU with inductor, and with mode="reduce-overhead" (CUDA graphs).
 """
 
+import collections
+
 import pytest
 import torch
 
@@ -45,18 +47,19 @@ class TinyModel(torch.nn.Module):
             qkv = self.qkv[layer](x)
             if cu_seqlens is None:
                 qkv = qkv[:, None]  # padded [B, 1, ...]: one new token per sequence
-            # the cache write and RoPE; validate=False: the metadata below is the scheduler's, checked by it
+            # the cache write and RoPE, then attention: default calls, which read no tensor value on the host (the
+            # kernels clamp bad indices and record them for attn.check_errors), so nothing breaks the graph
             q = self.lib.preprocess(
                 qkv, k_pool, v_pool, seqlens_before, num_heads_q=H_Q, num_heads_kv=H_KV, cu_seqlens_new=cu_seqlens,
-                block_table=block_table, rotary_dim=D, validate=False,
+                block_table=block_table, rotary_dim=D,
             )  # fmt: skip
             if cu_seqlens is not None:
                 o = self.lib.context_attention(
                     q, k_pool, v_pool, seqlens_after, cu_seqlens_q=cu_seqlens, max_seqlen_q=max_new,
-                    block_table=block_table, validate=False,
+                    block_table=block_table,
                 )  # fmt: skip
             else:
-                o = self.lib.decode(q, k_pool, v_pool, seqlens_after, block_table=block_table, validate=False)[:, 0]
+                o = self.lib.decode(q, k_pool, v_pool, seqlens_after, block_table=block_table)[:, 0]
             x = x + self.proj[layer](o.reshape(o.shape[0], -1))
         return x
 
@@ -86,7 +89,10 @@ def _check_compiled(device, **compile_kw):
         eager, eager_pools = _serve(model, device)
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, **compile_kw)
-        got, got_pools = _serve(compiled, device)
+        # served twice: under mode="reduce-overhead" a function's first call warms up, its second is recorded in
+        # a CUDA graph, later ones replay it (the prompt runs once per serve, each decode step once per token)
+        for _ in range(2):
+            got, got_pools = _serve(compiled, device)
     for a, b in zip(got, eager):
         # the same kernels on the same inputs; inductor may fuse the linear layers' epilogues differently
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -122,5 +128,37 @@ def test_compiled_model_equals_eager_gpu_inductor():
 
 
 @pytest.mark.gpu
-def test_compiled_model_equals_eager_gpu_reduce_overhead():
+def test_compiled_model_equals_eager_gpu_reduce_overhead(monkeypatch):
+    """Equal to eager, and the attn kernels really ran inside CUDA-graph capture: the operators call
+    ``attn.fast.*`` while the stream is capturing, inductor skipped no graph, and graphs were replayed."""
+    from torch._dynamo.utils import counters
+
+    captured = collections.Counter()
+
+    def spy(name):
+        real = getattr(attn.fast, name)
+
+        def fn(*args, **kwargs):
+            captured[name] += torch.cuda.is_current_stream_capturing()
+            return real(*args, **kwargs)
+
+        return fn
+
+    for name in ("preprocess", "context_attention", "decode"):
+        monkeypatch.setattr(attn.fast, name, spy(name))  # what the operators call (attn.ops looks it up per call)
+    replayed = set()
+    real_replay = torch.cuda.CUDAGraph.replay
+
+    def replay(self):
+        replayed.add(id(self))
+        return real_replay(self)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", replay)
+    counters.clear()
     _check_compiled("cuda", mode="reduce-overhead")
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    # the decode step's graph (recorded on its second call) and the prompt's (on the second serve) were captured
+    # with every layer's kernels in them
+    assert captured["decode"] >= LAYERS and captured["preprocess"] >= 2 * LAYERS, captured
+    assert captured["context_attention"] >= LAYERS, captured
+    assert replayed, "no CUDA graph was replayed"

@@ -65,7 +65,7 @@ def test_opcheck_attention_and_context(device):
     k, v = torch.randn(9, 2, 16, device=device), torch.randn(9, 2, 16, device=device)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
     args = (q, k, v, cu, cu, 5, 5, None, None, True, None, 1.0, -1, -1, 0.0, None, "alibi", None, None, 128, True,
-            True)  # fmt: skip
+            True, None)  # fmt: skip
     torch.library.opcheck(torch.ops.attn.attention.default, args, test_utils=UTILS)
     out, lse = torch.ops.attn.attention(*args)
     ref, ref_lse = attn.reference.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, return_lse=True)
@@ -83,7 +83,7 @@ def test_opcheck_attention_and_context(device):
 def test_opcheck_cache_writers(device):
     k, v, lens, table = _paged(device)
     k_new, v_new = torch.randn(2, 3, 2, 16, device=device), torch.randn(2, 3, 2, 16, device=device)
-    args = (k, v, k_new, v_new, lens, None, table, None, None, None, 0)
+    args = (k, v, k_new, v_new, lens, None, table, None, None, None, 0, None)
     # opcheck runs the operator several times on clones of the caches, each time writing the same rows
     torch.library.opcheck(torch.ops.attn.append_kv.default, args, test_utils=UTILS)
     k2, v2 = k.clone(), v.clone()

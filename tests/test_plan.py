@@ -82,6 +82,7 @@ def test_decode_plan_contiguous_and_split(device):
     p = attn.DecodePlan(k, v, [64, 33], num_heads_q=H_Q, num_splits=3)
     got = p.run(q)
     got = p.run(q)  # the replay
+    assert p.replayable
     seqlens = torch.tensor([64, 33], dtype=torch.int32, device=device)
     assert torch.equal(got, attn.decode(q, k, v, seqlens, validate=False, num_splits=3, **p.hints))
     torch.testing.assert_close(got, attn.reference.decode(q, k, v, seqlens), atol=1e-5, rtol=1e-5)
@@ -95,12 +96,48 @@ def test_context_and_prefill_plans(device):
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
     flat = attn.context_attention(q, cache.k, cache.v, seqlens, cu_seqlens_q=cu, block_table=table)
     assert torch.equal(p.run(q), flat) and torch.equal(p.run(q), flat)
+    assert p.replayable
 
     qp, kp, vp = (torch.randn(9, h, D, device=device) for h in (H_Q, H_KV, H_KV))
     pp = attn.PrefillPlan([4, 5], causal=True, device=device)
     flat = attn.attention(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
     assert torch.equal(pp.run(qp, kp, vp), flat) and torch.equal(pp.run(qp, kp, vp), flat)
     assert pp.replayable
+
+    # padded, one prompt shorter than the padding (its length goes to the kernel as seqlens_q/seqlens_k)
+    qd, kd, vd = (torch.randn(2, 5, h, D, device=device) for h in (H_Q, H_KV, H_KV))
+    pd = attn.PrefillPlan([4, 5], causal=True, packed=False, device=device)
+    lens = torch.tensor([4, 5], dtype=torch.int32, device=device)
+    flat = attn.attention(qd, kd, vd, seqlens_q=lens, seqlens_k=lens, causal=True)
+    assert torch.equal(pd.run(qd, kd, vd)[:, :4], flat[:, :4]) and pd.replayable
+    assert torch.equal(pd.run(qd, kd, vd)[:, :4], flat[:, :4])
+
+
+def test_replays_keep_and_feed_the_error_word(device, monkeypatch):
+    """Replays pass the device's error word to the kernels as the flat call does, and never clear it: a plan
+    recorded as a process's first call must not replay the word's creation (its zeroing) as a fill."""
+    from attn.fast import _errors
+
+    monkeypatch.setattr(_errors, "_WORDS", {})  # no word yet: the recorded call would make it
+    k = torch.randn(2, 32, H_KV, D, device=device)
+    v = torch.randn_like(k)
+    q = torch.randn(2, 1, H_Q, D, device=device)
+    p = attn.DecodePlan(k, v, [32, 9], num_heads_q=H_Q)
+    p.run(q)
+    word = _errors.error_word(torch.device(device))
+    assert p.replayable
+    assert all(plan_mod._storage(st[2]) != plan_mod._storage(word) for st in p._replay.steps if st[0] == "fill"
+               and st[2] is not None)  # fmt: skip
+    word.fill_(_errors.BLOCK_TABLE)  # a violation recorded by some earlier call survives the replay
+    p.run(q)
+    with pytest.raises(ValueError, match="block_table entry"):
+        attn.check_errors(device)
+    # a length corrupted on the device after planning: the replayed kernel clamps it and records it
+    p.cache_seqlens[0] = 1000
+    out = p.run(q)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="a length"):
+        attn.check_errors(device)
 
 
 @pytest.mark.parametrize("mode", ["unified", "split"])
@@ -185,43 +222,142 @@ def test_plans_in_cuda_graphs():
         p.lengths, dtype=torch.int32, device=device), block_table=table).float(), atol=2e-2, rtol=2e-2)  # fmt: skip
 
 
-@pytest.mark.gpu
-def test_public_entries_in_cuda_graphs():
-    """Each public entry, captured with validate=False (the flat opt-out of host checks) and replayed, equals its
-    eager call on new inputs written into the captured ones."""
-    device = "cuda"
-    cache, slots = _paged_cache(device, [70, 300], dtype=torch.bfloat16, block=64, num_blocks=32, width=8)
-    seqlens, table = cache.metadata(slots)
-    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
-    q_dec = torch.randn(2, 1, H_Q, D, device=device, dtype=torch.bfloat16)
-    q_pack = torch.randn(9, H_Q, D, device=device, dtype=torch.bfloat16)
-    qkv = torch.randn(2, 1, (H_Q + 2 * H_KV) * D, device=device, dtype=torch.bfloat16)
+# ---- on the GPU: every public entry (default arguments) and every plan.run, captured and replayed
+
+GRAPH_ENTRIES = [
+    "attention-padded", "attention-packed", "attention_unfused-padded", "decode-paged", "decode-contiguous",
+    "decode-split", "decode-beam", "context_attention", "cross_attention", "cross_attention-packed", "append_kv",
+    "preprocess", "gpt_attention", "gpt_attention-unified", "update_indirection",
+    "plan-decode-paged", "plan-decode-contiguous", "plan-decode-split", "plan-context", "plan-prefill-packed",
+    "plan-prefill-padded", "plan-gpt-unified", "plan-gpt-split",
+]  # fmt: skip
+
+
+def _graph_calls(name, dev="cuda"):
+    """``(call, fresh, written)``: the call as a user makes it, the float/int inputs a test rewrites between
+    capture and replay (tensor, or (tensor, high) for an index tensor), and the tensors the call writes."""
+    dt = torch.float16 if dev == "cuda" else torch.float32
+    b, hq, hkv, d, page, width = 4, 8, 2, 64, 16, 8
+    pool = b * width + 1
+    k = torch.randn(pool, page, hkv, d, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    table = torch.randperm(pool)[: b * width].view(b, width).to(torch.int32).to(dev)
+    lens_list = [5, 17, 128, 64]
+    lens = torch.tensor(lens_list, dtype=torch.int32, device=dev)
+    short = lens.clamp(max=100)  # room for the appended tokens
+    q = torch.randn(b, 1, hq, d, device=dev, dtype=dt)
+    new = [2, 3, 4, 3]
+    cu = torch.tensor([0, 2, 5, 9, 12], dtype=torch.int32, device=dev)
+    rows = torch.randn(12, hq, d, device=dev, dtype=dt)
+    kn, vn = torch.randn(12, hkv, d, device=dev, dtype=dt), torch.randn(12, hkv, d, device=dev, dtype=dt)
+    qkv = torch.randn(12, (hq + 2 * hkv) * d, device=dev, dtype=dt)
+    qp, kp, vp = (torch.randn(b, 24, h, d, device=dev, dtype=dt) for h in (hq, hkv, hkv))
+    ind = torch.randint(0, 4, (1, b, 128), dtype=torch.int32, device=dev)
+    parents = torch.randint(0, 4, (1, b), dtype=torch.int32, device=dev)
+    step = attn.InflightBatch.build([0, 1, 0, 1], [3, 1, 3, 1], [0, 40, 10, 70], block_table=table)
+    qkv_step = torch.randn(step.num_tokens, (hq + 2 * hkv) * d, device=dev, dtype=dt)
+    kc, vc = k[:b], v[:b]  # a contiguous cache [B, 16, Hkv, D]
+    lens_c = [min(n, page) for n in lens_list]
+    lens_ct = torch.tensor(lens_c, dtype=torch.int32, device=dev)
+    gpt = {"num_heads_q": hq, "num_heads_kv": hkv, "rotary_dim": d}
+    if name.startswith("plan-"):
+        plans = {
+            "plan-decode-paged": lambda: attn.DecodePlan(k, v, lens_list, block_table=table, num_heads_q=hq),
+            "plan-decode-contiguous": lambda: attn.DecodePlan(kc, vc, lens_c, num_heads_q=hq),
+            "plan-decode-split": lambda: attn.DecodePlan(
+                k, v, lens_list, block_table=table, num_heads_q=hq, num_splits=4
+            ),
+            "plan-context": lambda: attn.ContextPlan(k, v, lens_list, new, block_table=table),
+            "plan-prefill-packed": lambda: attn.PrefillPlan(new, causal=True, device=dev),
+            "plan-prefill-padded": lambda: attn.PrefillPlan([24, 9, 17, 1], causal=True, packed=False, device=dev),
+            "plan-gpt-unified": lambda: step.plan(k, v, mode="unified", **gpt),
+            "plan-gpt-split": lambda: step.plan(k, v, mode="split", **gpt),
+        }
+        p = plans[name]()
+        if name.startswith("plan-decode"):
+            return (lambda: p.run(q)), [q], [], p
+        if name == "plan-context":
+            return (lambda: p.run(rows)), [rows], [], p
+        if name == "plan-prefill-packed":
+            return (lambda: p.run(rows, kn, vn)), [rows, kn, vn], [], p
+        if name == "plan-prefill-padded":
+            return (lambda: p.run(qp, kp, vp)), [qp, kp, vp], [], p
+        return (lambda: p.run(qkv_step)), [qkv_step], [k, v], p
     calls = {
-        "decode": lambda: attn.decode(q_dec, cache.k, cache.v, seqlens, block_table=table, validate=False,
-                                      max_seqlen_k=300, total_seqlen_k=370),
-        # padded: the packed form's cu_seqlens are read on the host until the fastpath change (PrefillPlan's
-        # replay of it is capturable, see test_context_and_prefill_plans)
-        "attention": lambda: attn.attention(q_dec, q_dec[:, :, :H_KV], q_dec[:, :, :H_KV], causal=True),
-        "context_attention": lambda: attn.context_attention(q_pack, cache.k, cache.v, seqlens, cu_seqlens_q=cu,
-                                                            max_seqlen_q=5, block_table=table, validate=False),
-        # writes past the lengths, the same rows on every replay
-        "preprocess": lambda: attn.preprocess(qkv, cache.k, cache.v, seqlens, num_heads_q=H_Q, num_heads_kv=H_KV,
-                                              block_table=table, rotary_dim=D, validate=False),
+        "attention-padded": (lambda: attn.attention(qp, kp, vp, causal=True), [qp, kp, vp], []),
+        "attention-packed": (lambda: attn.attention(rows, kn, vn, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True),
+                             [rows, kn, vn], []),
+        "attention_unfused-padded": (lambda: attn.attention_unfused(qp, kp, vp, causal=True), [qp, kp, vp], []),
+        "decode-paged": (lambda: attn.decode(q, k, v, lens, block_table=table), [q, k, v], []),
+        "decode-contiguous": (lambda: attn.decode(q, kc, vc, lens_ct), [q], []),
+        "decode-split": (lambda: attn.decode(q, k, v, lens, block_table=table, num_splits=4), [q], []),
+        "decode-beam": (lambda: attn.decode(q, k, v, lens, block_table=table, cache_indirection=ind),
+                        [q, (ind, 4)], []),
+        "context_attention": (lambda: attn.context_attention(rows, k, v, lens, cu_seqlens_q=cu, block_table=table),
+                              [rows], []),
+        "cross_attention": (lambda: attn.cross_attention(q, k, v, lens, block_table=table), [q], []),
+        "cross_attention-packed": (lambda: attn.cross_attention(rows, k, v, lens, cu_seqlens_q=cu,
+                                                                block_table=table), [rows], []),
+        "append_kv": (lambda: attn.append_kv(k, v, kn, vn, short, cu_seqlens_new=cu, block_table=table),
+                      [kn, vn], [k, v]),
+        "preprocess": (lambda: attn.preprocess(qkv, k, v, short, num_heads_q=hq, num_heads_kv=hkv,
+                                               cu_seqlens_new=cu, block_table=table, rotary_dim=d), [qkv], [k, v]),
+        "gpt_attention": (lambda: attn.gpt_attention(qkv_step, step, k, v, **gpt), [qkv_step], [k, v]),
+        "gpt_attention-unified": (lambda: attn.gpt_attention(qkv_step, step, k, v, mode="unified", **gpt),
+                                  [qkv_step], [k, v]),
+        "update_indirection": (lambda: attn.update_indirection(ind, parents, 3), [(ind, 4), (parents, 4)], []),
     }  # fmt: skip
-    for name, fn in calls.items():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = fn()
-        for x in (q_dec, q_pack, qkv):
-            x.copy_(torch.randn_like(x))
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, fn()), name
+    return (*calls[name], None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", GRAPH_ENTRIES)
+def test_gpu_entry_in_cuda_graph(name):
+    """Each public entry with its default arguments (no validate=False, no hints) and each plan's ``run`` is
+    captured in a CUDA graph; new inputs are written into the captured ones, and the replay equals the eager
+    call, bit for bit, outputs and written caches alike. A host read inside capture would raise."""
+    call, fresh, written, plan = _graph_calls(name)
+    attn.check_errors()
+    before = [w.clone() for w in written]
+
+    def restore():
+        for w, b in zip(written, before):
+            w.copy_(b)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles, makes the error word; a plan records, then replays
+        for _ in range(2):
+            restore()
+            warm = [t.clone() for t in plan_mod._tensors(call())]
+    torch.cuda.current_stream().wait_stream(side)
+    if plan is not None:
+        # replays, except gpt_attention's split schedule, which has index operations between its launches
+        assert plan.replayable is (name != "plan-gpt-split"), name
+    restore()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = plan_mod._tensors(call())
+    for item in fresh:
+        t, high = item if isinstance(item, tuple) else (item, None)
+        t.copy_(torch.randn_like(t) if high is None else torch.randint_like(t, high))
+    restore()
+    g.replay()
+    torch.cuda.synchronize()
+    got, got_written = [t.clone() for t in out], [w.clone() for w in written]
+    restore()
+    want = plan_mod._tensors(call())
+    torch.cuda.synchronize()
+    assert len(got) == len(want)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y), name
+    for x, y in zip(got_written, written):
+        assert torch.equal(x, y), name
+    # the replay read the new inputs (not a stale copy of the captured ones)
+    changed = [not torch.equal(x, y) for x, y in zip(got, warm)] + [
+        not torch.equal(x, y) for x, y in zip(got_written, before)]  # fmt: skip
+    assert any(changed), name
+    attn.check_errors()  # valid inputs: nothing recorded
 
 
 def test_contiguous_cache_hands_out_plans(device):

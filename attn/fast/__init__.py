@@ -14,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from ..options import accepts_options  # noqa: E402
 from ._errors import check_errors  # noqa: E402
 from .attention import attention  # noqa: E402
 from .beam import update_indirection  # noqa: E402
@@ -24,6 +25,12 @@ from .gpt_attention import gpt_attention  # noqa: E402
 from .kv_cache import append_kv  # noqa: E402
 from .preprocess import preprocess  # noqa: E402
 from .unfused import attention_unfused  # noqa: E402
+
+# each entry also takes its options as values (scores=, cache_view=, rope=; attn/options.py)
+append_kv, attention, attention_unfused, context_attention, cross_attention, decode, gpt_attention, preprocess = (
+    accepts_options(f) for f in (append_kv, attention, attention_unfused, context_attention, cross_attention, decode,
+                                 gpt_attention, preprocess)
+)  # fmt: skip
 
 __all__ = [
     "append_kv",

@@ -1,5 +1,6 @@
 """Readable PyTorch definitions of every operation: what "correct" means for the kernels in ``attn.fast``."""
 
+from ..options import accepts_options
 from .alibi import alibi_slopes
 from .attention import alibi_bias, attention, attention_mask, attention_unfused
 from .beam import update_indirection
@@ -11,6 +12,12 @@ from .kv_cache import append_kv, slot_of, window_tokens
 from .kv_quant import calibrate_kv_scales, dequantize, quantize
 from .preprocess import RopeScaling, apply_rope, cache_positions, preprocess, rope_cos_sin, rope_inv_freq
 from .relative_bias import RelativeBias, relative_bias_matrix, t5_bucket
+
+# each entry also takes its options as values (scores=, cache_view=, rope=; attn/options.py), as attn.fast's do
+append_kv, attention, attention_unfused, context_attention, cross_attention, decode, gpt_attention, preprocess = (
+    accepts_options(f) for f in (append_kv, attention, attention_unfused, context_attention, cross_attention, decode,
+                                 gpt_attention, preprocess)
+)  # fmt: skip
 
 __all__ = [
     "RelativeBias",

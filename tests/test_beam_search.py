@@ -7,6 +7,8 @@ ways of running the loop present the decode kernel with the same keys in the sam
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -16,7 +18,8 @@ from attn.fast._triton import autotune_enabled
 from attn.kv_cache import BlockAllocator, PagedKVCache, PoolExhaustedError
 from helpers import TOL, assert_close, dtype_id
 
-IMPLS = {"reference": reference.update_indirection, "fast": fast.update_indirection}
+# (the fast update checks parent and step values only when validated; tests/test_no_sync.py covers the default)
+IMPLS = {"reference": reference.update_indirection, "fast": functools.partial(fast.update_indirection, validate=True)}
 
 
 # ---- the indirection update ------------------------------------------------------------------------------------

@@ -221,6 +221,11 @@ def _cyclic(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, block_table, k_new
     device, num_tokens = q.device, args.num_tokens
     before = cache_seqlens.tolist()
     bounds = cu_seqlens_q.tolist()
+    # read on the host regardless of validate, so checked regardless: the gathers below index with them
+    if any(n < 0 for n in before):
+        raise ValueError(f"cache_seqlens entries must be >= 0 (tokens cached before the chunk), got {before[:8]}")
+    if bounds[0] != 0 or bounds[-1] != num_tokens or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens_q must rise from 0 to T={num_tokens} without decreasing, got {bounds[:8]}")
     counts = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
     # the rolling part of sequence b, in token order from oldest[b]: what the cache still holds past the sinks
     # (the chunk's append would evict some of it), then the chunk's tokens past the sinks

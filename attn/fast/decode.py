@@ -43,7 +43,7 @@ CONFIGS = [
 
 
 # shared memory of each, compiled for sm_90a by scripts/decode_sass.py's method (contiguous, D 128): 132 KiB
-# and 180 KiB; the last two are for D 256, where the first needs 236 KiB (see shared_bytes)
+# and 180 KiB; the last two are for D 256, where the first two need 264 and 360 KiB (see shared_bytes)
 ROTARY_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "MERGE_TILE": 4096}, num_warps=4, num_stages=s)
     for bn, s in [(64, 2), (32, 4), (32, 2), (16, 4)]
@@ -53,15 +53,24 @@ ROTARY_CONFIGS = [
 SMEM_LIMIT = 232448
 
 
-def shared_bytes(block_n: int, num_stages: int, head_dim_pad: int, kv_bytes: int, rotary: bool) -> int:
-    """An upper estimate of the decode kernel's shared memory: ``num_stages − 1`` buffered copies of each tile the
-    loop pipelines (K and V in the cache's dtype; with RoPE at read time also the partner tile and the fp32 cos
-    and sin tiles), plus 24 KiB for layout conversions and the bias and merge scratch. Fitted to Triton 3.6's
-    sm_90a builds: D 128 with RoPE, 64-key tiles, 2 and 3 stages, 132 and 244 KiB; 32-key tiles, 4 stages,
-    180 KiB; D 256 over 8-token pages, 64-key tiles, 2 stages, 236 KiB (the H100's OutOfResources of issue 18).
+def shared_bytes(
+    block_n: int, num_stages: int, head_dim_pad: int, kv_bytes: int, rotary: bool, block_m: int = 16
+) -> int:
+    """An upper estimate of the decode kernel's shared memory (16-bit queries): ``num_stages − 1`` buffered
+    copies of each tile the loop pipelines (K and V in the cache's dtype; with RoPE at read time also the
+    partner tile and the fp32 cos and sin tiles), the 16-bit query tile, with RoPE the turned key tile on its
+    way to the product, and 2 KiB of scratch.
+
+    Fitted to Triton 3.6's sm_90 builds of this kernel (compiled without a GPU, with the launch's
+    divisibility hints), exact to within the 2 KiB for every config of `CONFIGS` and `ROTARY_CONFIGS` at D
+    128 and 256 over fp16 and int8 caches: e.g. RoPE at D 128, 64-key tiles in 2 stages, 132 KiB; at D 256,
+    264 KiB (the H100's OutOfResources of issue 18, "Required: 241664" in its build, over the 227 KiB limit);
+    no RoPE, D 256, 64 keys in 3 stages, 138 KiB.
     """
     per_key = 2 * kv_bytes + (kv_bytes + 8 if rotary else 0)
-    return max(num_stages - 1, 1) * block_n * head_dim_pad * per_key + 24576
+    staged = max(num_stages - 1, 1) * block_n * head_dim_pad * per_key
+    turned = 2 * block_n * head_dim_pad if rotary else 0
+    return staged + turned + 2 * block_m * head_dim_pad + 2048
 
 
 @functools.cache
@@ -72,12 +81,14 @@ def _smem_limit(device_index: int | None) -> int:
     return getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT) or SMEM_LIMIT
 
 
-def fitting_configs(configs, head_dim_pad: int, kv_bytes: int, rotary: bool, limit: int = SMEM_LIMIT) -> list:
+def fitting_configs(
+    configs, head_dim_pad: int, kv_bytes: int, rotary: bool, limit: int = SMEM_LIMIT, block_m: int = 16
+) -> list:
     """The configs whose `shared_bytes` fit ``limit``; the one needing least if none does (so every valid
     input gets a launch, and a wrong estimate shows as Triton's own error rather than as no config at all)."""
 
     def need(c):
-        return shared_bytes(c.kwargs["BLOCK_N"], c.num_stages, head_dim_pad, kv_bytes, rotary)
+        return shared_bytes(c.kwargs["BLOCK_N"], c.num_stages, head_dim_pad, kv_bytes, rotary, block_m)
 
     keep = [c for c in configs if need(c) <= limit]
     return keep or [min(configs, key=need)]
@@ -93,7 +104,7 @@ def _keep(configs, named_args, **kwargs):
     k = named_args["k_ptr"]
     limit = _smem_limit(k.device.index if k.is_cuda else None)
     return fitting_configs(ROTARY_CONFIGS if rotary else configs, kwargs["HEAD_DIM_PAD"], k.element_size(), rotary,
-                           limit)  # fmt: skip
+                           limit, kwargs["BLOCK_M"])  # fmt: skip
 
 
 # error bits (attn.fast._errors), as compile-time constants of the kernels
@@ -868,7 +879,8 @@ def decode(
             # read time takes 32-key tiles
             first = ROTARY_CONFIGS if rotary_dim else [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3)]
             limit = _smem_limit(q.device.index if q.is_cuda else None)
-            c = fitting_configs(first, kw["HEAD_DIM_PAD"], k_cache.element_size(), bool(rotary_dim), limit)[0]
+            c = fitting_configs(first, kw["HEAD_DIM_PAD"], k_cache.element_size(), bool(rotary_dim), limit,
+                                kw["BLOCK_M"])[0]  # fmt: skip
             kw.update(BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages)
         # as in CONFIGS; under the interpreter a small tile, so that the tests' few splits and rows take several
         kw["MERGE_TILE"] = 256 if interpret else 1024 * kw["num_warps"]

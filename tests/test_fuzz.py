@@ -28,7 +28,7 @@ import pytest
 import torch
 
 pytest.importorskip("hypothesis", reason="the fuzzer needs hypothesis (the dev extra)")
-from hypothesis import HealthCheck, example, given, note, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, example, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_nan import assert_matches
 
@@ -39,7 +39,8 @@ from attn.layout import cu_seqlens_from_lengths
 from helpers import LSE_TOL, TOL
 
 _COMMON = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True, database=None)
-settings.register_profile("ci", derandomize=True, **_COMMON)
+# CI reports a failing example as drawn: shrinking one through the interpreter can take many minutes
+settings.register_profile("ci", derandomize=True, phases=[Phase.explicit, Phase.generate], **_COMMON)
 settings.register_profile("dev", derandomize=False, **_COMMON)
 settings.register_profile("gpu", derandomize=False, **_COMMON)
 PROFILE = os.environ.get("ATTN_FUZZ_PROFILE", "ci")
@@ -54,6 +55,7 @@ def budget(n: int) -> int:
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 NAN, INF = float("nan"), float("inf")
 COUNTS: dict[str, int] = {}
 
@@ -220,7 +222,9 @@ def _poison_fill(x):
     if x.dtype == torch.int8:
         x.view(torch.int8).fill_(-128)  # outside the symmetric code range: a reader would see -128·scale
     elif x.dtype == torch.float8_e4m3fn:
-        x.view(torch.uint8).fill_(0x7F)  # e4m3fn's NaN
+        # e4m3fn's NaN code on a GPU. Triton's interpreter converts e4m3 codes arithmetically and reads the NaN
+        # code 0x7F as 480 (found by this fuzzer; the GPU's cvt gives NaN): there, the largest finite code 448
+        x.view(torch.uint8).fill_(0x7E if INTERPRET else 0x7F)
     else:
         x.fill_(NAN)
 
@@ -335,6 +339,36 @@ def decode_cfg(draw):
         cyclic=13,
         sinks=2,
         rotary=8,
+        noncontig=False,
+        poison=None,
+    )  # fmt: skip
+)
+@example(  # found by the fuzzer: beams of one sequence with different lengths read each other's slots past
+    # their own length (legitimately: the indirection says so), which held FP8 NaN codes the interpreter read as
+    # 480; on the GPU both read NaN. The poison is now interpreter-aware (_poison_fill)
+    cfg=dict(
+        seed=412,
+        b=3,
+        beam=2,
+        sq=1,
+        lens=[1, 1, 1, 1, 50, 1],
+        hkv=1,
+        group=1,
+        d=1,
+        dtype="float16",
+        quant="fp8",
+        per_head=False,
+        block_size=None,
+        splits=None,
+        causal=False,
+        window=(-1, -1),
+        softcap=0.0,
+        alibi=None,
+        alibi_mode="alibi",
+        rel=None,
+        cyclic=None,
+        sinks=0,
+        rotary=0,
         noncontig=False,
         poison=None,
     )  # fmt: skip

@@ -10,7 +10,7 @@ slots and unused pool blocks, non-contiguous inputs, and NaN/±inf injected into
 (the kernels must then give the reference's non-finite pattern: see tests/test_nan.py for the rule).
 
 Budget. ``ATTN_FUZZ_PROFILE`` picks a Hypothesis profile: ``ci`` (the default: derandomized, so CI runs the
-same ~45 s of examples every time; a failure prints the configuration and a reproduction blob), ``gpu`` (20x
+same ~30-50 s of examples every time; a failure prints the configuration and a reproduction blob), ``gpu`` (20x
 the examples, random, for the GPU batch), ``dev`` (random, CI's count). ``ATTN_FUZZ_EXAMPLES=n`` sets every
 test's example count instead. Every counterexample the fuzzer has found stays below as an ``@example``.
 
@@ -116,7 +116,7 @@ def _rel_bias(kind, hq, length, bidirectional=True):
 
 
 @given(cfg=prefill_cfg())
-@settings(max_examples=budget(14))
+@settings(max_examples=budget(24))
 @example(  # an empty batch row next to one-key rows, MQA, head dim 1, everything on
     cfg=dict(
         seed=1,
@@ -286,7 +286,7 @@ def decode_cfg(draw):
 
 
 @given(cfg=decode_cfg())
-@settings(max_examples=budget(16))
+@settings(max_examples=budget(28))
 @example(  # pages of one token, beams, split-K, a key poisoned in every beam's row
     cfg=dict(
         seed=3,
@@ -447,7 +447,7 @@ def context_cfg(draw):
 
 
 @given(cfg=context_cfg())
-@settings(max_examples=budget(10))
+@settings(max_examples=budget(16))
 @example(  # a cyclic INT8 cache with sinks and RoPE, a chunk longer than the window (finding 8's path)
     cfg=dict(
         seed=5,
@@ -537,7 +537,7 @@ def append_cfg(draw):
 
 
 @given(cfg=append_cfg())
-@settings(max_examples=budget(12))
+@settings(max_examples=budget(20))
 @example(  # found by the fuzzer (a test bug: NaN-poisoned FP8 slots compared unequal to themselves)
     cfg=dict(
         seed=0,
@@ -653,7 +653,7 @@ def cross_cfg(draw):
 
 
 @given(cfg=cross_cfg())
-@settings(max_examples=budget(6))
+@settings(max_examples=budget(10))
 def test_fuzz_cross(cfg):
     note(cfg)
     _count("cross_attention")
@@ -702,7 +702,7 @@ def gpt_cfg(draw):
 
 
 @given(cfg=gpt_cfg())
-@settings(max_examples=budget(6))
+@settings(max_examples=budget(10))
 def test_fuzz_gpt_attention(cfg):
     from attn import InflightBatch
 

@@ -263,8 +263,9 @@ def decode_cfg(draw):
     beam = 1 if cyclic else draw(st.sampled_from([1, 1, 2, 3]))
     sq = 1 if beam > 1 else draw(st.sampled_from([1, 1, 2, 3]))
     b = draw(st.integers(1, 3))
-    lens = draw(st.lists(st.sampled_from([0, 1, 2, 7, 16, 33, 50]), min_size=b * beam, max_size=b * beam))
-    lens = [max(n, sq) for n in lens]
+    # the beams of a sequence share its length, as in TensorRT-LLM's beam search
+    lens = draw(st.lists(st.sampled_from([0, 1, 2, 7, 16, 33, 50]), min_size=b, max_size=b))
+    lens = [max(n, sq) for n in lens for _ in range(beam)]
     d = draw(st.sampled_from([2, 8, 24, 40] if cyclic else [1, 3, 8, 17, 24, 40]))
     rotary = draw(st.sampled_from([0, 0, d])) if cyclic and d % 2 == 0 else 0
     sinks = draw(st.sampled_from([0, 0, 2])) if cyclic else 0
@@ -345,7 +346,7 @@ def decode_cfg(draw):
 )
 @example(  # found by the fuzzer: beams of one sequence with different lengths read each other's slots past
     # their own length (legitimately: the indirection says so), which held FP8 NaN codes the interpreter read as
-    # 480; on the GPU both read NaN. The poison is now interpreter-aware (_poison_fill)
+    # 480; on the GPU both read NaN. The poison is now interpreter-aware (_poison_fill), and beams share lengths
     cfg=dict(
         seed=412,
         b=3,
@@ -371,6 +372,36 @@ def decode_cfg(draw):
         rotary=0,
         noncontig=False,
         poison=None,
+    )  # fmt: skip
+)
+@example(  # found by the fuzzer: beams of unequal lengths, the longer one's hidden keys (window 0) read through
+    # the indirection from the shorter beam's NaN-poisoned slots: the kernels' documented 0·NaN case (see
+    # test_nan.py); beams now share their sequence's length, which this example keeps to
+    cfg=dict(
+        seed=678,
+        b=2,
+        beam=2,
+        sq=1,
+        lens=[1, 1, 16, 16],
+        hkv=2,
+        group=2,
+        d=1,
+        dtype="float32",
+        quant=None,
+        per_head=False,
+        block_size=1,
+        splits=3,
+        causal=False,
+        window=(0, 0),
+        softcap=0.0,
+        alibi="h",
+        alibi_mode="alibi",
+        rel=None,
+        cyclic=None,
+        sinks=0,
+        rotary=0,
+        noncontig=False,
+        poison="v-nan",
     )  # fmt: skip
 )
 def test_fuzz_decode(cfg):

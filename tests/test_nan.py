@@ -165,3 +165,20 @@ def test_reference_unfused_masks_padding_values():
     got = reference.attention_unfused(q, k, v, **kw)
     assert torch.isfinite(want).all()
     assert torch.allclose(want, got, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_gpu_fp8_nan_code_propagates(where):
+    # e4m3fn's NaN code (0x7F) in a visible cached key or value is NaN after the kernel's conversion on the GPU
+    # (Triton's CPU interpreter reads it as 480, so this runs on the GPU only)
+    kc, vc = ((torch.randn(2, 32, 2, 64, device="cuda") * 60).to(torch.float8_e4m3fn) for _ in range(2))
+    (kc if where == "k" else vc).view(torch.uint8)[0, 5, 1, 3] = 0x7F
+    q = torch.randn(2, 1, 4, 64, device="cuda", dtype=torch.float16)
+    lens = torch.tensor([32, 20], dtype=torch.int32, device="cuda")
+    sc = dict(k_scale=torch.tensor([0.01], device="cuda"), v_scale=torch.tensor([0.01], device="cuda"))
+    for splits in (1, 4):
+        out, lse = fast.decode(q, kc, vc, lens, num_splits=splits, return_lse=True, **sc)
+        ref, ref_lse = reference.decode(q.double(), kc, vc, lens, return_lse=True, **sc)
+        assert_matches("out", ref, out, 2 * 2.0**-10)
+        assert not torch.isfinite(out[0, 0, 2:]).all() and torch.isfinite(out[1]).all()

@@ -202,14 +202,14 @@ def _attend(q, k, v, mask, *, causal, scale, window, softcap, alibi_slopes=None,
     seqlen_k = k.shape[1]
     opts = dict(softmax_scale=scale, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes, rel_bias=rel_bias)
     if mask is None:
-        if seqlen_q == 1 and seqlen_k > 0 and not cross:
+        if seqlen_q == 1 and seqlen_k > 0:
             lengths = torch.full((batch,), seqlen_k, dtype=torch.int32, device=q.device)
             return attn.decode(q, k, v, lengths, **opts)
         return attn.attention(q, k, v, causal=causal, **opts)
     runs = _runs(mask, seqlen_q, cross)
     if runs is None:
         return None
-    if seqlen_q == 1 and not cross:
+    if seqlen_q == 1:
         # a decode step: the valid keys gathered into a left-aligned cache ([B, max run, Hkv, D])
         width = max(max(e - f for f, e in zip(runs.first, runs.end)), 1)
         cols = torch.tensor(runs.first, device=q.device)[:, None] + torch.arange(width, device=q.device)
@@ -302,6 +302,15 @@ def _kernel_blocker(module, query, key, value, attention_mask, dropout, s_aux, k
     return None
 
 
+def _t5_rel(module) -> attn.RelativeBias:
+    """The implicit T5 bias of a `patch_t5`-ed self-attention module: its stack's first-layer table, read at each
+    call (so that moved or reloaded weights are seen)."""
+    emb, cfg = module._attn_t5_source, module.config
+    return attn.RelativeBias(
+        table=emb.weight.t(), max_distance=cfg.relative_attention_max_distance, bidirectional=not module.is_decoder
+    )
+
+
 def attn_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -325,15 +334,39 @@ def attn_attention_forward(
     window = (-1, -1)
     if sliding_window is not None and sliding_window > 0:
         window = (int(sliding_window) - 1, 0)
+    alibi_slopes = kwargs.pop("_attn_alibi_slopes", None)
+    position_bias = kwargs.pop("position_bias", None)
+    rel, reason = None, None
+    if getattr(module, "_attn_t5_cross", False):
+        position_bias = None  # T5's cross attention has no bias: transformers hands it zeros
+    elif getattr(module, "_attn_t5_source", None) is not None:
+        rel, position_bias = _t5_rel(module), None
+    elif position_bias is not None:
+        reason = "a dense position bias (patch_t5 turns T5's into the implicit kernel bias)"
     paged = _PAGED_POOLS.get(id(key))
     if paged is not None and paged.k is key:
-        return paged.attend(module, query, attention_mask, causal=causal, scale=scale, window=window, softcap=cap), None
-    reason = _kernel_blocker(module, query, key, value, attention_mask, dropout, s_aux, kwargs)
+        if reason is not None:
+            raise NotImplementedError(f"PagedCache: {reason}")
+        out = paged.attend(
+            module, query, attention_mask, causal=causal, scale=scale, window=window, softcap=cap,
+            alibi_slopes=alibi_slopes, rel_bias=rel,
+        )  # fmt: skip
+        return out, None
+    # non-causal attention without a position-dependent bias (encoders, cross attention): every query row sees
+    # its row's valid keys; with a bias the query rows must sit on the key columns (an encoder's self-attention)
+    cross = not causal and rel is None and alibi_slopes is None
+    if reason is None:
+        reason = _kernel_blocker(module, query, key, value, attention_mask, dropout, s_aux, kwargs)
     if reason is None and window[0] >= 0 and not causal:
         reason = "a sliding window without causality"
+    if reason is None and not causal and not cross and query.shape[2] != key.shape[2]:
+        reason = "a position bias in non-causal attention between different sequences"
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if reason is None:
-        out = _attend(q, k, v, attention_mask, causal=causal, scale=scale, window=window, softcap=cap)
+        out = _attend(
+            q, k, v, attention_mask, causal=causal, scale=scale, window=window, softcap=cap,
+            alibi_slopes=alibi_slopes, rel_bias=rel, cross=cross,
+        )  # fmt: skip
         if out is not None:
             return out, None
         reason = "a padding mask whose valid keys are not one run of columns per row"
@@ -341,6 +374,20 @@ def attn_attention_forward(
     mask = attention_mask
     if mask is None or mask.dim() == 2:
         mask = _dense_mask(mask, query.shape[0], query.shape[2], key.shape[2], causal, window, query.device)
+    bias = position_bias
+    if rel is not None:
+        bias = attn.reference.relative_bias.relative_bias_matrix(rel, query.shape[2], key.shape[2])[None]
+    if alibi_slopes is not None:
+        # ALiBi as Bloom defines it: slope times the key's position among the row's valid tokens (a row constant
+        # apart, the same as slope times the distance when the valid keys are one run)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            pos = attention_mask.to(torch.long).cumsum(-1) - 1
+        else:
+            pos = torch.arange(key.shape[2], device=query.device)[None, :]
+        bias = alibi_slopes.float().reshape(1, -1, 1, 1) * pos[:, None, None, :].float()
+    if bias is not None:
+        bias = bias.to(query.dtype)
+        mask = torch.where(mask, bias, torch.finfo(query.dtype).min) if mask.dtype == torch.bool else mask + bias
     out = _torch_attention(
         query, key, value, mask, scale=scale, softcap=cap, s_aux=s_aux, dropout=dropout,
         training=getattr(module, "training", False),
@@ -588,3 +635,105 @@ class PagedLayer(CacheLayerMixin):
             out[torch.tensor(b, dtype=torch.long, device=q.device), torch.tensor(s, dtype=torch.long, device=q.device)] = o
         cache._end_step(self.index)
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# architectures outside the interface, patched the way Liger-Kernel patches models
+
+
+def _use_attn_masks(model) -> None:
+    """Makes the model's mask builders hand 2-D padding masks (the "attn" mask function): through
+    ``set_attn_implementation`` where the model accepts it, else on the configs directly (Bloom's attention
+    does not go through the interface, so transformers refuses the name for it)."""
+    register()
+    try:
+        model.set_attn_implementation("attn")
+    except (ValueError, KeyError, AttributeError):
+        pass
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and getattr(cfg, "_attn_implementation", None) != "attn":
+            cfg._attn_implementation = "attn"
+
+
+def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
+                   output_attentions=False, **kwargs):  # fmt: skip
+    """BloomAttention.forward through attn's kernels: ALiBi is computed inside them from the slopes (the model's
+    ``alibi`` tensor is not read), after scaling, as Bloom adds it."""
+    from transformers.models.bloom.modeling_bloom import dropout_add
+
+    batch, seqlen_q, _ = hidden_states.shape
+    q, k, v = self._reshape(self.query_key_value(hidden_states))
+    if layer_past is not None:
+        k, v = layer_past.update(k, v, self.layer_idx)
+    slopes = self._attn_slopes
+    if slopes.device != q.device:
+        slopes = self._attn_slopes = slopes.to(q.device)
+    out, _ = attn_attention_forward(
+        self, q, k, v, attention_mask, scaling=self.inv_norm_factor, is_causal=True, _attn_alibi_slopes=slopes,
+        dropout=self.attention_dropout.p,
+    )  # fmt: skip
+    context = out.reshape(batch, seqlen_q, self.num_heads * self.head_dim)
+    if self.pretraining_tp > 1 and self.slow_but_exact:
+        slices = self.hidden_size / self.pretraining_tp
+        output = torch.zeros_like(context)
+        for i in range(self.pretraining_tp):
+            lo, hi = int(i * slices), int((i + 1) * slices)
+            output = output + torch.nn.functional.linear(context[:, :, lo:hi], self.dense.weight[:, lo:hi])
+    else:
+        output = self.dense(context)
+    return dropout_add(output, residual, self.hidden_dropout, self.training), None
+
+
+def patch_bloom(model):
+    """Runs every ``BloomAttention`` of ``model`` through attn's kernels, ALiBi computed inside them (in place,
+    returns the model). Padding masks become lengths as for the interface; masks they cannot express fall back
+    to SDPA with Bloom's ALiBi. ``output_attentions`` returns no weights."""
+    from transformers.models.bloom.modeling_bloom import BloomAttention, _get_alibi_slopes
+
+    found = 0
+    for m in model.modules():
+        if isinstance(m, BloomAttention):
+            m._attn_slopes = _get_alibi_slopes(m.num_heads, m.dense.weight.device).float()
+            m.forward = types.MethodType(_bloom_forward, m)
+            found += 1
+    if not found:
+        raise ValueError("patch_bloom: the model has no BloomAttention module")
+    _use_attn_masks(model)
+    return model
+
+
+def _t5_placeholder_bias(self, query_length, key_length, device=None, past_seen_tokens=0):
+    # the patched layers read the bias table inside the kernel: the dense [1, H, Sq, Sk] bias is never built
+    return torch.zeros(1, self.n_heads, 1, 1, device=device or self.relative_attention_bias.weight.device)
+
+
+def patch_t5(model):
+    """Runs T5's attention (T5, mT5, and models built from ``T5Stack``) through attn's kernels, in place; returns
+    the model.
+
+    - Self-attention in both stacks takes the relative bias in implicit mode: the kernel reads the first layer's
+      table ``[H, num_buckets]`` through a per-distance table; the dense ``[1, H, Sq, Sk]`` bias transformers
+      builds is not built any more (``compute_bias`` returns a placeholder the patched layers ignore).
+    - Cross attention runs without a bias over the encoder's keys, which ``generate`` keeps in the cross cache
+      (``EncoderDecoderCache.cross_attention_cache``): each decode step is one `attn.decode` over it.
+
+    The model must then run with the "attn" implementation (set here); switching back to eager or SDPA after
+    patching computes a wrong bias.
+    """
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    stacks = [m for m in model.modules() if type(m).__name__.endswith("Stack") and hasattr(m, "block")]
+    if not stacks:
+        raise ValueError("patch_t5: the model has no T5Stack")
+    for stack in stacks:
+        first = stack.block[0].layer[0].SelfAttention
+        if not isinstance(first, T5Attention) or not first.has_relative_attention_bias:
+            raise ValueError("patch_t5: a stack's first self-attention has no relative_attention_bias")
+        for block in stack.block:
+            block.layer[0].SelfAttention._attn_t5_source = first.relative_attention_bias
+            if stack.is_decoder and len(block.layer) > 2:
+                block.layer[1].EncDecAttention._attn_t5_cross = True
+        first.compute_bias = types.MethodType(_t5_placeholder_bias, first)
+    _use_attn_masks(model)
+    return model

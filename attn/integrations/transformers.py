@@ -66,7 +66,9 @@ _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _warn_once(reason: str) -> None:
     if reason not in _WARNED:
         _WARNED.add(reason)
-        warnings.warn(f"attn: {reason}; this call runs PyTorch's SDPA (or the same math in torch) instead", stacklevel=3)
+        warnings.warn(
+            f"attn: {reason}; this call runs PyTorch's SDPA (or the same math in torch) instead", stacklevel=3
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -82,12 +84,7 @@ def register(name: str = "attn") -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(name, attn_attention_forward)
-    try:
-        from transformers.masking_utils import AttentionMaskInterface
-    except ImportError:  # transformers < 4.53 builds 4-D masks itself: every call would take the SDPA fallback
-        warnings.warn("attn: this transformers has no AttentionMaskInterface; masks stay 4-D and run SDPA")
-        return
-    AttentionMaskInterface.register(name, attn_mask)
+    mu.AttentionMaskInterface.register(name, attn_mask)
 
 
 def _mask_kind(fn) -> str | None:
@@ -305,7 +302,7 @@ def _kernel_blocker(module, query, key, value, attention_mask, dropout, s_aux, k
 def _t5_rel(module) -> attn.RelativeBias:
     """The implicit T5 bias of a `patch_t5`-ed self-attention module: its stack's first-layer table, read at each
     call (so that moved or reloaded weights are seen)."""
-    emb, cfg = module._attn_t5_source, module.config
+    emb, cfg = module.__dict__["_attn_t5_source"], module.config
     return attn.RelativeBias(
         table=emb.weight.t(), max_distance=cfg.relative_attention_max_distance, bidirectional=not module.is_decoder
     )
@@ -339,7 +336,7 @@ def attn_attention_forward(
     rel, reason = None, None
     if getattr(module, "_attn_t5_cross", False):
         position_bias = None  # T5's cross attention has no bias: transformers hands it zeros
-    elif getattr(module, "_attn_t5_source", None) is not None:
+    elif module.__dict__.get("_attn_t5_source") is not None:
         rel, position_bias = _t5_rel(module), None
     elif position_bias is not None:
         reason = "a dense position bias (patch_t5 turns T5's into the implicit kernel bias)"
@@ -632,7 +629,9 @@ class PagedLayer(CacheLayerMixin):
             out = q.new_zeros(q.shape)
             b = [i for i, c in enumerate(step.counts) for _ in range(c)]
             s = [p for lo, hi in zip(step.lo, step.hi) for p in range(lo, hi)]
-            out[torch.tensor(b, dtype=torch.long, device=q.device), torch.tensor(s, dtype=torch.long, device=q.device)] = o
+            out[
+                torch.tensor(b, dtype=torch.long, device=q.device), torch.tensor(s, dtype=torch.long, device=q.device)
+            ] = o
         cache._end_step(self.index)
         return out
 
@@ -731,7 +730,9 @@ def patch_t5(model):
         if not isinstance(first, T5Attention) or not first.has_relative_attention_bias:
             raise ValueError("patch_t5: a stack's first self-attention has no relative_attention_bias")
         for block in stack.block:
-            block.layer[0].SelfAttention._attn_t5_source = first.relative_attention_bias
+            # in __dict__, not as an attribute: nn.Module would register the embedding as a submodule (and a second
+            # copy of the table in the state dict)
+            block.layer[0].SelfAttention.__dict__["_attn_t5_source"] = first.relative_attention_bias
             if stack.is_decoder and len(block.layer) > 2:
                 block.layer[1].EncDecAttention._attn_t5_cross = True
         first.compute_bias = types.MethodType(_t5_placeholder_bias, first)

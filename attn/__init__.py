@@ -4,6 +4,7 @@
 the top-level names are the fast ones.
 """
 
+from . import flash_attn_interface as flash_attn_interface
 from . import inflight, kv_cache, layout, reference
 from .fast import (
     append_kv,

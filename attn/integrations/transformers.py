@@ -177,12 +177,16 @@ def _runs(mask: torch.Tensor, seqlen_q: int, cross: bool) -> _Runs | None:
     return _Runs(first, end, q_lo, q_hi)
 
 
-def _gather(x: torch.Tensor, los, his) -> torch.Tensor:
-    """Rows ``[lo_b, hi_b)`` of each ``x[b]`` (``[B, S, H, D]``), packed ``[T, H, D]``."""
+def _rows(los, his, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors ``(b, s)`` of rows ``[lo_b, hi_b)`` of each sequence, in order."""
     b = [i for i, (lo, hi) in enumerate(zip(los, his)) for _ in range(hi - lo)]
     s = [p for lo, hi in zip(los, his) for p in range(lo, hi)]
-    dev = x.device
-    return x[torch.tensor(b, dtype=torch.long, device=dev), torch.tensor(s, dtype=torch.long, device=dev)]
+    return torch.tensor(b, dtype=torch.long, device=device), torch.tensor(s, dtype=torch.long, device=device)
+
+
+def _gather(x: torch.Tensor, los, his) -> torch.Tensor:
+    """Rows ``[lo_b, hi_b)`` of each ``x[b]`` (``[B, S, H, D]``), packed ``[T, H, D]``."""
+    return x[_rows(los, his, x.device)]
 
 
 def _cu(counts, device) -> torch.Tensor:
@@ -225,9 +229,7 @@ def _attend(q, k, v, mask, *, causal, scale, window, softcap, alibi_slopes=None,
         max_seqlen_q=max(q_counts), max_seqlen_k=max(k_counts), causal=causal, **opts,
     )  # fmt: skip
     out = q.new_zeros(q.shape)
-    b = [i for i, c in enumerate(q_counts) for _ in range(c)]
-    s = [p for lo, hi in zip(runs.q_lo, runs.q_hi) for p in range(lo, hi)]
-    out[torch.tensor(b, dtype=torch.long, device=q.device), torch.tensor(s, dtype=torch.long, device=q.device)] = o
+    out[_rows(runs.q_lo, runs.q_hi, q.device)] = o
     return out
 
 
@@ -426,6 +428,13 @@ class _PagedStep:
         self.cu = _cu(self.counts, device)
         self.max_new = max(self.counts) if self.counts else 0
         self.decode = seqlen_q == 1 and all(c == 1 for c in self.counts)
+        # every token valid: the packed rows are a reshape; else index tensors built once for all layers
+        self.all_valid = all(c == seqlen_q for c in self.counts)
+        self.rows = None if self.all_valid else _rows(lo, hi, device)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, Sq, H, D]`` -> the step's valid rows ``[T, H, D]``."""
+        return x.reshape(-1, *x.shape[2:]) if self.all_valid else x[self.rows]
 
 
 class PagedCache(Cache):
@@ -608,8 +617,7 @@ class PagedLayer(CacheLayerMixin):
             raise NotImplementedError("PagedCache: a sliding window over a mask with holes (right-padded prompts)")
         kv = cache.kv
         q = query.transpose(1, 2)
-        k_packed = _gather(k_new.transpose(1, 2), step.lo, step.hi)
-        v_packed = _gather(v_new.transpose(1, 2), step.lo, step.hi)
+        k_packed, v_packed = step.pack(k_new.transpose(1, 2)), step.pack(v_new.transpose(1, 2))
         attn.append_kv(
             self.k, self.v, k_packed, v_packed, step.seqlens_before, cu_seqlens_new=step.cu,
             block_table=step.block_table, **kv.scales,
@@ -621,17 +629,16 @@ class PagedLayer(CacheLayerMixin):
         if step.decode:
             out = attn.decode(q, self.k, self.v, step.seqlens_after, block_table=step.block_table, **opts)
         else:
-            q_packed = _gather(q, step.lo, step.hi)
+            q_packed = step.pack(q)
             o = attn.context_attention(
                 q_packed, self.k, self.v, step.seqlens_after, cu_seqlens_q=step.cu, max_seqlen_q=step.max_new,
                 block_table=step.block_table, causal=True, **opts,
             )  # fmt: skip
-            out = q.new_zeros(q.shape)
-            b = [i for i, c in enumerate(step.counts) for _ in range(c)]
-            s = [p for lo, hi in zip(step.lo, step.hi) for p in range(lo, hi)]
-            out[
-                torch.tensor(b, dtype=torch.long, device=q.device), torch.tensor(s, dtype=torch.long, device=q.device)
-            ] = o
+            if step.all_valid:
+                out = o.view(q.shape)
+            else:
+                out = q.new_zeros(q.shape)
+                out[step.rows] = o
         cache._end_step(self.index)
         return out
 

@@ -60,6 +60,8 @@ __all__ = [
 ]
 
 _WARNED: set[str] = set()
+# profiler labels of our calls: a profile of a model step shows "attn.decode" etc. beside transformers' ops
+_label = torch.profiler.record_function
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -205,8 +207,10 @@ def _attend(q, k, v, mask, *, causal, scale, window, softcap, alibi_slopes=None,
     if mask is None:
         if seqlen_q == 1 and seqlen_k > 0:
             lengths = torch.full((batch,), seqlen_k, dtype=torch.int32, device=q.device)
-            return attn.decode(q, k, v, lengths, **opts)
-        return attn.attention(q, k, v, causal=causal, **opts)
+            with _label("attn.decode"):
+                return attn.decode(q, k, v, lengths, **opts)
+        with _label("attn.attention"):
+            return attn.attention(q, k, v, causal=causal, **opts)
     runs = _runs(mask, seqlen_q, cross)
     if runs is None:
         return None
@@ -218,16 +222,19 @@ def _attend(q, k, v, mask, *, causal, scale, window, softcap, alibi_slopes=None,
         rows = torch.arange(batch, device=q.device)[:, None]
         lengths = [e - f if hi > lo else 0 for f, e, lo, hi in zip(runs.first, runs.end, runs.q_lo, runs.q_hi)]
         seqlens = torch.tensor(lengths, dtype=torch.int32, device=q.device)
-        return attn.decode(q, k[rows, cols], v[rows, cols], seqlens, **opts)
+        k_left, v_left = k[rows, cols], v[rows, cols]
+        with _label("attn.decode"):
+            return attn.decode(q, k_left, v_left, seqlens, **opts)
     # packed (varlen): the valid queries of each row attend to its run of valid keys, bottom-right aligned
     q_packed = _gather(q, runs.q_lo, runs.q_hi)
     k_packed, v_packed = _gather(k, runs.first, runs.end), _gather(v, runs.first, runs.end)
     q_counts = [hi - lo for lo, hi in zip(runs.q_lo, runs.q_hi)]
     k_counts = [e - f for f, e in zip(runs.first, runs.end)]
-    o = attn.attention(
-        q_packed, k_packed, v_packed, cu_seqlens_q=_cu(q_counts, q.device), cu_seqlens_k=_cu(k_counts, q.device),
-        max_seqlen_q=max(q_counts), max_seqlen_k=max(k_counts), causal=causal, **opts,
-    )  # fmt: skip
+    with _label("attn.attention"):
+        o = attn.attention(
+            q_packed, k_packed, v_packed, cu_seqlens_q=_cu(q_counts, q.device), cu_seqlens_k=_cu(k_counts, q.device),
+            max_seqlen_q=max(q_counts), max_seqlen_k=max(k_counts), causal=causal, **opts,
+        )  # fmt: skip
     out = q.new_zeros(q.shape)
     out[_rows(runs.q_lo, runs.q_hi, q.device)] = o
     return out
@@ -618,22 +625,25 @@ class PagedLayer(CacheLayerMixin):
         kv = cache.kv
         q = query.transpose(1, 2)
         k_packed, v_packed = step.pack(k_new.transpose(1, 2)), step.pack(v_new.transpose(1, 2))
-        attn.append_kv(
-            self.k, self.v, k_packed, v_packed, step.seqlens_before, cu_seqlens_new=step.cu,
-            block_table=step.block_table, **kv.scales,
-        )  # fmt: skip
+        with _label("attn.append_kv"):
+            attn.append_kv(
+                self.k, self.v, k_packed, v_packed, step.seqlens_before, cu_seqlens_new=step.cu,
+                block_table=step.block_table, **kv.scales,
+            )  # fmt: skip
         opts = dict(
             softmax_scale=scale, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes, rel_bias=rel_bias,
             **kv.scales,
         )  # fmt: skip
         if step.decode:
-            out = attn.decode(q, self.k, self.v, step.seqlens_after, block_table=step.block_table, **opts)
+            with _label("attn.decode"):
+                out = attn.decode(q, self.k, self.v, step.seqlens_after, block_table=step.block_table, **opts)
         else:
             q_packed = step.pack(q)
-            o = attn.context_attention(
-                q_packed, self.k, self.v, step.seqlens_after, cu_seqlens_q=step.cu, max_seqlen_q=step.max_new,
-                block_table=step.block_table, causal=True, **opts,
-            )  # fmt: skip
+            with _label("attn.context_attention"):
+                o = attn.context_attention(
+                    q_packed, self.k, self.v, step.seqlens_after, cu_seqlens_q=step.cu, max_seqlen_q=step.max_new,
+                    block_table=step.block_table, causal=True, **opts,
+                )  # fmt: skip
             if step.all_valid:
                 out = o.view(q.shape)
             else:

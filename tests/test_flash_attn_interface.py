@@ -209,3 +209,50 @@ def test_with_kvcache_errors(device):
         flash_attn_with_kvcache(q, kc, kc.clone(), cache_seqlens=1, cache_leftpad=torch.zeros(1, device=device))
     with pytest.raises(ValueError, match="k and v"):
         flash_attn_with_kvcache(q, kc, kc.clone(), k=torch.zeros(1, 1, 2, 16, device=device), cache_seqlens=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 239), (3, 799), (127, 512), (113, 203), (1023, 1024), (512, 256)])
+@pytest.mark.parametrize("d,hkv", [(64, 8), (59, 2), (128, 1), (256, 4)])
+def test_gpu_flash_attn_func(dtype, seqlen_q, seqlen_k, d, hkv):
+    """FlashAttention's own seqlen pairs and head dims on the GPU in half precision, against float64."""
+    q = torch.randn(2, seqlen_q, 8, d, device="cuda", dtype=dtype)
+    k = torch.randn(2, seqlen_k, hkv, d, device="cuda", dtype=dtype)
+    v = torch.randn(2, seqlen_k, hkv, d, device="cuda", dtype=dtype)
+    for causal in (False, True):
+        out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=(100, 0 if causal else 50),
+                                      return_attn_probs=True)  # fmt: skip
+        ref, ref_lse = ref_attention(q.cpu(), k.cpu(), v.cpu(), causal=causal, window=(100, 0 if causal else 50))
+        assert_close("out", ref, out.float().cpu(), TOL[dtype])
+        assert_lse_close("lse", ref_lse, lse.cpu(), LSE_TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True])
+def test_gpu_with_kvcache_rotary_append(paged):
+    b, h, hkv, d, max_len = 4, 16, 2, 128, 2048
+    dtype = torch.bfloat16
+    cached = torch.tensor([1000, 1, 2000, 517], dtype=torch.int32)
+    k_cache = torch.randn(b, max_len, hkv, d, dtype=dtype)
+    v_cache = torch.randn(b, max_len, hkv, d, dtype=dtype)
+    q = torch.randn(b, 1, h, d, dtype=dtype)
+    k_new, v_new = torch.randn(b, 1, hkv, d, dtype=dtype), torch.randn(b, 1, hkv, d, dtype=dtype)
+    angle = torch.rand(max_len, 32) * 6.0
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    pos = [[int(c)] for c in cached]
+    exp_k = k_cache.clone()
+    exp_k[torch.arange(b), cached.long()] = _rotary_ref(k_new, cos, sin, pos, False)[:, 0].to(dtype)
+    exp_v = v_cache.clone()
+    exp_v[torch.arange(b), cached.long()] = v_new[:, 0]
+    ref, ref_lse = ref_attention(_rotary_ref(q, cos, sin, pos, False), exp_k, exp_v, cached + 1, causal=True)
+    kc, vc, table = k_cache.cuda(), v_cache.cuda(), None
+    if paged:
+        kc, vc, table = to_paged(kc, vc, (cached + 1).tolist(), block_size=256)
+    out, lse = flash_attn_with_kvcache(
+        q.cuda(), kc, vc, k=k_new.cuda(), v=v_new.cuda(), rotary_cos=cos.cuda(), rotary_sin=sin.cuda(),
+        cache_seqlens=cached.cuda(), block_table=table, causal=True, rotary_interleaved=False,
+        return_softmax_lse=True,
+    )  # fmt: skip
+    assert_close("out", ref, out.float().cpu(), TOL[dtype])
+    assert_lse_close("lse", ref_lse, lse.cpu(), LSE_TOL[dtype])

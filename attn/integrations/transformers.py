@@ -349,7 +349,9 @@ def attn_attention_forward(
         rel, position_bias = _t5_rel(module), None
     elif position_bias is not None:
         reason = "a dense position bias (patch_t5 turns T5's into the implicit kernel bias)"
-    paged = _PAGED_POOLS.get(id(key))
+    # a PagedCache's pools (never under torch.compile: PagedCache is not compileable, and dynamo would break the
+    # graph on the weak dictionary)
+    paged = None if torch.compiler.is_compiling() else _PAGED_POOLS.get(id(key))
     if paged is not None and paged.k is key:
         if reason is not None:
             raise NotImplementedError(f"PagedCache: {reason}")

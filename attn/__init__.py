@@ -4,7 +4,7 @@
 the top-level names are the fast ones.
 """
 
-from . import distributed, inflight, kv_cache, layout, reference
+from . import distributed, flash_attn_interface, inflight, kv_cache, layout, reference
 from .fast import attention_unfused, check_errors, cross_attention, update_indirection
 from .inflight import InflightBatch
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache, PoolExhaustedError
@@ -43,6 +43,7 @@ __all__ = [
     "cross_attention",
     "decode",
     "distributed",
+    "flash_attn_interface",
     "fast",
     "gpt_attention",
     "inflight",

@@ -36,8 +36,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 
-ROOT = Path.cwd() if (Path.cwd() / "attn").is_dir() else Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+import attn
+
+RESULTS = Path(attn.__file__).resolve().parent.parent / "bench" / "results"
 
 # %% [markdown]
 # ## 1. Why the `tl.*` kernel stalls

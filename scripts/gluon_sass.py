@@ -46,6 +46,56 @@ def cases():
     }
 
 
+def every_specialization():
+    """Every constexpr combination that tests/test_gluon_attention.py, bench/bench_gluon.py and
+    scripts/gluon_smoke.py compile (lengths and windows are not specialized), as cases()-style tuples."""
+    bf, f16 = torch.bfloat16, torch.float16
+    out = {}
+    # tests: features x head dims, LSE on, default variant
+    for d in (64, 128):
+        for name, (causal, window, cap) in {"full": (False, -1, 0.0), "causal": (True, -1, 0.0),
+                                            "causal-window": (True, 200, 0.0), "window-both": (False, 150, 0.0),
+                                            "softcap": (True, -1, 20.0)}.items():  # fmt: skip
+            out[f"test {name} D{d}"] = (1, 256, 256, 4, 4, d, bf, causal, window, cap, True, True, 2)
+    # tests: structural variants (LSE on), both dtypes for the default
+    for consumers, overlap, dtype in ((2, True, f16), (2, False, bf), (1, True, bf), (1, False, bf)):
+        for causal in (False, True):
+            out[f"variant c{consumers} ovl={overlap} {dtype} causal={causal}"] = (
+                1,
+                256,
+                256,
+                8,
+                2,
+                128,
+                dtype,
+                causal,
+                -1,
+                0.0,
+                True,
+                overlap,
+                consumers,
+            )
+    # bench and smoke (LSE off): every variant, causal/full at D128, causal at D64
+    for consumers, overlap in ((2, True), (2, False), (1, True), (1, False)):
+        for causal, d in ((True, 128), (False, 128), (True, 64)):
+            out[f"bench c{consumers} ovl={overlap} causal={causal} D{d}"] = (
+                1,
+                256,
+                256,
+                8,
+                2,
+                d,
+                bf,
+                causal,
+                -1,
+                0.0,
+                False,
+                overlap,
+                consumers,
+            )
+    return out
+
+
 def compile_case(c):
     b, sq, sk, hq, hkv, d, dtype, causal, window, softcap, want_lse, overlap, consumers = c
     q = torch.empty(b, sq, hq, d, dtype=dtype)
@@ -53,7 +103,7 @@ def compile_case(c):
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, sq) if want_lse else None
     grid, args, constexprs = ga.launch_args(q, k, v, out, lse, scale=d**-0.5, window_left=window,
-                                            window_right=0 if causal else -1, softcap=softcap,
+                                            window_right=0 if causal else (70 if window >= 0 else -1), softcap=softcap,
                                             overlap=overlap, consumers=consumers)  # fmt: skip
     kernel = ga._attn_fwd_gluon
     backend = make_backend(TARGET)
@@ -68,7 +118,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="", help="comma-separated subset of " + ",".join(cases()))
     p.add_argument("--dump", default="", help="write each case's PTX/SASS to this folder")
+    p.add_argument("--check-all", action="store_true", help="only compile every specialization the tests use")
     a = p.parse_args()
+    if a.check_all:
+        failed = 0
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, c in every_specialization().items():
+                try:
+                    info, _ = sass_of(compile_case(c), tmp)
+                    regs, spills = resources(info)
+                    print(f"ok    {name}: {spills} bytes spilled", flush=True)
+                except Exception as e:  # report and go on: the point is the full list
+                    failed += 1
+                    print(f"FAIL  {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        print(f"{failed} failed")
+        return
     wanted = [c for c in a.cases.split(",") if c]
     head = f"{'case':18s} {'part':7s} {'instr':>6s} " + " ".join(f"{c.split('.')[-1][:6]:>6s}" for c in COUNTS)
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ reported, not timed); the bf16 8192³ matmul is measured in the same run as the 
   gluon_1x8_ovl    attention_gluon called directly: one 8-warp consumer partition, overlap
   gluon_1x8_serial attention_gluon called directly: one 8-warp consumer partition, no overlap
   gluon_grid       attention_gluon called directly: the default variant, one program per work item
+  gluon_bn64       attention_gluon called directly: the default variant on 64-key tiles (6 stages at D128)
   tl               attn.fast.attention without ATTN_GLUON: the tl.* kernel (its fixed config unless autotuning)
   cudnn / flash    SDPA pinned to one backend, on [B, H, S, D] copies made before timing
   flex             torch.compile(flex_attention), block mask built outside timing
@@ -43,6 +44,7 @@ VARIANTS = {
     "gluon_1x8_ovl": {"consumers": 1, "overlap": True},
     "gluon_1x8_serial": {"consumers": 1, "overlap": False},
     "gluon_grid": {"persistent": False},
+    "gluon_bn64": {"block_n": 64},
 }
 COLUMNS = ["gluon", *VARIANTS, "tl", "cudnn", "flash", "flex"]
 

@@ -39,6 +39,7 @@ def cases():
         "causal_d128": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, True, 2),
         "causal_d128_noovl": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, False, 2),
         "causal_d128_1wg8": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, True, 1),
+        "causal_d128_bn64": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, True, 2, 64),
         "full_d128_lse": (2, 1024, 1024, 4, 4, 128, bf, False, -1, 0.0, True, True, 2),
         "causal_d64": (2, 1024, 1024, 4, 4, 64, bf, True, -1, 0.0, False, True, 2),
         "gqa_fp16": (2, 1024, 1024, 8, 2, 128, f16, True, -1, 0.0, False, True, 2),
@@ -97,14 +98,15 @@ def every_specialization():
 
 
 def compile_case(c):
-    b, sq, sk, hq, hkv, d, dtype, causal, window, softcap, want_lse, overlap, consumers = c
+    b, sq, sk, hq, hkv, d, dtype, causal, window, softcap, want_lse, overlap, consumers, *rest = c
+    block_n = rest[0] if rest else 128
     q = torch.empty(b, sq, hq, d, dtype=dtype)
     k, v = (torch.empty(b, sk, hkv, d, dtype=dtype) for _ in range(2))
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, sq) if want_lse else None
     grid, args, constexprs = ga.launch_args(q, k, v, out, lse, scale=d**-0.5, window_left=window,
                                             window_right=0 if causal else (70 if window >= 0 else -1), softcap=softcap,
-                                            overlap=overlap, consumers=consumers)  # fmt: skip
+                                            overlap=overlap, consumers=consumers, block_n=block_n)  # fmt: skip
     kernel = ga._attn_fwd_gluon
     backend = make_backend(TARGET)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)

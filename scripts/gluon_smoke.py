@@ -19,18 +19,20 @@ import sys
 import threading
 import time
 
-# (name, B, Sq, Sk, Hq, Hkv, D, causal, window_left, softcap, lse, overlap, consumers, persistent)
+# (name, B, Sq, Sk, Hq, Hkv, D, causal, window_left, softcap, lse, overlap, consumers, persistent, block_n)
 CASES = [
-    ("default causal D128", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, True, 2, True),
-    ("default full D128 lse", 2, 777, 901, 8, 2, 128, False, -1, 0.0, True, True, 2, True),
-    ("default causal D64", 2, 1000, 1000, 8, 8, 64, True, -1, 0.0, False, True, 2, True),
-    ("serial 2x4", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, False, 2, True),
-    ("overlap 1x8", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, True, 1, True),
-    ("serial 1x8", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, False, 1, True),
-    ("grid (not persistent)", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, True, 2, False),
-    ("window+softcap lse", 1, 700, 700, 4, 4, 128, True, 150, 20.0, True, True, 2, True),
-    ("Sq>Sk causal, D64", 1, 300, 100, 4, 1, 64, True, -1, 0.0, True, True, 2, True),
-    ("length 1", 1, 1, 1, 2, 2, 128, False, -1, 0.0, True, True, 2, True),
+    ("default causal D128", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, True, 2, True, 128),
+    ("default full D128 lse", 2, 777, 901, 8, 2, 128, False, -1, 0.0, True, True, 2, True, 128),
+    ("default causal D64", 2, 1000, 1000, 8, 8, 64, True, -1, 0.0, False, True, 2, True, 128),
+    ("serial 2x4", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, False, 2, True, 128),
+    ("overlap 1x8", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, True, 1, True, 128),
+    ("serial 1x8", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, False, 1, True, 128),
+    ("grid (not persistent)", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, True, 2, False, 128),
+    ("window+softcap lse", 1, 700, 700, 4, 4, 128, True, 150, 20.0, True, True, 2, True, 128),
+    ("Sq>Sk causal, D64", 1, 300, 100, 4, 1, 64, True, -1, 0.0, True, True, 2, True, 128),
+    ("length 1", 1, 1, 1, 2, 2, 128, False, -1, 0.0, True, True, 2, True, 128),
+    ("64-key tiles", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, True, 2, True, 64),
+    ("64-key tiles D64 full lse", 2, 777, 901, 8, 8, 64, False, -1, 0.0, True, True, 2, True, 64),
 ]
 
 
@@ -41,7 +43,7 @@ def child(start: int) -> None:
     from attn.fast import gluon_attention as ga
 
     for i in range(start, len(CASES)):
-        name, b, sq, sk, hq, hkv, d, causal, left, cap, want_lse, overlap, consumers, persistent = CASES[i]
+        name, b, sq, sk, hq, hkv, d, causal, left, cap, want_lse, overlap, consumers, persistent, block_n = CASES[i]
         print(f"START {i} {name}", flush=True)
         torch.manual_seed(i)
         q = torch.randn(b, sq, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -50,7 +52,7 @@ def child(start: int) -> None:
         t0 = time.perf_counter()
         res = ga.attention_gluon(q, k, v, scale=d**-0.5, window_left=left, window_right=0 if causal else -1,
                                  softcap=cap, return_lse=want_lse, overlap=overlap, consumers=consumers,
-                                 persistent=persistent)  # fmt: skip
+                                 persistent=persistent, block_n=block_n)  # fmt: skip
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         out = res[0] if want_lse else res

@@ -276,10 +276,13 @@ excerpt(ga._softmax_step, [r"convert_layout\(p"])
 # overlap, as written. What runs is what ptxas makes of it: at D 128 with 128-key tiles the SASS has the
 # product *after* the 66 exponentials. Two score tiles, the output tile and P do not fit in the 240 registers
 # next to everything else, so ptxas reuses the old scores' registers for the new ones and must finish the
-# softmax first. With 64-key tiles (`block_n=64`), or at D 64, the product's eight instructions sit between
-# the exponentials, as intended (`scripts/gluon_sass.py` prints the order). The benchmark times both. P goes into P·V straight from registers: the score accumulator's register layout is already the A
-# operand's (the `convert_layout` compiles to no shared-memory traffic: `scripts/gluon_sass.py` counts no
-# shared stores in the tile loop).
+# softmax first (our reading of the SASS). With 64-key tiles (`block_n=64`), or at D 64, the product's eight
+# instructions sit between the exponentials, as intended (`scripts/gluon_sass.py` prints the order). The
+# benchmark times both.
+#
+# P goes into P·V straight from registers: the score accumulator's register layout is already the A operand's
+# (the `convert_layout` compiles to no shared-memory traffic: `scripts/gluon_sass.py` counts no shared stores
+# in the tile loop).
 
 # %% [markdown]
 # ## 4. What the compiler made of it, and what it gained

@@ -116,6 +116,19 @@ def compile_case(c):
     return triton.compile(src, target=TARGET, options=options.__dict__)
 
 
+def order(ops) -> str:
+    """Runs of the products, exponentials, wgmma fences/waits and mbarrier waits, in code order."""
+    runs = []
+    for op in ops:
+        for tag in ("HGMMA", "MUFU.EX2", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR", "SYNCS.PHASECHK"):
+            if op.startswith(tag):
+                if runs and runs[-1][0] == tag:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([tag, 1])
+    return " ".join(f"{t}x{n}" for t, n in runs)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="", help="comma-separated subset of " + ",".join(cases()))
@@ -163,6 +176,12 @@ def main() -> None:
                         if op == k or op.startswith(k + ".") or (k == "WARPGROUP" and op.startswith("WARPGROUP")):
                             cnt[k] += 1
                 print(f"{name:18s} {part:7s} {len(ops):6d} " + " ".join(f"{cnt[k]:6d}" for k in COUNTS))
+            # the issue order in the first tile loop (a loop with products, not the whole persistent loop): does
+            # the next tile's Q·Kᵀ (HGMMA) come before the softmax's exponentials (MUFU)?
+            for _, _, ops in loops(instrs):
+                if any(o.startswith("HGMMA") for o in ops) and len(ops) < 1200:
+                    print(f"{name}: tile loop issue order: {order(ops)}")
+                    break
 
 
 if __name__ == "__main__":

@@ -51,49 +51,25 @@ def every_specialization():
     """Every constexpr combination that tests/test_gluon_attention.py, bench/bench_gluon.py and
     scripts/gluon_smoke.py compile (lengths and windows are not specialized), as cases()-style tuples."""
     bf, f16 = torch.bfloat16, torch.float16
+    features = {"full": (False, -1, 0.0), "causal": (True, -1, 0.0), "causal-window": (True, 200, 0.0),
+                "window-both": (False, 150, 0.0), "softcap": (True, -1, 20.0)}  # fmt: skip
     out = {}
     # tests: features x head dims, LSE on, default variant
     for d in (64, 128):
-        for name, (causal, window, cap) in {"full": (False, -1, 0.0), "causal": (True, -1, 0.0),
-                                            "causal-window": (True, 200, 0.0), "window-both": (False, 150, 0.0),
-                                            "softcap": (True, -1, 20.0)}.items():  # fmt: skip
-            out[f"test {name} D{d}"] = (1, 256, 256, 4, 4, d, bf, causal, window, cap, True, True, 2)
+        for name, (causal, window, cap) in features.items():
+            out[f"test {name} D{d}"] = (1, 256, 256, 4, 4, d, bf, causal, window, cap, True, True, 2, 128)
     # tests: structural variants (LSE on), both dtypes for the default
-    for consumers, overlap, dtype in ((2, True, f16), (2, False, bf), (1, True, bf), (1, False, bf)):
+    variants = ((2, True, f16, 128), (2, False, bf, 128), (1, True, bf, 128), (1, False, bf, 128), (2, True, bf, 64))
+    for consumers, overlap, dtype, bn in variants:
         for causal in (False, True):
-            out[f"variant c{consumers} ovl={overlap} {dtype} causal={causal}"] = (
-                1,
-                256,
-                256,
-                8,
-                2,
-                128,
-                dtype,
-                causal,
-                -1,
-                0.0,
-                True,
-                overlap,
-                consumers,
-            )
+            key = f"variant c{consumers} ovl={overlap} {dtype} n{bn} causal={causal}"
+            out[key] = (1, 256, 256, 8, 2, 128, dtype, causal, -1, 0.0, True, overlap, consumers, bn)
     # bench and smoke (LSE off): every variant, causal/full at D128, causal at D64
-    for consumers, overlap in ((2, True), (2, False), (1, True), (1, False)):
+    for consumers, overlap, bn in ((2, True, 128), (2, False, 128), (1, True, 128), (1, False, 128), (2, True, 64)):
         for causal, d in ((True, 128), (False, 128), (True, 64)):
-            out[f"bench c{consumers} ovl={overlap} causal={causal} D{d}"] = (
-                1,
-                256,
-                256,
-                8,
-                2,
-                d,
-                bf,
-                causal,
-                -1,
-                0.0,
-                False,
-                overlap,
-                consumers,
-            )
+            key = f"bench c{consumers} ovl={overlap} n{bn} causal={causal} D{d}"
+            out[key] = (1, 256, 256, 8, 2, d, bf, causal, -1, 0.0, False, overlap, consumers, bn)
+    out["smoke D64 n64 full lse"] = (1, 256, 256, 8, 8, 64, bf, False, -1, 0.0, True, True, 2, 64)
     return out
 
 

@@ -5,9 +5,10 @@ memory, its barriers and its warps. That is what the ``tl.*`` kernel in `attn.fa
 what FlashAttention-3 (Shah et al., 2024) is built from:
 
 - **A producer warp.** One warp does nothing but issue TMA copies of K and V tiles into a ring of shared-memory
-  stages (3 of K and 3 of V). It waits until a stage is free (``kv_empty``: a K stage frees once its Q·Kᵀ is
-  done, a V stage after P·V) and the copy engine signals when the bytes have landed (``k_ready``,
-  ``v_ready``). It holds 24 registers; the consumers get the rest (``setmaxnreg``).
+  stages (as many as fit, at most 6: 3 of K and 3 of V at D128). It waits until a stage is free
+  (``kv_empty``: a K stage frees once its Q·Kᵀ is done, a V stage after P·V) and the copy engine signals when
+  the bytes have landed (``k_ready``, ``v_ready``). It holds 24 registers; the consumers get the rest
+  (``setmaxnreg``).
 - **Two consumer warpgroups.** Two 4-warp partitions own rows 0-63 and 64-127 of the 128-row query block and
   issue their own ``wgmma``. They share the K/V stages but synchronize only through the ring's barriers, so
   while one computes its softmax the other's products can occupy the tensor cores (FA3 forces the alternation
@@ -15,7 +16,8 @@ what FlashAttention-3 (Shah et al., 2024) is built from:
   partition, whose two warpgroups move in lockstep (the compiler's barriers span all 8 warps).
 - **Softmax overlapped with the next QKᵀ** (``OVERLAP``): the product of tile j+1 is issued asynchronously
   before the softmax of tile j runs, so the tensor core and the exponent unit work at the same time within a
-  warpgroup (FA3's intra-warpgroup pipelining). It costs a second score tile of registers.
+  warpgroup (FA3's intra-warpgroup pipelining). It costs a second score tile of registers, which at D128
+  with 128-key tiles ptxas does not grant: it sinks the product below the softmax (see ``block_n`` below).
 - **A persistent grid, longest work first.** One program per SM walks work items (a 128-row block of one
   (b, h)) in decreasing order of their key count (causal: the bottom row blocks first), so the short ones fill
   the tail. The producer runs ahead into the next item's K/V while the consumers finish the current one; the

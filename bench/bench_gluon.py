@@ -1,7 +1,7 @@
 """The Gluon (sm_90) prefill kernel beside our tl.* kernel, cuDNN, FlashAttention-2 and FlexAttention.
 
     python -m bench.bench_gluon --out $OUT               # the PERF.md padded shapes, every contender
-    python -m bench.bench_gluon --only S4096 --variants default --out $OUT
+    python -m bench.bench_gluon --only S4096 --variants all --out $OUT  # variants on every shape
 
 Same process, same inputs, each contender checked against the fp32 reference before it is timed (a wrong one is
 reported, not timed); the bf16 8192³ matmul is measured in the same run as the ceiling. Contenders:
@@ -13,6 +13,7 @@ reported, not timed); the bf16 8192³ matmul is measured in the same run as the 
   gluon_1x8_ovl    attention_gluon called directly: one 8-warp consumer partition, overlap
   gluon_1x8_serial attention_gluon called directly: one 8-warp consumer partition, no overlap
   gluon_grid       attention_gluon called directly: the default variant, one program per work item
+  gluon_bn64       attention_gluon called directly: the default variant on 64-key tiles (6 stages at D128)
   tl               attn.fast.attention without ATTN_GLUON: the tl.* kernel (its fixed config unless autotuning)
   cudnn / flash    SDPA pinned to one backend, on [B, H, S, D] copies made before timing
   flex             torch.compile(flex_attention), block mask built outside timing
@@ -43,6 +44,7 @@ VARIANTS = {
     "gluon_1x8_ovl": {"consumers": 1, "overlap": True},
     "gluon_1x8_serial": {"consumers": 1, "overlap": False},
     "gluon_grid": {"persistent": False},
+    "gluon_bn64": {"block_n": 64},
 }
 COLUMNS = ["gluon", *VARIANTS, "tl", "cudnn", "flash", "flex"]
 
@@ -107,6 +109,10 @@ def build_tl(shape, x, args) -> Contender:
                      note="attn.fast.attention, tl.* kernel")  # fmt: skip
 
 
+# the variants are timed where they compile once (D128 causal) and differ most: short and long sequences
+VARIANT_SHAPES = ("B16 H32 S1024 D128 causal", "B4 H32 S4096 D128 causal")
+
+
 def contenders(variants: str) -> dict[str, list]:
     table = {
         "gluon": [build_gluon],
@@ -129,7 +135,8 @@ def run_shape(shape, args, ceilings) -> dict:
     check = make_check(shape, x, args.check_rows)
     common.free_memory()
     ready = {}
-    for name, builders in contenders(args.variants).items():
+    with_variants = args.variants == "all" or (args.variants == "some" and shape.name in VARIANT_SHAPES)
+    for name, builders in contenders("all" if with_variants else "default").items():
         c, rec = prepare(name, builders, shape, x, check, args)
         result["contenders"][name] = rec
         if c is not None:
@@ -200,7 +207,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="", help="folder (or .json path) for the result; default bench/results/")
     p.add_argument("--only", action="append", default=[], help="keep shapes whose name contains this (repeatable)")
-    p.add_argument("--variants", default="all", choices=["all", "default"], help="time every Gluon variant or one")
+    p.add_argument("--variants", default="some", choices=["all", "some", "default"],
+                   help="every Gluon variant on every shape, on VARIANT_SHAPES only (default), or none")  # fmt: skip
     p.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=float, default=100, help="do_bench measuring time, ms")
     p.add_argument("--repeat", type=int, default=2, help="timed passes over the contenders")

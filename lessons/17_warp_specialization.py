@@ -36,8 +36,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 
-ROOT = Path.cwd() if (Path.cwd() / "attn").is_dir() else Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+import attn
+
+RESULTS = Path(attn.__file__).resolve().parent.parent / "bench" / "results"
 
 # %% [markdown]
 # ## 1. Why the `tl.*` kernel stalls
@@ -272,9 +273,16 @@ excerpt(ga._softmax_step, [r"convert_layout\(p"])
 # %% [markdown]
 # `warpgroup_mma(..., is_async=True)` returns at once; the result is a token until `warpgroup_mma_wait`
 # collects it. Issuing tile t+1's Q·Kᵀ, then computing tile t's softmax, then waiting for both products is the
-# overlap. P goes into P·V straight from registers: the score accumulator's register layout is already the A
-# operand's (the `convert_layout` compiles to no shared-memory traffic: `scripts/gluon_sass.py` counts no
-# shared stores in the tile loop).
+# overlap, as written. What runs is what ptxas makes of it: at D 128 with 128-key tiles the SASS has the
+# product *after* the 66 exponentials. Two score tiles, the output tile and P do not fit in the 240 registers
+# next to everything else, so ptxas reuses the old scores' registers for the new ones and must finish the
+# softmax first (our reading of the SASS). With 64-key tiles (`block_n=64`), or at D 64, the product's eight
+# instructions sit between the exponentials, as intended (`scripts/gluon_sass.py` prints the order). The
+# benchmark times both.
+#
+# P goes into P·V straight from registers: the score accumulator's register layout is already the A operand's
+# (the `convert_layout` compiles to no shared-memory traffic: `scripts/gluon_sass.py` counts no shared stores
+# in the tile loop).
 
 # %% [markdown]
 # ## 4. What the compiler made of it, and what it gained

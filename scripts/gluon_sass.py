@@ -39,6 +39,7 @@ def cases():
         "causal_d128": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, True, 2),
         "causal_d128_noovl": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, False, 2),
         "causal_d128_1wg8": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, True, 1),
+        "causal_d128_bn64": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, True, 2, 64),
         "full_d128_lse": (2, 1024, 1024, 4, 4, 128, bf, False, -1, 0.0, True, True, 2),
         "causal_d64": (2, 1024, 1024, 4, 4, 64, bf, True, -1, 0.0, False, True, 2),
         "gqa_fp16": (2, 1024, 1024, 8, 2, 128, f16, True, -1, 0.0, False, True, 2),
@@ -46,15 +47,42 @@ def cases():
     }
 
 
+def every_specialization():
+    """Every constexpr combination that tests/test_gluon_attention.py, bench/bench_gluon.py and
+    scripts/gluon_smoke.py compile (lengths and windows are not specialized), as cases()-style tuples."""
+    bf, f16 = torch.bfloat16, torch.float16
+    features = {"full": (False, -1, 0.0), "causal": (True, -1, 0.0), "causal-window": (True, 200, 0.0),
+                "window-both": (False, 150, 0.0), "softcap": (True, -1, 20.0)}  # fmt: skip
+    out = {}
+    # tests: features x head dims, LSE on, default variant
+    for d in (64, 128):
+        for name, (causal, window, cap) in features.items():
+            out[f"test {name} D{d}"] = (1, 256, 256, 4, 4, d, bf, causal, window, cap, True, True, 2, 128)
+    # tests: structural variants (LSE on), both dtypes for the default
+    variants = ((2, True, f16, 128), (2, False, bf, 128), (1, True, bf, 128), (1, False, bf, 128), (2, True, bf, 64))
+    for consumers, overlap, dtype, bn in variants:
+        for causal in (False, True):
+            key = f"variant c{consumers} ovl={overlap} {dtype} n{bn} causal={causal}"
+            out[key] = (1, 256, 256, 8, 2, 128, dtype, causal, -1, 0.0, True, overlap, consumers, bn)
+    # bench and smoke (LSE off): every variant, causal/full at D128, causal at D64
+    for consumers, overlap, bn in ((2, True, 128), (2, False, 128), (1, True, 128), (1, False, 128), (2, True, 64)):
+        for causal, d in ((True, 128), (False, 128), (True, 64)):
+            key = f"bench c{consumers} ovl={overlap} n{bn} causal={causal} D{d}"
+            out[key] = (1, 256, 256, 8, 2, d, bf, causal, -1, 0.0, False, overlap, consumers, bn)
+    out["smoke D64 n64 full lse"] = (1, 256, 256, 8, 8, 64, bf, False, -1, 0.0, True, True, 2, 64)
+    return out
+
+
 def compile_case(c):
-    b, sq, sk, hq, hkv, d, dtype, causal, window, softcap, want_lse, overlap, consumers = c
+    b, sq, sk, hq, hkv, d, dtype, causal, window, softcap, want_lse, overlap, consumers, *rest = c
+    block_n = rest[0] if rest else 128
     q = torch.empty(b, sq, hq, d, dtype=dtype)
     k, v = (torch.empty(b, sk, hkv, d, dtype=dtype) for _ in range(2))
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, sq) if want_lse else None
     grid, args, constexprs = ga.launch_args(q, k, v, out, lse, scale=d**-0.5, window_left=window,
-                                            window_right=0 if causal else -1, softcap=softcap,
-                                            overlap=overlap, consumers=consumers)  # fmt: skip
+                                            window_right=0 if causal else (70 if window >= 0 else -1), softcap=softcap,
+                                            overlap=overlap, consumers=consumers, block_n=block_n)  # fmt: skip
     kernel = ga._attn_fwd_gluon
     backend = make_backend(TARGET)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
@@ -64,11 +92,38 @@ def compile_case(c):
     return triton.compile(src, target=TARGET, options=options.__dict__)
 
 
+def order(ops) -> str:
+    """Runs of the products, exponentials, wgmma fences/waits and mbarrier waits, in code order."""
+    runs = []
+    for op in ops:
+        for tag in ("HGMMA", "MUFU.EX2", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR", "SYNCS.PHASECHK"):
+            if op.startswith(tag):
+                if runs and runs[-1][0] == tag:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([tag, 1])
+    return " ".join(f"{t}x{n}" for t, n in runs)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="", help="comma-separated subset of " + ",".join(cases()))
     p.add_argument("--dump", default="", help="write each case's PTX/SASS to this folder")
+    p.add_argument("--check-all", action="store_true", help="only compile every specialization the tests use")
     a = p.parse_args()
+    if a.check_all:
+        failed = 0
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, c in every_specialization().items():
+                try:
+                    info, _ = sass_of(compile_case(c), tmp)
+                    regs, spills = resources(info)
+                    print(f"ok    {name}: {spills} bytes spilled", flush=True)
+                except Exception as e:  # report and go on: the point is the full list
+                    failed += 1
+                    print(f"FAIL  {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        print(f"{failed} failed")
+        return
     wanted = [c for c in a.cases.split(",") if c]
     head = f"{'case':18s} {'part':7s} {'instr':>6s} " + " ".join(f"{c.split('.')[-1][:6]:>6s}" for c in COUNTS)
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,6 +152,12 @@ def main() -> None:
                         if op == k or op.startswith(k + ".") or (k == "WARPGROUP" and op.startswith("WARPGROUP")):
                             cnt[k] += 1
                 print(f"{name:18s} {part:7s} {len(ops):6d} " + " ".join(f"{cnt[k]:6d}" for k in COUNTS))
+            # the issue order in the first tile loop (a loop with products, not the whole persistent loop): does
+            # the next tile's Q·Kᵀ (HGMMA) come before the softmax's exponentials (MUFU)?
+            for _, _, ops in loops(instrs):
+                if any(o.startswith("HGMMA") for o in ops) and len(ops) < 1200:
+                    print(f"{name}: tile loop issue order: {order(ops)}")
+                    break
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def _same_precision(q, k, v, scale, left, right, softcap):
 
 
 def _check(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, overlap=True, consumers=2, persistent=True,
-           name=""):  # fmt: skip
+           block_n=128, name=""):  # fmt: skip
     d = q.shape[-1]
     scale = d**-0.5
     left, right = window
@@ -73,7 +73,7 @@ def _check(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, overlap=True,
         right = 0
     out, lse = ga.attention_gluon(q, k, v, scale=scale, window_left=left, window_right=right, softcap=softcap,
                                   return_lse=True, overlap=overlap, consumers=consumers,
-                                  persistent=persistent)  # fmt: skip
+                                  persistent=persistent, block_n=block_n)  # fmt: skip
     kw = dict(causal=causal, window_size=window, softcap=softcap)
     ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == ref_lse.shape
@@ -124,30 +124,34 @@ def test_gluon_matches_reference(shape, feature):
     _check(q, k, v, name=f"{_sid(shape)} {feature}", **FEATURES[feature])
 
 
-# (consumers, overlap, persistent, dtype): the default (two 4-warp consumers, overlap, persistent) in both
-# dtypes, then each structural alternative the benchmark times
+# (consumers, overlap, persistent, dtype, block_n): the default (two 4-warp consumers, overlap, persistent,
+# 128-key tiles) in both dtypes, then each structural alternative the benchmark times
 VARIANTS = [
-    (2, True, True, torch.bfloat16),
-    (2, True, True, torch.float16),
-    (2, False, True, torch.bfloat16),
-    (1, True, True, torch.bfloat16),
-    (1, False, True, torch.bfloat16),
-    (2, True, False, torch.bfloat16),
+    (2, True, True, torch.bfloat16, 128),
+    (2, True, True, torch.float16, 128),
+    (2, False, True, torch.bfloat16, 128),
+    (1, True, True, torch.bfloat16, 128),
+    (1, False, True, torch.bfloat16, 128),
+    (2, True, False, torch.bfloat16, 128),
+    (2, True, True, torch.bfloat16, 64),
 ]
+
+
+def _vid(v):
+    return f"c{v[0]}-{'ovl' if v[1] else 'ser'}-{'pers' if v[2] else 'grid'}-{dtype_id(v[3])}-n{v[4]}"
 
 
 @pytest.mark.gpu
 @sm90
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"c{v[0]}-{'ovl' if v[1] else 'ser'}-"
-                         f"{'pers' if v[2] else 'grid'}-{dtype_id(v[3])}")  # fmt: skip
+@pytest.mark.parametrize("variant", VARIANTS, ids=_vid)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gluon_variants(causal, variant):
     # a ragged GQA shape with more work items (8 row blocks x 32 heads x 2) than SMs: persistent programs
     # take several items each, of different lengths
-    consumers, overlap, persistent, dtype = variant
+    consumers, overlap, persistent, dtype, block_n = variant
     q, k, v = _inputs(2, 1000, 1100, 32, 4, 128, dtype)
-    _check(q, k, v, causal=causal, overlap=overlap, consumers=consumers, persistent=persistent,
-           name=f"{causal=} {variant}")  # fmt: skip
+    _check(q, k, v, causal=causal, overlap=overlap, consumers=consumers, persistent=persistent, block_n=block_n,
+           name=f"{causal=} {_vid(variant)}")  # fmt: skip
 
 
 @pytest.mark.gpu

@@ -5,9 +5,10 @@ memory, its barriers and its warps. That is what the ``tl.*`` kernel in `attn.fa
 what FlashAttention-3 (Shah et al., 2024) is built from:
 
 - **A producer warp.** One warp does nothing but issue TMA copies of K and V tiles into a ring of shared-memory
-  stages (3 of K and 3 of V). It waits until a stage is free (``kv_empty``: a K stage frees once its Q·Kᵀ is
-  done, a V stage after P·V) and the copy engine signals when the bytes have landed (``k_ready``,
-  ``v_ready``). It holds 24 registers; the consumers get the rest (``setmaxnreg``).
+  stages (as many as fit, at most 6: 3 of K and 3 of V at D128). It waits until a stage is free
+  (``kv_empty``: a K stage frees once its Q·Kᵀ is done, a V stage after P·V) and the copy engine signals when
+  the bytes have landed (``k_ready``, ``v_ready``). It holds 24 registers; the consumers get the rest
+  (``setmaxnreg``).
 - **Two consumer warpgroups.** Two 4-warp partitions own rows 0-63 and 64-127 of the 128-row query block and
   issue their own ``wgmma``. They share the K/V stages but synchronize only through the ring's barriers, so
   while one computes its softmax the other's products can occupy the tensor cores (FA3 forces the alternation
@@ -15,7 +16,8 @@ what FlashAttention-3 (Shah et al., 2024) is built from:
   partition, whose two warpgroups move in lockstep (the compiler's barriers span all 8 warps).
 - **Softmax overlapped with the next QKᵀ** (``OVERLAP``): the product of tile j+1 is issued asynchronously
   before the softmax of tile j runs, so the tensor core and the exponent unit work at the same time within a
-  warpgroup (FA3's intra-warpgroup pipelining). It costs a second score tile of registers.
+  warpgroup (FA3's intra-warpgroup pipelining). It costs a second score tile of registers, which at D128
+  with 128-key tiles ptxas does not grant: it sinks the product below the softmax (see ``block_n`` below).
 - **A persistent grid, longest work first.** One program per SM walks work items (a 128-row block of one
   (b, h)) in decreasing order of their key count (causal: the bottom row blocks first), so the short ones fill
   the tail. The producer runs ahead into the next item's K/V while the consumers finish the current one; the
@@ -50,9 +52,21 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 
-# (BLOCK_M, BLOCK_N, STAGES) by head dim. 128 rows = two warpgroups of 64; the ring holds STAGES K tiles and
-# STAGES V tiles beside Q's 128 rows: D128 3·2·32 + 32 = 224 KB of the 227 KB; D64 3·2·16 + 16 = 112 KB.
-CONFIGS = {64: (128, 128, 3), 128: (128, 128, 3)}
+# 128 query rows per work item = two warpgroups of 64. Key tiles of 128 by default; the ring holds as many K and
+# V stages as fit beside Q's 128 rows (at most 6): D128 3·2·32 + 32 = 224 KB of the 227 KB, D64 6·2·16 + 16 = 208.
+# BLOCK_N = 64 is the alternative at D128: there ptxas keeps the next tile's Q·Kᵀ ahead of the softmax (with 128
+# it sinks the product below the exponentials, short of registers for two score tiles, so OVERLAP overlaps
+# nothing at D128; at D64 it does), at the price of twice the per-tile work (O rescale, reductions, barriers).
+BLOCK_M = 128
+SMEM_BYTES = 232448 - 2048  # the H100/H200 limit per block, less room for barriers and the compiler's scratch
+HEAD_DIMS = (64, 128)
+
+
+def _stages(head_dim: int, block_n: int, itemsize: int = 2) -> int:
+    per_stage = 2 * block_n * head_dim * itemsize
+    return min(6, (SMEM_BYTES - BLOCK_M * head_dim * itemsize) // per_stage)
+
+
 # registers: the 1-warp producer is given the minimum (24); the kernel's limit 168 = 65536 / (12 warps · 32)
 # lets the two consumer warpgroups raise theirs to 240 (setmaxnreg), FA3's split
 PRODUCER_REGS = gl.constexpr(24)
@@ -75,7 +89,7 @@ def gluon_supported(q, k, v, *, packed, seqlens, head_dim, alibi, rel_bias, soft
         return False
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or head_dim not in CONFIGS:
+    if q.dtype not in (torch.float16, torch.bfloat16) or head_dim not in HEAD_DIMS:
         return False
     if not all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (q, k, v)):
         return False
@@ -259,6 +273,9 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo,
             mbarrier.arrive(kv_empty.index(it % STAGES), count=1)  # this K stage is read
             for t in range(n_tiles - 1):
                 qk_next = _qk(q, k_bufs, k_ready, it + 1, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)
+                # a no-op wait (only that product is in flight) that pins the order in SASS: without it ptxas
+                # sinks the product below the softmax's exponentials, and nothing overlaps (scripts/gluon_sass.py)
+                qk = warpgroup_mma_wait(1, deps=[qk])
                 acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
                                               lo + t * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
                                               window_left, window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
@@ -466,11 +483,11 @@ _SMS: dict = {}
 
 
 def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap, overlap=True, consumers=2,
-                persistent=True):  # fmt: skip
+                persistent=True, block_n=128):  # fmt: skip
     """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and scripts/gluon_sass.py)."""
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     seqlen_k, num_heads_kv = k.shape[1], k.shape[2]
-    block_m, block_n, stages = CONFIGS[head_dim]
+    block_m, stages = BLOCK_M, _stages(head_dim, block_n)
     wg_m = block_m // consumers
     if softcap > 0:
         qk_scale, cap_log2 = scale / softcap, softcap * LOG2E
@@ -496,13 +513,13 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
 
 
 def attention_gluon(q, k, v, *, scale, window_left=-1, window_right=-1, softcap=0.0, return_lse=False,
-                    overlap=True, consumers=2, persistent=True):  # fmt: skip
+                    overlap=True, consumers=2, persistent=True, block_n=128):  # fmt: skip
     """The Gluon kernel on checked arguments (`attn.fast.attention.attention` checks them and calls this when
     `gluon_supported` and ``ATTN_GLUON=1``). ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, contiguous."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device) if return_lse else None
     grid, args, constexprs = launch_args(q, k, v, out, lse, scale=scale, window_left=window_left,
                                          window_right=window_right, softcap=softcap, overlap=overlap,
-                                         consumers=consumers, persistent=persistent)  # fmt: skip
+                                         consumers=consumers, persistent=persistent, block_n=block_n)  # fmt: skip
     _attn_fwd_gluon[grid](*args, **constexprs)
     return (out, lse) if return_lse else out

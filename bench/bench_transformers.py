@@ -87,12 +87,12 @@ def attention_share(model, impl, ids, steps, max_len):
         name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         kw = {name: StaticCache(config=model.config, max_cache_len=max_len)}
     with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=True, **kw).logits[:, -1:]
+        logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw).logits[:, -1:]
         nxt = logits.argmax(-1)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                nxt = model(input_ids=nxt, use_cache=True, **kw).logits[:, -1:].argmax(-1)
+                nxt = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **kw).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
     total = attn_ms = 0.0
     kernels = []
@@ -137,7 +137,8 @@ def main(argv=None) -> dict:
         row = {}
         try:
             with torch.no_grad():
-                generate(model, impl, ids[:, :128], 4, 256)  # warm-up: compiles, autotunes, allocator
+                # warm-up at the measured shapes: compiles (flex), autotunes (attn), fills the allocator's pools
+                generate(model, impl, ids, 2, max_len)
                 _, t_prefill = generate(model, impl, ids, 1, max_len)
                 out, t_total = generate(model, impl, ids, args.new, max_len)
             tokens[impl] = out[:, args.prompt :]

@@ -332,3 +332,19 @@ def test_static_cache_left_padding():
         out = model.generate(ids, **kw)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=1e-4, rtol=1e-4)
+
+
+def test_packed_position_ids_fall_back_to_sdpa():
+    """Sequences packed in one row (position_ids restarting, no mask): transformers' mask function is not one
+    the kernels express, so the mask function hands the dense mask and the call runs SDPA, warning once."""
+    model = _model("llama3")
+    ids = torch.randint(2, VOCAB - 1, (1, 10))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]])
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model(ids, position_ids=pos, use_cache=False).logits
+        model.set_attn_implementation("attn")
+        ah._WARNED.clear()
+        with pytest.warns(UserWarning, match="attn: a mask that lengths"):
+            out = model(ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

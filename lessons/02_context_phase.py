@@ -813,8 +813,8 @@ for fn, ratio in ((attn.fast.attention, 2), (attn.fast.attention_unfused, 3)):
 # The fused kernel beats FlashAttention-2 by 1.30-1.50× and FlexAttention by 1.02-1.26× on the H200, but
 # cuDNN's kernel (what SDPA's cuDNN backend runs) is faster still: ours is at 0.74-0.95× of its speed
 # (`docs/benchmarks.md`). Timing alone cannot say why. Nsight Compute can: it replays one kernel launch many
-# times and reads the hardware counters of every SM. `scripts/ncu_profile.sh` profiles one call of each
-# kernel, and `scripts/ncu_summary.py` puts the counters side by side. The files below are its output from the
+# times and reads the hardware counters of every SM. `bench/probes/ncu_profile.sh` profiles one call of each
+# kernel, and `bench/probes/ncu_summary.py` puts the counters side by side. The files below are its output from the
 # H200, for a short-sequence shape (B16 H32 S1024 causal) and a long one (B4 H32 S4096 causal).
 
 # %%
@@ -822,7 +822,7 @@ NCU = REPO / "bench" / "results" / "ncu_H200_2026-11-29"
 
 
 def ncu_table(name):
-    """{metric: (ours, cudnn)} from a summary written by scripts/ncu_summary.py."""
+    """{metric: (ours, cudnn)} from a summary written by bench/probes/ncu_summary.py."""
     table = {}
     for line in (NCU / name).read_text().splitlines()[1:]:
         parts = line.split()

@@ -605,7 +605,7 @@ plt.show()
 #   starts below the window, its extra keys masked), so a tile never crosses a block. It then loads one entry
 #   per tile, a tile ahead, and forms the tile's addresses from one base and the row offsets, instead of a load
 #   and a 64-bit multiply-add per key. Compiled for the H200, the loop of a bf16 tile over pages went from 971
-#   to 610 instructions (`scripts/decode_sass.py`); bf16 decode was bound by bytes anyway, but the ragged batch
+#   to 610 instructions (`bench/probes/decode_sass.py`); bf16 decode was bound by bytes anyway, but the ragged batch
 #   went from 0.95x to 1.00x of contiguous, and one-byte caches, which are bound by instructions, gained 13-15%
 #   (lesson 09).
 #

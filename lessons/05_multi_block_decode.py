@@ -375,7 +375,7 @@ plt.show()
 # ### What the H200 says
 #
 # The numbers behind the heuristic come from a probe run on an H200 (bf16, 32 query and 8 KV heads, $D = 128$,
-# one new token), `scripts/split_probe.py`, whose output is `bench/results/decode_split_probe_2026-11-28.log`:
+# one new token), `bench/probes/split_probe.py`, whose output is `bench/results/decode_split_probe_2026-11-28.log`:
 # the K/V read rate for the two long-cache shapes at several forced split counts. The "(auto)" marks in the
 # log are the heuristic of that day (two waves, at least 512 keys per split), which picked 5 and 33 splits;
 # the heuristic that followed this probe picked 16 and 64, and the current one (merge in the kernel, below)

@@ -702,7 +702,7 @@ plt.show()
 
 # %% [markdown]
 # What changed between the grey bars and the blue ones (each step measured before it was kept:
-# `scripts/decode_probe.py`, logs and predictions in `bench/NOTES.md`):
+# `bench/probes/decode_probe.py`, logs and predictions in `bench/NOTES.md`):
 #
 # - **Products in fp16, not bf16.** Both hold every int8 and e4m3 code exactly. But Hopper converts e4m3 to
 #   fp16 with one instruction per *pair* of codes, while the path to bf16 takes several, and with half the

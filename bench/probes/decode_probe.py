@@ -1,6 +1,6 @@
 """Probe: which decode-kernel changes make INT8/FP8 caches pay on the H200, measured side by side.
 
-    PYTHONPATH=. python scripts/decode_probe.py             # on the GPU machine
+    PYTHONPATH=. python bench/probes/decode_probe.py             # on the GPU machine
 
 Halving the bytes of the cache gained only 1.1-1.4x contiguous and lost 10-23% paged (bench/NOTES.md,
 2026-11-28): with one-byte keys the loop stops being bound by loads. Each variant below is the source of

@@ -5,8 +5,8 @@ decode run on an H200" instead of naming files.
     python -m bench.index --list     # one line per entry
 
 Each entry: ``file`` (relative to bench/results), ``benchmark`` (attention, decode, features, inflight, or a
-log's kind: gpu_tests, probe, sass, ncu, demo, attention-log, ...), ``gpu``, ``date`` (UTC day), ``commit``, ``command``, and
-``what`` (one line, hand-written where the file cannot say). JSON result files carry all of these in their
+log's kind: gpu_tests, probe, sass, ncu, demo, attention-log, ...), ``gpu``, ``date`` (UTC day), ``commit``,
+``command``, and ``what`` (one line, hand-written where the file cannot say). JSON result files carry all of these in their
 ``env``/``command`` fields; logs get them from their name (``kind_GPU_YYYY-MM-DD[_tag].log``) and ``what``.
 """
 
@@ -69,7 +69,8 @@ def _describe(p: Path) -> dict[str, Any]:
     if p.suffix == ".json":
         doc = json.loads(p.read_text())
         env = doc.get("env", {})
-        entry.update(benchmark=(doc.get("benchmark") or p.name).split()[0].split("_")[0], gpu=env.get("gpu") or entry["gpu"],
+        kind = (doc.get("benchmark") or p.name).split()[0].split("_")[0]
+        entry.update(benchmark=kind, gpu=env.get("gpu") or entry["gpu"],
                      commit=(env.get("git_commit") or "")[:12] or None, command=doc.get("command"))  # fmt: skip
         if entry["commit"] == "unknown":
             entry["commit"] = None

@@ -6,8 +6,8 @@ decode run on an H200" instead of naming files.
 
 Each entry: ``file`` (relative to bench/results), ``benchmark`` (attention, decode, features, inflight, or a
 log's kind: gpu_tests, probe, sass, ncu, demo, attention-log, ...), ``gpu``, ``date`` (UTC day), ``commit``,
-``command``, and ``what`` (one line, hand-written where the file cannot say). JSON result files carry all of these in their
-``env``/``command`` fields; logs get them from their name (``kind_GPU_YYYY-MM-DD[_tag].log``) and ``what``.
+``command``, and ``what`` (one line, hand-written where the file cannot say). JSON result files carry all of
+these in their ``env``/``command`` fields; logs get them from their name (``kind_GPU_YYYY-MM-DD[_tag].log``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Compile the fused prefill kernel for the H200 (sm_90a) on a machine without a GPU and count its SASS instructions.
 
-    TRITON_INTERPRET=0 PYTHONPATH=. python bench/probes/prefill_sass.py [--config 128,128,8,3] [--module NAME] [--dump DIR]
+    TRITON_INTERPRET=0 PYTHONPATH=. python bench/probes/prefill_sass.py [--config 128,128,8,3] [--module M] [--dump D]
 
 The cases are the bias benchmark's (bench/bench_features.py prefill: B4 H32 S4096 D128 causal bf16): plain,
 ALiBi (both modes), T5 implicit (32 buckets, max_distance 128) and T5 regular (a bf16 [H, S, S] bias). Their

@@ -94,13 +94,15 @@ def cmd_docs(argv: list[str]) -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     py = setup("docs")
-    env = dict(os.environ)
+    # Material's banner about MkDocs 2 is advice to the theme's users, printed on every build
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
     if system_cuda_torch() is None:
         # lessons run their kernels on the CPU through Triton's interpreter
         env.setdefault("TRITON_INTERPRET", "1")
     run([py, "-m", "mkdocs", "build", "--strict"], env=env)
     if args.build:
-        run([py, "tools/check_site.py", "site"], env=env)
+        # screenshots of every page go to site-check/, to look at when a figure check fails
+        run([py, "tools/check_site.py", "site", "--shots", "site-check"], env=env)
         return
     print(f"serving the built site on http://127.0.0.1:{args.port}/ (Ctrl-C stops)", flush=True)
     run([py, "-m", "http.server", str(args.port), "--bind", "127.0.0.1", "--directory", "site"])

@@ -90,6 +90,9 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
 
 
 def on_page_content(html: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    if page.file.src_uri.startswith("api/"):
+        # docstrings cite the design notes' SPEC.md, which is not on the site; the semantics page is its public form
+        html = html.replace("(see SPEC.md)", '(see <a href="../semantics.html">Semantics</a>)')
     html = _NB_MATHJAX.sub("", html)
     html = _NB_MERMAID.sub("", html)
     return _EXTERNAL_SCRIPT.sub("", html)

@@ -70,9 +70,12 @@ def setup(extras: str) -> Path:
     stamp_text = (ROOT / "pyproject.toml").read_text() + extras + str(gpu) + " ".join(CPU_PINS)
     stamp = venv / f".attn-{extras}-{hashlib.sha256(stamp_text.encode()).hexdigest()[:16]}"
     if not stamp.exists():
-        run([py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
+        # setuptools' build backend explains editable installs in a boxed warning on every install; the filter
+        # (by message, so that no module is imported to resolve a category) reaches the backend's process too
+        quiet = dict(os.environ, PYTHONWARNINGS="ignore:Editable installation")
+        run([py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], env=quiet)
         pins = [] if gpu else CPU_PINS
-        run([py, "-m", "pip", "install", "--quiet", *pins, "-e", f".[{extras}]"])
+        run([py, "-m", "pip", "install", "--quiet", *pins, "-e", f".[{extras}]"], env=quiet)
         stamp.touch()
     return py
 

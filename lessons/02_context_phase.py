@@ -33,11 +33,11 @@
 # As in lesson 1, without a GPU the kernels run in Triton's interpreter, so the shapes stay tiny.
 
 # %%
-import json
 import math
 import weakref
 from pathlib import Path
 
+import _figures
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import Patch, Rectangle
@@ -431,8 +431,8 @@ plt.show()
 # and without the causal mask:
 
 # %%
-BENCH_FILE = REPO / "bench" / "results" / "attention_H200_2026-11-28_a.json"
-bench = json.loads(BENCH_FILE.read_text())
+BENCH_FILE = _figures.result_path("attention_H200_2026-11-28_a.json")
+bench = _figures.result(BENCH_FILE.name)
 by_name = {r["name"]: r for r in bench["results"]}
 full_ms = by_name["B4 H32 S4096 D128 full"]["contenders"]["ours"]["ms"]
 causal_ms = by_name["B4 H32 S4096 D128 causal"]["contenders"]["ours"]["ms"]
@@ -818,7 +818,7 @@ for fn, ratio in ((attn.fast.attention, 2), (attn.fast.attention_unfused, 3)):
 # H200, for a short-sequence shape (B16 H32 S1024 causal) and a long one (B4 H32 S4096 causal).
 
 # %%
-NCU = REPO / "bench" / "results" / "ncu_H200_2026-11-29"
+NCU = _figures.result_path("ncu_H200_2026-11-29")
 
 
 def ncu_table(name):

@@ -33,11 +33,10 @@
 
 # %%
 import inspect
-import json
 import re
 import sys
-from pathlib import Path
 
+import _figures
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import FancyArrowPatch, Rectangle
@@ -383,11 +382,8 @@ plt.show()
 # benchmark run `decode_H200_2026-11-28_v2.json`, a separate process on the same day.
 
 # %%
-# the docs build runs lessons from lessons/, plain python usually from the repository root
-RESULTS = next(p for p in (Path("bench/results"), Path("../bench/results")) if p.is_dir())
-
 probe = {}
-for line in (RESULTS / "decode_split_probe_2026-11-28.log").read_text().splitlines():
+for line in _figures.result_path("decode_split_probe_2026-11-28.log").read_text().splitlines():
     found = re.match(r"(B\d+ L\d+) splits\s+(\d+)( \(auto\))?: ([\d.]+) TB/s", line)
     if found:
         shape, n, auto, tbps = found.groups()
@@ -395,7 +391,7 @@ for line in (RESULTS / "decode_split_probe_2026-11-28.log").read_text().splitlin
         probe.setdefault(shape, {})[int(n)] = (float(tbps), bool(auto))
 cudnn = {
     r["shape"].replace(" H32/8", ""): r["contenders"]["cudnn"]["tbps"]
-    for r in json.loads((RESULTS / "decode_H200_2026-11-28_v2.json").read_text())["results"]
+    for r in _figures.result("decode_H200_2026-11-28_v2.json")["results"]
 }
 for shape, points in probe.items():
     print(shape, {n: t for n, (t, _) in sorted(points.items())}, f"cuDNN {cudnn[shape]:.2f}")
@@ -476,7 +472,7 @@ for b, length in ((8, 32768), (1, 131072)):
 # (`decode_merge_H200_2026-11-29_run4.log`).
 
 # %%
-graph = json.loads((RESULTS / "decode_H200_2026-11-28_v3_graph.json").read_text())
+graph = _figures.result("decode_H200_2026-11-28_v3_graph.json")
 print(f"{'shape':42s} {'events':>7s} {'graph':>7s} {'host us':>8s}   (ours; TB/s)   cuDNN graph")
 for r in graph["results"]:
     ours, peer = r["contenders"]["ours"], r["contenders"].get("cudnn", {})

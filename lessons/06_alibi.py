@@ -33,10 +33,9 @@
 # 8. why the kernels never build the bias, and a live check of `attn.fast.attention` and `attn.fast.decode`.
 
 # %%
-import json
 import math
-from pathlib import Path
 
+import _figures
 import matplotlib.pyplot as plt
 import torch
 
@@ -538,15 +537,14 @@ for dtype in dtypes:
 # B1 L131072, from CUDA-graph replays), beside FlexAttention with the same bias as a `score_mod`:
 
 # %%
-RESULTS = Path(attn.__file__).resolve().parent.parent / "bench" / "results"
-prefill = json.loads((RESULTS / "features_H200_2026-11-29_prefill_f.json").read_text())["results"]
+prefill = _figures.result("features_H200_2026-11-29_prefill_f.json")["results"]
 cost = {(r["variant"], r["impl"]): r for r in prefill}
 ours, flex = cost[("alibi", "ours")], cost[("alibi", "flex")]
 print(f"prefill, ours:  plain {cost[('plain', 'ours')]['tflops']:.0f} TFLOP/s, ALiBi {ours['tflops']:.0f} "
       f"(costs {ours['cost_vs_plain'] - 1:.1%})")  # fmt: skip
 print(f"prefill, Flex:  plain {cost[('plain', 'flex')]['tflops']:.0f} TFLOP/s, ALiBi {flex['tflops']:.0f} "
       f"(costs {flex['cost_vs_plain'] - 1:.1%}); ours is {flex['ms'] / ours['ms']:.2f}x faster")  # fmt: skip
-decode = json.loads((RESULTS / "features_H200_2026-11-29_decode_i.json").read_text())["results"]
+decode = _figures.result("features_H200_2026-11-29_decode_i.json")["results"]
 for r in decode:
     if r["variant"] == "alibi":
         print(f"decode {r['shape']:18s} {r['layout']:10s}: ALiBi at {r['speedup_vs_plain']:.3f}x plain's speed")

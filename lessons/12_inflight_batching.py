@@ -37,9 +37,8 @@
 # 6. what the mixed step costs on an H200.
 
 # %%
-import json
-from pathlib import Path
 
+import _figures
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import Rectangle
@@ -298,8 +297,7 @@ plt.show()
 # time alone.
 
 # %%
-results_dir = next(p for p in (Path("bench/results"), Path("../bench/results")) if p.is_dir())
-record = json.loads((results_dir / "inflight_H200_2026-11-29.json").read_text())
+record = _figures.result("inflight_H200_2026-11-29.json")
 print(f"{'':22s} {'events':>8s} {'vs separate':>12s} {'host':>8s} {'graph':>8s}")
 for name, r in record["results"].items():
     graph = f"{r['graph_ms'] * 1e3:6.0f}us" if r.get("graph_ms") else "       -"

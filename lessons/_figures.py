@@ -44,6 +44,13 @@ def result(name: str) -> dict:
     return index.read(name)
 
 
+def result_path(name: str) -> Path:
+    """The path of a file (or folder) of bench/results named in its index."""
+    from bench import index
+
+    return index.path(name)
+
+
 def latest_result(benchmark: str, gpu: str = "H200", tag: str | None = None) -> tuple[dict, dict]:
     """The index entry and the parsed file of the latest run of a benchmark on a GPU."""
     from bench import index

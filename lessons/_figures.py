@@ -3,9 +3,10 @@ calls that matter.
 
 A lesson imports it as ``import _figures``: ``python lessons/NN_topic.py`` puts ``lessons/`` on the path, and
 the docs build does the same for the kernels that execute the lessons (tools/build_docs.py). Importing it sets
-the figure style every lesson shares: figures at most ``MAX_WIDTH_IN`` inches wide at 100 dpi and no text
-below ``MIN_FONT_PT``, so that a figure shown in the site's column (about 700 px at a laptop's width) keeps its
-text at 8 px or more; tools/check_site.py fails the build where it does not.
+the figure style every lesson shares: the helpers draw figures at most ``MAX_WIDTH_IN`` inches wide at 100 dpi
+with no text below ``MIN_FONT_PT`` (two-digit numbers in a cell one point less), so that a figure shown in the
+site's column (about 950 px at a laptop's width) keeps its text at 10 px or more; tools/check_site.py fails the
+build where a figure's text would render too small.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def paged_cache(cache, title: str, request_of: dict, names: str) -> None:
     width = cache.max_blocks_per_seq
     step = bs + 0.6
     owner = {blk: (s, i) for s in cache.live for i, blk in enumerate(cache.blocks_of(s))}
-    fig, ax = plt.subplots(figsize=(MAX_WIDTH_IN, 4.2))
+    fig, ax = plt.subplots(figsize=(MAX_WIDTH_IN, 3.9))
     for blk in range(nb):
         x0 = blk * step
         s, i = owner.get(blk, (None, 0))
@@ -85,7 +86,9 @@ def paged_cache(cache, title: str, request_of: dict, names: str) -> None:
                 face, ink = ("0.88", "0.45") if req else ("white", None)
             ax.add_patch(Rectangle((x0 + j, 0), 1, 1.3, facecolor=face, edgecolor="0.75", lw=0.5))
             if ink:
-                ax.text(x0 + j + 0.5, 0.65, pos, ha="center", va="center", fontsize=MIN_FONT_PT, color=ink)
+                # two digits in one slot: a size smaller, so that neighbours do not touch
+                size = MIN_FONT_PT if pos < 10 else MIN_FONT_PT - 1
+                ax.text(x0 + j + 0.5, 0.65, pos, ha="center", va="center", fontsize=size, color=ink)
         used = s is not None
         ax.add_patch(
             Rectangle((x0, 0), bs, 1.3, fill=False, lw=1.2, ec="black" if used else "0.6", ls="-" if used else "--")

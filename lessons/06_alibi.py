@@ -149,7 +149,7 @@ for n, color in zip((8, 12, 32, 40), ("C0", "C1", "C2", "C3")):
 ax.set_xlabel("head h")
 ax.set_ylabel("slope (log scale)")
 ax.set_title("Slopes by head: extra heads restart at the steep end")
-ax.legend(fontsize=7)
+ax.legend(fontsize=8)
 
 # the same slopes on one line, sorted: the extra heads interleave with the first p
 for row, n in enumerate((12, 40)):
@@ -162,7 +162,7 @@ ax2.set_yticks([0, 1], ["H = 12", "H = 40"])
 ax2.set_ylim(-0.7, 1.7)
 ax2.set_xlabel("slope (log scale)")
 ax2.set_title("Sorted: the extra heads fill the gaps among the steepest")
-ax2.legend(fontsize=7, loc="center left")
+ax2.legend(fontsize=8, loc="center left")
 fig.tight_layout()
 plt.show()
 

@@ -14,9 +14,11 @@ server would. A page fails if
 - any request leaves the loopback interface (the site must work air-gapped), or anything is not found,
 - its math is not typeset: MathJax must have produced ``mjx-container`` elements, none of them a TeX error,
   and no ``$...$``, ``\\(...\\)`` or ``\\[...\\]`` may be left in the visible text;
-- a figure is illegible: an image shrunk so far that its text would render below ``MIN_TEXT_PX`` (10 pt text
-  at the PNG's own dpi, from its pHYs chunk, times rendered width over natural width), or wider than the page;
-- a code block hides text: its content is wider than its box and the box does not scroll.
+- a figure is illegible: an image shrunk so far that its text would render below ``MIN_TEXT_PX`` (8 pt, the
+  smallest size the lessons' figures use, at the PNG's own dpi from its pHYs chunk, times rendered width over
+  natural width), or wider than the page;
+- a code block hides text: its content is wider than its box and the box does not scroll;
+- a notebook cell wrote to stderr (a warning shown in the page).
 
 Prints one line per page and a PASS/FAIL summary; exits non-zero on failure.
 """
@@ -60,8 +62,10 @@ FILE_PAGES = [("index.html", 3), ("lessons/01_attention.html", 20)]
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 PAGE_TIMEOUT_S = 60
 VIEWPORT = (1280, 900)
-# 10 pt figure text must come out at least this tall on screen: Material's body text is 13.6 px
-MIN_TEXT_PX = 8.5
+# the smallest text the lessons' figures use, and how tall it must come out on screen (Material's body text
+# is 13.6 px; 7.5 px is where digits still read at a glance)
+FIGURE_TEXT_PT = 8
+MIN_TEXT_PX = 7.5
 # the highest dpi matplotlib writes into a PNG we expect; an image without a pHYs chunk is assumed 100 dpi
 DEFAULT_DPI = 100
 
@@ -81,7 +85,10 @@ LAYOUT_JS = r"""
       hidden.push((el.innerText || "").trim().split("\n")[0].slice(0, 60));
     }
   }
-  return JSON.stringify({imgs, hidden: hidden.slice(0, 5)});
+  const stderrSel = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]';
+  const firstLine = (el) => (el.innerText || "").trim().split("\n")[0].slice(0, 100);
+  const stderr = [...document.querySelectorAll(stderrSel)].map(firstLine);
+  return JSON.stringify({imgs, hidden: hidden.slice(0, 5), stderr: stderr.slice(0, 5)});
 })()
 """
 
@@ -283,17 +290,20 @@ def _figure_problems(info: dict, site: pathlib.Path, base: str) -> tuple[list[st
             continue
         data = _image_bytes(im["src"], site, base)
         dpi = (_png_dpi(data) if data else None) or DEFAULT_DPI
-        text_px = 10 * dpi / 72 * im["width"] / im["natural"]
+        text_px = FIGURE_TEXT_PT * dpi / 72 * im["width"] / im["natural"]
         name = "inline image" if im["src"].startswith("data:") else im["src"].rsplit("/", 1)[-1]
         where = f"figure {im['n'] + 1} ({name}, {im['natural']} px at {dpi:.0f} dpi shown {im['width']:.0f} px)"
         if text_px < MIN_TEXT_PX:
-            problems.append(f"{where}: 10 pt text renders {text_px:.1f} px high (< {MIN_TEXT_PX})")
+            problems.append(f"{where}: {FIGURE_TEXT_PT} pt text renders {text_px:.1f} px high (< {MIN_TEXT_PX})")
             bad.append(im)
         elif im["overflow"] > 2:
             problems.append(f"{where}: sticks out of the page by {im['overflow']:.0f} px")
             bad.append(im)
     for text in info["hidden"]:
         problems.append(f"code block clipped, not scrollable: {text!r}")
+    for text in info["stderr"]:
+        # a lesson's warnings belong fixed or filtered in the lesson, not printed on the page in pink
+        problems.append(f"a cell wrote to stderr: {text!r}")
     return problems, bad
 
 

@@ -378,7 +378,7 @@ print(f"the three-way split agrees with the mask on {n_checked} shapes")
 # two key tiles of the diagonal.
 
 
-# %%
+# %% tags=["hide-input"]
 KIND_COLOURS = ["#eeeeee", "#f4a259", "#3d7ea6"]
 KIND_NAMES = ["skipped", "masked", "unmasked"]
 

@@ -217,7 +217,7 @@ for shape, c in decode.items():
 for shape, c in prefill.items():
     print(f"prefill {shape:42s} I = {c['ours'][0]:5.0f} FLOP/B")
 
-# %%
+# %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(8, 5.2))
 intensity = torch.logspace(-1, 4, 200)
 for (name, (flops, bw)), style in zip(list(h200.items())[::2], ("-", "--")):

@@ -94,7 +94,7 @@ for b, hq, hkv, length in shapes:
 # each query row are merged into the final output: by a second, tiny kernel in FlashDecoding, and in `attn` by
 # whichever program of the sequence finishes last (section 5).
 
-# %%
+# %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(9, 3.6))
 n_chunks, colors = 4, plt.cm.tab10.colors
 for s in range(n_chunks):

@@ -46,7 +46,7 @@ import attn.fast  # noqa: F401  (sets up Triton before anything else imports it)
 from bench import common
 from bench.bench_decode import to_paged
 
-SRC = Path(__file__).resolve().parent.parent / "attn" / "fast" / "decode.py"
+SRC = Path(__file__).resolve().parents[2] / "attn" / "fast" / "decode.py"
 
 FIXED = [("            kw.update(BLOCK_N=64, num_warps=4, num_stages=3)\n", "            kw.update(**PROBE_CFG)\n"),
          ("MIN_SPLIT_KEYS = 2048\n", "MIN_SPLIT_KEYS = 2048\nPROBE_CFG = {}\n")]  # fmt: skip

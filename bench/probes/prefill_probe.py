@@ -57,7 +57,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import attn.fast  # noqa: F401  (sets up Triton before anything else imports it)
 from bench import common
 
-SRC = Path(__file__).resolve().parent.parent / "attn" / "fast" / "attention.py"
+SRC = Path(__file__).resolve().parents[2] / "attn" / "fast" / "attention.py"
 
 ALIBI_OLD = [
     ("not HAS_SOFTCAP and REL_MODE == 0,", "not HAS_SOFTCAP and not HAS_ALIBI and REL_MODE == 0,"),

@@ -90,6 +90,7 @@ def simulate(inflight):
     return start, end
 
 
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), sharey=True)
 for ax, inflight in zip(axes, (False, True)):
     start, end = simulate(inflight)
@@ -147,7 +148,7 @@ print("cache_seqlens_after  ", batch.cache_seqlens_after.tolist())
 print("context rows         ", batch.context_rows.tolist())
 print("generation rows      ", batch.generation_rows.tolist())
 
-# %%
+# %% tags=["hide-input"]
 colors = plt.get_cmap("tab10")
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 2.4]})
 bounds = batch.cu_seqlens_new.tolist()

@@ -6,9 +6,13 @@
     python3 dev.py test          run the test suite (CPU: kernels run in Triton's interpreter)
     python3 dev.py lint          ruff
 
-Needs only Python >= 3.10. On a machine without a CUDA torch, the environment pins the CPU builds this
-project is tested with (torch 2.13.0, triton 3.6.0). On a machine whose Python already has a CUDA torch,
-the environment sees it (system site packages) and installs neither torch nor triton.
+Needs only Python >= 3.10. Each job installs the project with only its own extra into an environment of its
+own: `.venv` (extra `dev`: test, lint) and `.venv-docs` (extra `docs`), so the docs build never leans on
+something only the test extra brings. ATTN_VENV=DIR puts the job's environment in DIR instead.
+
+On a machine without a CUDA torch, the environment pins the CPU builds this project is tested with (torch
+2.13.0, triton 3.6.0). On a machine whose Python already has a CUDA torch, the environment sees it (system
+site packages) and never replaces it: a torch older than the package supports stops the set-up instead.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-VENV = Path(os.environ.get("ATTN_VENV", ROOT / ".venv"))
-# numpy < 2.4: Triton 3.6's interpreter turns loaded scalars into Python ints with int(array([x])), which
-# numpy 2.4 made an error (it was a deprecation warning since 1.25)
-CPU_PINS = ["torch==2.13.0", "triton==3.6.0", "numpy<2.4"]
+VENVS = {"dev": ROOT / ".venv", "docs": ROOT / ".venv-docs"}
+# the exact CPU builds the suite and the lessons are checked with (numpy < 2.4 comes from the package itself)
+CPU_PINS = ["torch==2.13.0", "triton==3.6.0"]
+# the oldest torch the package supports (pyproject.toml: torch>=2.8, triton>=3.4)
+MIN_TORCH = (2, 8)
 
 
 def run(cmd: list[str], **kw) -> None:
@@ -32,31 +37,45 @@ def run(cmd: list[str], **kw) -> None:
     subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, **kw)
 
 
-def system_has_cuda_torch() -> bool:
-    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+def system_cuda_torch() -> str | None:
+    """The version of the CUDA torch that `python3` already has, or None."""
+    probe = "import torch, sys; print(torch.__version__); sys.exit(0 if torch.cuda.is_available() else 1)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
-def venv_python() -> Path:
-    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+def venv_dir(extras: str) -> Path:
+    return Path(os.environ["ATTN_VENV"]) if os.environ.get("ATTN_VENV") else VENVS[extras]
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
 def setup(extras: str) -> Path:
-    """Creates (or reuses) the environment and installs the project with the given extras."""
-    gpu = system_has_cuda_torch()
-    if not venv_python().exists():
-        cmd = [sys.executable, "-m", "venv", VENV]
+    """Creates (or reuses) the job's environment and installs the project with the given extra."""
+    cuda_torch = system_cuda_torch()
+    gpu = cuda_torch is not None
+    if gpu and tuple(int(x) for x in cuda_torch.split("+")[0].split(".")[:2]) < MIN_TORCH:
+        # installing would make pip fetch a newer torch into the environment, shadowing the machine's CUDA build
+        sys.exit(f"this machine's CUDA torch is {cuda_torch}; attn needs torch >= {'.'.join(map(str, MIN_TORCH))}")
+    venv = venv_dir(extras)
+    if not venv_python(venv).exists():
+        cmd = [sys.executable, "-m", "venv", venv]
         if gpu:
             cmd.append("--system-site-packages")
         run(cmd)
-    py = venv_python()
+    py = venv_python(venv)
     # reinstall only when what decides the environment changed
     stamp_text = (ROOT / "pyproject.toml").read_text() + extras + str(gpu) + " ".join(CPU_PINS)
-    stamp = VENV / f".attn-{extras}-{hashlib.sha256(stamp_text.encode()).hexdigest()[:16]}"
+    stamp = venv / f".attn-{extras}-{hashlib.sha256(stamp_text.encode()).hexdigest()[:16]}"
     if not stamp.exists():
-        run([py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
+        # setuptools' build backend explains editable installs in a boxed warning on every install; the filter
+        # (by message, so that no module is imported to resolve a category) reaches the backend's process too
+        quiet = dict(os.environ, PYTHONWARNINGS="ignore:Editable installation")
+        run([py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], env=quiet)
         pins = [] if gpu else CPU_PINS
-        run([py, "-m", "pip", "install", "--quiet", *pins, "-e", f".[{extras}]"])
+        run([py, "-m", "pip", "install", "--quiet", *pins, "-e", f".[{extras}]"], env=quiet)
         stamp.touch()
     return py
 
@@ -78,13 +97,15 @@ def cmd_docs(argv: list[str]) -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     py = setup("docs")
-    env = dict(os.environ)
-    if not system_has_cuda_torch():
+    # Material's banner about MkDocs 2 is advice to the theme's users, printed on every build
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    if system_cuda_torch() is None:
         # lessons run their kernels on the CPU through Triton's interpreter
         env.setdefault("TRITON_INTERPRET", "1")
     run([py, "-m", "mkdocs", "build", "--strict"], env=env)
     if args.build:
-        run([py, "tools/check_site.py", "site"], env=env)
+        # screenshots of every page go to site-check/, to look at when a figure check fails
+        run([py, "tools/check_site.py", "site", "--shots", "site-check"], env=env)
         return
     print(f"serving the built site on http://127.0.0.1:{args.port}/ (Ctrl-C stops)", flush=True)
     run([py, "-m", "http.server", str(args.port), "--bind", "127.0.0.1", "--directory", "site"])

@@ -33,11 +33,11 @@
 # As in lesson 1, without a GPU the kernels run in Triton's interpreter, so the shapes stay tiny.
 
 # %%
-import json
 import math
 import weakref
 from pathlib import Path
 
+import _figures
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import Patch, Rectangle
@@ -378,7 +378,7 @@ print(f"the three-way split agrees with the mask on {n_checked} shapes")
 # two key tiles of the diagonal.
 
 
-# %%
+# %% tags=["hide-input"]
 KIND_COLOURS = ["#eeeeee", "#f4a259", "#3d7ea6"]
 KIND_NAMES = ["skipped", "masked", "unmasked"]
 
@@ -431,8 +431,8 @@ plt.show()
 # and without the causal mask:
 
 # %%
-BENCH_FILE = REPO / "bench" / "results" / "attention_H200_2026-11-28_a.json"
-bench = json.loads(BENCH_FILE.read_text())
+BENCH_FILE = _figures.result_path("attention_H200_2026-11-28_a.json")
+bench = _figures.result(BENCH_FILE.name)
 by_name = {r["name"]: r for r in bench["results"]}
 full_ms = by_name["B4 H32 S4096 D128 full"]["contenders"]["ours"]["ms"]
 causal_ms = by_name["B4 H32 S4096 D128 causal"]["contenders"]["ours"]["ms"]
@@ -813,16 +813,16 @@ for fn, ratio in ((attn.fast.attention, 2), (attn.fast.attention_unfused, 3)):
 # The fused kernel beats FlashAttention-2 by 1.30-1.50× and FlexAttention by 1.02-1.26× on the H200, but
 # cuDNN's kernel (what SDPA's cuDNN backend runs) is faster still: ours is at 0.74-0.95× of its speed
 # (`docs/benchmarks.md`). Timing alone cannot say why. Nsight Compute can: it replays one kernel launch many
-# times and reads the hardware counters of every SM. `scripts/ncu_profile.sh` profiles one call of each
-# kernel, and `scripts/ncu_summary.py` puts the counters side by side. The files below are its output from the
+# times and reads the hardware counters of every SM. `bench/probes/ncu_profile.sh` profiles one call of each
+# kernel, and `bench/probes/ncu_summary.py` puts the counters side by side. The files below are its output from the
 # H200, for a short-sequence shape (B16 H32 S1024 causal) and a long one (B4 H32 S4096 causal).
 
 # %%
-NCU = REPO / "bench" / "results" / "ncu_H200_2026-11-29"
+NCU = _figures.result_path("ncu_H200_2026-11-29")
 
 
 def ncu_table(name):
-    """{metric: (ours, cudnn)} from a summary written by scripts/ncu_summary.py."""
+    """{metric: (ours, cudnn)} from a summary written by bench/probes/ncu_summary.py."""
     table = {}
     for line in (NCU / name).read_text().splitlines()[1:]:
         parts = line.split()

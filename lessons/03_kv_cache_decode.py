@@ -34,10 +34,9 @@
 
 # %%
 import inspect
-import json
 import re
-from pathlib import Path
 
+import _figures
 import matplotlib.pyplot as plt
 import torch
 
@@ -177,15 +176,12 @@ for name, sq, hq, hkv, s in [
 #
 # These are not measurements of the machine running this page.
 
+
 # %%
-# the docs build runs lessons from lessons/, plain python usually from the repository root
-RESULTS = next(p for p in (Path("bench/results"), Path("../bench/results")) if p.is_dir())
-
-
 def decode_points(path, points=None):
     """{shape: {contender: (intensity FLOP/B, TFLOP/s, TB/s, ms)}} from a decode result file, added to points."""
     points = {} if points is None else points
-    for r in json.loads((RESULTS / path).read_text())["results"]:
+    for r in _figures.result(path)["results"]:
         hq, hkv = map(int, re.search(r"H(\d+)/(\d+)", r["shape"]).groups())
         total_len = sum(r["lengths"])
         head_dim = r["kv_bytes"] / (4 * total_len * hkv)
@@ -203,7 +199,7 @@ def decode_points(path, points=None):
 def prefill_points(path):
     """{shape: {contender: (intensity FLOP/B, TFLOP/s)}} from a prefill result file."""
     points = {}
-    for r in json.loads((RESULTS / path).read_text())["results"]:
+    for r in _figures.result(path)["results"]:
         points[r["name"]] = {
             name: (r["flops"] / r["min_bytes"], c["tflops"])
             for name, c in r["contenders"].items()
@@ -221,7 +217,7 @@ for shape, c in decode.items():
 for shape, c in prefill.items():
     print(f"prefill {shape:42s} I = {c['ours'][0]:5.0f} FLOP/B")
 
-# %%
+# %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(8, 5.2))
 intensity = torch.logspace(-1, 4, 200)
 for (name, (flops, bw)), style in zip(list(h200.items())[::2], ("-", "--")):

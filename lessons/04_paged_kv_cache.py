@@ -34,11 +34,10 @@
 #    visits, and how the query heads of a KV head share a tile.
 
 # %%
-import json
 import math
 import os
-from pathlib import Path
 
+import _figures
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import Rectangle
@@ -181,68 +180,10 @@ def new_request(cache, prompt_len):
 # block-table row is drawn above or below the pool (entries past the sequence's last block are not used), with an
 # arrow from each entry to the pool block it names.
 
+
 # %%
-COLORS = plt.get_cmap("tab10").colors
-
-
 def draw(cache, title):
-    bs, nb = cache.block_size, cache.allocator.num_blocks
-    width = cache.max_blocks_per_seq
-    step = bs + 0.6
-    owner = {blk: (s, i) for s in cache.live for i, blk in enumerate(cache.blocks_of(s))}
-    fig, ax = plt.subplots(figsize=(12, 3.4))
-    for blk in range(nb):
-        x0 = blk * step
-        s, i = owner.get(blk, (None, 0))
-        fill = min(bs, cache.length(s) - i * bs) if s is not None else 0
-        for j in range(bs):
-            pos, req = int(cache.k[blk, j, 0, 0]), int(cache.v[blk, j, 0, 0])
-            if j < fill:
-                # the memory must hold exactly the token the block table says lives here
-                assert (req, pos) == (request_of[s], i * bs + j), (blk, j)
-                face, ink = COLORS[req - 1], "white"
-            else:
-                face, ink = ("0.9", "0.55") if req else ("white", None)
-            ax.add_patch(Rectangle((x0 + j, 0), 1, 1, facecolor=face, edgecolor="0.75", lw=0.5))
-            if ink:
-                ax.text(x0 + j + 0.5, 0.5, pos, ha="center", va="center", fontsize=7, color=ink)
-        used = s is not None
-        ax.add_patch(
-            Rectangle((x0, 0), bs, 1, fill=False, lw=1.2, ec="black" if used else "0.6", ls="-" if used else "--")
-        )
-        ax.text(x0 + bs / 2, -0.35, f"block {blk}", ha="center", va="center", fontsize=7)
-    # two table rows above the pool and two below, side by side, so that no arrow crosses a table row
-    places = [(0.08, 2.6), (0.55, 2.6), (0.08, -3.4), (0.55, -3.4)]
-    cell = 2.2
-    for s in range(cache.max_seqs):
-        fx, y = places[s]
-        x = fx * nb * step
-        live = s in cache.live
-        label = f"block_table[{s}]" + (
-            f": {NAMES[request_of[s] - 1]}, {cache.length(s)} tokens" if live else ": free slot"
-        )
-        ax.text(x, y + 1.05 if y > 0 else y - 0.3, label, fontsize=8, va="center")
-        blocks_s = cache.blocks_of(s) if live else []
-        for c in range(width):
-            in_use = c < len(blocks_s)
-            color = COLORS[request_of[s] - 1] if in_use else "white"
-            ax.add_patch(Rectangle((x + c * cell, y), cell, 0.8, facecolor=color, edgecolor="0.4", lw=0.8, alpha=0.85))
-            entry = int(cache.block_table[s, c])
-            ax.text(x + (c + 0.5) * cell, y + 0.4, entry if in_use else "·", ha="center", va="center", fontsize=8)
-            if in_use:
-                start = (x + (c + 0.5) * cell, y if y > 0 else y + 0.8)
-                end = (entry * step + bs / 2, 1.05 if y > 0 else -0.6)
-                ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="->", color=color, lw=1, alpha=0.7))
-    free = cache.allocator.num_free
-    tokens = sum(cache.length(s) for s in cache.live)
-    ax.set_title(
-        f"{title}   ({nb - free} blocks used, {free} free; {tokens} tokens in {(nb - free) * bs} slots)", fontsize=10
-    )
-    ax.set_xlim(-0.5, nb * step)
-    ax.set_ylim(-4.2, 4.2)
-    ax.axis("off")
-    fig.tight_layout()
-    plt.show()
+    _figures.paged_cache(cache, title, request_of, NAMES)
 
 
 history = []
@@ -316,24 +257,9 @@ draw(cache, "4. D arrives in B's slot and reuses B's blocks; 2 more decode steps
 
 
 # %%
-def draw_contiguous(cache, title):
-    fig, ax = plt.subplots(figsize=(12, 1.8))
-    row_len = cache.max_blocks_per_seq * cache.block_size
-    for r, s in enumerate(cache.live):
-        n = cache.length(s)
-        for t in range(row_len):
-            face = COLORS[request_of[s] - 1] if t < n else "white"
-            ax.add_patch(Rectangle((t, -r), 1, 0.9, facecolor=face, edgecolor="0.75", lw=0.5))
-        ax.text(-0.5, -r + 0.45, f"row {r}: {NAMES[request_of[s] - 1]}", ha="right", va="center", fontsize=8)
-    ax.set_xlim(-4, row_len + 0.5)
-    ax.set_ylim(-len(cache.live) + 0.8, 1)
-    ax.set_title(title, fontsize=10)
-    ax.axis("off")
-    fig.tight_layout()
-    plt.show()
-
-
-draw_contiguous(cache, "4. the same sequences in a contiguous cache: one reserved 20-token row each")
+_figures.contiguous_cache(
+    cache, "4. the same sequences in a contiguous cache: one reserved 20-token row each", request_of, NAMES
+)
 
 print(f"{'stage':20s} {'seqs':>4s} {'tokens':>6s} {'paged slots':>11s} {'contiguous slots':>16s}")
 for stage, n, tokens, slots_used, contiguous in history:
@@ -551,43 +477,29 @@ assert torch.equal(v_trt, reference.gather_kv(paged.v, len(t), 0, table))
 # kernel on the long shapes before the launch path was made cheaper).
 
 # %%
-results = Path(attn.__file__).resolve().parent.parent / "bench" / "results"
 rows, ceilings = [], []
-runs = ("decode_H200_2026-11-28_v4_ragged.json", "decode_H200_2026-11-29.json", "decode_H200_2026-11-29_e.json")
-for fname in runs:
-    run = json.loads((results / fname).read_text())
-    assert run["env"]["gpu"] == "NVIDIA H200"
+for tag in ("2026-11-28_v4_ragged", "2026-11-29.json", "2026-11-29_e"):
+    entry, run = _figures.latest_result("decode", gpu="H200", tag=tag)
     ceilings.append(run["ceilings"]["copy_tbps"])
     for r in run["results"]:
         c = r["contenders"]
         tbps = {name: c[name].get("tbps_graph") or c[name]["tbps"] for name in ("ours", "ours-p16", "ours-p64")}
-        rows.append((f"{r['shape'].split(' (')[0]} [{run['env']['git_commit'][:7]}]", tbps))
+        rows.append((f"{r['shape'].split(' (')[0]} [{entry['commit'][:7]}]", tbps))
 
 print(f"{'shape [commit]':38s} {'contig':>7s} {'p16':>6s} {'p64':>6s}   p16/contig  p64/contig")
 for shape, tb in rows:
     r16, r64 = tb["ours-p16"] / tb["ours"], tb["ours-p64"] / tb["ours"]
     print(f"{shape:38s} {tb['ours']:7.2f} {tb['ours-p16']:6.2f} {tb['ours-p64']:6.2f}   {r16:10.2f}  {r64:10.2f}")
 
-fig, ax = plt.subplots(figsize=(11, 4))
-width = 0.27
-for i, (name, label) in enumerate(
-    (("ours", "contiguous"), ("ours-p16", "paged, 16-token blocks"), ("ours-p64", "paged, 64-token blocks"))
-):
-    xs = [j + (i - 1) * width for j in range(len(rows))]
-    ax.bar(xs, [tb[name] for _, tb in rows], width, label=label)
-    if name != "ours":
-        for x, (_, tb) in zip(xs, rows):
-            ax.text(x, tb[name] + 0.05, f"{tb[name] / tb['ours']:.2f}", ha="center", fontsize=6)
-ax.axhline(sum(ceilings) / len(ceilings), color="0.4", ls=":", lw=1, label="copy ceiling (same runs)")
 labels = [s.replace(" ragged L128..8192", "\nragged").replace(" L", "\nL").replace(" [", "\n[") for s, _ in rows]
-ax.set_xticks(range(len(rows)), labels, fontsize=7)
-ax.set_ylabel("TB/s of K and V read")
-ax.set_title("attn.decode on an NVIDIA H200, bf16, D = 128, graph replays; over the bars: paged / contiguous",
-             fontsize=10)  # fmt: skip
-ax.set_ylim(0, 5)
-ax.legend(fontsize=7, ncols=4, loc="upper center")
-fig.tight_layout()
-plt.show()
+_figures.grouped_bars(
+    list(zip(labels, (tb for _, tb in rows))),
+    [("ours", "contiguous"), ("ours-p16", "paged, 16-token blocks"), ("ours-p64", "paged, 64-token blocks")],
+    ref="ours",
+    hline=(sum(ceilings) / len(ceilings), "copy ceiling (same runs)"),
+    ylabel="TB/s of K and V read",
+    title="attn.decode, NVIDIA H200, bf16, D = 128, graph replays; over the bars: paged / contiguous",
+)
 
 # %% [markdown]
 # On 2026-11-28 (commit ef77225) paging cost 5-10% on the regular shapes and about 20% on the ragged
@@ -605,7 +517,7 @@ plt.show()
 #   starts below the window, its extra keys masked), so a tile never crosses a block. It then loads one entry
 #   per tile, a tile ahead, and forms the tile's addresses from one base and the row offsets, instead of a load
 #   and a 64-bit multiply-add per key. Compiled for the H200, the loop of a bf16 tile over pages went from 971
-#   to 610 instructions (`scripts/decode_sass.py`); bf16 decode was bound by bytes anyway, but the ragged batch
+#   to 610 instructions (`bench/probes/decode_sass.py`); bf16 decode was bound by bytes anyway, but the ragged batch
 #   went from 0.95x to 1.00x of contiguous, and one-byte caches, which are bound by instructions, gained 13-15%
 #   (lesson 09).
 #
@@ -727,18 +639,18 @@ def check_and_draw(ax, n, total, rows, cols, window_left=-1):
     ax.set_xlabel(f"key position (prefix of {total - n} | chunk of {n})")
     ax.set_ylabel("query of the chunk")
     title = "causal" if window_left < 0 else f"causal, window of {window_left} keys to the left"
-    ax.set_title(f"{title}: {counts['unmasked']} unmasked, {counts['masked']} masked, {counts['skipped']} skipped",
-                 fontsize=9)  # fmt: skip
+    ax.set_title(f"{title}:\n{counts['unmasked']} unmasked, {counts['masked']} masked, {counts['skipped']} skipped",
+                 fontsize=9.5)  # fmt: skip
     return counts
 
 
-fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+fig, axes = plt.subplots(1, 2, figsize=(_figures.MAX_WIDTH_IN, 4.2))
 for ax, window in zip(axes, (-1, 40)):
     print(check_and_draw(ax, n=48, total=112, rows=16, cols=16, window_left=window))
 axes[0].legend(handles=[Rectangle((0, 0), 1, 1, color="C2", alpha=0.35, label="unmasked (no mask arithmetic)"),
                         Rectangle((0, 0), 1, 1, color="C1", alpha=0.35, label="masked (diagonal, window edge)"),
                         Rectangle((0, 0), 1, 1, fill=False, ec="0.5", label="skipped (never loaded)")],
-               fontsize=7, loc="lower left")  # fmt: skip
+               fontsize=8.5, loc="lower left")  # fmt: skip
 fig.tight_layout()
 plt.show()
 

@@ -33,11 +33,10 @@
 
 # %%
 import inspect
-import json
 import re
 import sys
-from pathlib import Path
 
+import _figures
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import FancyArrowPatch, Rectangle
@@ -95,7 +94,7 @@ for b, hq, hkv, length in shapes:
 # each query row are merged into the final output: by a second, tiny kernel in FlashDecoding, and in `attn` by
 # whichever program of the sequence finishes last (section 5).
 
-# %%
+# %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(9, 3.6))
 n_chunks, colors = 4, plt.cm.tab10.colors
 for s in range(n_chunks):
@@ -375,7 +374,7 @@ plt.show()
 # ### What the H200 says
 #
 # The numbers behind the heuristic come from a probe run on an H200 (bf16, 32 query and 8 KV heads, $D = 128$,
-# one new token), `scripts/split_probe.py`, whose output is `bench/results/decode_split_probe_2026-11-28.log`:
+# one new token), `bench/probes/split_probe.py`, whose output is `bench/results/decode_split_probe_2026-11-28.log`:
 # the K/V read rate for the two long-cache shapes at several forced split counts. The "(auto)" marks in the
 # log are the heuristic of that day (two waves, at least 512 keys per split), which picked 5 and 33 splits;
 # the heuristic that followed this probe picked 16 and 64, and the current one (merge in the kernel, below)
@@ -383,11 +382,8 @@ plt.show()
 # benchmark run `decode_H200_2026-11-28_v2.json`, a separate process on the same day.
 
 # %%
-# the docs build runs lessons from lessons/, plain python usually from the repository root
-RESULTS = next(p for p in (Path("bench/results"), Path("../bench/results")) if p.is_dir())
-
 probe = {}
-for line in (RESULTS / "decode_split_probe_2026-11-28.log").read_text().splitlines():
+for line in _figures.result_path("decode_split_probe_2026-11-28.log").read_text().splitlines():
     found = re.match(r"(B\d+ L\d+) splits\s+(\d+)( \(auto\))?: ([\d.]+) TB/s", line)
     if found:
         shape, n, auto, tbps = found.groups()
@@ -395,7 +391,7 @@ for line in (RESULTS / "decode_split_probe_2026-11-28.log").read_text().splitlin
         probe.setdefault(shape, {})[int(n)] = (float(tbps), bool(auto))
 cudnn = {
     r["shape"].replace(" H32/8", ""): r["contenders"]["cudnn"]["tbps"]
-    for r in json.loads((RESULTS / "decode_H200_2026-11-28_v2.json").read_text())["results"]
+    for r in _figures.result("decode_H200_2026-11-28_v2.json")["results"]
 }
 for shape, points in probe.items():
     print(shape, {n: t for n, (t, _) in sorted(points.items())}, f"cuDNN {cudnn[shape]:.2f}")
@@ -476,7 +472,7 @@ for b, length in ((8, 32768), (1, 131072)):
 # (`decode_merge_H200_2026-11-29_run4.log`).
 
 # %%
-graph = json.loads((RESULTS / "decode_H200_2026-11-28_v3_graph.json").read_text())
+graph = _figures.result("decode_H200_2026-11-28_v3_graph.json")
 print(f"{'shape':42s} {'events':>7s} {'graph':>7s} {'host us':>8s}   (ours; TB/s)   cuDNN graph")
 for r in graph["results"]:
     ours, peer = r["contenders"]["ours"], r["contenders"].get("cudnn", {})

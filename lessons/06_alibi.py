@@ -33,10 +33,9 @@
 # 8. why the kernels never build the bias, and a live check of `attn.fast.attention` and `attn.fast.decode`.
 
 # %%
-import json
 import math
-from pathlib import Path
 
+import _figures
 import matplotlib.pyplot as plt
 import torch
 
@@ -150,7 +149,7 @@ for n, color in zip((8, 12, 32, 40), ("C0", "C1", "C2", "C3")):
 ax.set_xlabel("head h")
 ax.set_ylabel("slope (log scale)")
 ax.set_title("Slopes by head: extra heads restart at the steep end")
-ax.legend(fontsize=7)
+ax.legend(fontsize=8)
 
 # the same slopes on one line, sorted: the extra heads interleave with the first p
 for row, n in enumerate((12, 40)):
@@ -163,7 +162,7 @@ ax2.set_yticks([0, 1], ["H = 12", "H = 40"])
 ax2.set_ylim(-0.7, 1.7)
 ax2.set_xlabel("slope (log scale)")
 ax2.set_title("Sorted: the extra heads fill the gaps among the steepest")
-ax2.legend(fontsize=7, loc="center left")
+ax2.legend(fontsize=8, loc="center left")
 fig.tight_layout()
 plt.show()
 
@@ -538,15 +537,14 @@ for dtype in dtypes:
 # B1 L131072, from CUDA-graph replays), beside FlexAttention with the same bias as a `score_mod`:
 
 # %%
-RESULTS = Path(attn.__file__).resolve().parent.parent / "bench" / "results"
-prefill = json.loads((RESULTS / "features_H200_2026-11-29_prefill_f.json").read_text())["results"]
+prefill = _figures.result("features_H200_2026-11-29_prefill_f.json")["results"]
 cost = {(r["variant"], r["impl"]): r for r in prefill}
 ours, flex = cost[("alibi", "ours")], cost[("alibi", "flex")]
 print(f"prefill, ours:  plain {cost[('plain', 'ours')]['tflops']:.0f} TFLOP/s, ALiBi {ours['tflops']:.0f} "
       f"(costs {ours['cost_vs_plain'] - 1:.1%})")  # fmt: skip
 print(f"prefill, Flex:  plain {cost[('plain', 'flex')]['tflops']:.0f} TFLOP/s, ALiBi {flex['tflops']:.0f} "
       f"(costs {flex['cost_vs_plain'] - 1:.1%}); ours is {flex['ms'] / ours['ms']:.2f}x faster")  # fmt: skip
-decode = json.loads((RESULTS / "features_H200_2026-11-29_decode_i.json").read_text())["results"]
+decode = _figures.result("features_H200_2026-11-29_decode_i.json")["results"]
 for r in decode:
     if r["variant"] == "alibi":
         print(f"decode {r['shape']:18s} {r['layout']:10s}: ALiBi at {r['speedup_vs_plain']:.3f}x plain's speed")

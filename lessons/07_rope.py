@@ -193,7 +193,7 @@ for col, (style, label) in enumerate((("neox", "GPT-NeoX / rotate_half"), ("gptj
     ax.set(xlim=(-0.6, r8 - 0.4), ylim=(-0.6, 1.6), aspect="equal", title=label)
     ax.axis("off")
     if col == 1:
-        ax.legend(loc="upper right", fontsize=7, ncol=2, frameon=False)
+        ax.legend(loc="upper right", fontsize=8, ncol=2, frameon=False)
     rot = rotate(torch.eye(r8), [1] * r8, style=style).T  # column f is the image of unit vector f
     axes[1, col].imshow(rot.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
     for (row, c), val in zip(torch.cartesian_prod(torch.arange(r8), torch.arange(r8)).tolist(), rot.flatten()):
@@ -352,10 +352,10 @@ for col, (base, context, variants) in enumerate(panels):
     if col == 0:
         for turns in (llama3.low_freq_factor, llama3.high_freq_factor):
             top.axhline(context / turns, color="C3", lw=0.8, ls=(0, (1, 3)))
-        top.text(1, context / 4 * 1.2, "L / high: kept below", fontsize=7, color="C3")
-        top.text(1, context * 1.2, "L / low: interpolated above", fontsize=7, color="C3")
+        top.text(1, context / 4 * 1.2, "L / high: kept below", fontsize=8, color="C3")
+        top.text(1, context * 1.2, "L / low: interpolated above", fontsize=8, color="C3")
     top.set(ylabel="wavelength (tokens)", title=f"base {base:g}, r = {r}")
-    top.legend(fontsize=7)
+    top.legend(fontsize=8)
     ratios = [1, 1 / 2, 1 / 4, 1 / 8, 1 / 16]
     bottom.set_yticks(ratios, ["1", "1/2", "1/4", "1/8", "1/16"])
     bottom.minorticks_off()

@@ -155,7 +155,7 @@ ax2.semilogx(dist, reference.t5_bucket(dist, bidirectional=True), ".", ms=3, lab
 ax2.semilogx(dist, reference.t5_bucket(-dist, bidirectional=False), ".", ms=3, label="unidirectional, past keys")
 for x, label in ((8, "e = 8"), (16, "e = 16"), (128, "max_distance")):
     ax2.axvline(x, color="grey", ls=":", lw=0.8)
-    ax2.text(x * 1.05, 1, label, fontsize=7, color="grey")
+    ax2.text(x * 1.05, 1, label, fontsize=8, color="grey")
 ax2.set_xlabel("distance d = |r| (log scale)")
 ax2.set_title("Exact below e, log-spaced up to 128, then flat")
 ax2.legend(fontsize=8)

@@ -38,9 +38,8 @@
 # stay tiny. The quantization itself is plain PyTorch (`attn.reference.quantize`) and runs on larger tensors.
 
 # %%
-import json
-from pathlib import Path
 
+import _figures
 import matplotlib.pyplot as plt
 import torch
 
@@ -663,14 +662,13 @@ for name, nbytes, scale_bytes in (
 # (2026-11-28), which converted each code to bf16 with one conversion instruction, and the current one.
 
 # %%
-results = Path(attn.__file__).resolve().parent.parent / "bench" / "results"
 runs = {
-    "first kernel (11-28)": results / "features_H200_2026-11-28_b.json",
-    "current kernel (11-29)": results / "features_H200_2026-11-29_decode_i.json",
+    "first kernel (11-28)": "features_H200_2026-11-28_b.json",
+    "current kernel (11-29)": "features_H200_2026-11-29_decode_i.json",
 }
 speed = {}  # (run, shape, variant, layout) -> speed-up over the bf16 cache in the same run
 for label, path in runs.items():
-    run = json.loads(path.read_text())
+    run = _figures.result(path)
     assert run["env"]["gpu"] == "NVIDIA H200"
     for r in run["results"]:
         if r.get("phase") == "decode" and r.get("variant") in ("int8", "fp8") and "speedup_vs_plain" in r:
@@ -702,7 +700,7 @@ plt.show()
 
 # %% [markdown]
 # What changed between the grey bars and the blue ones (each step measured before it was kept:
-# `scripts/decode_probe.py`, logs and predictions in `bench/NOTES.md`):
+# `bench/probes/decode_probe.py`, logs and predictions in `bench/NOTES.md`):
 #
 # - **Products in fp16, not bf16.** Both hold every int8 and e4m3 code exactly. But Hopper converts e4m3 to
 #   fp16 with one instruction per *pair* of codes, while the path to bf16 takes several, and with half the

@@ -37,9 +37,8 @@
 # 6. what the mixed step costs on an H200.
 
 # %%
-import json
-from pathlib import Path
 
+import _figures
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import Rectangle
@@ -91,6 +90,7 @@ def simulate(inflight):
     return start, end
 
 
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), sharey=True)
 for ax, inflight in zip(axes, (False, True)):
     start, end = simulate(inflight)
@@ -148,7 +148,7 @@ print("cache_seqlens_after  ", batch.cache_seqlens_after.tolist())
 print("context rows         ", batch.context_rows.tolist())
 print("generation rows      ", batch.generation_rows.tolist())
 
-# %%
+# %% tags=["hide-input"]
 colors = plt.get_cmap("tab10")
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 2.4]})
 bounds = batch.cu_seqlens_new.tolist()
@@ -298,8 +298,7 @@ plt.show()
 # time alone.
 
 # %%
-results_dir = next(p for p in (Path("bench/results"), Path("../bench/results")) if p.is_dir())
-record = json.loads((results_dir / "inflight_H200_2026-11-29.json").read_text())
+record = _figures.result("inflight_H200_2026-11-29.json")
 print(f"{'':22s} {'events':>8s} {'vs separate':>12s} {'host':>8s} {'graph':>8s}")
 for name, r in record["results"].items():
     graph = f"{r['graph_ms'] * 1e3:6.0f}us" if r.get("graph_ms") else "       -"

@@ -8,10 +8,20 @@ The site must work with no network at all, so:
 - Executed notebooks carry nbconvert's own loaders, which point at cdnjs: a MathJax 2 ``<script src>`` with
   its config block, and a Mermaid module that imports from the CDN when a page has diagrams.
   ``on_page_content`` removes them; the site-wide MathJax typesets notebook math as well.
+
+The lessons execute in Jupyter kernels that this process starts, with its environment. ``on_startup`` sets
+that environment up, so that a plain ``mkdocs build`` works as ``dev.py docs`` does:
+
+- ``lessons/`` goes on ``PYTHONPATH``: the lessons import their drawing helpers (``lessons/_figures.py``) as
+  ``import _figures``, as they do when run with ``python lessons/NN_topic.py``;
+- ``tools/jupyter`` goes on ``JUPYTER_CONFIG_PATH``: its nbconvert config starts the kernels over IPC sockets
+  instead of unencrypted TCP on the loopback (ipykernel warns about the latter, once per lesson);
+- without CUDA, ``TRITON_INTERPRET=1``: the kernels run in Triton's interpreter.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -29,6 +39,29 @@ MATHJAX_PARTS = ["tex-svg.js", "input", "a11y", "ui", "sre"]
 _NB_MATHJAX = re.compile(r"<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->", re.S)
 _NB_MERMAID = re.compile(r"<script type=\"module\">(?:(?!</script>).)*?mermaid(?:(?!</script>).)*?</script>", re.S)
 _EXTERNAL_SCRIPT = re.compile(r"<script[^>]*\ssrc=\"(?:https?:)?//[^\"]*\"[^>]*>\s*</script>", re.S)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _prepend(var: str, path: Path) -> None:
+    parts = [p for p in os.environ.get(var, "").split(os.pathsep) if p]
+    if str(path) not in parts:
+        os.environ[var] = os.pathsep.join([str(path), *parts])
+
+
+def on_startup(command: str, dirty: bool) -> None:
+    _prepend("PYTHONPATH", ROOT / "lessons")
+    _prepend("JUPYTER_CONFIG_PATH", ROOT / "tools" / "jupyter")
+    if "TRITON_INTERPRET" not in os.environ:
+        try:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        except ImportError:
+            cuda = False
+        if not cuda:
+            os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _mathjax_root() -> Path:
@@ -57,6 +90,9 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
 
 
 def on_page_content(html: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    if page.file.src_uri.startswith("api/"):
+        # docstrings cite the design notes' SPEC.md, which is not on the site; the semantics page is its public form
+        html = html.replace("(see SPEC.md)", '(see <a href="../semantics.html">Semantics</a>)')
     html = _NB_MATHJAX.sub("", html)
     html = _NB_MERMAID.sub("", html)
     return _EXTERNAL_SCRIPT.sub("", html)

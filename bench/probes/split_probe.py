@@ -1,8 +1,8 @@
 """How decode bandwidth moves with the number of splits (multi-block mode), on the long-cache shapes.
 
-    PYTHONPATH=. python scripts/split_probe.py            # bf16 caches, event-timed (as the heuristic was set)
-    PYTHONPATH=. python scripts/split_probe.py --one-byte # INT8 and FP8 caches, contiguous and 64-token pages
-    PYTHONPATH=. python scripts/split_probe.py --one-byte --shapes 1:131072,2:65536,4:32768,1:32768
+    PYTHONPATH=. python bench/probes/split_probe.py            # bf16 caches, event-timed (as the heuristic was set)
+    PYTHONPATH=. python bench/probes/split_probe.py --one-byte # INT8 and FP8 caches, contiguous and 64-token pages
+    PYTHONPATH=. python bench/probes/split_probe.py --one-byte --shapes 1:131072,2:65536,4:32768,1:32768
 
 The split heuristic (`attn.fast.choose_num_splits`) was set on bf16 caches. A one-byte cache holds half the
 bytes per key, so each part of the same length carries half the work against the same fixed costs (partial

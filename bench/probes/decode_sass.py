@@ -1,6 +1,6 @@
 """Compile the decode kernel for the H200 (sm_90a) on a machine without a GPU and count its SASS instructions.
 
-    TRITON_INTERPRET=0 PYTHONPATH=. python scripts/decode_sass.py
+    TRITON_INTERPRET=0 PYTHONPATH=. python bench/probes/decode_sass.py
 
 Triton can compile ahead of time for a named target with the ptxas and cuobjdump it ships, so the code a
 change produces can be read before spending GPU time on it. The specializations mimic the JIT's on the
@@ -13,7 +13,7 @@ barriers (BAR) and shared stores mostly come from layout conversions. The last c
 instructions, BAR, STS and LDS of each loop body, which is what each tile costs. The REL_MODE 1 rows are the
 T5 implicit bias, whose far loop should cost what plain decode's loop does.
 
-    TRITON_INTERPRET=0 PYTHONPATH=. python scripts/decode_sass.py [DIR]
+    TRITON_INTERPRET=0 PYTHONPATH=. python bench/probes/decode_sass.py [DIR]
 
 writes each kernel's SASS into DIR as well, with addresses and encodings stripped, so that two versions of the
 kernel can be diffed.

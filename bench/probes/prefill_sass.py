@@ -1,6 +1,6 @@
 """Compile the fused prefill kernel for the H200 (sm_90a) on a machine without a GPU and count its SASS instructions.
 
-    TRITON_INTERPRET=0 PYTHONPATH=. python scripts/prefill_sass.py [--config 128,128,8,3] [--module NAME] [--dump DIR]
+    TRITON_INTERPRET=0 PYTHONPATH=. python bench/probes/prefill_sass.py [--config 128,128,8,3] [--module M] [--dump D]
 
 The cases are the bias benchmark's (bench/bench_features.py prefill: B4 H32 S4096 D128 causal bf16): plain,
 ALiBi (both modes), T5 implicit (32 buckets, max_distance 128) and T5 regular (a bf16 [H, S, S] bias). Their
@@ -18,7 +18,7 @@ far-left, near, far-right), then the masked one along the diagonal; the last, on
 after the exit.
 
 ``--module`` compiles a variant module ``attn.fast.NAME`` instead (for example one that
-scripts/prefill_probe.py wrote), so variants can be read before they are timed.
+bench/probes/prefill_probe.py wrote), so variants can be read before they are timed.
 """
 
 from __future__ import annotations

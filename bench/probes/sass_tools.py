@@ -1,4 +1,4 @@
-"""What scripts/decode_sass.py and scripts/prefill_sass.py share: Triton's bundled ptxas and cuobjdump run on a
+"""What bench/probes/decode_sass.py and prefill_sass.py share: Triton's bundled ptxas and cuobjdump run on a
 compiled kernel for sm_90a, and the SASS read back as instructions and loops."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Side-by-side table of selected Nsight Compute metrics from ``ncu --import REP --page raw --csv`` dumps.
 
-    python scripts/ncu_summary.py a.csv b.csv ...      # scripts/ncu_profile.sh calls it
+    python bench/probes/ncu_summary.py a.csv b.csv ...      # bench/probes/ncu_profile.sh calls it
 
 Each CSV holds one row per profiled kernel; the longest kernel of each file is the one shown (a case's
 range may also hold small helper kernels). Metrics are picked by name pattern, so the table shows whatever

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session's batch: the GPU test suite, then the benchmark, with logs under $OUT.
-# Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [tests] [bench] [decode] [features] [inflight] [demo] [host] [cache]
+# Usage (on the device machine, from the repo root): bash bench/probes/gpu_check.sh [tests] [bench] [decode] [features] [inflight] [demo] [host] [cache]
 # Compiling dominates the test run, so the suite runs as several pytest processes side by side, and the
 # Triton cache is handed back as one archive (.triton_cache/cache.tgz is unpacked first when present).
 set -uo pipefail
@@ -57,7 +57,7 @@ for job in "$@"; do
       python3 -m attn.demo --device cuda --large --requests 10 2>&1 | tr '\r' '\n' | grep -v "^\[" | tee "$OUT/demo.log" || status=1
       python3 -m attn.demo_encdec --device cuda --large 2>&1 | tr '\r' '\n' | grep -v "^\[" | tee "$OUT/demo_encdec.log" || status=1
       ;;
-    host) python3 scripts/host_probe.py 2>&1 | tee "$OUT/host_probe.log" ;;
+    host) python3 bench/probes/host_probe.py 2>&1 | tee "$OUT/host_probe.log" ;;
     bench) python3 -m bench.bench_attention --out "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench.log" ;;
     decode) python3 -m bench.bench_decode --out "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" ;;
     cache)

@@ -1,7 +1,7 @@
 """Probe: which prefill-kernel changes pay on the H200, measured side by side before (or after) they go into the kernel.
 
-    PYTHONPATH=. python scripts/prefill_probe.py                  # on the GPU machine: the bias suite (issue 5)
-    PYTHONPATH=. python scripts/prefill_probe.py --suite shapes   # the PERF.md prefill shapes against cuDNN
+    PYTHONPATH=. python bench/probes/prefill_probe.py                  # on the GPU machine: the bias suite (issue 5)
+    PYTHONPATH=. python bench/probes/prefill_probe.py --suite shapes   # the PERF.md prefill shapes against cuDNN
 
 Each variant is the source of ``attn/fast/attention.py`` with textual edits, written to a scratch module
 (Triton's JIT reads kernel source from files) and timed beside the unchanged kernel ("base") after a correctness
@@ -23,7 +23,7 @@ time, the bias changes of the issue-5 work, so one run measures each of them:
 
   alibi_old   ALiBi tiles off the plain path again: per tile each key's distance converted to float and
               scaled, per score qk·scale + slope·col as one multiply-add and a subtract of the max (691
-              instead of 600 SASS instructions per 128x128 tile on sm_90a; plain 531: scripts/prefill_sass.py)
+              instead of 600 SASS instructions per 128x128 tile on sm_90a; plain 531: bench/probes/prefill_sass.py)
   t5_2d       the near loop as now, but its tiles gather per score from global memory (64-bit pointers per
               score, a 32 KB layout-conversion buffer): 950 instructions per near tile instead of 606, and
               256 KB of shared memory at 128x128/3 stages, more than the 227 KB a block may have
@@ -57,7 +57,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import attn.fast  # noqa: F401  (sets up Triton before anything else imports it)
 from bench import common
 
-SRC = Path(__file__).resolve().parent.parent / "attn" / "fast" / "attention.py"
+SRC = Path(__file__).resolve().parents[2] / "attn" / "fast" / "attention.py"
 
 ALIBI_OLD = [
     ("not HAS_SOFTCAP and REL_MODE == 0,", "not HAS_SOFTCAP and not HAS_ALIBI and REL_MODE == 0,"),

@@ -1,7 +1,7 @@
 """Probe: where the host time of one `attn.fast.decode` call, and of one `gpt_attention` step, goes.
 
-    PYTHONPATH=. python scripts/host_probe.py          # on the GPU machine
-    PYTHONPATH=. python scripts/host_probe.py --cpu    # the Python side alone, on a machine without a GPU
+    PYTHONPATH=. python bench/probes/host_probe.py          # on the GPU machine
+    PYTHONPATH=. python bench/probes/host_probe.py --cpu    # the Python side alone, on a machine without a GPU
 
 Prints microseconds per call for the whole decode call and for its parts: the checks, the output
 allocations, the autotuned launch, a launch of the plain kernel with a fixed config, and the split decode (its

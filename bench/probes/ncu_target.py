@@ -1,6 +1,6 @@
 """One call of a kernel inside an NVTX range named ``profile``, for Nsight Compute to read its hardware counters.
 
-    PYTHONPATH=. python scripts/ncu_target.py CASE        # on the GPU machine, under scripts/ncu_profile.sh
+    PYTHONPATH=. python bench/probes/ncu_target.py CASE        # on the GPU machine, under bench/probes/ncu_profile.sh
 
 Cases (bf16, the PERF.md shapes):
 

@@ -1,6 +1,6 @@
 """Probe: which decode-kernel changes make INT8/FP8 caches pay on the H200, measured side by side.
 
-    PYTHONPATH=. python scripts/decode_probe.py             # on the GPU machine
+    PYTHONPATH=. python bench/probes/decode_probe.py             # on the GPU machine
 
 Halving the bytes of the cache gained only 1.1-1.4x contiguous and lost 10-23% paged (bench/NOTES.md,
 2026-11-28): with one-byte keys the loop stops being bound by loads. Each variant below is the source of
@@ -46,7 +46,7 @@ import attn.fast  # noqa: F401  (sets up Triton before anything else imports it)
 from bench import common
 from bench.bench_decode import to_paged
 
-SRC = Path(__file__).resolve().parent.parent / "attn" / "fast" / "decode.py"
+SRC = Path(__file__).resolve().parents[2] / "attn" / "fast" / "decode.py"
 
 FIXED = [("            kw.update(BLOCK_N=64, num_warps=4, num_stages=3)\n", "            kw.update(**PROBE_CFG)\n"),
          ("MIN_SPLIT_KEYS = 2048\n", "MIN_SPLIT_KEYS = 2048\nPROBE_CFG = {}\n")]  # fmt: skip

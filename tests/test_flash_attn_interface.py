@@ -53,7 +53,7 @@ def ref_attention(q, k, v, lens_k=None, *, causal=False, window=(-1, -1), softca
 
 
 # FlashAttention's test_flash_attn_output pairs, shrunk for the interpreter: Sq > Sk and Sq < Sk both
-SEQLENS = [(1, 23), (3, 79), (27, 52), (52, 27), (113, 20), (64, 64)]
+SEQLENS = [(1, 23), (3, 79), (52, 27), (113, 20)]
 
 
 @pytest.mark.parametrize("seqlen_q,seqlen_k", SEQLENS)

@@ -209,7 +209,7 @@ def test_right_padding_and_fallback_warns_once():
 
 def test_patch_bloom():
     torch.manual_seed(0)
-    model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2,
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1,
                                                                    n_head=4)).eval()  # fmt: skip
     ids, mask = _batch()
     with torch.no_grad():

@@ -14,6 +14,7 @@ cached tokens. Requests never see each other: the batch's ``cu_seqlens`` separat
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -123,6 +124,8 @@ class Server:
             max_seqs=max_seqs, max_blocks_per_seq=max_blocks_per_seq, dtype=param.dtype, device=param.device,
         )  # fmt: skip
         self.cache = InflightCache(model.config, self.kv)
+        # transformers 5 renamed the forward's past_key_values to cache
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.device = param.device
 
     def lifetime_blocks(self, r: Request) -> int:
@@ -153,7 +156,7 @@ class Server:
         self.cache.batch = batch
         ids = torch.tensor([tokens], device=self.device)
         pos = torch.tensor([positions], device=self.device)
-        kw = {"cache" if "cache" in self.model.forward.__code__.co_varnames else "past_key_values": self.cache}
+        kw = {self.cache_arg: self.cache}
         logits = self.model(input_ids=ids, position_ids=pos, use_cache=True, **kw).logits[0]
         self.kv.advance(slots, new)
         last = (batch.cu_seqlens_new[1:] - 1).long()

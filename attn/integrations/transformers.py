@@ -432,6 +432,9 @@ class _PagedStep:
         self.lo, self.hi = lo, hi
         self.counts = [h - lo_ for lo_, h in zip(lo, hi)]
         kv.reserve_tokens(slots, self.counts)
+        after = [kv.length(s) + c for s, c in zip(slots, self.counts)]
+        # host-known lengths: the first layer's calls check the metadata, the others skip the host reads
+        self.hints = dict(max_seqlen_k=max(after, default=0), total_seqlen_k=sum(after))
         self.seqlens_before, self.block_table = (t.clone() for t in kv.metadata(slots))
         self.seqlens_after = self.seqlens_before + torch.tensor(self.counts, dtype=torch.int32, device=device)
         self.cu = _cu(self.counts, device)
@@ -636,15 +639,20 @@ class PagedLayer(CacheLayerMixin):
             softmax_scale=scale, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes, rel_bias=rel_bias,
             **kv.scales,
         )  # fmt: skip
+        validate = self.index == 0
         if step.decode:
+            hints = {} if validate else step.hints
             with _label("attn.decode"):
-                out = attn.decode(q, self.k, self.v, step.seqlens_after, block_table=step.block_table, **opts)
+                out = attn.decode(
+                    q, self.k, self.v, step.seqlens_after, block_table=step.block_table, validate=validate, **hints,
+                    **opts,
+                )  # fmt: skip
         else:
             q_packed = step.pack(q)
             with _label("attn.context_attention"):
                 o = attn.context_attention(
                     q_packed, self.k, self.v, step.seqlens_after, cu_seqlens_q=step.cu, max_seqlen_q=step.max_new,
-                    block_table=step.block_table, causal=True, **opts,
+                    block_table=step.block_table, causal=True, validate=validate, **opts,
                 )  # fmt: skip
             if step.all_valid:
                 out = o.view(q.shape)

@@ -129,11 +129,12 @@ def test_decode_configs_fit_shared_memory():
                 for c in kept:
                     assert dm.shared_bytes(c.kwargs["BLOCK_N"], c.num_stages, d_pad, kv_bytes, rotary) <= dm.SMEM_LIMIT
     # the measured failure is predicted, and the known-good D 128 builds are kept; sizes compiled for sm_90 by
-    # Triton 3.6 (bytes): the estimate is an upper bound within 2 KiB
+    # Triton 3.6 (bytes): the estimate is an upper bound within 4 KiB
     for args, compiled in [((64, 2, 256, 2, True), 270336), ((32, 2, 256, 2, True), 139264),
                            ((64, 2, 128, 2, True), 135168), ((32, 4, 128, 2, True), 184320),
-                           ((64, 3, 256, 2, False), 141312), ((64, 3, 128, 1, False), 38912)]:  # fmt: skip
-        assert compiled <= dm.shared_bytes(*args) <= compiled + 2048
+                           ((64, 3, 256, 2, False), 141312), ((64, 3, 128, 1, False), 38912),
+                           ((128, 5, 128, 2, False), 270336), ((16, 4, 256, 2, True), 188416)]:  # fmt: skip
+        assert compiled <= dm.shared_bytes(*args) <= compiled + 4096
     assert dm.shared_bytes(64, 2, 256, 2, True) > dm.SMEM_LIMIT
     assert dm.shared_bytes(64, 3, 128, 2, True) > dm.SMEM_LIMIT
     assert dm.fitting_configs(dm.ROTARY_CONFIGS, 128, 2, True)[0].kwargs["BLOCK_N"] == 64

@@ -26,6 +26,7 @@ CU_SEQLENS = 8
 MAX_SEQLEN = 16
 APPEND = 32
 PARENTS = 64
+QUERY_RANGE = 128
 
 MESSAGES = {
     LENGTHS: "a length (cache_seqlens, seqlens_q/seqlens_k or encoder_lengths) was negative or above what its "
@@ -42,6 +43,8 @@ MESSAGES = {
     "tokens than the capacity); those tokens were not written",
     PARENTS: "update_indirection got a parent outside [0, beam_width) or a step outside [0, max_len); that row "
     "was filled with -1",
+    QUERY_RANGE: "a bf16 query over an INT8/FP8 cache lay beyond fp16's range (|q| > 65504), in which that decode "
+    "multiplies: its scores overflowed",
 }
 
 _WORDS: dict = {}

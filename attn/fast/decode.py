@@ -111,6 +111,7 @@ def _keep(configs, named_args, **kwargs):
 LENGTHS = tl.constexpr(_errors.LENGTHS)
 BLOCK_TABLE = tl.constexpr(_errors.BLOCK_TABLE)
 INDIRECTION = tl.constexpr(_errors.INDIRECTION)
+QUERY_RANGE = tl.constexpr(_errors.QUERY_RANGE)
 
 
 @triton.jit
@@ -396,7 +397,11 @@ def _decode_kernel(
         # a one-byte cache under 16-bit queries: the products run in fp16, whose conversions from the stored
         # codes are cheap (e4m3 -> fp16 one instruction per pair; int8 -> fp16 below), while bf16's made the
         # loop bound by conversions instead of bytes (scripts/decode_probe.py: FP8 1.1x -> 1.6x the bf16
-        # cache's speed). A bf16 query is exact in fp16 within the range the launcher checks.
+        # cache's speed). A bf16 query is exact in fp16 within its range, which the launcher checks when validating
+        # and the first program of each pair reports otherwise (an overflow would turn scores into inf)
+        if q.dtype == tl.bfloat16:
+            big = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0) > 65504.0
+            tl.atomic_or(err_ptr, QUERY_RANGE, mask=big & (split == 0), sem="relaxed")
         q = q.to(tl.float16)
 
     # operands of the features compiled out are placeholders that _decode_tiles never reads

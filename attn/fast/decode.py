@@ -198,9 +198,9 @@ def _decode_tiles(
     """The keys [lo, hi) of one program's chunk folded into its running (m_i, l_i, acc); ``next_block``, for
     paged caches read without a beam indirection, the first tile's block-table entries (`_first_blocks`).
 
-    Indices read from tensors (block-table entries, beam indirection entries) are clamped into the tensors they
-    address, so no value makes the loop read outside them; ``bad`` ([BLOCK_N] int32) gathers the error bits of
-    those it had to clamp (attn.fast._errors), reported once after the loop.
+    Indices read from tensors (block-table entries, beam indirection entries) outside the tensors they address
+    are replaced by 0 (block 0, beam 0), so no value makes the loop read outside them; ``bad`` ([BLOCK_N] int32)
+    gathers the error bits of those it replaced (attn.fast._errors), reported once after the loop.
 
     T5 says how a T5 implicit bias (REL_MODE 1) applies, so that the caller can give each part of the chunk a
     loop of its own, with no per-tile branch in its body: "far", keys all more than max_distance left of every
@@ -227,13 +227,15 @@ def _decode_tiles(
             request = b64 // beam_width
             src = tl.load(ind_ptr + request * stride_ib + (b64 % beam_width) * stride_ibeam + offs_n,
                           mask=key_valid, other=0)  # fmt: skip
-            bad |= tl.where((src < 0) | (src >= beam_width), INDIRECTION, 0)
-            src = tl.minimum(tl.maximum(src, 0), beam_width - 1)
+            # (one unsigned compare finds both a negative entry and one past the end; either reads beam 0)
+            outside = src.to(tl.uint32) >= beam_width.to(tl.uint32)
+            bad |= tl.where(outside, INDIRECTION, 0)
+            src = tl.where(outside, 0, src)
             seq_row = request * beam_width + src.to(tl.int64)
         else:
             seq_row = b64
         if IS_PAGED:
-            # slot -> (pool block, row); an entry outside the pool is clamped into it and reported
+            # slot -> (pool block, row); an entry outside the pool reads block 0 and is reported
             if HAS_INDIRECTION:
                 # each key's row is gathered from the indirection first; loading the entries a tile ahead as well
                 # measured slower (beam search over pages: 0.83x plain decode instead of 0.975x)
@@ -248,8 +250,9 @@ def _decode_tiles(
                 ahead_slot = _slots(ahead, sinks, wrap_n, ring_shift, ring, CYCLIC)
                 next_block = tl.load(block_table_ptr + b64 * stride_bt + ahead_slot // PAGE_SIZE, mask=ahead < hi,
                                      other=0)  # fmt: skip
-            bad |= tl.where((block < 0) | (block >= pool_rows), BLOCK_TABLE, 0)
-            block = tl.minimum(tl.maximum(block, 0), pool_rows - 1)
+            outside = block.to(tl.uint32) >= pool_rows.to(tl.uint32)
+            bad |= tl.where(outside, BLOCK_TABLE, 0)
+            block = tl.where(outside, 0, block)
             if TILE_PAGES:
                 # consecutive rows of one page. (Row offsets written as loop-invariant ones, plus a per-tile base,
                 # are hoisted out of the loop with the whole pointer tile: 255 registers.)

@@ -1129,14 +1129,15 @@ class PreprocessArgs:
 def check_preprocess(
     qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
     rotary_dim, rope_style, k_scale=None, v_scale=None, validate=True, max_attention_window=None, sink_token_length=0,
-    positions=None,
+    positions=None, num_positions=None,
 ) -> PreprocessArgs:  # fmt: skip
     """Validates a pre-processing call (and the append it implies) before anything is written.
 
     With ``validate=False`` nothing is read back from the device: the new tokens' sequences and positions are
     computed on the device, and ``num_positions`` is the cache capacity (the cos/sin table covers it).
     ``positions``, ``(token_seq, token_positions)`` as an `attn.inflight.InflightBatch` holds them, are used
-    instead of computing them.
+    instead of computing them, and ``num_positions``, the longest sequence after the append when the caller
+    knows it on the host (the batch does), instead of the capacity.
     """
     _check_tensor("qkv", qkv)
     _check_tensor("k_cache", k_cache, FLOAT_DTYPES + QUANT_DTYPES)
@@ -1189,7 +1190,7 @@ def check_preprocess(
     if not validate:
         num_tokens = qkv.shape[0] if packed else qkv.shape[0] * qkv.shape[1]
         token_seq, positions = positions or device_positions(cu_seqlens_new, cache_seqlens, num_tokens, qkv.shape)
-        num_positions = max(append.capacity, 1)
+        num_positions = max(append.capacity, 1) if num_positions is None else max(num_positions, 1)
         if rotary_dim and append.max_attention_window is not None and not append.sink_token_length and num_tokens:
             # RoPE turns a cyclic cache's keys by their absolute positions, which run past the capacity: the
             # table is sized from the positions themselves (the one value this unvalidated path reads back)
@@ -1244,7 +1245,7 @@ def check_gpt_attention(
     pre_args = check_preprocess(
         qkv, k_cache, v_cache, batch.cache_seqlens_before, num_heads_q, num_heads_kv, batch.cu_seqlens_new,
         batch.block_table, qkv_bias, rotary_dim, rope_style, k_scale, v_scale, validate,
-        positions=(batch.token_seq, batch.token_positions),
+        positions=(batch.token_seq, batch.token_positions), num_positions=batch.max_seqlen,
     )  # fmt: skip
     head_dim = qkv.shape[1] // (num_heads_q + 2 * num_heads_kv)
     q_like = qkv[:, : num_heads_q * head_dim].unflatten(-1, (num_heads_q, head_dim))

@@ -61,8 +61,10 @@ def test_cyclic_bad_input(device):
     lens = torch.tensor([20, 3], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="max_attention_window must be an int in \\[1, 8\\]"):
         fast.decode(q, k_cache, k_cache, lens, max_attention_window=9)
+    # (value checks: made by the validated call; tests/test_no_sync.py covers the default call)
     with pytest.raises(ValueError, match="cache_seqlens entries"):
-        fast.decode(q, k_cache, k_cache, lens)  # 20 tokens only fit a cyclic cache
+        fast.decode(q, k_cache, k_cache, lens, validate=True)  # 20 tokens only fit a cyclic cache
     with pytest.raises(ValueError, match="appends 9 tokens to a cyclic cache of 8 slots"):
         fast.append_kv(k_cache, k_cache, torch.randn(2, 9, 1, 16, device=device),
-                       torch.randn(2, 9, 1, 16, device=device), lens, max_attention_window=8)  # fmt: skip
+                       torch.randn(2, 9, 1, 16, device=device), lens, max_attention_window=8,
+                       validate=True)  # fmt: skip

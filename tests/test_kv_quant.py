@@ -3,9 +3,12 @@ a quantized cache against the reference on the dequantized cache, scale calibrat
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+import attn
 import attn.fast as fast
 import attn.reference as reference
 from attn.layout import cu_seqlens_from_lengths
@@ -148,12 +151,13 @@ def test_bad_scales_are_rejected_and_the_cache_untouched(case, impl, device):
                         "wide": torch.ones(3, device=device)}[value]  # fmt: skip
     k_new = torch.randn(2, 3, 2, 8, device=device)
     starts = torch.zeros(2, dtype=torch.int32, device=device)
-    fn = reference.append_kv if impl == "reference" else fast.append_kv
+    # (scale values are checked by the validated call; the default call reads no value back)
+    fn = reference.append_kv if impl == "reference" else functools.partial(fast.append_kv, validate=True)
     with pytest.raises(exc, match=match):
         fn(k_cache, v_cache, k_new, k_new, starts, **scales)
     assert not k_cache.any() and not v_cache.any()
     q = torch.randn(2, 1, 4, 8, device=device)
-    dec = reference.decode if impl == "reference" else fast.decode
+    dec = reference.decode if impl == "reference" else functools.partial(fast.decode, validate=True)
     with pytest.raises(exc, match=match):
         dec(q, k_cache, v_cache, starts + 3, **scales)
 
@@ -168,7 +172,11 @@ def test_one_byte_cache_rejects_queries_beyond_fp16(qdtype, device):
     lens = torch.full((1,), 5, dtype=torch.int32, device=device)
     ones = torch.ones(1, device=device)
     with pytest.raises(ValueError, match="q must lie within fp16's range"):
-        fast.decode(q, k_cache, k_cache, lens, k_scale=ones, v_scale=ones)
+        fast.decode(q, k_cache, k_cache, lens, k_scale=ones, v_scale=ones, validate=True)
+    # the default call reads nothing back: the kernel reports it
+    fast.decode(q, k_cache, k_cache, lens, k_scale=ones, v_scale=ones)
+    with pytest.raises(ValueError, match="beyond fp16's range"):
+        attn.check_errors()
 
 
 @pytest.mark.gpu

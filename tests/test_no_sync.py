@@ -2,7 +2,8 @@
 
 On the CPU the kernels run in Triton's interpreter, where an index outside a tensor segfaults or reads garbage:
 a default call with huge and negative lengths, block-table, indirection and ``cu_seqlens`` entries must give
-what the reference gives on the clamped inputs (the kernels' documented behaviour), and `attn.check_errors`
+what the reference gives on the clamped inputs (lengths clamped into their range, a block or beam index outside
+its range read as 0: the kernels' documented behaviour), and `attn.check_errors`
 must raise once, naming the violation, then stay quiet. On the GPU every entry runs under
 ``torch.cuda.set_sync_debug_mode("error")`` (a host read raises). Findings 1, 4, 5 and 6 of issue 18 have their
 regression tests here too.
@@ -34,6 +35,11 @@ def _clean_word():
         pass
     yield
     attn.check_errors()
+
+
+def _zero_outside(index, n):
+    """The decode kernel's rule for an index entry outside ``[0, n)`` (a block, a beam): it reads entry 0."""
+    return torch.where((index < 0) | (index >= n), 0, index)
 
 
 def _raises(match):
@@ -86,7 +92,7 @@ def test_decode_clamps_lengths_and_table_entries(bad):
     if bad in ("table", "both"):
         table_bad[0, 1], table_bad[1, 0] = HUGE, -HUGE
     got = fast.decode(q, k, v, lens_bad, block_table=table_bad, num_splits=2)
-    want = reference.decode(q, k, v, lens_bad.clamp(0, 12), block_table=table_bad.clamp(0, k.shape[0] - 1))
+    want = reference.decode(q, k, v, lens_bad.clamp(0, 12), block_table=_zero_outside(table_bad, k.shape[0]))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     _raises("length" if bad == "lengths" else "block_table")
 
@@ -106,13 +112,13 @@ def test_decode_beam_reads_another_beams_row_within_the_pool():
     with pytest.raises(ValueError, match="read through cache_indirection"):
         reference.decode(q, k, v, lens, block_table=table, cache_indirection=ind)
     got = fast.decode(q, k, v, lens, block_table=table, cache_indirection=ind)
-    want = reference.decode(q, k, v, lens, block_table=table.clamp(0, 7), cache_indirection=ind)
+    want = reference.decode(q, k, v, lens, block_table=_zero_outside(table, 8), cache_indirection=ind)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     _raises("block_table")
     bad_ind = ind.clone()
     bad_ind[0, 0, 2], bad_ind[0, 1, 5] = -1, HUGE
     got = fast.decode(q, k, v, lens, block_table=table.clamp(0, 7), cache_indirection=bad_ind)
-    want = reference.decode(q, k, v, lens, block_table=table.clamp(0, 7), cache_indirection=bad_ind.clamp(0, 1))
+    want = reference.decode(q, k, v, lens, block_table=table.clamp(0, 7), cache_indirection=_zero_outside(bad_ind, 2))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     _raises("cache_indirection")
 
@@ -129,11 +135,12 @@ def test_decode_configs_fit_shared_memory():
                 for c in kept:
                     assert dm.shared_bytes(c.kwargs["BLOCK_N"], c.num_stages, d_pad, kv_bytes, rotary) <= dm.SMEM_LIMIT
     # the measured failure is predicted, and the known-good D 128 builds are kept; sizes compiled for sm_90 by
-    # Triton 3.6 (bytes): the estimate is an upper bound within 2 KiB
+    # Triton 3.6 (bytes): the estimate is an upper bound within 4 KiB
     for args, compiled in [((64, 2, 256, 2, True), 270336), ((32, 2, 256, 2, True), 139264),
                            ((64, 2, 128, 2, True), 135168), ((32, 4, 128, 2, True), 184320),
-                           ((64, 3, 256, 2, False), 141312), ((64, 3, 128, 1, False), 38912)]:  # fmt: skip
-        assert compiled <= dm.shared_bytes(*args) <= compiled + 2048
+                           ((64, 3, 256, 2, False), 141312), ((64, 3, 128, 1, False), 38912),
+                           ((128, 5, 128, 2, False), 270336), ((16, 4, 256, 2, True), 188416)]:  # fmt: skip
+        assert compiled <= dm.shared_bytes(*args) <= compiled + 4096
     assert dm.shared_bytes(64, 2, 256, 2, True) > dm.SMEM_LIMIT
     assert dm.shared_bytes(64, 3, 128, 2, True) > dm.SMEM_LIMIT
     assert dm.fitting_configs(dm.ROTARY_CONFIGS, 128, 2, True)[0].kwargs["BLOCK_N"] == 64
@@ -326,7 +333,7 @@ def test_gpu_out_of_range_entries_stay_inside():
     bad = table.clone()
     bad[0, 0], bad[1, 3] = 2**31 - 1, -(2**31)
     got = fast.decode(q, k, v, lens, block_table=bad)
-    want = reference.decode(q, k, v, lens.clamp(0, 64), block_table=bad.clamp(0, k.shape[0] - 1))
+    want = reference.decode(q, k, v, lens.clamp(0, 64), block_table=_zero_outside(bad, k.shape[0]))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     _raises("block_table")
 

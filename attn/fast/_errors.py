@@ -4,7 +4,8 @@ A default call of a fast entry checks shapes, dtypes and devices on the host, wh
 tensor values: reading ``cache_seqlens`` or a block table back to the host waits for the device (a decode step
 then runs at half speed) and cannot happen inside CUDA-graph capture. The kernels instead clamp every index
 they take from a tensor (lengths, block-table entries, beam indirection entries, ``cu_seqlens`` offsets) into
-the range their operands allow, so no input makes them read or write outside their tensors, and record each
+the range their operands allow (a length is clamped into it; a block or beam index outside it reads entry 0; a
+cache write outside its cache is skipped), so no input makes them read or write outside their tensors, and record each
 kind of violation as a bit of one int32 word per device (an atomic OR, executed only by a program that saw a
 violation). `check_errors` reads the word, raises a ValueError naming the violation, and clears it.
 
@@ -26,15 +27,15 @@ CU_SEQLENS = 8
 MAX_SEQLEN = 16
 APPEND = 32
 PARENTS = 64
+QUERY_RANGE = 128
 
 MESSAGES = {
     LENGTHS: "a length (cache_seqlens, seqlens_q/seqlens_k or encoder_lengths) was negative or above what its "
     "tensor holds (the cache capacity, the padded length, cache_indirection's max_len, or rel_bias.bias's L); it "
     "was clamped",
-    BLOCK_TABLE: "a block_table entry in use pointed outside the pool of cache blocks; a read clamped it into the "
-    "pool, "
-    "a write skipped its token",
-    INDIRECTION: "a cache_indirection entry in use lay outside [0, beam_width); it was clamped",
+    BLOCK_TABLE: "a block_table entry in use pointed outside the pool of cache blocks; decode read block 0 instead, "
+    "context_attention read no key for that row block, a cache write skipped the token",
+    INDIRECTION: "a cache_indirection entry in use lay outside [0, beam_width); beam 0 was read instead",
     CU_SEQLENS: "cu_seqlens did not rise from 0 to the packed length without decreasing; offsets were clamped",
     MAX_SEQLEN: "a sequence was longer than max_seqlen_q/max_seqlen_k (or than rel_bias.bias covers); its "
     "rows or keys past that bound were not computed",
@@ -42,6 +43,8 @@ MESSAGES = {
     "tokens than the capacity); those tokens were not written",
     PARENTS: "update_indirection got a parent outside [0, beam_width) or a step outside [0, max_len); that row "
     "was filled with -1",
+    QUERY_RANGE: "a bf16 query over an INT8/FP8 cache lay beyond fp16's range (|q| > 65504), in which that decode "
+    "multiplies: its scores overflowed",
 }
 
 _WORDS: dict = {}

@@ -59,10 +59,10 @@ def shared_bytes(
     """An upper estimate of the decode kernel's shared memory (16-bit queries): ``num_stages − 1`` buffered
     copies of each tile the loop pipelines (K and V in the cache's dtype; with RoPE at read time also the
     partner tile and the fp32 cos and sin tiles), the 16-bit query tile, with RoPE the turned key tile on its
-    way to the product, and 2 KiB of scratch.
+    way to the product, and 4 KiB of scratch.
 
     Fitted to Triton 3.6's sm_90 builds of this kernel (compiled without a GPU, with the launch's
-    divisibility hints), exact to within the 2 KiB for every config of `CONFIGS` and `ROTARY_CONFIGS` at D
+    divisibility hints), above by at most 4 KiB for every config of `CONFIGS` and `ROTARY_CONFIGS` at D
     128 and 256 over fp16 and int8 caches: e.g. RoPE at D 128, 64-key tiles in 2 stages, 132 KiB; at D 256,
     264 KiB (the H100's OutOfResources of issue 18, "Required: 241664" in its build, over the 227 KiB limit);
     no RoPE, D 256, 64 keys in 3 stages, 138 KiB.
@@ -70,7 +70,7 @@ def shared_bytes(
     per_key = 2 * kv_bytes + (kv_bytes + 8 if rotary else 0)
     staged = max(num_stages - 1, 1) * block_n * head_dim_pad * per_key
     turned = 2 * block_n * head_dim_pad if rotary else 0
-    return staged + turned + 2 * block_m * head_dim_pad + 2048
+    return staged + turned + 2 * block_m * head_dim_pad + 4096
 
 
 @functools.cache
@@ -111,6 +111,7 @@ def _keep(configs, named_args, **kwargs):
 LENGTHS = tl.constexpr(_errors.LENGTHS)
 BLOCK_TABLE = tl.constexpr(_errors.BLOCK_TABLE)
 INDIRECTION = tl.constexpr(_errors.INDIRECTION)
+QUERY_RANGE = tl.constexpr(_errors.QUERY_RANGE)
 
 
 @triton.jit
@@ -197,9 +198,9 @@ def _decode_tiles(
     """The keys [lo, hi) of one program's chunk folded into its running (m_i, l_i, acc); ``next_block``, for
     paged caches read without a beam indirection, the first tile's block-table entries (`_first_blocks`).
 
-    Indices read from tensors (block-table entries, beam indirection entries) are clamped into the tensors they
-    address, so no value makes the loop read outside them; ``bad`` ([BLOCK_N] int32) gathers the error bits of
-    those it had to clamp (attn.fast._errors), reported once after the loop.
+    Indices read from tensors (block-table entries, beam indirection entries) outside the tensors they address
+    are replaced by 0 (block 0, beam 0), so no value makes the loop read outside them; ``bad`` ([BLOCK_N] int32)
+    gathers the error bits of those it replaced (attn.fast._errors), reported once after the loop.
 
     T5 says how a T5 implicit bias (REL_MODE 1) applies, so that the caller can give each part of the chunk a
     loop of its own, with no per-tile branch in its body: "far", keys all more than max_distance left of every
@@ -226,13 +227,15 @@ def _decode_tiles(
             request = b64 // beam_width
             src = tl.load(ind_ptr + request * stride_ib + (b64 % beam_width) * stride_ibeam + offs_n,
                           mask=key_valid, other=0)  # fmt: skip
-            bad |= tl.where((src < 0) | (src >= beam_width), INDIRECTION, 0)
-            src = tl.minimum(tl.maximum(src, 0), beam_width - 1)
+            # (one unsigned compare finds both a negative entry and one past the end; either reads beam 0)
+            outside = src.to(tl.uint32) >= beam_width.to(tl.uint32)
+            bad |= tl.where(outside, INDIRECTION, 0)
+            src = tl.where(outside, 0, src)
             seq_row = request * beam_width + src.to(tl.int64)
         else:
             seq_row = b64
         if IS_PAGED:
-            # slot -> (pool block, row); an entry outside the pool is clamped into it and reported
+            # slot -> (pool block, row); an entry outside the pool reads block 0 and is reported
             if HAS_INDIRECTION:
                 # each key's row is gathered from the indirection first; loading the entries a tile ahead as well
                 # measured slower (beam search over pages: 0.83x plain decode instead of 0.975x)
@@ -247,8 +250,9 @@ def _decode_tiles(
                 ahead_slot = _slots(ahead, sinks, wrap_n, ring_shift, ring, CYCLIC)
                 next_block = tl.load(block_table_ptr + b64 * stride_bt + ahead_slot // PAGE_SIZE, mask=ahead < hi,
                                      other=0)  # fmt: skip
-            bad |= tl.where((block < 0) | (block >= pool_rows), BLOCK_TABLE, 0)
-            block = tl.minimum(tl.maximum(block, 0), pool_rows - 1)
+            outside = block.to(tl.uint32) >= pool_rows.to(tl.uint32)
+            bad |= tl.where(outside, BLOCK_TABLE, 0)
+            block = tl.where(outside, 0, block)
             if TILE_PAGES:
                 # consecutive rows of one page. (Row offsets written as loop-invariant ones, plus a per-tile base,
                 # are hoisted out of the loop with the whole pointer tile: 255 registers.)
@@ -396,7 +400,11 @@ def _decode_kernel(
         # a one-byte cache under 16-bit queries: the products run in fp16, whose conversions from the stored
         # codes are cheap (e4m3 -> fp16 one instruction per pair; int8 -> fp16 below), while bf16's made the
         # loop bound by conversions instead of bytes (scripts/decode_probe.py: FP8 1.1x -> 1.6x the bf16
-        # cache's speed). A bf16 query is exact in fp16 within the range the launcher checks.
+        # cache's speed). A bf16 query is exact in fp16 within its range, which the launcher checks when validating
+        # and the first program of each pair reports otherwise (an overflow would turn scores into inf)
+        if q.dtype == tl.bfloat16:
+            big = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0) > 65504.0
+            tl.atomic_or(err_ptr, QUERY_RANGE, mask=big & (split == 0), sem="relaxed")
         q = q.to(tl.float16)
 
     # operands of the features compiled out are placeholders that _decode_tiles never reads

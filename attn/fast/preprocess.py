@@ -195,18 +195,25 @@ def preprocess(
             q rotated by its position within the cache after the append; `attn.fast.decode` rotates the keys.
         validate: True checks lengths and block-table entries on the host first (a bad call raises and writes
             nothing). False reads nothing back from the device: the positions are computed there, the cos/sin
-            table covers the cache's capacity (also the length ``dynamic`` scaling then serves), and the kernel
+            table covers the cache's capacity, and the kernel
             skips, and records for `attn.check_errors`, a token whose slot or block lies outside the cache.
-            (One case still reads the lengths: RoPE into a cyclic cache without sinks, whose positions run past
-            the capacity and size the table.) None (the default) is False unless ``ATTN_DEBUG=1``.
+            (Two cases still read the lengths: RoPE into a cyclic cache without sinks, whose positions run past
+            the capacity and size the table, and ``dynamic`` RoPE scaling, whose frequencies depend on the
+            longest sequence.) None (the default) is False unless ``ATTN_DEBUG=1``.
 
     Returns:
         ``q`` shaped ``[T, Hq, D]`` (packed) or ``[B, S_new, Hq, D]`` (padded), rotated, in qkv's dtype.
     """
     validate = _errors.resolve_validate(validate)
+    num_positions = None
+    if not validate and rotary_dim and rope_scaling is not None and rope_scaling.type == "dynamic":
+        # dynamic scaling's frequencies depend on the longest sequence: read it (the one sync of this case)
+        counts = (cu_seqlens_new[1:] - cu_seqlens_new[:-1]) if cu_seqlens_new is not None else qkv.shape[1]
+        num_positions = int((cache_seqlens + counts).max()) if cache_seqlens.numel() else 1
     args = check_preprocess(
         qkv, k_cache, v_cache, cache_seqlens, num_heads_q, num_heads_kv, cu_seqlens_new, block_table, qkv_bias,
         rotary_dim, rope_style, k_scale, v_scale, validate, max_attention_window, sink_token_length,
+        num_positions=num_positions,
     )  # fmt: skip
     return launch_preprocess(
         args, qkv, k_cache, v_cache, cache_seqlens, num_heads_q=num_heads_q, num_heads_kv=num_heads_kv,

@@ -26,6 +26,14 @@ from helpers import rel_err, to_paged
 NAN, INF = float("nan"), float("inf")
 
 
+@pytest.fixture(autouse=True)
+def _on_device(device):
+    # the tests build their tensors on the default device: the GPU where there is one, since outside the
+    # interpreter the kernels take CUDA tensors only
+    with torch.device(device):
+        yield
+
+
 def assert_matches(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float = 2e-5, lse: bool = False) -> None:
     """``out`` is non-finite exactly where ``ref`` is (NaN and ±inf alike: the reference writes NaN where a row
     sees a non-finite value, a kernel may carry the inf), and close elsewhere; with ``lse``, -inf (no key) must

@@ -14,7 +14,8 @@ the cache; then the attention runs over the mixed batch in one of two schedules 
 The batch metadata (`attn.inflight.InflightBatch`) is built once per step on the host. With ``validate=True``
 the step's lengths and block-table entries are checked once, up front; with ``validate=False`` nothing reads
 back from the device at all (the new tokens' positions are computed on it), so the step can be captured in a
-CUDA graph.
+CUDA graph; the kernels then clamp or skip out-of-range values and record them for `attn.check_errors`.
+``validate=None``, the default, is False unless the environment sets ``ATTN_DEBUG=1``.
 """
 
 from __future__ import annotations

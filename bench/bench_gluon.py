@@ -9,12 +9,18 @@ reported, not timed); the bf16 8192³ matmul is measured in the same run as the 
   gluon            attn.fast.attention with ATTN_GLUON=1: the call a user makes, dispatched to the Gluon kernel
                    (default variant: two 4-warp consumer partitions, Q·Kᵀ of the next tile overlapped,
                    persistent grid of one program per SM)
+  gluon_rowmajor   attention_gluon called directly: the default variant with run 1's schedule (all (b, h) of a
+                   row block together, no L2 sections), on every shape
   gluon_2x4_serial attention_gluon called directly: two consumer partitions, no intra-warpgroup overlap
-  gluon_1x8_ovl    attention_gluon called directly: one 8-warp consumer partition, overlap
-  gluon_1x8_serial attention_gluon called directly: one 8-warp consumer partition, no overlap
   gluon_grid       attention_gluon called directly: the default variant, one program per work item
   gluon_bn64       attention_gluon called directly: the default variant on 64-key tiles (6 stages at D128)
-  tl               attn.fast.attention without ATTN_GLUON: the tl.* kernel (its fixed config unless autotuning)
+  tl               attn.fast.attention with ATTN_GLUON=0: the tl.* kernel (its fixed config unless autotuning)
+  default          attn.fast.attention, ATTN_GLUON unset: the default dispatch (gluon_default decides; the
+                   record's note says which kernel ran)
+
+(The one-8-warp-consumer variants lost on every shape in run 1, 0.78-0.98x the default; they stay in the tests.)
+With ``--fp8`` (on by default) the FP8 prefill (`attn.fast.fp8_prefill`) is timed against our bf16 prefill at
+S >= 4096 on the same shapes (a second table: TFLOP/s, ratio to bf16).
   cudnn / flash    SDPA pinned to one backend, on [B, H, S, D] copies made before timing
   flex             torch.compile(flex_attention), block mask built outside timing
 
@@ -40,13 +46,14 @@ from bench import common
 from bench.bench_attention import SHAPES, Contender, Skip, build_flex, build_sdpa, make_check, make_inputs, prepare
 
 VARIANTS = {
+    "gluon_rowmajor": {"l2_bytes": None},
     "gluon_2x4_serial": {"consumers": 2, "overlap": False},
-    "gluon_1x8_ovl": {"consumers": 1, "overlap": True},
-    "gluon_1x8_serial": {"consumers": 1, "overlap": False},
     "gluon_grid": {"persistent": False},
     "gluon_bn64": {"block_n": 64},
 }
-COLUMNS = ["gluon", *VARIANTS, "tl", "cudnn", "flash", "flex"]
+# the run-1 schedule is the same compiled kernel (the section is a runtime argument): timed on every shape
+EVERY_SHAPE_VARIANTS = ("gluon_rowmajor",)
+COLUMNS = ["gluon", *VARIANTS, "tl", "default", "cudnn", "flash", "flex"]
 
 
 @contextlib.contextmanager
@@ -105,8 +112,24 @@ def build_variant(name):
 def build_tl(shape, x, args) -> Contender:
     import attn.fast as fast
 
-    return Contender(lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal), context=lambda: _env(None),
-                     note="attn.fast.attention, tl.* kernel")  # fmt: skip
+    return Contender(lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal), context=lambda: _env("0"),
+                     note="attn.fast.attention, ATTN_GLUON=0: tl.* kernel")  # fmt: skip
+
+
+def build_default(shape, x, args) -> Contender:
+    import attn.fast as fast
+    from attn.fast import gluon_attention as ga
+
+    calls = []
+    real = ga.attention_gluon
+    ga.attention_gluon = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        with _env(None):
+            fast.attention(x.q, x.k, x.v, causal=shape.causal)
+    finally:
+        ga.attention_gluon = real
+    note = f"attn.fast.attention, ATTN_GLUON unset: default dispatch ran the {'Gluon' if calls else 'tl.*'} kernel"
+    return Contender(lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal), context=lambda: _env(None), note=note)
 
 
 # the variants are timed where they compile once (D128 causal) and differ most: short and long sequences
@@ -114,15 +137,19 @@ VARIANT_SHAPES = ("B16 H32 S1024 D128 causal", "B4 H32 S4096 D128 causal")
 
 
 def contenders(variants: str) -> dict[str, list]:
+    """``variants``: "all" (every Gluon variant), "some" (the every-shape ones) or "default" (none)."""
     table = {
         "gluon": [build_gluon],
         "tl": [build_tl],
+        "default": [build_default],
         "cudnn": [build_sdpa("cudnn", "native"), build_sdpa("cudnn", "repeat")],
         "flash": [build_sdpa("flash", "native"), build_sdpa("flash", "repeat")],
         "flex": [build_flex],
     }
     if variants == "all":
         table.update({name: [build_variant(name)] for name in VARIANTS})
+    elif variants == "some":
+        table.update({name: [build_variant(name)] for name in EVERY_SHAPE_VARIANTS})
     return {c: table[c] for c in COLUMNS if c in table}
 
 
@@ -135,12 +162,17 @@ def run_shape(shape, args, ceilings) -> dict:
     check = make_check(shape, x, args.check_rows)
     common.free_memory()
     ready = {}
-    with_variants = args.variants == "all" or (args.variants == "some" and shape.name in VARIANT_SHAPES)
-    for name, builders in contenders("all" if with_variants else "default").items():
+    if args.variants == "all" or (args.variants == "some" and shape.name in VARIANT_SHAPES):
+        which = "all"
+    else:
+        which = "default" if args.variants == "default" else "some"
+    for name, builders in contenders(which).items():
         c, rec = prepare(name, builders, shape, x, check, args)
         result["contenders"][name] = rec
         if c is not None:
             ready[name] = c
+            if name == "default":
+                print(f"  {name:<17} {rec['note']}", flush=True)
         else:
             print(f"  {name:<17} {rec['status']:<7} {rec.get('error') or rec['note']}"[:240], flush=True)
     times: dict[str, list[float]] = {n: [] for n in ready}

@@ -156,6 +156,34 @@ def test_gluon_variants(causal, variant):
 
 @pytest.mark.gpu
 @sm90
+@pytest.mark.parametrize("l2_bytes", [None, 1, 1_500_000, 1 << 40], ids=["one-section", "per-group", "ragged", "huge"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gluon_l2_sections(causal, l2_bytes):
+    # the schedule's sections (_tile_coords): all pairs in one (run 1's order), one GQA group per section, sections
+    # of 4 groups over 9 groups (the last one partial), and a budget larger than everything; every work item
+    # must run exactly once whatever the cut (a missed or doubled item shows as NaN or a wrong row block)
+    q, k, v = _inputs(3, 700, 700, 12, 3, 128, torch.bfloat16)
+    sec = ga.l2_section(3, 12, 4, 700, 128, 2, l2_bytes)
+    assert sec % 4 == 0 and 4 <= sec <= 36
+    d = q.shape[-1]
+    out = ga.attention_gluon(q, k, v, scale=d**-0.5, window_right=0 if causal else -1, l2_bytes=l2_bytes)
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=causal)
+    assert not torch.isnan(out).any()
+    assert rel_err(ref, out) <= TOL[torch.bfloat16], f"section {sec}"
+
+
+def test_l2_section_sizes():
+    # whole GQA groups, at least one, at most all pairs; None is all pairs (run 1's order)
+    assert ga.l2_section(4, 32, 1, 4096, 128, 2) == 4  # 2 MB of K/V per head: 4 heads in 8 MB
+    assert ga.l2_section(4, 32, 4, 4096, 128, 2) == 16  # 4 KV heads = 16 query heads
+    assert ga.l2_section(1, 32, 1, 16384, 128, 2) == 1  # 8 MB per head: one head
+    assert ga.l2_section(1, 32, 8, 65536, 128, 2) == 8  # over budget: still one whole group
+    assert ga.l2_section(2, 8, 2, 100, 64, 2) == 16  # everything fits: all pairs
+    assert ga.l2_section(4, 32, 4, 4096, 128, 2, None) == 128
+
+
+@pytest.mark.gpu
+@sm90
 def test_gluon_nonfinite_stays_in_its_sequence():
     # a NaN in sequence 1's first key: every row of sequence 1 that sees it is NaN (as in the reference), and
     # sequence 0, whose last tile the TMA copy bounds at its own end, is untouched

@@ -153,7 +153,7 @@ def _tile_coords(tile, batch, num_heads_q, seqlen_q, section, BLOCK_M: gl.conste
 
     Why sections: the ~132 programs running at one time read the K/V of the (b, h) they hold. With all B·H
     pairs per row block (one section), at B4 H32 S4096 that is 128 different heads' K/V (256 MB) streaming
-    through a 50 MB L2, so every row block re-reads its K/V prefix from HBM: 4.3 GB per causal call, 1.4 ms
+    through a 50 MB L2, so every row block re-reads its K/V prefix from HBM: 4.4 GB per causal call, 1.5 ms
     at 3 TB/s, the kernel's whole time in run 1 (1.53 ms) while the GQA shape (4 query heads per KV head,
     adjacent: 4x reuse) ran compute-bound at 0.98 ms. With sections the concurrent programs share a few
     heads' K/V, read from HBM about once per section."""

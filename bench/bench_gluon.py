@@ -252,9 +252,10 @@ def run_fp8_shape(shape, args) -> dict:
         rec = {"status": "ok", "err_vs_fp32_ref": rel_err(want, got), "note": f"ATTN_GLUON={env}"}
         if name == "fp8":
             rec["err_vs_fp8_ref"] = rel_err(want8, got)
-            # P's rounding (2^-4 relative at most, random signs) stays well under 1% RMS on these inputs; more is
-            # a defect, reported (and still timed)
-            if not rec["err_vs_fp8_ref"] <= 0.03:
+            # a sanity bound, not a tolerance (tests/test_fp8_prefill.py has those): P rounded against the running
+            # max instead of the final one differs by up to ~2^-4/sqrt(3) relative per rounding, 1-4% RMS of the
+            # output on random inputs; a descale or mask defect gives O(1). Reported, and still timed
+            if not rec["err_vs_fp8_ref"] <= 0.1:
                 rec["status"] = "wrong"
                 print(f"  fp8 WRONG: rel err {rec['err_vs_fp8_ref']:.2e} vs the FP8 reference", flush=True)
         result["contenders"][name] = rec

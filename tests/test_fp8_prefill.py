@@ -15,10 +15,11 @@ Tolerances, derived from the reference's numerics (attn/reference/fp8_attention.
   kernel's tile), the running max is the final max and the kernel rounds the same p as the reference: it must
   match to one ulp of the output's rounding except where exp2-in-float32 against exp-in-float64 moves a p
   across a rounding midpoint (rare: at most 0.1% of the elements may differ by more). On several tiles, the
-  roundings differ where the running max differs from the final one, with random signs: the RMS of the
-  difference must stay under 0.15 of the RMS of the sound bound ``2E``. Expected: a rounding error uniform in
-  ±2^-4 has RMS 2^-4/√3, and random signs over N_eff keys shrink the sum by √N_eff against the bound's
-  worst case, so ~0.6/√N_eff; observed 0.01-0.03 on CPU; a descale error gives O(1).
+  roundings differ where the running max differs from the final one. Each rounding's error δ·p has
+  E[δ²] <= (2^-4)²/3 (uniform within ±half an ulp), so two independent roundings give
+  E[diff²] <= (2/3)·2^-8·Σ p²v²/l² <= (2/3)·2^-8·(Σ p|v|/l)² = E²/6 per element: the RMS of the difference is
+  at most sqrt(1/6) = 0.41 of the RMS of the sound bound 2E, whatever the lengths. The test allows 0.5; observed
+  0.01-0.03 on CPU (most roundings coincide); a descale or mask error gives O(1).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _check_against_reference(out, ref, exact, p, l_sum, vf, name, one_tile):
         frac = (diff > tight).double().mean().item()
         assert frac <= 1e-3, f"{name}: {frac:.2%} of the elements differ beyond the output's rounding (one tile)"
     else:
-        assert rms_ratio <= 0.15, f"{name}: RMS difference {rms_ratio:.3f} of the sound bound's (> 0.15)"
+        assert rms_ratio <= 0.5, f"{name}: RMS difference {rms_ratio:.3f} of the sound bound's (> 0.5)"
     # rows that see no key: exactly zero
     empty = (l_sum == 0).squeeze(-1).permute(0, 2, 1)  # [B, Sq, H]
     assert torch.equal(out[empty], torch.zeros_like(out[empty])), f"{name}: keyless rows not zero"

@@ -161,6 +161,8 @@ def attention_fp8(
         raise ValueError(f"q must be a CUDA tensor (or run with TRITON_INTERPRET=1), got device {q.device}")
     if not (k.device == v.device == q.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if b * hq > 65535:
+        raise ValueError(f"B·Hq must be at most 65535 (the grid's second axis), got {b}·{hq}")
     scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     ones = None

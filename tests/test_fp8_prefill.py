@@ -9,17 +9,20 @@ Tolerances, derived from the reference's numerics (attn/reference/fp8_attention.
   ``E = Σ_j (2^-4·p_j + 2^-18)·|v_j|·v_descale / l`` of exact attention over the dequantized inputs, plus the
   output's rounding (2^-8 relative for bf16). Kernel and reference are then within ``2E`` of each other: the
   sound bound every element must meet. (The kernel quantizes p against its running max, the reference against
-  the final one: the same count of roundings on different values.) A slack of 2^-12·Σ p|v|/l covers the
-  score's float32 accumulation order on the FP8 tensor cores.
-- Sound bounds are loose, so two tight checks go with them. Where the key range is one tile (Sk <= the kernel's key
-  tile, 128 below D256), the running max is the final max and the kernel rounds the same p as the reference: it
-  must match to one ulp of the output's rounding except where exp2-in-float32 against exp-in-float64 moves a p
-  across a rounding midpoint (rare: at most 0.1% of the elements may differ by more). On several tiles, the
-  roundings differ where the running max differs from the final one. Each rounding's error δ·p has E[δ²] <=
-  (2^-4)²/3 (uniform within ±half an ulp), so two independent roundings give E[diff²] <= (2/3)·2^-8·Σ p²v²/l² <=
-  (2/3)·2^-8·(Σ p|v|/l)² = E²/6 per element: the RMS of the difference is at most sqrt(1/6) = 0.41 of the RMS of
-  the sound bound 2E, whatever the lengths. The test allows 0.5; observed 0.01-0.03 on CPU (most roundings
-  coincide); a descale or mask error gives O(1).
+  the final one: the same count of roundings on different values.) A slack of 2^-8·Σ p|v|/l covers the
+  scores' accumulation: the FP8 tensor cores' accumulator keeps about 14 bits (DeepSeek-V3 report, 3.3.2), so
+  |Δs| is about 2^-14·Σ_d |q_d·k_d|·scale, ~1e-3 on these inputs, and p moves by that relative amount.
+- Sound bounds are loose, so two tight checks go with them. Where the key range is one tile (Sk <= the kernel's
+  key tile, 128 below D256), the running max is the final max and the kernel rounds the same p as the
+  reference: it must match to one ulp of the output's rounding except where exp2-in-float32 against
+  exp-in-float64 moves a p across a rounding midpoint (rare: at most 0.1% of the elements may differ by more).
+  That needs exact scores, so it runs in the interpreter only (float32 products of e4m3 values); on the GPU the
+  FP8 accumulator moves some p across midpoints, and the GPU gets the RMS check. On several tiles, the roundings
+  differ where the running max differs from the final one. Each rounding's error δ·p has E[δ²] <= (2^-4)²/3
+  (uniform within ±half an ulp), so two independent roundings give E[diff²] <= (2/3)·2^-8·Σ p²v²/l² <=
+  (2/3)·2^-8·(Σ p|v|/l)² = (2E)²/6 per element: the RMS of the difference is at most sqrt(1/6) = 0.41 of the
+  RMS of the sound bound 2E, whatever the lengths. The test allows 0.5; observed 0.01-0.03 on CPU (most
+  roundings coincide); a descale or mask error gives O(1).
 """
 
 from __future__ import annotations
@@ -77,15 +80,17 @@ def _check_against_reference(out, ref, exact, p, l_sum, vf, name, one_tile):
     assert not torch.isnan(out).any(), f"{name}: NaN in the output (unwritten or invalid)"
     diff = (out.double() - ref.double()).abs()
     e = _bound(p, l_sum, vf, 2.0**-4, 2.0**-18)
-    slack = _bound(p, l_sum, vf, 2.0**-12, 0.0)
+    slack = _bound(p, l_sum, vf, 2.0**-8, 0.0)
     sound = 2 * e + slack + 2.0**-8 * (out.double().abs() + ref.double().abs()) + 1e-6
     worst = (diff / sound).max().item()
     rms_ratio = (diff.norm() / (2 * e).norm().clamp_min(1e-300)).item()
     print(f"{name}: worst {worst:.3f} of the sound bound, RMS diff / RMS bound {rms_ratio:.3f}")
     assert worst <= 1.0, f"{name}: an element is {worst:.2f}x past the sound bound"
-    if one_tile:
+    # the tight check needs exact scores (the interpreter's); on the GPU the FP8 accumulator's rounding moves some
+    # p across a rounding midpoint, which the RMS check allows for
+    if one_tile and out.device.type == "cpu":
         # one bf16 ulp (2^-7 relative at most) apart after rounding values that agree to float32 accumulation
-        tight = 2.0**-7 * ref.double().abs() + slack + 1e-6
+        tight = 2.0**-7 * ref.double().abs() + _bound(p, l_sum, vf, 2.0**-12, 0.0) + 1e-6
         frac = (diff > tight).double().mean().item()
         assert frac <= 1e-3, f"{name}: {frac:.2%} of the elements differ beyond the output's rounding (one tile)"
     else:

@@ -18,10 +18,12 @@ what FlashAttention-3 (Shah et al., 2024) is built from:
   before the softmax of tile j runs, so the tensor core and the exponent unit work at the same time within a
   warpgroup (FA3's intra-warpgroup pipelining). It costs a second score tile of registers, which at D128
   with 128-key tiles ptxas does not grant: it sinks the product below the softmax (see ``block_n`` below).
-- **A persistent grid, longest work first.** One program per SM walks work items (a 128-row block of one
-  (b, h)) in decreasing order of their key count (causal: the bottom row blocks first), so the short ones fill
-  the tail. The producer runs ahead into the next item's K/V while the consumers finish the current one; the
-  next Q arrives during the epilogue, and the output goes from registers straight to global memory.
+- **A persistent grid, longest work first, in L2 sections.** One program per SM walks work items (a 128-row
+  block of one (b, h)). The (b, h) pairs are cut into sections whose K/V fit in L2 (`l2_section`); within a
+  section the items go in decreasing order of their key count (causal: the bottom row blocks first), so the
+  short ones fill the tail, and the programs in flight share a few heads' K/V (see `_tile_coords`). The
+  producer runs ahead into the next item's K/V while the consumers finish the current one; the next Q arrives
+  during the epilogue, and the output goes from registers straight to global memory.
 
 Covered: padded ``[B, S, H, D]`` without per-sequence lengths, causal (bottom-right) and full, sliding windows,
 soft-capping, GQA/MQA, D in {64, 128}, fp16/bf16, ``return_lse``. Everything else (packed varlen, lengths,

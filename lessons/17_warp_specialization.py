@@ -302,23 +302,161 @@ else:
 # %% [markdown]
 # The measured gain comes from `bench/bench_gluon.py`, which times the Gluon kernel beside our `tl.*` kernel,
 # cuDNN, FlashAttention-2 and FlexAttention in one process, each checked against the fp32 reference first.
+# The first run (H100 80GB HBM3, torch 2.11, triton 3.6; TFLOP/s, and the ratio to cuDNN's time):
+#
+# | shape                          | Gluon       | `tl.*`      | cuDNN | Gluon / `tl.*` |
+# |--------------------------------|-------------|-------------|-------|----------------|
+# | B16 H32 S1024 D128 causal      | 254 (0.64)  | 297 (0.75)  | 396   | 0.86x          |
+# | B4 H32 S4096 D128 causal       | 360 (0.78)  | 407 (0.88)  | 464   | 0.88x          |
+# | B4 H32 S4096 D128 full         | 396 (0.72)  | 453 (0.82)  | 553   | 0.87x          |
+# | B1 H32 S16384 D128 causal      | 527 (0.95)  | 471 (0.85)  | 552   | 1.12x          |
+# | B4 H32/8 S4096 D128 causal GQA | 562 (1.16)  | 412 (0.85)  | 484   | 1.36x          |
+# | B8 H32 S4096 D64 causal        | 331 (0.87)  | 380 (1.00)  | 381   | 0.87x          |
+#
+# (bf16 matmul ceiling 717 TFLOP/s.) One row beats cuDNN by 16%, the others lose to our own `tl.*` kernel.
+# The odd pair is the second and the fifth: the same FLOPs, the same kernel, the same tiles, and the GQA shape
+# runs 1.56x faster. The only difference is that four query heads share each K/V head.
+#
+# ### Where the MHA shapes lost: the order of the work, not the inner loop
+#
+# The persistent grid walks work items (a 128-row block of one (batch, head)) longest first: in run 1, all
+# B·H heads of the last row block, then all of the row block before it, and so on. The ~132 programs that run
+# at one time therefore each hold a *different* head. A row block reads its head's whole K/V prefix, and the
+# next row block of the same head comes 128 work items later, long after L2 (50 MB) has cycled through the
+# other heads' K/V. Count the bytes that must come from HBM (for the sections, the ideal: all 32 row blocks of
+# a head share one read of its K/V):
+
+# %%
+HBM_TBPS = 3.0  # H100 SXM, the measured copy rate in bench_gluon's ceilings
+
+
+def kv_traffic(batch, heads_q, heads_kv, seqlen, head_dim, causal, heads_sharing_in_l2, block=128):
+    """Bytes of K and V read from HBM when every row block reads its K/V prefix and only the query heads whose
+    work runs at the same time (sharing one KV head, or one L2 section) share the copy."""
+    n_m = seqlen // block
+    tiles_per_head = n_m * (n_m + 1) // 2 if causal else n_m * n_m  # key tiles over all row blocks
+    tile_bytes = 2 * block * head_dim * 2  # one K and one V tile, bf16
+    reads = batch * heads_q * tiles_per_head * tile_bytes
+    return reads / heads_sharing_in_l2
+
+
+print(f"{'shape':32s} {'order':22s} {'K/V from HBM':>13s} {'at 3 TB/s':>10s}  (run 1: Gluon's time)")
+for name, shape, measured_ms in (
+    ("B4 H32 S4096 D128 causal", (4, 32, 32, 4096, 128, True), 1.529),
+    ("B4 H32/8 S4096 D128 causal GQA", (4, 32, 8, 4096, 128, True), 0.979),
+    ("B4 H32 S4096 D128 full", (4, 32, 32, 4096, 128, False), 2.774),
+):
+    b, hq, hkv, s_len, d, causal = shape
+    for order, sharing in (("run 1 (heads apart)", hq // hkv), ("L2 sections", s_len // 128 * (hq // hkv))):
+        gb = kv_traffic(*shape, heads_sharing_in_l2=sharing) / 1e9
+        note = f"  ({measured_ms:.2f} ms)" if order.startswith("run 1") else ""
+        print(f"{name:32s} {order:22s} {gb:10.2f} GB {gb / HBM_TBPS:8.2f} ms{note}")
+
+# %% [markdown]
+# At B4 H32 S4096 causal the run-1 order makes the kernel read 4.4 GB of K/V, 1.48 ms at 3 TB/s: nearly all of
+# its 1.53 ms. It was memory-bound while looking compute-bound. With GQA four adjacent work items share one KV
+# head, so a quarter of the traffic, and the kernel reached the rate its inner loop can sustain. The `tl.*`
+# kernel never had the problem: its grid puts the row blocks of one head next to each other.
+#
+# The fix (`_tile_coords` and `l2_section` in the source) cuts the (batch, head) pairs into *sections* whose
+# K/V fit in 8 MB of L2 and runs the sections one after another, each longest row block first. The programs in
+# flight then share a few heads' K/V, and HBM serves each of them about once per section.
+
+# %%
+excerpt(ga._tile_coords, [r"per_section", r"width", r"pid_m =", r"bh ="])
+
+# %% [markdown]
+# The benchmark keeps run 1's order as the `gluon_rowmajor` column: the same compiled kernel (the section size
+# is a runtime argument), so the two columns differ only in the order of the work.
 
 # %%
 runs = sorted(RESULTS.glob("gluon_*.json"))
 if not runs:
-    print("Not measured yet: no bench/results/gluon_*.json. The Gluon kernel has been compiled but not timed.")
+    print("No bench/results/gluon_*.json committed yet: the table above (run 1) is the measurement so far.")
 else:
     doc = json.loads(runs[-1].read_text())
     print(f"{runs[-1].name}: {doc['env'].get('gpu')}, ceiling {doc['ceilings'].get('matmul_bf16_tflops', 0):.0f} "
           f"TFLOP/s (bf16 matmul)")  # fmt: skip
-    print(f"{'shape':32s} {'gluon':>14s} {'tl.*':>14s} {'cuDNN':>8s}   gluon/cuDNN  gluon/tl")
+    cols = ("gluon", "gluon_rowmajor", "tl", "default", "cudnn")
+    print(f"{'shape':32s}" + "".join(f"{c:>16s}" for c in cols) + "   gluon/cuDNN  gluon/tl")
     for r in doc["results"]:
         c = r["contenders"]
-        g, t, cu = (c.get(name, {}).get("tflops") for name in ("gluon", "tl", "cudnn"))
-        status = c.get("gluon", {}).get("status", "-")
-        cells = [f"{x:6.0f} TFLOP/s" if x else status for x in (g, t)]
+        tf = {name: c.get(name, {}).get("tflops") for name in cols}
+        cells = "".join(f"{tf[n]:16.0f}" if tf[n] else f"{c.get(n, {}).get('status', '-'):>16s}" for n in cols)
+        g, t, cu = tf["gluon"], tf["tl"], tf["cudnn"]
         ratios = [f"{a / b:10.2f}x" if a and b else f"{'-':>11s}" for a, b in ((g, cu), (g, t))]
-        print(f"{r['name']:32s} {cells[0]:>14s} {cells[1]:>14s} {cu or 0:8.0f}  {ratios[0]} {ratios[1]}")
+        print(f"{r['name']:32s}{cells}  {ratios[0]} {ratios[1]}")
+
+# %% [markdown]
+# ### The default dispatch
+#
+# `attn.attention` on an sm_90 GPU uses the Gluon kernel by default only where a benchmark measured it faster
+# than the `tl.*` kernel (`gluon_default`; `ATTN_GLUON=1` forces it wherever it applies, `ATTN_GLUON=0` turns
+# it off). From run 1 that is causal D128 with GQA ratio >= 4 at S >= 4096, or S >= 16384; the predicate
+# widens only with a new benchmark row. The `default` column above is that call.
+
+# %%
+for case in ((4096, 4096, 32, 8), (4096, 4096, 32, 32), (16384, 16384, 32, 32), (1024, 1024, 32, 8)):
+    sq, sk, hq, hkv = case
+    on = ga.gluon_default(seqlen_q=sq, seqlen_k=sk, num_heads_q=hq, num_heads_kv=hkv, head_dim=128,
+                          window_left=-1, window_right=0, softcap=0.0)  # fmt: skip
+    print(f"causal D128 S{sq} H{hq}/{hkv}: {'Gluon' if on else 'tl.*'}")
+
+# %% [markdown]
+# ## FP8 prefill
+#
+# Hopper's tensor cores multiply e4m3 tiles at twice the bf16 rate. FP8 prefill (TensorRT-LLM's FP8 context
+# FMHA, FA3's FP8 mode) takes Q, K and V in `float8_e4m3fn` with a descale factor per (batch, KV head), and
+# returns bf16. The reference, `attn.reference.attention_fp8`, writes the numerics down; the one decision that
+# is not forced is how P enters the second product. P·V runs on the FP8 tensor cores too, so P must be e4m3:
+# we round `p · 256` (to nearest even), which puts p = 1 at 256 (e4m3 tops out at 448) and keeps every
+# p >= 2^-18 nonzero; the row sum uses the unrounded p, and the 256 cancels in the final division.
+
+# %%
+import torch  # noqa: E402
+
+from attn.fast import fp8_prefill  # noqa: E402
+from attn.reference import fp8_attention as fr  # noqa: E402
+
+torch.manual_seed(0)
+q, k, v = (torch.randn(1, 96, 2, 64) for _ in range(3))
+(q8, qd), (k8, kd), (v8, vd) = (fr.quantize_fp8(t) for t in (q, k, v))
+exact = attn.reference.attention(q.double(), k.double(), v.double(), causal=True)
+fp8_ref = fr.attention_fp8(q8, k8, v8, qd, kd, vd, causal=True)
+fp8_kernel = fp8_prefill.attention_fp8(q8, k8, v8, qd, kd, vd, causal=True)  # Triton's interpreter on a CPU
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+print(f"FP8 reference vs exact bf16-input attention: {rel(fp8_ref, exact):.2e} relative RMS (input quantization)")
+print(f"FP8 kernel vs FP8 reference:                 {rel(fp8_kernel, fp8_ref):.2e}")
+
+# %% [markdown]
+# Most of the FP8 error is the inputs' quantization (3 mantissa bits); the kernel adds little to its
+# reference. Where the whole row fits one 128-key tile the kernel rounds exactly the p the reference rounds;
+# over several tiles it rounds p against its running max instead of the final one (a different value, the same
+# 2^-4 bound), which `tests/test_fp8_prefill.py` turns into its tolerance.
+#
+# The kernel is a `tl.*` kernel (`attn/fast/fp8_prefill.py`): `tl.dot` of two e4m3 tiles compiles to
+# `wgmma ... e4m3.e4m3` on sm_90. One layout detail decides its speed. FP8 `wgmma` reads its B operand only
+# with the reduction dimension contiguous: fine for Kᵀ in Q·Kᵀ, wrong for V in P·V. Given V as stored, the
+# compiled loop transposed every V tile through shared memory one byte per store (128 `STS.U8` per tile, and V
+# out of the copy pipeline). The wrapper therefore transposes V once per call, `[B, Hkv, D, Sk]`, and the loop
+# reads Vᵀ tiles like K tiles (`scripts/gluon_fp8_sass.py` shows both loops).
+
+# %%
+fp8_runs = [r for r in runs for r in [json.loads(r.read_text())] if r.get("fp8_results")] if runs else []
+if not fp8_runs:
+    print("FP8 prefill not measured yet (bench_gluon writes an fp8_results table).")
+else:
+    print(f"{'shape':32s} {'fp8':>10s} {'bf16 default':>13s} {'bf16 tl.*':>10s}  fp8 / bf16 default (target 1.6)")
+    for r in fp8_runs[-1]["fp8_results"]:
+        c = r["contenders"]
+        tf = [c.get(n, {}).get("tflops") for n in ("fp8", "bf16_default", "bf16_tl")]
+        ratio = c.get("fp8", {}).get("vs_bf16_default")
+        print(f"{r['name'][4:]:32s} " + " ".join(f"{x or 0:10.0f}" for x in tf) + f"  {ratio or 0:.2f}x")
 
 # %% [markdown]
 # ## What is left
@@ -328,5 +466,8 @@ else:
 # - **The rest of the variants.** The Gluon kernel covers the padded layout (causal, windows, soft-cap, GQA,
 #   D 64/128); packed varlen input, per-sequence lengths, ALiBi, T5 and the paged chunked context stay on the
 #   `tl.*` kernel (`gluon_supported` says which).
-# - **FP8.** With e4m3 Q and K the Q·Kᵀ product runs at twice the bf16 rate; P·V needs V transposed in shared
-#   memory, which is the same problem as the one-byte decode of lesson 09.
+# - **FP8 at FA3's speed.** The FP8 kernel above is a `tl.*` kernel: no producer warp, no overlap, and a V
+#   transpose per call. An FP8 Gluon kernel would transpose V tiles in shared memory inside the pipeline (the
+#   same problem as the one-byte decode of lesson 09).
+# - **The inner loop at D 128.** ptxas still sinks the next Q·Kᵀ below the softmax (section 3); with the L2
+#   order fixed, that is what is left between the MHA shapes and the GQA shape's rate.

@@ -156,6 +156,34 @@ def test_gluon_variants(causal, variant):
 
 @pytest.mark.gpu
 @sm90
+@pytest.mark.parametrize("l2_bytes", [None, 1, 1_500_000, 1 << 40], ids=["one-section", "per-group", "ragged", "huge"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gluon_l2_sections(causal, l2_bytes):
+    # the schedule's sections (_tile_coords): all pairs in one (run 1's order), one GQA group per section, sections
+    # of 4 groups over 9 groups (the last one partial), and a budget larger than everything; every work item
+    # must run exactly once whatever the cut (a missed or doubled item shows as NaN or a wrong row block)
+    q, k, v = _inputs(3, 700, 700, 12, 3, 128, torch.bfloat16)
+    sec = ga.l2_section(3, 12, 4, 700, 128, 2, l2_bytes)
+    assert sec % 4 == 0 and 4 <= sec <= 36
+    d = q.shape[-1]
+    out = ga.attention_gluon(q, k, v, scale=d**-0.5, window_right=0 if causal else -1, l2_bytes=l2_bytes)
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=causal)
+    assert not torch.isnan(out).any()
+    assert rel_err(ref, out) <= TOL[torch.bfloat16], f"section {sec}"
+
+
+def test_l2_section_sizes():
+    # whole GQA groups, at least one, at most all pairs; None is all pairs (run 1's order)
+    assert ga.l2_section(4, 32, 1, 4096, 128, 2) == 4  # 2 MB of K/V per head: 4 heads in 8 MB
+    assert ga.l2_section(4, 32, 4, 4096, 128, 2) == 16  # 4 KV heads = 16 query heads
+    assert ga.l2_section(1, 32, 1, 16384, 128, 2) == 1  # 8 MB per head: one head
+    assert ga.l2_section(1, 32, 8, 65536, 128, 2) == 8  # over budget: still one whole group
+    assert ga.l2_section(2, 8, 2, 100, 64, 2) == 16  # everything fits: all pairs
+    assert ga.l2_section(4, 32, 4, 4096, 128, 2, None) == 128
+
+
+@pytest.mark.gpu
+@sm90
 def test_gluon_nonfinite_stays_in_its_sequence():
     # a NaN in sequence 1's first key: every row of sequence 1 that sees it is NaN (as in the reference), and
     # sequence 0, whose last tile the TMA copy bounds at its own end, is untouched
@@ -167,17 +195,23 @@ def test_gluon_nonfinite_stays_in_its_sequence():
     assert rel_err(ref[0], out[0]) <= TOL[torch.bfloat16]
 
 
-@pytest.mark.gpu
-@sm90
-def test_dispatch_opt_in(monkeypatch):
+def _count_calls(monkeypatch):
     calls = []
     real = ga.attention_gluon
     monkeypatch.setattr(ga, "attention_gluon", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.gpu
+@sm90
+def test_dispatch_opt_in(monkeypatch):
+    calls = _count_calls(monkeypatch)
+    # a GQA shape below the default's length threshold: the tl.* kernel unless forced
     q, k, v = _inputs(2, 256, 256, 8, 2, 128, torch.bfloat16)
     ref = reference.attention(q.double(), k.double(), v.double(), causal=True)
     monkeypatch.delenv("ATTN_GLUON", raising=False)
     fast.attention(q, k, v, causal=True)
-    assert calls == [], "the Gluon kernel ran without ATTN_GLUON=1"
+    assert calls == [], "the Gluon kernel ran by default on a shape gluon_default rejects"
     monkeypatch.setenv("ATTN_GLUON", "1")
     out = fast.attention(q, k, v, causal=True)
     assert calls == [1], "ATTN_GLUON=1 did not select the Gluon kernel on sm_90"
@@ -187,6 +221,71 @@ def test_dispatch_opt_in(monkeypatch):
     fast.attention(q[..., :80].contiguous(), k[..., :80].contiguous(), v[..., :80].contiguous(), causal=True)
     fast.attention(q, k, v, alibi_slopes=torch.rand(8, device="cuda"))
     assert calls == [1]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("env", [None, "0", "1"], ids=["default", "off", "forced"])
+def test_dispatch_default(monkeypatch, env):
+    # the measured winning regime (GQA 4, causal, D128, S 4096) runs on the Gluon kernel by default and with
+    # ATTN_GLUON=1, not with ATTN_GLUON=0; a measured losing one (MHA S4096) only when forced; both correct
+    calls = _count_calls(monkeypatch)
+    if env is None:
+        monkeypatch.delenv("ATTN_GLUON", raising=False)
+    else:
+        monkeypatch.setenv("ATTN_GLUON", env)
+    for hkv, wins in ((2, True), (8, False)):
+        q, k, v = _inputs(1, 4096, 4096, 8, hkv, 128, torch.bfloat16)
+        calls.clear()
+        out = fast.attention(q, k, v, causal=True)
+        expect = env == "1" or (env is None and wins)
+        assert calls == ([1] if expect else []), f"Hkv={hkv} ATTN_GLUON={env}: gluon ran {len(calls)} times"
+        ref = reference.attention(q[:, -512:].double(), k.double(), v.double(), causal=True)
+        assert rel_err(ref, out[:, -512:]) <= TOL[torch.bfloat16]
+
+
+# (Sq, Sk, Hq, Hkv, D, window_left, window_right, softcap) -> default on sm_90, from run 1's table in
+# gluon_attention (the rows measured, and one step past each threshold)
+DEFAULT_CASES = [
+    ((4096, 4096, 32, 8, 128, -1, 0, 0.0), True),  # measured 1.36x
+    ((16384, 16384, 32, 32, 128, -1, 0, 0.0), True),  # measured 1.12x
+    ((4096, 4096, 32, 32, 128, -1, 0, 0.0), False),  # measured 0.88x
+    ((4096, 4096, 32, 32, 128, -1, -1, 0.0), False),  # full, measured 0.87x
+    ((1024, 1024, 32, 32, 128, -1, 0, 0.0), False),  # measured 0.86x
+    ((4096, 4096, 32, 32, 64, -1, 0, 0.0), False),  # D64, measured 0.87x
+    ((4096, 4096, 32, 8, 64, -1, 0, 0.0), False),  # GQA at D64: not measured
+    ((2048, 2048, 32, 8, 128, -1, 0, 0.0), False),  # GQA below 4096
+    ((8192, 8192, 32, 4, 128, -1, 0, 0.0), True),  # GQA 8
+    ((4096, 4096, 32, 16, 128, -1, 0, 0.0), False),  # GQA 2: not measured
+    ((16384, 16384, 32, 8, 128, 1024, 0, 0.0), False),  # sliding window: not measured
+    ((16384, 16384, 32, 8, 128, -1, 0, 30.0), False),  # soft-cap: not measured
+    ((1, 16384, 32, 32, 128, -1, 0, 0.0), False),  # Sq != Sk (chunk against a long context): not measured
+]
+
+
+@pytest.mark.parametrize("case,expected", DEFAULT_CASES, ids=[str(c[0]) for c in DEFAULT_CASES])
+def test_default_dispatch_predicate(case, expected):
+    sq, sk, hq, hkv, d, left, right, cap = case
+    got = ga.gluon_default(seqlen_q=sq, seqlen_k=sk, num_heads_q=hq, num_heads_kv=hkv, head_dim=d,
+                           window_left=left, window_right=right, softcap=cap)  # fmt: skip
+    assert got is expected
+
+
+def test_default_dispatch_stays_off_the_cpu(monkeypatch, device):
+    # ATTN_GLUON unset: a call in the predicate's winning regime on a device that is not an sm_90 never reaches
+    # the Gluon kernel (here the CPU interpreter, where it cannot run; a small stand-in of the same features
+    # would be below the threshold, so the predicate is widened for the call)
+    if device == "cuda" and ON_SM90:
+        pytest.skip("on sm_90 the default dispatch is test_dispatch_default")
+    monkeypatch.delenv("ATTN_GLUON", raising=False)
+    monkeypatch.setattr(ga, "DEFAULT_MIN_GQA_SEQLEN", 1)
+    calls = _count_calls(monkeypatch)
+    q = torch.randn(1, 9, 4, 128, device=device)
+    k, v = (torch.randn(1, 9, 1, 128, device=device) for _ in range(2))
+    out = fast.attention(q, k, v, causal=True)
+    assert calls == []
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    assert rel_err(ref, out) <= TOL[q.dtype]
 
 
 def test_dispatch_falls_back_off_sm90(monkeypatch, device):

@@ -722,13 +722,20 @@ def attention(
         raise ValueError(f"q must be a CUDA tensor (or run with TRITON_INTERPRET=1), got device {q.device}")
     # the kernel reads each head's D features with unit stride; anything else is copied once here
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    if os.environ.get("ATTN_GLUON") == "1":
-        # opt-in (issue 17): the warp-specialized Gluon kernel on sm_90 where it covers the call
+    gluon_mode = os.environ.get("ATTN_GLUON", "")
+    if gluon_mode != "0" and q.device.type == "cuda":
+        # issue 17: the warp-specialized Gluon kernel on sm_90 where it covers the call, by default only where it
+        # was measured faster than this file's kernel (gluon_default); ATTN_GLUON=1 forces it, =0 turns it off
         from . import gluon_attention as _g
 
         if _g.gluon_supported(q, k, v, packed=args.packed, seqlens=seqlens_q is not None or seqlens_k is not None,
                               head_dim=args.head_dim, alibi=args.alibi_slopes is not None,
-                              rel_bias=args.rel_bias is not None, softcap=args.softcap):  # fmt: skip
+                              rel_bias=args.rel_bias is not None, softcap=args.softcap) and (
+            gluon_mode == "1"
+            or _g.gluon_default(seqlen_q=q.shape[1], seqlen_k=k.shape[1], num_heads_q=q.shape[2],
+                                num_heads_kv=k.shape[2], head_dim=args.head_dim, window_left=args.window_left,
+                                window_right=args.window_right, softcap=args.softcap)
+        ):  # fmt: skip
             return _g.attention_gluon(q, k, v, scale=args.scale, window_left=args.window_left,
                                       window_right=args.window_right, softcap=args.softcap,
                                       return_lse=return_lse)  # fmt: skip

@@ -18,10 +18,12 @@ what FlashAttention-3 (Shah et al., 2024) is built from:
   before the softmax of tile j runs, so the tensor core and the exponent unit work at the same time within a
   warpgroup (FA3's intra-warpgroup pipelining). It costs a second score tile of registers, which at D128
   with 128-key tiles ptxas does not grant: it sinks the product below the softmax (see ``block_n`` below).
-- **A persistent grid, longest work first.** One program per SM walks work items (a 128-row block of one
-  (b, h)) in decreasing order of their key count (causal: the bottom row blocks first), so the short ones fill
-  the tail. The producer runs ahead into the next item's K/V while the consumers finish the current one; the
-  next Q arrives during the epilogue, and the output goes from registers straight to global memory.
+- **A persistent grid, longest work first, in L2 sections.** One program per SM walks work items (a 128-row
+  block of one (b, h)). The (b, h) pairs are cut into sections whose K/V fit in L2 (`l2_section`); within a
+  section the items go in decreasing order of their key count (causal: the bottom row blocks first), so the
+  short ones fill the tail, and the programs in flight share a few heads' K/V (see `_tile_coords`). The
+  producer runs ahead into the next item's K/V while the consumers finish the current one; the next Q arrives
+  during the epilogue, and the output goes from registers straight to global memory.
 
 Covered: padded ``[B, S, H, D]`` without per-sequence lengths, causal (bottom-right) and full, sliding windows,
 soft-capping, GQA/MQA, D in {64, 128}, fp16/bf16, ``return_lse``. Everything else (packed varlen, lengths,
@@ -31,7 +33,8 @@ Why no per-sequence lengths: TMA fills rows outside the tensor's bounds with zer
 tensor is whatever the caller left there. A NaN in a padded V row would reach the output through ``0 · NaN``
 (a masked score makes p = 0, not the product). The ``tl.*`` kernel masks the load instead.
 
-Dispatch from `attn.attention` is off unless ``ATTN_GLUON=1`` (until the GPU parity tests have passed).
+Dispatch from `attn.attention` on sm_90: by default only where it was measured faster than the ``tl.*`` kernel
+(`gluon_default`); ``ATTN_GLUON=1`` forces it wherever `gluon_supported`, ``ATTN_GLUON=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ LOG2E = 1.4426950408889634
 BLOCK_M = 128
 SMEM_BYTES = 232448 - 2048  # the H100/H200 limit per block, less room for barriers and the compiler's scratch
 HEAD_DIMS = (64, 128)
+# the K/V bytes one section of the persistent schedule may hold (`_tile_coords`, `l2_section`): a sixth of the
+# H100's 50 MB L2, so that two sections in flight at a boundary, Q and the outputs still fit beside them
+L2_SECTION_BYTES = 8 << 20
 
 
 def _stages(head_dim: int, block_n: int, itemsize: int = 2) -> int:
@@ -74,9 +80,40 @@ CONSUMER_REGS = gl.constexpr(240)
 MAXNREG = 168
 
 
+def mode() -> str:
+    """``ATTN_GLUON`` from the environment: "1" forces the Gluon kernel wherever `gluon_supported`, "0" never
+    uses it, anything else (unset) lets `gluon_default` decide."""
+    return os.environ.get("ATTN_GLUON", "")
+
+
 def enabled() -> bool:
-    """The opt-in: ``ATTN_GLUON=1`` in the environment."""
-    return os.environ.get("ATTN_GLUON", "0") == "1"
+    """The forced opt-in: ``ATTN_GLUON=1`` in the environment."""
+    return mode() == "1"
+
+
+# Where the Gluon kernel is the default on sm_90 (ATTN_GLUON unset). Measured basis, H100 run 1 (bench_gluon,
+# peers in one process, torch 2.11, triton 3.6, before the L2 sections of `_tile_coords`), Gluon / tl.* time:
+#   B4 H32/8 S4096 D128 causal (GQA 4)   1.36x   <- GQA, causal, D128, S >= 4096
+#   B1 H32 S16384 D128 causal            1.12x   <- long causal, D128
+#   B4 H32 S4096 D128 causal             0.88x   (MHA: slower; L2 misses, see _tile_coords)
+#   B4 H32 S4096 D128 full               0.87x   (no causal mask: slower)
+#   B16 H32 S1024 D128 causal            0.86x   (short: slower)
+#   B8 H32 S4096 D64 causal              0.87x   (D64: slower)
+# So only causal D128 calls without soft-cap or window, and only the two measured winning regimes; everything else
+# keeps the tl.* kernel until a measurement says otherwise (widen this predicate only from a benchmark row).
+DEFAULT_MIN_GQA_SEQLEN = 4096
+DEFAULT_MIN_MHA_SEQLEN = 16384
+
+
+def gluon_default(*, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim, window_left, window_right,
+                  softcap) -> bool:  # fmt: skip
+    """Whether a call that `gluon_supported` covers runs on the Gluon kernel by default (the measured wins)."""
+    causal = window_left < 0 and window_right == 0
+    if not causal or softcap > 0 or head_dim != 128 or seqlen_q != seqlen_k:
+        return False
+    if num_heads_q // num_heads_kv >= 4:
+        return seqlen_k >= DEFAULT_MIN_GQA_SEQLEN
+    return seqlen_k >= DEFAULT_MIN_MHA_SEQLEN
 
 
 def gluon_supported(q, k, v, *, packed, seqlens, head_dim, alibi, rel_bias, softcap) -> bool:
@@ -109,13 +146,28 @@ def _tanh(x):
 
 
 @gluon.jit
-def _tile_coords(tile, batch, num_heads_q, seqlen_q, BLOCK_M: gl.constexpr):
-    """Work item ``tile`` -> (b, h, first row). Longest work first: items run through the row blocks from the
-    last (under a causal mask, the one with the most keys) to the first, all (b, h) of one row block together,
-    so the short blocks fill the tail of the grid; heads that share a KV head are adjacent (L2 reuse)."""
+def _tile_coords(tile, batch, num_heads_q, seqlen_q, section, BLOCK_M: gl.constexpr):
+    """Work item ``tile`` -> (b, h, first row). The (b, h) pairs are cut into sections of ``section`` adjacent
+    pairs (a multiple of the GQA group, so a KV head never straddles two sections) whose K and V fit in L2
+    together; the sections run one after the other. Within a section, longest work first: the row blocks from
+    the last (under a causal mask, the one with the most keys) to the first, all (b, h) of the section for one
+    row block together, so the short blocks fill each section's tail and, at the end, the grid's.
+
+    Why sections: the ~132 programs running at one time read the K/V of the (b, h) they hold. With all B·H
+    pairs per row block (one section), at B4 H32 S4096 that is 128 different heads' K/V (256 MB) streaming
+    through a 50 MB L2, so every row block re-reads its K/V prefix from HBM: 4.4 GB per causal call, 1.5 ms
+    at 3 TB/s, the kernel's whole time in run 1 (1.53 ms) while the GQA shape (4 query heads per KV head,
+    adjacent: 4x reuse) ran compute-bound at 0.98 ms. With sections the concurrent programs share a few
+    heads' K/V, read from HBM about once per section."""
     num_bh = batch * num_heads_q
-    pid_m = gl.cdiv(seqlen_q, BLOCK_M) - 1 - tile // num_bh
-    bh = tile % num_bh
+    n_m = gl.cdiv(seqlen_q, BLOCK_M)
+    per_section = n_m * section
+    sec = tile // per_section
+    r = tile - sec * per_section
+    # the last section may hold fewer pairs
+    width = gl.minimum(section, num_bh - sec * section)
+    pid_m = n_m - 1 - r // width
+    bh = sec * section + r % width
     return bh // num_heads_q, bh % num_heads_q, pid_m * BLOCK_M
 
 
@@ -147,16 +199,17 @@ def _key_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LE
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q, group_size, seqlen_q,
-              seqlen_k, window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):  # fmt: skip
+def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q, section, group_size,
+              seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr,
+              HAS_WINDOW_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              HEAD_DIM: gl.constexpr):  # fmt: skip
     """One warp: TMA copies of every K and V tile this program's work items need, into the ring, in the order
     the consumers use them. It runs ahead into the next work item as soon as stages free up."""
     STAGES: gl.constexpr = k_bufs.shape[0]
     num_tiles = gl.cdiv(seqlen_q, BLOCK_M) * batch * num_heads_q
     it = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        b, h, m0 = _tile_coords(tile, batch, num_heads_q, seqlen_q, BLOCK_M)
+        b, h, m0 = _tile_coords(tile, batch, num_heads_q, seqlen_q, section, BLOCK_M)
         kv_col = (h // group_size) * HEAD_DIM
         lo, full_lo, full_hi, hi = _key_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
                                                HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
@@ -309,8 +362,8 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo,
 
 @gluon.jit
 def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lse_ptr,
-              stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left,
-              window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+              stride_lb, stride_lh, batch, num_heads_q, section, seqlen_q, seqlen_k, qk_scale, cap_log2,
+              window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
               HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr,
               WG_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
     """One consumer partition: for each of the program's work items, Q·Kᵀ, online softmax and P·V for its WG_M
@@ -330,13 +383,13 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
 
     first = gl.program_id(0)
     if first < num_tiles:
-        b, h, m_block = _tile_coords(first, batch, num_heads_q, seqlen_q, BLOCK_M)
+        b, h, m_block = _tile_coords(first, batch, num_heads_q, seqlen_q, section, BLOCK_M)
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b, m_block + HALF * WG_M, h * HEAD_DIM], q_bar, q_smem)
     it = 0
     n_done = 0
     for tile in range(first, num_tiles, step):
-        b, h, m_block = _tile_coords(tile, batch, num_heads_q, seqlen_q, BLOCK_M)
+        b, h, m_block = _tile_coords(tile, batch, num_heads_q, seqlen_q, section, BLOCK_M)
         m0 = m_block + HALF * WG_M
         lo, full_lo, full_hi, hi = _key_ranges(m_block, seqlen_q, seqlen_k, window_left, window_right,
                                                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
@@ -364,7 +417,7 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         # every product that read Q has completed (the last wait): the next item's Q can come in already
         nxt = tile + step
         if nxt < num_tiles:
-            nb, nh, nm = _tile_coords(nxt, batch, num_heads_q, seqlen_q, BLOCK_M)
+            nb, nh, nm = _tile_coords(nxt, batch, num_heads_q, seqlen_q, section, BLOCK_M)
             mbarrier.expect(q_bar, q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [nb, nm + HALF * WG_M, nh * HEAD_DIM], q_bar, q_smem)
 
@@ -389,10 +442,10 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
 
 # lengths, window sizes and head counts stay runtime values: one compiled variant per feature set, not one per
 # length's divisibility by 16 (each variant takes seconds of ptxas)
-@gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "batch", "num_heads_q", "group_size", "seqlen_q", "seqlen_k",
-                              "window_left", "window_right"])  # fmt: skip
-def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, group_size,
-                    seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+@gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "batch", "num_heads_q", "section", "group_size", "seqlen_q",
+                              "seqlen_k", "window_left", "window_right"])  # fmt: skip
+def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section,
+                    group_size, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
                     HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                     STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr,
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
@@ -428,15 +481,15 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale,
+                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, seqlen_q, seqlen_k, qk_scale,
                              cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
                              STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale,
+                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, seqlen_q, seqlen_k, qk_scale,
                              cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
                              STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 1)),
                 (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q,
-                             group_size, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                             section, group_size, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
                              HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM)),
             ],
             [4, 1],
@@ -449,11 +502,11 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, seqlen_q, seqlen_k, qk_scale,
+                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, seqlen_q, seqlen_k, qk_scale,
                              cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
                              STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
                 (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q,
-                             group_size, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                             section, group_size, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
                              HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM)),
             ],
             [1],
@@ -482,8 +535,19 @@ def _num_sms(device) -> int:
 _SMS: dict = {}
 
 
+def l2_section(batch, num_heads_q, group_size, seqlen_k, head_dim, itemsize, l2_bytes=L2_SECTION_BYTES) -> int:
+    """How many adjacent (b, h) pairs one section of the schedule holds (`_tile_coords`): as many whole GQA
+    groups as have K and V within ``l2_bytes`` together, at least one group; ``None``: one section of all B·H
+    (the order before sections: all heads of a row block together)."""
+    num_bh = batch * num_heads_q
+    if l2_bytes is None:
+        return num_bh
+    kv_head_bytes = 2 * max(seqlen_k, 1) * head_dim * itemsize
+    return min(num_bh, group_size * max(1, l2_bytes // kv_head_bytes))
+
+
 def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap, overlap=True, consumers=2,
-                persistent=True, block_n=128):  # fmt: skip
+                persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES):  # fmt: skip
     """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and scripts/gluon_sass.py)."""
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     seqlen_k, num_heads_kv = k.shape[1], k.shape[2]
@@ -497,8 +561,9 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
         _descriptor(q, wg_m, head_dim), _descriptor(k, block_n, head_dim), _descriptor(v, block_n, head_dim),
         out, lse if lse is not None else out,
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-        batch, num_heads_q, num_heads_q // num_heads_kv, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left,
-        window_right,
+        batch, num_heads_q,
+        l2_section(batch, num_heads_q, num_heads_q // num_heads_kv, seqlen_k, head_dim, q.element_size(), l2_bytes),
+        num_heads_q // num_heads_kv, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
     )  # fmt: skip
     constexprs = dict(
         HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
@@ -513,13 +578,15 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
 
 
 def attention_gluon(q, k, v, *, scale, window_left=-1, window_right=-1, softcap=0.0, return_lse=False,
-                    overlap=True, consumers=2, persistent=True, block_n=128):  # fmt: skip
+                    overlap=True, consumers=2, persistent=True, block_n=128,
+                    l2_bytes=L2_SECTION_BYTES):  # fmt: skip
     """The Gluon kernel on checked arguments (`attn.fast.attention.attention` checks them and calls this when
     `gluon_supported` and ``ATTN_GLUON=1``). ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, contiguous."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device) if return_lse else None
     grid, args, constexprs = launch_args(q, k, v, out, lse, scale=scale, window_left=window_left,
                                          window_right=window_right, softcap=softcap, overlap=overlap,
-                                         consumers=consumers, persistent=persistent, block_n=block_n)  # fmt: skip
+                                         consumers=consumers, persistent=persistent, block_n=block_n,
+                                         l2_bytes=l2_bytes)  # fmt: skip
     _attn_fwd_gluon[grid](*args, **constexprs)
     return (out, lse) if return_lse else out

@@ -7,6 +7,7 @@ from .beam import update_indirection
 from .context import context_attention
 from .cross import cross_attention
 from .decode import decode, gather_kv
+from .fp8_attention import attention_fp8
 from .gpt_attention import gpt_attention
 from .kv_cache import append_kv, slot_of, window_tokens
 from .kv_quant import calibrate_kv_scales, dequantize, quantize
@@ -27,6 +28,7 @@ __all__ = [
     "append_kv",
     "apply_rope",
     "attention",
+    "attention_fp8",
     "attention_mask",
     "attention_unfused",
     "cache_positions",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Gluon prefill kernel's GPU batch (issue 17), logs under $OUT. From the repo root on the device machine:
 #   bash scripts/gluon_gpu.sh smoke tests     # ~5-8 min: hang watchdog first, then the parity tests in 4 shards
-#   bash scripts/gluon_gpu.sh bench           # ~4-6 min: bench/bench_gluon.py, one JSON in $OUT
+#   bash scripts/gluon_gpu.sh bench           # ~2-3 min: bench/bench_gluon.py (+ FP8 rows), one JSON in $OUT
 # (run the two in one warm session: the second reuses the Triton cache in $TRITON_CACHE_DIR)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -27,6 +27,9 @@ for job in "$@"; do
         pids+=($!)
         i=$((i + 1))
       done
+      # FP8 prefill (tests/test_fp8_prefill.py: CPU-interpreter cases run on the GPU too, plus the GPU shapes)
+      timeout 540 python -m pytest tests/test_fp8_prefill.py -q -rfE -s > "$OUT/gluon_tests_$i.log" 2>&1 &
+      pids+=($!)
       for p in "${pids[@]}"; do wait "$p" || status=1; done
       tail -n 3 "$OUT"/gluon_tests_*.log
       grep -h "FAILED\|ERROR\|rel err" "$OUT"/gluon_tests_*.log | head -40

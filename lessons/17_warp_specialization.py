@@ -43,7 +43,7 @@ RESULTS = Path(attn.__file__).resolve().parent.parent / "bench" / "results"
 # %% [markdown]
 # ## 1. Why the `tl.*` kernel stalls
 #
-# `scripts/ncu_profile.sh` profiled our prefill kernel and cuDNN's on the H200 at two causal shapes (B16 H32
+# `bench/probes/ncu_profile.sh` profiled our prefill kernel and cuDNN's on the H200 at two causal shapes (B16 H32
 # S1024 and B4 H32 S4096, D 128, bf16). The files are in `bench/results/ncu_H200_2026-11-29/`; here are the
 # counters that tell the story.
 
@@ -62,7 +62,7 @@ WANTED = {
 
 
 def read_summary(path):
-    """{metric: (ours, cudnn)} from a two-column ncu summary written by scripts/ncu_summary.py."""
+    """{metric: (ours, cudnn)} from a two-column ncu summary written by bench/probes/ncu_summary.py."""
     rows = {}
     for line in path.read_text().splitlines():
         parts = line.split()
@@ -277,17 +277,17 @@ excerpt(ga._softmax_step, [r"convert_layout\(p"])
 # product *after* the 66 exponentials. Two score tiles, the output tile and P do not fit in the 240 registers
 # next to everything else, so ptxas reuses the old scores' registers for the new ones and must finish the
 # softmax first (our reading of the SASS). With 64-key tiles (`block_n=64`), or at D 64, the product's eight
-# instructions sit between the exponentials, as intended (`scripts/gluon_sass.py` prints the order). The
+# instructions sit between the exponentials, as intended (`bench/probes/gluon_sass.py` prints the order). The
 # benchmark times both.
 #
 # P goes into P·V straight from registers: the score accumulator's register layout is already the A operand's
-# (the `convert_layout` compiles to no shared-memory traffic: `scripts/gluon_sass.py` counts no shared stores
+# (the `convert_layout` compiles to no shared-memory traffic: `bench/probes/gluon_sass.py` counts no shared stores
 # in the tile loop).
 
 # %% [markdown]
 # ## 4. What the compiler made of it, and what it gained
 #
-# `scripts/gluon_sass.py` compiles the kernel for sm_90a on a machine without a GPU and reads ptxas's report.
+# `bench/probes/gluon_sass.py` compiles the kernel for sm_90a on a machine without a GPU and reads ptxas's report.
 
 # %%
 sass = sorted(RESULTS.glob("gluon_sass_*.txt"))
@@ -297,7 +297,7 @@ if sass:
         if "registers" in line:
             print(" ", line.strip())
 else:
-    print("no gluon_sass_*.txt in bench/results: run scripts/gluon_sass.py")
+    print("no gluon_sass_*.txt in bench/results: run bench/probes/gluon_sass.py")
 
 # %% [markdown]
 # The measured gain comes from `bench/bench_gluon.py`, which times the Gluon kernel beside our `tl.*` kernel,
@@ -444,7 +444,7 @@ print(f"FP8 kernel vs FP8 reference:                 {rel(fp8_kernel, fp8_ref):.
 # with the reduction dimension contiguous: fine for Kᵀ in Q·Kᵀ, wrong for V in P·V. Given V as stored, the
 # compiled loop transposed every V tile through shared memory one byte per store (128 `STS.U8` per tile, and V
 # out of the copy pipeline). The wrapper therefore transposes V once per call, `[B, Hkv, D, Sk]`, and the loop
-# reads Vᵀ tiles like K tiles (`scripts/gluon_fp8_sass.py` shows both loops).
+# reads Vᵀ tiles like K tiles (`bench/probes/gluon_fp8_sass.py` shows both loops).
 
 # %%
 fp8_runs = [r for r in runs for r in [json.loads(r.read_text())] if r.get("fp8_results")] if runs else []

@@ -1,7 +1,7 @@
 """Compile the FP8 prefill kernel (attn/fast/fp8_prefill.py) for sm_90a on a machine without a GPU and report
 ptxas's registers, spills and shared memory, and the loops' instruction mix (are the products FP8 wgmma?).
 
-    TRITON_INTERPRET=0 PYTHONPATH=. python scripts/gluon_fp8_sass.py [--config 128,128,8,3] [--dump DIR]
+    TRITON_INTERPRET=0 PYTHONPATH=. python bench/probes/gluon_fp8_sass.py [--config 128,128,8,3] [--dump DIR]
 
 The arguments come from a real `attention_fp8` call on CPU tensors with the launch intercepted, bound by
 Triton's own binder: the specialization the GPU launch compiles (EXACT_ROUND off, as on the GPU).

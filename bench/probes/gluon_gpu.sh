@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Gluon prefill kernel's GPU batch (issue 17), logs under $OUT. From the repo root on the device machine:
-#   bash scripts/gluon_gpu.sh smoke tests     # ~5-8 min: hang watchdog first, then the parity tests in 4 shards
-#   bash scripts/gluon_gpu.sh bench           # ~2-3 min: bench/bench_gluon.py (+ FP8 rows), one JSON in $OUT
+#   bash bench/probes/gluon_gpu.sh smoke tests     # ~5-8 min: hang watchdog first, then the parity tests in 4 shards
+#   bash bench/probes/gluon_gpu.sh bench           # ~2-3 min: bench/bench_gluon.py (+ FP8 rows), one JSON in $OUT
 # (run the two in one warm session: the second reuses the Triton cache in $TRITON_CACHE_DIR)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -15,7 +15,7 @@ for job in "$@"; do
   case "$job" in
     smoke)
       # every variant once in a child process; a hang is reported and killed after 120 s without output
-      timeout 420 python scripts/gluon_smoke.py --stall 120 2>&1 | tee "$OUT/gluon_smoke.log" || status=1
+      timeout 420 python bench/probes/gluon_smoke.py --stall 120 2>&1 | tee "$OUT/gluon_smoke.log" || status=1
       ;;
     tests)
       # shards run side by side (compiling dominates); each under its own timeout in case a variant hangs

@@ -1,7 +1,7 @@
 """Compile the Gluon prefill kernel (attn/fast/gluon_attention.py) for sm_90a on a machine without a GPU and
 report what ptxas says: registers, spills, shared memory, and the instruction mix of each loop.
 
-    TRITON_INTERPRET=0 PYTHONPATH=. python scripts/gluon_sass.py [--cases plain,causal] [--dump DIR]
+    TRITON_INTERPRET=0 PYTHONPATH=. python bench/probes/gluon_sass.py [--cases plain,causal] [--dump DIR]
 
 Arguments come from the real `launch_args` on CPU tensors (TMA descriptors only record shapes and strides), so
 the specialization is the one the GPU launch would compile. A warp-specialized kernel's register count from
@@ -49,7 +49,7 @@ def cases():
 
 def every_specialization():
     """Every constexpr combination that tests/test_gluon_attention.py, bench/bench_gluon.py and
-    scripts/gluon_smoke.py compile (lengths and windows are not specialized), as cases()-style tuples."""
+    bench/probes/gluon_smoke.py compile (lengths and windows are not specialized), as cases()-style tuples."""
     bf, f16 = torch.bfloat16, torch.float16
     features = {"full": (False, -1, 0.0), "causal": (True, -1, 0.0), "causal-window": (True, 200, 0.0),
                 "window-both": (False, 150, 0.0), "softcap": (True, -1, 20.0)}  # fmt: skip

@@ -1,6 +1,6 @@
 """First contact of the Gluon prefill kernel with a GPU: every variant once, in a child process with a watchdog.
 
-    PYTHONPATH=. python scripts/gluon_smoke.py [--stall 90]
+    PYTHONPATH=. python bench/probes/gluon_smoke.py [--stall 90]
 
 A wrong barrier phase in a warp-specialized kernel does not fail, it hangs; in the pytest run that would eat the
 whole GPU session. Here a child process runs the cases one after another and prints a line after each; if

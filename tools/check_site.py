@@ -55,6 +55,7 @@ MIN_MATH = dict([
     ("lessons/09_kv_quantization.html", 10),
     ("lessons/10_sliding_window_and_sinks.html", 10),
     ("lessons/11_beam_search.html", 10),
+    ("lessons/16_distributed.html", 10),
 ])  # fmt: skip
 SKIP = {"404.html", "search.html"}
 # readers may also open the files straight from disk, with no server at all

@@ -760,10 +760,12 @@ excerpt("# [BLOCK_M, BLOCK_N], already in log2 units", "m_i = m_new")
 # %% [markdown]
 # **The epilogue.** One division per row instead of one per score, then the store, which is masked so that a
 # packed sequence's last block does not write into the next sequence's rows. Rows that saw no key have
-# $\ell = 0$ and output zeros and $\operatorname{lse} = -\infty$; the lse is converted back from log2 units.
+# $\ell = 0$ and output zeros and $\operatorname{lse} = -\infty$. A row that saw a NaN score has a NaN $\ell$, and
+# the test is $\ell \ne 0$ rather than $\ell > 0$ so that the NaN reaches its output, as in the reference.
+# The lse is converted back from log2 units.
 
 # %%
-excerpt("has_key = (l_i > 0.0) & row_valid", "tl.store(lse_base", after="def _attn_fwd_kernel")
+excerpt("has_key = (l_i != 0.0) & row_valid", "tl.store(lse_base", after="def _attn_fwd_kernel")
 
 # %% [markdown]
 # ## 7. Live parity check

@@ -32,11 +32,15 @@
 # | T5 bias | implicit mode: a `[H, buckets]` table, bucketed in the kernel | TRT regular mode: `[H, L, L]` |
 # | row that sees no key | zeros, `lse = -inf` | older SDPA, naive softmax: NaN |
 # | row that sees a NaN | NaN | kernels that zero it hide the bug |
+# | out-of-range lengths, table entries | clamped in the kernel, raised by `attn.check_errors()` | FA, FI: not checked |
+# | same call, same inputs | bitwise-equal outputs, split-K included | splits merged by atomics: last bits vary |
 # | gradients | none: forward only | FA, SDPA, FlexAttention train |
 # | contiguous cache | `[B, max_len, Hkv, D]` | TRT: `[B, 2, Hkv, max_len, D]` |
 # | paged cache | pools `[blocks, block_size, Hkv, D]` + `block_table [B, max_blocks]` | FI: CSR indices; TRT: offsets |
 
 # %%
+import textwrap
+
 import torch
 import torch.nn.functional as F
 
@@ -172,11 +176,14 @@ print("implicit table == the regular [H, Sq, Sk] tensor it implies:", close(a, b
 # %% [markdown]
 # ## Rows that see no key, and rows that see a NaN
 #
+# The rule: **a row that sees no key is zero; a row that sees a NaN is NaN.**
+#
 # A query row with no visible key (a padded query, a window that excludes everything) outputs **zeros** and
 # `lse = -inf`. A row that sees a non-finite score or value gives **NaN**, never zeros: a zero there would
 # hide an upstream bug. Values outside the visible keys never reach any output, whatever they hold. The
 # Triton kernel (run here through Triton's CPU interpreter) must give what the reference gives. The table
-# prints the rule beside what each one returned on this build: a cell that disagrees with the rule is a bug.
+# prints the rule beside what each one returned on this build: a cell that disagrees with the rule is a bug,
+# and the last column says so.
 #
 # SDPA's answer for a fully masked row changed across versions: older releases return NaN, the one on this
 # machine returns what the cell prints.
@@ -201,7 +208,9 @@ print(f"{'NaN in':<30}{'row':>4}  {'rule':<8}{'reference':<11}{'kernel':<8}")
 for what, row, nan, q_, k_, v_ in cases:
     got = [reference.attention(q_, k_, v_, causal=True), attn.attention(q_, k_, v_, causal=True)]
     cells = ["NaN" if o[0, row].isnan().any() else "finite" for o in got]
-    print(f"{what:<30}{row:>4}  {'NaN' if nan else 'finite':<8}{cells[0]:<11}{cells[1]:<8}")
+    rule = "NaN" if nan else "finite"
+    verdict = "" if cells == [rule, rule] else "  <- differs from the rule: a bug"
+    print(f"{what:<30}{row:>4}  {rule:<8}{cells[0]:<11}{cells[1]:<8}{verdict}")
 
 seqlens_k = torch.tensor([4, 0], dtype=torch.int32)  # sequence 1 has no keys at all
 for name, fn in (("reference", reference.attention), ("kernel", attn.attention)):
@@ -215,18 +224,72 @@ print(
 
 
 # %% [markdown]
+# ## Bad index values: no sync by default, `attn.check_errors()`
+#
+# A default call checks shapes, dtypes and devices on the host, which is free, but never reads a tensor's
+# *values* back to the host: reading `cache_seqlens` or a block table would wait for the GPU, halve a decode
+# step's speed and forbid CUDA-graph capture. The kernels instead clamp every index they take from a tensor
+# (lengths, block-table entries, beam indirection, `cu_seqlens`) into range, so no input makes them read or
+# write outside their tensors, and record the violation in a per-device error word. The contract:
+#
+# - default (`validate=None`, `ATTN_DEBUG` unset): no sync; a bad value gives a clamped, meaningless output
+#   and a recorded error, which `attn.check_errors()` raises as a `ValueError` (it syncs; call it after a step);
+# - `validate=True` on a call, or `ATTN_DEBUG=1` in the environment: the values are checked on the host first,
+#   and a bad call raises before anything is launched or written;
+# - the reference always validates.
+#
+# FA and FI do not check these values; what an out-of-range entry does there is undefined.
+
+# %%
+kc, vc = torch.randn(1, 8, 1, 16), torch.randn(1, 8, 1, 16)
+qd = torch.randn(1, 1, 1, 16)
+too_long = torch.tensor([12], dtype=torch.int32)  # 12 tokens claimed, the cache holds 8
+out = attn.decode(qd, kc, vc, too_long)  # no sync, no error yet: the kernel read 8 tokens
+print("default call returned, output finite:", bool(out.isfinite().all()))
+try:
+    attn.check_errors()
+except ValueError as err:
+    print("attn.check_errors() raises:\n ", "\n  ".join(textwrap.wrap(str(err), 100)))
+try:
+    attn.decode(qd, kc, vc, too_long, validate=True)
+except ValueError as err:
+    print("validate=True raises at once:\n ", "\n  ".join(textwrap.wrap(str(err), 100)))
+
+# %% [markdown]
+# ## Determinism
+#
+# Every `attn.fast` entry is run-to-run deterministic on one GPU for one kernel configuration: the same inputs,
+# options, split count and tile configuration give **bitwise-equal** outputs, split-K decode included. Each
+# split's partial output and LSE come from one program, and the last program of a (sequence, KV head) pair
+# merges the partials in split order, whichever program arrives last; no kernel accumulates through
+# floating-point atomics. What changes the last bits: another split count (`num_splits=None` picks it from the
+# shapes and the GPU's SM count), another autotuned tile (`ATTN_AUTOTUNE=0` fixes the tiles), another GPU model
+# or Triton version. The GPU test (`tests/test_determinism.py`) runs each entry 20 times; here, one split-K
+# decode run twice:
+
+# %%
+kc, vc = torch.randn(2, 64, 1, 16), torch.randn(2, 64, 1, 16)
+qd = torch.randn(2, 1, 2, 16)
+lens = torch.tensor([64, 37], dtype=torch.int32)
+a, b = (attn.decode(qd, kc, vc, lens, num_splits=4) for _ in range(2))
+print("split-K decode (4 splits), two runs bitwise equal:", torch.equal(a.view(torch.int32), b.view(torch.int32)))
+
+# %% [markdown]
 # ## Forward only
 #
-# `attn` is the attention of *inference*: the Triton kernels have no backward pass, and their outputs carry
-# no autograd graph even when an input requires gradients, so `.backward()` through them fails with
-# PyTorch's generic "does not require grad" error. The reference is plain PyTorch and differentiable, which
-# is useful for tests, not for training speed. Train with SDPA, FA or FlexAttention.
+# `attn` is the attention of *inference*: the Triton kernels have no backward pass. When an input requires
+# gradients, the call goes through `attn`'s custom operator, whose backward raises
+# `attn is forward-only (inference); .backward() is not supported`. The reference is plain PyTorch and
+# differentiable, which is useful for tests, not for training speed. Train with SDPA, FA or FlexAttention.
 
 # %%
 q = torch.randn(1, 4, 2, 16, requires_grad=True)
-out = attn.attention(q, q.detach(), q.detach())
-print("attn.attention output requires grad:", out.requires_grad)
-print("attn.reference.attention output requires grad:", reference.attention(q, q.detach(), q.detach()).requires_grad)
+try:
+    attn.attention(q, q.detach(), q.detach()).sum().backward()
+except RuntimeError as err:
+    print("attn.attention(...).backward():", err)
+reference.attention(q, q.detach(), q.detach()).sum().backward()
+print("attn.reference.attention(...).backward(): gradient of shape", tuple(q.grad.shape))
 
 # %% [markdown]
 # ## KV-cache layouts

@@ -526,17 +526,19 @@ for s in (32, 64, 128, 256, 512, 1024, 2048, 4096):
 # Each column has a simple law, and the measurements follow it to the byte or nearly:
 #
 # - **Triton unfused**: the fp32 score buffer $4 B H_q S_q S_k$, the fp32 log-sum-exp $4 B H_q S_q$ and the output
-#   $2 B S_q H_q D$, plus 8 bytes (the per-sequence lengths the launcher makes up when none are given).
+#   $2 B S_q H_q D$, plus a few bytes: the per-sequence lengths the launcher makes up when none are given, and
+#   on the first call the 4-byte word in which the kernels record bad index values (see the semantics page).
 # - **Reference unfused**: about four times the scores, since its PyTorch steps keep several temporaries the
 #   size of the score matrix alive at once (scores, exponentials, probabilities, the mask). It is written for
 #   reading, not for memory, and the number shows how quickly a naive implementation multiplies the problem.
 # - **Fused**: the output alone, $2 B S_q H_q D$ (plus the lse's $4 B H_q S_q$ when asked for it). Linear in $S$.
 
 # %%
+# the laws, to within a few bytes of metadata (made-up lengths, the 4-byte error word made on first use)
 for s, got in measured["fast.attention_unfused"].items():
-    assert got - (4 * H_MEM * s * s + 4 * H_MEM * s + 2 * s * H_MEM * D_MEM) in (0, 8), s
+    assert 0 <= got - (4 * H_MEM * s * s + 4 * H_MEM * s + 2 * s * H_MEM * D_MEM) <= 16, s
 for s, got in measured["fast.attention"].items():
-    assert got - 2 * s * H_MEM * D_MEM in (0, 8), s
+    assert 0 <= got - 2 * s * H_MEM * D_MEM <= 16, s
 
 fig, ax = plt.subplots(figsize=(7, 4.5))
 styles = {"reference.attention_unfused": "s-", "fast.attention_unfused": "o-", "fast.attention": "^-"}
@@ -758,10 +760,12 @@ excerpt("# [BLOCK_M, BLOCK_N], already in log2 units", "m_i = m_new")
 # %% [markdown]
 # **The epilogue.** One division per row instead of one per score, then the store, which is masked so that a
 # packed sequence's last block does not write into the next sequence's rows. Rows that saw no key have
-# $\ell = 0$ and output zeros and $\operatorname{lse} = -\infty$; the lse is converted back from log2 units.
+# $\ell = 0$ and output zeros and $\operatorname{lse} = -\infty$. A row that saw a NaN score has a NaN $\ell$, and
+# the test is $\ell \ne 0$ rather than $\ell > 0$ so that the NaN reaches its output, as in the reference.
+# The lse is converted back from log2 units.
 
 # %%
-excerpt("has_key = (l_i > 0.0) & row_valid", "tl.store(lse_base", after="def _attn_fwd_kernel")
+excerpt("has_key = (l_i != 0.0) & row_valid", "tl.store(lse_base", after="def _attn_fwd_kernel")
 
 # %% [markdown]
 # ## 7. Live parity check

@@ -24,10 +24,7 @@
 # 4. `torch.compile`: the kernels as custom operators, so a compiled model traces through them.
 
 # %%
-import json
-from pathlib import Path
-
-import matplotlib.pyplot as plt
+import _figures
 import torch
 
 import attn
@@ -59,59 +56,15 @@ import attn
 # with made-up durations stands in, labelled as such.
 
 
-# %%
-RESULTS = next((p for p in (Path("bench/results"), Path("../bench/results")) if p.is_dir()), None)
-
-
-def load_timeline():
-    """The newest recorded timeline in bench/results/, or (None, None)."""
-    for path in sorted(RESULTS.glob("*timeline*.json"))[::-1] if RESULTS else []:
-        data = json.loads(path.read_text())
-        if data.get("events"):
-            return data, path.name
-    return None, None
-
-
-def schematic(host_us=60.0, sync_us=8.0, kernel_us=60.0, plan_us=15.0, calls=4):
-    """Made-up durations: a synchronizing call (its host work starts only after the previous kernel), then two
-    asynchronous ones (host work overlaps the previous kernel): the default call and the cheaper plan.run."""
-    events, t_host, t_gpu = [], 0.0, 0.0
-    for _ in range(calls):  # validate=True: wait for the GPU, then prepare, then launch
-        t_host = max(t_host, t_gpu)
-        events.append({"track": "cpu", "name": "validate=True", "ts_us": t_host, "dur_us": host_us + sync_us})
-        t_host += host_us + sync_us
-        events.append({"track": "gpu", "name": "decode kernel", "ts_us": t_host, "dur_us": kernel_us})
-        t_gpu = t_host + kernel_us
-    for name, dur in (("default call", host_us), ("plan.run", plan_us)):
-        t_host = t_gpu + 40
-        for _ in range(calls):  # asynchronous: the host runs ahead; the GPU runs back to back
-            events.append({"track": "cpu", "name": name, "ts_us": t_host, "dur_us": dur})
-            t_host += dur
-            start = max(t_host, t_gpu)
-            events.append({"track": "gpu", "name": "decode kernel", "ts_us": start, "dur_us": kernel_us})
-            t_gpu = start + kernel_us
-    return {"events": events}
-
-
-data, source = load_timeline()
+# %% tags=["hide-input"]
+data, source = _figures.load_timeline()
 if data is None:
-    data, title = schematic(), "SCHEMATIC (made-up durations; no recorded timeline in bench/results/)"
+    data, title = _figures.schematic_timeline(), "SCHEMATIC (made-up durations; no recorded timeline in bench/results/)"
 else:
     title = f"recorded: {data.get('shape')} on {data.get('gpu')} ({source})"
-
-colors = {"validate=True": "tab:red", "default call": "tab:orange", "plan.run": "tab:green"}
-fig, ax = plt.subplots(figsize=(11, 2.6))
-for e in data["events"]:
-    row = {"cpu": 1, "runtime": 0.5, "gpu": 0}[e["track"]]
-    color = colors.get(e["name"], "tab:blue" if e["track"] == "gpu" else "0.6")
-    ax.broken_barh([(e["ts_us"], max(e["dur_us"], 0.5))], (row - 0.18, 0.36), color=color)
-ax.set_yticks([0, 0.5, 1], ["GPU kernels", "CUDA runtime", "host (Python)"])
-ax.set_xlabel("µs")
-ax.set_title(title, fontsize=9)
-ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()], labels=list(colors),
-          loc="upper right", fontsize=8)  # fmt: skip
-plt.tight_layout()
-plt.show()
+_figures.timeline(
+    data["events"], title, {"validate=True": "tab:red", "default call": "tab:orange", "plan.run": "tab:green"}
+)
 
 # %% [markdown]
 # Read the red part left to right: each call's host range starts only when the previous kernel has finished

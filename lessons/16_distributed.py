@@ -43,7 +43,7 @@ import os
 import tempfile
 from pathlib import Path
 
-import matplotlib.pyplot as plt
+import _figures
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -113,29 +113,9 @@ print("merged vs whole:", maxdiff(acc, full), " lse:", maxdiff(acc_lse, full_lse
 
 # %%
 N = 4
-fig, axes = plt.subplots(1, N, figsize=(13, 3.2))
-colors = plt.cm.tab10.colors
-for s, ax in enumerate(axes):
-    for r in range(N):
-        angle = torch.pi / 2 - 2 * torch.pi * r / N
-        x, y = float(torch.cos(torch.tensor(angle))), float(torch.sin(torch.tensor(angle)))
-        src = (r - s) % N
-        ax.add_patch(plt.Circle((x, y), 0.33, color=colors[src], alpha=0.85))
-        ax.text(x, y + 0.05, f"rank {r}", ha="center", va="center", fontsize=8, color="white", weight="bold")
-        ax.text(x, y - 0.13, f"K/V {src}", ha="center", va="center", fontsize=8, color="white")
-        if s < N - 1:
-            a2 = torch.pi / 2 - 2 * torch.pi * (r + 1) / N
-            x2, y2 = float(torch.cos(torch.tensor(a2))), float(torch.sin(torch.tensor(a2)))
-            head, tail = (0.62 * x2 + 0.38 * x, 0.62 * y2 + 0.38 * y), (0.62 * x + 0.38 * x2, 0.62 * y + 0.38 * y2)
-            ax.annotate("", xy=head, xytext=tail, arrowprops=dict(arrowstyle="->", color="gray"))
-    ax.set_xlim(-1.5, 1.5)
-    ax.set_ylim(-1.5, 1.5)
-    ax.set_aspect("equal")
-    ax.axis("off")
-    ax.set_title(f"step {s}" + (": compute, and send on" if s < N - 1 else ": compute (last)"), fontsize=9)
-fig.suptitle("Ring attention, 4 ranks: each rank computes with the K/V shard it holds while passing it on")
-plt.tight_layout()
-plt.show()
+
+# %% tags=["hide-input"]
+_figures.ring_steps(N)
 
 # %% [markdown]
 # ## 3. Causal balance: zigzag sharding
@@ -152,14 +132,6 @@ plt.show()
 S = 64
 
 
-def owner_map(plan):
-    m = torch.full((S, S), float("nan"))
-    for r in range(plan.world_size):
-        for qpos in plan.positions(r).tolist():
-            m[qpos, : qpos + 1] = r
-    return m
-
-
 def causal_work(plan):
     """Visible (query, key) pairs each rank computes over the whole ring, from the pieces the ring schedules."""
     work = []
@@ -173,22 +145,10 @@ def causal_work(plan):
     return work
 
 
-fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-for ax, (name, plan) in zip(axes, [("contiguous", contiguous_plan([S], N)), ("zigzag", zigzag_plan([S], N))]):
-    ax.imshow(owner_map(plan), cmap=plt.matplotlib.colors.ListedColormap(colors[:N]), vmin=-0.5, vmax=N - 0.5)
-    ax.set_title(f"{name}: who computes each (query, key)")
-    ax.set_xlabel("key position")
-    ax.set_ylabel("query position")
-width = 0.38
-for i, (name, plan) in enumerate([("contiguous", contiguous_plan([S], N)), ("zigzag", zigzag_plan([S], N))]):
-    axes[2].bar([r + (i - 0.5) * width for r in range(N)], causal_work(plan), width, label=name)
-axes[2].set_xticks(range(N))
-axes[2].set_xlabel("rank")
-axes[2].set_ylabel("visible (query, key) pairs")
-axes[2].legend()
-axes[2].set_title("work per rank")
-plt.tight_layout()
-plt.show()
+# %% tags=["hide-input"]
+_figures.owner_maps([("contiguous", contiguous_plan([S], N)), ("zigzag", zigzag_plan([S], N))], causal_work)
+
+# %%
 print("contiguous:", causal_work(contiguous_plan([S], N)), " zigzag:", causal_work(zigzag_plan([S], N)))
 print(zigzag_plan([S], N))
 
@@ -356,28 +316,8 @@ else:
     t_read = {n: kv_bytes / n / 3.0e12 * 1e3 for n in (1, 2, 4, 8)}  # assumed 3 TB/s per H100
     decode = cost_model.predict_decode(t_read, {}, kv_bytes=kv_bytes)
 
-fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-ns = sorted(prefill)
-axes[0].plot(ns, ns, "k--", label="ideal")
-axes[0].plot(ns, [prefill[n]["speedup"] for n in ns], "o-", label="ring attention (predicted)")
-axes[0].set_title("128k causal prefill, H32/8 D128 bf16")
-axes[0].set_xlabel("GPUs")
-axes[0].set_ylabel("speed-up over one GPU")
-if decode:
-    nd = sorted(decode)
-    axes[1].plot(nd, [100.0] * len(nd), "k--", label="ideal")
-    axes[1].plot(nd, [100 * decode[n]["efficiency"] for n in nd], "o-", label="sharded decode (predicted)")
-    axes[1].set_ylim(0, 110)
-axes[1].set_title("decode over a 1M-token context")
-axes[1].set_xlabel("GPUs")
-axes[1].set_ylabel("% of N × one GPU's bandwidth")
-for ax in axes:
-    ax.set_xticks([1, 2, 4, 8])
-    ax.legend()
-fig.suptitle(f"Predicted scaling ({source})", fontsize=10)
-plt.tight_layout()
-plt.show()
-for n in ns:
+_figures.scaling_curves(prefill, decode, source)
+for n in sorted(prefill):
     p = prefill[n]
     print(f"N={n}: prefill {p['ms']:.1f} ms, speed-up {p['speedup']:.2f}x; one shard's transfer {p['comm_ms']:.3f} ms")
 

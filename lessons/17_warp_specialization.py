@@ -33,8 +33,7 @@ import json
 import re
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-from matplotlib.patches import Rectangle
+import _figures
 
 import attn
 
@@ -189,7 +188,7 @@ def tensor_busy(ev):
     return busy / end, end
 
 
-COLORS = {"QK": "tab:blue", "PV": "tab:green", "softmax": "tab:orange"}
+# %% tags=["hide-input"]
 schedules = [
     ("tl.*: 8 warps in lockstep (two warpgroups, 128 rows)", lockstep_schedule(),
      ["load", "wg1 MMA", "wg1 softmax"],
@@ -197,22 +196,7 @@ schedules = [
     ("Gluon/FA3: producer warp + two consumer warpgroups (64 rows each)", specialized_schedule(),
      ["load", "wg1 MMA", "wg1 softmax", "wg2 MMA", "wg2 softmax"], {}),
 ]  # fmt: skip
-span = max(max(s + d for _, _, s, d in ev) for _, ev, _, _ in schedules)
-fig, axes = plt.subplots(2, 1, figsize=(11, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 5]})
-for ax, (title, ev, rows, labels) in zip(axes, schedules):
-    for who, name, s, d in ev:
-        y = rows.index(who)
-        ax.add_patch(Rectangle((s, y - 0.38), d, 0.76, color=COLORS.get(name, "0.6"), alpha=0.85, ec="white"))
-        ax.text(s + d / 2, y, name, ha="center", va="center", fontsize=6.5)
-    frac, end = tensor_busy(ev)
-    ax.set_yticks(range(len(rows)), [labels.get(r, "producer (TMA)" if r == "load" else r) for r in rows])
-    ax.set_ylim(-0.6, len(rows) - 0.4)
-    ax.invert_yaxis()
-    ax.set_title(f"{title}: done at t = {end:.1f}, tensor cores busy {frac:.0%} of the time", fontsize=9)
-axes[-1].set_xlim(0, span + 0.3)
-axes[-1].set_xlabel("time (model units)")
-plt.tight_layout()
-plt.show()
+_figures.schedule_gantt(schedules, tensor_busy)
 
 # %% [markdown]
 # In the lockstep schedule the tensor cores wait for every softmax. In the specialized one a warpgroup's

@@ -11,6 +11,7 @@ build where a figure's text would render too small.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -164,5 +165,182 @@ def grouped_bars(rows: list[tuple[str, dict]], series: list[tuple[str, str]], *,
     ax.set_ylim(0, top * 1.3)
     ax.set_title(title)
     ax.legend(ncols=len(series) + 1, loc="upper center", fontsize=MIN_FONT_PT)
+    fig.tight_layout()
+    plt.show()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lessons 14-17
+
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def load_timeline():
+    """Lesson 14: the newest recorded timeline in bench/results/ and its file name, or (None, None)."""
+    for path in sorted(RESULTS.glob("*timeline*.json"))[::-1]:
+        data = json.loads(path.read_text())
+        if data.get("events"):
+            return data, path.name
+    return None, None
+
+
+def schematic_timeline(host_us=60.0, sync_us=8.0, kernel_us=60.0, plan_us=15.0, calls=4):
+    """Made-up durations: a synchronizing call (its host work starts only after the previous kernel), then two
+    asynchronous ones (host work overlaps the previous kernel): the default call and the cheaper plan.run."""
+    events, t_host, t_gpu = [], 0.0, 0.0
+    for _ in range(calls):  # validate=True: wait for the GPU, then prepare, then launch
+        t_host = max(t_host, t_gpu)
+        events.append({"track": "cpu", "name": "validate=True", "ts_us": t_host, "dur_us": host_us + sync_us})
+        t_host += host_us + sync_us
+        events.append({"track": "gpu", "name": "decode kernel", "ts_us": t_host, "dur_us": kernel_us})
+        t_gpu = t_host + kernel_us
+    for name, dur in (("default call", host_us), ("plan.run", plan_us)):
+        t_host = t_gpu + 40
+        for _ in range(calls):  # asynchronous: the host runs ahead; the GPU runs back to back
+            events.append({"track": "cpu", "name": name, "ts_us": t_host, "dur_us": dur})
+            t_host += dur
+            start = max(t_host, t_gpu)
+            events.append({"track": "gpu", "name": "decode kernel", "ts_us": start, "dur_us": kernel_us})
+            t_gpu = start + kernel_us
+    return {"events": events}
+
+
+def timeline(events: list[dict], title: str, colors: dict) -> None:
+    """Lesson 14: host, CUDA-runtime and GPU rows of a timeline (``events``: track, name, ts_us, dur_us); a
+    name in ``colors`` gets its colour and a legend entry, other GPU events blue, other host events grey."""
+    fig, ax = plt.subplots(figsize=(MAX_WIDTH_IN, 2.8))
+    for e in events:
+        row = {"cpu": 1, "runtime": 0.5, "gpu": 0}[e["track"]]
+        color = colors.get(e["name"], "tab:blue" if e["track"] == "gpu" else "0.6")
+        ax.broken_barh([(e["ts_us"], max(e["dur_us"], 0.5))], (row - 0.18, 0.36), color=color)
+    ax.set_yticks([0, 0.5, 1], ["GPU kernels", "CUDA runtime", "host (Python)"])
+    ax.set_xlabel("µs")
+    ax.set_title(title, fontsize=MIN_FONT_PT + 0.5)
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    ax.legend(handles=handles, labels=list(colors), loc="upper right", fontsize=MIN_FONT_PT)
+    fig.tight_layout()
+    plt.show()
+
+
+def ring_steps(n: int) -> None:
+    """Lesson 16: the ``n`` steps of ring attention, one panel per step; rank r holds the K/V shard that
+    started on rank (r - s) mod n, coloured by that shard's origin, and passes it to rank r + 1."""
+    import math
+
+    fig, axes = plt.subplots(1, n, figsize=(MAX_WIDTH_IN, MAX_WIDTH_IN / n + 0.5))
+
+    def at(r):
+        a = math.pi / 2 - 2 * math.pi * r / n
+        return math.cos(a), math.sin(a)
+
+    for s, ax in enumerate(axes):
+        for r in range(n):
+            (x, y), src = at(r), (r - s) % n
+            ax.add_patch(plt.Circle((x, y), 0.42, color=COLORS[src], alpha=0.85))
+            ax.text(x, y + 0.1, f"rank {r}", ha="center", va="center", fontsize=MIN_FONT_PT, color="white",
+                    weight="bold")  # fmt: skip
+            ax.text(x, y - 0.16, f"K/V {src}", ha="center", va="center", fontsize=MIN_FONT_PT, color="white")
+            if s < n - 1:
+                x2, y2 = at(r + 1)
+                head, tail = (0.62 * x2 + 0.38 * x, 0.62 * y2 + 0.38 * y), (0.62 * x + 0.38 * x2, 0.62 * y + 0.38 * y2)
+                ax.annotate("", xy=head, xytext=tail, arrowprops=dict(arrowstyle="->", color="gray"))
+        ax.set_xlim(-1.5, 1.5)
+        ax.set_ylim(-1.5, 1.5)
+        ax.set_aspect("equal")
+        ax.axis("off")
+        ax.set_title(f"step {s}" + (": compute, send" if s < n - 1 else ": compute (last)"), fontsize=MIN_FONT_PT + 1)
+    fig.suptitle(f"Ring attention, {n} ranks: each computes with the K/V shard it holds while passing it on")
+    fig.tight_layout()
+    plt.show()
+
+
+def owner_map(plan):
+    """The rank that computes each visible (query, key) pair of a causal mask over ``plan``'s one sequence: an
+    [S, S] array, NaN where the mask hides the pair."""
+    import numpy as np
+
+    s = sum(len(plan.positions(r)) for r in range(plan.world_size))
+    m = np.full((s, s), np.nan)
+    for r in range(plan.world_size):
+        for qpos in plan.positions(r).tolist():
+            m[qpos, : qpos + 1] = r
+    return m
+
+
+def owner_maps(plans: list[tuple[str, object]], causal_work) -> None:
+    """Lesson 16: for each (name, ShardPlan), which rank computes each visible (query, key) pair of a causal
+    mask, and the work per rank (``causal_work(plan)``)."""
+    from matplotlib.colors import ListedColormap
+
+    n = plans[0][1].world_size
+    fig, axes = plt.subplots(1, len(plans) + 1, figsize=(MAX_WIDTH_IN, 3.4))
+    for ax, (name, plan) in zip(axes, plans):
+        ax.imshow(owner_map(plan), cmap=ListedColormap(COLORS[:n]), vmin=-0.5, vmax=n - 0.5)
+        ax.set_title(f"{name}: rank per (q, k)")
+        ax.set_xlabel("key position")
+        ax.set_ylabel("query position")
+    width = 0.8 / len(plans)
+    for i, (name, plan) in enumerate(plans):
+        axes[-1].bar([r + (i - (len(plans) - 1) / 2) * width for r in range(n)], causal_work(plan), width, label=name)
+    axes[-1].set_xticks(range(n))
+    axes[-1].set_xlabel("rank")
+    axes[-1].set_ylabel("visible (q, k) pairs")
+    axes[-1].legend(fontsize=MIN_FONT_PT)
+    axes[-1].set_title("work per rank")
+    fig.tight_layout()
+    plt.show()
+
+
+def scaling_curves(prefill: dict, decode: dict, source: str) -> None:
+    """Lesson 16: predicted prefill speed-up and decode bandwidth efficiency against the number of GPUs
+    (``prefill[n]["speedup"]``, ``decode[n]["efficiency"]``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(MAX_WIDTH_IN, 3.8))
+    ns = sorted(prefill)
+    axes[0].plot(ns, ns, "k--", label="ideal")
+    axes[0].plot(ns, [prefill[n]["speedup"] for n in ns], "o-", label="ring attention (predicted)")
+    axes[0].set_title("128k causal prefill, H32/8 D128 bf16")
+    axes[0].set_xlabel("GPUs")
+    axes[0].set_ylabel("speed-up over one GPU")
+    if decode:
+        nd = sorted(decode)
+        axes[1].plot(nd, [100.0] * len(nd), "k--", label="ideal")
+        axes[1].plot(nd, [100 * decode[n]["efficiency"] for n in nd], "o-", label="sharded decode (predicted)")
+        axes[1].set_ylim(0, 110)
+    axes[1].set_title("decode over a 1M-token context")
+    axes[1].set_xlabel("GPUs")
+    axes[1].set_ylabel("% of N × one GPU's bandwidth")
+    for ax in axes:
+        ax.set_xticks([1, 2, 4, 8])
+        ax.legend(fontsize=MIN_FONT_PT)
+    fig.suptitle(f"Predicted scaling ({source})", fontsize=MIN_FONT_PT + 1)
+    fig.tight_layout()
+    plt.show()
+
+
+def schedule_gantt(schedules: list[tuple], busy) -> None:
+    """Lesson 17: one panel per schedule (title, events (unit, op, start, duration), rows, row labels); ``busy``
+    maps the events to (fraction of the span the tensor cores work, the span)."""
+    colors = {"QK": "tab:blue", "PV": "tab:green", "softmax": "tab:orange"}
+    span = max(max(s + d for _, _, s, d in ev) for _, ev, _, _ in schedules)
+    heights = [len(rows) for _, _, rows, _ in schedules]
+    fig, axes = plt.subplots(len(schedules), 1, figsize=(MAX_WIDTH_IN, 0.55 * sum(heights) + 1.6), sharex=True,
+                             gridspec_kw={"height_ratios": heights})  # fmt: skip
+    for ax, (title, ev, rows, labels) in zip(axes, schedules):
+        for who, name, s, d in ev:
+            y = rows.index(who)
+            ax.add_patch(Rectangle((s, y - 0.38), d, 0.76, color=colors.get(name, "0.6"), alpha=0.85, ec="white"))
+            if name != "softmax":  # "softmax" does not fit its box at a legible size: the legend names it
+                ax.text(s + d / 2, y, name, ha="center", va="center", fontsize=MIN_FONT_PT)
+        frac, end = busy(ev)
+        ax.set_yticks(range(len(rows)), [labels.get(r, "producer (TMA)" if r == "load" else r) for r in rows])
+        ax.set_ylim(-0.6, len(rows) - 0.4)
+        ax.invert_yaxis()
+        ax.set_title(f"{title}\ndone at t = {end:.1f}, tensor cores busy {frac:.0%} of the time",
+                     fontsize=MIN_FONT_PT + 1)  # fmt: skip
+    axes[-1].set_xlim(0, span + 0.3)
+    axes[-1].set_xlabel("time (model units)")
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    axes[-1].legend(handles, ["Q·Kᵀ", "P·V", "softmax"], loc="lower right", fontsize=MIN_FONT_PT)
     fig.tight_layout()
     plt.show()

@@ -15,7 +15,10 @@ that environment up, so that a plain ``mkdocs build`` works as ``dev.py docs`` d
 - ``lessons/`` goes on ``PYTHONPATH``: the lessons import their drawing helpers (``lessons/_figures.py``) as
   ``import _figures``, as they do when run with ``python lessons/NN_topic.py``;
 - ``tools/jupyter`` goes on ``JUPYTER_CONFIG_PATH``: its nbconvert config starts the kernels over IPC sockets
-  instead of unencrypted TCP on the loopback (ipykernel warns about the latter, once per lesson);
+  instead of unencrypted TCP on the loopback (ipykernel warns about the latter, once per lesson), and without
+  ``capture_fd_output``: what C/C++ code writes straight to file descriptor 2 (torch's profiler prints
+  ``profiler_start``/``profiler_stop`` lines) goes to the build log, not into the page; Python's own warnings
+  still reach the page, where tools/check_site.py fails them;
 - without CUDA, ``TRITON_INTERPRET=1``: the kernels run in Triton's interpreter.
 """
 

@@ -55,6 +55,7 @@ MIN_MATH = dict([
     ("lessons/09_kv_quantization.html", 10),
     ("lessons/10_sliding_window_and_sinks.html", 10),
     ("lessons/11_beam_search.html", 10),
+    ("lessons/16_distributed.html", 10),
 ])  # fmt: skip
 SKIP = {"404.html", "search.html"}
 # readers may also open the files straight from disk, with no server at all
@@ -102,7 +103,10 @@ INSPECT_JS = r"""
   const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
   for (let n = walker.nextNode(); n; n = walker.nextNode()) {
     let p = n.parentElement, skipped = false;
-    for (; p; p = p.parentElement) { if (skip.has(p.tagName)) { skipped = true; break; } }
+    // div.clipboard-copy-txt: a code cell's source for the copy button (hidden; MathJax ignores it too)
+    for (; p; p = p.parentElement) {
+      if (skip.has(p.tagName) || p.classList.contains("clipboard-copy-txt")) { skipped = true; break; }
+    }
     if (!skipped && /\$|\\\(|\\\[/.test(n.textContent)) leftovers.push(n.textContent.trim().slice(0, 80));
   }
   return JSON.stringify({

@@ -754,7 +754,7 @@ def test_fuzz_gpt_attention(cfg):
     kw = dict(num_heads_q=hq, num_heads_kv=hkv, rotary_dim=cfg["rotary"], rope_style=cfg["style"],
               softcap=cfg["softcap"])  # fmt: skip
     if cfg["bias"]:
-        kw["qkv_bias"] = _rand((row,), dtype)
+        kw["qkv_bias"] = _rand((width,), dtype)
     if cfg["alibi"]:
         kw["alibi_slopes"] = torch.rand(batch.batch, hq, device=DEVICE)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()

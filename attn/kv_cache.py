@@ -250,6 +250,11 @@ class ContiguousKVCache(_SequenceSlots):
         for s in slots:
             self._check_live(s)
         counts = _new_counts(slots, k_new, cu_seqlens_new)
+        # the cache owns the lengths on the host, so it checks room itself: a default (unvalidated) append reads
+        # no lengths back and would skip the overflowing tokens (reporting them to attn.check_errors) after this
+        # call had already counted them; checked here, a rejected call changes nothing and costs no sync
+        self.reserve_tokens(slots, counts)
+        _check_new_tokens(self, k_new, v_new, list(slots), cu_seqlens_new)
         seqlens, table = self.metadata(slots)
         _append_impl(impl)(
             self.k, self.v, k_new, v_new, seqlens, cu_seqlens_new=cu_seqlens_new, block_table=table, **self.scales
@@ -264,10 +269,18 @@ class ContiguousKVCache(_SequenceSlots):
         """Checks that ``counts[i]`` more tokens fit in ``slots[i]`` (all or nothing); see `advance`.
 
         Raises:
-            ValueError: a slot not in use, or a sequence that would outgrow ``max_len``.
+            ValueError: a slot not in use or listed twice, a negative count, or a sequence that would outgrow
+                ``max_len``.
         """
+        slots, counts = list(slots), [int(n) for n in counts]
         for s in slots:
             self._check_live(s)
+        if len(counts) != len(slots):
+            raise ValueError(f"counts must have one entry per slot ({len(slots)}), got {len(counts)}")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots must be distinct, got {slots}")
+        if any(n < 0 for n in counts):
+            raise ValueError(f"counts must be >= 0, got {counts}")
         over = [s for s, n in zip(slots, counts) if self._lengths[s] + n > self.max_len]
         if over:
             raise ValueError(f"sequence slots {over} would outgrow max_len={self.max_len}")

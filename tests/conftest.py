@@ -50,3 +50,27 @@ def poison_allocations(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+@pytest.fixture(autouse=True)
+def _clear_error_words():
+    """Each test starts with clean device error words (attn.fast._errors).
+
+    A default (unvalidated) call that gets bad index values records them in a per-device word that stays set
+    until `attn.check_errors` reads it; a test that provokes one without checking would otherwise hand its
+    report to whichever later test checks next (and make that test's message and outcome depend on the order).
+    A test that leaves a violation unread fails: provoking one is only tested by checking it is reported.
+    """
+    from attn.fast import _errors
+
+    def words():
+        return {id(w): w for w in _errors._WORDS.values()}.values()
+
+    for word in words():
+        word.zero_()
+    yield
+    left = 0
+    for word in words():
+        left |= int(word.item())
+        word.zero_()
+    assert not left, f"the test left unread device errors: {_errors.describe(left)}"

@@ -12,6 +12,7 @@ import functools
 import pytest
 import torch
 
+import attn
 import attn.fast as fast
 import attn.reference as reference
 from attn.fast._triton import autotune_enabled
@@ -121,6 +122,9 @@ def test_update_indirection_unchecked_parent_stays_inside(device):
         assert torch.equal(out[b, j], expect[b, j])
     for b, j in ((0, 1), (1, 0)):
         assert (out[b, j, :4] == -1).all() and int(out[b, j, 4]) == j and (out[b, j, 5:] == -1).all()
+    # and the violation is recorded for attn.check_errors (which clears it)
+    with pytest.raises(ValueError, match="update_indirection got a parent outside"):
+        attn.check_errors()
 
 
 # ---- the block allocator and the paged cache's sharing ---------------------------------------------------------

@@ -595,11 +595,14 @@ def test_fuzz_append_and_preprocess(cfg):
     torch.manual_seed(cfg["seed"])
     start, counts, hkv, d = cfg["start"], cfg["counts"], cfg["hkv"], cfg["d"]
     b, cyclic = len(start), cfg["cyclic"]
-    if not cyclic and cfg["op"] == "append_kv":
-        pass
+    packed = cfg["packed"]
+    # a padded call writes its whole width, max(counts), for every sequence (a ring of window slots at most);
+    # only the packed form writes counts[i]. The cache holds what is written, so both entries must accept it
+    width = min(max(counts), cyclic - cfg["sinks"]) if cyclic else max(counts)
+    written = counts if packed else [width] * b
     quant = cfg["cache"] if cfg["cache"] in ("int8", "fp8") else None
     dtype = torch.float16 if quant else getattr(torch, cfg["cache"])
-    capacity = cyclic or max(s + n for s, n in zip(start, counts)) + 2
+    capacity = cyclic or max(s + n for s, n in zip(start, written)) + 2
     if quant:
         kc, vc = _quantized((b, capacity, hkv, d), quant), _quantized((b, capacity, hkv, d), quant)
     else:
@@ -608,7 +611,6 @@ def test_fuzz_append_and_preprocess(cfg):
     if cyclic:
         kw.update(max_attention_window=cyclic, sink_token_length=cfg["sinks"])
     seqlens = torch.tensor(start, dtype=torch.int32, device=DEVICE)
-    packed = cfg["packed"]
     if cfg["block_size"]:
         kc, vc, table = _to_pools(kc, vc, cfg["block_size"])
         kw["block_table"] = table
@@ -617,10 +619,7 @@ def test_fuzz_append_and_preprocess(cfg):
             kw["cu_seqlens_new"] = cu_seqlens_from_lengths(torch.tensor(counts, dtype=torch.int32, device=DEVICE))
             k_new, v_new = _rand((sum(counts), hkv, d), dtype), _rand((sum(counts), hkv, d), dtype)
         else:
-            n = max(counts)
-            if cyclic:
-                n = min(n, cyclic - cfg["sinks"])
-            k_new, v_new = _rand((b, n, hkv, d), dtype), _rand((b, n, hkv, d), dtype)
+            k_new, v_new = _rand((b, width, hkv, d), dtype), _rand((b, width, hkv, d), dtype)
         k_ref, v_ref = kc.clone(), vc.clone()
         reference.append_kv(k_ref, v_ref, k_new, v_new, seqlens, **kw)
         fast.append_kv(kc, vc, k_new, v_new, seqlens, **kw)
@@ -631,17 +630,14 @@ def test_fuzz_append_and_preprocess(cfg):
     rotary = d if cfg["rotary"] == "d" else cfg["rotary"]
     if rotary % 2 or rotary > d:
         rotary = 0
-    width = (hq + 2 * hkv) * d
+    row = (hq + 2 * hkv) * d
     if packed:
         kw["cu_seqlens_new"] = cu_seqlens_from_lengths(torch.tensor(counts, dtype=torch.int32, device=DEVICE))
-        qkv = _rand((sum(counts), width), dtype)
+        qkv = _rand((sum(counts), row), dtype)
     else:
-        n = max(counts)
-        if cyclic:
-            n = min(n, cyclic - cfg["sinks"])
-        qkv = _rand((b, n, width), dtype)
+        qkv = _rand((b, width, row), dtype)
     if cfg["bias"]:
-        kw["qkv_bias"] = _rand((width,), dtype)
+        kw["qkv_bias"] = _rand((row,), dtype)
     kw.update(num_heads_q=hq, num_heads_kv=hkv, rotary_dim=rotary, rope_style=cfg["style"])
     k_ref, v_ref = kc.clone(), vc.clone()
     q_ref = reference.preprocess(qkv, k_ref, v_ref, seqlens, **kw)

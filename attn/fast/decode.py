@@ -401,8 +401,10 @@ def _decode_kernel(
         # codes are cheap (e4m3 -> fp16 one instruction per pair; int8 -> fp16 below), while bf16's made the
         # loop bound by conversions instead of bytes (scripts/decode_probe.py: FP8 1.1x -> 1.6x the bf16
         # cache's speed). A bf16 query is exact in fp16 within its range, which the launcher checks when validating
-        # and the first program of each pair reports otherwise (an overflow would turn scores into inf)
-        if q.dtype == tl.bfloat16:
+        # and the first program of each pair reports otherwise (an overflow would turn scores into inf). The test
+        # is "not fp16" rather than "bf16": MMA_F16 means a 16-bit query, and under the CPU interpreter a bf16
+        # query arrives as its fp32 copy (attn.fast._triton._interpret), which must be checked all the same
+        if q.dtype != tl.float16:
             big = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0) > 65504.0
             tl.atomic_or(err_ptr, QUERY_RANGE, mask=big & (split == 0), sem="relaxed")
         q = q.to(tl.float16)

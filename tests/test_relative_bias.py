@@ -138,7 +138,7 @@ def test_context_far_tiles_gqa_packed(paged, alibi, device):
 def test_prefill_autotune_key_separates_bias_modes():
     # implicit and regular mode both pass float32 bias tensors, so only REL_MODE in the key keeps the implicit
     # kernel's best config (3-stage 128x128 tiles on the H200) from reaching regular mode, which cannot fit it
-    # in shared memory (scripts/prefill_sass.py)
+    # in shared memory (bench/probes/prefill_sass.py)
     module = importlib.import_module("attn.fast.attention")  # attn.fast.attention is the function
     assert "REL_MODE" in module._attn_fwd_tuned.keys
 

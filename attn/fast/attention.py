@@ -94,7 +94,7 @@ def _t5_near_bias(rel_head, offs_m, offs_n, start_n, diag, r0, rel_md, unit, BLO
         # gathered from it; Triton 3.6 lowers the gather through a 1 KB shared buffer (one store, a barrier,
         # one LDS per score with an immediate offset). A global load per score instead needed 64-bit pointers
         # for each (spills at 255 registers) and took its result through a 32 KB layout-conversion buffer,
-        # which pushed the 3-stage 128x128 config past the 227 KB of shared memory (scripts/prefill_sass.py).
+        # which pushed the 3-stage 128x128 config past the 227 KB of shared memory (bench/probes/prefill_sass.py).
         BLOCK_M: tl.constexpr = offs_m.shape[0]
         SPAN: tl.constexpr = 2 * BLOCK_N if BLOCK_N >= BLOCK_M else 2 * BLOCK_M
         tl.static_assert(SPAN <= 256, "a near tile's distances must fit in the table's REL_PAD (256) end copies")
@@ -175,7 +175,7 @@ def _attn_fwd_tiles(
                 # tile, a row term below. One operation per score remains (Triton makes the vector the product's
                 # accumulator input: a register copy per score instead of the subtract in the exponent), but the
                 # conversion, multiply and add of each key's distance in every tile are gone: 600 instead of 691
-                # SASS instructions per 128x128 tile on sm_90a, plain 531 (scripts/prefill_sass.py). Precision:
+                # SASS instructions per 128x128 tile on sm_90a, plain 531 (bench/probes/prefill_sass.py). Precision:
                 # the vector is at most |slope|·BLOCK_N / scale (~1450 for slope 1 at D 128), rounded to fp32
                 # once: ~1e-5 in the exponent; the row term is what the non-plain form adds per key.
                 if ALIBI_WITH_SCALE:
@@ -625,7 +625,7 @@ _attn_fwd_tuned = triton.autotune(
         "HAS_SOFTCAP",
         "HAS_ALIBI",
         # the bias modes need different shared memory: T5 implicit fits the 3-stage 128x128 config, regular
-        # mode does not (scripts/prefill_sass.py), and both pass float32 bias tensors, which the autotuner's
+        # mode does not (bench/probes/prefill_sass.py), and both pass float32 bias tensors, which the autotuner's
         # dtype part of the key would not tell apart
         "REL_MODE",
         "PACK",

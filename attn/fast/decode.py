@@ -37,12 +37,12 @@ from .preprocess import _cos_sin
 CONFIGS = [
     triton.Config({"BLOCK_N": bn, "MERGE_TILE": 1024 * w}, num_warps=w, num_stages=s)
     # (64, 2, 4) is the best tile for bf16 and FP8 caches at the issue's shapes, (128, 4, 5) for INT8 pages
-    # (scripts/decode_probe.py); the rest cover other head counts and lengths
+    # (bench/probes/decode_probe.py); the rest cover other head counts and lengths
     for bn, w, s in [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4), (64, 2, 4), (128, 4, 5)]
 ]
 
 
-# shared memory of each, compiled for sm_90a by scripts/decode_sass.py's method (contiguous, D 128): 132 KiB
+# shared memory of each, compiled for sm_90a by bench/probes/decode_sass.py's method (contiguous, D 128): 132 KiB
 # and 180 KiB; the last two are for D 256, where the first two need 264 and 360 KiB (see shared_bytes)
 ROTARY_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "MERGE_TILE": 4096}, num_warps=4, num_stages=s)
@@ -170,7 +170,7 @@ def _first_blocks(
 ):  # fmt: skip
     # A paged tile's block-table entries are loaded one iteration ahead: its K/V loads then depend on no load of
     # their own iteration, and the pipeliner keeps them in flight (FP8 pages: 1.04x -> 1.3x the bf16 cache's
-    # speed, scripts/decode_probe.py). These are the first tile's, for a loop over [lo, hi): one entry when the
+    # speed, bench/probes/decode_probe.py). These are the first tile's, for a loop over [lo, hi): one entry when the
     # tile lies within a page (see _decode_tiles), else one per key.
     if (not CYCLIC) and PAGE_SIZE % BLOCK_N == 0:
         first = tl.load(block_table_ptr + b64 * stride_bt + lo // PAGE_SIZE, mask=lo < hi, other=0)
@@ -211,11 +211,11 @@ def _decode_tiles(
     # every tile starts on a multiple of BLOCK_N (the caller keeps lo on that grid), so with pages a multiple of
     # the tile a tile never crosses a page: one block-table entry and one row offset serve all of its keys, where
     # the general path spends a load and a 64-bit multiply-add per key (the one-byte caches felt it most:
-    # 1300 against 1080 loop instructions for FP8 pages, scripts/decode_sass.py)
+    # 1300 against 1080 loop instructions for FP8 pages, bench/probes/decode_sass.py)
     TILE_PAGES: tl.constexpr = IS_PAGED and not (CYCLIC or HAS_INDIRECTION) and PAGE_SIZE % BLOCK_N == 0
     # The near loop (a few tiles per cache) prefetches one tile ahead instead of the config's depth: the
     # pipeliner copies its gathered bias tiles through shared memory too, and at full depth those buffers pushed
-    # the 64/2/4 config from 102 to 114 KiB, past two programs per SM (scripts/decode_sass.py); at depth 2
+    # the 64/2/4 config from 102 to 114 KiB, past two programs per SM (bench/probes/decode_sass.py); at depth 2
     # its buffers stay within the far loop's, which they reuse.
     STAGES: tl.constexpr = 2 if T5 == "near" else None
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
@@ -399,7 +399,7 @@ def _decode_kernel(
     if MMA_F16:
         # a one-byte cache under 16-bit queries: the products run in fp16, whose conversions from the stored
         # codes are cheap (e4m3 -> fp16 one instruction per pair; int8 -> fp16 below), while bf16's made the
-        # loop bound by conversions instead of bytes (scripts/decode_probe.py: FP8 1.1x -> 1.6x the bf16
+        # loop bound by conversions instead of bytes (bench/probes/decode_probe.py: FP8 1.1x -> 1.6x the bf16
         # cache's speed). A bf16 query is exact in fp16 within its range, which the launcher checks when validating
         # and the first program of each pair reports otherwise (an overflow would turn scores into inf). The test
         # is "not fp16" rather than "bf16": MMA_F16 means a 16-bit query, and under the CPU interpreter a bf16
@@ -469,7 +469,7 @@ def _decode_kernel(
         range_hi = tl.minimum(lo + tl.maximum(diag - rel_md + 1 - lo, 0) // BLOCK_N * BLOCK_N, hi)
     # (m_i, l_i, acc and next_block are defined, and _decode_tiles takes them, in the order of the loop this
     # replaced: the order of a loop's carried values reaches ptxas, and this keeps the kernels without a T5
-    # implicit bias the same code as before the split, scripts/decode_sass.py)
+    # implicit bias the same code as before the split, bench/probes/decode_sass.py)
     PRIME: tl.constexpr = IS_PAGED and not HAS_INDIRECTION
     next_block = 0
     if PRIME:
@@ -684,7 +684,7 @@ def choose_num_splits(
     program of each pair, at the end of the kernel, so fewer, longer parts pay; measured on the H200 with the
     autotuned kernel (event-timed, TB/s): B1 Hkv8 L131072 3.64 at 64 splits, 3.86 at 32, 3.96 at 16; B4 L65536
     4.06 at 32, 4.15 at 16; B8 L32768 4.10 at 16, 4.17 at 8. 4096 keys choose 32, 16 and 8 of those. (With a
-    separate merging kernel, scripts/split_probe.py had found B1 near 3.8 TB/s for 16 to 64 splits and B8 3.79
+    separate merging kernel, bench/probes/split_probe.py had found B1 near 3.8 TB/s for 16 to 64 splits and B8 3.79
     at 5 splits, 4.07 at 16.)
 
     With ``total_seqlen_k`` (the sum of the lengths), a ragged batch (longest cache over 1.5 times the mean) is cut

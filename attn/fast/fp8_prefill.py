@@ -69,7 +69,7 @@ def _tile(q, k_ptrs, vt_ptrs, start, acc, m_i, l_i, offs_m, offs_n, diag, seqlen
     p8 = p.to(tl.float8e4nv)
     # Vᵀ's tile [D, BLOCK_N], keys contiguous: the transpose view is P·V's B operand with the reduction (keys)
     # contiguous, the only FP8 wgmma operand layout; V itself would be transposed through shared memory byte by
-    # byte in every tile (STS.U8 in SASS: scripts/gluon_fp8_sass.py)
+    # byte in every tile (STS.U8 in SASS: bench/probes/gluon_fp8_sass.py)
     if MASKED:
         vt = tl.load(vt_ptrs + start, mask=cols[None, :] < seqlen_k, other=0.0)
     else:

@@ -327,7 +327,7 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo,
             for t in range(n_tiles - 1):
                 qk_next = _qk(q, k_bufs, k_ready, it + 1, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)
                 # a no-op wait (only that product is in flight) that pins the order in SASS: without it ptxas
-                # sinks the product below the softmax's exponentials, and nothing overlaps (scripts/gluon_sass.py)
+                # sinks the product below the softmax's exponentials, and nothing overlaps (bench/probes/gluon_sass.py)
                 qk = warpgroup_mma_wait(1, deps=[qk])
                 acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
                                               lo + t * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
@@ -526,7 +526,7 @@ def _descriptor(x: torch.Tensor, rows: int, head_dim: int) -> TensorDescriptor:
 
 def _num_sms(device) -> int:
     if device.type != "cuda":
-        return 132  # a CPU compile (scripts/gluon_sass.py): the grid is not used
+        return 132  # a CPU compile (bench/probes/gluon_sass.py): the grid is not used
     if device.index not in _SMS:
         _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SMS[device.index]
@@ -548,7 +548,7 @@ def l2_section(batch, num_heads_q, group_size, seqlen_k, head_dim, itemsize, l2_
 
 def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap, overlap=True, consumers=2,
                 persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES):  # fmt: skip
-    """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and scripts/gluon_sass.py)."""
+    """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and bench/probes/gluon_sass.py)."""
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     seqlen_k, num_heads_kv = k.shape[1], k.shape[2]
     block_m, stages = BLOCK_M, _stages(head_dim, block_n)

@@ -161,6 +161,8 @@ def _direct_handle(kernel, grid, args, constexprs):
 
     if _triton.is_interpreter() or not _triton.fast_launch_enabled() or _triton._hooked(triton.knobs.runtime):
         return None
+    if not isinstance(kernel, (triton.runtime.JITFunction, triton.runtime.Autotuner)):
+        return None  # something launch() was handed that is not a Triton kernel (a test's stand-in): no handle
     compiled = kernel[grid](*args, **constexprs)
     if hasattr(compiled, "result"):
         compiled = compiled.result()

@@ -163,14 +163,15 @@ def _assert_repeatable(fn, runs: int, name: str):
             assert same, f"{name}: output {j} of run {i + 2} differs from run 1 in {int((a != _bits(b)).sum())} places"
 
 
-# on the CPU, the entries with a merge or a gather between kernels (the interpreter is slow: CI's budget)
+# small shapes of the entries with a merge or a gather between kernels, on the test device (the interpreter is
+# slow: CI's budget)
 CPU_CASES = ["attention-packed-alibi", "decode-split-8", "decode-paged-split", "context-cyclic-sinks",
              "gpt_attention-unified"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", CPU_CASES)
-def test_repeatable_on_cpu(name):
-    _assert_repeatable(_cases("cpu", big=False)[name], 2, name)
+def test_repeatable_small(name, device):
+    _assert_repeatable(_cases(device, big=False)[name], 2, name)
 
 
 @pytest.mark.gpu

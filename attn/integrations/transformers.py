@@ -484,7 +484,9 @@ class PagedCache(Cache):
         if max_batch_size < 1 or max_cache_len < 1 or block_size < 1:
             raise ValueError("max_batch_size, max_cache_len and block_size must be positive")
         blocks_per_seq = math.ceil(max_cache_len / block_size)
-        self.max_batch_size, self.max_cache_len, self.block_size = max_batch_size, max_cache_len, block_size
+        # kept behind read-only properties: transformers 5.17's Cache defines both names as properties with no
+        # setter (5.25 does not), so plain attributes fail there
+        self._max_batch_size, self._max_cache_len, self.block_size = max_batch_size, max_cache_len, block_size
         self.num_blocks = num_blocks if num_blocks is not None else max_batch_size * blocks_per_seq
         self.blocks_per_seq = blocks_per_seq
         self.storage_dtype, self.device = dtype, device
@@ -497,6 +499,15 @@ class PagedCache(Cache):
         super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
 
     # the storage, created when the first layer sees its first keys
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @property
+    def max_cache_len(self) -> int:
+        return self._max_cache_len
+
     def _ensure_kv(self, key_states: torch.Tensor):
         if self.kv is not None:
             return

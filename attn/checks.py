@@ -125,14 +125,7 @@ def _check_tensor(name: str, x, dtypes=FLOAT_DTYPES) -> None:
 
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> list[int]:
-    if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {cu.dtype}")
-    if cu.dim() != 1 or cu.numel() < 2:
-        raise ValueError(f"{name} must be 1-D with B+1 >= 2 entries, got shape {tuple(cu.shape)}")
-    if cu.device != device:
-        raise ValueError(f"{name} must be on {device} like q, got {cu.device}")
+    _check_cu_shape(name, cu, device)
     # one host copy: the kernels index memory with these offsets, so they are checked before any launch
     values = cu.tolist()
     if values[0] != 0:

@@ -110,7 +110,7 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.fresh: set[int] = set()  # storages created during the call
-        self.ops: list[tuple[set[int], set[int]]] = []  # (storages read, storages written) per operation
+        self.ops: list[tuple] = []  # (operation, storages read, storages written) per operation
         self.steps: list = []  # ("launch", kernel, grid, args, constexprs) or ("fill", func, tensor, args)
         self.bypass = False  # a kernel launched other than through _triton.launch
 
@@ -129,7 +129,7 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         elif not getattr(func, "is_view", False) and func is not _aten.detach.default:
             reads = {_storage(t) for t in _tensors((args, kwargs)) if t.device.type != "meta"}
             writes = {_storage(t) for t in _tensors(result)}
-            self.ops.append((reads, writes))
+            self.ops.append((func, reads, writes))
             self.fresh.update(writes - reads)
         return result
 
@@ -281,16 +281,28 @@ def _record(flat, inputs):
     return result, _replay_of(rec, inputs, result)
 
 
-def _replay_of(rec: _Recorder, inputs, result) -> _Replay | None:
+class _Refused:
+    """Why a recorded call cannot be replayed (falsy: `_Plan._execute` treats it as "not replayable")."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __bool__(self):
+        return False
+
+
+def _replay_of(rec: _Recorder, inputs, result) -> _Replay | _Refused:
     if rec.bypass:
-        return None
+        return _Refused("a kernel was launched other than through attn.fast._triton.launch")
     outputs = [] if result is None else ([result] if isinstance(result, torch.Tensor) else list(result))
     if any(not isinstance(o, torch.Tensor) for o in outputs):
-        return None
+        return _Refused("the call returned something other than tensors")
     roles = [*inputs, *outputs]
     role_storage = {_storage(t) for t in roles}
     if any(_storage(o) not in rec.fresh for o in outputs) or len({_storage(o) for o in outputs}) != len(outputs):
-        return None  # an output that is an input, or two outputs sharing memory
+        return _Refused("an output is an input, or two outputs share memory")
     # buffers a kernel may write: the roles and the fresh workspaces it receives (metadata that existed before the
     # call, such as the plan's lengths and block table, is only read by the kernels: their contract)
     launched = set()
@@ -299,9 +311,10 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | None:
             launched.update(_storage(t) for t in _tensors(step[3]) if _storage(t) in rec.fresh)
     hazard = role_storage | launched
     op_reads = set()
-    for reads, writes in rec.ops:
+    for func, reads, writes in rec.ops:
         if reads & hazard or writes & role_storage:
-            return None  # work on the inputs, the outputs or a kernel's buffer: only the flat call is right
+            # work on the inputs, the outputs or a kernel's buffer: only the flat call is right
+            return _Refused(f"the torch operation {func} reads or writes an input, an output or a kernel's buffer")
         op_reads |= reads
     steps = []
     for step in rec.steps:
@@ -319,7 +332,7 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | None:
                         idx = next(i for i, r in enumerate(roles) if _storage(r) == _storage(a))
                         base = roles[idx]
                         if a.dtype != base.dtype or a.device != base.device:
-                            return None
+                            return _Refused("a kernel reads an input or output through a view of another dtype")
                         subs.append(
                             (pos, idx, (tuple(a.shape), a.stride(), a.storage_offset() - base.storage_offset()))
                         )
@@ -341,7 +354,7 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | None:
             same = (t.shape, t.stride(), t.storage_offset(), t.dtype) == (
                 base.shape, base.stride(), base.storage_offset(), base.dtype)  # fmt: skip
             if not same:
-                return None
+                return _Refused("a fill writes part of an input or output")
             steps.append(("fill", func, None, idx, fargs))
     r = _Replay()
     r.signature = tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs)
@@ -364,7 +377,7 @@ def _outputs_of(result):
 class _Plan:
     """What every plan shares: the lazy recording, the replay, the fallback and ``out=``."""
 
-    _replay: _Replay | None | bool = False  # False: not recorded yet; None: not replayable
+    _replay: _Replay | _Refused | bool = False  # False: not recorded yet; _Refused: not replayable
 
     def _flat(self, *inputs):  # pragma: no cover - each plan defines it
         raise NotImplementedError
@@ -373,11 +386,16 @@ class _Plan:
     def replayable(self) -> bool | None:
         """True when ``run`` replays recorded launches, False when it calls the flat function, None before the
         first eager ``run``."""
-        return None if self._replay is False else self._replay is not None
+        return None if self._replay is False else isinstance(self._replay, _Replay)
+
+    @property
+    def refusal(self) -> str | None:
+        """Why ``run`` calls the flat function instead of replaying (None when it replays or has not run)."""
+        return self._replay.reason if isinstance(self._replay, _Refused) else None
 
     def _execute(self, inputs, out):
         rep = self._replay
-        if rep is not False and rep is not None and rep.matches(inputs):
+        if isinstance(rep, _Replay) and rep.matches(inputs):
             return rep(inputs, out)
         if rep is False and not _capturing(inputs[0]):
             result, self._replay = _record(self._flat, inputs)
@@ -392,7 +410,7 @@ class _Plan:
         return result
 
     def _invalidate(self):
-        if self._replay:
+        if isinstance(self._replay, _Replay):
             # a CUDA graph captured from the old replay still points at its workspaces: keep them allocated
             self._retired = [*getattr(self, "_retired", []), self._replay]
         self._replay = False

@@ -154,7 +154,7 @@ def test_gpt_attention_plan(device, mode):
         assert torch.equal(got, want) and torch.equal(cache.k, k0) and torch.equal(cache.v, v0)
     # unified: pre-processing and one attention launch, the qkv slices rebuilt on each new buffer; split: index
     # operations on the pre-processed q between launches, which only the flat call redoes
-    assert p.replayable is (mode == "unified")
+    assert p.replayable is (mode == "unified"), p.refusal
 
 
 def test_planning_refuses_bad_metadata(device):
@@ -333,7 +333,7 @@ def test_gpu_entry_in_cuda_graph(name):
     torch.cuda.current_stream().wait_stream(side)
     if plan is not None:
         # replays, except gpt_attention's split schedule, which has index operations between its launches
-        assert plan.replayable is (name != "plan-gpt-split"), name
+        assert plan.replayable is (name != "plan-gpt-split"), (name, plan.refusal)
     restore()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):

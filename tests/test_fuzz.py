@@ -11,8 +11,9 @@ slots and unused pool blocks, non-contiguous inputs, and NaN/±inf injected into
 
 Budget. ``ATTN_FUZZ_PROFILE`` picks a Hypothesis profile: ``ci`` (the default: derandomized, so CI runs the
 same ~30-50 s of examples every time; a failure prints the configuration and a reproduction blob), ``gpu`` (20x
-the examples, random, for the GPU batch), ``dev`` (random, CI's count). ``ATTN_FUZZ_EXAMPLES=n`` sets every
-test's example count instead. Every counterexample the fuzzer has found stays below as an ``@example``.
+the examples, or ``ATTN_FUZZ_SCALE`` times, random, for the GPU batch), ``dev`` (random, CI's count).
+``ATTN_FUZZ_EXAMPLES=n`` sets every test's example count instead. Every counterexample the fuzzer has found
+stays below as an ``@example``.
 
 Tolerances: those of the parity tests (tests/helpers.py: fp32 2e-5, fp16 2·2^-10 relative RMS against the
 fp64 reference), except where a configuration adds roundings the parity tests justify separately (RoPE at
@@ -51,7 +52,7 @@ def budget(n: int) -> int:
     """Examples for a test whose CI share is ``n``."""
     if os.environ.get("ATTN_FUZZ_EXAMPLES"):
         return int(os.environ["ATTN_FUZZ_EXAMPLES"])
-    return n * 20 if PROFILE == "gpu" else n
+    return n * int(os.environ.get("ATTN_FUZZ_SCALE", "20")) if PROFILE == "gpu" else n
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,76 @@
+"""Probe: where the host time of one replayed `DecodePlan.run` goes (issue 15's target: <= 20 us per call).
+
+    PYTHONPATH=. python bench/probes/plan_host_profile.py     # on the GPU machine
+
+For the PERF.md decode shapes (bf16, contiguous and 64-token pages): host microseconds per `plan.run` (400
+calls back to back, no sync), per `plan.run(q, out=(o, None))` (no output allocation) and per bare output
+allocation; then the functions holding the most host time under cProfile for one shape.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import time
+
+import torch
+
+import attn
+from attn.fast import _triton
+
+
+def host_us(fn, calls=400):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def main():
+    shapes = [("B64 H32/8 L4096", 64, 4096, 32, 8), ("B8 H32/8 L32768", 8, 32768, 32, 8),
+              ("B1 H32/8 L131072", 1, 131072, 32, 8), ("B128 H32/32 L2048", 128, 2048, 32, 32)]  # fmt: skip
+    for name, b, n, hq, hkv in shapes:
+        for paged in (False, True):
+            probe(name, b, n, hq, hkv, paged, profile=name.startswith("B64") and not paged)
+
+
+def probe(name, b, n, hq, hkv, paged, profile, d=128, dev="cuda"):
+    q = torch.randn(b, 1, hq, d, device=dev, dtype=torch.bfloat16)
+    if paged:
+        bs = 64
+        pool_k = torch.randn(b * n // bs, bs, hkv, d, device=dev, dtype=torch.bfloat16)
+        table = torch.randperm(b * n // bs, dtype=torch.int32).view(b, n // bs)
+    else:
+        pool_k = torch.randn(b, n, hkv, d, device=dev, dtype=torch.bfloat16)
+        table = None
+    pool_v = torch.randn_like(pool_k)
+    plan = attn.DecodePlan(pool_k, pool_v, [n] * b, block_table=table, num_heads_q=hq)
+    plan.run(q)
+    torch.cuda.synchronize()
+    o = torch.empty_like(q)
+    steps = [s for s in plan._replay.steps if s[0] == "launch"] if plan.replayable else []
+    row = {
+        "run": host_us(lambda: plan.run(q)),
+        "run_out": host_us(lambda: plan.run(q, out=(o, None))),
+        "empty": host_us(lambda: torch.empty_like(q)),
+        "stream": host_us(lambda: _triton.current_stream(0)),
+    }
+    print(f"{name:20s} {'paged' if paged else 'contig':6s} replayable={plan.replayable} ({plan.refusal}) "
+          f"launches={len(steps)} direct={sum(s[6] is not None for s in steps)} "
+          + " ".join(f"{k}={v:.1f}us" for k, v in row.items()), flush=True)  # fmt: skip
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(2000):
+            plan.run(q)
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
+if __name__ == "__main__":
+    main()

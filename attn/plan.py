@@ -127,8 +127,9 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         elif func in _FILLS and _storage(args[0]) in self.fresh:
             self.steps.append(("fill", func, args[0], tuple(args[1:])))
         elif not getattr(func, "is_view", False) and func is not _aten.detach.default:
-            reads = {_storage(t) for t in _tensors((args, kwargs)) if t.device.type != "meta"}
-            writes = {_storage(t) for t in _tensors(result)}
+            # an empty tensor holds nothing to protect, and on a GPU every empty storage has the address 0
+            reads = {_storage(t) for t in _tensors((args, kwargs)) if t.device.type != "meta" and t.numel()}
+            writes = {_storage(t) for t in _tensors(result) if t.numel()}
             self.ops.append((func, reads, writes))
             self.fresh.update(writes - reads)
         return result
@@ -300,7 +301,7 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | _Refused:
     if any(not isinstance(o, torch.Tensor) for o in outputs):
         return _Refused("the call returned something other than tensors")
     roles = [*inputs, *outputs]
-    role_storage = {_storage(t) for t in roles}
+    role_storage = {_storage(t) for t in roles if t.numel()}
     if any(_storage(o) not in rec.fresh for o in outputs) or len({_storage(o) for o in outputs}) != len(outputs):
         return _Refused("an output is an input, or two outputs share memory")
     # buffers a kernel may write: the roles and the fresh workspaces it receives (metadata that existed before the
@@ -308,7 +309,7 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | _Refused:
     launched = set()
     for step in rec.steps:
         if step[0] == "launch":
-            launched.update(_storage(t) for t in _tensors(step[3]) if _storage(t) in rec.fresh)
+            launched.update(_storage(t) for t in _tensors(step[3]) if t.numel() and _storage(t) in rec.fresh)
     hazard = role_storage | launched
     op_reads = set()
     for func, reads, writes in rec.ops:

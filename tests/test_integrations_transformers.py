@@ -18,6 +18,8 @@ transformers = pytest.importorskip("transformers")
 import attn.integrations.transformers as ah  # noqa: E402
 
 ah.register()
+# the CPU tests run on the GPU too where there is one (fp32 there; the bf16 tests below are GPU-only)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 VOCAB = 101
 # one layer keeps the interpreter's launches few; the architectures whose point is two kinds of layers get two
@@ -98,11 +100,13 @@ def _configs():
 ARCHS = list(_configs())
 
 
-def _model(name, dtype=torch.float32, device="cpu"):
+def _model(name, dtype=torch.float32, device=DEVICE, impl="eager"):
+    """A tiny random model; the same weights for every ``impl`` (some models, Falcon in transformers 5.17 for
+    one, cannot switch their implementation after loading: the tests then load one model per implementation)."""
     torch.manual_seed(0)
     cfg = _configs()[name]
     cls = transformers.AutoModelForCausalLM
-    model = cls.from_config(cfg, attn_implementation="eager", dtype=dtype).to(device).eval()
+    model = cls.from_config(cfg, attn_implementation=impl, dtype=dtype).to(device).eval()
     if name == "gemma2" or name == "gemma3":
         # Gemma's embeddings are scaled by sqrt(hidden); small random weights keep the soft cap in play
         with torch.no_grad():
@@ -111,7 +115,7 @@ def _model(name, dtype=torch.float32, device="cpu"):
     return model
 
 
-def _batch(device="cpu"):
+def _batch(device=DEVICE):
     # left padding (what generate wants for decoder-only models): lengths 9, 6 and 3
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(2, VOCAB - 1, (3, 9), generator=g)
@@ -125,8 +129,13 @@ def _cache_kw(model):
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _use(model, impl):
+    if model.config._attn_implementation != impl:
+        model.set_attn_implementation(impl)
+
+
 def _greedy(model, ids, mask, impl, steps=16, cache=None):
-    model.set_attn_implementation(impl)
+    _use(model, impl)
     kw = {_cache_kw(model): cache} if cache is not None else {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("error", message="attn:")  # the kernels ran: no fallback
@@ -139,7 +148,7 @@ def _greedy(model, ids, mask, impl, steps=16, cache=None):
 
 
 def _prefill(model, ids, mask, impl):
-    model.set_attn_implementation(impl)
+    _use(model, impl)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("error", message="attn:")
         return model(ids, attention_mask=mask).logits
@@ -210,7 +219,7 @@ def test_right_padding_and_fallback_warns_once():
 def test_patch_bloom():
     torch.manual_seed(0)
     model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1,
-                                                                   n_head=4)).eval()  # fmt: skip
+                                                                   n_head=4)).to(DEVICE).eval()  # fmt: skip
     ids, mask = _batch()
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
@@ -232,7 +241,7 @@ def test_patch_t5_with_cross_attention():
     cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
                                 num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=12,
                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=VOCAB - 1)  # fmt: skip
-    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    model = transformers.T5ForConditionalGeneration(cfg).to(DEVICE).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)  # livelier random logits: greedy tokens that differ from step to step
@@ -241,6 +250,7 @@ def test_patch_t5_with_cross_attention():
     emask = torch.ones(2, 20, dtype=torch.long)
     emask[1, 13:] = 0  # right-padded encoder input; distances beyond max_distance exercise the far buckets
     dec = torch.randint(2, VOCAB - 1, (2, 6), generator=g)
+    enc, emask, dec = enc.to(DEVICE), emask.to(DEVICE), dec.to(DEVICE)
     kw = dict(max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         ref = model(input_ids=enc, attention_mask=emask, decoder_input_ids=dec).logits
@@ -268,13 +278,14 @@ def test_gpu_bf16_matches_eager(name):
     """bf16: eager rounds its probabilities to bf16 before the product with V, the kernels keep them in fp32, so
     logits differ by a few bf16 ulps of the hidden states (~1e-2 on logits of magnitude ~1); greedy tokens may
     flip where two logits tie within that, so tokens are compared up to the first such near-tie."""
-    model = _model(name, dtype=torch.bfloat16, device="cuda")
+    eager = _model(name, dtype=torch.bfloat16, device="cuda")
+    model = _model(name, dtype=torch.bfloat16, device="cuda", impl="attn")  # attn_implementation at load
     ids, mask = _batch("cuda")
-    ref = _prefill(model, ids, mask, "eager").float()
+    ref = _prefill(eager, ids, mask, "eager").float()
     out = _prefill(model, ids, mask, "attn").float()
     torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=5e-2, rtol=5e-2)
     for cache in (None, ah.PagedCache(model.config, max_batch_size=3, max_cache_len=32, block_size=16)):
-        tokens_ref, logits_ref = _greedy(model, ids, mask, "eager")
+        tokens_ref, logits_ref = _greedy(eager, ids, mask, "eager")
         tokens, logits = _greedy(model, ids, mask, "attn", cache=cache)
         prompt = ids.shape[1]
         for b in range(ids.shape[0]):
@@ -308,7 +319,7 @@ def test_serve_continuous_batching_matches_generate():
     produce the tokens transformers' own greedy generate gives each request alone (eager attention)."""
     from attn.integrations import serve
 
-    model = serve.tiny_llama()
+    model = serve.tiny_llama(device=DEVICE)
     requests = serve.make_requests(4, VOCAB, prompt_range=(3, 9), output_range=(3, 6), arrival_every=1)
     server = serve.Server(model, num_blocks=12, block_size=4, max_seqs=3, max_blocks_per_seq=4)
     stats = server.serve(requests, log=None)
@@ -338,8 +349,8 @@ def test_packed_position_ids_fall_back_to_sdpa():
     """Sequences packed in one row (position_ids restarting, no mask): transformers' mask function is not one
     the kernels express, so the mask function hands the dense mask and the call runs SDPA, warning once."""
     model = _model("llama3")
-    ids = torch.randint(2, VOCAB - 1, (1, 10))
-    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]])
+    ids = torch.randint(2, VOCAB - 1, (1, 10), device=DEVICE)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]], device=DEVICE)
     with torch.no_grad():
         model.set_attn_implementation("eager")
         ref = model(ids, position_ids=pos, use_cache=False).logits

@@ -726,12 +726,16 @@ def patch_bloom(model):
     """Runs every ``BloomAttention`` of ``model`` through attn's kernels, ALiBi computed inside them (in place,
     returns the model). Padding masks become lengths as for the interface; masks they cannot express fall back
     to SDPA with Bloom's ALiBi. ``output_attentions`` returns no weights."""
-    from transformers.models.bloom.modeling_bloom import BloomAttention, _get_alibi_slopes
+    from transformers.models.bloom.modeling_bloom import BloomAttention
+
+    from ..reference.alibi import alibi_slopes
 
     found = 0
     for m in model.modules():
         if isinstance(m, BloomAttention):
-            m._attn_slopes = _get_alibi_slopes(m.num_heads, m.dense.weight.device).float()
+            # Bloom's slopes are the standard ALiBi ones (transformers builds them inside build_alibi_tensor,
+            # a private helper of some versions): attn's own, equal to them for every head count
+            m._attn_slopes = alibi_slopes(m.num_heads, device=m.dense.weight.device).float()
             m.forward = types.MethodType(_bloom_forward, m)
             found += 1
     if not found:

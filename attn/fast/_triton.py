@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import operator
 import os
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 _INTERPRET: bool | None = None
@@ -94,7 +97,7 @@ def arg_key(args) -> tuple:
     else by a code of its class: 17 for an i32 that is not a multiple of 16, 32 for one that is (17 and 32 are
     themselves of those classes, so a code never stands for ints of another class), a tuple beyond i32. A tensor
     gives its dtype, then its address modulo 16; a dtype entry always comes with its address entry, so no two
-    argument lists of different kinds flatten to the same key.
+    argument lists of different kinds flatten to the same key. A tuple gives a marker, then its items' keys.
     """
     key = []
     add = key.append
@@ -110,6 +113,14 @@ def arg_key(args) -> tuple:
         elif t is Tensor:
             add(a.dtype)
             add(a.data_ptr() & 15)
+        elif t is tuple:
+            # a tuple operand (a tensor's strides): Triton specializes its items one by one; a marker with the
+            # length of their key keeps lists that flatten alike apart
+            items = arg_key(a)
+            if items is None:
+                return None
+            add(("tuple", len(items)))
+            key.extend(items)
         elif t is float or a is None:
             add(t)
         elif t is bool:
@@ -124,14 +135,18 @@ def arg_key(args) -> tuple:
 
 
 def launch(kernel, grid, *args, _stream=None, **constexprs):
-    """``kernel[grid](*args, **constexprs)``; repeated specializations skip Triton's binding and autotuner dispatch.
+    """``kernel[grid](**operands)``; repeated specializations skip Triton's binding and autotuner dispatch.
 
-    ``kernel`` is a ``triton.jit`` function or a ``triton.autotune`` wrapper of one; ``args`` are its leading
-    parameters by position, ``constexprs`` the rest by name (a config's tile sizes come from the autotuner).
+    ``kernel`` is a ``triton.jit`` function or a ``triton.autotune`` wrapper of one. Its operands come by
+    keyword, every parameter by name (a config's tile sizes come from the autotuner); `bind` checks them and
+    orders them. The positional form ``launch(kernel, grid, *args, **constexprs)``, the leading parameters by
+    position and the rest by name, is what `bind` produces, and what `attn.plan` records and replays.
     ``grid`` is a tuple or a callable of the constexprs and the chosen config. The autotuner's key values are
     part of the key, so each tuning key keeps its own best config. ``_stream``, ``(device, raw stream handle)``
     of the current device, saves looking them up again when the caller already has them.
     """
+    if not args:
+        args, constexprs = bind(kernel, constexprs)
     if is_interpreter():
         return _interpret(kernel, grid, args, constexprs)
     if not fast_launch_enabled():
@@ -174,6 +189,55 @@ def launch(kernel, grid, *args, _stream=None, **constexprs):
         compiled.packed_metadata, None, None, None, *args, *tail,
     )  # fmt: skip
     return compiled
+
+
+_BINDINGS: dict = {}
+# compile options a launch may pass beside the constexprs
+_OPTIONS = ["num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_pdl"]
+
+
+def bind(kernel, operands: dict) -> tuple[tuple, dict]:
+    """Keyword operands as `launch` passes them on: ``(args, constexprs)``.
+
+    ``args`` are the kernel's parameters up to its last runtime (non-constexpr) one, in order; every one must be
+    given (an absent tensor is passed as None, which Triton makes a compile-time None the kernel can test with
+    ``is None``). ``constexprs`` are the given ones of the rest and of Triton's compile options (``num_warps``
+    ...); an autotuner's config may complete them. A
+    missing runtime operand, or a name the kernel does not take, raises a TypeError naming it. Costs about a
+    microsecond per launch: the names are looked up once per kernel.
+    """
+    entry = _BINDINGS.get(id(kernel))
+    if entry is None or entry[0] is not kernel:
+        entry = _BINDINGS[id(kernel)] = _binding(kernel)
+    _, name, names, take, tail = entry
+    try:
+        args = take(operands)
+    except KeyError:
+        missing = [n for n in names if n not in operands]
+        raise TypeError(f"{name}: no operand {', '.join(missing)}") from None
+    constexprs = {n: operands[n] for n in tail if n in operands}
+    if len(names) + len(constexprs) != len(operands):
+        unknown = sorted(set(operands) - set(names) - set(tail))
+        raise TypeError(f"{name} takes no operand {', '.join(unknown)}")
+    return (args if len(names) > 1 else (args,)), constexprs
+
+
+def _binding(kernel):
+    jit = kernel
+    while isinstance(getattr(jit, "fn", None), triton.runtime.KernelInterface):
+        jit = jit.fn  # through autotune and heuristics wrappers to the kernel
+    names = list(jit.arg_names)
+    if hasattr(jit, "params"):
+        constexpr = [p.is_constexpr for p in jit.params]
+    else:  # the interpreter's function: read the annotations
+        params = inspect.signature(jit.fn).parameters.values()
+        constexpr = [p.annotation is tl.constexpr or str(p.annotation).split(".")[-1] == "constexpr" for p in params]
+    # the positional part ends at the last runtime parameter (constexprs come last in every kernel here)
+    n = max((i + 1 for i, c in enumerate(constexpr) if not c), default=0)
+    if n == 0:
+        raise TypeError(f"{jit.__name__} has no runtime parameter to bind")
+    return (kernel, getattr(jit, "__name__", "kernel"), names[:n], operator.itemgetter(*names[:n]),
+            names[n:] + _OPTIONS)  # fmt: skip
 
 
 def _hooked(runtime) -> bool:

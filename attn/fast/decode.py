@@ -850,7 +850,9 @@ def decode(
     else:
         part = counters = cache_seqlens
 
-    rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias, cache_seqlens)
+    rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias)
+    if rel_t is None:
+        rel_t, rel_strides = cache_seqlens, (0, 0)
     if rotary_dim:
         # the frame of positions never exceeds the window (or the capacity): the reference's table length
         cos, sin = _cos_sin(max_attention_window or args.capacity, rotary_dim, rope_base, q.device, rope_scaling)

@@ -190,6 +190,16 @@ def test_none_and_tuple_operands_run_in_the_interpreter():
         torch.testing.assert_close(x, want, rtol=0, atol=0)
 
 
+def test_a_real_kernel_names_what_is_missing():
+    # the names come from the kernel's own signature (the interpreter's function here); nothing runs
+    x = torch.zeros(8)
+    with pytest.raises(TypeError, match="_add_kernel: no operand y_ptr"):
+        tr.launch(_add_kernel, (1,), x_ptr=x, strides=(1, 1), n=8, BLOCK=8)
+    with pytest.raises(TypeError, match="_add_kernel takes no operand z_ptr"):
+        tr.launch(_add_kernel, (1,), x_ptr=x, y_ptr=None, z_ptr=x, strides=(1, 1), n=8, BLOCK=8)
+    assert torch.equal(x, torch.zeros(8))
+
+
 def test_keys_of_none_and_tuples():
     # a tuple's ints specialize one by one, like separate ints: its key entries follow its own, and equal keys
     # still mean equal Triton specializations (including tuples nested in lists of other arguments)

@@ -145,27 +145,33 @@ def launch(kernel, grid, *args, _stream=None, **constexprs):
     part of the key, so each tuning key keeps its own best config. ``_stream``, ``(device, raw stream handle)``
     of the current device, saves looking them up again when the caller already has them.
     """
-    if not args:
-        args, constexprs = bind(kernel, constexprs)
+    if args:
+        names, values = tuple(constexprs), tuple(constexprs.values())
+    else:
+        # operands by keyword: the constexprs as names and values (a dict only where Triton gets them)
+        args, names, values = _split(kernel, constexprs)
+        constexprs = None
     if is_interpreter():
-        return _interpret(kernel, grid, args, constexprs)
+        return _interpret(kernel, grid, args, constexprs or dict(zip(names, values)))
     if not fast_launch_enabled():
-        return kernel[grid](*args, **constexprs)
+        return kernel[grid](*args, **(constexprs or dict(zip(names, values))))
     tuned = isinstance(kernel, triton.runtime.Autotuner)
     spec = arg_key(args)
     if spec is None or _hooked(triton.knobs.runtime):
         # profilers hook launches; let Triton call them
-        return kernel[grid](*args, **constexprs)
+        return kernel[grid](*args, **(constexprs or dict(zip(names, values))))
     if _stream is None:
         device = torch.cuda.current_device()
         stream = None
     else:
         device, stream = _stream
     # names and values as two tuples: no pair objects to build and hash on every call
-    key = (id(kernel), device, spec, tuple(constexprs), tuple(constexprs.values()))
+    key = (id(kernel), device, spec, names, values)
     if tuned:
         key += _tuning_values(kernel, args)
     entry = _LAUNCHES.get(key)
+    if constexprs is None and (entry is None or entry is False):
+        constexprs = dict(zip(names, values))
     if entry is None:
         compiled = kernel[grid](*args, **constexprs)
         if hasattr(compiled, "result"):
@@ -193,7 +199,7 @@ def launch(kernel, grid, *args, _stream=None, **constexprs):
 
 _BINDINGS: dict = {}
 # compile options a launch may pass beside the constexprs
-_OPTIONS = ["num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_pdl"]
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_pdl")
 
 
 def bind(kernel, operands: dict) -> tuple[tuple, dict]:
@@ -202,27 +208,33 @@ def bind(kernel, operands: dict) -> tuple[tuple, dict]:
     ``args`` are the kernel's parameters up to its last runtime (non-constexpr) one, in order; every one must be
     given (an absent tensor is passed as None, which Triton makes a compile-time None the kernel can test with
     ``is None``). ``constexprs`` are the given ones of the rest and of Triton's compile options (``num_warps``
-    ...); an autotuner's config may complete them. A
-    missing runtime operand, or a name the kernel does not take, raises a TypeError naming it. Costs about a
-    microsecond per launch: the names are looked up once per kernel.
+    ...); an autotuner's config may complete them. A missing runtime operand, or a name the kernel does not
+    take, raises a TypeError naming it.
+
+    A launch site passes the same names in the same order every call, so the split is worked out (and checked)
+    once per kernel and tuple of names; a call then costs two C-level item lookups. A launch by keyword still
+    costs a few microseconds of host time more than the positional form, mostly Python building the keyword
+    dict (bench/NOTES.md); `attn.plan`'s replays pass the recorded positional arguments and pay none of it.
     """
+    args, names, values = _split(kernel, operands)
+    return args, dict(zip(names, values))
+
+
+def _split(kernel, operands: dict) -> tuple[tuple, tuple, tuple]:
+    """`bind`'s work: ``(args, constexpr names, constexpr values)``."""
+    given = tuple(operands)
     entry = _BINDINGS.get(id(kernel))
-    if entry is None or entry[0] is not kernel:
-        entry = _BINDINGS[id(kernel)] = _binding(kernel)
-    _, name, names, take, tail = entry
-    try:
-        args = take(operands)
-    except KeyError:
-        missing = [n for n in names if n not in operands]
-        raise TypeError(f"{name}: no operand {', '.join(missing)}") from None
-    constexprs = {n: operands[n] for n in tail if n in operands}
-    if len(names) + len(constexprs) != len(operands):
-        unknown = sorted(set(operands) - set(names) - set(tail))
-        raise TypeError(f"{name} takes no operand {', '.join(unknown)}")
-    return (args if len(names) > 1 else (args,)), constexprs
+    # the names of the kernel's last call (a tuple of the same interned strings compares fast), else a lookup
+    if entry is None or entry[0] is not kernel or entry[1] != given:
+        entry = _BINDINGS.get((id(kernel), given))
+        if entry is None or entry[0] is not kernel:
+            entry = _BINDINGS[id(kernel), given] = _binding(kernel, given)
+        _BINDINGS[id(kernel)] = entry
+    _, _, take, names, take_values = entry
+    return take(operands), names, take_values(operands)
 
 
-def _binding(kernel):
+def _binding(kernel, given: tuple):
     jit = kernel
     while isinstance(getattr(jit, "fn", None), triton.runtime.KernelInterface):
         jit = jit.fn  # through autotune and heuristics wrappers to the kernel
@@ -234,10 +246,24 @@ def _binding(kernel):
         constexpr = [p.annotation is tl.constexpr or str(p.annotation).split(".")[-1] == "constexpr" for p in params]
     # the positional part ends at the last runtime parameter (constexprs come last in every kernel here)
     n = max((i + 1 for i, c in enumerate(constexpr) if not c), default=0)
-    if n == 0:
-        raise TypeError(f"{jit.__name__} has no runtime parameter to bind")
-    return (kernel, getattr(jit, "__name__", "kernel"), names[:n], operator.itemgetter(*names[:n]),
-            names[n:] + _OPTIONS)  # fmt: skip
+    name = getattr(jit, "__name__", "kernel")
+    missing = [p for p in names[:n] if p not in given]
+    if missing:
+        raise TypeError(f"{name}: no operand {', '.join(missing)}")
+    unknown = [g for g in given if g not in names and g not in _OPTIONS]
+    if unknown:
+        raise TypeError(f"{name} takes no operand {', '.join(sorted(unknown))}")
+    cnames = tuple(g for g in names[n:] + list(_OPTIONS) if g in given)
+    return kernel, given, _getter(names[:n]), cnames, _getter(cnames)
+
+
+def _getter(names):
+    """``lambda d: tuple(d[n] for n in names)``, at C speed for two names or more."""
+    if len(names) > 1:
+        return operator.itemgetter(*names)
+    if names:
+        return lambda d, n=names[0]: (d[n],)
+    return lambda d: ()
 
 
 def _hooked(runtime) -> bool:

@@ -136,6 +136,9 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _recording_launch(kernel, grid, *args, _stream=None, **constexprs):
+    if not args:
+        # operands by keyword: recorded in launch's positional form, which a replay hands to the launcher
+        args, constexprs = _triton.bind(kernel, constexprs)
     rec = getattr(_state, "recorder", None)
     if rec is None:
         return _real_launch(kernel, grid, *args, _stream=_stream, **constexprs)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import itertools
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend
 
@@ -73,7 +76,9 @@ class _Compiled:
 class _Kernel:
     """Stands in for a `triton.jit` function: records how it was called and returns one compiled kernel."""
 
+    __name__ = "_stand_in"
     arg_names = ["x_ptr", "n", "scale", "BLOCK"]
+    params = [SimpleNamespace(is_constexpr=c) for c in (False, False, False, True)]
 
     def __init__(self):
         self.compiled, self.slow_calls = _Compiled(), []
@@ -135,6 +140,80 @@ def test_interpreter_and_switch_use_triton(gpu_free_launch, monkeypatch):
     for _ in range(2):
         tr.launch(k, (1,), x, 100, 0.5, BLOCK=4)
     assert len(k.slow_calls) == 2 and not k.compiled.calls
+
+
+def test_keyword_operands_reach_the_launcher_in_parameter_order(gpu_free_launch):
+    # by keyword, in any order: the same launches as the positional form, and the same cache entry
+    k = _Kernel()
+    x = torch.zeros(32)
+    tr.launch(k, (1,), scale=0.5, BLOCK=4, n=100, x_ptr=x, num_warps=4)
+    assert k.slow_calls == [((1,), (x, 100, 0.5), {"BLOCK": 4, "num_warps": 4})]
+    tr.launch(k, (1,), x, 116, 0.25, BLOCK=4, num_warps=4)
+    tr.launch(k, (1,), BLOCK=4, num_warps=4, x_ptr=x, n=132, scale=0.75)
+    assert len(k.slow_calls) == 1
+    assert [c[9:] for c in k.compiled.calls] == [(x, 116, 0.25, 4), (x, 132, 0.75, 4)]
+
+
+def test_keyword_operands_are_checked():
+    k = _Kernel()
+    x = torch.zeros(32)
+    with pytest.raises(TypeError, match="_stand_in: no operand n, scale"):
+        tr.bind(k, {"x_ptr": x, "BLOCK": 4})
+    with pytest.raises(TypeError, match="_stand_in takes no operand stride, y_ptr"):
+        tr.bind(k, {"x_ptr": x, "n": 1, "scale": 1.0, "y_ptr": x, "stride": 2, "BLOCK": 4})
+    args, constexprs = tr.bind(k, {"BLOCK": 4, "scale": 1.0, "n": 3, "x_ptr": None})
+    assert args == (None, 3, 1.0) and constexprs == {"BLOCK": 4}
+    assert not k.slow_calls
+
+
+@triton.jit
+def _add_kernel(x_ptr, y_ptr, strides, n, BLOCK: tl.constexpr):
+    # y is optional: a None operand is a compile-time None
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs * strides[0], mask=offs < n)
+    if y_ptr is not None:
+        x += tl.load(y_ptr + offs * strides[1], mask=offs < n)
+    tl.store(x_ptr + offs * strides[0], x, mask=offs < n)
+
+
+def test_none_and_tuple_operands_run_in_the_interpreter():
+    # the interpreter (conftest sets TRITON_INTERPRET) binds by keyword, takes None for an absent tensor and a
+    # tuple of strides; the bf16 path widens the tensors and writes back
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(40, dtype=dtype)
+        y = torch.randn(20, dtype=dtype)
+        want = x.clone()
+        tr.launch(_add_kernel, (1,), x_ptr=x, y_ptr=None, strides=(2, 1), n=20, BLOCK=32)
+        torch.testing.assert_close(x, want, rtol=0, atol=0)
+        tr.launch(_add_kernel, (1,), y_ptr=y, x_ptr=x, strides=(2, 1), n=20, BLOCK=32)
+        want[::2] = (want[::2].float() + y.float()).to(dtype)
+        torch.testing.assert_close(x, want, rtol=0, atol=0)
+
+
+def test_a_real_kernel_names_what_is_missing():
+    # the names come from the kernel's own signature (the interpreter's function here); nothing runs
+    x = torch.zeros(8)
+    with pytest.raises(TypeError, match="_add_kernel: no operand y_ptr"):
+        tr.launch(_add_kernel, (1,), x_ptr=x, strides=(1, 1), n=8, BLOCK=8)
+    with pytest.raises(TypeError, match="_add_kernel takes no operand z_ptr"):
+        tr.launch(_add_kernel, (1,), x_ptr=x, y_ptr=None, z_ptr=x, strides=(1, 1), n=8, BLOCK=8)
+    assert torch.equal(x, torch.zeros(8))
+
+
+def test_keys_of_none_and_tuples():
+    # a tuple's ints specialize one by one, like separate ints: its key entries follow its own, and equal keys
+    # still mean equal Triton specializations (including tuples nested in lists of other arguments)
+    rng = random.Random(1)
+    ints = [0, 1, 2, 16, 17, 32, 2**31, -1]
+    tuples = [tuple(rng.choice(ints) for _ in range(rng.randrange(0, 4))) for _ in range(40)]
+    pool = [None, 0, 16, torch.zeros(8), *tuples]
+    seen = {}
+    for _ in range(5000):
+        args = [rng.choice(pool) for _ in range(rng.randrange(1, 4))]
+        key = tr.arg_key(args)
+        assert key is not None, args
+        spec = [_triton_spec(a) for a in args]
+        assert seen.setdefault(key, spec) == spec, (args, seen[key])
 
 
 @pytest.mark.gpu

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import operator
 import os
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 _INTERPRET: bool | None = None
@@ -94,7 +97,7 @@ def arg_key(args) -> tuple:
     else by a code of its class: 17 for an i32 that is not a multiple of 16, 32 for one that is (17 and 32 are
     themselves of those classes, so a code never stands for ints of another class), a tuple beyond i32. A tensor
     gives its dtype, then its address modulo 16; a dtype entry always comes with its address entry, so no two
-    argument lists of different kinds flatten to the same key.
+    argument lists of different kinds flatten to the same key. A tuple gives a marker, then its items' keys.
     """
     key = []
     add = key.append
@@ -110,6 +113,14 @@ def arg_key(args) -> tuple:
         elif t is Tensor:
             add(a.dtype)
             add(a.data_ptr() & 15)
+        elif t is tuple:
+            # a tuple operand (a tensor's strides): Triton specializes its items one by one; a marker with the
+            # length of their key keeps lists that flatten alike apart
+            items = arg_key(a)
+            if items is None:
+                return None
+            add(("tuple", len(items)))
+            key.extend(items)
         elif t is float or a is None:
             add(t)
         elif t is bool:
@@ -124,33 +135,43 @@ def arg_key(args) -> tuple:
 
 
 def launch(kernel, grid, *args, _stream=None, **constexprs):
-    """``kernel[grid](*args, **constexprs)``; repeated specializations skip Triton's binding and autotuner dispatch.
+    """``kernel[grid](**operands)``; repeated specializations skip Triton's binding and autotuner dispatch.
 
-    ``kernel`` is a ``triton.jit`` function or a ``triton.autotune`` wrapper of one; ``args`` are its leading
-    parameters by position, ``constexprs`` the rest by name (a config's tile sizes come from the autotuner).
+    ``kernel`` is a ``triton.jit`` function or a ``triton.autotune`` wrapper of one. Its operands come by
+    keyword, every parameter by name (a config's tile sizes come from the autotuner); `bind` checks them and
+    orders them. The positional form ``launch(kernel, grid, *args, **constexprs)``, the leading parameters by
+    position and the rest by name, is what `bind` produces, and what `attn.plan` records and replays.
     ``grid`` is a tuple or a callable of the constexprs and the chosen config. The autotuner's key values are
     part of the key, so each tuning key keeps its own best config. ``_stream``, ``(device, raw stream handle)``
     of the current device, saves looking them up again when the caller already has them.
     """
+    if args:
+        names, values = tuple(constexprs), tuple(constexprs.values())
+    else:
+        # operands by keyword: the constexprs as names and values (a dict only where Triton gets them)
+        args, names, values = _split(kernel, constexprs)
+        constexprs = None
     if is_interpreter():
-        return _interpret(kernel, grid, args, constexprs)
+        return _interpret(kernel, grid, args, constexprs or dict(zip(names, values)))
     if not fast_launch_enabled():
-        return kernel[grid](*args, **constexprs)
+        return kernel[grid](*args, **(constexprs or dict(zip(names, values))))
     tuned = isinstance(kernel, triton.runtime.Autotuner)
     spec = arg_key(args)
     if spec is None or _hooked(triton.knobs.runtime):
         # profilers hook launches; let Triton call them
-        return kernel[grid](*args, **constexprs)
+        return kernel[grid](*args, **(constexprs or dict(zip(names, values))))
     if _stream is None:
         device = torch.cuda.current_device()
         stream = None
     else:
         device, stream = _stream
     # names and values as two tuples: no pair objects to build and hash on every call
-    key = (id(kernel), device, spec, tuple(constexprs), tuple(constexprs.values()))
+    key = (id(kernel), device, spec, names, values)
     if tuned:
         key += _tuning_values(kernel, args)
     entry = _LAUNCHES.get(key)
+    if constexprs is None and (entry is None or entry is False):
+        constexprs = dict(zip(names, values))
     if entry is None:
         compiled = kernel[grid](*args, **constexprs)
         if hasattr(compiled, "result"):
@@ -174,6 +195,75 @@ def launch(kernel, grid, *args, _stream=None, **constexprs):
         compiled.packed_metadata, None, None, None, *args, *tail,
     )  # fmt: skip
     return compiled
+
+
+_BINDINGS: dict = {}
+# compile options a launch may pass beside the constexprs
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_pdl")
+
+
+def bind(kernel, operands: dict) -> tuple[tuple, dict]:
+    """Keyword operands as `launch` passes them on: ``(args, constexprs)``.
+
+    ``args`` are the kernel's parameters up to its last runtime (non-constexpr) one, in order; every one must be
+    given (an absent tensor is passed as None, which Triton makes a compile-time None the kernel can test with
+    ``is None``). ``constexprs`` are the given ones of the rest and of Triton's compile options (``num_warps``
+    ...); an autotuner's config may complete them. A missing runtime operand, or a name the kernel does not
+    take, raises a TypeError naming it.
+
+    A launch site passes the same names in the same order every call, so the split is worked out (and checked)
+    once per kernel and tuple of names; a call then costs two C-level item lookups. A launch by keyword still
+    costs a few microseconds of host time more than the positional form, mostly Python building the keyword
+    dict (bench/NOTES.md); `attn.plan`'s replays pass the recorded positional arguments and pay none of it.
+    """
+    args, names, values = _split(kernel, operands)
+    return args, dict(zip(names, values))
+
+
+def _split(kernel, operands: dict) -> tuple[tuple, tuple, tuple]:
+    """`bind`'s work: ``(args, constexpr names, constexpr values)``."""
+    given = tuple(operands)
+    entry = _BINDINGS.get(id(kernel))
+    # the names of the kernel's last call (a tuple of the same interned strings compares fast), else a lookup
+    if entry is None or entry[0] is not kernel or entry[1] != given:
+        entry = _BINDINGS.get((id(kernel), given))
+        if entry is None or entry[0] is not kernel:
+            entry = _BINDINGS[id(kernel), given] = _binding(kernel, given)
+        _BINDINGS[id(kernel)] = entry
+    _, _, take, names, take_values = entry
+    return take(operands), names, take_values(operands)
+
+
+def _binding(kernel, given: tuple):
+    jit = kernel
+    while isinstance(getattr(jit, "fn", None), triton.runtime.KernelInterface):
+        jit = jit.fn  # through autotune and heuristics wrappers to the kernel
+    names = list(jit.arg_names)
+    if hasattr(jit, "params"):
+        constexpr = [p.is_constexpr for p in jit.params]
+    else:  # the interpreter's function: read the annotations
+        params = inspect.signature(jit.fn).parameters.values()
+        constexpr = [p.annotation is tl.constexpr or str(p.annotation).split(".")[-1] == "constexpr" for p in params]
+    # the positional part ends at the last runtime parameter (constexprs come last in every kernel here)
+    n = max((i + 1 for i, c in enumerate(constexpr) if not c), default=0)
+    name = getattr(jit, "__name__", "kernel")
+    missing = [p for p in names[:n] if p not in given]
+    if missing:
+        raise TypeError(f"{name}: no operand {', '.join(missing)}")
+    unknown = [g for g in given if g not in names and g not in _OPTIONS]
+    if unknown:
+        raise TypeError(f"{name} takes no operand {', '.join(sorted(unknown))}")
+    cnames = tuple(g for g in names[n:] + list(_OPTIONS) if g in given)
+    return kernel, given, _getter(names[:n]), cnames, _getter(cnames)
+
+
+def _getter(names):
+    """``lambda d: tuple(d[n] for n in names)``, at C speed for two names or more."""
+    if len(names) > 1:
+        return operator.itemgetter(*names)
+    if names:
+        return lambda d, n=names[0]: (d[n],)
+    return lambda d: ()
 
 
 def _hooked(runtime) -> bool:

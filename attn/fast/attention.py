@@ -298,23 +298,34 @@ def _attn_fwd_tiles(
     ]
 )
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    seq_q_ptr, seq_k_ptr, alibi_ptr, stride_ab, stride_ah, rel_ptr, stride_rh, stride_rm, rel_md,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_strides, k_strides, v_strides, o_strides, lse_strides,
+    seq_q_ptr, seq_k_ptr, err_ptr, alibi_ptr, alibi_strides, rel_ptr, rel_strides, rel_md,
     block_table_ptr, stride_bt, page_size, k_scale_ptr, v_scale_ptr,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_om, stride_oh,
-    stride_lb, stride_lh, stride_lm,
-    num_heads_q, group_size, out_rows, max_rows,
-    qk_scale, cap_log2, window_left, window_right, seqlen_bucket, err_ptr, cap_q, cap_k, max_k, pool_rows,
+    num_heads_q, group_size, out_rows, max_rows, cap_q, cap_k, max_k, pool_rows, seqlen_bucket,
+    qk_scale, cap_log2, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_VARLEN: tl.constexpr, KV_CACHE: tl.constexpr, IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr,
-    STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, PACK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """Operands: q, k, v, o [and lse] with their strides in elements, ``(batch, row, head)`` (``(batch, head,
+    row)`` for lse; the batch stride is 0 in the packed layout); k and v as a KV cache's pools with
+    ``KV_CACHE``, addressed through ``block_table_ptr`` (row stride ``stride_bt``, ``page_size`` keys a block)
+    with ``IS_PAGED``, scaled per KV head by ``k/v_scale_ptr`` with ``QUANT``. seq_q/seq_k: the lengths, or
+    cu_seqlens with ``IS_VARLEN``. A tensor a call does not use is None: lse without ``return_lse``, the ALiBi
+    slopes ``[B, Hq]`` (strides ``(batch, head)``), the T5 bias (strides ``(head, query)``, ``rel_md`` its
+    max distance), the block table and scales. The flags the autotuner keys on (HAS_ALIBI, REL_MODE, IS_PAGED,
+    QUANT) stay parameters: a None makes no entry in its key, which could then not tell one absent tensor from
+    another. err_ptr: the device's error word (attn.fast._errors).
+    """
+    STORE_LSE: tl.constexpr = lse_ptr is not None
+    # fp32 inputs take full-precision products; the others ignore the setting
+    PRECISION: tl.constexpr = "ieee" if q_ptr.dtype.element_ty == tl.float32 else "tf32"
+    stride_qb, stride_qm, stride_qh = q_strides
+    stride_kb, stride_kn, stride_kh = k_strides
+    stride_vb, stride_vn, stride_vh = v_strides
+    stride_ob, stride_om, stride_oh = o_strides
     # Consecutive programs are the row blocks of one head, so the blocks that stream the same K/V run side by
     # side and share it through L2 (the other order, all heads of one row block together, re-read every head's
     # K/V from memory once per row block and ran 13-37% slower on the H200: bench/NOTES.md). Within a head the
@@ -332,11 +343,17 @@ def _attn_fwd_kernel(
     h = pid_bh % num_programs_h * PACK
     h_kv = h // group_size
     offs_r = tl.arange(0, BLOCK_M)
+    # rel_head and stride_rm are read only where REL_MODE != 0 (None and 0 otherwise)
+    rel_head = rel_ptr
+    stride_rm = 0
+    if REL_MODE != 0:
+        stride_rm = rel_strides[1]
     if PACK == 1:
         slope = 0.0
         if HAS_ALIBI:
-            slope = tl.load(alibi_ptr + b * stride_ab + h * stride_ah)
-        rel_head = rel_ptr + h.to(tl.int64) * stride_rh
+            slope = tl.load(alibi_ptr + b * alibi_strides[0] + h * alibi_strides[1])
+        if REL_MODE != 0:
+            rel_head = rel_ptr + h.to(tl.int64) * rel_strides[0]
         head_off_q = 0
         head_off_o = 0
         head_off_l = 0
@@ -345,11 +362,14 @@ def _attn_fwd_kernel(
         row_head = offs_r % PACK
         slope = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
         if HAS_ALIBI:
-            slope = tl.load(alibi_ptr + b * stride_ab + (h + row_head) * stride_ah)[:, None]
-        rel_head = (rel_ptr + (h + row_head).to(tl.int64) * stride_rh)[:, None]
+            slope = tl.load(alibi_ptr + b * alibi_strides[0] + (h + row_head) * alibi_strides[1])[:, None]
+        if REL_MODE != 0:
+            rel_head = (rel_ptr + (h + row_head).to(tl.int64) * rel_strides[0])[:, None]
         head_off_q = row_head * stride_qh
         head_off_o = row_head * stride_oh
-        head_off_l = row_head * stride_lh
+        head_off_l = 0
+        if STORE_LSE:
+            head_off_l = row_head * lse_strides[1]
 
     b64 = b.to(tl.int64)
     # Offsets and lengths were not read on the host (attn.fast._errors): each is clamped into the tensor it
@@ -408,7 +428,9 @@ def _attn_fwd_kernel(
     else:
         k_base = k_ptr + b64 * stride_kb + start_k * stride_kn + h_kv.to(tl.int64) * stride_kh
         v_base = v_ptr + b64 * stride_vb + start_k * stride_vn + h_kv.to(tl.int64) * stride_vh
-    bt_row = block_table_ptr + b64 * stride_bt
+    bt_row = block_table_ptr  # None unless IS_PAGED
+    if IS_PAGED:
+        bt_row = block_table_ptr + b64 * stride_bt
     k_scale = 1.0
     if QUANT != 0:
         k_scale = tl.load(k_scale_ptr + h_kv)
@@ -569,6 +591,7 @@ def _attn_fwd_kernel(
                 row_slope = row_slope * (qk_scale * 0.6931471805599453)
             lse -= row_slope * (offs_m - m0).to(tl.float32)
         lse = tl.where(has_key, lse, float("-inf"))
+        stride_lb, stride_lh, stride_lm = lse_strides
         lse_base = lse_ptr + b64 * stride_lb + h.to(tl.int64) * stride_lh + start_q * stride_lm
         tl.store(lse_base + (offs_m * stride_lm + head_off_l), lse, mask=store_rows)
 
@@ -596,15 +619,15 @@ def _log2_distance_table(rel) -> torch.Tensor:
     return _memo.derived(_REL_TABLES, rel.table, params, build, limit=64)
 
 
-def relative_bias_operands(rel, placeholder: torch.Tensor):
+def relative_bias_operands(rel):
     """What the kernels read for a T5 bias: ``(mode, tensor, (stride_h, stride_q), max_distance)``.
 
-    Mode 0: none. Mode 1 (implicit): the per-distance table ``[Hq, 2·max_distance + 1]`` in log2 units (a view
-    into one padded by ``REL_PAD`` end values on either side). Mode 2 (regular):
-    the given ``[Hq, L, L]`` bias, which must have unit stride along the key position.
+    Mode 0: none (tensor and strides None). Mode 1 (implicit): the per-distance table
+    ``[Hq, 2·max_distance + 1]`` in log2 units (a view into one padded by ``REL_PAD`` end values on either side).
+    Mode 2 (regular): the given ``[Hq, L, L]`` bias, which must have unit stride along the key position.
     """
     if rel is None:
-        return 0, placeholder, (0, 0), 0
+        return 0, None, None, 0
     if rel.implicit:
         view = _log2_distance_table(rel)
         return 1, view, (view.stride(0), 0), rel.max_distance
@@ -754,20 +777,14 @@ def attention(
         return (out, lse) if return_lse else out
 
     if args.packed:
+        # one flat token axis: the batch stride is 0 and the lse is [Hq, Tq]
         seq_q, seq_k = cu_seqlens_q, cu_seqlens_k
-        sqb = skb = svb = sob = slb = 0
-        slh, slm = lse.stride() if lse is not None else (0, 0)
-        sqm, sqh = q.stride(0), q.stride(1)
-        skn, skh = k.stride(0), k.stride(1)
-        svn, svh = v.stride(0), v.stride(1)
-        som, soh = out.stride(0), out.stride(1)
+        q_strides, k_strides, v_strides, o_strides = ((0, *x.stride()[:2]) for x in (q, k, v, out))
+        lse_strides = (0, *lse.stride()) if lse is not None else None
     else:
         seq_q, seq_k = args.seqlens_q, args.seqlens_k
-        sqb, sqm, sqh = q.stride(0), q.stride(1), q.stride(2)
-        skb, skn, skh = k.stride(0), k.stride(1), k.stride(2)
-        svb, svn, svh = v.stride(0), v.stride(1), v.stride(2)
-        sob, som, soh = out.stride(0), out.stride(1), out.stride(2)
-        slb, slh, slm = lse.stride() if lse is not None else (0, 0, 0)
+        q_strides, k_strides, v_strides, o_strides = (x.stride()[:3] for x in (q, k, v, out))
+        lse_strides = lse.stride() if lse is not None else None
 
     if args.softcap > 0:
         # s = cap * tanh(qk * scale / cap), kept in log2 units for exp2
@@ -781,28 +798,28 @@ def attention(
         # one flat axis (its limit is 2^31 - 1, a second axis's only 65535): row blocks of a head adjacent
         return (args.batch * args.num_heads_q * cdiv(max_rows, meta["BLOCK_M"]),)
 
-    rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias, seq_q)
-    slopes = args.alibi_slopes if args.alibi_slopes is not None else seq_q
-    slope_strides = args.alibi_slopes.stride() if args.alibi_slopes is not None else (0, 0)
+    rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias)
+    slopes = args.alibi_slopes
     if autotune_enabled():
         kernel, meta = _attn_fwd_tuned, {}
     else:
         kernel, meta = _attn_fwd_kernel, _fixed_config(head_dim_pad, q.dtype)
     launch(
         kernel, grid,
-        q, k, v, out, lse if lse is not None else out,
-        seq_q, seq_k, slopes, *slope_strides, rel_t, *rel_strides, rel_md,
-        seq_q, 0, 1, seq_q, seq_q,
-        sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, slb, slh, slm,
-        args.num_heads_q, args.group_size, row_dim, max_rows,
-        qk_scale, cap_log2, args.window_left, args.window_right, next_power_of_2(max_rows),
-        _errors.error_word(q.device), q.shape[0] if args.packed else q.shape[1],
-        k.shape[0] if args.packed else k.shape[1], args.max_seqlen_k, 1,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse,
+        q_strides=q_strides, k_strides=k_strides, v_strides=v_strides, o_strides=o_strides, lse_strides=lse_strides,
+        seq_q_ptr=seq_q, seq_k_ptr=seq_k, err_ptr=_errors.error_word(q.device),
+        alibi_ptr=slopes, alibi_strides=slopes.stride() if slopes is not None else None,
+        rel_ptr=rel_t, rel_strides=rel_strides, rel_md=rel_md,
+        block_table_ptr=None, stride_bt=0, page_size=1, k_scale_ptr=None, v_scale_ptr=None,
+        num_heads_q=args.num_heads_q, group_size=args.group_size, out_rows=row_dim, max_rows=max_rows,
+        cap_q=q.shape[0] if args.packed else q.shape[1], cap_k=k.shape[0] if args.packed else k.shape[1],
+        max_k=args.max_seqlen_k, pool_rows=1, seqlen_bucket=next_power_of_2(max_rows),
+        qk_scale=qk_scale, cap_log2=cap_log2, window_left=args.window_left, window_right=args.window_right,
         HEAD_DIM=args.head_dim, HEAD_DIM_PAD=head_dim_pad,
         IS_VARLEN=args.packed, KV_CACHE=False, IS_PAGED=False, QUANT=0, HAS_WINDOW_LEFT=args.window_left >= 0,
         HAS_WINDOW_RIGHT=args.window_right >= 0, HAS_SOFTCAP=args.softcap > 0,
-        HAS_ALIBI=args.alibi_slopes is not None, ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode,
-        STORE_LSE=lse is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACK=1,
+        HAS_ALIBI=slopes is not None, ALIBI_WITH_SCALE=args.alibi_with_scale, REL_MODE=rel_mode, PACK=1,
         **meta,
     )  # fmt: skip
     return (out, lse) if return_lse else out

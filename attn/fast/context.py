@@ -169,38 +169,35 @@ def context_attention(
         return (c.batch * (c.num_heads_q // pack) * cdiv(max_rows, meta["BLOCK_M"] // pack),)
 
     quant = quant_code(k_cache.dtype)
-    placeholder = cache_seqlens
     # the longest cache the kernel reads (longer lengths are clamped and reported): a regular T5 bias [Hq, L, L]
     # is read at every key position
     cap_k = c.capacity if c.rel_bias is None or c.rel_bias.bias is None else min(c.capacity, *c.rel_bias.bias.shape[1:])
-    rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(c.rel_bias, placeholder)
-    slopes = c.alibi_slopes if c.alibi_slopes is not None else placeholder
-    slope_strides = c.alibi_slopes.stride() if c.alibi_slopes is not None else (0, 0)
+    rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(c.rel_bias)
+    slopes = c.alibi_slopes
     if autotune_enabled():
         kernel, meta = _attn_fwd_tuned, {}
     else:
         kernel, meta = _attn_fwd_kernel, _context_config(head_dim_pad, q.dtype, pack * max_rows)
     launch(
         kernel, grid,
-        q, k_cache, v_cache, out, lse if lse is not None else out,
-        cu_seqlens_q, cache_seqlens, slopes, *slope_strides, rel_t, *rel_strides, rel_md,
-        block_table if block_table is not None else placeholder,
-        block_table.stride(0) if block_table is not None else 0,
-        c.page_size if c.paged else 1,
-        c.k_scale if quant else placeholder, c.v_scale if quant else placeholder,
-        0, q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        0, out.stride(0), out.stride(1),
-        0, *(lse.stride() if lse is not None else (0, 0)),
-        c.num_heads_q, c.group_size, args.num_tokens, max_rows,
-        qk_scale, cap_log2, c.window_left, c.window_right, next_power_of_2(max_rows),
-        _errors.error_word(q.device), args.num_tokens, cap_k, cap_k, k_cache.shape[0],
+        # packed queries (batch stride 0) over the cache's [B or blocks, rows, Hkv, D] pools
+        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, o_ptr=out, lse_ptr=lse,
+        q_strides=(0, *q.stride()[:2]), k_strides=k_cache.stride()[:3], v_strides=v_cache.stride()[:3],
+        o_strides=(0, *out.stride()[:2]), lse_strides=(0, *lse.stride()) if lse is not None else None,
+        seq_q_ptr=cu_seqlens_q, seq_k_ptr=cache_seqlens, err_ptr=_errors.error_word(q.device),
+        alibi_ptr=slopes, alibi_strides=slopes.stride() if slopes is not None else None,
+        rel_ptr=rel_t, rel_strides=rel_strides, rel_md=rel_md,
+        block_table_ptr=block_table, stride_bt=block_table.stride(0) if block_table is not None else 0,
+        page_size=c.page_size if c.paged else 1,
+        k_scale_ptr=c.k_scale if quant else None, v_scale_ptr=c.v_scale if quant else None,
+        num_heads_q=c.num_heads_q, group_size=c.group_size, out_rows=args.num_tokens, max_rows=max_rows,
+        cap_q=args.num_tokens, cap_k=cap_k, max_k=cap_k, pool_rows=k_cache.shape[0],
+        seqlen_bucket=next_power_of_2(max_rows),
+        qk_scale=qk_scale, cap_log2=cap_log2, window_left=c.window_left, window_right=c.window_right,
         HEAD_DIM=c.head_dim, HEAD_DIM_PAD=head_dim_pad,
         IS_VARLEN=True, KV_CACHE=True, IS_PAGED=c.paged, QUANT=quant,
         HAS_WINDOW_LEFT=c.window_left >= 0, HAS_WINDOW_RIGHT=c.window_right >= 0, HAS_SOFTCAP=c.softcap > 0,
-        HAS_ALIBI=c.alibi_slopes is not None, ALIBI_WITH_SCALE=c.alibi_with_scale, REL_MODE=rel_mode,
-        STORE_LSE=lse is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACK=pack,
+        HAS_ALIBI=slopes is not None, ALIBI_WITH_SCALE=c.alibi_with_scale, REL_MODE=rel_mode, PACK=pack,
         **meta,
     )  # fmt: skip
     return (out, lse) if return_lse else out

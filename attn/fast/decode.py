@@ -353,25 +353,45 @@ def _decode_tiles(
     ]
 )
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, part_ptr, count_ptr, seqlens_ptr, block_table_ptr,
-    alibi_ptr, stride_ab, stride_ah, rel_ptr, stride_rh, stride_rm, rel_md, k_scale_ptr, v_scale_ptr,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_bt,
-    stride_ob, stride_om, stride_oh,
-    stride_lb, stride_lm, stride_lh,
-    num_heads_kv, seqlen_q, num_splits, min_chunk, cyclic_n, ind_ptr, stride_ib, stride_ibeam, beam_width,
-    qk_scale, cap_log2, window_left, window_right, tune_len, sinks, cos_ptr, sin_ptr, stride_cos,
-    err_ptr, pool_rows, len_cap,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_strides, k_strides, v_strides, o_strides, lse_strides,
+    seqlens_ptr, err_ptr, part_ptr, count_ptr, block_table_ptr, stride_bt, pool_rows,
+    alibi_ptr, alibi_strides, rel_ptr, rel_strides, rel_md, k_scale_ptr, v_scale_ptr,
+    ind_ptr, ind_strides, beam_width, cos_ptr, sin_ptr, stride_cos,
+    num_heads_kv, seqlen_q, num_splits, min_chunk, cyclic_n, sinks, len_cap, tune_len,
+    qk_scale, cap_log2, window_left, window_right,
     ROTARY_DIM: tl.constexpr, GPTJ: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr,
     CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr, QUANT: tl.constexpr,
-    MMA_F16: tl.constexpr, PRECISION: tl.constexpr, SPLIT_MERGE: tl.constexpr, STORE_LSE: tl.constexpr,
-    MERGE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MERGE_TILE: tl.constexpr,
+    MMA_F16: tl.constexpr, MERGE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MERGE_TILE: tl.constexpr,
 ):  # fmt: skip
+    """Operands: q, o ``[B, Sq, Hq, D]`` and the caches (``[B, N, Hkv, D]``, or pools addressed through
+    ``block_table_ptr`` with ``IS_PAGED``) with their strides in elements, ``(batch, row, head)``; lse ``[B, Hq,
+    Sq]`` with strides ``(batch, token, head)``. A tensor a call does not use is None: lse without
+    ``return_lse``; the split partials ``part_ptr`` and arrival counters ``count_ptr`` in a one-split launch;
+    the block table; ALiBi slopes ``[B, Hq]`` (strides ``(batch, head)``); the T5 bias (strides ``(head,
+    query)``); the scales of a one-byte cache; the beam indirection ``[B / beam_width, beam_width, N]``
+    (strides ``(request, beam)``); RoPE's cos/sin tables (row stride ``stride_cos``). The flags the autotuner
+    keys on (IS_PAGED, HAS_INDIRECTION, HAS_ALIBI, REL_MODE, ROTARY_DIM) stay parameters: a None makes no entry
+    in its key. MMA_F16 stays one too: under the interpreter a bf16 query arrives widened to fp32, so its
+    dtype cannot tell. err_ptr: the device's error word (attn.fast._errors).
+    """
+    STORE_LSE: tl.constexpr = lse_ptr is not None
+    SPLIT_MERGE: tl.constexpr = part_ptr is not None
+    # fp32 queries take full-precision products; the others ignore the setting
+    PRECISION: tl.constexpr = "ieee" if q_ptr.dtype.element_ty == tl.float32 else "tf32"
+    stride_qb, stride_qm, stride_qh = q_strides
+    stride_kb, stride_kn, stride_kh = k_strides
+    stride_vb, stride_vn, stride_vh = v_strides
+    # read only with the features that use them (0 otherwise)
+    stride_ib, stride_ibeam = 0, 0
+    if HAS_INDIRECTION:
+        stride_ib, stride_ibeam = ind_strides
+    stride_rm = 0
+    if REL_MODE != 0:
+        stride_rm = rel_strides[1]
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // num_heads_kv
@@ -409,11 +429,11 @@ def _decode_kernel(
             tl.atomic_or(err_ptr, QUERY_RANGE, mask=big & (split == 0), sem="relaxed")
         q = q.to(tl.float16)
 
-    # operands of the features compiled out are placeholders that _decode_tiles never reads
+    # the operands of features compiled out are None (or 0), and _decode_tiles never reads them
     slope = 0.0
     if HAS_ALIBI:
         # [BLOCK_M]: each packed row belongs to its own query head, so each has its own slope
-        slope = tl.load(alibi_ptr + b64 * stride_ab + head * stride_ah, mask=row_valid, other=0.0)
+        slope = tl.load(alibi_ptr + b64 * alibi_strides[0] + head * alibi_strides[1], mask=row_valid, other=0.0)
 
     # the tokens still stored: all of them, or a cyclic cache's min(L, N), counted from 0 in token order (the
     # sinks, then the rolling part): key n of this frame is token n, or n + (L - N) past the sinks
@@ -440,7 +460,9 @@ def _decode_kernel(
     if HAS_WINDOW_RIGHT:
         hi = tl.minimum(hi, seqlen_q - 1 + diag + window_right + 1)
 
-    rel_rows = rel_ptr + head.to(tl.int64) * stride_rh
+    rel_rows = rel_ptr  # None without a T5 bias
+    if REL_MODE != 0:
+        rel_rows = rel_ptr + head.to(tl.int64) * rel_strides[0]
     rel_far = 0.0
     if REL_MODE == 1:
         # each row's value for every distance beyond max_distance on the left, loaded once
@@ -526,11 +548,13 @@ def _decode_kernel(
         out = out * v_scale
     o_mask = row_valid[:, None] & d_mask[None, :]
     if not SPLIT_MERGE:
+        stride_ob, stride_om, stride_oh = o_strides
         o_rows = o_ptr + b64 * stride_ob + tok * stride_om + head * stride_oh
         tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=o_mask)
         if STORE_LSE:
             # m_i is in log2 units; ln(sum exp(s)) = (m + log2(l)) * ln(2)
             lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+            stride_lb, stride_lm, stride_lh = lse_strides
             tl.store(lse_ptr + b64 * stride_lb + tok * stride_lm + head * stride_lh, lse, mask=row_valid)
     else:
         lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -555,8 +579,8 @@ def _decode_kernel(
             tl.debug_barrier()
             _merge_splits(
                 part_ptr + pair_row * num_splits * HEAD_DIM, lse_part + pair_row * num_splits, o_ptr, lse_ptr,
-                b64, h_kv, rows, num_splits, stride_ob, stride_om, stride_oh, stride_lb, stride_lm, stride_lh,
-                GROUP, HEAD_DIM, HEAD_DIM_PAD, STORE_LSE, MERGE_ROWS, MERGE_TILE,
+                b64, h_kv, rows, num_splits, o_strides, lse_strides, GROUP, HEAD_DIM, HEAD_DIM_PAD, MERGE_ROWS,
+                MERGE_TILE,
             )  # fmt: skip
             # back to zero for the next launch on this stream (kernels on one stream, or a graph's replays,
             # run one after another; nothing else of this launch touches the pair's counter any more)
@@ -565,9 +589,8 @@ def _decode_kernel(
 
 @triton.jit
 def _merge_splits(
-    o_part, lse_part, o_ptr, lse_ptr, b64, h_kv, rows, num_splits,
-    stride_ob, stride_om, stride_oh, stride_lb, stride_lm, stride_lh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, STORE_LSE: tl.constexpr,
+    o_part, lse_part, o_ptr, lse_ptr, b64, h_kv, rows, num_splits, o_strides, lse_strides,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     MERGE_ROWS: tl.constexpr, MERGE_TILE: tl.constexpr,
 ):  # fmt: skip
     """One pair's outputs from its split partials: ``lse = logsumexp_s(lse_s)``, ``o = Σ_s exp(lse_s − lse)·o_s``.
@@ -577,6 +600,8 @@ def _merge_splits(
     splits axis keeps its own running maximum and sums, so nothing inside the loop waits on a reduction across
     threads: the loads of an iteration depend only on its index. The lanes are combined once at the end.
     """
+    STORE_LSE: tl.constexpr = lse_ptr is not None
+    stride_ob, stride_om, stride_oh = o_strides
     ROW_T: tl.constexpr = min(MERGE_ROWS, max(MERGE_TILE // HEAD_DIM_PAD, 1))
     S_T: tl.constexpr = max(MERGE_TILE // (ROW_T * HEAD_DIM_PAD), 1)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -635,6 +660,7 @@ def _merge_splits(
                  mask=r_mask[:, None] & d_mask[None, :])  # fmt: skip
         if STORE_LSE:
             lse_out = tl.where(has_key, m_safe + tl.log(t_safe), float("-inf"))
+            stride_lb, stride_lm, stride_lh = lse_strides
             tl.store(lse_ptr + b64 * stride_lb + tok * stride_lm + head * stride_lh, lse_out, mask=r_mask)
 
 
@@ -848,14 +874,14 @@ def decode(
             stream = (device, current_stream(device))
             counters = _split_counters(stream, q.device, bsz * hkv)
     else:
-        part = counters = cache_seqlens
+        part = counters = None
 
-    rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias, cache_seqlens)
+    rel_mode, rel_t, rel_strides, rel_md = relative_bias_operands(args.rel_bias)
     if rotary_dim:
         # the frame of positions never exceeds the window (or the capacity): the reference's table length
         cos, sin = _cos_sin(max_attention_window or args.capacity, rotary_dim, rope_base, q.device, rope_scaling)
     else:
-        cos = sin = cache_seqlens
+        cos = sin = None
     quant = quant_code(k_cache.dtype)
     mma_f16 = quant != 0 and q.dtype != torch.float32
     if mma_f16 and q.dtype == torch.bfloat16 and validate:
@@ -872,8 +898,7 @@ def decode(
         "HAS_WINDOW_LEFT": args.window_left >= 0, "HAS_WINDOW_RIGHT": args.window_right >= 0,
         "HAS_SOFTCAP": args.softcap > 0, "HAS_ALIBI": args.alibi_slopes is not None,
         "ALIBI_WITH_SCALE": args.alibi_with_scale, "REL_MODE": rel_mode, "QUANT": quant, "MMA_F16": mma_f16,
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32", "SPLIT_MERGE": num_splits > 1,
-        "STORE_LSE": bool(return_lse), "MERGE_ROWS": next_power_of_2(sq * group) if num_splits > 1 else 1,
+        "MERGE_ROWS": next_power_of_2(sq * group) if num_splits > 1 else 1,
         "BLOCK_M": max(16, next_power_of_2(sq * group)),
     }  # fmt: skip
     if autotune_enabled():
@@ -901,29 +926,26 @@ def decode(
     if rel_mode == 2:
         # a regular T5 bias [Hq, L, L] is read at every key position
         len_cap = min(len_cap, *args.rel_bias.bias.shape[1:])
-    slopes = args.alibi_slopes
-    if lse is None:
-        lse_t, lse_strides = cache_seqlens, (0, 0, 0)
-    else:
-        lse_t, lse_strides = lse, (lse.stride(0), lse.stride(2), lse.stride(1))
+    slopes, ind = args.alibi_slopes, cache_indirection
+    lse_strides = (lse.stride(0), lse.stride(2), lse.stride(1)) if lse is not None else None
     launch(
         kernel, (bsz * hkv, num_splits),
-        q, k_cache, v_cache, out, lse_t, part, counters, cache_seqlens,
-        block_table if block_table is not None else cache_seqlens,
-        slopes if slopes is not None else cache_seqlens, *(slopes.stride() if slopes is not None else (0, 0)),
-        rel_t, *rel_strides, rel_md,
-        args.k_scale if quant else cache_seqlens, args.v_scale if quant else cache_seqlens,
-        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
-        block_table.stride(0) if block_table is not None else 0,
-        *out.stride()[:3], *lse_strides,
-        hkv, sq, num_splits, min_chunk, max_attention_window or 1,
-        cache_indirection if cache_indirection is not None else cache_seqlens,
-        *(cache_indirection.stride()[:2] if cache_indirection is not None else (0, 0)),
-        cache_indirection.shape[1] if cache_indirection is not None else 1,
-        qk_scale, cap_log2, args.window_left, args.window_right,
-        next_power_of_2(max(args.max_seqlen_k if validate else (max_seqlen_k or args.capacity), 1)),
-        args.sink_token_length, cos, sin, cos.stride(0) if rotary_dim else 0,
-        _errors.error_word(q.device), k_cache.shape[0], len_cap,
+        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, o_ptr=out, lse_ptr=lse,
+        q_strides=q.stride()[:3], k_strides=k_cache.stride()[:3], v_strides=v_cache.stride()[:3],
+        o_strides=out.stride()[:3], lse_strides=lse_strides,
+        seqlens_ptr=cache_seqlens, err_ptr=_errors.error_word(q.device), part_ptr=part, count_ptr=counters,
+        block_table_ptr=block_table, stride_bt=block_table.stride(0) if block_table is not None else 0,
+        pool_rows=k_cache.shape[0],
+        alibi_ptr=slopes, alibi_strides=slopes.stride() if slopes is not None else None,
+        rel_ptr=rel_t, rel_strides=rel_strides, rel_md=rel_md,
+        k_scale_ptr=args.k_scale if quant else None, v_scale_ptr=args.v_scale if quant else None,
+        ind_ptr=ind, ind_strides=ind.stride()[:2] if ind is not None else None,
+        beam_width=ind.shape[1] if ind is not None else 1,
+        cos_ptr=cos, sin_ptr=sin, stride_cos=cos.stride(0) if rotary_dim else 0,
+        num_heads_kv=hkv, seqlen_q=sq, num_splits=num_splits, min_chunk=min_chunk,
+        cyclic_n=max_attention_window or 1, sinks=args.sink_token_length, len_cap=len_cap,
+        tune_len=next_power_of_2(max(args.max_seqlen_k if validate else (max_seqlen_k or args.capacity), 1)),
+        qk_scale=qk_scale, cap_log2=cap_log2, window_left=args.window_left, window_right=args.window_right,
         ROTARY_DIM=rotary_dim, GPTJ=rope_style == "gptj",
         # a compile-time page size turns the per-key division and remainder into shifts (pages are powers of
         # two in practice; others compile to multiply-high sequences)

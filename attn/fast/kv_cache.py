@@ -99,14 +99,24 @@ def write_mask(seq, pos, t_mask, block_table_ptr, stride_bt, block_size, pool_ro
 
 @triton.jit(do_not_specialize=["num_tokens", "block_size", "cyclic_n", "sinks", "pool_rows", "len_cap"])
 def _append_kernel(
+    # (in the order of the earlier flat parameter list, with which ptxas emits the same SASS as before)
     k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr,
     tok_seq_ptr, tok_pos_ptr, block_table_ptr, k_inv_ptr, v_inv_ptr,
-    stride_nt, stride_nh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_bt,
+    new_strides, k_strides, v_strides, stride_bt,
     num_tokens, block_size, cyclic_n, sinks, cu_ptr, err_ptr, pool_rows, len_cap,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
-    CYCLIC: tl.constexpr, CHECK_CU: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, QUANT: tl.constexpr, CYCLIC: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):  # fmt: skip
+    """Operands: the new keys and values ``[T, Hkv, D]`` (strides ``(token, head)``, shared), the caches with
+    strides ``(batch or block, slot, head)``, each new token's sequence and position. A tensor a call does not
+    use is None: the block table of a contiguous cache, the scales' reciprocals of a float cache, and
+    ``cu_ptr``, the cu_seqlens_new checked here only when the host did not check them.
+    """
+    IS_PAGED: tl.constexpr = block_table_ptr is not None
+    CHECK_CU: tl.constexpr = cu_ptr is not None
+    stride_nt, stride_nh = new_strides
+    stride_kb, stride_kn, stride_kh = k_strides
+    stride_vb, stride_vn, stride_vh = v_strides
     h = tl.program_id(1).to(tl.int64)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -214,24 +224,21 @@ def append_kv(
         tok_seq, tok_pos = new_token_positions(args.new_bounds, cache_seqlens)
     else:
         tok_seq, tok_pos = device_positions(cu_seqlens_new, cache_seqlens, num_tokens, k_new.shape)
-    bt = block_table if block_table is not None else tok_seq
     quant = quant_code(k_cache.dtype)
-    # reciprocals computed here, once, as the reference computes them
-    k_inv = 1.0 / args.k_scale if quant else tok_seq
-    v_inv = 1.0 / args.v_scale if quant else tok_seq
     block_t = 16 if is_interpreter() else 32
     launch(
         _append_kernel, (cdiv(num_tokens, block_t), hkv),
-        k_flat, v_flat, k_cache, v_cache, tok_seq, tok_pos, bt, k_inv, v_inv,
-        k_flat.stride(0), k_flat.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_table.stride(0) if block_table is not None else 0,
-        num_tokens, args.block_size, max_attention_window or 1, args.sink_token_length,
-        cu_seqlens_new if cu_seqlens_new is not None else tok_seq, _errors.error_word(k_cache.device),
-        k_cache.shape[0], 2**31 - 1 if max_attention_window is not None else args.capacity,
-        CYCLIC=max_attention_window is not None, HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d),
-        IS_PAGED=block_table is not None, QUANT=quant, CHECK_CU=cu_seqlens_new is not None and not validate,
+        k_new_ptr=k_flat, v_new_ptr=v_flat, new_strides=k_flat.stride()[:2],
+        k_cache_ptr=k_cache, v_cache_ptr=v_cache, k_strides=k_cache.stride()[:3], v_strides=v_cache.stride()[:3],
+        tok_seq_ptr=tok_seq, tok_pos_ptr=tok_pos, err_ptr=_errors.error_word(k_cache.device),
+        block_table_ptr=block_table, stride_bt=block_table.stride(0) if block_table is not None else 0,
+        # reciprocals computed here, once, as the reference computes them
+        k_inv_ptr=1.0 / args.k_scale if quant else None, v_inv_ptr=1.0 / args.v_scale if quant else None,
+        cu_ptr=cu_seqlens_new if cu_seqlens_new is not None and not validate else None,
+        num_tokens=num_tokens, block_size=args.block_size, cyclic_n=max_attention_window or 1,
+        sinks=args.sink_token_length, pool_rows=k_cache.shape[0],
+        len_cap=2**31 - 1 if max_attention_window is not None else args.capacity,
+        HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d), QUANT=quant, CYCLIC=max_attention_window is not None,
         BLOCK_T=block_t,
     )  # fmt: skip
 
@@ -251,15 +258,25 @@ def _chunk_or_cache(
 
 @triton.jit(do_not_specialize=["num_rows", "block_size", "cyclic_n", "sinks"])
 def _gather_window_kernel(
+    # (in the order of the earlier flat parameter list, with which ptxas emits the same SASS as before)
     k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, k_out_ptr, v_out_ptr,
     row_seq_ptr, row_tok_ptr, row_pos_ptr, seqlens_ptr, cu_new_ptr, block_table_ptr, k_scale_ptr, v_scale_ptr,
     cos_ptr, sin_ptr,
-    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_nt, stride_nh,
-    stride_ot, stride_oh, stride_bt, stride_cos,
+    k_strides, v_strides, new_strides, out_strides, stride_bt, stride_cos,
     num_rows, block_size, cyclic_n, sinks,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, QUANT: tl.constexpr,
     ROTARY_DIM: tl.constexpr, GPTJ: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
+    """Operands: the caches (strides ``(batch or block, slot, head)``), the chunk's new keys and values and the
+    outputs (strides ``(row, head)``, each pair shared), each output row's sequence and token. A tensor a call
+    does not use is None: the block table of a contiguous cache, the scales of a float cache, and without RoPE
+    (``ROTARY_DIM`` 0) the positions and the cos/sin tables.
+    """
+    IS_PAGED: tl.constexpr = block_table_ptr is not None
+    stride_kb, stride_kn, stride_kh = k_strides
+    stride_vb, stride_vn, stride_vh = v_strides
+    stride_nt, stride_nh = new_strides
+    stride_ot, stride_oh = out_strides
     h = tl.program_id(1).to(tl.int64)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -345,21 +362,20 @@ def gather_window(
     if num_rows == 0:
         return k_out, v_out
     quant = quant_code(k_cache.dtype)
-    placeholder = row_seq
     block_t = 16 if is_interpreter() else 32
     launch(
         _gather_window_kernel, (cdiv(num_rows, block_t), hkv),
-        k_cache, v_cache, k_new, v_new, k_out, v_out,
-        row_seq, row_tok, row_pos if row_pos is not None else placeholder, cache_seqlens, cu_seqlens_new,
-        block_table if block_table is not None else placeholder,
-        k_scale if quant else placeholder, v_scale if quant else placeholder,
-        cos if rotary_dim else placeholder, sin if rotary_dim else placeholder,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        k_new.stride(0), k_new.stride(1), k_out.stride(0), k_out.stride(1),
-        block_table.stride(0) if block_table is not None else 0, cos.stride(0) if rotary_dim else 0,
-        num_rows, k_cache.shape[1], window, sinks,
-        HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d), IS_PAGED=block_table is not None, QUANT=quant,
-        ROTARY_DIM=rotary_dim, GPTJ=rope_style == "gptj", BLOCK_T=block_t,
+        k_cache_ptr=k_cache, v_cache_ptr=v_cache, k_strides=k_cache.stride()[:3], v_strides=v_cache.stride()[:3],
+        k_new_ptr=k_new, v_new_ptr=v_new, new_strides=k_new.stride()[:2],
+        k_out_ptr=k_out, v_out_ptr=v_out, out_strides=k_out.stride()[:2],
+        row_seq_ptr=row_seq, row_tok_ptr=row_tok, row_pos_ptr=row_pos if rotary_dim else None,
+        seqlens_ptr=cache_seqlens, cu_new_ptr=cu_seqlens_new,
+        block_table_ptr=block_table, stride_bt=block_table.stride(0) if block_table is not None else 0,
+        k_scale_ptr=k_scale if quant else None, v_scale_ptr=v_scale if quant else None,
+        cos_ptr=cos if rotary_dim else None, sin_ptr=sin if rotary_dim else None,
+        stride_cos=cos.stride(0) if rotary_dim else 0,
+        num_rows=num_rows, block_size=k_cache.shape[1], cyclic_n=window, sinks=sinks,
+        HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d), QUANT=quant, ROTARY_DIM=rotary_dim, GPTJ=rope_style == "gptj",
+        BLOCK_T=block_t,
     )  # fmt: skip
     return k_out, v_out

@@ -68,15 +68,26 @@ def _write_head(
 
 @triton.jit(do_not_specialize=["num_tokens", "block_size", "num_positions", "pool_rows", "len_cap"])
 def _preprocess_kernel(
+    # (in the order of the earlier flat parameter list, with which ptxas emits the same SASS as before)
     qkv_ptr, bias_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
     tok_seq_ptr, tok_pos_ptr, rope_pos_ptr, block_table_ptr, k_inv_ptr, v_inv_ptr,
-    stride_row, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_bt, stride_cos,
+    stride_row, q_strides, k_strides, v_strides, stride_bt, stride_cos,
     num_tokens, block_size, num_positions, err_ptr, pool_rows, len_cap,
     NUM_HEADS_Q: tl.constexpr, NUM_HEADS_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, GPTJ: tl.constexpr, HAS_BIAS: tl.constexpr,
-    IS_PAGED: tl.constexpr, QUANT: tl.constexpr, ROTATE_K: tl.constexpr, BLOCK_T: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, GPTJ: tl.constexpr, QUANT: tl.constexpr,
+    ROTATE_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
+    """Operands: the fused rows ``[T, (Hq + 2·Hkv)·D]`` (row stride ``stride_row``), q ``[T, Hq, D]`` (strides
+    ``(token, head)``), the caches (strides ``(batch or block, slot, head)``), each token's sequence and cache
+    position. A tensor a call does not use is None: the QKV bias, the block table of a contiguous cache, the
+    scales' reciprocals of a float cache, and without RoPE (``ROTARY_DIM`` 0) its positions and cos/sin tables
+    (``num_positions`` rows).
+    """
+    HAS_BIAS: tl.constexpr = bias_ptr is not None
+    IS_PAGED: tl.constexpr = block_table_ptr is not None
+    stride_qt, stride_qh = q_strides
+    stride_kb, stride_kn, stride_kh = k_strides
+    stride_vb, stride_vn, stride_vh = v_strides
     hh = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < num_tokens
@@ -85,7 +96,6 @@ def _preprocess_kernel(
     # the cache position a token is written to (its slot in a cyclic cache), and the one RoPE turns q by (not the
     # same with StreamingLLM's sinks, where q turns by its place within the cache)
     pos = tl.load(tok_pos_ptr + offs_t, mask=t_mask, other=0)
-    rope_pos = tl.load(rope_pos_ptr + offs_t, mask=t_mask, other=0)
 
     # the pair of features each rotation mixes: (i, i + r/2) for GPT-NeoX, (2i, 2i + 1) for GPT-J
     offs_i = tl.arange(0, HALF_PAD)
@@ -96,15 +106,18 @@ def _preprocess_kernel(
     else:
         idx1 = offs_i
         idx2 = offs_i + ROTARY_DIM // 2
-    cs_off = rope_pos.to(tl.int64)[:, None] * stride_cos + offs_i[None, :]
-    # a RoPE position past the table (possible only when nothing was validated) reads nothing and is reported
-    in_table = (rope_pos >= 0) & (rope_pos < num_positions)
+    cos = 1.0  # (and sin: read only with ROTARY_DIM > 0)
+    sin = 0.0
     if ROTARY_DIM > 0:
+        rope_pos = tl.load(rope_pos_ptr + offs_t, mask=t_mask, other=0)
+        cs_off = rope_pos.to(tl.int64)[:, None] * stride_cos + offs_i[None, :]
+        # a RoPE position past the table (possible only when nothing was validated) reads nothing and is reported
+        in_table = (rope_pos >= 0) & (rope_pos < num_positions)
         tl.atomic_or(err_ptr + offs_t * 0, APPEND, mask=t_mask & ~in_table & (hh == 0), sem="relaxed")
-    cs_mask = (t_mask & in_table)[:, None] & pair_mask[None, :]
-    # [BLOCK_T, HALF_PAD]
-    cos = tl.load(cos_ptr + cs_off, mask=cs_mask, other=1.0)
-    sin = tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0)
+        cs_mask = (t_mask & in_table)[:, None] & pair_mask[None, :]
+        # [BLOCK_T, HALF_PAD]
+        cos = tl.load(cos_ptr + cs_off, mask=cs_mask, other=1.0)
+        sin = tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0)
 
     if hh < NUM_HEADS_Q:
         dst = q_ptr + offs_t.to(tl.int64)[:, None] * stride_qt + hh * stride_qh
@@ -255,26 +268,25 @@ def launch_preprocess(
         elif rotary_dim:
             # the table covers the last position written: cached tokens plus the new ones
             cos, sin = _cos_sin(args.num_positions, rotary_dim, rope_base, qkv.device, rope_scaling)
-        else:
-            cos = sin = torch.ones(1, 1, dtype=torch.float32, device=qkv.device)
         quant = quant_code(k_cache.dtype)
-        k_inv = 1.0 / args.append.k_scale if quant else tok_seq
-        v_inv = 1.0 / args.append.v_scale if quant else tok_seq
         block_t = 16 if is_interpreter() else 32
         launch(
             _preprocess_kernel, (cdiv(num_tokens, block_t), num_heads_q + num_heads_kv),
-            rows, qkv_bias if qkv_bias is not None else rows, q, k_cache, v_cache, cos, sin,
-            tok_seq, slot_pos, rope_pos, block_table if block_table is not None else tok_seq, k_inv, v_inv,
-            rows.stride(0), q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            block_table.stride(0) if block_table is not None else 0, cos.stride(0),
-            num_tokens, args.append.block_size, cos.shape[0], _errors.error_word(qkv.device), k_cache.shape[0],
-            args.append.capacity,
+            qkv_ptr=rows, stride_row=rows.stride(0), bias_ptr=qkv_bias, q_ptr=q, q_strides=q.stride()[:2],
+            k_cache_ptr=k_cache, v_cache_ptr=v_cache, k_strides=k_cache.stride()[:3], v_strides=v_cache.stride()[:3],
+            tok_seq_ptr=tok_seq, tok_pos_ptr=slot_pos, err_ptr=_errors.error_word(qkv.device),
+            block_table_ptr=block_table, stride_bt=block_table.stride(0) if block_table is not None else 0,
+            # reciprocals computed here, once, as the reference computes them
+            k_inv_ptr=1.0 / args.append.k_scale if quant else None,
+            v_inv_ptr=1.0 / args.append.v_scale if quant else None,
+            rope_pos_ptr=rope_pos if rotary_dim else None, cos_ptr=cos if rotary_dim else None,
+            sin_ptr=sin if rotary_dim else None, stride_cos=cos.stride(0) if rotary_dim else 0,
+            num_positions=cos.shape[0] if rotary_dim else 0,
+            num_tokens=num_tokens, block_size=args.append.block_size, pool_rows=k_cache.shape[0],
+            len_cap=args.append.capacity,
             NUM_HEADS_Q=num_heads_q, NUM_HEADS_KV=num_heads_kv, HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d),
             ROTARY_DIM=rotary_dim, HALF_PAD=max(1, next_power_of_2(rotary_dim // 2)), GPTJ=rope_style == "gptj",
-            HAS_BIAS=qkv_bias is not None, IS_PAGED=block_table is not None, QUANT=quant, ROTATE_K=not sinks,
-            BLOCK_T=block_t,
+            QUANT=quant, ROTATE_K=not sinks, BLOCK_T=block_t,
         )  # fmt: skip
     if args.packed:
         return q

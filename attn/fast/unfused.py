@@ -27,16 +27,23 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _scores_kernel(
-    q_ptr, k_ptr, s_ptr, seqlens_q_ptr, seqlens_k_ptr, alibi_ptr, stride_ab, stride_ah,
-    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-    stride_sb, stride_sh, stride_sm,
+    # (in the order of the earlier flat parameter list, with which ptxas emits the same SASS as before)
+    q_ptr, k_ptr, s_ptr, seqlens_q_ptr, seqlens_k_ptr, alibi_ptr, alibi_strides,
+    q_strides, k_strides, s_strides,
     num_heads_q, group_size, seqlen_q_pad, seqlen_k_pad,
     scale, softcap, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIBI_WITH_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """Operands: q, k (padded ``[B, S, H, D]``, strides ``(batch, row, head)``) and the scores ``[B, Hq, Sq, Sk]``
+    (strides ``(batch, head, row)``); the ALiBi slopes ``[B, Hq]`` (strides ``(batch, head)``), or None."""
+    HAS_ALIBI: tl.constexpr = alibi_ptr is not None
+    # fp32 inputs take full-precision products; the others ignore the setting
+    PRECISION: tl.constexpr = "ieee" if q_ptr.dtype.element_ty == tl.float32 else "tf32"
+    stride_qb, stride_qm, stride_qh = q_strides
+    stride_kb, stride_kn, stride_kh = k_strides
+    stride_sb, stride_sh, stride_sm = s_strides
     pid_m, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
@@ -63,7 +70,7 @@ def _scores_kernel(
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     diag = seqlen_k - seqlen_q
     if HAS_ALIBI:
-        slope = tl.load(alibi_ptr + b * stride_ab + h * stride_ah)
+        slope = tl.load(alibi_ptr + b * alibi_strides[0] + h * alibi_strides[1])
         bias = slope * (offs_n[None, :] - (offs_m[:, None] + diag)).to(tl.float32)
         if ALIBI_WITH_SCALE:
             qk += bias
@@ -217,19 +224,18 @@ def attention_unfused(
         head_dim_pad = max(16, next_power_of_2(d))
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
         bm, bn = (32, 16) if is_interpreter() or q.dtype == torch.float32 else (64, 64)
+        slopes = args.alibi_slopes
         launch(
             _scores_kernel, (triton.cdiv(sq, bm), triton.cdiv(sk, bn), bsz * hq),
-            qp, kp, scores, lens_q, lens_k,
-            args.alibi_slopes if args.alibi_slopes is not None else lens_q,
-            *(args.alibi_slopes.stride() if args.alibi_slopes is not None else (0, 0)),
-            qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
-            scores.stride(0), scores.stride(1), scores.stride(2),
-            hq, args.group_size, sq, sk,
-            args.scale, args.softcap, args.window_left, args.window_right,
+            q_ptr=qp, k_ptr=kp, s_ptr=scores,
+            q_strides=qp.stride()[:3], k_strides=kp.stride()[:3], s_strides=scores.stride()[:3],
+            seqlens_q_ptr=lens_q, seqlens_k_ptr=lens_k,
+            alibi_ptr=slopes, alibi_strides=slopes.stride() if slopes is not None else None,
+            num_heads_q=hq, group_size=args.group_size, seqlen_q_pad=sq, seqlen_k_pad=sk,
+            scale=args.scale, softcap=args.softcap, window_left=args.window_left, window_right=args.window_right,
             HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad,
             HAS_WINDOW_LEFT=args.window_left >= 0, HAS_WINDOW_RIGHT=args.window_right >= 0,
-            HAS_SOFTCAP=args.softcap > 0, HAS_ALIBI=args.alibi_slopes is not None,
-            ALIBI_WITH_SCALE=args.alibi_with_scale, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn,
+            HAS_SOFTCAP=args.softcap > 0, ALIBI_WITH_SCALE=args.alibi_with_scale, BLOCK_M=bm, BLOCK_N=bn,
         )  # fmt: skip
         launch(_softmax_kernel, (bsz * hq * sq,), scores, lse, sk, BLOCK_N=min(1024, next_power_of_2(sk)))
         launch(

@@ -36,19 +36,34 @@ dec = sys.modules["attn.fast.decode"]
 POINTERS = {"q_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32",
             "seqlens_ptr": "*i32", "block_table_ptr": "*i32",
             "alibi_ptr": "*fp32", "rel_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
-            "ind_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}  # fmt: skip
-NOT_ALIGNED = {"stride_ab", "stride_ah", "stride_rh", "stride_rm", "stride_ib", "stride_ibeam"}
+            "ind_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "err_ptr": "*i32"}  # fmt: skip
+# stride tuples without the divisibility hint (the others get it on every element)
+NOT_ALIGNED = {"alibi_strides", "rel_strides", "ind_strides"}
 COUNTS = "BAR LDG LDGSTS STS LDS LDSM I2F F2FP PRMT HADD2 HMMA HGMMA IMAD FFMA FADD FMUL STG ATOMG".split()
 
 
-def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: int, **overrides):
+def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: int, SPLIT_MERGE=False,
+                   STORE_LSE=True, **overrides):  # fmt: skip
     cache = {0: "*bf16", 1: "*i8", 2: "*fp8e4nv"}[quant]
     consts = dict(ROTARY_DIM=0, GPTJ=False, PAGE_SIZE=64 if paged else 1, INT8_ASM=True, GROUP=4, HEAD_DIM=128,
                   HEAD_DIM_PAD=128, IS_PAGED=paged, CYCLIC=False, HAS_INDIRECTION=False, HAS_WINDOW_LEFT=False,
                   HAS_WINDOW_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False, ALIBI_WITH_SCALE=False, REL_MODE=0,
-                  QUANT=quant, MMA_F16=quant != 0, PRECISION="tf32", SPLIT_MERGE=False, STORE_LSE=True, MERGE_ROWS=1,
-                  BLOCK_M=16, BLOCK_N=block_n, MERGE_TILE=1024 * warps)  # fmt: skip
+                  QUANT=quant, MMA_F16=quant != 0, MERGE_ROWS=1, BLOCK_M=16, BLOCK_N=block_n,
+                  MERGE_TILE=1024 * warps)  # fmt: skip
     consts.update(overrides)
+    # the operands a call without them passes as None (the kernel tests them at compile time)
+    absent = {"alibi_ptr", "alibi_strides", "ind_ptr", "ind_strides", "cos_ptr", "sin_ptr"}
+    if not SPLIT_MERGE:
+        absent |= {"part_ptr", "count_ptr"}
+    if not STORE_LSE:
+        absent |= {"lse_ptr", "lse_strides"}
+    if not paged:
+        absent.add("block_table_ptr")
+    if not quant:
+        absent |= {"k_scale_ptr", "v_scale_ptr"}
+    if not consts["REL_MODE"]:
+        absent |= {"rel_ptr", "rel_strides"}
+    consts.update({name: None for name in absent})
     kernel = dec._decode_kernel
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -60,9 +75,14 @@ def compile_decode(quant: int, paged: bool, block_n: int, warps: int, stages: in
             signature[name] = POINTERS[name]
         elif name in ("qk_scale", "cap_log2"):
             signature[name] = "fp32"
+        elif name.endswith("_strides"):
+            n = 3 if name[0] in "qkvol" else 2
+            signature[name] = ("i32",) * n
+            if name not in NOT_ALIGNED:
+                attrs.update({(i, j): [["tt.divisibility", 16]] for j in range(n)})
         else:
             signature[name] = "i32"
-        if name.endswith("_ptr") or (name.startswith("stride_") and name not in NOT_ALIGNED):
+        if name.endswith("_ptr") and name not in consts or name in ("stride_bt", "stride_cos"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET, options=dict(num_warps=warps, num_stages=stages))

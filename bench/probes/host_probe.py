@@ -79,7 +79,10 @@ def launch_parts(call, label: str = "1 split") -> None:
     real = dec.launch
 
     def record(kernel, grid, *args, **constexprs):
-        seen.update(kernel=kernel, grid=grid, args=args, constexprs=constexprs)
+        seen.update(kernel=kernel, grid=grid, operands=dict(constexprs))
+        if not args:  # operands by keyword: launch's positional form
+            args, constexprs = tr.bind(kernel, constexprs)
+        seen.update(args=args, constexprs=constexprs)
         seen["compiled"] = real(kernel, grid, *args, **constexprs)
         return seen["compiled"]
 
@@ -89,10 +92,13 @@ def launch_parts(call, label: str = "1 split") -> None:
     print(f"{common.host_us(call):8.1f} us  decode wrapper, launch stubbed out ({label})")
     dec.launch = real
     args, constexprs = seen["args"], seen["constexprs"]
+    operands = seen["operands"]
+    print(f"{common.host_us(lambda: tr.bind(seen['kernel'], dict(operands))):8.1f} us  bind ({len(operands)} keywords)")
     print(f"{common.host_us(lambda: tr.arg_key(args)):8.1f} us  arg_key ({len(args)} arguments)")
     print(f"{common.host_us(lambda: torch.cuda.current_stream().cuda_stream):8.1f} us  current stream (Stream object)")
     print(f"{common.host_us(lambda: tr.current_stream(0)):8.1f} us  current stream (raw handle, as launch asks)")
     print(f"{common.host_us(lambda: tr.launch(seen['kernel'], seen['grid'], *args, **constexprs)):8.1f} us  launch()")
+    print(f"{common.host_us(lambda: tr.launch(seen['kernel'], seen['grid'], **operands)):8.1f} us  launch() by keyword")
     # the entry of this very specialization (split and unsplit calls compile different kernels)
     entry = next(v for v in tr._LAUNCHES.values() if v and v[0] is seen["compiled"])
     compiled, tail, _ = entry
@@ -181,7 +187,7 @@ def cpu_wrapper() -> None:
     vc = torch.randn_like(kc)
     lens = torch.full((b,), 64, dtype=torch.int32)
     seen = {}
-    dec.launch = lambda kernel, grid, *args, **kw: seen.update(args=args)
+    dec.launch = lambda kernel, grid, *args, **kw: seen.update(kernel=kernel, operands=kw)
     n = 131072
     rows = {
         "decode wrapper, validate=False, hints (split chosen)": lambda: fast.decode(
@@ -196,7 +202,9 @@ def cpu_wrapper() -> None:
     for name, fn in rows.items():
         print(f"{us(fn):8.2f} us  {name}", flush=True)
     fast.decode(q, kc, vc, lens, validate=False, num_splits=8)
-    args = seen["args"]
+    kernel, operands = seen["kernel"], seen["operands"]
+    args = tr.bind(kernel, dict(operands))[0]
+    print(f"{us(lambda: tr.bind(kernel, dict(operands)), calls=20000):8.2f} us  bind ({len(operands)} keywords)")
     print(f"{us(lambda: tr.arg_key(args), calls=20000):8.2f} us  arg_key ({len(args)} arguments)")
 
 

@@ -37,6 +37,7 @@ from triton.runtime.jit import create_function_from_signature
 
 import attn.fast  # noqa: F401  (sets up Triton before anything else imports it)
 from attn import RelativeBias, alibi_slopes
+from attn.fast._triton import bind
 
 # prefixes of the full opcodes (with modifiers): MUFU.EX2 is the exponential, FMNMX the row max
 COUNTS = ["HGMMA", "HMMA", "MUFU.EX2", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "LDG", "LDGSTS", "LDS", "LDSM",
@@ -62,6 +63,8 @@ def captured_launch(mod, **kw):
     seen = {}
 
     def fake_launch(kernel, grid, *args, **constexprs):
+        if not args:  # operands by keyword: launch's positional form
+            args, constexprs = bind(kernel, constexprs)
         seen.update(args=args, constexprs=constexprs)
 
     saved = mod.launch, mod.is_interpreter

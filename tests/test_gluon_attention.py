@@ -195,6 +195,55 @@ def test_gluon_nonfinite_stays_in_its_sequence():
     assert rel_err(ref[0], out[0]) <= TOL[torch.bfloat16]
 
 
+# (name, kwargs of attention_gluon, dtype, D): the slow path of `_hidden_values_out` in each consumer structure,
+# both dtypes (the indicator product is bf16 whatever V's dtype), D64, 64-key tiles, and the window's edges
+HIDDEN_VARIANTS = [
+    ("default", {}, torch.bfloat16, 128),
+    ("fp16", {}, torch.float16, 128),
+    ("d64", {}, torch.bfloat16, 64),
+    ("c1", {"consumers": 1}, torch.bfloat16, 128),
+    ("serial", {"overlap": False}, torch.bfloat16, 128),
+    ("n64", {"block_n": 64}, torch.bfloat16, 128),
+    ("grid", {"persistent": False}, torch.bfloat16, 128),
+]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("variant", HIDDEN_VARIANTS, ids=[v[0] for v in HIDDEN_VARIANTS])
+@pytest.mark.parametrize("mask", ["causal", "window", "full-ragged"])
+def test_gluon_hidden_values_stay_out(mask, variant, bad):
+    # SPEC: values of keys hidden from a row never reach its output. Non-finite V rows inside the masked tiles
+    # (the causal diagonal, a window's right and left edges, the last tile of a ragged Sk), some hidden from the
+    # rows before them, one visible to every row, in several columns; plus a NaN K row hidden from earlier rows.
+    # The output is non-finite exactly where the reference's is (an Inf may come out as NaN: SPEC treats both as
+    # "what the reference gives", and the kernel's indicator writes NaN), and matches it elsewhere.
+    name, kw, dtype, d = variant
+    sq, sk = (300, 300) if mask != "full-ragged" else (300, 333)
+    q, k, v = _inputs(2, sq, sk, 4, 2, d, dtype)
+    val = float(bad)
+    v[0, 150, 0, 3] = val  # diagonal tile of rows 128-255: hidden from rows 128-149
+    v[0, 170, 1, 5] = -val if bad == "inf" else val
+    v[1, 129, 0, 7] = val  # row block 1's first diagonal key: hidden from row 128 only
+    v[1, 0, 1, 0] = val  # visible to every row (causal): NaN everywhere in column 0 of head 2, 3
+    v[1, 299, 0, 1] = val  # the last key: hidden from every other row under causal
+    k[0, 200, 1, 2] = float("nan")
+    causal = mask == "causal"
+    window = {"causal": (-1, 0), "window": (40, 20), "full-ragged": (-1, -1)}[mask]
+    out = ga.attention_gluon(q, k, v, scale=d**-0.5, window_left=window[0], window_right=window[1], **kw)
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=causal,
+                              window_size=window if not causal else (-1, -1))  # fmt: skip
+    bad_ref, bad_out = ~torch.isfinite(ref), ~torch.isfinite(out)
+    assert bad_ref.any(), "the draw must reach some output"
+    assert torch.equal(bad_out, bad_ref), (
+        f"{name} {mask} {bad}: non-finite outputs at {bad_out.sum().item()} places, reference "
+        f"{bad_ref.sum().item()}; leaked: {(bad_out & ~bad_ref).sum().item()}"
+    )
+    fin = ~bad_ref
+    assert rel_err(ref[fin], out[fin].to(ref.dtype)) <= TOL[dtype], f"{name} {mask}: finite part off"
+
+
 def _count_calls(monkeypatch):
     calls = []
     real = ga.attention_gluon

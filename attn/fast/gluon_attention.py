@@ -29,9 +29,16 @@ Covered: padded ``[B, S, H, D]`` without per-sequence lengths, causal (bottom-ri
 soft-capping, GQA/MQA, D in {64, 128}, fp16/bf16, ``return_lse``. Everything else (packed varlen, lengths,
 ALiBi, T5, other head dims, fp32) goes to the ``tl.*`` kernel: see `gluon_supported`.
 
-Why no per-sequence lengths: TMA fills rows outside the tensor's bounds with zeros, but a padded row inside the
-tensor is whatever the caller left there. A NaN in a padded V row would reach the output through ``0 · NaN``
-(a masked score makes p = 0, not the product). The ``tl.*`` kernel masks the load instead.
+Hidden values stay out (SPEC): in a masked tile (the causal diagonal, a window's edges, the end of the keys) a
+hidden key's p is 0, but wgmma's P·V multiplies it by the key's V row anyway, and ``0 · NaN = NaN``. Each masked
+tile therefore checks its V stage for non-finite values (one pass over the stage in shared memory, one
+reduction); only when there are any, the consumers rewrite the stage with them zeroed and put NaN where a
+visible key had one (`_hidden_values_out`). The unmasked tiles are unchanged (their keys are visible to every
+row, where NaN is the answer).
+
+Why no per-sequence lengths yet: TMA fills rows outside the tensor's bounds with zeros, but a padded row inside
+the tensor is whatever the caller left there. The masked-tile mechanism above is what would keep such a row out
+(the tiles that straddle a sequence's end are masked tiles); the per-sequence ranges are not written yet.
 
 Dispatch from `attn.attention` on sm_90: by default only where it was measured faster than the ``tl.*`` kernel
 (`gluon_default`); ``ATTN_GLUON=1`` forces it wherever `gluon_supported`, ``ATTN_GLUON=0`` turns it off.
@@ -46,6 +53,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -241,16 +249,127 @@ def _scores(qk, offs_m, start, diag, seqlen_k, qk_scale, cap_log2, window_left, 
     else:
         s = qk
     if MASKED:
-        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        j = gl.expand_dims(offs_n, 0)
-        i = gl.expand_dims(offs_m, 1) + diag
-        visible = j < seqlen_k
-        if HAS_WINDOW_LEFT:
-            visible = visible & (j >= i - window_left)
-        if HAS_WINDOW_RIGHT:
-            visible = visible & (j <= i + window_right)
+        visible = _visible(offs_m, start, diag, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                           HAS_WINDOW_RIGHT, BLOCK_N, s_layout)  # fmt: skip
         s = gl.where(visible, s, float("-inf"))
     return s
+
+
+@gluon.jit
+def _visible(offs_m, start, diag, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr,
+             HAS_WINDOW_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):  # fmt: skip
+    """Which keys of the tile at ``start`` each row sees (SPEC: bottom-right aligned window, keys < seqlen_k);
+    [1, BLOCK_N] without a window, broadcast against the rows by the caller."""
+    offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    j = gl.expand_dims(offs_n, 0)
+    i = gl.expand_dims(offs_m, 1) + diag
+    visible = j < seqlen_k
+    if HAS_WINDOW_LEFT:
+        visible = visible & (j >= i - window_left)
+    if HAS_WINDOW_RIGHT:
+        visible = visible & (j <= i + window_right)
+    return visible
+
+
+# Hidden values stay out (SPEC: values of keys hidden from a row never reach its output). In a masked tile a hidden
+# key's p is exactly 0, but wgmma's P·V still multiplies it by the key's V row, and 0 · NaN = 0 · Inf = NaN. The
+# unmasked tiles hold only keys every row sees, where NaN is the right answer; only the masked tiles (the causal
+# diagonal, a window's edges, the end of the keys) need this. Each masked tile checks its V stage for exponent bits
+# all set (one pass over the stage and one reduction); only if there are any, the slow path below runs.
+NONFINITE_CHUNK = gl.constexpr(32)  # V rows per pass of the check and the slow path (32 int16 per thread at 4 warps)
+
+
+@gluon.jit
+def _has_nonfinite(v_smem, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Whether the V stage holds a NaN or ±Inf: an element whose exponent bits are all set (bf16 0x7F80, fp16
+    0x7C00), read as int16 straight from shared memory. Uniform over the partition (a cross-warp reduction)."""
+    NW: gl.constexpr = gl.num_warps()
+    CH: gl.constexpr = NONFINITE_CHUNK
+    EXP: gl.constexpr = 0x7F80 if v_smem.dtype == gl.bfloat16 else 0x7C00
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+    bits = v_smem._reinterpret(gl.int16, [BLOCK_N, HEAD_DIM], v_smem.layout)
+    bad = gl.zeros([CH, HEAD_DIM], gl.int32, layout)
+    for c in gl.static_range(BLOCK_N // CH):
+        x = bits.slice(c * CH, CH).load(layout).to(gl.int32)
+        bad = bad | ((x & EXP) == EXP).to(gl.int32)
+    return gl.max(gl.max(bad, 1), 0)
+
+
+@gluon.jit
+def _sync_consumers(fix_bar, fixes):
+    """Every consumer partition reaches this point (the ``fixes``-th phase of ``fix_bar``, count = partitions)
+    after all its threads' shared-memory stores (fenced for the async proxy by the caller)."""
+    gl.thread_barrier()
+    mbarrier.arrive(fix_bar, count=1)
+    mbarrier.wait(fix_bar, fixes & 1)
+    return fixes + 1
+
+
+@gluon.jit
+def _v_rows(v_ptr, v_base, kv_stride, row0, kv_rows, CH: gl.constexpr, HEAD_DIM: gl.constexpr,
+            layout: gl.constexpr):  # fmt: skip
+    """V rows ``row0 .. row0 + CH`` of this (sequence, KV head) from global memory, as fp32; rows at or past
+    ``kv_rows`` (hidden from every row) read as 0."""
+    rows = row0 + gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    ptrs = v_ptr + v_base + gl.expand_dims(rows.to(gl.int64) * kv_stride, 1) + gl.expand_dims(cols, 0)
+    mask = gl.expand_dims(rows < kv_rows, 1) & gl.expand_dims(cols < HEAD_DIM, 0)
+    return gl.load(ptrs, mask=mask, other=0.0).to(gl.float32)
+
+
+@gluon.jit
+def _hidden_values_out(v_smem, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, start, offs_m, diag, seqlen_k,
+                       window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+                       HALF: gl.constexpr, CONSUMERS: gl.constexpr, WG_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                       p_layout: gl.constexpr):  # fmt: skip
+    """The slow path of a masked tile whose V stage holds a non-finite value. Afterwards the stage holds V with
+    its non-finite values replaced by 0 (so a hidden key's p = 0 contributes exactly 0), and ``acc`` is NaN
+    exactly where a visible key's V had a non-finite value in that column: the reference's ``p · NaN`` (an Inf
+    becomes NaN here, not ±Inf).
+
+    Which outputs a visible non-finite value reaches is ``visible @ bad``, one more wgmma accumulated into acc
+    itself (a separate [WG_M, D] accumulator does not fit the 240 registers beside acc, P and the next tile's
+    scores: ptxas serializes every wgmma of the kernel): visible as 2^127 and bad as 2^127, both exact in bf16
+    (the stage is reinterpreted as bf16 for this product whatever V's dtype), so a hit adds 2^254, past fp32's
+    range, and a miss adds exactly 0. Every element at or above 1e38 (inf, or a saturated or NaN product) then
+    becomes NaN; an unnormalized acc of honest values never gets there (|acc| <= keys · max|V|).
+
+    Both consumer partitions read the stage, so they rewrite it together: each its own BLOCK_N / CONSUMERS rows,
+    from V in global memory (the stage's copy is overwritten by the indicator first), with a barrier between
+    the steps. Both take this path for the same tiles: they check the same untouched stage, and nobody writes
+    it before both have checked (the first barrier)."""
+    NW: gl.constexpr = gl.num_warps()
+    CH: gl.constexpr = NONFINITE_CHUNK
+    ROWS: gl.constexpr = BLOCK_N // CONSUMERS
+    dtype: gl.constexpr = v_smem.dtype
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+    big: gl.constexpr = 1.7014118346046923e38  # 2^127
+    ind = v_smem._reinterpret(gl.bfloat16, [BLOCK_N, HEAD_DIM], v_smem.layout)
+    # 0: both partitions have checked the untouched stage
+    fixes = _sync_consumers(fix_bar, fixes)
+    # 1: this partition's rows become the indicator of non-finite values (2^127 / 0)
+    for c in gl.static_range(ROWS // CH):
+        x = _v_rows(v_ptr, v_base, kv_stride, start + HALF * ROWS + c * CH, seqlen_k, CH, HEAD_DIM, layout)
+        ind.slice(HALF * ROWS + c * CH, CH).store(gl.where((x - x) != 0.0, big, 0.0).to(gl.bfloat16))
+    fence_async_shared()
+    fixes = _sync_consumers(fix_bar, fixes)
+    # 2: acc += (visible · 2^127) @ (bad · 2^127): +inf (or at least 2^127) where a visible key is bad
+    visible = _visible(offs_m, start, diag, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                       HAS_WINDOW_RIGHT, BLOCK_N, s_layout)  # fmt: skip
+    vis = gl.where(visible, gl.full([WG_M, BLOCK_N], big, gl.float32, s_layout), 0.0)
+    vis = gl.convert_layout(vis.to(gl.bfloat16), p_layout)
+    acc = warpgroup_mma(vis, ind, acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    acc = gl.where(acc < 1.0e38, acc, float("nan"))
+    # 3: both have read the indicator; the rows become V with its non-finite values zeroed
+    fixes = _sync_consumers(fix_bar, fixes)
+    for c in gl.static_range(ROWS // CH):
+        x = _v_rows(v_ptr, v_base, kv_stride, start + HALF * ROWS + c * CH, seqlen_k, CH, HEAD_DIM, layout)
+        v_smem.slice(HALF * ROWS + c * CH, CH).store(gl.where((x - x) != 0.0, 0.0, x).to(dtype))
+    fence_async_shared()
+    fixes = _sync_consumers(fix_bar, fixes)
+    return acc, fixes
 
 
 @gluon.jit
@@ -280,20 +399,28 @@ def _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED: gl.constexpr, HAS_SOFTCAP:
 
 
 @gluon.jit
-def _softmax_pv(qk, v_bufs, v_ready, slot, phase, acc, m_i, l_i, start, offs_m, diag, seqlen_k, qk_scale, cap_log2,
-                window_left, window_right, MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
-                HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, BLOCK_N: gl.constexpr,
-                HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                p_layout: gl.constexpr):  # fmt: skip
-    """Softmax of one tile's products, then P·V issued asynchronously; returns the pending accumulator."""
+def _softmax_pv(qk, v_bufs, v_ready, slot, phase, acc, m_i, l_i, fix, start, offs_m, diag, seqlen_k, qk_scale,
+                cap_log2, window_left, window_right, MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
+                HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HALF: gl.constexpr,
+                CONSUMERS: gl.constexpr, WG_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):  # fmt: skip
+    """Softmax of one tile's products, then P·V issued asynchronously; returns the pending accumulator. ``fix``
+    is ``(fix_bar, fixes, v_ptr, v_base, kv_stride)``: what a masked tile's non-finite check needs."""
     s = _scores(qk, offs_m, start, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, MASKED,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, BLOCK_N, s_layout)  # fmt: skip
     p_op, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED, HAS_SOFTCAP, o_layout, p_layout,
                                         v_bufs.dtype)  # fmt: skip
     mbarrier.wait(v_ready.index(slot), phase)
     v = v_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM])
+    fix_bar, fixes, v_ptr, v_base, kv_stride = fix
+    if MASKED:
+        if _has_nonfinite(v, BLOCK_N, HEAD_DIM) != 0:
+            acc, fixes = _hidden_values_out(v, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, start, offs_m, diag,
+                                            seqlen_k, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                                            HALF, CONSUMERS, WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout,
+                                            p_layout)  # fmt: skip
     acc = warpgroup_mma(p_op, v, acc, is_async=True)
-    return acc, m_i, l_i
+    return acc, m_i, l_i, fixes
 
 
 @gluon.jit
@@ -309,13 +436,14 @@ def _qk(q, k_bufs, k_ready, it, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HE
 
 
 @gluon.jit
-def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo, hi, offs_m, diag, seqlen_k,
-           qk_scale, cap_log2, window_left, window_right,
+def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes, fix_bar, v_ptr, v_base, kv_stride,
+           lo, hi, offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right,
            MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
-           HAS_SOFTCAP: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-           HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-           p_layout: gl.constexpr):  # fmt: skip
-    """The key tiles [lo, hi): ring slots ``it, it+1, ...``; returns the running state and the next slot."""
+           HAS_SOFTCAP: gl.constexpr, OVERLAP: gl.constexpr, HALF: gl.constexpr, CONSUMERS: gl.constexpr,
+           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, s_layout: gl.constexpr,
+           o_layout: gl.constexpr, p_layout: gl.constexpr):  # fmt: skip
+    """The key tiles [lo, hi): ring slots ``it, it+1, ...``; returns the running state, the next slot and the
+    count of ``fix_bar`` phases (`_hidden_values_out`)."""
     STAGES: gl.constexpr = k_bufs.shape[0]
     n_tiles = gl.cdiv(hi - lo, BLOCK_N)
     if OVERLAP:
@@ -329,20 +457,23 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo,
                 # a no-op wait (only that product is in flight) that pins the order in SASS: without it ptxas
                 # sinks the product below the softmax's exponentials, and nothing overlaps (bench/probes/gluon_sass.py)
                 qk = warpgroup_mma_wait(1, deps=[qk])
-                acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
-                                              lo + t * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
-                                              window_left, window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-                                              HAS_SOFTCAP, BLOCK_N, HEAD_DIM, s_layout, o_layout,
-                                              p_layout)  # fmt: skip
+                acc_t, m_i, l_i, fixes = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i,
+                                                     l_i, (fix_bar, fixes, v_ptr, v_base, kv_stride),
+                                                     lo + t * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
+                                                     window_left, window_right, MASKED, HAS_WINDOW_LEFT,
+                                                     HAS_WINDOW_RIGHT, HAS_SOFTCAP, HALF, CONSUMERS, BLOCK_M,
+                                                     BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
                 acc, qk = warpgroup_mma_wait(0, deps=[acc_t, qk_next])
                 # the next tile's K and this tile's V are read: hand both stages back to the producer
                 mbarrier.arrive(kv_empty.index((it + 1) % STAGES), count=1)
                 mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
                 it += 1
-            acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
-                                          lo + (n_tiles - 1) * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
-                                          window_left, window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-                                          HAS_SOFTCAP, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+            acc_t, m_i, l_i, fixes = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
+                                                 (fix_bar, fixes, v_ptr, v_base, kv_stride),
+                                                 lo + (n_tiles - 1) * BLOCK_N, offs_m, diag, seqlen_k, qk_scale,
+                                                 cap_log2, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
+                                                 HAS_WINDOW_RIGHT, HAS_SOFTCAP, HALF, CONSUMERS, BLOCK_M, BLOCK_N,
+                                                 HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
             acc = warpgroup_mma_wait(0, deps=[acc_t])
             mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
             it += 1
@@ -350,19 +481,21 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo,
         for t in range(n_tiles):
             qk = warpgroup_mma_wait(0, deps=[_qk(q, k_bufs, k_ready, it, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)])
             mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
-            acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
-                                          lo + t * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
-                                          window_left, window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-                                          HAS_SOFTCAP, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+            acc_t, m_i, l_i, fixes = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
+                                                 (fix_bar, fixes, v_ptr, v_base, kv_stride), lo + t * BLOCK_N,
+                                                 offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left,
+                                                 window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                                                 HAS_SOFTCAP, HALF, CONSUMERS, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout,
+                                                 o_layout, p_layout)  # fmt: skip
             acc = warpgroup_mma_wait(0, deps=[acc_t])
             mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
             it += 1
-    return acc, m_i, l_i, it
+    return acc, m_i, l_i, it, fixes
 
 
 @gluon.jit
-def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lse_ptr,
-              stride_lb, stride_lh, batch, num_heads_q, section, seqlen_q, seqlen_k, qk_scale, cap_log2,
+def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar, v_ptr, lse_ptr,
+              stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, qk_scale, cap_log2,
               window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
               HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr,
               WG_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
@@ -371,6 +504,7 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
     block and hands it back. The next item's Q is loaded during this item's epilogue."""
     q_smem = q_bufs.index(HALF)
     q_bar = q_bars.index(HALF)
+    CONSUMERS: gl.constexpr = BLOCK_M // WG_M
     NW: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                        instr_shape=[16, BLOCK_N, 16])  # fmt: skip
@@ -388,9 +522,14 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         tma.async_copy_global_to_shared(q_desc, [b, m_block + HALF * WG_M, h * HEAD_DIM], q_bar, q_smem)
     it = 0
     n_done = 0
+    fixes = 0
+    # V rows of one KV head are num_heads_kv · HEAD_DIM elements apart (the non-finite slow path reads them)
+    num_heads_kv = num_heads_q // group_size
+    kv_stride = num_heads_kv * HEAD_DIM
     for tile in range(first, num_tiles, step):
         b, h, m_block = _tile_coords(tile, batch, num_heads_q, seqlen_q, section, BLOCK_M)
         m0 = m_block + HALF * WG_M
+        v_base = (b.to(gl.int64) * seqlen_k * num_heads_kv + h // group_size) * HEAD_DIM
         lo, full_lo, full_hi, hi = _key_ranges(m_block, seqlen_q, seqlen_k, window_left, window_right,
                                                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
         mbarrier.wait(q_bar, n_done & 1)
@@ -400,18 +539,21 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
         # masked tiles on a window's left edge, unmasked tiles, masked tiles along the diagonal and the end
-        acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo, full_lo,
-                                   offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, True,
-                                   HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N,
-                                   HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
-        acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, full_lo,
-                                   full_hi, offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right,
-                                   False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N,
-                                   HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
-        acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, full_hi, hi,
-                                   offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, True,
-                                   HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N,
-                                   HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
+                                          fix_bar, v_ptr, v_base, kv_stride, lo, full_lo, offs_m, diag, seqlen_k,
+                                          qk_scale, cap_log2, window_left, window_right, True, HAS_WINDOW_LEFT,
+                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, HALF, CONSUMERS, WG_M, BLOCK_N,
+                                          HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
+                                          fix_bar, v_ptr, v_base, kv_stride, full_lo, full_hi, offs_m, diag,
+                                          seqlen_k, qk_scale, cap_log2, window_left, window_right, False,
+                                          HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, HALF, CONSUMERS,
+                                          WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
+                                          fix_bar, v_ptr, v_base, kv_stride, full_hi, hi, offs_m, diag, seqlen_k,
+                                          qk_scale, cap_log2, window_left, window_right, True, HAS_WINDOW_LEFT,
+                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, HALF, CONSUMERS, WG_M, BLOCK_N,
+                                          HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         n_done += 1
 
         # every product that read Q has completed (the last wait): the next item's Q can come in already
@@ -444,7 +586,7 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
 # length's divisibility by 16 (each variant takes seconds of ptxas)
 @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "batch", "num_heads_q", "section", "group_size", "seqlen_q",
                               "seqlen_k", "window_left", "window_right"])  # fmt: skip
-def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section,
+def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section,
                     group_size, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
                     HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                     STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr,
@@ -464,6 +606,9 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # kv_empty[s]: K stage s is free; kv_empty[STAGES + s]: V stage s is free
     kv_empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    # the consumers' rendezvous in the non-finite slow path (`_hidden_values_out`): one arrival per partition
+    fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(fix_bar, count=CONSUMERS)
     for i in gl.static_range(CONSUMERS):
         mbarrier.init(q_bars.index(i), count=1)
     for i in gl.static_range(STAGES):
@@ -480,12 +625,14 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh
         # producer. The default partition gets the registers the other two leave: (168·12 − 240·4 − 24·4) / 4.
         gl.warp_specialize(
             [
-                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, seqlen_q, seqlen_k, qk_scale,
+                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
+                             v_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q,
+                             seqlen_k, qk_scale,
                              cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
                              STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
-                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, seqlen_q, seqlen_k, qk_scale,
+                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
+                             v_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q,
+                             seqlen_k, qk_scale,
                              cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
                              STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 1)),
                 (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q,
@@ -501,8 +648,9 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh
         # warpgroups move in lockstep
         gl.warp_specialize(
             [
-                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, seqlen_q, seqlen_k, qk_scale,
+                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
+                             v_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q,
+                             seqlen_k, qk_scale,
                              cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
                              STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
                 (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q,
@@ -559,7 +707,7 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
         qk_scale, cap_log2 = scale * LOG2E, 0.0
     args = (
         _descriptor(q, wg_m, head_dim), _descriptor(k, block_n, head_dim), _descriptor(v, block_n, head_dim),
-        out, lse if lse is not None else out,
+        out, v, lse if lse is not None else out,
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         batch, num_heads_q,
         l2_section(batch, num_heads_q, num_heads_q // num_heads_kv, seqlen_k, head_dim, q.element_size(), l2_bytes),

@@ -15,6 +15,9 @@ reported, not timed); the bf16 8192³ matmul is measured in the same run as the 
   gluon_2x4_serial attention_gluon called directly: two consumer partitions, no intra-warpgroup overlap
   gluon_grid       attention_gluon called directly: the default variant, one program per work item
   gluon_bn64       attention_gluon called directly: the default variant on 64-key tiles (6 stages at D128)
+  gluon_noguard    attention_gluon called directly: the default variant WITHOUT the masked tiles' non-finite
+                   check (guard_hidden=False; breaks SPEC's hidden-values rule): a baseline that prices the check,
+                   on every shape
   tl               attn.fast.attention with ATTN_GLUON=0: the tl.* kernel (its fixed config unless autotuning)
   default          attn.fast.attention, ATTN_GLUON unset: the default dispatch (gluon_default decides; the
                    record's note says which kernel ran)
@@ -25,7 +28,9 @@ S >= 4096 on the same shapes (a second table: TFLOP/s, ratio to bf16).
   cudnn / flash    SDPA pinned to one backend, on [B, H, S, D] copies made before timing
   flex             torch.compile(flex_attention), block mask built outside timing
 
-The packed (varlen) row of PERF.md is not run: the Gluon kernel does not take packed input (gluon_supported).
+The packed (varlen) row of PERF.md is not run as such: the Gluon kernel does not take packed input. With
+``--seqlens`` (on by default) its lengths are timed in the padded layout with ``seqlens_q/k`` (a third table):
+gluon (ATTN_GLUON=1) and tl (ATTN_GLUON=0) on the same padded call, and tl on the packed call (cu_seqlens).
 Writes one JSON (``--out`` is a folder, or a .json path) and prints TFLOP/s, the fraction of the matmul
 ceiling, and the ratio to cuDNN (cudnn_ms / ms: > 1 means faster than cuDNN) and to the tl.* kernel.
 """
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -51,9 +57,11 @@ VARIANTS = {
     "gluon_2x4_serial": {"consumers": 2, "overlap": False},
     "gluon_grid": {"persistent": False},
     "gluon_bn64": {"block_n": 64},
+    "gluon_noguard": {"guard_hidden": False},
 }
-# the run-1 schedule is the same compiled kernel (the section is a runtime argument): timed on every shape
-EVERY_SHAPE_VARIANTS = ("gluon_rowmajor",)
+# the run-1 schedule is the same compiled kernel (the section is a runtime argument): timed on every shape; so is
+# the unguarded baseline, whose difference to gluon_rowmajor/gluon is the masked tiles' check
+EVERY_SHAPE_VARIANTS = ("gluon_rowmajor", "gluon_noguard")
 COLUMNS = ["gluon", *VARIANTS, "tl", "default", "cudnn", "flash", "flex"]
 
 
@@ -282,6 +290,71 @@ def run_fp8_shape(shape, args) -> dict:
     return result
 
 
+def run_seqlens_shape(shape, args) -> dict:
+    """A packed shape's lengths in the padded layout with ``seqlens_q = seqlens_k = lengths``: the Gluon kernel
+    and the tl.* kernel on the same padded call, and the tl.* kernel on the packed call (cu_seqlens), in one
+    process. The padding rows hold NaN (they must not matter). Checked: gluon against tl on the padded call."""
+    import attn.fast as fast
+    from attn.fast import gluon_attention as ga
+
+    lengths, h, d = shape.lengths, shape.heads_q, shape.head_dim
+    b, smax = len(lengths), max(lengths)
+    flops = shape.flops()
+    name = f"seqlens B{b} H{h} Smax{smax} D{d} {'causal' if shape.causal else 'full'}"
+    print(f"\n== {name}   ({flops / 1e12:.3f} TFLOP)", flush=True)
+    torch.manual_seed(args.seed)
+    q, k, v = (torch.randn(b, smax, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    for i, n in enumerate(lengths):
+        for t in (q, k, v):
+            t[i, n:] = float("nan")
+    cu = torch.zeros(b + 1, dtype=torch.int32, device="cuda")
+    cu[1:] = torch.cumsum(lens, 0)
+    qp, kp, vp = (torch.cat([t[i, :n] for i, n in enumerate(lengths)]) for t in (q, k, v))
+    padded = lambda: fast.attention(q, k, v, causal=shape.causal, seqlens_q=lens, seqlens_k=lens)
+    packed = lambda: fast.attention(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=smax,
+                                    max_seqlen_k=smax, causal=shape.causal)  # fmt: skip
+    fns = {"gluon": (padded, "1"), "tl": (padded, "0"), "tl_packed": (packed, "0")}
+    result: dict[str, Any] = {"name": name, "flops": flops, "contenders": {}}
+    calls = []
+    real = ga.attention_gluon
+    ga.attention_gluon = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        with _env("1"):
+            out_g = padded()
+    finally:
+        ga.attention_gluon = real
+    with _env("0"):
+        out_t = padded()
+    err = rel_err(out_t, out_g)
+    ok = bool(calls) and not torch.isnan(out_g).any().item() and err <= args.tol
+    for cname, (_, env) in fns.items():
+        rec: dict[str, Any] = {"status": "ok", "note": f"ATTN_GLUON={env}"}
+        if cname == "gluon" and not ok:
+            rec.update(status="wrong", err=err, error=f"dispatched={bool(calls)} err={err:.2e} (vs tl, padded)")
+        result["contenders"][cname] = rec
+    for _ in range(args.repeat):
+        for cname, (fn, env) in fns.items():
+            rec = result["contenders"][cname]
+            if rec["status"] != "ok":
+                continue
+            with _env(env):
+                ms, method = common.time_ms(fn, args.warmup, args.rep)
+            rec.setdefault("ms_all", []).append(ms)
+            rec["timing"] = method
+    tl_ms = statistics.median(result["contenders"]["tl"].get("ms_all") or [float("nan")])
+    for cname, rec in result["contenders"].items():
+        if rec.get("ms_all"):
+            rec["ms"] = statistics.median(rec["ms_all"])
+            rec["tflops"] = common.tflops(flops, rec["ms"])
+            rec["vs_tl"] = tl_ms / rec["ms"]
+            print(f"  {cname:<10} {rec['ms']:8.3f} ms  {rec['tflops']:6.1f} TFLOP/s  "
+                  f"x{rec['vs_tl']:.2f} vs tl (padded)", flush=True)  # fmt: skip
+        else:
+            print(f"  {cname:<10} {rec['status']} {rec.get('error', '')}", flush=True)
+    return result
+
+
 def summary(results, ceilings) -> str:
     cols = [c for c in COLUMNS if any(c in r["contenders"] for r in results)]
     rows = []
@@ -323,6 +396,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
                    help="also time FP8 prefill against our bf16 prefill at S >= 4096")  # fmt: skip
+    p.add_argument("--seqlens", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the packed shape's lengths as seqlens_q/k in the padded layout")  # fmt: skip
     args = p.parse_args(argv)
     common.require_cuda("bench.bench_gluon")
     import attn  # noqa: F401  (before anything else imports triton)
@@ -374,6 +449,19 @@ def main(argv=None) -> int:
             print(f"  ({res['wall_s']} s)", flush=True)
             doc.setdefault("fp8_results", []).append(res)
             common.write_json(out_path, doc)
+    if args.seqlens:
+        for shape in [s for s in SHAPES if s.packed]:
+            for causal in (False, True):
+                sh = dataclasses.replace(shape, causal=causal)
+                try:
+                    res = run_seqlens_shape(sh, args)
+                except Exception as e:
+                    res = {"name": "seqlens " + sh.name, "error": common.short_error(e),
+                           "traceback": common.tail_traceback(), "contenders": {}}  # fmt: skip
+                    print(f"  seqlens shape failed: {res['error']}", flush=True)
+                common.free_memory()
+                doc.setdefault("seqlens_results", []).append(res)
+                common.write_json(out_path, doc)
     print("\n" + summary(doc["results"], ceilings))
     if doc.get("fp8_results"):
         rows = []
@@ -384,6 +472,15 @@ def main(argv=None) -> int:
             rows.append([r["name"][4:], *cells])
         print("\nFP8 prefill, TFLOP/s (bf16_default_ms / ms in parentheses; target fp8 >= 1.6)")
         print(common.format_table(["shape", "fp8", "bf16_default", "bf16_tl"], rows))
+    if doc.get("seqlens_results"):
+        rows = []
+        for r in doc["seqlens_results"]:
+            c = r["contenders"]
+            cells = [f"{c[n]['tflops']:.0f} ({c[n]['vs_tl']:.2f})" if c.get(n, {}).get("ms") else "ERR"
+                     for n in ("gluon", "tl", "tl_packed")]  # fmt: skip
+            rows.append([r["name"], *cells])
+        print("\nPer-sequence lengths, TFLOP/s of the valid tokens (tl_ms / ms on the padded call in parentheses)")
+        print(common.format_table(["shape", "gluon", "tl", "tl_packed"], rows))
     print(f"results: {out_path}")
     return 0
 

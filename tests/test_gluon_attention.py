@@ -244,6 +244,77 @@ def test_gluon_hidden_values_stay_out(mask, variant, bad):
     assert rel_err(ref[fin], out[fin].to(ref.dtype)) <= TOL[dtype], f"{name} {mask}: finite part off"
 
 
+# (name, kwargs of attention_gluon, dtype, D) for the per-sequence lengths: the default structure in both dtypes
+# and at D64, and each structural alternative
+LENS_VARIANTS = [
+    ("default", {}, torch.bfloat16, 128),
+    ("fp16", {}, torch.float16, 128),
+    ("d64", {}, torch.bfloat16, 64),
+    ("c1", {"consumers": 1}, torch.bfloat16, 128),
+    ("serial", {"overlap": False}, torch.bfloat16, 128),
+    ("n64", {"block_n": 64}, torch.bfloat16, 128),
+]
+# per sequence (len_q, len_k) in [B, 300, ...] / [B, 333, ...] tensors: empty, length 1, full, a query longer than
+# its keys (causal rows that see no key), queries without keys, keys ending mid-tile, a row block past len_q
+LENS = [(0, 0), (1, 1), (300, 333), (129, 40), (3, 0), (77, 200), (200, 129)]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("variant", LENS_VARIANTS, ids=[v[0] for v in LENS_VARIANTS])
+@pytest.mark.parametrize("feature", FEATURES)
+def test_gluon_seqlens(feature, variant):
+    # padded layout with per-sequence lengths; the padding (rows past each length) holds NaN in q, k and v: none
+    # of it may reach an output (SPEC), rows past len_q are zeros with lse -inf, rows that see no key likewise
+    name, kw, dtype, d = variant
+    b, sq, sk = len(LENS), 300, 333
+    q, k, v = _inputs(b, sq, sk, 8, 2, d, dtype)
+    lens_q = torch.tensor([x for x, _ in LENS], dtype=torch.int32, device="cuda")
+    lens_k = torch.tensor([y for _, y in LENS], dtype=torch.int32, device="cuda")
+    qp, kp, vp = q.clone(), k.clone(), v.clone()
+    for i, (lq, lk) in enumerate(LENS):
+        qp[i, lq:] = float("nan")
+        kp[i, lk:] = float("nan")
+        vp[i, lk:] = float("nan")
+    f = FEATURES[feature]
+    window = f.get("window", (-1, -1))
+    left, right = window[0], (0 if f.get("causal") else window[1])
+    out, lse = ga.attention_gluon(qp, kp, vp, scale=d**-0.5, window_left=left, window_right=right,
+                                  softcap=f.get("softcap", 0.0), return_lse=True, seqlens_q=lens_q,
+                                  seqlens_k=lens_k, **kw)  # fmt: skip
+    # the reference on the unpoisoned tensors (the same call by SPEC: padding never matters)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), seqlens_q=lens_q, seqlens_k=lens_k,
+                                       return_lse=True, **f)  # fmt: skip
+    tag = f"{name} {feature}"
+    assert not torch.isnan(out).any(), f"{tag}: NaN in the output (padding leaked, or rows unwritten)"
+    assert rel_err(ref, out) <= TOL[dtype], f"{tag}: relative error {rel_err(ref, out):.3e}"
+    for i, (lq, _) in enumerate(LENS):
+        assert torch.equal(out[i, lq:], torch.zeros_like(out[i, lq:])), f"{tag}: sequence {i} padding rows not zero"
+        assert torch.isneginf(lse[i, :, lq:]).all(), f"{tag}: sequence {i} padding rows' lse not -inf"
+    # rows that see no key: zero like the reference
+    keyless = ref_lse.isneginf().permute(0, 2, 1)  # [B, Sq, Hq]
+    assert torch.equal(out[keyless], torch.zeros_like(out[keyless])), f"{tag}: keyless rows not zero"
+    assert_lse_close(f"{tag} lse", ref_lse, lse, LSE_TOL[dtype])
+
+
+@pytest.mark.gpu
+@sm90
+def test_dispatch_seqlens(monkeypatch):
+    # ATTN_GLUON=1 takes the per-sequence lengths (one given: attn fills the other with the padded length); the
+    # default keeps them on the tl.* kernel (not measured yet), even in gluon_default's winning regime
+    calls = _count_calls(monkeypatch)
+    q, k, v = _inputs(2, 4096, 4096, 8, 2, 128, torch.bfloat16)
+    lens_k = torch.tensor([4096, 1000], dtype=torch.int32, device="cuda")
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=True, seqlens_k=lens_k)
+    monkeypatch.delenv("ATTN_GLUON", raising=False)
+    fast.attention(q, k, v, causal=True, seqlens_k=lens_k)
+    assert calls == []
+    monkeypatch.setenv("ATTN_GLUON", "1")
+    out = fast.attention(q, k, v, causal=True, seqlens_k=lens_k)
+    assert calls == [1]
+    assert rel_err(ref, out) <= TOL[torch.bfloat16]
+
+
 def _count_calls(monkeypatch):
     calls = []
     real = ga.attention_gluon
@@ -265,8 +336,9 @@ def test_dispatch_opt_in(monkeypatch):
     out = fast.attention(q, k, v, causal=True)
     assert calls == [1], "ATTN_GLUON=1 did not select the Gluon kernel on sm_90"
     assert rel_err(ref, out) <= TOL[torch.bfloat16]
-    # unsupported variants keep the tl.* kernel: lengths, packed layout, ALiBi, other head dims
-    fast.attention(q, k, v, causal=True, seqlens_k=torch.full((2,), 200, dtype=torch.int32, device="cuda"))
+    # unsupported variants keep the tl.* kernel: packed layout, ALiBi, other head dims
+    cu = torch.tensor([0, 256, 512], dtype=torch.int32, device="cuda")
+    fast.attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
     fast.attention(q[..., :80].contiguous(), k[..., :80].contiguous(), v[..., :80].contiguous(), causal=True)
     fast.attention(q, k, v, alibi_slopes=torch.rand(8, device="cuda"))
     assert calls == [1]

@@ -25,9 +25,9 @@ what FlashAttention-3 (Shah et al., 2024) is built from:
   producer runs ahead into the next item's K/V while the consumers finish the current one; the next Q arrives
   during the epilogue, and the output goes from registers straight to global memory.
 
-Covered: padded ``[B, S, H, D]`` without per-sequence lengths, causal (bottom-right) and full, sliding windows,
-soft-capping, GQA/MQA, D in {64, 128}, fp16/bf16, ``return_lse``. Everything else (packed varlen, lengths,
-ALiBi, T5, other head dims, fp32) goes to the ``tl.*`` kernel: see `gluon_supported`.
+Covered: padded ``[B, S, H, D]`` with or without per-sequence lengths ``seqlens_q/k``, causal (bottom-right)
+and full, sliding windows, soft-capping, GQA/MQA, D in {64, 128}, fp16/bf16, ``return_lse``. Everything else
+(packed varlen, ALiBi, T5, other head dims, fp32) goes to the ``tl.*`` kernel: see `gluon_supported`.
 
 Hidden values stay out (SPEC): in a masked tile (the causal diagonal, a window's edges, the end of the keys) a
 hidden key's p is 0, but wgmma's P·V multiplies it by the key's V row anyway, and ``0 · NaN = NaN``. Each masked
@@ -36,9 +36,15 @@ reduction); only when there are any, the consumers rewrite the stage with them z
 visible key had one (`_hidden_values_out`). The unmasked tiles are unchanged (their keys are visible to every
 row, where NaN is the answer).
 
-Why no per-sequence lengths yet: TMA fills rows outside the tensor's bounds with zeros, but a padded row inside
-the tensor is whatever the caller left there. The masked-tile mechanism above is what would keep such a row out
-(the tiles that straddle a sequence's end are masked tiles); the per-sequence ranges are not written yet.
+Per-sequence lengths (padded layout): TMA fills rows outside the tensor's bounds with zeros, but a padding row
+inside the tensor is whatever the caller left there. Each work item reads its sequence's lengths, and the key
+ranges, the mask and the diagonal use them, so tiles wholly past ``seqlens_k[b]`` are never loaded and the one
+that straddles it is a masked tile: its padding keys get p = 0 from the mask, and a non-finite value in their V
+rows is kept out by the mechanism above. Query rows past ``seqlens_q[b]`` compute on padding and are written as
+zeros (lse −inf). Chosen over per-sequence TMA descriptors (one per sequence, built on the host: a device sync
+or a descriptor array per call) and ``tma.async_gather`` (row gathers, no bulk tiles): the masked-tile check is
+paid only on the tile at each sequence's end. Packed varlen would reuse it (a 1-row batch descriptor over
+``[T, H·D]``, rows of the next sequence masked the same way) but is not written yet.
 
 Dispatch from `attn.attention` on sm_90: by default only where it was measured faster than the ``tl.*`` kernel
 (`gluon_default`); ``ATTN_GLUON=1`` forces it wherever `gluon_supported`, ``ATTN_GLUON=0`` turns it off.
@@ -114,10 +120,11 @@ DEFAULT_MIN_MHA_SEQLEN = 16384
 
 
 def gluon_default(*, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim, window_left, window_right,
-                  softcap) -> bool:  # fmt: skip
-    """Whether a call that `gluon_supported` covers runs on the Gluon kernel by default (the measured wins)."""
+                  softcap, seqlens=False) -> bool:  # fmt: skip
+    """Whether a call that `gluon_supported` covers runs on the Gluon kernel by default (the measured wins).
+    Calls with per-sequence lengths are not measured yet: ``tl.*`` unless forced."""
     causal = window_left < 0 and window_right == 0
-    if not causal or softcap > 0 or head_dim != 128 or seqlen_q != seqlen_k:
+    if seqlens or not causal or softcap > 0 or head_dim != 128 or seqlen_q != seqlen_k:
         return False
     if num_heads_q // num_heads_kv >= 4:
         return seqlen_k >= DEFAULT_MIN_GQA_SEQLEN
@@ -127,10 +134,11 @@ def gluon_default(*, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim, wi
 def gluon_supported(q, k, v, *, packed, seqlens, head_dim, alibi, rel_bias, softcap) -> bool:
     """Whether this call can run on the Gluon kernel (everything else stays on the ``tl.*`` kernel).
 
-    Needs an sm_90 device, fp16/bf16, D in {64, 128}, the padded layout without per-sequence lengths, no ALiBi
-    and no T5 bias, and contiguous tensors whose row strides TMA accepts (16-byte multiples)."""
-    del softcap  # supported
-    if packed or seqlens or alibi or rel_bias:
+    Needs an sm_90 device, fp16/bf16, D in {64, 128}, the padded layout (per-sequence lengths ``seqlens_q/k``
+    included), no ALiBi and no T5 bias, and contiguous tensors whose row strides TMA accepts (16-byte
+    multiples)."""
+    del softcap, seqlens  # supported
+    if packed or alibi or rel_bias:
         return False
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
@@ -201,14 +209,30 @@ def _key_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LE
     if HAS_WINDOW_RIGHT:
         full_hi = gl.minimum(m0 + diag + window_right + 1, seqlen_k)
     full_hi = gl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    # a row block past its sequence's length (seqlens_q) has no rows: no keys
+    hi = gl.where(m0 < seqlen_q, hi, lo)
     full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
     full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
     return lo, full_lo, full_hi, hi
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q, section, group_size,
-              seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr,
+def _lengths(b, seqlens_q_ptr, seqlens_k_ptr, seqlen_q, seqlen_k, HAS_SEQLENS: gl.constexpr):
+    """Sequence b's valid lengths: ``seqlens_q/k[b]`` clamped into the padded lengths (an unvalidated call
+    reads and writes only inside the tensors whatever they hold), or the padded lengths."""
+    if HAS_SEQLENS:
+        len_q = gl.minimum(gl.maximum(gl.load(seqlens_q_ptr + b), 0), seqlen_q)
+        len_k = gl.minimum(gl.maximum(gl.load(seqlens_k_ptr + b), 0), seqlen_k)
+    else:
+        len_q = seqlen_q + b * 0
+        len_k = seqlen_k + b * 0
+    return len_q, len_k
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, seqlens_q_ptr, seqlens_k_ptr, batch,
+              num_heads_q, section, group_size, seqlen_q, seqlen_k, window_left, window_right,
+              HAS_SEQLENS: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
               HAS_WINDOW_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               HEAD_DIM: gl.constexpr):  # fmt: skip
     """One warp: TMA copies of every K and V tile this program's work items need, into the ring, in the order
@@ -219,7 +243,8 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch,
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         b, h, m0 = _tile_coords(tile, batch, num_heads_q, seqlen_q, section, BLOCK_M)
         kv_col = (h // group_size) * HEAD_DIM
-        lo, full_lo, full_hi, hi = _key_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+        len_q, len_k = _lengths(b, seqlens_q_ptr, seqlens_k_ptr, seqlen_q, seqlen_k, HAS_SEQLENS)
+        lo, full_lo, full_hi, hi = _key_ranges(m0, len_q, len_k, window_left, window_right, HAS_WINDOW_LEFT,
                                                HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
         for i in range(gl.cdiv(hi - lo, BLOCK_N)):
             s = it % STAGES
@@ -276,7 +301,17 @@ def _visible(offs_m, start, diag, seqlen_k, window_left, window_right, HAS_WINDO
 # unmasked tiles hold only keys every row sees, where NaN is the right answer; only the masked tiles (the causal
 # diagonal, a window's edges, the end of the keys) need this. Each masked tile checks its V stage for exponent bits
 # all set (one pass over the stage and one reduction); only if there are any, the slow path below runs.
-NONFINITE_CHUNK = gl.constexpr(32)  # V rows per pass of the check and the slow path (32 int16 per thread at 4 warps)
+# Registers are the constraint: the check runs with acc, P and (OVERLAP) the next tile's scores live, and any
+# extra [WG_M, D] fp32 tensor there makes ptxas serialize every wgmma of the kernel (C7512). So the stage is read in
+# chunks of 8 elements per thread (`_chunk_layout`), and the indicator product in slices of IND_KEYS keys.
+IND_KEYS = gl.constexpr(32)
+
+
+@gluon.constexpr_function
+def _chunk_layout(HEAD_DIM, NW):
+    """A [rows, HEAD_DIM] register layout of 8 contiguous elements (16 bytes) per thread; its tile covers
+    (32 / (HEAD_DIM / 8)) · NW rows, the chunk height of the check and the slow path."""
+    return gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NW, 1], [1, 0])
 
 
 @gluon.jit
@@ -284,9 +319,9 @@ def _has_nonfinite(v_smem, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
     """Whether the V stage holds a NaN or ±Inf: an element whose exponent bits are all set (bf16 0x7F80, fp16
     0x7C00), read as int16 straight from shared memory. Uniform over the partition (a cross-warp reduction)."""
     NW: gl.constexpr = gl.num_warps()
-    CH: gl.constexpr = NONFINITE_CHUNK
+    CH: gl.constexpr = (32 // (HEAD_DIM // 8)) * NW
     EXP: gl.constexpr = 0x7F80 if v_smem.dtype == gl.bfloat16 else 0x7C00
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+    layout: gl.constexpr = _chunk_layout(HEAD_DIM, NW)
     bits = v_smem._reinterpret(gl.int16, [BLOCK_N, HEAD_DIM], v_smem.layout)
     bad = gl.zeros([CH, HEAD_DIM], gl.int32, layout)
     for c in gl.static_range(BLOCK_N // CH):
@@ -340,10 +375,14 @@ def _hidden_values_out(v_smem, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, st
     the steps. Both take this path for the same tiles: they check the same untouched stage, and nobody writes
     it before both have checked (the first barrier)."""
     NW: gl.constexpr = gl.num_warps()
-    CH: gl.constexpr = NONFINITE_CHUNK
+    CH: gl.constexpr = (32 // (HEAD_DIM // 8)) * NW
     ROWS: gl.constexpr = BLOCK_N // CONSUMERS
     dtype: gl.constexpr = v_smem.dtype
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+    layout: gl.constexpr = _chunk_layout(HEAD_DIM, NW)
+    # the visibility operand in slices of IND_KEYS keys (an accumulator-shaped layout of that width converts to
+    # the A operand in registers, as P does)
+    h_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, IND_KEYS, 16])  # fmt: skip
     big: gl.constexpr = 1.7014118346046923e38  # 2^127
     ind = v_smem._reinterpret(gl.bfloat16, [BLOCK_N, HEAD_DIM], v_smem.layout)
     # 0: both partitions have checked the untouched stage
@@ -355,12 +394,14 @@ def _hidden_values_out(v_smem, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, st
     fence_async_shared()
     fixes = _sync_consumers(fix_bar, fixes)
     # 2: acc += (visible · 2^127) @ (bad · 2^127): +inf (or at least 2^127) where a visible key is bad
-    visible = _visible(offs_m, start, diag, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
-                       HAS_WINDOW_RIGHT, BLOCK_N, s_layout)  # fmt: skip
-    vis = gl.where(visible, gl.full([WG_M, BLOCK_N], big, gl.float32, s_layout), 0.0)
-    vis = gl.convert_layout(vis.to(gl.bfloat16), p_layout)
-    acc = warpgroup_mma(vis, ind, acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=[acc])
+    rows = gl.convert_layout(offs_m, gl.SliceLayout(1, h_layout))
+    for kk in gl.static_range(BLOCK_N // IND_KEYS):
+        visible = _visible(rows, start + kk * IND_KEYS, diag, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                           HAS_WINDOW_RIGHT, IND_KEYS, h_layout)  # fmt: skip
+        vis = gl.where(visible, gl.full([WG_M, IND_KEYS], big, gl.float32, h_layout), 0.0)
+        vis = gl.convert_layout(vis.to(gl.bfloat16), p_layout)
+        acc = warpgroup_mma(vis, ind.slice(kk * IND_KEYS, IND_KEYS), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[acc])
     acc = gl.where(acc < 1.0e38, acc, float("nan"))
     # 3: both have read the indicator; the rows become V with its non-finite values zeroed
     fixes = _sync_consumers(fix_bar, fixes)
@@ -413,7 +454,8 @@ def _softmax_pv(qk, v_bufs, v_ready, slot, phase, acc, m_i, l_i, fix, start, off
     mbarrier.wait(v_ready.index(slot), phase)
     v = v_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM])
     fix_bar, fixes, v_ptr, v_base, kv_stride = fix
-    if MASKED:
+    # MASKED is 1 for a masked tile, 2 for one without the guard (GUARD_HIDDEN=False: a benchmark's baseline only)
+    if MASKED == 1:
         if _has_nonfinite(v, BLOCK_N, HEAD_DIM) != 0:
             acc, fixes = _hidden_values_out(v, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, start, offs_m, diag,
                                             seqlen_k, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
@@ -495,9 +537,11 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fix
 
 @gluon.jit
 def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar, v_ptr, lse_ptr,
-              stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, qk_scale, cap_log2,
-              window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
-              HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr,
+              seqlens_q_ptr, seqlens_k_ptr, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q,
+              seqlen_k, qk_scale, cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr,
+              HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+              HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, GUARD_HIDDEN: gl.constexpr,
+              BLOCK_M: gl.constexpr,
               WG_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
     """One consumer partition: for each of the program's work items, Q·Kᵀ, online softmax and P·V for its WG_M
     rows of the row block (rows HALF·WG_M ...), then the epilogue. Every consumer reads every K/V stage of the
@@ -505,13 +549,13 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
     q_smem = q_bufs.index(HALF)
     q_bar = q_bars.index(HALF)
     CONSUMERS: gl.constexpr = BLOCK_M // WG_M
+    MASKED: gl.constexpr = 1 if GUARD_HIDDEN else 2
     NW: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                        instr_shape=[16, BLOCK_N, 16])  # fmt: skip
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    diag = seqlen_k - seqlen_q
     num_tiles = gl.cdiv(seqlen_q, BLOCK_M) * batch * num_heads_q
     step = gl.num_programs(0)
 
@@ -530,7 +574,11 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         b, h, m_block = _tile_coords(tile, batch, num_heads_q, seqlen_q, section, BLOCK_M)
         m0 = m_block + HALF * WG_M
         v_base = (b.to(gl.int64) * seqlen_k * num_heads_kv + h // group_size) * HEAD_DIM
-        lo, full_lo, full_hi, hi = _key_ranges(m_block, seqlen_q, seqlen_k, window_left, window_right,
+        # this sequence's lengths: the mask, the diagonal and the slow path's rows use them, the tensor's padded
+        # lengths only address memory
+        len_q, len_k = _lengths(b, seqlens_q_ptr, seqlens_k_ptr, seqlen_q, seqlen_k, HAS_SEQLENS)
+        diag = len_k - len_q
+        lo, full_lo, full_hi, hi = _key_ranges(m_block, len_q, len_k, window_left, window_right,
                                                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
         mbarrier.wait(q_bar, n_done & 1)
         q = q_smem.reshape([WG_M, HEAD_DIM])
@@ -540,18 +588,18 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
         # masked tiles on a window's left edge, unmasked tiles, masked tiles along the diagonal and the end
         acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
-                                          fix_bar, v_ptr, v_base, kv_stride, lo, full_lo, offs_m, diag, seqlen_k,
-                                          qk_scale, cap_log2, window_left, window_right, True, HAS_WINDOW_LEFT,
+                                          fix_bar, v_ptr, v_base, kv_stride, lo, full_lo, offs_m, diag, len_k,
+                                          qk_scale, cap_log2, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
                                           HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, HALF, CONSUMERS, WG_M, BLOCK_N,
                                           HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
                                           fix_bar, v_ptr, v_base, kv_stride, full_lo, full_hi, offs_m, diag,
-                                          seqlen_k, qk_scale, cap_log2, window_left, window_right, False,
+                                          len_k, qk_scale, cap_log2, window_left, window_right, False,
                                           HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, HALF, CONSUMERS,
                                           WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
-                                          fix_bar, v_ptr, v_base, kv_stride, full_hi, hi, offs_m, diag, seqlen_k,
-                                          qk_scale, cap_log2, window_left, window_right, True, HAS_WINDOW_LEFT,
+                                          fix_bar, v_ptr, v_base, kv_stride, full_hi, hi, offs_m, diag, len_k,
+                                          qk_scale, cap_log2, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
                                           HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, HALF, CONSUMERS, WG_M, BLOCK_N,
                                           HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         n_done += 1
@@ -563,10 +611,13 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
             mbarrier.expect(q_bar, q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [nb, nm + HALF * WG_M, nh * HEAD_DIM], q_bar, q_smem)
 
-        # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros
-        has_key = l_i > 0.0
+        # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros; rows past the sequence's
+        # length (seqlens_q; computed from whatever the padding holds) are zeros by definition
+        has_key = (l_i > 0.0) & (offs_m < len_q)
         l_safe = gl.where(has_key, l_i, 1.0)
         out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout)), 1)
+        if HAS_SEQLENS:
+            out = gl.where(gl.expand_dims(gl.convert_layout(has_key, gl.SliceLayout(1, o_layout)), 1), out, 0.0)
         # straight from the accumulator's registers to global memory (no staging buffer: its 32 KB buy the
         # third K/V stage at D 128); rows past Sq are masked
         rows = gl.convert_layout(offs_m, gl.SliceLayout(1, o_layout))
@@ -586,10 +637,11 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
 # length's divisibility by 16 (each variant takes seconds of ptxas)
 @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "batch", "num_heads_q", "section", "group_size", "seqlen_q",
                               "seqlen_k", "window_left", "window_right"])  # fmt: skip
-def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section,
-                    group_size, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
-                    HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                    STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr,
+def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, seqlens_q_ptr, seqlens_k_ptr, stride_lb,
+                    stride_lh, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, qk_scale, cap_log2,
+                    window_left, window_right, HAS_SEQLENS: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
+                    HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr,
+                    OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr, GUARD_HIDDEN: gl.constexpr,
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
     """Grid: one program per work item (row block of one (b, h)), or persistent: fewer programs, each taking
     items program_id, program_id + grid, ... (`_tile_coords` orders them longest first)."""
@@ -626,17 +678,18 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, stride_lb, st
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q,
-                             seqlen_k, qk_scale,
-                             cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
-                             STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
+                             v_ptr, lse_ptr, seqlens_q_ptr, seqlens_k_ptr, stride_lb, stride_lh, batch, num_heads_q,
+                             section, group_size, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+                             HAS_SEQLENS, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
+                             STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q,
-                             seqlen_k, qk_scale,
-                             cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
-                             STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 1)),
-                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q,
-                             section, group_size, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                             v_ptr, lse_ptr, seqlens_q_ptr, seqlens_k_ptr, stride_lb, stride_lh, batch, num_heads_q,
+                             section, group_size, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+                             HAS_SEQLENS, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
+                             STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 1)),
+                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, seqlens_q_ptr,
+                             seqlens_k_ptr, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, window_left,
+                             window_right, HAS_SEQLENS, HAS_WINDOW_LEFT,
                              HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM)),
             ],
             [4, 1],
@@ -649,12 +702,13 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, stride_lb, st
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q,
-                             seqlen_k, qk_scale,
-                             cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
-                             STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
-                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q,
-                             section, group_size, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                             v_ptr, lse_ptr, seqlens_q_ptr, seqlens_k_ptr, stride_lb, stride_lh, batch, num_heads_q,
+                             section, group_size, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+                             HAS_SEQLENS, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
+                             STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
+                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, seqlens_q_ptr,
+                             seqlens_k_ptr, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, window_left,
+                             window_right, HAS_SEQLENS, HAS_WINDOW_LEFT,
                              HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM)),
             ],
             [1],
@@ -695,7 +749,8 @@ def l2_section(batch, num_heads_q, group_size, seqlen_k, head_dim, itemsize, l2_
 
 
 def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap, overlap=True, consumers=2,
-                persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES):  # fmt: skip
+                persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES, seqlens_q=None, seqlens_k=None,
+                guard_hidden=True):  # fmt: skip
     """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and bench/probes/gluon_sass.py)."""
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     seqlen_k, num_heads_kv = k.shape[1], k.shape[2]
@@ -708,14 +763,19 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
     args = (
         _descriptor(q, wg_m, head_dim), _descriptor(k, block_n, head_dim), _descriptor(v, block_n, head_dim),
         out, v, lse if lse is not None else out,
+        seqlens_q if seqlens_q is not None else out, seqlens_k if seqlens_k is not None else out,
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         batch, num_heads_q,
         l2_section(batch, num_heads_q, num_heads_q // num_heads_kv, seqlen_k, head_dim, q.element_size(), l2_bytes),
         num_heads_q // num_heads_kv, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
     )  # fmt: skip
+    has_seqlens = seqlens_q is not None or seqlens_k is not None
+    if has_seqlens and (seqlens_q is None or seqlens_k is None):
+        raise ValueError("seqlens_q and seqlens_k go together here (attn.attention fills the missing one)")
     constexprs = dict(
-        HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
-        STORE_LSE=lse is not None, OVERLAP=overlap, CONSUMERS=consumers, BLOCK_N=block_n,
+        HAS_SEQLENS=has_seqlens, HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0,
+        HAS_SOFTCAP=softcap > 0, GUARD_HIDDEN=guard_hidden, STORE_LSE=lse is not None, OVERLAP=overlap,
+        CONSUMERS=consumers, BLOCK_N=block_n,
         HEAD_DIM=head_dim, STAGES=stages, num_warps=8 // consumers, maxnreg=MAXNREG,
     )  # fmt: skip
     # one CTA per SM fits (224 KB of shared memory, 384 threads at 168 registers): a persistent grid is one
@@ -726,15 +786,19 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
 
 
 def attention_gluon(q, k, v, *, scale, window_left=-1, window_right=-1, softcap=0.0, return_lse=False,
-                    overlap=True, consumers=2, persistent=True, block_n=128,
-                    l2_bytes=L2_SECTION_BYTES):  # fmt: skip
+                    overlap=True, consumers=2, persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES,
+                    seqlens_q=None, seqlens_k=None, guard_hidden=True):  # fmt: skip
     """The Gluon kernel on checked arguments (`attn.fast.attention.attention` checks them and calls this when
-    `gluon_supported` and ``ATTN_GLUON=1``). ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, contiguous."""
+    `gluon_supported` and ``ATTN_GLUON=1``). ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, contiguous;
+    ``seqlens_q/k`` int32 ``[B]`` (both or neither). ``guard_hidden=False`` drops the masked tiles' non-finite
+    check (a non-finite V value in a hidden key then reaches the output, against SPEC): only for benchmarking
+    what the check costs (bench_gluon's ``gluon_noguard``)."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device) if return_lse else None
     grid, args, constexprs = launch_args(q, k, v, out, lse, scale=scale, window_left=window_left,
                                          window_right=window_right, softcap=softcap, overlap=overlap,
                                          consumers=consumers, persistent=persistent, block_n=block_n,
-                                         l2_bytes=l2_bytes)  # fmt: skip
+                                         l2_bytes=l2_bytes, seqlens_q=seqlens_q, seqlens_k=seqlens_k,
+                                         guard_hidden=guard_hidden)  # fmt: skip
     _attn_fwd_gluon[grid](*args, **constexprs)
     return (out, lse) if return_lse else out

@@ -5,7 +5,8 @@ with ptxas's registers and spills and the wgmma-serialization warning (C7512) if
     TRITON_INTERPRET=0 PYTHONPATH=. python bench/probes/gluon_compile.py [--quick] [--only SUBSTRING]
 
 Run it before each commit that touches attn/fast/gluon_attention.py. ``--quick``: one variant per feature
-(causal D128, full+LSE D64, window+softcap fp16, the 8-warp consumer, 64-key tiles). A failure prints the
+(causal D128, full+LSE D64, window+softcap fp16, the 8-warp consumer, 64-key tiles,
+per-sequence lengths). A failure prints the
 error's last line and the exit status is the number of failures. Uses bench/probes/gluon_sass.py's
 `compile_case` (the real `launch_args` on CPU tensors, so the specialization is the GPU launch's).
 """
@@ -36,6 +37,8 @@ def quick():
         "window+softcap fp16 lse": (1, 256, 256, 4, 4, 128, f16, True, 200, 20.0, True, True, 2, 128),
         "causal c1 (8-warp consumer)": (1, 256, 256, 8, 2, 128, bf, True, -1, 0.0, True, True, 1, 128),
         "causal serial n64": (1, 256, 256, 8, 2, 128, bf, True, -1, 0.0, True, False, 2, 64),
+        "seqlens causal D128": (2, 256, 256, 8, 2, 128, bf, True, -1, 0.0, True, True, 2, 128, True),
+        "seqlens window fp16 D64": (2, 256, 256, 8, 2, 64, f16, False, 150, 0.0, True, True, 2, 128, True),
     }
 
 

@@ -70,19 +70,34 @@ def every_specialization():
             key = f"bench c{consumers} ovl={overlap} n{bn} causal={causal} D{d}"
             out[key] = (1, 256, 256, 8, 2, d, bf, causal, -1, 0.0, False, overlap, consumers, bn)
     out["smoke D64 n64 full lse"] = (1, 256, 256, 8, 8, 64, bf, False, -1, 0.0, True, True, 2, 64)
+    # per-sequence lengths (seqlens_q/k): every feature at D128 and D64 (LSE on), the structural variants causal
+    for d in (64, 128):
+        for name, (causal, window, cap) in features.items():
+            out[f"seqlens {name} D{d}"] = (2, 256, 256, 4, 4, d, bf, causal, window, cap, True, True, 2, 128, True)
+    for consumers, overlap, dtype, bn in variants:
+        key = f"seqlens c{consumers} ovl={overlap} {dtype} n{bn} causal"
+        out[key] = (2, 256, 256, 8, 2, 128, dtype, True, -1, 0.0, True, overlap, consumers, bn, True)
     return out
 
 
 def compile_case(c):
     b, sq, sk, hq, hkv, d, dtype, causal, window, softcap, want_lse, overlap, consumers, *rest = c
     block_n = rest[0] if rest else 128
+    # rest[1]: per-sequence lengths (seqlens_q/k) in the padded layout
+    lens = {}
+    if len(rest) > 1 and rest[1]:
+        lens = {
+            "seqlens_q": torch.full((b,), sq, dtype=torch.int32),
+            "seqlens_k": torch.full((b,), sk, dtype=torch.int32),
+        }
     q = torch.empty(b, sq, hq, d, dtype=dtype)
     k, v = (torch.empty(b, sk, hkv, d, dtype=dtype) for _ in range(2))
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, sq) if want_lse else None
     grid, args, constexprs = ga.launch_args(q, k, v, out, lse, scale=d**-0.5, window_left=window,
                                             window_right=0 if causal else (70 if window >= 0 else -1), softcap=softcap,
-                                            overlap=overlap, consumers=consumers, block_n=block_n)  # fmt: skip
+                                            overlap=overlap, consumers=consumers, block_n=block_n,
+                                            **lens)  # fmt: skip
     kernel = ga._attn_fwd_gluon
     backend = make_backend(TARGET)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)

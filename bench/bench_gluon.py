@@ -28,9 +28,10 @@ S >= 4096 on the same shapes (a second table: TFLOP/s, ratio to bf16).
   cudnn / flash    SDPA pinned to one backend, on [B, H, S, D] copies made before timing
   flex             torch.compile(flex_attention), block mask built outside timing
 
-The packed (varlen) row of PERF.md is not run as such: the Gluon kernel does not take packed input. With
-``--seqlens`` (on by default) its lengths are timed in the padded layout with ``seqlens_q/k`` (a third table):
-gluon (ATTN_GLUON=1) and tl (ATTN_GLUON=0) on the same padded call, and tl on the packed call (cu_seqlens).
+The packed (varlen) row of PERF.md is timed in its own table (``--seqlens``, on by default), full and causal:
+gluon_packed / tl_packed are the packed call (cu_seqlens, max_seqlen given) with ATTN_GLUON=1 / 0, gluon / tl
+the same lengths in the padded layout with ``seqlens_q/k`` (padding rows hold NaN). Peers in one process; the
+ratio in parentheses is to tl_packed.
 Writes one JSON (``--out`` is a folder, or a .json path) and prints TFLOP/s, the fraction of the matmul
 ceiling, and the ratio to cuDNN (cudnn_ms / ms: > 1 means faster than cuDNN) and to the tl.* kernel.
 """
@@ -291,9 +292,9 @@ def run_fp8_shape(shape, args) -> dict:
 
 
 def run_seqlens_shape(shape, args) -> dict:
-    """A packed shape's lengths in the padded layout with ``seqlens_q = seqlens_k = lengths``: the Gluon kernel
-    and the tl.* kernel on the same padded call, and the tl.* kernel on the packed call (cu_seqlens), in one
-    process. The padding rows hold NaN (they must not matter). Checked: gluon against tl on the padded call."""
+    """A packed shape: the Gluon and tl.* kernels on the packed call (cu_seqlens, max_seqlen given), and on the
+    same lengths in the padded layout with ``seqlens_q = seqlens_k = lengths`` (padding rows hold NaN: they must
+    not matter), in one process. Each Gluon call is checked against the tl.* call of its layout."""
     import attn.fast as fast
     from attn.fast import gluon_attention as ga
 
@@ -314,25 +315,31 @@ def run_seqlens_shape(shape, args) -> dict:
     padded = lambda: fast.attention(q, k, v, causal=shape.causal, seqlens_q=lens, seqlens_k=lens)
     packed = lambda: fast.attention(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=smax,
                                     max_seqlen_k=smax, causal=shape.causal)  # fmt: skip
-    fns = {"gluon": (padded, "1"), "tl": (padded, "0"), "tl_packed": (packed, "0")}
+    fns = {"gluon_packed": (packed, "1"), "tl_packed": (packed, "0"), "gluon": (padded, "1"), "tl": (padded, "0")}
     result: dict[str, Any] = {"name": name, "flops": flops, "contenders": {}}
-    calls = []
+    # each Gluon call checked against the tl.* call of the same layout (tl.* is tested against the reference)
+    outs, dispatched = {}, {}
     real = ga.attention_gluon
-    ga.attention_gluon = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    calls: list[str] = []
+    ga.attention_gluon = lambda *a, **kw: calls.append("") or real(*a, **kw)
     try:
-        with _env("1"):
-            out_g = padded()
+        for cname, (fn, env) in fns.items():
+            calls.clear()
+            with _env(env):
+                outs[cname] = fn()
+            dispatched[cname] = bool(calls)
     finally:
         ga.attention_gluon = real
-    with _env("0"):
-        out_t = padded()
-    err = rel_err(out_t, out_g)
-    ok = bool(calls) and not torch.isnan(out_g).any().item() and err <= args.tol
     for cname, (_, env) in fns.items():
         rec: dict[str, Any] = {"status": "ok", "note": f"ATTN_GLUON={env}"}
-        if cname == "gluon" and not ok:
-            rec.update(status="wrong", err=err, error=f"dispatched={bool(calls)} err={err:.2e} (vs tl, padded)")
+        if cname.startswith("gluon"):
+            peer = cname.replace("gluon", "tl", 1)
+            err = rel_err(outs[peer], outs[cname])
+            rec["err"] = err
+            if not dispatched[cname] or torch.isnan(outs[cname]).any().item() or err > args.tol:
+                rec.update(status="wrong", error=f"dispatched={dispatched[cname]} err={err:.2e} vs {peer}")
         result["contenders"][cname] = rec
+    del outs
     for _ in range(args.repeat):
         for cname, (fn, env) in fns.items():
             rec = result["contenders"][cname]
@@ -342,14 +349,14 @@ def run_seqlens_shape(shape, args) -> dict:
                 ms, method = common.time_ms(fn, args.warmup, args.rep)
             rec.setdefault("ms_all", []).append(ms)
             rec["timing"] = method
-    tl_ms = statistics.median(result["contenders"]["tl"].get("ms_all") or [float("nan")])
+    tl_ms = statistics.median(result["contenders"]["tl_packed"].get("ms_all") or [float("nan")])
     for cname, rec in result["contenders"].items():
         if rec.get("ms_all"):
             rec["ms"] = statistics.median(rec["ms_all"])
             rec["tflops"] = common.tflops(flops, rec["ms"])
             rec["vs_tl"] = tl_ms / rec["ms"]
             print(f"  {cname:<10} {rec['ms']:8.3f} ms  {rec['tflops']:6.1f} TFLOP/s  "
-                  f"x{rec['vs_tl']:.2f} vs tl (padded)", flush=True)  # fmt: skip
+                  f"x{rec['vs_tl']:.2f} vs tl_packed", flush=True)  # fmt: skip
         else:
             print(f"  {cname:<10} {rec['status']} {rec.get('error', '')}", flush=True)
     return result
@@ -477,10 +484,10 @@ def main(argv=None) -> int:
         for r in doc["seqlens_results"]:
             c = r["contenders"]
             cells = [f"{c[n]['tflops']:.0f} ({c[n]['vs_tl']:.2f})" if c.get(n, {}).get("ms") else "ERR"
-                     for n in ("gluon", "tl", "tl_packed")]  # fmt: skip
+                     for n in ("gluon_packed", "tl_packed", "gluon", "tl")]  # fmt: skip
             rows.append([r["name"], *cells])
-        print("\nPer-sequence lengths, TFLOP/s of the valid tokens (tl_ms / ms on the padded call in parentheses)")
-        print(common.format_table(["shape", "gluon", "tl", "tl_packed"], rows))
+        print("\nPacked / per-sequence lengths, TFLOP/s of the valid tokens (tl_packed_ms / ms in parentheses)")
+        print(common.format_table(["shape", "gluon_packed", "tl_packed", "gluon (seqlens)", "tl (seqlens)"], rows))
     print(f"results: {out_path}")
     return 0
 

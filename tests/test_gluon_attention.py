@@ -1,7 +1,8 @@
 """Parity of the Gluon (sm_90) prefill kernel with the reference, and the dispatch that selects it.
 
 Gluon kernels do not run in Triton's interpreter, so the parity tests are GPU tests, skipped unless the device
-is an sm_90 (H100/H200). The CPU tests check only the dispatch's fallback.
+is an sm_90 (H100/H200). The CPU tests check only the dispatch's fallback. bench/probes/gluon_compile.py is the
+CPU-side check that every variant these tests launch compiles for sm_90a.
 
 Tolerance (GPU tests): the kernel's error is compared with the error of the same computation done by torch in
 the same precision, ``softmax`` in fp32 with the unnormalized probabilities rounded to the input dtype before
@@ -315,6 +316,83 @@ def test_dispatch_seqlens(monkeypatch):
     assert rel_err(ref, out) <= TOL[torch.bfloat16]
 
 
+def _packed_inputs(lens, hq, hkv, d, dtype):
+    """Packed q [Tq, Hq, D], k, v [Tk, Hkv, D] and their cu_seqlens for per-sequence (len_q, len_k)."""
+    cu_q = torch.tensor([0] + [x for x, _ in lens], device="cuda").cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + [y for _, y in lens], device="cuda").cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu_q[-1]), hq, d, dtype=dtype, device="cuda")
+    k = torch.randn(int(cu_k[-1]), hkv, d, dtype=dtype, device="cuda")
+    v = torch.randn(int(cu_k[-1]), hkv, d, dtype=dtype, device="cuda")
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("variant", LENS_VARIANTS, ids=[v[0] for v in LENS_VARIANTS])
+@pytest.mark.parametrize("feature", FEATURES)
+def test_gluon_packed(feature, variant):
+    # packed varlen: the same lengths as test_gluon_seqlens (empty sequences, length 1, queries longer than their
+    # keys, queries without keys, sequences ending mid-tile) back to back, so every sequence's last tiles load
+    # the next sequence's rows (masked keys, or query rows that must not be stored)
+    name, kw, dtype, d = variant
+    q, k, v, cu_q, cu_k = _packed_inputs(LENS, 8, 2, d, dtype)
+    mq, mk = max(x for x, _ in LENS), max(y for _, y in LENS)
+    f = FEATURES[feature]
+    window = f.get("window", (-1, -1))
+    left, right = window[0], (0 if f.get("causal") else window[1])
+    out, lse = ga.attention_gluon(q, k, v, scale=d**-0.5, window_left=left, window_right=right,
+                                  softcap=f.get("softcap", 0.0), return_lse=True, cu_seqlens_q=cu_q,
+                                  cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk, **kw)  # fmt: skip
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                       max_seqlen_q=mq, max_seqlen_k=mk, return_lse=True, **f)  # fmt: skip
+    tag = f"{name} {feature}"
+    assert out.shape == q.shape and lse.shape == ref_lse.shape == (8, q.shape[0])
+    assert not torch.isnan(out).any(), f"{tag}: NaN in the output (rows unwritten)"
+    assert rel_err(ref, out) <= TOL[dtype], f"{tag}: relative error {rel_err(ref, out):.3e}"
+    keyless = ref_lse.isneginf().t()  # [Tq, Hq]
+    assert torch.equal(out[keyless], torch.zeros_like(out[keyless])), f"{tag}: keyless rows not zero"
+    assert_lse_close(f"{tag} lse", ref_lse, lse, LSE_TOL[dtype])
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gluon_packed_nonfinite_stays_in_its_sequence(causal):
+    # a NaN in the first V row (and an Inf in the first K row) of each sequence after the first: the previous
+    # sequence's last tile loads them as keys past its end (hidden), so they may reach only their own sequence's
+    # rows, exactly where the reference puts non-finite values
+    lens = [(300, 300), (129, 200), (1, 1), (77, 77)]
+    q, k, v, cu_q, cu_k = _packed_inputs(lens, 4, 4, 128, torch.bfloat16)
+    for start in cu_k[1:-1].tolist():
+        v[start, 1, 5] = float("nan")
+        k[start, 2, 7] = float("inf")
+    out = ga.attention_gluon(q, k, v, scale=128**-0.5, window_right=0 if causal else -1, cu_seqlens_q=cu_q,
+                             cu_seqlens_k=cu_k, max_seqlen_q=300, max_seqlen_k=300)  # fmt: skip
+    ref = reference.attention(q.double(), k.double(), v.double(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                              max_seqlen_q=300, max_seqlen_k=300, causal=causal)  # fmt: skip
+    assert (~torch.isfinite(ref)).any()
+    assert torch.equal(~torch.isfinite(out), ~torch.isfinite(ref))
+    fin = torch.isfinite(ref)
+    assert rel_err(ref[fin], out[fin].to(ref.dtype)) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@sm90
+def test_dispatch_packed(monkeypatch):
+    # ATTN_GLUON=1 takes the packed layout (max_seqlen given or not); the default keeps it on the tl.* kernel
+    calls = _count_calls(monkeypatch)
+    q, k, v, cu_q, cu_k = _packed_inputs([(4096, 4096), (1000, 1000)], 8, 2, 128, torch.bfloat16)
+    ref = reference.attention(q.double(), k.double(), v.double(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True)
+    monkeypatch.delenv("ATTN_GLUON", raising=False)
+    fast.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True)
+    assert calls == []
+    monkeypatch.setenv("ATTN_GLUON", "1")
+    for kw in ({}, {"max_seqlen_q": 4096, "max_seqlen_k": 4096}):
+        out = fast.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True, **kw)
+        assert rel_err(ref, out) <= TOL[torch.bfloat16]
+    assert calls == [1, 1]
+
+
 def _count_calls(monkeypatch):
     calls = []
     real = ga.attention_gluon
@@ -336,9 +414,7 @@ def test_dispatch_opt_in(monkeypatch):
     out = fast.attention(q, k, v, causal=True)
     assert calls == [1], "ATTN_GLUON=1 did not select the Gluon kernel on sm_90"
     assert rel_err(ref, out) <= TOL[torch.bfloat16]
-    # unsupported variants keep the tl.* kernel: packed layout, ALiBi, other head dims
-    cu = torch.tensor([0, 256, 512], dtype=torch.int32, device="cuda")
-    fast.attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    # unsupported variants keep the tl.* kernel: ALiBi, other head dims (lengths and packed: their own tests)
     fast.attention(q[..., :80].contiguous(), k[..., :80].contiguous(), v[..., :80].contiguous(), causal=True)
     fast.attention(q, k, v, alibi_slopes=torch.rand(8, device="cuda"))
     assert calls == [1]

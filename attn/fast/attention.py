@@ -735,13 +735,20 @@ def attention(
             gluon_mode == "1"
             or _g.gluon_default(seqlen_q=q.shape[1], seqlen_k=k.shape[1], num_heads_q=q.shape[2],
                                 num_heads_kv=k.shape[2], head_dim=args.head_dim, window_left=args.window_left,
-                                window_right=args.window_right, softcap=args.softcap, seqlens=has_lens)
+                                window_right=args.window_right, softcap=args.softcap,
+                                seqlens=has_lens or args.packed)
         ):  # fmt: skip
             # with lengths, both (check_attention fills the one not given with the padded length)
+            if args.packed:
+                lens = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=args.max_seqlen_q,
+                            max_seqlen_k=args.max_seqlen_k)  # fmt: skip
+            elif has_lens:
+                lens = dict(seqlens_q=args.seqlens_q, seqlens_k=args.seqlens_k)
+            else:
+                lens = {}
             return _g.attention_gluon(q, k, v, scale=args.scale, window_left=args.window_left,
                                       window_right=args.window_right, softcap=args.softcap, return_lse=return_lse,
-                                      seqlens_q=args.seqlens_q if has_lens else None,
-                                      seqlens_k=args.seqlens_k if has_lens else None)  # fmt: skip
+                                      **lens)  # fmt: skip
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if args.packed:

@@ -25,9 +25,10 @@ what FlashAttention-3 (Shah et al., 2024) is built from:
   producer runs ahead into the next item's K/V while the consumers finish the current one; the next Q arrives
   during the epilogue, and the output goes from registers straight to global memory.
 
-Covered: padded ``[B, S, H, D]`` with or without per-sequence lengths ``seqlens_q/k``, causal (bottom-right)
-and full, sliding windows, soft-capping, GQA/MQA, D in {64, 128}, fp16/bf16, ``return_lse``. Everything else
-(packed varlen, ALiBi, T5, other head dims, fp32) goes to the ``tl.*`` kernel: see `gluon_supported`.
+Covered: padded ``[B, S, H, D]`` with or without per-sequence lengths ``seqlens_q/k``, packed varlen
+(``cu_seqlens_q/k``), causal (bottom-right) and full, sliding windows, soft-capping, GQA/MQA, D in {64, 128},
+fp16/bf16, ``return_lse``. Everything else (ALiBi, T5, other head dims, fp32) goes to the ``tl.*`` kernel: see
+`gluon_supported`.
 
 Hidden values stay out (SPEC): in a masked tile (the causal diagonal, a window's edges, the end of the keys) a
 hidden key's p is 0, but wgmma's P·V multiplies it by the key's V row anyway, and ``0 · NaN = NaN``. Each masked
@@ -43,8 +44,11 @@ that straddles it is a masked tile: its padding keys get p = 0 from the mask, an
 rows is kept out by the mechanism above. Query rows past ``seqlens_q[b]`` compute on padding and are written as
 zeros (lse −inf). Chosen over per-sequence TMA descriptors (one per sequence, built on the host: a device sync
 or a descriptor array per call) and ``tma.async_gather`` (row gathers, no bulk tiles): the masked-tile check is
-paid only on the tile at each sequence's end. Packed varlen would reuse it (a 1-row batch descriptor over
-``[T, H·D]``, rows of the next sequence masked the same way) but is not written yet.
+paid only on the tile at each sequence's end. Packed varlen is the same mechanism: the descriptors see
+``[1, T, H·D]``, a sequence's tiles start at its ``cu_seqlens`` offset, the rows of the next sequence that a
+sequence's last tiles load are masked keys (or query rows not stored), and TMA zero-fills past T. Offsets and
+lengths are clamped into the tensors; unlike the ``tl.*`` kernel, this one records no violation for
+`attn.check_errors` (the validated call, ``validate=True``, checks them on the host before either kernel runs).
 
 Dispatch from `attn.attention` on sm_90: by default only where it was measured faster than the ``tl.*`` kernel
 (`gluon_default`); ``ATTN_GLUON=1`` forces it wherever `gluon_supported`, ``ATTN_GLUON=0`` turns it off.
@@ -134,11 +138,10 @@ def gluon_default(*, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim, wi
 def gluon_supported(q, k, v, *, packed, seqlens, head_dim, alibi, rel_bias, softcap) -> bool:
     """Whether this call can run on the Gluon kernel (everything else stays on the ``tl.*`` kernel).
 
-    Needs an sm_90 device, fp16/bf16, D in {64, 128}, the padded layout (per-sequence lengths ``seqlens_q/k``
-    included), no ALiBi and no T5 bias, and contiguous tensors whose row strides TMA accepts (16-byte
-    multiples)."""
-    del softcap, seqlens  # supported
-    if packed or alibi or rel_bias:
+    Needs an sm_90 device, fp16/bf16, D in {64, 128}, no ALiBi and no T5 bias, and contiguous tensors whose row
+    strides TMA accepts (16-byte multiples). Both layouts: padded (with or without ``seqlens_q/k``) and packed."""
+    del softcap, seqlens, packed  # supported
+    if alibi or rel_bias:
         return False
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
@@ -217,22 +220,35 @@ def _key_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LE
 
 
 @gluon.jit
-def _lengths(b, seqlens_q_ptr, seqlens_k_ptr, seqlen_q, seqlen_k, HAS_SEQLENS: gl.constexpr):
-    """Sequence b's valid lengths: ``seqlens_q/k[b]`` clamped into the padded lengths (an unvalidated call
-    reads and writes only inside the tensors whatever they hold), or the padded lengths."""
-    if HAS_SEQLENS:
-        len_q = gl.minimum(gl.maximum(gl.load(seqlens_q_ptr + b), 0), seqlen_q)
-        len_k = gl.minimum(gl.maximum(gl.load(seqlens_k_ptr + b), 0), seqlen_k)
+def _lengths(b, lens_q_ptr, lens_k_ptr, seqlen_q, seqlen_k, rows_q, rows_k, HAS_SEQLENS: gl.constexpr,
+             IS_PACKED: gl.constexpr):  # fmt: skip
+    """Sequence b: ``(len_q, len_k, tb, start_q, start_k)``. Its rows are ``start .. start + len`` of batch entry
+    ``tb`` of the ``[tb, rows, H·D]`` view (padded: tb = b, start 0; packed: tb = 0, start = cu_seqlens[b]).
+    Lengths and offsets are clamped into the tensors (an unvalidated call reads and writes only inside them,
+    whatever ``seqlens``/``cu_seqlens`` hold; packed query rows past ``max_seqlen_q`` are not computed)."""
+    if IS_PACKED:
+        start_q = gl.minimum(gl.maximum(gl.load(lens_q_ptr + b), 0), rows_q)
+        len_q = gl.minimum(gl.minimum(gl.maximum(gl.load(lens_q_ptr + b + 1), start_q), rows_q) - start_q, seqlen_q)
+        start_k = gl.minimum(gl.maximum(gl.load(lens_k_ptr + b), 0), rows_k)
+        len_k = gl.minimum(gl.maximum(gl.load(lens_k_ptr + b + 1), start_k), rows_k) - start_k
+        tb = b * 0
     else:
-        len_q = seqlen_q + b * 0
-        len_k = seqlen_k + b * 0
-    return len_q, len_k
+        start_q = b * 0
+        start_k = b * 0
+        tb = b
+        if HAS_SEQLENS:
+            len_q = gl.minimum(gl.maximum(gl.load(lens_q_ptr + b), 0), seqlen_q)
+            len_k = gl.minimum(gl.maximum(gl.load(lens_k_ptr + b), 0), seqlen_k)
+        else:
+            len_q = seqlen_q + b * 0
+            len_k = seqlen_k + b * 0
+    return len_q, len_k, tb, start_q, start_k
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, seqlens_q_ptr, seqlens_k_ptr, batch,
-              num_heads_q, section, group_size, seqlen_q, seqlen_k, window_left, window_right,
-              HAS_SEQLENS: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
+def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lens_q_ptr, lens_k_ptr, batch,
+              num_heads_q, section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, window_left, window_right,
+              HAS_SEQLENS: gl.constexpr, IS_PACKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
               HAS_WINDOW_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               HEAD_DIM: gl.constexpr):  # fmt: skip
     """One warp: TMA copies of every K and V tile this program's work items need, into the ring, in the order
@@ -243,7 +259,8 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, seqlen
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         b, h, m0 = _tile_coords(tile, batch, num_heads_q, seqlen_q, section, BLOCK_M)
         kv_col = (h // group_size) * HEAD_DIM
-        len_q, len_k = _lengths(b, seqlens_q_ptr, seqlens_k_ptr, seqlen_q, seqlen_k, HAS_SEQLENS)
+        len_q, len_k, tb, start_q, start_k = _lengths(b, lens_q_ptr, lens_k_ptr, seqlen_q, seqlen_k, rows_q, rows_k,
+                                                      HAS_SEQLENS, IS_PACKED)  # fmt: skip
         lo, full_lo, full_hi, hi = _key_ranges(m0, len_q, len_k, window_left, window_right, HAS_WINDOW_LEFT,
                                                HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
         for i in range(gl.cdiv(hi - lo, BLOCK_N)):
@@ -257,10 +274,10 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, seqlen
             # (kv_empty[STAGES + s]), so the next K copy need not wait for the last P·V
             mbarrier.wait(kv_empty.index(s), phase)
             mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, n, kv_col], k_ready.index(s), k_bufs.index(s))
+            tma.async_copy_global_to_shared(k_desc, [tb, start_k + n, kv_col], k_ready.index(s), k_bufs.index(s))
             mbarrier.wait(kv_empty.index(STAGES + s), phase)
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, n, kv_col], v_ready.index(s), v_bufs.index(s))
+            tma.async_copy_global_to_shared(v_desc, [tb, start_k + n, kv_col], v_ready.index(s), v_bufs.index(s))
             it += 1
 
 
@@ -537,8 +554,9 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fix
 
 @gluon.jit
 def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar, v_ptr, lse_ptr,
-              seqlens_q_ptr, seqlens_k_ptr, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q,
-              seqlen_k, qk_scale, cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr,
+              lens_q_ptr, lens_k_ptr, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q,
+              seqlen_k, rows_q, rows_k, qk_scale, cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr,
+              IS_PACKED: gl.constexpr,
               HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
               HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, GUARD_HIDDEN: gl.constexpr,
               BLOCK_M: gl.constexpr,
@@ -562,8 +580,10 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
     first = gl.program_id(0)
     if first < num_tiles:
         b, h, m_block = _tile_coords(first, batch, num_heads_q, seqlen_q, section, BLOCK_M)
+        _, _, tb, start_q, _ = _lengths(b, lens_q_ptr, lens_k_ptr, seqlen_q, seqlen_k, rows_q, rows_k, HAS_SEQLENS,
+                                        IS_PACKED)  # fmt: skip
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b, m_block + HALF * WG_M, h * HEAD_DIM], q_bar, q_smem)
+        tma.async_copy_global_to_shared(q_desc, [tb, start_q + m_block + HALF * WG_M, h * HEAD_DIM], q_bar, q_smem)
     it = 0
     n_done = 0
     fixes = 0
@@ -573,10 +593,11 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
     for tile in range(first, num_tiles, step):
         b, h, m_block = _tile_coords(tile, batch, num_heads_q, seqlen_q, section, BLOCK_M)
         m0 = m_block + HALF * WG_M
-        v_base = (b.to(gl.int64) * seqlen_k * num_heads_kv + h // group_size) * HEAD_DIM
-        # this sequence's lengths: the mask, the diagonal and the slow path's rows use them, the tensor's padded
-        # lengths only address memory
-        len_q, len_k = _lengths(b, seqlens_q_ptr, seqlens_k_ptr, seqlen_q, seqlen_k, HAS_SEQLENS)
+        # this sequence's lengths: the mask, the diagonal and the slow path's rows use them; the tensor's rows
+        # (tb, start) only address memory
+        len_q, len_k, tb, start_q, start_k = _lengths(b, lens_q_ptr, lens_k_ptr, seqlen_q, seqlen_k, rows_q, rows_k,
+                                                      HAS_SEQLENS, IS_PACKED)  # fmt: skip
+        v_base = ((tb.to(gl.int64) * rows_k + start_k) * num_heads_kv + h // group_size) * HEAD_DIM
         diag = len_k - len_q
         lo, full_lo, full_hi, hi = _key_ranges(m_block, len_q, len_k, window_left, window_right,
                                                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
@@ -608,8 +629,10 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         nxt = tile + step
         if nxt < num_tiles:
             nb, nh, nm = _tile_coords(nxt, batch, num_heads_q, seqlen_q, section, BLOCK_M)
+            _, _, ntb, nstart, _ = _lengths(nb, lens_q_ptr, lens_k_ptr, seqlen_q, seqlen_k, rows_q, rows_k,
+                                            HAS_SEQLENS, IS_PACKED)  # fmt: skip
             mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [nb, nm + HALF * WG_M, nh * HEAD_DIM], q_bar, q_smem)
+            tma.async_copy_global_to_shared(q_desc, [ntb, nstart + nm + HALF * WG_M, nh * HEAD_DIM], q_bar, q_smem)
 
         # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros; rows past the sequence's
         # length (seqlens_q; computed from whatever the padding holds) are zeros by definition
@@ -622,24 +645,32 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         # third K/V stage at D 128); rows past Sq are masked
         rows = gl.convert_layout(offs_m, gl.SliceLayout(1, o_layout))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        row_off = ((b.to(gl.int64) * seqlen_q + rows) * num_heads_q + h) * HEAD_DIM
+        row_off = ((tb.to(gl.int64) * rows_q + start_q + rows) * num_heads_q + h) * HEAD_DIM
         o_ptrs = o_ptr + gl.expand_dims(row_off, 1) + gl.expand_dims(cols, 0)
-        gl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(rows < seqlen_q, 1))
+        # padded: every row of the tensor (zeros past len_q); packed: this sequence's rows only (the rest of the
+        # block belongs to the next sequences)
+        if IS_PACKED:
+            row_end = len_q
+        else:
+            row_end = seqlen_q + b * 0
+        gl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(rows < row_end, 1))
         if STORE_LSE:
             # m is in log2 units (scaled); ln(sum exp(s)) = (m + log2 l) · ln 2
             lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
             lse = gl.where(has_key, lse, float("-inf"))
-            ptrs = lse_ptr + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m
-            gl.store(ptrs, lse, mask=offs_m < seqlen_q)
+            # padded [B, Hq, Sq]; packed [Hq, Tq] (stride_lb = 0, rows from start_q)
+            ptrs = lse_ptr + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + start_q + offs_m
+            gl.store(ptrs, lse, mask=offs_m < row_end)
 
 
 # lengths, window sizes and head counts stay runtime values: one compiled variant per feature set, not one per
 # length's divisibility by 16 (each variant takes seconds of ptxas)
 @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "batch", "num_heads_q", "section", "group_size", "seqlen_q",
-                              "seqlen_k", "window_left", "window_right"])  # fmt: skip
-def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, seqlens_q_ptr, seqlens_k_ptr, stride_lb,
-                    stride_lh, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, qk_scale, cap_log2,
-                    window_left, window_right, HAS_SEQLENS: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
+                              "seqlen_k", "rows_q", "rows_k", "window_left", "window_right"])  # fmt: skip
+def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, stride_lb,
+                    stride_lh, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale,
+                    cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr, IS_PACKED: gl.constexpr,
+                    HAS_WINDOW_LEFT: gl.constexpr,
                     HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr,
                     OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr, GUARD_HIDDEN: gl.constexpr,
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
@@ -678,18 +709,18 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, seqlens_q_ptr
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, seqlens_q_ptr, seqlens_k_ptr, stride_lb, stride_lh, batch, num_heads_q,
-                             section, group_size, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
-                             HAS_SEQLENS, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
-                             STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
+                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, stride_lb, stride_lh, batch, num_heads_q,
+                             section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
+                             window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                             HAS_SOFTCAP, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, seqlens_q_ptr, seqlens_k_ptr, stride_lb, stride_lh, batch, num_heads_q,
-                             section, group_size, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
-                             HAS_SEQLENS, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
-                             STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 1)),
-                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, seqlens_q_ptr,
-                             seqlens_k_ptr, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, window_left,
-                             window_right, HAS_SEQLENS, HAS_WINDOW_LEFT,
+                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, stride_lb, stride_lh, batch, num_heads_q,
+                             section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
+                             window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                             HAS_SOFTCAP, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 1)),
+                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lens_q_ptr,
+                             lens_k_ptr, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, rows_q, rows_k,
+                             window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT,
                              HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM)),
             ],
             [4, 1],
@@ -702,13 +733,13 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, seqlens_q_ptr
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, seqlens_q_ptr, seqlens_k_ptr, stride_lb, stride_lh, batch, num_heads_q,
-                             section, group_size, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
-                             HAS_SEQLENS, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
-                             STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
-                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, seqlens_q_ptr,
-                             seqlens_k_ptr, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, window_left,
-                             window_right, HAS_SEQLENS, HAS_WINDOW_LEFT,
+                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, stride_lb, stride_lh, batch, num_heads_q,
+                             section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
+                             window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                             HAS_SOFTCAP, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
+                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lens_q_ptr,
+                             lens_k_ptr, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, rows_q, rows_k,
+                             window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT,
                              HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM)),
             ],
             [1],
@@ -750,10 +781,32 @@ def l2_section(batch, num_heads_q, group_size, seqlen_k, head_dim, itemsize, l2_
 
 def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap, overlap=True, consumers=2,
                 persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES, seqlens_q=None, seqlens_k=None,
+                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
                 guard_hidden=True):  # fmt: skip
-    """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and bench/probes/gluon_sass.py)."""
-    batch, seqlen_q, num_heads_q, head_dim = q.shape
-    seqlen_k, num_heads_kv = k.shape[1], k.shape[2]
+    """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and bench/probes/gluon_sass.py).
+    Padded ``q [B, Sq, Hq, D]`` (optionally ``seqlens_q/k``), or packed ``q [Tq, Hq, D]`` with ``cu_seqlens_q/k``
+    and ``max_seqlen_q/k`` (the row blocks per sequence and the L2 sections are sized by them)."""
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if packed:
+        if cu_seqlens_q is None or cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
+            raise ValueError("packed input needs cu_seqlens_q, cu_seqlens_k, max_seqlen_q and max_seqlen_k")
+        if seqlens_q is not None or seqlens_k is not None:
+            raise ValueError("seqlens_q/k belong to the padded layout; packed input uses cu_seqlens")
+        # the packed tensors seen as one batch entry of [1, T, H, D]: TMA bounds are the whole packed length
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+        lens_q, lens_k = cu_seqlens_q, cu_seqlens_k
+        # lse [Hq, Tq]: no batch stride, rows from cu_seqlens_q[b]
+        lse_strides = (0, lse.stride(0)) if lse is not None else (0, 0)
+    else:
+        if (seqlens_q is None) != (seqlens_k is None):
+            raise ValueError("seqlens_q and seqlens_k go together here (attn.attention fills the missing one)")
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        lens_q, lens_k = seqlens_q, seqlens_k
+        lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    rows_q, rows_k = q.shape[1], k.shape[1]
+    num_heads_q, head_dim = q.shape[2], q.shape[3]
+    num_heads_kv = k.shape[2]
     block_m, stages = BLOCK_M, _stages(head_dim, block_n)
     wg_m = block_m // consumers
     if softcap > 0:
@@ -763,19 +816,16 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
     args = (
         _descriptor(q, wg_m, head_dim), _descriptor(k, block_n, head_dim), _descriptor(v, block_n, head_dim),
         out, v, lse if lse is not None else out,
-        seqlens_q if seqlens_q is not None else out, seqlens_k if seqlens_k is not None else out,
-        lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-        batch, num_heads_q,
+        lens_q if lens_q is not None else out, lens_k if lens_k is not None else out,
+        *lse_strides, batch, num_heads_q,
         l2_section(batch, num_heads_q, num_heads_q // num_heads_kv, seqlen_k, head_dim, q.element_size(), l2_bytes),
-        num_heads_q // num_heads_kv, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+        num_heads_q // num_heads_kv, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2, window_left,
+        window_right,
     )  # fmt: skip
-    has_seqlens = seqlens_q is not None or seqlens_k is not None
-    if has_seqlens and (seqlens_q is None or seqlens_k is None):
-        raise ValueError("seqlens_q and seqlens_k go together here (attn.attention fills the missing one)")
     constexprs = dict(
-        HAS_SEQLENS=has_seqlens, HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0,
-        HAS_SOFTCAP=softcap > 0, GUARD_HIDDEN=guard_hidden, STORE_LSE=lse is not None, OVERLAP=overlap,
-        CONSUMERS=consumers, BLOCK_N=block_n,
+        HAS_SEQLENS=lens_q is not None and not packed, IS_PACKED=packed, HAS_WINDOW_LEFT=window_left >= 0,
+        HAS_WINDOW_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, GUARD_HIDDEN=guard_hidden,
+        STORE_LSE=lse is not None, OVERLAP=overlap, CONSUMERS=consumers, BLOCK_N=block_n,
         HEAD_DIM=head_dim, STAGES=stages, num_warps=8 // consumers, maxnreg=MAXNREG,
     )  # fmt: skip
     # one CTA per SM fits (224 KB of shared memory, 384 threads at 168 registers): a persistent grid is one
@@ -787,18 +837,32 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
 
 def attention_gluon(q, k, v, *, scale, window_left=-1, window_right=-1, softcap=0.0, return_lse=False,
                     overlap=True, consumers=2, persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES,
-                    seqlens_q=None, seqlens_k=None, guard_hidden=True):  # fmt: skip
+                    seqlens_q=None, seqlens_k=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                    max_seqlen_k=None, guard_hidden=True):  # fmt: skip
     """The Gluon kernel on checked arguments (`attn.fast.attention.attention` checks them and calls this when
-    `gluon_supported` and ``ATTN_GLUON=1``). ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, contiguous;
-    ``seqlens_q/k`` int32 ``[B]`` (both or neither). ``guard_hidden=False`` drops the masked tiles' non-finite
-    check (a non-finite V value in a hidden key then reaches the output, against SPEC): only for benchmarking
-    what the check costs (bench_gluon's ``gluon_noguard``)."""
+    `gluon_supported` and ``ATTN_GLUON=1``). Padded ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` with optional
+    ``seqlens_q/k`` int32 ``[B]`` (both or neither), or packed ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` with
+    ``cu_seqlens_q/k`` int32 ``[B+1]`` and ``max_seqlen_q/k``; contiguous. ``guard_hidden=False`` drops the
+    masked tiles' non-finite check (a non-finite V value in a hidden key then reaches the output, against SPEC):
+    only for benchmarking what the check costs (bench_gluon's ``gluon_noguard``)."""
+    packed = cu_seqlens_q is not None
     out = torch.empty_like(q)
-    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device) if return_lse else None
+    lse = None
+    if return_lse:
+        shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+        lse = torch.empty(shape, dtype=torch.float32, device=q.device)
     grid, args, constexprs = launch_args(q, k, v, out, lse, scale=scale, window_left=window_left,
                                          window_right=window_right, softcap=softcap, overlap=overlap,
                                          consumers=consumers, persistent=persistent, block_n=block_n,
                                          l2_bytes=l2_bytes, seqlens_q=seqlens_q, seqlens_k=seqlens_k,
+                                         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                          guard_hidden=guard_hidden)  # fmt: skip
-    _attn_fwd_gluon[grid](*args, **constexprs)
+    if grid[0] == 0:
+        # no row blocks (max_seqlen_q = 0 or no sequences): nothing to compute, zeros and -inf by definition
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+    else:
+        _attn_fwd_gluon[grid](*args, **constexprs)
     return (out, lse) if return_lse else out

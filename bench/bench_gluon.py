@@ -31,7 +31,8 @@ S >= 4096 on the same shapes (a second table: TFLOP/s, ratio to bf16).
 The packed (varlen) row of PERF.md is timed in its own table (``--seqlens``, on by default), full and causal:
 gluon_packed / tl_packed are the packed call (cu_seqlens, max_seqlen given) with ATTN_GLUON=1 / 0, gluon / tl
 the same lengths in the padded layout with ``seqlens_q/k`` (padding rows hold NaN). Peers in one process; the
-ratio in parentheses is to tl_packed.
+ratio in parentheses is to tl_packed. With ``--alibi`` (on by default) ALiBi (slopes [Hq], both modes) is
+timed on the GQA and S1024 shapes: gluon and tl through attn.fast.attention, beside plain gluon (a fourth table).
 Writes one JSON (``--out`` is a folder, or a .json path) and prints TFLOP/s, the fraction of the matmul
 ceiling, and the ratio to cuDNN (cudnn_ms / ms: > 1 means faster than cuDNN) and to the tl.* kernel.
 """
@@ -362,6 +363,69 @@ def run_seqlens_shape(shape, args) -> dict:
     return result
 
 
+ALIBI_SHAPES = ("B4 H32/8 S4096 D128 causal gqa", "B16 H32 S1024 D128 causal")
+
+
+def run_alibi_shape(shape, args) -> dict:
+    """ALiBi (slopes ``2^(-8h/H)``, both modes) on one padded shape: the Gluon kernel (ATTN_GLUON=1) and the
+    tl.* kernel (ATTN_GLUON=0) through attn.fast.attention, and the Gluon kernel without ALiBi (what the bias
+    costs it), in one process. Each Gluon ALiBi call is checked against the tl.* call of its mode."""
+    import attn.fast as fast
+    from attn.fast import gluon_attention as ga
+
+    flops = shape.flops()
+    print(f"\n== ALiBi {shape.name}   ({flops / 1e12:.3f} TFLOP)", flush=True)
+    torch.manual_seed(args.seed)
+    x = make_inputs(shape, torch.bfloat16)
+    slopes = torch.exp2(-8.0 * torch.arange(1, shape.heads_q + 1, device="cuda") / shape.heads_q)
+    call = lambda mode: lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal, alibi_slopes=slopes,
+                                               alibi_mode=mode)  # fmt: skip
+    plain = lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal)
+    fns = {"gluon_alibi": (call("alibi"), "1"), "tl_alibi": (call("alibi"), "0"),
+           "gluon_alibi_with_scale": (call("alibi_with_scale"), "1"),
+           "tl_alibi_with_scale": (call("alibi_with_scale"), "0"), "gluon_plain": (plain, "1")}  # fmt: skip
+    result: dict[str, Any] = {"name": "ALiBi " + shape.name, "flops": flops, "contenders": {}}
+    real = ga.attention_gluon
+    calls: list[str] = []
+    outs, dispatched = {}, {}
+    ga.attention_gluon = lambda *a, **kw: calls.append("") or real(*a, **kw)
+    try:
+        for cname, (fn, env) in fns.items():
+            if cname == "gluon_plain":
+                continue
+            calls.clear()
+            with _env(env):
+                outs[cname] = fn()
+            dispatched[cname] = bool(calls)
+    finally:
+        ga.attention_gluon = real
+    for cname, (_, env) in fns.items():
+        rec: dict[str, Any] = {"status": "ok", "note": f"ATTN_GLUON={env}"}
+        if cname.startswith("gluon_alibi"):
+            peer = cname.replace("gluon", "tl", 1)
+            err = rel_err(outs[peer], outs[cname])
+            rec["err"] = err
+            if not dispatched[cname] or torch.isnan(outs[cname]).any().item() or err > args.tol:
+                rec.update(status="wrong", error=f"dispatched={dispatched[cname]} err={err:.2e} vs {peer}")
+        result["contenders"][cname] = rec
+    del outs
+    for _ in range(args.repeat):
+        for cname, (fn, env) in fns.items():
+            rec = result["contenders"][cname]
+            if rec["status"] == "ok":
+                with _env(env):
+                    ms, rec["timing"] = common.time_ms(fn, args.warmup, args.rep)
+                rec.setdefault("ms_all", []).append(ms)
+    for cname, rec in result["contenders"].items():
+        if rec.get("ms_all"):
+            rec["ms"] = statistics.median(rec["ms_all"])
+            rec["tflops"] = common.tflops(flops, rec["ms"])
+            print(f"  {cname:<23} {rec['ms']:8.3f} ms  {rec['tflops']:6.1f} TFLOP/s", flush=True)
+        else:
+            print(f"  {cname:<23} {rec['status']} {rec.get('error', '')}", flush=True)
+    return result
+
+
 def summary(results, ceilings) -> str:
     cols = [c for c in COLUMNS if any(c in r["contenders"] for r in results)]
     rows = []
@@ -403,6 +467,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
                    help="also time FP8 prefill against our bf16 prefill at S >= 4096")  # fmt: skip
+    p.add_argument("--alibi", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time ALiBi (both modes) on ALIBI_SHAPES, Gluon vs tl.*")  # fmt: skip
     p.add_argument("--seqlens", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the packed shape's lengths as seqlens_q/k in the padded layout")  # fmt: skip
     args = p.parse_args(argv)
@@ -469,6 +535,17 @@ def main(argv=None) -> int:
                 common.free_memory()
                 doc.setdefault("seqlens_results", []).append(res)
                 common.write_json(out_path, doc)
+    if args.alibi:
+        for shape in [s for s in SHAPES if s.name in ALIBI_SHAPES]:
+            try:
+                res = run_alibi_shape(shape, args)
+            except Exception as e:
+                res = {"name": "ALiBi " + shape.name, "error": common.short_error(e),
+                       "traceback": common.tail_traceback(), "contenders": {}}  # fmt: skip
+                print(f"  ALiBi shape failed: {res['error']}", flush=True)
+            common.free_memory()
+            doc.setdefault("alibi_results", []).append(res)
+            common.write_json(out_path, doc)
     print("\n" + summary(doc["results"], ceilings))
     if doc.get("fp8_results"):
         rows = []
@@ -488,6 +565,12 @@ def main(argv=None) -> int:
             rows.append([r["name"], *cells])
         print("\nPacked / per-sequence lengths, TFLOP/s of the valid tokens (tl_packed_ms / ms in parentheses)")
         print(common.format_table(["shape", "gluon_packed", "tl_packed", "gluon (seqlens)", "tl (seqlens)"], rows))
+    if doc.get("alibi_results"):
+        names = ["gluon_alibi", "tl_alibi", "gluon_alibi_with_scale", "tl_alibi_with_scale", "gluon_plain"]
+        rows = [[r["name"], *(f"{r['contenders'][n]['tflops']:.0f}" if r["contenders"].get(n, {}).get("ms") else "ERR"
+                              for n in names)] for r in doc["alibi_results"]]  # fmt: skip
+        print("\nALiBi, TFLOP/s")
+        print(common.format_table(["shape", *names], rows))
     print(f"results: {out_path}")
     return 0
 

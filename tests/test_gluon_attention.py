@@ -393,6 +393,54 @@ def test_dispatch_packed(monkeypatch):
     assert calls == [1, 1]
 
 
+# ALiBi cases: (name, layout, attention kwargs); layouts "padded", "seqlens" (padded with lengths), "packed"
+ALIBI_CASES = [
+    ("causal", "padded", {"causal": True}),
+    ("window-both", "padded", {"window_size": (150, 70)}),
+    ("softcap", "padded", {"causal": True, "softcap": 20.0}),
+    ("seqlens-causal", "seqlens", {"causal": True}),
+    ("packed-full", "packed", {}),
+    ("packed-softcap-window", "packed", {"causal": True, "window_size": (200, -1), "softcap": 30.0}),
+]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("slopes_shape", ["Hq", "B,Hq"])
+@pytest.mark.parametrize("mode", ["alibi", "alibi_with_scale"])
+@pytest.mark.parametrize("case", ALIBI_CASES, ids=[c[0] for c in ALIBI_CASES])
+def test_gluon_alibi(case, mode, slopes_shape, monkeypatch):
+    # ALiBi through the user's call (ATTN_GLUON=1, dispatch counted), both modes, both slope layouts, with
+    # soft-cap, windows, lengths (rows without keys, empty sequences) and packed input; slopes up to 1 make the
+    # bias (up to ~300) dominate the scores, so a wrong sign or diagonal shows at once
+    name, layout, kw = case
+    lens = LENS if layout != "padded" else [(300, 333)] * 3
+    b, hq, hkv, d = len(lens), 8, 2, 128
+    if slopes_shape == "Hq":
+        slopes = torch.exp2(-8.0 * torch.arange(1, hq + 1, device="cuda") / hq)
+    else:
+        slopes = torch.rand(b, hq, device="cuda")
+    if layout == "packed":
+        q, k, v, cu_q, cu_k = _packed_inputs(lens, hq, hkv, d, torch.bfloat16)
+        lkw = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k}
+    else:
+        q, k, v = _inputs(b, 300, 333, hq, hkv, d, torch.bfloat16)
+        lkw = {}
+        if layout == "seqlens":
+            lkw = {"seqlens_q": torch.tensor([x for x, _ in lens], dtype=torch.int32, device="cuda"),
+                   "seqlens_k": torch.tensor([y for _, y in lens], dtype=torch.int32, device="cuda")}  # fmt: skip
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), alibi_slopes=slopes, alibi_mode=mode,
+                                       return_lse=True, **lkw, **kw)  # fmt: skip
+    monkeypatch.setenv("ATTN_GLUON", "1")
+    calls = _count_calls(monkeypatch)
+    out, lse = fast.attention(q, k, v, alibi_slopes=slopes, alibi_mode=mode, return_lse=True, **lkw, **kw)
+    tag = f"{name} {mode} slopes[{slopes_shape}]"
+    assert calls == [1], f"{tag}: did not run on the Gluon kernel"
+    assert not torch.isnan(out).any(), f"{tag}: NaN in the output"
+    assert rel_err(ref, out) <= TOL[torch.bfloat16], f"{tag}: relative error {rel_err(ref, out):.3e}"
+    assert_lse_close(f"{tag} lse", ref_lse, lse, LSE_TOL[torch.bfloat16])
+
+
 def _count_calls(monkeypatch):
     calls = []
     real = ga.attention_gluon
@@ -414,9 +462,9 @@ def test_dispatch_opt_in(monkeypatch):
     out = fast.attention(q, k, v, causal=True)
     assert calls == [1], "ATTN_GLUON=1 did not select the Gluon kernel on sm_90"
     assert rel_err(ref, out) <= TOL[torch.bfloat16]
-    # unsupported variants keep the tl.* kernel: ALiBi, other head dims (lengths and packed: their own tests)
+    # unsupported variants keep the tl.* kernel: other head dims, fp32 (lengths, packed, ALiBi: their own tests)
     fast.attention(q[..., :80].contiguous(), k[..., :80].contiguous(), v[..., :80].contiguous(), causal=True)
-    fast.attention(q, k, v, alibi_slopes=torch.rand(8, device="cuda"))
+    fast.attention(q.float(), k.float(), v.float(), causal=True)
     assert calls == [1]
 
 
@@ -486,7 +534,7 @@ def test_default_dispatch_stays_off_the_cpu(monkeypatch, device):
 
 
 def test_dispatch_falls_back_off_sm90(monkeypatch, device):
-    # with the opt-in set, a call the Gluon kernel does not cover (here: not an sm_90 tensor, or ALiBi) still
+    # with the opt-in set, a call the Gluon kernel does not cover (here: not an sm_90 tensor, or D = 16) still
     # runs, on the tl.* kernel, and matches the reference
     monkeypatch.setenv("ATTN_GLUON", "1")
     q, k, v = (torch.randn(1, 9, 2, 16, device=device) for _ in range(3))

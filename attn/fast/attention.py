@@ -736,7 +736,7 @@ def attention(
             or _g.gluon_default(seqlen_q=q.shape[1], seqlen_k=k.shape[1], num_heads_q=q.shape[2],
                                 num_heads_kv=k.shape[2], head_dim=args.head_dim, window_left=args.window_left,
                                 window_right=args.window_right, softcap=args.softcap,
-                                seqlens=has_lens or args.packed)
+                                unmeasured=has_lens or args.packed or args.alibi_slopes is not None)
         ):  # fmt: skip
             # with lengths, both (check_attention fills the one not given with the padded length)
             if args.packed:
@@ -748,6 +748,7 @@ def attention(
                 lens = {}
             return _g.attention_gluon(q, k, v, scale=args.scale, window_left=args.window_left,
                                       window_right=args.window_right, softcap=args.softcap, return_lse=return_lse,
+                                      alibi_slopes=args.alibi_slopes, alibi_with_scale=args.alibi_with_scale,
                                       **lens)  # fmt: skip
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

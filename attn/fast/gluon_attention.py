@@ -27,8 +27,8 @@ what FlashAttention-3 (Shah et al., 2024) is built from:
 
 Covered: padded ``[B, S, H, D]`` with or without per-sequence lengths ``seqlens_q/k``, packed varlen
 (``cu_seqlens_q/k``), causal (bottom-right) and full, sliding windows, soft-capping, GQA/MQA, D in {64, 128},
-fp16/bf16, ``return_lse``. Everything else (ALiBi, T5, other head dims, fp32) goes to the ``tl.*`` kernel: see
-`gluon_supported`.
+fp16/bf16, ALiBi (``[Hq]``/``[B, Hq]`` slopes, both modes), ``return_lse``. Everything else (T5, other head
+dims, fp32) goes to the ``tl.*`` kernel: see `gluon_supported`.
 
 Hidden values stay out (SPEC): in a masked tile (the causal diagonal, a window's edges, the end of the keys) a
 hidden key's p is 0, but wgmma's P·V multiplies it by the key's V row anyway, and ``0 · NaN = NaN``. Each masked
@@ -124,11 +124,12 @@ DEFAULT_MIN_MHA_SEQLEN = 16384
 
 
 def gluon_default(*, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim, window_left, window_right,
-                  softcap, seqlens=False) -> bool:  # fmt: skip
+                  softcap, unmeasured=False) -> bool:  # fmt: skip
     """Whether a call that `gluon_supported` covers runs on the Gluon kernel by default (the measured wins).
-    Calls with per-sequence lengths are not measured yet: ``tl.*`` unless forced."""
+    ``unmeasured``: the call uses a feature no benchmark row has measured on the Gluon kernel yet (per-sequence
+    lengths, packed input, ALiBi): ``tl.*`` unless forced."""
     causal = window_left < 0 and window_right == 0
-    if seqlens or not causal or softcap > 0 or head_dim != 128 or seqlen_q != seqlen_k:
+    if unmeasured or not causal or softcap > 0 or head_dim != 128 or seqlen_q != seqlen_k:
         return False
     if num_heads_q // num_heads_kv >= 4:
         return seqlen_k >= DEFAULT_MIN_GQA_SEQLEN
@@ -138,10 +139,11 @@ def gluon_default(*, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim, wi
 def gluon_supported(q, k, v, *, packed, seqlens, head_dim, alibi, rel_bias, softcap) -> bool:
     """Whether this call can run on the Gluon kernel (everything else stays on the ``tl.*`` kernel).
 
-    Needs an sm_90 device, fp16/bf16, D in {64, 128}, no ALiBi and no T5 bias, and contiguous tensors whose row
-    strides TMA accepts (16-byte multiples). Both layouts: padded (with or without ``seqlens_q/k``) and packed."""
-    del softcap, seqlens, packed  # supported
-    if alibi or rel_bias:
+    Needs an sm_90 device, fp16/bf16, D in {64, 128}, no T5 bias, and contiguous tensors whose row strides TMA
+    accepts (16-byte multiples). Both layouts: padded (with or without ``seqlens_q/k``) and packed; ALiBi in
+    both modes."""
+    del softcap, seqlens, packed, alibi  # supported
+    if rel_bias:
         return False
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
@@ -282,19 +284,49 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lens_q
 
 
 @gluon.jit
-def _scores(qk, offs_m, start, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+def _scores(qk, offs_m, start, diag, seqlen_k, qk_scale, cap_log2, slope, window_left, window_right,
             MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
-            HAS_SOFTCAP: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):  # fmt: skip
-    """Scores of one tile in log2 units (unscaled raw products on the plain path), masked where needed."""
+            HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):  # fmt: skip
+    """Scores of one tile in log2 units (unscaled raw products on the plain path), masked where needed.
+
+    ALiBi (``ALIBI`` 1: after scaling and capping, 2: on the raw product) adds ``slope · (j − i − diag)`` in the
+    units of the line it joins: ``slope`` arrives pre-multiplied for them (`_alibi_slope`)."""
+    if ALIBI != 0:
+        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        rel = (gl.expand_dims(offs_n, 0) - gl.expand_dims(offs_m + diag, 1)).to(gl.float32)
     if HAS_SOFTCAP:
-        s = cap_log2 * _tanh(qk * qk_scale)
+        if ALIBI == 2:
+            s = cap_log2 * _tanh((qk + slope * rel) * qk_scale)
+        else:
+            s = cap_log2 * _tanh(qk * qk_scale)
+        if ALIBI == 1:
+            s = s + slope * rel
     else:
         s = qk
+        if ALIBI != 0:
+            s = s + slope * rel
     if MASKED:
         visible = _visible(offs_m, start, diag, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
                            HAS_WINDOW_RIGHT, BLOCK_N, s_layout)  # fmt: skip
         s = gl.where(visible, s, float("-inf"))
     return s
+
+
+@gluon.jit
+def _alibi_slope(alibi_ptr, stride_ab, stride_ah, b, h, qk_scale, ALIBI: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
+    """Head h of sequence b's ALiBi slope in the units `_scores` adds it in: with soft-cap, the capped score is
+    in log2 units (mode 1: slope · log2 e) and mode 2 adds to the raw product (slope); without, everything is
+    in raw-product units, scaled by qk_scale = scale · log2 e later (mode 1: slope · log2 e / qk_scale, mode 2:
+    slope)."""
+    slope = 0.0
+    if ALIBI != 0:
+        slope = gl.load(alibi_ptr + b.to(gl.int64) * stride_ab + h.to(gl.int64) * stride_ah)
+        if ALIBI == 1:
+            if HAS_SOFTCAP:
+                slope = slope * 1.4426950408889634
+            else:
+                slope = slope * (1.4426950408889634 / qk_scale)
+    return slope
 
 
 @gluon.jit
@@ -458,14 +490,14 @@ def _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED: gl.constexpr, HAS_SOFTCAP:
 
 @gluon.jit
 def _softmax_pv(qk, v_bufs, v_ready, slot, phase, acc, m_i, l_i, fix, start, offs_m, diag, seqlen_k, qk_scale,
-                cap_log2, window_left, window_right, MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
-                HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HALF: gl.constexpr,
+                cap_log2, slope, window_left, window_right, MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
+                HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, HALF: gl.constexpr,
                 CONSUMERS: gl.constexpr, WG_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):  # fmt: skip
     """Softmax of one tile's products, then P·V issued asynchronously; returns the pending accumulator. ``fix``
     is ``(fix_bar, fixes, v_ptr, v_base, kv_stride)``: what a masked tile's non-finite check needs."""
-    s = _scores(qk, offs_m, start, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, MASKED,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, BLOCK_N, s_layout)  # fmt: skip
+    s = _scores(qk, offs_m, start, diag, seqlen_k, qk_scale, cap_log2, slope, window_left, window_right, MASKED,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, BLOCK_N, s_layout)  # fmt: skip
     p_op, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED, HAS_SOFTCAP, o_layout, p_layout,
                                         v_bufs.dtype)  # fmt: skip
     mbarrier.wait(v_ready.index(slot), phase)
@@ -496,9 +528,10 @@ def _qk(q, k_bufs, k_ready, it, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HE
 
 @gluon.jit
 def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes, fix_bar, v_ptr, v_base, kv_stride,
-           lo, hi, offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+           lo, hi, offs_m, diag, seqlen_k, qk_scale, cap_log2, slope, window_left, window_right,
            MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
-           HAS_SOFTCAP: gl.constexpr, OVERLAP: gl.constexpr, HALF: gl.constexpr, CONSUMERS: gl.constexpr,
+           HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, OVERLAP: gl.constexpr, HALF: gl.constexpr,
+           CONSUMERS: gl.constexpr,
            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, s_layout: gl.constexpr,
            o_layout: gl.constexpr, p_layout: gl.constexpr):  # fmt: skip
     """The key tiles [lo, hi): ring slots ``it, it+1, ...``; returns the running state, the next slot and the
@@ -519,8 +552,9 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fix
                 acc_t, m_i, l_i, fixes = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i,
                                                      l_i, (fix_bar, fixes, v_ptr, v_base, kv_stride),
                                                      lo + t * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
+                                                     slope,
                                                      window_left, window_right, MASKED, HAS_WINDOW_LEFT,
-                                                     HAS_WINDOW_RIGHT, HAS_SOFTCAP, HALF, CONSUMERS, BLOCK_M,
+                                                     HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, HALF, CONSUMERS, BLOCK_M,
                                                      BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
                 acc, qk = warpgroup_mma_wait(0, deps=[acc_t, qk_next])
                 # the next tile's K and this tile's V are read: hand both stages back to the producer
@@ -530,8 +564,9 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fix
             acc_t, m_i, l_i, fixes = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
                                                  (fix_bar, fixes, v_ptr, v_base, kv_stride),
                                                  lo + (n_tiles - 1) * BLOCK_N, offs_m, diag, seqlen_k, qk_scale,
-                                                 cap_log2, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
-                                                 HAS_WINDOW_RIGHT, HAS_SOFTCAP, HALF, CONSUMERS, BLOCK_M, BLOCK_N,
+                                                 cap_log2, slope, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
+                                                 HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, HALF, CONSUMERS, BLOCK_M,
+                                                 BLOCK_N,
                                                  HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
             acc = warpgroup_mma_wait(0, deps=[acc_t])
             mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
@@ -542,9 +577,10 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fix
             mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
             acc_t, m_i, l_i, fixes = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
                                                  (fix_bar, fixes, v_ptr, v_base, kv_stride), lo + t * BLOCK_N,
-                                                 offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left,
+                                                 offs_m, diag, seqlen_k, qk_scale, cap_log2, slope, window_left,
                                                  window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-                                                 HAS_SOFTCAP, HALF, CONSUMERS, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout,
+                                                 HAS_SOFTCAP, ALIBI, HALF, CONSUMERS, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                                 s_layout,
                                                  o_layout, p_layout)  # fmt: skip
             acc = warpgroup_mma_wait(0, deps=[acc_t])
             mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
@@ -554,13 +590,13 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fix
 
 @gluon.jit
 def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar, v_ptr, lse_ptr,
-              lens_q_ptr, lens_k_ptr, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q,
+              lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab, stride_ah, stride_lb, stride_lh, batch, num_heads_q,
+              section, group_size, seqlen_q,
               seqlen_k, rows_q, rows_k, qk_scale, cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr,
-              IS_PACKED: gl.constexpr,
-              HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
-              HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, GUARD_HIDDEN: gl.constexpr,
-              BLOCK_M: gl.constexpr,
-              WG_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
+              IS_PACKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+              HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
+              GUARD_HIDDEN: gl.constexpr, BLOCK_M: gl.constexpr, WG_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              HEAD_DIM: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
     """One consumer partition: for each of the program's work items, Q·Kᵀ, online softmax and P·V for its WG_M
     rows of the row block (rows HALF·WG_M ...), then the epilogue. Every consumer reads every K/V stage of the
     block and hands it back. The next item's Q is loaded during this item's epilogue."""
@@ -598,6 +634,7 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         len_q, len_k, tb, start_q, start_k = _lengths(b, lens_q_ptr, lens_k_ptr, seqlen_q, seqlen_k, rows_q, rows_k,
                                                       HAS_SEQLENS, IS_PACKED)  # fmt: skip
         v_base = ((tb.to(gl.int64) * rows_k + start_k) * num_heads_kv + h // group_size) * HEAD_DIM
+        slope = _alibi_slope(alibi_ptr, stride_ab, stride_ah, b, h, qk_scale, ALIBI, HAS_SOFTCAP)
         diag = len_k - len_q
         lo, full_lo, full_hi, hi = _key_ranges(m_block, len_q, len_k, window_left, window_right,
                                                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
@@ -610,18 +647,19 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         # masked tiles on a window's left edge, unmasked tiles, masked tiles along the diagonal and the end
         acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
                                           fix_bar, v_ptr, v_base, kv_stride, lo, full_lo, offs_m, diag, len_k,
-                                          qk_scale, cap_log2, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
-                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, HALF, CONSUMERS, WG_M, BLOCK_N,
+                                          qk_scale, cap_log2, slope, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
+                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP, HALF, CONSUMERS, WG_M, BLOCK_N,
                                           HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
                                           fix_bar, v_ptr, v_base, kv_stride, full_lo, full_hi, offs_m, diag,
-                                          len_k, qk_scale, cap_log2, window_left, window_right, False,
-                                          HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, HALF, CONSUMERS,
+                                          len_k, qk_scale, cap_log2, slope, window_left, window_right, False,
+                                          HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP, HALF,
+                                          CONSUMERS,
                                           WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
                                           fix_bar, v_ptr, v_base, kv_stride, full_hi, hi, offs_m, diag, len_k,
-                                          qk_scale, cap_log2, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
-                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, HALF, CONSUMERS, WG_M, BLOCK_N,
+                                          qk_scale, cap_log2, slope, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
+                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP, HALF, CONSUMERS, WG_M, BLOCK_N,
                                           HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         n_done += 1
 
@@ -665,15 +703,16 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
 
 # lengths, window sizes and head counts stay runtime values: one compiled variant per feature set, not one per
 # length's divisibility by 16 (each variant takes seconds of ptxas)
-@gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "batch", "num_heads_q", "section", "group_size", "seqlen_q",
-                              "seqlen_k", "rows_q", "rows_k", "window_left", "window_right"])  # fmt: skip
-def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, stride_lb,
-                    stride_lh, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale,
-                    cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr, IS_PACKED: gl.constexpr,
-                    HAS_WINDOW_LEFT: gl.constexpr,
-                    HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr,
-                    OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr, GUARD_HIDDEN: gl.constexpr,
-                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+@gluon.jit(do_not_specialize=["stride_ab", "stride_ah", "stride_lb", "stride_lh", "batch", "num_heads_q", "section",
+                              "group_size", "seqlen_q", "seqlen_k", "rows_q", "rows_k", "window_left",
+                              "window_right"])  # fmt: skip
+def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab,
+                    stride_ah, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k,
+                    rows_q, rows_k, qk_scale, cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr,
+                    IS_PACKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+                    HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
+                    CONSUMERS: gl.constexpr, GUARD_HIDDEN: gl.constexpr, BLOCK_N: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
     """Grid: one program per work item (row block of one (b, h)), or persistent: fewer programs, each taking
     items program_id, program_id + grid, ... (`_tile_coords` orders them longest first)."""
     # each consumer owns WG_M rows (the Q descriptor's block); a work item's row block is CONSUMERS of them
@@ -709,15 +748,19 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, l
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, stride_lb, stride_lh, batch, num_heads_q,
+                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab, stride_ah, stride_lb,
+                             stride_lh, batch, num_heads_q,
                              section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
                              window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-                             HAS_SOFTCAP, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
+                             HAS_SOFTCAP, ALIBI, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM,
+                             0)),
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, stride_lb, stride_lh, batch, num_heads_q,
+                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab, stride_ah, stride_lb,
+                             stride_lh, batch, num_heads_q,
                              section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
                              window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-                             HAS_SOFTCAP, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 1)),
+                             HAS_SOFTCAP, ALIBI, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM,
+                             1)),
                 (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lens_q_ptr,
                              lens_k_ptr, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, rows_q, rows_k,
                              window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT,
@@ -733,10 +776,12 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, l
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, stride_lb, stride_lh, batch, num_heads_q,
+                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab, stride_ah, stride_lb,
+                             stride_lh, batch, num_heads_q,
                              section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
                              window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-                             HAS_SOFTCAP, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
+                             HAS_SOFTCAP, ALIBI, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM,
+                             0)),
                 (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lens_q_ptr,
                              lens_k_ptr, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, rows_q, rows_k,
                              window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT,
@@ -781,11 +826,13 @@ def l2_section(batch, num_heads_q, group_size, seqlen_k, head_dim, itemsize, l2_
 
 def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap, overlap=True, consumers=2,
                 persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES, seqlens_q=None, seqlens_k=None,
-                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                guard_hidden=True):  # fmt: skip
+                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, alibi_slopes=None,
+                alibi_with_scale=False, guard_hidden=True):  # fmt: skip
     """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and bench/probes/gluon_sass.py).
     Padded ``q [B, Sq, Hq, D]`` (optionally ``seqlens_q/k``), or packed ``q [Tq, Hq, D]`` with ``cu_seqlens_q/k``
-    and ``max_seqlen_q/k`` (the row blocks per sequence and the L2 sections are sized by them)."""
+    and ``max_seqlen_q/k`` (the row blocks per sequence and the L2 sections are sized by them). ALiBi:
+    float32 ``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` (any strides), added after scaling and capping, or to the raw
+    product with ``alibi_with_scale``."""
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
@@ -805,6 +852,12 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
         lens_q, lens_k = seqlens_q, seqlens_k
         lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     rows_q, rows_k = q.shape[1], k.shape[1]
+    if alibi_slopes is None:
+        alibi, alibi_strides, alibi_mode = out, (0, 0), 0
+    else:
+        alibi = alibi_slopes
+        alibi_strides = (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1))
+        alibi_mode = 2 if alibi_with_scale else 1
     num_heads_q, head_dim = q.shape[2], q.shape[3]
     num_heads_kv = k.shape[2]
     block_m, stages = BLOCK_M, _stages(head_dim, block_n)
@@ -816,7 +869,7 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
     args = (
         _descriptor(q, wg_m, head_dim), _descriptor(k, block_n, head_dim), _descriptor(v, block_n, head_dim),
         out, v, lse if lse is not None else out,
-        lens_q if lens_q is not None else out, lens_k if lens_k is not None else out,
+        lens_q if lens_q is not None else out, lens_k if lens_k is not None else out, alibi, *alibi_strides,
         *lse_strides, batch, num_heads_q,
         l2_section(batch, num_heads_q, num_heads_q // num_heads_kv, seqlen_k, head_dim, q.element_size(), l2_bytes),
         num_heads_q // num_heads_kv, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2, window_left,
@@ -824,7 +877,7 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
     )  # fmt: skip
     constexprs = dict(
         HAS_SEQLENS=lens_q is not None and not packed, IS_PACKED=packed, HAS_WINDOW_LEFT=window_left >= 0,
-        HAS_WINDOW_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, GUARD_HIDDEN=guard_hidden,
+        HAS_WINDOW_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, ALIBI=alibi_mode, GUARD_HIDDEN=guard_hidden,
         STORE_LSE=lse is not None, OVERLAP=overlap, CONSUMERS=consumers, BLOCK_N=block_n,
         HEAD_DIM=head_dim, STAGES=stages, num_warps=8 // consumers, maxnreg=MAXNREG,
     )  # fmt: skip
@@ -838,13 +891,14 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
 def attention_gluon(q, k, v, *, scale, window_left=-1, window_right=-1, softcap=0.0, return_lse=False,
                     overlap=True, consumers=2, persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES,
                     seqlens_q=None, seqlens_k=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                    max_seqlen_k=None, guard_hidden=True):  # fmt: skip
+                    max_seqlen_k=None, alibi_slopes=None, alibi_with_scale=False, guard_hidden=True):  # fmt: skip
     """The Gluon kernel on checked arguments (`attn.fast.attention.attention` checks them and calls this when
     `gluon_supported` and ``ATTN_GLUON=1``). Padded ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` with optional
     ``seqlens_q/k`` int32 ``[B]`` (both or neither), or packed ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` with
-    ``cu_seqlens_q/k`` int32 ``[B+1]`` and ``max_seqlen_q/k``; contiguous. ``guard_hidden=False`` drops the
-    masked tiles' non-finite check (a non-finite V value in a hidden key then reaches the output, against SPEC):
-    only for benchmarking what the check costs (bench_gluon's ``gluon_noguard``)."""
+    ``cu_seqlens_q/k`` int32 ``[B+1]`` and ``max_seqlen_q/k``; contiguous. ALiBi: float32 ``alibi_slopes``
+    ``[Hq]`` or ``[B, Hq]``, ``alibi_with_scale`` as `attn.attention`'s ``alibi_mode``. ``guard_hidden=False``
+    drops the masked tiles' non-finite check (a non-finite V value in a hidden key then reaches the output,
+    against SPEC): only for benchmarking what the check costs (bench_gluon's ``gluon_noguard``)."""
     packed = cu_seqlens_q is not None
     out = torch.empty_like(q)
     lse = None
@@ -857,6 +911,7 @@ def attention_gluon(q, k, v, *, scale, window_left=-1, window_right=-1, softcap=
                                          l2_bytes=l2_bytes, seqlens_q=seqlens_q, seqlens_k=seqlens_k,
                                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                          max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                         alibi_slopes=alibi_slopes, alibi_with_scale=alibi_with_scale,
                                          guard_hidden=guard_hidden)  # fmt: skip
     if grid[0] == 0:
         # no row blocks (max_seqlen_q = 0 or no sequences): nothing to compute, zeros and -inf by definition

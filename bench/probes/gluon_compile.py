@@ -6,7 +6,7 @@ with ptxas's registers and spills and the wgmma-serialization warning (C7512) if
 
 Run it before each commit that touches attn/fast/gluon_attention.py. ``--quick``: one variant per feature
 (causal D128, full+LSE D64, window+softcap fp16, the 8-warp consumer, 64-key tiles,
-per-sequence lengths, packed). A failure prints the
+per-sequence lengths, packed, ALiBi). A failure prints the
 error's last line and the exit status is the number of failures. Uses bench/probes/gluon_sass.py's
 `compile_case` (the real `launch_args` on CPU tensors, so the specialization is the GPU launch's).
 """
@@ -41,6 +41,9 @@ def quick():
         "seqlens window fp16 D64": (2, 256, 256, 8, 2, 64, f16, False, 150, 0.0, True, True, 2, 128, True),
         "packed causal D128": (2, 256, 256, 8, 2, 128, bf, True, -1, 0.0, True, True, 2, 128, "packed"),
         "packed window+softcap D64": (2, 256, 256, 8, 8, 64, bf, True, 100, 20.0, True, True, 2, 128, "packed"),
+        "alibi causal D128": (2, 256, 256, 8, 2, 128, bf, True, -1, 0.0, True, True, 2, 128, None, True, 1),
+        "alibi_with_scale softcap packed D64": (2, 256, 256, 8, 2, 64, bf, True, -1, 20.0, True, True, 2, 128,
+                                                "packed", True, 2),  # fmt: skip
     }
 
 

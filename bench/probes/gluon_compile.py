@@ -42,25 +42,7 @@ def quick():
         "packed causal D128": (2, 256, 256, 8, 2, 128, bf, True, -1, 0.0, True, True, 2, 128, "packed"),
         "packed window+softcap D64": (2, 256, 256, 8, 8, 64, bf, True, 100, 20.0, True, True, 2, 128, "packed"),
         "alibi causal D128": (2, 256, 256, 8, 2, 128, bf, True, -1, 0.0, True, True, 2, 128, None, True, 1),
-        "alibi_with_scale softcap packed D64": (
-            2,
-            256,
-            256,
-            8,
-            2,
-            64,
-            bf,
-            True,
-            -1,
-            20.0,
-            True,
-            True,
-            2,
-            128,
-            "packed",
-            True,
-            2,
-        ),  # fmt: skip
+        "alibi2 softcap packed D64": (2, 256, 256, 8, 2, 64, bf, True, -1, 20.0, True, True, 2, 128, "packed", True, 2),
     }
 
 

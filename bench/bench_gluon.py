@@ -15,6 +15,9 @@ reported, not timed); the bf16 8192³ matmul is measured in the same run as the 
   gluon_2x4_serial attention_gluon called directly: two consumer partitions, no intra-warpgroup overlap
   gluon_grid       attention_gluon called directly: the default variant, one program per work item
   gluon_bn64       attention_gluon called directly: the default variant on 64-key tiles (6 stages at D128)
+  gluon_noguard    attention_gluon called directly: the default variant WITHOUT the masked tiles' non-finite
+                   check (guard_hidden=False; breaks SPEC's hidden-values rule): a baseline that prices the check,
+                   on every shape
   tl               attn.fast.attention with ATTN_GLUON=0: the tl.* kernel (its fixed config unless autotuning)
   default          attn.fast.attention, ATTN_GLUON unset: the default dispatch (gluon_default decides; the
                    record's note says which kernel ran)
@@ -25,7 +28,11 @@ S >= 4096 on the same shapes (a second table: TFLOP/s, ratio to bf16).
   cudnn / flash    SDPA pinned to one backend, on [B, H, S, D] copies made before timing
   flex             torch.compile(flex_attention), block mask built outside timing
 
-The packed (varlen) row of PERF.md is not run: the Gluon kernel does not take packed input (gluon_supported).
+The packed (varlen) row of PERF.md is timed in its own table (``--seqlens``, on by default), full and causal:
+gluon_packed / tl_packed are the packed call (cu_seqlens, max_seqlen given) with ATTN_GLUON=1 / 0, gluon / tl
+the same lengths in the padded layout with ``seqlens_q/k`` (padding rows hold NaN). Peers in one process; the
+ratio in parentheses is to tl_packed. With ``--alibi`` (on by default) ALiBi (slopes [Hq], both modes) is
+timed on the GQA and S1024 shapes: gluon and tl through attn.fast.attention, beside plain gluon (a fourth table).
 Writes one JSON (``--out`` is a folder, or a .json path) and prints TFLOP/s, the fraction of the matmul
 ceiling, and the ratio to cuDNN (cudnn_ms / ms: > 1 means faster than cuDNN) and to the tl.* kernel.
 """
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -51,9 +59,11 @@ VARIANTS = {
     "gluon_2x4_serial": {"consumers": 2, "overlap": False},
     "gluon_grid": {"persistent": False},
     "gluon_bn64": {"block_n": 64},
+    "gluon_noguard": {"guard_hidden": False},
 }
-# the run-1 schedule is the same compiled kernel (the section is a runtime argument): timed on every shape
-EVERY_SHAPE_VARIANTS = ("gluon_rowmajor",)
+# the run-1 schedule is the same compiled kernel (the section is a runtime argument): timed on every shape; so is
+# the unguarded baseline, whose difference to gluon_rowmajor/gluon is the masked tiles' check
+EVERY_SHAPE_VARIANTS = ("gluon_rowmajor", "gluon_noguard")
 COLUMNS = ["gluon", *VARIANTS, "tl", "default", "cudnn", "flash", "flex"]
 
 
@@ -282,6 +292,140 @@ def run_fp8_shape(shape, args) -> dict:
     return result
 
 
+def run_seqlens_shape(shape, args) -> dict:
+    """A packed shape: the Gluon and tl.* kernels on the packed call (cu_seqlens, max_seqlen given), and on the
+    same lengths in the padded layout with ``seqlens_q = seqlens_k = lengths`` (padding rows hold NaN: they must
+    not matter), in one process. Each Gluon call is checked against the tl.* call of its layout."""
+    import attn.fast as fast
+    from attn.fast import gluon_attention as ga
+
+    lengths, h, d = shape.lengths, shape.heads_q, shape.head_dim
+    b, smax = len(lengths), max(lengths)
+    flops = shape.flops()
+    name = f"seqlens B{b} H{h} Smax{smax} D{d} {'causal' if shape.causal else 'full'}"
+    print(f"\n== {name}   ({flops / 1e12:.3f} TFLOP)", flush=True)
+    torch.manual_seed(args.seed)
+    q, k, v = (torch.randn(b, smax, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    for i, n in enumerate(lengths):
+        for t in (q, k, v):
+            t[i, n:] = float("nan")
+    cu = torch.zeros(b + 1, dtype=torch.int32, device="cuda")
+    cu[1:] = torch.cumsum(lens, 0)
+    qp, kp, vp = (torch.cat([t[i, :n] for i, n in enumerate(lengths)]) for t in (q, k, v))
+    padded = lambda: fast.attention(q, k, v, causal=shape.causal, seqlens_q=lens, seqlens_k=lens)
+    packed = lambda: fast.attention(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=smax,
+                                    max_seqlen_k=smax, causal=shape.causal)  # fmt: skip
+    fns = {"gluon_packed": (packed, "1"), "tl_packed": (packed, "0"), "gluon": (padded, "1"), "tl": (padded, "0")}
+    result: dict[str, Any] = {"name": name, "flops": flops, "contenders": {}}
+    # each Gluon call checked against the tl.* call of the same layout (tl.* is tested against the reference)
+    outs, dispatched = {}, {}
+    real = ga.attention_gluon
+    calls: list[str] = []
+    ga.attention_gluon = lambda *a, **kw: calls.append("") or real(*a, **kw)
+    try:
+        for cname, (fn, env) in fns.items():
+            calls.clear()
+            with _env(env):
+                outs[cname] = fn()
+            dispatched[cname] = bool(calls)
+    finally:
+        ga.attention_gluon = real
+    for cname, (_, env) in fns.items():
+        rec: dict[str, Any] = {"status": "ok", "note": f"ATTN_GLUON={env}"}
+        if cname.startswith("gluon"):
+            peer = cname.replace("gluon", "tl", 1)
+            err = rel_err(outs[peer], outs[cname])
+            rec["err"] = err
+            if not dispatched[cname] or torch.isnan(outs[cname]).any().item() or err > args.tol:
+                rec.update(status="wrong", error=f"dispatched={dispatched[cname]} err={err:.2e} vs {peer}")
+        result["contenders"][cname] = rec
+    del outs
+    for _ in range(args.repeat):
+        for cname, (fn, env) in fns.items():
+            rec = result["contenders"][cname]
+            if rec["status"] != "ok":
+                continue
+            with _env(env):
+                ms, method = common.time_ms(fn, args.warmup, args.rep)
+            rec.setdefault("ms_all", []).append(ms)
+            rec["timing"] = method
+    tl_ms = statistics.median(result["contenders"]["tl_packed"].get("ms_all") or [float("nan")])
+    for cname, rec in result["contenders"].items():
+        if rec.get("ms_all"):
+            rec["ms"] = statistics.median(rec["ms_all"])
+            rec["tflops"] = common.tflops(flops, rec["ms"])
+            rec["vs_tl"] = tl_ms / rec["ms"]
+            print(f"  {cname:<10} {rec['ms']:8.3f} ms  {rec['tflops']:6.1f} TFLOP/s  "
+                  f"x{rec['vs_tl']:.2f} vs tl_packed", flush=True)  # fmt: skip
+        else:
+            print(f"  {cname:<10} {rec['status']} {rec.get('error', '')}", flush=True)
+    return result
+
+
+ALIBI_SHAPES = ("B4 H32/8 S4096 D128 causal gqa", "B16 H32 S1024 D128 causal")
+
+
+def run_alibi_shape(shape, args) -> dict:
+    """ALiBi (slopes ``2^(-8h/H)``, both modes) on one padded shape: the Gluon kernel (ATTN_GLUON=1) and the
+    tl.* kernel (ATTN_GLUON=0) through attn.fast.attention, and the Gluon kernel without ALiBi (what the bias
+    costs it), in one process. Each Gluon ALiBi call is checked against the tl.* call of its mode."""
+    import attn.fast as fast
+    from attn.fast import gluon_attention as ga
+
+    flops = shape.flops()
+    print(f"\n== ALiBi {shape.name}   ({flops / 1e12:.3f} TFLOP)", flush=True)
+    torch.manual_seed(args.seed)
+    x = make_inputs(shape, torch.bfloat16)
+    slopes = torch.exp2(-8.0 * torch.arange(1, shape.heads_q + 1, device="cuda") / shape.heads_q)
+    call = lambda mode: lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal, alibi_slopes=slopes,
+                                               alibi_mode=mode)  # fmt: skip
+    plain = lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal)
+    fns = {"gluon_alibi": (call("alibi"), "1"), "tl_alibi": (call("alibi"), "0"),
+           "gluon_alibi_with_scale": (call("alibi_with_scale"), "1"),
+           "tl_alibi_with_scale": (call("alibi_with_scale"), "0"), "gluon_plain": (plain, "1")}  # fmt: skip
+    result: dict[str, Any] = {"name": "ALiBi " + shape.name, "flops": flops, "contenders": {}}
+    real = ga.attention_gluon
+    calls: list[str] = []
+    outs, dispatched = {}, {}
+    ga.attention_gluon = lambda *a, **kw: calls.append("") or real(*a, **kw)
+    try:
+        for cname, (fn, env) in fns.items():
+            if cname == "gluon_plain":
+                continue
+            calls.clear()
+            with _env(env):
+                outs[cname] = fn()
+            dispatched[cname] = bool(calls)
+    finally:
+        ga.attention_gluon = real
+    for cname, (_, env) in fns.items():
+        rec: dict[str, Any] = {"status": "ok", "note": f"ATTN_GLUON={env}"}
+        if cname.startswith("gluon_alibi"):
+            peer = cname.replace("gluon", "tl", 1)
+            err = rel_err(outs[peer], outs[cname])
+            rec["err"] = err
+            if not dispatched[cname] or torch.isnan(outs[cname]).any().item() or err > args.tol:
+                rec.update(status="wrong", error=f"dispatched={dispatched[cname]} err={err:.2e} vs {peer}")
+        result["contenders"][cname] = rec
+    del outs
+    for _ in range(args.repeat):
+        for cname, (fn, env) in fns.items():
+            rec = result["contenders"][cname]
+            if rec["status"] == "ok":
+                with _env(env):
+                    ms, rec["timing"] = common.time_ms(fn, args.warmup, args.rep)
+                rec.setdefault("ms_all", []).append(ms)
+    for cname, rec in result["contenders"].items():
+        if rec.get("ms_all"):
+            rec["ms"] = statistics.median(rec["ms_all"])
+            rec["tflops"] = common.tflops(flops, rec["ms"])
+            print(f"  {cname:<23} {rec['ms']:8.3f} ms  {rec['tflops']:6.1f} TFLOP/s", flush=True)
+        else:
+            print(f"  {cname:<23} {rec['status']} {rec.get('error', '')}", flush=True)
+    return result
+
+
 def summary(results, ceilings) -> str:
     cols = [c for c in COLUMNS if any(c in r["contenders"] for r in results)]
     rows = []
@@ -323,6 +467,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
                    help="also time FP8 prefill against our bf16 prefill at S >= 4096")  # fmt: skip
+    p.add_argument("--alibi", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time ALiBi (both modes) on ALIBI_SHAPES, Gluon vs tl.*")  # fmt: skip
+    p.add_argument("--seqlens", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the packed shape's lengths as seqlens_q/k in the padded layout")  # fmt: skip
     args = p.parse_args(argv)
     common.require_cuda("bench.bench_gluon")
     import attn  # noqa: F401  (before anything else imports triton)
@@ -374,6 +522,30 @@ def main(argv=None) -> int:
             print(f"  ({res['wall_s']} s)", flush=True)
             doc.setdefault("fp8_results", []).append(res)
             common.write_json(out_path, doc)
+    if args.seqlens:
+        for shape in [s for s in SHAPES if s.packed]:
+            for causal in (False, True):
+                sh = dataclasses.replace(shape, causal=causal)
+                try:
+                    res = run_seqlens_shape(sh, args)
+                except Exception as e:
+                    res = {"name": "seqlens " + sh.name, "error": common.short_error(e),
+                           "traceback": common.tail_traceback(), "contenders": {}}  # fmt: skip
+                    print(f"  seqlens shape failed: {res['error']}", flush=True)
+                common.free_memory()
+                doc.setdefault("seqlens_results", []).append(res)
+                common.write_json(out_path, doc)
+    if args.alibi:
+        for shape in [s for s in SHAPES if s.name in ALIBI_SHAPES]:
+            try:
+                res = run_alibi_shape(shape, args)
+            except Exception as e:
+                res = {"name": "ALiBi " + shape.name, "error": common.short_error(e),
+                       "traceback": common.tail_traceback(), "contenders": {}}  # fmt: skip
+                print(f"  ALiBi shape failed: {res['error']}", flush=True)
+            common.free_memory()
+            doc.setdefault("alibi_results", []).append(res)
+            common.write_json(out_path, doc)
     print("\n" + summary(doc["results"], ceilings))
     if doc.get("fp8_results"):
         rows = []
@@ -384,6 +556,21 @@ def main(argv=None) -> int:
             rows.append([r["name"][4:], *cells])
         print("\nFP8 prefill, TFLOP/s (bf16_default_ms / ms in parentheses; target fp8 >= 1.6)")
         print(common.format_table(["shape", "fp8", "bf16_default", "bf16_tl"], rows))
+    if doc.get("seqlens_results"):
+        rows = []
+        for r in doc["seqlens_results"]:
+            c = r["contenders"]
+            cells = [f"{c[n]['tflops']:.0f} ({c[n]['vs_tl']:.2f})" if c.get(n, {}).get("ms") else "ERR"
+                     for n in ("gluon_packed", "tl_packed", "gluon", "tl")]  # fmt: skip
+            rows.append([r["name"], *cells])
+        print("\nPacked / per-sequence lengths, TFLOP/s of the valid tokens (tl_packed_ms / ms in parentheses)")
+        print(common.format_table(["shape", "gluon_packed", "tl_packed", "gluon (seqlens)", "tl (seqlens)"], rows))
+    if doc.get("alibi_results"):
+        names = ["gluon_alibi", "tl_alibi", "gluon_alibi_with_scale", "tl_alibi_with_scale", "gluon_plain"]
+        rows = [[r["name"], *(f"{r['contenders'][n]['tflops']:.0f}" if r["contenders"].get(n, {}).get("ms") else "ERR"
+                              for n in names)] for r in doc["alibi_results"]]  # fmt: skip
+        print("\nALiBi, TFLOP/s")
+        print(common.format_table(["shape", *names], rows))
     print(f"results: {out_path}")
     return 0
 

@@ -447,9 +447,11 @@ else:
 #
 # - **Ping-pong by order, not by chance.** FA3 makes the two consumers alternate with named barriers, so one's
 #   softmax always runs under the other's products. Here they are free-running.
-# - **The rest of the variants.** The Gluon kernel covers the padded layout (causal, windows, soft-cap, GQA,
-#   D 64/128); packed varlen input, per-sequence lengths, ALiBi, T5 and the paged chunked context stay on the
-#   `tl.*` kernel (`gluon_supported` says which).
+# - **The rest of the variants.** The Gluon kernel covers the padded layout with or without per-sequence
+#   lengths, packed varlen input (causal, windows, soft-cap, ALiBi, GQA, D 64/128), and keeps the values of
+#   hidden keys out of its masked tiles (a non-finite check per masked tile); T5 and the paged chunked context
+#   stay on the `tl.*` kernel (`gluon_supported` says which), and lengths, packed input and ALiBi run on it by
+#   default only once a benchmark row says they win (`gluon_default`).
 # - **FP8 at FA3's speed.** The FP8 kernel above is a `tl.*` kernel: no producer warp, no overlap, and a V
 #   transpose per call. An FP8 Gluon kernel would transpose V tiles in shared memory inside the pipeline (the
 #   same problem as the one-byte decode of lesson 09).

@@ -751,17 +751,28 @@ def attention(
         # was measured faster than this file's kernel (gluon_default); ATTN_GLUON=1 forces it, =0 turns it off
         from . import gluon_attention as _g
 
-        if _g.gluon_supported(q, k, v, packed=args.packed, seqlens=seqlens_q is not None or seqlens_k is not None,
-                              head_dim=args.head_dim, alibi=args.alibi_slopes is not None,
-                              rel_bias=args.rel_bias is not None, softcap=args.softcap) and (
+        has_lens = seqlens_q is not None or seqlens_k is not None
+        if _g.gluon_supported(q, k, v, packed=args.packed, seqlens=has_lens, head_dim=args.head_dim,
+                              alibi=args.alibi_slopes is not None, rel_bias=args.rel_bias is not None,
+                              softcap=args.softcap) and (
             gluon_mode == "1"
             or _g.gluon_default(seqlen_q=q.shape[1], seqlen_k=k.shape[1], num_heads_q=q.shape[2],
                                 num_heads_kv=k.shape[2], head_dim=args.head_dim, window_left=args.window_left,
-                                window_right=args.window_right, softcap=args.softcap)
+                                window_right=args.window_right, softcap=args.softcap,
+                                unmeasured=has_lens or args.packed or args.alibi_slopes is not None)
         ):  # fmt: skip
+            # with lengths, both (check_attention fills the one not given with the padded length)
+            if args.packed:
+                lens = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=args.max_seqlen_q,
+                            max_seqlen_k=args.max_seqlen_k)  # fmt: skip
+            elif has_lens:
+                lens = dict(seqlens_q=args.seqlens_q, seqlens_k=args.seqlens_k)
+            else:
+                lens = {}
             return _g.attention_gluon(q, k, v, scale=args.scale, window_left=args.window_left,
-                                      window_right=args.window_right, softcap=args.softcap,
-                                      return_lse=return_lse)  # fmt: skip
+                                      window_right=args.window_right, softcap=args.softcap, return_lse=return_lse,
+                                      alibi_slopes=args.alibi_slopes, alibi_with_scale=args.alibi_with_scale,
+                                      **lens)  # fmt: skip
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if args.packed:

@@ -25,13 +25,30 @@ what FlashAttention-3 (Shah et al., 2024) is built from:
   producer runs ahead into the next item's K/V while the consumers finish the current one; the next Q arrives
   during the epilogue, and the output goes from registers straight to global memory.
 
-Covered: padded ``[B, S, H, D]`` without per-sequence lengths, causal (bottom-right) and full, sliding windows,
-soft-capping, GQA/MQA, D in {64, 128}, fp16/bf16, ``return_lse``. Everything else (packed varlen, lengths,
-ALiBi, T5, other head dims, fp32) goes to the ``tl.*`` kernel: see `gluon_supported`.
+Covered: padded ``[B, S, H, D]`` with or without per-sequence lengths ``seqlens_q/k``, packed varlen
+(``cu_seqlens_q/k``), causal (bottom-right) and full, sliding windows, soft-capping, GQA/MQA, D in {64, 128},
+fp16/bf16, ALiBi (``[Hq]``/``[B, Hq]`` slopes, both modes), ``return_lse``. Everything else (T5, other head
+dims, fp32) goes to the ``tl.*`` kernel: see `gluon_supported`.
 
-Why no per-sequence lengths: TMA fills rows outside the tensor's bounds with zeros, but a padded row inside the
-tensor is whatever the caller left there. A NaN in a padded V row would reach the output through ``0 · NaN``
-(a masked score makes p = 0, not the product). The ``tl.*`` kernel masks the load instead.
+Hidden values stay out (SPEC): in a masked tile (the causal diagonal, a window's edges, the end of the keys) a
+hidden key's p is 0, but wgmma's P·V multiplies it by the key's V row anyway, and ``0 · NaN = NaN``. Each masked
+tile therefore checks its V stage for non-finite values (one pass over the stage in shared memory, one
+reduction); only when there are any, the consumers rewrite the stage with them zeroed and put NaN where a
+visible key had one (`_hidden_values_out`). The unmasked tiles are unchanged (their keys are visible to every
+row, where NaN is the answer).
+
+Per-sequence lengths (padded layout): TMA fills rows outside the tensor's bounds with zeros, but a padding row
+inside the tensor is whatever the caller left there. Each work item reads its sequence's lengths, and the key
+ranges, the mask and the diagonal use them, so tiles wholly past ``seqlens_k[b]`` are never loaded and the one
+that straddles it is a masked tile: its padding keys get p = 0 from the mask, and a non-finite value in their V
+rows is kept out by the mechanism above. Query rows past ``seqlens_q[b]`` compute on padding and are written as
+zeros (lse −inf). Chosen over per-sequence TMA descriptors (one per sequence, built on the host: a device sync
+or a descriptor array per call) and ``tma.async_gather`` (row gathers, no bulk tiles): the masked-tile check is
+paid only on the tile at each sequence's end. Packed varlen is the same mechanism: the descriptors see
+``[1, T, H·D]``, a sequence's tiles start at its ``cu_seqlens`` offset, the rows of the next sequence that a
+sequence's last tiles load are masked keys (or query rows not stored), and TMA zero-fills past T. Offsets and
+lengths are clamped into the tensors; unlike the ``tl.*`` kernel, this one records no violation for
+`attn.check_errors` (the validated call, ``validate=True``, checks them on the host before either kernel runs).
 
 Dispatch from `attn.attention` on sm_90: by default only where it was measured faster than the ``tl.*`` kernel
 (`gluon_default`); ``ATTN_GLUON=1`` forces it wherever `gluon_supported`, ``ATTN_GLUON=0`` turns it off.
@@ -46,6 +63,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -106,10 +124,12 @@ DEFAULT_MIN_MHA_SEQLEN = 16384
 
 
 def gluon_default(*, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim, window_left, window_right,
-                  softcap) -> bool:  # fmt: skip
-    """Whether a call that `gluon_supported` covers runs on the Gluon kernel by default (the measured wins)."""
+                  softcap, unmeasured=False) -> bool:  # fmt: skip
+    """Whether a call that `gluon_supported` covers runs on the Gluon kernel by default (the measured wins).
+    ``unmeasured``: the call uses a feature no benchmark row has measured on the Gluon kernel yet (per-sequence
+    lengths, packed input, ALiBi): ``tl.*`` unless forced."""
     causal = window_left < 0 and window_right == 0
-    if not causal or softcap > 0 or head_dim != 128 or seqlen_q != seqlen_k:
+    if unmeasured or not causal or softcap > 0 or head_dim != 128 or seqlen_q != seqlen_k:
         return False
     if num_heads_q // num_heads_kv >= 4:
         return seqlen_k >= DEFAULT_MIN_GQA_SEQLEN
@@ -119,10 +139,11 @@ def gluon_default(*, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim, wi
 def gluon_supported(q, k, v, *, packed, seqlens, head_dim, alibi, rel_bias, softcap) -> bool:
     """Whether this call can run on the Gluon kernel (everything else stays on the ``tl.*`` kernel).
 
-    Needs an sm_90 device, fp16/bf16, D in {64, 128}, the padded layout without per-sequence lengths, no ALiBi
-    and no T5 bias, and contiguous tensors whose row strides TMA accepts (16-byte multiples)."""
-    del softcap  # supported
-    if packed or seqlens or alibi or rel_bias:
+    Needs an sm_90 device, fp16/bf16, D in {64, 128}, no T5 bias, and contiguous tensors whose row strides TMA
+    accepts (16-byte multiples). Both layouts: padded (with or without ``seqlens_q/k``) and packed; ALiBi in
+    both modes."""
+    del softcap, seqlens, packed, alibi  # supported
+    if rel_bias:
         return False
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
@@ -193,14 +214,43 @@ def _key_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LE
     if HAS_WINDOW_RIGHT:
         full_hi = gl.minimum(m0 + diag + window_right + 1, seqlen_k)
     full_hi = gl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    # a row block past its sequence's length (seqlens_q) has no rows: no keys
+    hi = gl.where(m0 < seqlen_q, hi, lo)
     full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
     full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
     return lo, full_lo, full_hi, hi
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q, section, group_size,
-              seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr,
+def _lengths(b, lens_q_ptr, lens_k_ptr, seqlen_q, seqlen_k, rows_q, rows_k, HAS_SEQLENS: gl.constexpr,
+             IS_PACKED: gl.constexpr):  # fmt: skip
+    """Sequence b: ``(len_q, len_k, tb, start_q, start_k)``. Its rows are ``start .. start + len`` of batch entry
+    ``tb`` of the ``[tb, rows, H·D]`` view (padded: tb = b, start 0; packed: tb = 0, start = cu_seqlens[b]).
+    Lengths and offsets are clamped into the tensors (an unvalidated call reads and writes only inside them,
+    whatever ``seqlens``/``cu_seqlens`` hold; packed query rows past ``max_seqlen_q`` are not computed)."""
+    if IS_PACKED:
+        start_q = gl.minimum(gl.maximum(gl.load(lens_q_ptr + b), 0), rows_q)
+        len_q = gl.minimum(gl.minimum(gl.maximum(gl.load(lens_q_ptr + b + 1), start_q), rows_q) - start_q, seqlen_q)
+        start_k = gl.minimum(gl.maximum(gl.load(lens_k_ptr + b), 0), rows_k)
+        len_k = gl.minimum(gl.maximum(gl.load(lens_k_ptr + b + 1), start_k), rows_k) - start_k
+        tb = b * 0
+    else:
+        start_q = b * 0
+        start_k = b * 0
+        tb = b
+        if HAS_SEQLENS:
+            len_q = gl.minimum(gl.maximum(gl.load(lens_q_ptr + b), 0), seqlen_q)
+            len_k = gl.minimum(gl.maximum(gl.load(lens_k_ptr + b), 0), seqlen_k)
+        else:
+            len_q = seqlen_q + b * 0
+            len_k = seqlen_k + b * 0
+    return len_q, len_k, tb, start_q, start_k
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lens_q_ptr, lens_k_ptr, batch,
+              num_heads_q, section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, window_left, window_right,
+              HAS_SEQLENS: gl.constexpr, IS_PACKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
               HAS_WINDOW_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               HEAD_DIM: gl.constexpr):  # fmt: skip
     """One warp: TMA copies of every K and V tile this program's work items need, into the ring, in the order
@@ -211,7 +261,9 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch,
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         b, h, m0 = _tile_coords(tile, batch, num_heads_q, seqlen_q, section, BLOCK_M)
         kv_col = (h // group_size) * HEAD_DIM
-        lo, full_lo, full_hi, hi = _key_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+        len_q, len_k, tb, start_q, start_k = _lengths(b, lens_q_ptr, lens_k_ptr, seqlen_q, seqlen_k, rows_q, rows_k,
+                                                      HAS_SEQLENS, IS_PACKED)  # fmt: skip
+        lo, full_lo, full_hi, hi = _key_ranges(m0, len_q, len_k, window_left, window_right, HAS_WINDOW_LEFT,
                                                HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
         for i in range(gl.cdiv(hi - lo, BLOCK_N)):
             s = it % STAGES
@@ -224,33 +276,190 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch,
             # (kv_empty[STAGES + s]), so the next K copy need not wait for the last P·V
             mbarrier.wait(kv_empty.index(s), phase)
             mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, n, kv_col], k_ready.index(s), k_bufs.index(s))
+            tma.async_copy_global_to_shared(k_desc, [tb, start_k + n, kv_col], k_ready.index(s), k_bufs.index(s))
             mbarrier.wait(kv_empty.index(STAGES + s), phase)
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, n, kv_col], v_ready.index(s), v_bufs.index(s))
+            tma.async_copy_global_to_shared(v_desc, [tb, start_k + n, kv_col], v_ready.index(s), v_bufs.index(s))
             it += 1
 
 
 @gluon.jit
-def _scores(qk, offs_m, start, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+def _scores(qk, offs_m, start, diag, seqlen_k, qk_scale, cap_log2, slope, window_left, window_right,
             MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
-            HAS_SOFTCAP: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):  # fmt: skip
-    """Scores of one tile in log2 units (unscaled raw products on the plain path), masked where needed."""
+            HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):  # fmt: skip
+    """Scores of one tile in log2 units (unscaled raw products on the plain path), masked where needed.
+
+    ALiBi (``ALIBI`` 1: after scaling and capping, 2: on the raw product) adds ``slope · (j − i − diag)`` in the
+    units of the line it joins: ``slope`` arrives pre-multiplied for them (`_alibi_slope`)."""
+    if ALIBI != 0:
+        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        rel = (gl.expand_dims(offs_n, 0) - gl.expand_dims(offs_m + diag, 1)).to(gl.float32)
     if HAS_SOFTCAP:
-        s = cap_log2 * _tanh(qk * qk_scale)
+        if ALIBI == 2:
+            s = cap_log2 * _tanh((qk + slope * rel) * qk_scale)
+        else:
+            s = cap_log2 * _tanh(qk * qk_scale)
+        if ALIBI == 1:
+            s = s + slope * rel
     else:
         s = qk
+        if ALIBI != 0:
+            s = s + slope * rel
     if MASKED:
-        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        j = gl.expand_dims(offs_n, 0)
-        i = gl.expand_dims(offs_m, 1) + diag
-        visible = j < seqlen_k
-        if HAS_WINDOW_LEFT:
-            visible = visible & (j >= i - window_left)
-        if HAS_WINDOW_RIGHT:
-            visible = visible & (j <= i + window_right)
+        visible = _visible(offs_m, start, diag, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                           HAS_WINDOW_RIGHT, BLOCK_N, s_layout)  # fmt: skip
         s = gl.where(visible, s, float("-inf"))
     return s
+
+
+@gluon.jit
+def _alibi_slope(alibi_ptr, stride_ab, stride_ah, b, h, qk_scale, ALIBI: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
+    """Head h of sequence b's ALiBi slope in the units `_scores` adds it in: with soft-cap, the capped score is
+    in log2 units (mode 1: slope · log2 e) and mode 2 adds to the raw product (slope); without, everything is
+    in raw-product units, scaled by qk_scale = scale · log2 e later (mode 1: slope · log2 e / qk_scale, mode 2:
+    slope)."""
+    slope = 0.0
+    if ALIBI != 0:
+        slope = gl.load(alibi_ptr + b.to(gl.int64) * stride_ab + h.to(gl.int64) * stride_ah)
+        if ALIBI == 1:
+            if HAS_SOFTCAP:
+                slope = slope * 1.4426950408889634
+            else:
+                slope = slope * (1.4426950408889634 / qk_scale)
+    return slope
+
+
+@gluon.jit
+def _visible(offs_m, start, diag, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr,
+             HAS_WINDOW_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):  # fmt: skip
+    """Which keys of the tile at ``start`` each row sees (SPEC: bottom-right aligned window, keys < seqlen_k);
+    [1, BLOCK_N] without a window, broadcast against the rows by the caller."""
+    offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    j = gl.expand_dims(offs_n, 0)
+    i = gl.expand_dims(offs_m, 1) + diag
+    visible = j < seqlen_k
+    if HAS_WINDOW_LEFT:
+        visible = visible & (j >= i - window_left)
+    if HAS_WINDOW_RIGHT:
+        visible = visible & (j <= i + window_right)
+    return visible
+
+
+# Hidden values stay out (SPEC: values of keys hidden from a row never reach its output). In a masked tile a hidden
+# key's p is exactly 0, but wgmma's P·V still multiplies it by the key's V row, and 0 · NaN = 0 · Inf = NaN. The
+# unmasked tiles hold only keys every row sees, where NaN is the right answer; only the masked tiles (the causal
+# diagonal, a window's edges, the end of the keys) need this. Each masked tile checks its V stage for exponent bits
+# all set (one pass over the stage and one reduction); only if there are any, the slow path below runs.
+# Registers are the constraint: the check runs with acc, P and (OVERLAP) the next tile's scores live, and any
+# extra [WG_M, D] fp32 tensor there makes ptxas serialize every wgmma of the kernel (C7512). So the stage is read in
+# chunks of 8 elements per thread (`_chunk_layout`), and the indicator product in slices of IND_KEYS keys.
+IND_KEYS = gl.constexpr(32)
+
+
+@gluon.constexpr_function
+def _chunk_layout(HEAD_DIM, NW):
+    """A [rows, HEAD_DIM] register layout of 8 contiguous elements (16 bytes) per thread; its tile covers
+    (32 / (HEAD_DIM / 8)) · NW rows, the chunk height of the check and the slow path."""
+    return gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NW, 1], [1, 0])
+
+
+@gluon.jit
+def _has_nonfinite(v_smem, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Whether the V stage holds a NaN or ±Inf: an element whose exponent bits are all set (bf16 0x7F80, fp16
+    0x7C00), read as int16 straight from shared memory. Uniform over the partition (a cross-warp reduction)."""
+    NW: gl.constexpr = gl.num_warps()
+    CH: gl.constexpr = (32 // (HEAD_DIM // 8)) * NW
+    EXP: gl.constexpr = 0x7F80 if v_smem.dtype == gl.bfloat16 else 0x7C00
+    layout: gl.constexpr = _chunk_layout(HEAD_DIM, NW)
+    bits = v_smem._reinterpret(gl.int16, [BLOCK_N, HEAD_DIM], v_smem.layout)
+    bad = gl.zeros([CH, HEAD_DIM], gl.int32, layout)
+    for c in gl.static_range(BLOCK_N // CH):
+        x = bits.slice(c * CH, CH).load(layout).to(gl.int32)
+        bad = bad | ((x & EXP) == EXP).to(gl.int32)
+    return gl.max(gl.max(bad, 1), 0)
+
+
+@gluon.jit
+def _sync_consumers(fix_bar, fixes):
+    """Every consumer partition reaches this point (the ``fixes``-th phase of ``fix_bar``, count = partitions)
+    after all its threads' shared-memory stores (fenced for the async proxy by the caller)."""
+    gl.thread_barrier()
+    mbarrier.arrive(fix_bar, count=1)
+    mbarrier.wait(fix_bar, fixes & 1)
+    return fixes + 1
+
+
+@gluon.jit
+def _v_rows(v_ptr, v_base, kv_stride, row0, kv_rows, CH: gl.constexpr, HEAD_DIM: gl.constexpr,
+            layout: gl.constexpr):  # fmt: skip
+    """V rows ``row0 .. row0 + CH`` of this (sequence, KV head) from global memory, as fp32; rows at or past
+    ``kv_rows`` (hidden from every row) read as 0."""
+    rows = row0 + gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    ptrs = v_ptr + v_base + gl.expand_dims(rows.to(gl.int64) * kv_stride, 1) + gl.expand_dims(cols, 0)
+    mask = gl.expand_dims(rows < kv_rows, 1) & gl.expand_dims(cols < HEAD_DIM, 0)
+    return gl.load(ptrs, mask=mask, other=0.0).to(gl.float32)
+
+
+@gluon.jit
+def _hidden_values_out(v_smem, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, start, offs_m, diag, seqlen_k,
+                       window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+                       HALF: gl.constexpr, CONSUMERS: gl.constexpr, WG_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                       p_layout: gl.constexpr):  # fmt: skip
+    """The slow path of a masked tile whose V stage holds a non-finite value. Afterwards the stage holds V with
+    its non-finite values replaced by 0 (so a hidden key's p = 0 contributes exactly 0), and ``acc`` is NaN
+    exactly where a visible key's V had a non-finite value in that column: the reference's ``p · NaN`` (an Inf
+    becomes NaN here, not ±Inf).
+
+    Which outputs a visible non-finite value reaches is ``visible @ bad``, one more wgmma accumulated into acc
+    itself (a separate [WG_M, D] accumulator does not fit the 240 registers beside acc, P and the next tile's
+    scores: ptxas serializes every wgmma of the kernel): visible as 2^127 and bad as 2^127, both exact in bf16
+    (the stage is reinterpreted as bf16 for this product whatever V's dtype), so a hit adds 2^254, past fp32's
+    range, and a miss adds exactly 0. Every element at or above 1e38 (inf, or a saturated or NaN product) then
+    becomes NaN; an unnormalized acc of honest values never gets there (|acc| <= keys · max|V|).
+
+    Both consumer partitions read the stage, so they rewrite it together: each its own BLOCK_N / CONSUMERS rows,
+    from V in global memory (the stage's copy is overwritten by the indicator first), with a barrier between
+    the steps. Both take this path for the same tiles: they check the same untouched stage, and nobody writes
+    it before both have checked (the first barrier)."""
+    NW: gl.constexpr = gl.num_warps()
+    CH: gl.constexpr = (32 // (HEAD_DIM // 8)) * NW
+    ROWS: gl.constexpr = BLOCK_N // CONSUMERS
+    dtype: gl.constexpr = v_smem.dtype
+    layout: gl.constexpr = _chunk_layout(HEAD_DIM, NW)
+    # the visibility operand in slices of IND_KEYS keys (an accumulator-shaped layout of that width converts to
+    # the A operand in registers, as P does)
+    h_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, IND_KEYS, 16])  # fmt: skip
+    big: gl.constexpr = 1.7014118346046923e38  # 2^127
+    ind = v_smem._reinterpret(gl.bfloat16, [BLOCK_N, HEAD_DIM], v_smem.layout)
+    # 0: both partitions have checked the untouched stage
+    fixes = _sync_consumers(fix_bar, fixes)
+    # 1: this partition's rows become the indicator of non-finite values (2^127 / 0)
+    for c in gl.static_range(ROWS // CH):
+        x = _v_rows(v_ptr, v_base, kv_stride, start + HALF * ROWS + c * CH, seqlen_k, CH, HEAD_DIM, layout)
+        ind.slice(HALF * ROWS + c * CH, CH).store(gl.where((x - x) != 0.0, big, 0.0).to(gl.bfloat16))
+    fence_async_shared()
+    fixes = _sync_consumers(fix_bar, fixes)
+    # 2: acc += (visible · 2^127) @ (bad · 2^127): +inf (or at least 2^127) where a visible key is bad
+    rows = gl.convert_layout(offs_m, gl.SliceLayout(1, h_layout))
+    for kk in gl.static_range(BLOCK_N // IND_KEYS):
+        visible = _visible(rows, start + kk * IND_KEYS, diag, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                           HAS_WINDOW_RIGHT, IND_KEYS, h_layout)  # fmt: skip
+        vis = gl.where(visible, gl.full([WG_M, IND_KEYS], big, gl.float32, h_layout), 0.0)
+        vis = gl.convert_layout(vis.to(gl.bfloat16), p_layout)
+        acc = warpgroup_mma(vis, ind.slice(kk * IND_KEYS, IND_KEYS), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+    acc = gl.where(acc < 1.0e38, acc, float("nan"))
+    # 3: both have read the indicator; the rows become V with its non-finite values zeroed
+    fixes = _sync_consumers(fix_bar, fixes)
+    for c in gl.static_range(ROWS // CH):
+        x = _v_rows(v_ptr, v_base, kv_stride, start + HALF * ROWS + c * CH, seqlen_k, CH, HEAD_DIM, layout)
+        v_smem.slice(HALF * ROWS + c * CH, CH).store(gl.where((x - x) != 0.0, 0.0, x).to(dtype))
+    fence_async_shared()
+    fixes = _sync_consumers(fix_bar, fixes)
+    return acc, fixes
 
 
 @gluon.jit
@@ -280,20 +489,29 @@ def _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED: gl.constexpr, HAS_SOFTCAP:
 
 
 @gluon.jit
-def _softmax_pv(qk, v_bufs, v_ready, slot, phase, acc, m_i, l_i, start, offs_m, diag, seqlen_k, qk_scale, cap_log2,
-                window_left, window_right, MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
-                HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, BLOCK_N: gl.constexpr,
-                HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                p_layout: gl.constexpr):  # fmt: skip
-    """Softmax of one tile's products, then P·V issued asynchronously; returns the pending accumulator."""
-    s = _scores(qk, offs_m, start, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, MASKED,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, BLOCK_N, s_layout)  # fmt: skip
+def _softmax_pv(qk, v_bufs, v_ready, slot, phase, acc, m_i, l_i, fix, start, offs_m, diag, seqlen_k, qk_scale,
+                cap_log2, slope, window_left, window_right, MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr,
+                HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, HALF: gl.constexpr,
+                CONSUMERS: gl.constexpr, WG_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):  # fmt: skip
+    """Softmax of one tile's products, then P·V issued asynchronously; returns the pending accumulator. ``fix``
+    is ``(fix_bar, fixes, v_ptr, v_base, kv_stride)``: what a masked tile's non-finite check needs."""
+    s = _scores(qk, offs_m, start, diag, seqlen_k, qk_scale, cap_log2, slope, window_left, window_right, MASKED,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, BLOCK_N, s_layout)  # fmt: skip
     p_op, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED, HAS_SOFTCAP, o_layout, p_layout,
                                         v_bufs.dtype)  # fmt: skip
     mbarrier.wait(v_ready.index(slot), phase)
     v = v_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM])
+    fix_bar, fixes, v_ptr, v_base, kv_stride = fix
+    # MASKED is 1 for a masked tile, 2 for one without the guard (GUARD_HIDDEN=False: a benchmark's baseline only)
+    if MASKED == 1:
+        if _has_nonfinite(v, BLOCK_N, HEAD_DIM) != 0:
+            acc, fixes = _hidden_values_out(v, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, start, offs_m, diag,
+                                            seqlen_k, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                                            HALF, CONSUMERS, WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout,
+                                            p_layout)  # fmt: skip
     acc = warpgroup_mma(p_op, v, acc, is_async=True)
-    return acc, m_i, l_i
+    return acc, m_i, l_i, fixes
 
 
 @gluon.jit
@@ -309,13 +527,15 @@ def _qk(q, k_bufs, k_ready, it, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HE
 
 
 @gluon.jit
-def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo, hi, offs_m, diag, seqlen_k,
-           qk_scale, cap_log2, window_left, window_right,
+def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes, fix_bar, v_ptr, v_base, kv_stride,
+           lo, hi, offs_m, diag, seqlen_k, qk_scale, cap_log2, slope, window_left, window_right,
            MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
-           HAS_SOFTCAP: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-           HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-           p_layout: gl.constexpr):  # fmt: skip
-    """The key tiles [lo, hi): ring slots ``it, it+1, ...``; returns the running state and the next slot."""
+           HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, OVERLAP: gl.constexpr, HALF: gl.constexpr,
+           CONSUMERS: gl.constexpr,
+           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, s_layout: gl.constexpr,
+           o_layout: gl.constexpr, p_layout: gl.constexpr):  # fmt: skip
+    """The key tiles [lo, hi): ring slots ``it, it+1, ...``; returns the running state, the next slot and the
+    count of ``fix_bar`` phases (`_hidden_values_out`)."""
     STAGES: gl.constexpr = k_bufs.shape[0]
     n_tiles = gl.cdiv(hi - lo, BLOCK_N)
     if OVERLAP:
@@ -329,20 +549,25 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo,
                 # a no-op wait (only that product is in flight) that pins the order in SASS: without it ptxas
                 # sinks the product below the softmax's exponentials, and nothing overlaps (bench/probes/gluon_sass.py)
                 qk = warpgroup_mma_wait(1, deps=[qk])
-                acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
-                                              lo + t * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
-                                              window_left, window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-                                              HAS_SOFTCAP, BLOCK_N, HEAD_DIM, s_layout, o_layout,
-                                              p_layout)  # fmt: skip
+                acc_t, m_i, l_i, fixes = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i,
+                                                     l_i, (fix_bar, fixes, v_ptr, v_base, kv_stride),
+                                                     lo + t * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
+                                                     slope,
+                                                     window_left, window_right, MASKED, HAS_WINDOW_LEFT,
+                                                     HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, HALF, CONSUMERS, BLOCK_M,
+                                                     BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
                 acc, qk = warpgroup_mma_wait(0, deps=[acc_t, qk_next])
                 # the next tile's K and this tile's V are read: hand both stages back to the producer
                 mbarrier.arrive(kv_empty.index((it + 1) % STAGES), count=1)
                 mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
                 it += 1
-            acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
-                                          lo + (n_tiles - 1) * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
-                                          window_left, window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-                                          HAS_SOFTCAP, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+            acc_t, m_i, l_i, fixes = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
+                                                 (fix_bar, fixes, v_ptr, v_base, kv_stride),
+                                                 lo + (n_tiles - 1) * BLOCK_N, offs_m, diag, seqlen_k, qk_scale,
+                                                 cap_log2, slope, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
+                                                 HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, HALF, CONSUMERS, BLOCK_M,
+                                                 BLOCK_N,
+                                                 HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
             acc = warpgroup_mma_wait(0, deps=[acc_t])
             mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
             it += 1
@@ -350,48 +575,68 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo,
         for t in range(n_tiles):
             qk = warpgroup_mma_wait(0, deps=[_qk(q, k_bufs, k_ready, it, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)])
             mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
-            acc_t, m_i, l_i = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
-                                          lo + t * BLOCK_N, offs_m, diag, seqlen_k, qk_scale, cap_log2,
-                                          window_left, window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-                                          HAS_SOFTCAP, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+            acc_t, m_i, l_i, fixes = _softmax_pv(qk, v_bufs, v_ready, it % STAGES, (it // STAGES) & 1, acc, m_i, l_i,
+                                                 (fix_bar, fixes, v_ptr, v_base, kv_stride), lo + t * BLOCK_N,
+                                                 offs_m, diag, seqlen_k, qk_scale, cap_log2, slope, window_left,
+                                                 window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                                                 HAS_SOFTCAP, ALIBI, HALF, CONSUMERS, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                                 s_layout,
+                                                 o_layout, p_layout)  # fmt: skip
             acc = warpgroup_mma_wait(0, deps=[acc_t])
             mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
             it += 1
-    return acc, m_i, l_i, it
+    return acc, m_i, l_i, it, fixes
 
 
 @gluon.jit
-def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lse_ptr,
-              stride_lb, stride_lh, batch, num_heads_q, section, seqlen_q, seqlen_k, qk_scale, cap_log2,
-              window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
-              HAS_SOFTCAP: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr,
-              WG_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
+def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar, v_ptr, lse_ptr,
+              lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab, stride_ah, stride_lb, stride_lh, batch, num_heads_q,
+              section, group_size, seqlen_q,
+              seqlen_k, rows_q, rows_k, qk_scale, cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr,
+              IS_PACKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+              HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
+              GUARD_HIDDEN: gl.constexpr, BLOCK_M: gl.constexpr, WG_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              HEAD_DIM: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
     """One consumer partition: for each of the program's work items, Q·Kᵀ, online softmax and P·V for its WG_M
     rows of the row block (rows HALF·WG_M ...), then the epilogue. Every consumer reads every K/V stage of the
     block and hands it back. The next item's Q is loaded during this item's epilogue."""
     q_smem = q_bufs.index(HALF)
     q_bar = q_bars.index(HALF)
+    CONSUMERS: gl.constexpr = BLOCK_M // WG_M
+    MASKED: gl.constexpr = 1 if GUARD_HIDDEN else 2
     NW: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                        instr_shape=[16, BLOCK_N, 16])  # fmt: skip
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    diag = seqlen_k - seqlen_q
     num_tiles = gl.cdiv(seqlen_q, BLOCK_M) * batch * num_heads_q
     step = gl.num_programs(0)
 
     first = gl.program_id(0)
     if first < num_tiles:
         b, h, m_block = _tile_coords(first, batch, num_heads_q, seqlen_q, section, BLOCK_M)
+        _, _, tb, start_q, _ = _lengths(b, lens_q_ptr, lens_k_ptr, seqlen_q, seqlen_k, rows_q, rows_k, HAS_SEQLENS,
+                                        IS_PACKED)  # fmt: skip
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b, m_block + HALF * WG_M, h * HEAD_DIM], q_bar, q_smem)
+        tma.async_copy_global_to_shared(q_desc, [tb, start_q + m_block + HALF * WG_M, h * HEAD_DIM], q_bar, q_smem)
     it = 0
     n_done = 0
+    fixes = 0
+    # V rows of one KV head are num_heads_kv · HEAD_DIM elements apart (the non-finite slow path reads them)
+    num_heads_kv = num_heads_q // group_size
+    kv_stride = num_heads_kv * HEAD_DIM
     for tile in range(first, num_tiles, step):
         b, h, m_block = _tile_coords(tile, batch, num_heads_q, seqlen_q, section, BLOCK_M)
         m0 = m_block + HALF * WG_M
-        lo, full_lo, full_hi, hi = _key_ranges(m_block, seqlen_q, seqlen_k, window_left, window_right,
+        # this sequence's lengths: the mask, the diagonal and the slow path's rows use them; the tensor's rows
+        # (tb, start) only address memory
+        len_q, len_k, tb, start_q, start_k = _lengths(b, lens_q_ptr, lens_k_ptr, seqlen_q, seqlen_k, rows_q, rows_k,
+                                                      HAS_SEQLENS, IS_PACKED)  # fmt: skip
+        v_base = ((tb.to(gl.int64) * rows_k + start_k) * num_heads_kv + h // group_size) * HEAD_DIM
+        slope = _alibi_slope(alibi_ptr, stride_ab, stride_ah, b, h, qk_scale, ALIBI, HAS_SOFTCAP)
+        diag = len_k - len_q
+        lo, full_lo, full_hi, hi = _key_ranges(m_block, len_q, len_k, window_left, window_right,
                                                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
         mbarrier.wait(q_bar, n_done & 1)
         q = q_smem.reshape([WG_M, HEAD_DIM])
@@ -400,55 +645,74 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
         # masked tiles on a window's left edge, unmasked tiles, masked tiles along the diagonal and the end
-        acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, lo, full_lo,
-                                   offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, True,
-                                   HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N,
-                                   HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
-        acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, full_lo,
-                                   full_hi, offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right,
-                                   False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N,
-                                   HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
-        acc, m_i, l_i, it = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, full_hi, hi,
-                                   offs_m, diag, seqlen_k, qk_scale, cap_log2, window_left, window_right, True,
-                                   HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, OVERLAP, WG_M, BLOCK_N,
-                                   HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
+                                          fix_bar, v_ptr, v_base, kv_stride, lo, full_lo, offs_m, diag, len_k,
+                                          qk_scale, cap_log2, slope, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
+                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP, HALF, CONSUMERS, WG_M, BLOCK_N,
+                                          HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
+                                          fix_bar, v_ptr, v_base, kv_stride, full_lo, full_hi, offs_m, diag,
+                                          len_k, qk_scale, cap_log2, slope, window_left, window_right, False,
+                                          HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP, HALF,
+                                          CONSUMERS,
+                                          WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
+                                          fix_bar, v_ptr, v_base, kv_stride, full_hi, hi, offs_m, diag, len_k,
+                                          qk_scale, cap_log2, slope, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
+                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP, HALF, CONSUMERS, WG_M, BLOCK_N,
+                                          HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         n_done += 1
 
         # every product that read Q has completed (the last wait): the next item's Q can come in already
         nxt = tile + step
         if nxt < num_tiles:
             nb, nh, nm = _tile_coords(nxt, batch, num_heads_q, seqlen_q, section, BLOCK_M)
+            _, _, ntb, nstart, _ = _lengths(nb, lens_q_ptr, lens_k_ptr, seqlen_q, seqlen_k, rows_q, rows_k,
+                                            HAS_SEQLENS, IS_PACKED)  # fmt: skip
             mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [nb, nm + HALF * WG_M, nh * HEAD_DIM], q_bar, q_smem)
+            tma.async_copy_global_to_shared(q_desc, [ntb, nstart + nm + HALF * WG_M, nh * HEAD_DIM], q_bar, q_smem)
 
-        # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros
-        has_key = l_i > 0.0
+        # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros; rows past the sequence's
+        # length (seqlens_q; computed from whatever the padding holds) are zeros by definition
+        has_key = (l_i > 0.0) & (offs_m < len_q)
         l_safe = gl.where(has_key, l_i, 1.0)
         out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout)), 1)
+        if HAS_SEQLENS:
+            out = gl.where(gl.expand_dims(gl.convert_layout(has_key, gl.SliceLayout(1, o_layout)), 1), out, 0.0)
         # straight from the accumulator's registers to global memory (no staging buffer: its 32 KB buy the
         # third K/V stage at D 128); rows past Sq are masked
         rows = gl.convert_layout(offs_m, gl.SliceLayout(1, o_layout))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        row_off = ((b.to(gl.int64) * seqlen_q + rows) * num_heads_q + h) * HEAD_DIM
+        row_off = ((tb.to(gl.int64) * rows_q + start_q + rows) * num_heads_q + h) * HEAD_DIM
         o_ptrs = o_ptr + gl.expand_dims(row_off, 1) + gl.expand_dims(cols, 0)
-        gl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(rows < seqlen_q, 1))
+        # padded: every row of the tensor (zeros past len_q); packed: this sequence's rows only (the rest of the
+        # block belongs to the next sequences)
+        if IS_PACKED:
+            row_end = len_q
+        else:
+            row_end = seqlen_q + b * 0
+        gl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(rows < row_end, 1))
         if STORE_LSE:
             # m is in log2 units (scaled); ln(sum exp(s)) = (m + log2 l) · ln 2
             lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
             lse = gl.where(has_key, lse, float("-inf"))
-            ptrs = lse_ptr + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_m
-            gl.store(ptrs, lse, mask=offs_m < seqlen_q)
+            # padded [B, Hq, Sq]; packed [Hq, Tq] (stride_lb = 0, rows from start_q)
+            ptrs = lse_ptr + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + start_q + offs_m
+            gl.store(ptrs, lse, mask=offs_m < row_end)
 
 
 # lengths, window sizes and head counts stay runtime values: one compiled variant per feature set, not one per
 # length's divisibility by 16 (each variant takes seconds of ptxas)
-@gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "batch", "num_heads_q", "section", "group_size", "seqlen_q",
-                              "seqlen_k", "window_left", "window_right"])  # fmt: skip
-def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section,
-                    group_size, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
-                    HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                    STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr,
-                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+@gluon.jit(do_not_specialize=["stride_ab", "stride_ah", "stride_lb", "stride_lh", "batch", "num_heads_q", "section",
+                              "group_size", "seqlen_q", "seqlen_k", "rows_q", "rows_k", "window_left",
+                              "window_right"])  # fmt: skip
+def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab,
+                    stride_ah, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k,
+                    rows_q, rows_k, qk_scale, cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr,
+                    IS_PACKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+                    HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
+                    CONSUMERS: gl.constexpr, GUARD_HIDDEN: gl.constexpr, BLOCK_N: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
     """Grid: one program per work item (row block of one (b, h)), or persistent: fewer programs, each taking
     items program_id, program_id + grid, ... (`_tile_coords` orders them longest first)."""
     # each consumer owns WG_M rows (the Q descriptor's block); a work item's row block is CONSUMERS of them
@@ -464,6 +728,9 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # kv_empty[s]: K stage s is free; kv_empty[STAGES + s]: V stage s is free
     kv_empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    # the consumers' rendezvous in the non-finite slow path (`_hidden_values_out`): one arrival per partition
+    fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(fix_bar, count=CONSUMERS)
     for i in gl.static_range(CONSUMERS):
         mbarrier.init(q_bars.index(i), count=1)
     for i in gl.static_range(STAGES):
@@ -480,16 +747,23 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh
         # producer. The default partition gets the registers the other two leave: (168·12 − 240·4 − 24·4) / 4.
         gl.warp_specialize(
             [
-                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, seqlen_q, seqlen_k, qk_scale,
-                             cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
-                             STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
-                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, seqlen_q, seqlen_k, qk_scale,
-                             cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
-                             STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 1)),
-                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q,
-                             section, group_size, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
+                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab, stride_ah, stride_lb,
+                             stride_lh, batch, num_heads_q,
+                             section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
+                             window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                             HAS_SOFTCAP, ALIBI, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM,
+                             0)),
+                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
+                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab, stride_ah, stride_lb,
+                             stride_lh, batch, num_heads_q,
+                             section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
+                             window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                             HAS_SOFTCAP, ALIBI, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM,
+                             1)),
+                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lens_q_ptr,
+                             lens_k_ptr, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, rows_q, rows_k,
+                             window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT,
                              HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM)),
             ],
             [4, 1],
@@ -501,12 +775,16 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_lb, stride_lh
         # warpgroups move in lockstep
         gl.warp_specialize(
             [
-                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                             lse_ptr, stride_lb, stride_lh, batch, num_heads_q, section, seqlen_q, seqlen_k, qk_scale,
-                             cap_log2, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP,
-                             STORE_LSE, OVERLAP, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM, 0)),
-                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, batch, num_heads_q,
-                             section, group_size, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
+                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab, stride_ah, stride_lb,
+                             stride_lh, batch, num_heads_q,
+                             section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
+                             window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                             HAS_SOFTCAP, ALIBI, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM,
+                             0)),
+                (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lens_q_ptr,
+                             lens_k_ptr, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, rows_q, rows_k,
+                             window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT,
                              HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM)),
             ],
             [1],
@@ -547,10 +825,41 @@ def l2_section(batch, num_heads_q, group_size, seqlen_k, head_dim, itemsize, l2_
 
 
 def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap, overlap=True, consumers=2,
-                persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES):  # fmt: skip
-    """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and bench/probes/gluon_sass.py)."""
-    batch, seqlen_q, num_heads_q, head_dim = q.shape
-    seqlen_k, num_heads_kv = k.shape[1], k.shape[2]
+                persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES, seqlens_q=None, seqlens_k=None,
+                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, alibi_slopes=None,
+                alibi_with_scale=False, guard_hidden=True):  # fmt: skip
+    """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and bench/probes/gluon_sass.py).
+    Padded ``q [B, Sq, Hq, D]`` (optionally ``seqlens_q/k``), or packed ``q [Tq, Hq, D]`` with ``cu_seqlens_q/k``
+    and ``max_seqlen_q/k`` (the row blocks per sequence and the L2 sections are sized by them). ALiBi:
+    float32 ``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` (any strides), added after scaling and capping, or to the raw
+    product with ``alibi_with_scale``."""
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if packed:
+        if cu_seqlens_q is None or cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
+            raise ValueError("packed input needs cu_seqlens_q, cu_seqlens_k, max_seqlen_q and max_seqlen_k")
+        if seqlens_q is not None or seqlens_k is not None:
+            raise ValueError("seqlens_q/k belong to the padded layout; packed input uses cu_seqlens")
+        # the packed tensors seen as one batch entry of [1, T, H, D]: TMA bounds are the whole packed length
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+        lens_q, lens_k = cu_seqlens_q, cu_seqlens_k
+        # lse [Hq, Tq]: no batch stride, rows from cu_seqlens_q[b]
+        lse_strides = (0, lse.stride(0)) if lse is not None else (0, 0)
+    else:
+        if (seqlens_q is None) != (seqlens_k is None):
+            raise ValueError("seqlens_q and seqlens_k go together here (attn.attention fills the missing one)")
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        lens_q, lens_k = seqlens_q, seqlens_k
+        lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    rows_q, rows_k = q.shape[1], k.shape[1]
+    if alibi_slopes is None:
+        alibi, alibi_strides, alibi_mode = out, (0, 0), 0
+    else:
+        alibi = alibi_slopes
+        alibi_strides = (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1))
+        alibi_mode = 2 if alibi_with_scale else 1
+    num_heads_q, head_dim = q.shape[2], q.shape[3]
+    num_heads_kv = k.shape[2]
     block_m, stages = BLOCK_M, _stages(head_dim, block_n)
     wg_m = block_m // consumers
     if softcap > 0:
@@ -559,14 +868,16 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
         qk_scale, cap_log2 = scale * LOG2E, 0.0
     args = (
         _descriptor(q, wg_m, head_dim), _descriptor(k, block_n, head_dim), _descriptor(v, block_n, head_dim),
-        out, lse if lse is not None else out,
-        lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-        batch, num_heads_q,
+        out, v, lse if lse is not None else out,
+        lens_q if lens_q is not None else out, lens_k if lens_k is not None else out, alibi, *alibi_strides,
+        *lse_strides, batch, num_heads_q,
         l2_section(batch, num_heads_q, num_heads_q // num_heads_kv, seqlen_k, head_dim, q.element_size(), l2_bytes),
-        num_heads_q // num_heads_kv, seqlen_q, seqlen_k, qk_scale, cap_log2, window_left, window_right,
+        num_heads_q // num_heads_kv, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2, window_left,
+        window_right,
     )  # fmt: skip
     constexprs = dict(
-        HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
+        HAS_SEQLENS=lens_q is not None and not packed, IS_PACKED=packed, HAS_WINDOW_LEFT=window_left >= 0,
+        HAS_WINDOW_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, ALIBI=alibi_mode, GUARD_HIDDEN=guard_hidden,
         STORE_LSE=lse is not None, OVERLAP=overlap, CONSUMERS=consumers, BLOCK_N=block_n,
         HEAD_DIM=head_dim, STAGES=stages, num_warps=8 // consumers, maxnreg=MAXNREG,
     )  # fmt: skip
@@ -578,15 +889,35 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
 
 
 def attention_gluon(q, k, v, *, scale, window_left=-1, window_right=-1, softcap=0.0, return_lse=False,
-                    overlap=True, consumers=2, persistent=True, block_n=128,
-                    l2_bytes=L2_SECTION_BYTES):  # fmt: skip
+                    overlap=True, consumers=2, persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES,
+                    seqlens_q=None, seqlens_k=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                    max_seqlen_k=None, alibi_slopes=None, alibi_with_scale=False, guard_hidden=True):  # fmt: skip
     """The Gluon kernel on checked arguments (`attn.fast.attention.attention` checks them and calls this when
-    `gluon_supported` and ``ATTN_GLUON=1``). ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, contiguous."""
+    `gluon_supported` and ``ATTN_GLUON=1``). Padded ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` with optional
+    ``seqlens_q/k`` int32 ``[B]`` (both or neither), or packed ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` with
+    ``cu_seqlens_q/k`` int32 ``[B+1]`` and ``max_seqlen_q/k``; contiguous. ALiBi: float32 ``alibi_slopes``
+    ``[Hq]`` or ``[B, Hq]``, ``alibi_with_scale`` as `attn.attention`'s ``alibi_mode``. ``guard_hidden=False``
+    drops the masked tiles' non-finite check (a non-finite V value in a hidden key then reaches the output,
+    against SPEC): only for benchmarking what the check costs (bench_gluon's ``gluon_noguard``)."""
+    packed = cu_seqlens_q is not None
     out = torch.empty_like(q)
-    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device) if return_lse else None
+    lse = None
+    if return_lse:
+        shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+        lse = torch.empty(shape, dtype=torch.float32, device=q.device)
     grid, args, constexprs = launch_args(q, k, v, out, lse, scale=scale, window_left=window_left,
                                          window_right=window_right, softcap=softcap, overlap=overlap,
                                          consumers=consumers, persistent=persistent, block_n=block_n,
-                                         l2_bytes=l2_bytes)  # fmt: skip
-    _attn_fwd_gluon[grid](*args, **constexprs)
+                                         l2_bytes=l2_bytes, seqlens_q=seqlens_q, seqlens_k=seqlens_k,
+                                         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                         alibi_slopes=alibi_slopes, alibi_with_scale=alibi_with_scale,
+                                         guard_hidden=guard_hidden)  # fmt: skip
+    if grid[0] == 0:
+        # no row blocks (max_seqlen_q = 0 or no sequences): nothing to compute, zeros and -inf by definition
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+    else:
+        _attn_fwd_gluon[grid](*args, **constexprs)
     return (out, lse) if return_lse else out

@@ -70,19 +70,75 @@ def every_specialization():
             key = f"bench c{consumers} ovl={overlap} n{bn} causal={causal} D{d}"
             out[key] = (1, 256, 256, 8, 2, d, bf, causal, -1, 0.0, False, overlap, consumers, bn)
     out["smoke D64 n64 full lse"] = (1, 256, 256, 8, 8, 64, bf, False, -1, 0.0, True, True, 2, 64)
+    # per-sequence lengths (seqlens_q/k): every feature at D128 and D64 (LSE on), the structural variants causal
+    for d in (64, 128):
+        for name, (causal, window, cap) in features.items():
+            out[f"seqlens {name} D{d}"] = (2, 256, 256, 4, 4, d, bf, causal, window, cap, True, True, 2, 128, True)
+    for consumers, overlap, dtype, bn in variants:
+        key = f"seqlens c{consumers} ovl={overlap} {dtype} n{bn} causal"
+        out[key] = (2, 256, 256, 8, 2, 128, dtype, True, -1, 0.0, True, overlap, consumers, bn, True)
+    # packed (cu_seqlens): the same
+    for d in (64, 128):
+        for name, (causal, window, cap) in features.items():
+            out[f"packed {name} D{d}"] = (2, 256, 256, 4, 4, d, bf, causal, window, cap, True, True, 2, 128, "packed")
+    for consumers, overlap, dtype, bn in variants:
+        key = f"packed c{consumers} ovl={overlap} {dtype} n{bn} causal"
+        out[key] = (2, 256, 256, 8, 2, 128, dtype, True, -1, 0.0, True, overlap, consumers, bn, "packed")
+    # ALiBi: both modes over the features at D128, with lengths and packed, and the structural variants
+    for mode in (1, 2):
+        for name, (causal, window, cap) in features.items():
+            out[f"alibi{mode} {name} D128"] = (2, 256, 256, 8, 2, 128, bf, causal, window, cap, True, True, 2, 128,
+                                               None, True, mode)  # fmt: skip
+        out[f"alibi{mode} seqlens causal D64"] = (2, 256, 256, 8, 2, 64, bf, True, -1, 0.0, True, True, 2, 128, True,
+                                                  True, mode)  # fmt: skip
+        out[f"alibi{mode} packed causal D128 fp16"] = (2, 256, 256, 8, 2, 128, f16, True, -1, 0.0, True, True, 2, 128,
+                                                       "packed", True, mode)  # fmt: skip
+    for consumers, overlap, dtype, bn in variants:
+        key = f"alibi1 c{consumers} ovl={overlap} {dtype} n{bn} causal"
+        out[key] = (2, 256, 256, 8, 2, 128, dtype, True, -1, 0.0, True, overlap, consumers, bn, None, True, 1)
+    # bench_gluon: the packed shape as packed and as seqlens (full and causal, LSE off), the unguarded baseline
+    for causal in (False, True):
+        for layout in (True, "packed"):
+            out[f"bench {'packed' if layout == 'packed' else 'seqlens'} causal={causal}"] = (
+                2, 256, 256, 32, 32, 128, bf, causal, -1, 0.0, False, True, 2, 128, layout)  # fmt: skip
+    for causal, d in ((True, 128), (False, 128), (True, 64)):
+        out[f"bench noguard causal={causal} D{d}"] = (1, 256, 256, 8, 2, d, bf, causal, -1, 0.0, False, True, 2, 128,
+                                                      None, False)  # fmt: skip
     return out
 
 
 def compile_case(c):
+    """Compile one case: ``(B, Sq, Sk, Hq, Hkv, D, dtype, causal, window, softcap, lse, overlap, consumers
+    [, block_n [, layout [, guard_hidden [, alibi]]]])``; layout None (padded), True (padded with seqlens_q/k) or
+    "packed" (cu_seqlens); alibi 0 (none), 1 (after scaling, slopes [B, Hq]) or 2 (with scale, slopes [Hq])."""
     b, sq, sk, hq, hkv, d, dtype, causal, window, softcap, want_lse, overlap, consumers, *rest = c
     block_n = rest[0] if rest else 128
-    q = torch.empty(b, sq, hq, d, dtype=dtype)
-    k, v = (torch.empty(b, sk, hkv, d, dtype=dtype) for _ in range(2))
+    layout = rest[1] if len(rest) > 1 else None
+    guard = rest[2] if len(rest) > 2 else True
+    mode = rest[3] if len(rest) > 3 else 0
+    extra = {"guard_hidden": guard}
+    if layout == "packed":
+        cu = lambda n: torch.arange(0, (b + 1) * n, n, dtype=torch.int32)  # noqa: E731
+        extra.update(cu_seqlens_q=cu(sq), cu_seqlens_k=cu(sk), max_seqlen_q=sq, max_seqlen_k=sk)
+        q = torch.empty(b * sq, hq, d, dtype=dtype)
+        k, v = (torch.empty(b * sk, hkv, d, dtype=dtype) for _ in range(2))
+        lse = torch.empty(hq, b * sq) if want_lse else None
+    else:
+        if layout:
+            extra.update(seqlens_q=torch.full((b,), sq, dtype=torch.int32),
+                         seqlens_k=torch.full((b,), sk, dtype=torch.int32))  # fmt: skip
+        q = torch.empty(b, sq, hq, d, dtype=dtype)
+        k, v = (torch.empty(b, sk, hkv, d, dtype=dtype) for _ in range(2))
+        lse = torch.empty(b, hq, sq) if want_lse else None
+    if mode:
+        extra.update(alibi_slopes=torch.empty(hq) if mode == 2 else torch.empty(b, hq), alibi_with_scale=mode == 2)
     out = torch.empty_like(q)
-    lse = torch.empty(b, hq, sq) if want_lse else None
     grid, args, constexprs = ga.launch_args(q, k, v, out, lse, scale=d**-0.5, window_left=window,
                                             window_right=0 if causal else (70 if window >= 0 else -1), softcap=softcap,
-                                            overlap=overlap, consumers=consumers, block_n=block_n)  # fmt: skip
+                                            overlap=overlap, consumers=consumers, block_n=block_n,
+                                            **extra)  # fmt: skip
+    if layout == "packed":
+        assert constexprs["IS_PACKED"], "a packed case must compile the packed variant"
     kernel = ga._attn_fwd_gluon
     backend = make_backend(TARGET)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)

@@ -19,7 +19,10 @@ import sys
 import threading
 import time
 
-# (name, B, Sq, Sk, Hq, Hkv, D, causal, window_left, softcap, lse, overlap, consumers, persistent, block_n)
+# (name, B, Sq, Sk, Hq, Hkv, D, causal, window_left, softcap, lse, overlap, consumers, persistent, block_n
+#  [, extra]): extra "nan" puts NaN in V rows hidden from earlier rows of their diagonal tile (the masked tiles'
+#  slow path, whose consumer rendezvous would hang if the partitions disagreed), "seqlens" / "packed" the
+#  per-sequence layouts (second sequence shorter), "alibi" ALiBi slopes [Hq]
 CASES = [
     ("default causal D128", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, True, 2, True, 128),
     ("default full D128 lse", 2, 777, 901, 8, 2, 128, False, -1, 0.0, True, True, 2, True, 128),
@@ -33,6 +36,13 @@ CASES = [
     ("length 1", 1, 1, 1, 2, 2, 128, False, -1, 0.0, True, True, 2, True, 128),
     ("64-key tiles", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, False, True, 2, True, 64),
     ("64-key tiles D64 full lse", 2, 777, 901, 8, 8, 64, False, -1, 0.0, True, True, 2, True, 64),
+    ("hidden NaN 2x4", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, True, True, 2, True, 128, "nan"),
+    ("hidden NaN 1x8", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, True, True, 1, True, 128, "nan"),
+    ("hidden NaN serial n64 window", 2, 1000, 1000, 8, 2, 128, True, 200, 0.0, True, False, 2, True, 64, "nan"),
+    ("hidden NaN D64 full", 2, 777, 901, 8, 8, 64, False, -1, 0.0, True, True, 2, True, 128, "nan"),
+    ("seqlens causal", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, True, True, 2, True, 128, "seqlens"),
+    ("packed causal", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, True, True, 2, True, 128, "packed"),
+    ("alibi causal", 2, 1000, 1000, 8, 2, 128, True, -1, 0.0, True, True, 2, True, 128, "alibi"),
 ]
 
 
@@ -43,23 +53,49 @@ def child(start: int) -> None:
     from attn.fast import gluon_attention as ga
 
     for i in range(start, len(CASES)):
-        name, b, sq, sk, hq, hkv, d, causal, left, cap, want_lse, overlap, consumers, persistent, block_n = CASES[i]
+        name, b, sq, sk, hq, hkv, d, causal, left, cap, want_lse, overlap, consumers, persistent, block_n, *extra = (
+            CASES[i])  # fmt: skip
+        extra = extra[0] if extra else ""
         print(f"START {i} {name}", flush=True)
         torch.manual_seed(i)
         q = torch.randn(b, sq, hq, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16)
+        kw, rkw = {}, {}
+        if extra == "nan":
+            v[0, sk - sq + 150, 0, 3] = float("nan")  # the diagonal tile of rows 128-255: hidden from rows < 150
+            v[1, sk - 1, 1, 0] = float("nan")  # the last key: hidden from all but the last row (causal)
+        elif extra == "seqlens":
+            lq = torch.tensor([sq, sq // 3], dtype=torch.int32, device="cuda")
+            lk = torch.tensor([sk, sk // 2], dtype=torch.int32, device="cuda")
+            kw = rkw = {"seqlens_q": lq, "seqlens_k": lk}
+        elif extra == "packed":
+            cu_q = torch.tensor([0, sq, sq + sq // 3], dtype=torch.int32, device="cuda")
+            cu_k = torch.tensor([0, sk, sk + sk // 2], dtype=torch.int32, device="cuda")
+            q, k, v = q.flatten(0, 1)[: sq + sq // 3], k.flatten(0, 1)[: sk + sk // 2], v.flatten(0, 1)[: sk + sk // 2]
+            rkw = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k}
+            kw = dict(rkw, max_seqlen_q=sq, max_seqlen_k=sk)
+        elif extra == "alibi":
+            slopes = torch.exp2(-8.0 * torch.arange(1, hq + 1, device="cuda") / hq)
+            kw = rkw = {"alibi_slopes": slopes}
         t0 = time.perf_counter()
         res = ga.attention_gluon(q, k, v, scale=d**-0.5, window_left=left, window_right=0 if causal else -1,
                                  softcap=cap, return_lse=want_lse, overlap=overlap, consumers=consumers,
-                                 persistent=persistent, block_n=block_n)  # fmt: skip
+                                 persistent=persistent, block_n=block_n, **kw)  # fmt: skip
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         out = res[0] if want_lse else res
         ref = reference.attention(q.double(), k.double(), v.double(), causal=causal, window_size=(left, -1),
-                                  softcap=cap)  # fmt: skip
-        err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-        nan = int(torch.isnan(out).sum())
+                                  softcap=cap, **rkw)  # fmt: skip
+        if extra == "nan":
+            # NaN exactly where the reference has it, the rest close
+            same = torch.equal(torch.isnan(out), torch.isnan(ref))
+            fin = ~torch.isnan(ref)
+            err = ((out.double()[fin] - ref[fin]).norm() / ref[fin].norm().clamp_min(1e-30)).item()
+            nan = 0 if same else int((torch.isnan(out) != torch.isnan(ref)).sum())
+        else:
+            err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            nan = int(torch.isnan(out).sum())
         verdict = "OK" if err < 1e-2 and nan == 0 else "WRONG"
         print(f"DONE {i} {verdict} {name}: rel err {err:.2e}, NaN {nan}, first call {dt:.1f} s", flush=True)
 

@@ -109,18 +109,20 @@ def enabled() -> bool:
     return mode() == "1"
 
 
-# Where the Gluon kernel is the default on sm_90 (ATTN_GLUON unset). Measured basis, H100 run 1 (bench_gluon,
-# peers in one process, torch 2.11, triton 3.6, before the L2 sections of `_tile_coords`), Gluon / tl.* time:
-#   B4 H32/8 S4096 D128 causal (GQA 4)   1.36x   <- GQA, causal, D128, S >= 4096
-#   B1 H32 S16384 D128 causal            1.12x   <- long causal, D128
-#   B4 H32 S4096 D128 causal             0.88x   (MHA: slower; L2 misses, see _tile_coords)
-#   B4 H32 S4096 D128 full               0.87x   (no causal mask: slower)
-#   B16 H32 S1024 D128 causal            0.86x   (short: slower)
-#   B8 H32 S4096 D64 causal              0.87x   (D64: slower)
-# So only causal D128 calls without soft-cap or window, and only the two measured winning regimes; everything else
-# keeps the tl.* kernel until a measurement says otherwise (widen this predicate only from a benchmark row).
-DEFAULT_MIN_GQA_SEQLEN = 4096
-DEFAULT_MIN_MHA_SEQLEN = 16384
+# Where the Gluon kernel is the default on sm_90 (ATTN_GLUON unset). Measured basis: H100, session 8
+# (bench/results/gluon_H100_2026-12-06_s8.json, peers in one process, torch 2.11, triton 3.6, with the L2
+# sections of `_tile_coords`), TFLOP/s of Gluon against this repo's tl.* kernel:
+#   B16 H32 S1024 D128 causal            331 vs 302   1.10x
+#   B4 H32 S4096 D128 causal             475 vs 397   1.20x
+#   B4 H32 S4096 D128 full               637 vs 470   1.36x
+#   B1 H32 S16384 D128 causal            597 vs 467   1.28x
+#   B4 H32/8 S4096 D128 causal (GQA 4)   599 vs 418   1.43x
+#   B8 H32 S4096 D64 causal              434 vs 374   1.16x
+# (Run 1, before the sections, had MHA at S4096 and S1024 and D64 0.86-0.88x: the sections made the difference.)
+# So causal or full attention with Sq = Sk >= 1024, D64 or D128, any GQA ratio, without soft-cap or window.
+# Shorter sequences, soft-cap, windows, lengths, packed input and ALiBi have no measured row yet: tl.* unless
+# forced (widen this predicate only from a benchmark row).
+DEFAULT_MIN_SEQLEN = 1024
 
 
 def gluon_default(*, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim, window_left, window_right,
@@ -128,12 +130,12 @@ def gluon_default(*, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim, wi
     """Whether a call that `gluon_supported` covers runs on the Gluon kernel by default (the measured wins).
     ``unmeasured``: the call uses a feature no benchmark row has measured on the Gluon kernel yet (per-sequence
     lengths, packed input, ALiBi): ``tl.*`` unless forced."""
+    del num_heads_q, num_heads_kv  # every ratio measured wins (MHA and GQA 4)
     causal = window_left < 0 and window_right == 0
-    if unmeasured or not causal or softcap > 0 or head_dim != 128 or seqlen_q != seqlen_k:
+    full = window_left < 0 and window_right < 0
+    if unmeasured or not (causal or full) or softcap > 0 or seqlen_q != seqlen_k:
         return False
-    if num_heads_q // num_heads_kv >= 4:
-        return seqlen_k >= DEFAULT_MIN_GQA_SEQLEN
-    return seqlen_k >= DEFAULT_MIN_MHA_SEQLEN
+    return head_dim in (64, 128) and seqlen_k >= DEFAULT_MIN_SEQLEN
 
 
 def gluon_supported(q, k, v, *, packed, seqlens, head_dim, alibi, rel_bias, softcap) -> bool:

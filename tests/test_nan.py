@@ -6,11 +6,11 @@ unused cache slots and pool blocks) never reach an output. Before the fix the ke
 zeros with ``lse = -inf`` (the finalization tested ``l > 0``, false for a NaN sum), and
 ``reference.attention_unfused`` let NaN in padding values through (``0 · NaN``).
 
-One documented difference remains between the kernels and the reference: a non-finite *value* (V) of a key
-inside a sequence that a row's causal or window mask hides may reach that row in the kernels, which multiply
-the hidden key's zero weight by it within a tile (``0 · NaN``); the reference keeps it out. Keys (K) are masked
-exactly. These tests therefore put non-finite values where every row of the sequence sees them, or past the
-lengths.
+A non-finite *value* (V) of a key inside a sequence that the causal mask or a window hides from some rows of
+a tile reaches exactly the rows that see it: the kernels used to multiply the hidden key's zero weight by it
+(``0 · NaN = NaN``) and so spread it to the whole tile; the `test_hidden_*` tests guard that. A row whose
+visible scores are all -inf (a -inf bias, an infinite query) outputs zeros with ``lse = -inf``, as the
+reference gives it (the fused prefill kernel gave NaN).
 """
 
 from __future__ import annotations
@@ -193,3 +193,138 @@ def test_gpu_fp8_nan_code_propagates(where):
         ref, ref_lse = reference.decode(q.double(), kc, vc, lens, return_lse=True, **sc)
         assert_matches("out", ref, out, 2 * 2.0**-10)
         assert not torch.isfinite(out[0, 0, 2:]).all() and torch.isfinite(out[1]).all()
+
+
+# --- values hidden from some rows of a tile (causal diagonal, window edges) never reach those rows ---
+
+
+def _hidden_case(kind: str, shape, key):
+    """Fresh q, k, v of ``shape`` ([B, S, H, D] or [T, H, D]) with one value of ``key`` (an index without the
+    feature) set to NaN, +inf or -inf (``kind``), in a random feature."""
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    d = int(torch.randint(shape[-1], ()))
+    v[key + (d,)] = {"nan": NAN, "inf": INF, "ninf": -INF}[kind]
+    return q, k, v
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "ninf"])
+@pytest.mark.parametrize("impl", ["attention", "attention_unfused"])
+@pytest.mark.parametrize(
+    "causal,window", [(True, (-1, -1)), (False, (5, -1)), (False, (3, 2))], ids=["causal", "left5", "left3right2"]
+)
+def test_hidden_values_prefill(impl, causal, window, kind):
+    # Sq = Sk = 40 over the interpreter's 32x16 tiles: the poisoned key 21 lies in a diagonal tile, hidden from
+    # rows before it under causal (and from rows past 26 or 23 by the left windows, before 19 by right = 2), in a
+    # tile the other rows see: only the rows that see key 21 may be non-finite
+    q, k, v = _hidden_case(kind, (2, 40, 2, 16), (0, 21, int(torch.randint(2, ()))))
+    kw = dict(causal=causal, window_size=window, return_lse=True)
+    out, lse = getattr(fast, impl)(q, k, v, **kw)
+    ref, ref_lse = getattr(reference, impl)(q.double(), k.double(), v.double(), **kw)
+    assert_matches("out", ref, out)
+    assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
+    assert not torch.isfinite(out[0]).all() and torch.isfinite(out[1]).all()
+    assert torch.isfinite(lse).all()
+
+
+def test_hidden_values_prefill_packed_gqa():
+    # packed sequences of 37 and 19 queries over 45 and 19 keys, GQA 4:1, causal with a left window: the
+    # poisoned values sit near both ends of the window and on the diagonal of sequence 0
+    lens_q, lens_k = [37, 19], [45, 19]
+    q = torch.randn(sum(lens_q), 8, 32)
+    k, v = torch.randn(sum(lens_k), 2, 32), torch.randn(sum(lens_k), 2, 32)
+    for key, val in [(10, NAN), (30, INF), (40, NAN)]:
+        v[key, 1, int(torch.randint(32, ()))] = val
+    kw = dict(
+        cu_seqlens_q=cu_seqlens_from_lengths(torch.tensor(lens_q, dtype=torch.int32)),
+        cu_seqlens_k=cu_seqlens_from_lengths(torch.tensor(lens_k, dtype=torch.int32)),
+        causal=True,
+        window_size=(12, 0),
+        return_lse=True,
+    )
+    out, lse = fast.attention(q, k, v, **kw)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), **kw)
+    assert_matches("out", ref, out)
+    assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
+    assert torch.isfinite(out[37:]).all() and torch.isfinite(out[:, :4]).all()
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize(
+    "sq,causal,window",
+    [(1, False, (7, -1)), (5, True, (-1, -1)), (5, True, (9, 0))],
+    ids=["sq1-left7", "sq5-causal", "sq5-left9"],
+)
+def test_hidden_values_decode(sq, causal, window, splits):
+    # decode over a cache of 45 and 30 tokens (the interpreter's key tiles are 16 wide): a window's left edge
+    # falls inside a tile, and with several new tokens under causal the last keys are hidden from the earlier
+    # ones; each poisoned value is hidden from some rows of its tile and seen by others
+    b, hq, hkv, d, max_len = 2, 4, 2, 16, 48
+    lens = torch.tensor([45, 30], dtype=torch.int32)
+    q = torch.randn(b, sq, hq, d)
+    kc, vc = torch.randn(b, max_len, hkv, d), torch.randn(b, max_len, hkv, d)
+    for key, val in [(36, NAN), (37, INF), (43, -INF), (44, NAN)]:
+        vc[0, key, int(torch.randint(hkv, ())), int(torch.randint(d, ()))] = val
+    kw = dict(causal=causal, window_size=window, return_lse=True)
+    ref, ref_lse = reference.decode(q.double(), kc.double(), vc.double(), lens, **kw)
+    out, lse = fast.decode(q, kc, vc, lens, num_splits=splits, **kw)
+    assert_matches("out", ref, out)
+    assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
+    assert torch.isfinite(out[1]).all()
+
+
+def test_hidden_values_context_paged():
+    # chunked prefill over a paged cache: chunks of 21 and 6 new tokens after 11 and 6 cached ones; values of
+    # the chunk's own keys are poisoned, hidden by the causal mask from the chunk's earlier queries
+    hq, hkv, d, bs = 4, 2, 16, 4
+    cached, new = [11, 6], [21, 6]
+    total = [c + n for c, n in zip(cached, new)]
+    q = torch.randn(sum(new), hq, d)
+    kc, vc = torch.randn(2, 32, hkv, d), torch.randn(2, 32, hkv, d)
+    for key, val in [(15, NAN), (24, INF), (25, NAN)]:
+        vc[0, key, int(torch.randint(hkv, ())), int(torch.randint(d, ()))] = val
+    seqlens = torch.tensor(total, dtype=torch.int32)
+    cu = cu_seqlens_from_lengths(torch.tensor(new, dtype=torch.int32))
+    ref, ref_lse = reference.context_attention(q.double(), kc.double(), vc.double(), seqlens, cu_seqlens_q=cu,
+                                               return_lse=True)  # fmt: skip
+    kp, vp, table = to_paged(kc, vc, total, block_size=bs)
+    out, lse = fast.context_attention(q, kp, vp, seqlens, cu_seqlens_q=cu, block_table=table, return_lse=True)
+    assert_matches("out", ref, out)
+    assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
+    # the chunk's first 4 queries (keys 11..14) see none of them
+    assert torch.isfinite(out[:4]).all() and torch.isfinite(out[21:]).all() and not torch.isfinite(out[:21]).all()
+
+
+# --- a row whose visible scores are all -inf ---
+
+
+@pytest.mark.parametrize("impl", ["attention", "attention_unfused"])
+def test_all_scores_neg_inf(impl):
+    # row 70 of head 0 has q = -inf in feature 0 and every key a positive feature 0: each of its scores is -inf.
+    # The reference's softmax gives it no weight anywhere: zeros and lse = -inf. 80 keys over the interpreter's
+    # 16-key tiles, not causal: the fused kernel's unmasked tiles see it too. Row 71 (head 1) also sees a NaN
+    # value, which the reference marks NaN whatever its weight.
+    q, k, v = (torch.randn(1, 80, 2, 16) for _ in range(3))
+    k[..., 0] = k[..., 0].abs() + 0.1
+    q[0, 70, 0, 0] = q[0, 71, 1, 0] = -INF
+    v[0, 33, 1, 5] = NAN
+    out, lse = getattr(fast, impl)(q, k, v, return_lse=True)
+    ref, ref_lse = getattr(reference, impl)(q.double(), k.double(), v.double(), return_lse=True)
+    assert_matches("out", ref, out)
+    assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
+    assert torch.equal(out[0, 70, 0], torch.zeros(16)) and torch.isneginf(lse[0, 0, 70])
+    assert out[0, 71, 1, 5].isnan() and torch.isneginf(lse[0, 1, 71])
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_all_scores_neg_inf_decode(splits):
+    q = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.randn(2, 40, 2, 16), torch.randn(2, 40, 2, 16)
+    kc[..., 0] = kc[..., 0].abs() + 0.1
+    q[0, 0, 1, 0] = q[1, 0, 3, 0] = -INF
+    vc[1, 7, 1, 2] = NAN
+    lens = torch.tensor([40, 33], dtype=torch.int32)
+    out, lse = fast.decode(q, kc, vc, lens, num_splits=splits, return_lse=True)
+    ref, ref_lse = reference.decode(q.double(), kc.double(), vc.double(), lens, return_lse=True)
+    assert_matches("out", ref, out)
+    assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
+    assert torch.equal(out[0, 0, 1], torch.zeros(16)) and out[1, 0, 3, 2].isnan()

@@ -254,19 +254,16 @@ def _attn_fwd_tiles(
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            # a row that has seen no visible key yet keeps m = -inf; subtracting 0 instead avoids inf - inf
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new_safe = m_new
+        # m starts at -FLT_MAX, not -inf (see the caller), so m_new is finite (or NaN): a row that has seen no
+        # visible key yet, or only scores of -inf, gets p = exp2(-inf) = 0, never exp2(-inf + inf) = NaN
         if PLAIN and (ROW_BIAS or HAS_ALIBI):
             # qk·scale + row_term − m: still one multiply-add per score
-            p = tl.math.exp2(s * qk_scale - (m_new_safe - row_term)[:, None])
+            p = tl.math.exp2(s * qk_scale - (m_new - row_term)[:, None])
         elif PLAIN:
-            p = tl.math.exp2(s * qk_scale - m_new_safe[:, None])
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
         else:
-            p = tl.math.exp2(s - m_new_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_new_safe)
+            p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         # [BLOCK_N, HEAD_DIM_PAD]
@@ -276,6 +273,18 @@ def _attn_fwd_tiles(
             v = tl.load(v_base + v_rows[:, None] + offs_d[None, :])
         if QUANT != 0:
             v = v.to(q.dtype)
+        if MASKED:
+            # Keys hidden from a row by the causal mask or a window have p = 0 there, but 0·NaN = NaN and
+            # 0·inf = NaN: a non-finite value must reach exactly the rows that see its key (the reference's
+            # P·V over the visible keys). One reduction per masked tile; the branch is almost never taken.
+            # Unmasked tiles need none: every row sees every key of them.
+            bad = (v != v) | (tl.abs(v) == float("inf"))
+            if tl.max(tl.max(bad.to(tl.int32), 1), 0) != 0:
+                # [BLOCK_M, HEAD_DIM_PAD]: how many visible keys of the row hold a non-finite value in column d
+                # (0/1 products, exact): those entries become NaN, the rest of the product sees finite values
+                seen = tl.dot(visible.to(v.dtype), bad.to(v.dtype), input_precision=PRECISION)
+                acc = tl.where(seen > 0, float("nan"), acc)
+                v = tl.where(bad, 0.0, v)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -464,7 +473,10 @@ def _attn_fwd_kernel(
     full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), tl.maximum(hi, lo))
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # m starts at -FLT_MAX rather than -inf, so no tile needs a guard against exp2(-inf - (-inf)): a row whose
+    # visible scores are all -inf (a -inf bias, an infinite query) keeps l = 0 and outputs zeros with lse = -inf,
+    # as the reference gives it (a visible score below -FLT_MAX, in log2 units, cannot be finite)
+    m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     ALIBI_BY_KEY: tl.constexpr = not (ALIBI_WITH_SCALE and HAS_SOFTCAP)
@@ -545,9 +557,12 @@ def _attn_fwd_kernel(
     # max's own key 1), and those rows keep their zeros. A NaN score (NaN or ±inf in q, NaN in a visible key)
     # makes l NaN: the max drops NaN, but exp2(NaN − m) does not. Testing l != 0 rather than l > 0 lets that NaN
     # through acc / l (and into the lse), as the reference gives it; a NaN value makes acc NaN. No per-score work.
+    # A row whose visible scores are all -inf also has l = 0 and outputs zeros, but where it sees a non-finite
+    # value its acc holds NaN (0·p of the tiles' products is 0 elsewhere): acc·0 keeps that NaN, as the reference
+    # marks every row that sees a non-finite value.
     has_key = (l_i != 0.0) & row_valid
     l_safe = tl.where(has_key, l_i, 1.0)
-    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+    out = tl.where(has_key[:, None], acc / l_safe[:, None], tl.where(row_valid[:, None], acc * 0.0, 0.0))
     if QUANT != 0:
         # the output is linear in V: its scale applies once, here
         out = out * tl.load(v_scale_ptr + h_kv)

@@ -184,7 +184,7 @@ def _first_blocks(
 @triton.jit
 def _decode_tiles(
     next_block, m_i, l_i, acc, bad, q, lo, hi,
-    tok, row_valid, diag, offs_d, d_mask,
+    tok, row_valid, diag, last_diag, offs_d, d_mask,
     k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
     b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, pool_rows,
     sinks, wrap_n, ring_shift, ring, partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
@@ -200,7 +200,8 @@ def _decode_tiles(
 
     Indices read from tensors (block-table entries, beam indirection entries) outside the tensors they address
     are replaced by 0 (block 0, beam 0), so no value makes the loop read outside them; ``bad`` ([BLOCK_N] int32)
-    gathers the error bits of those it replaced (attn.fast._errors), reported once after the loop.
+    gathers the error bits of those it replaced (attn.fast._errors), reported once after the loop. Token i
+    sits on key ``diag + i``, the last one on ``last_diag``.
 
     T5 says how a T5 implicit bias (REL_MODE 1) applies, so that the caller can give each part of the chunk a
     loop of its own, with no per-tile branch in its body: "far", keys all more than max_distance left of every
@@ -332,6 +333,24 @@ def _decode_tiles(
         v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if QUANT != 0:
             v = _widen(v, q.dtype, INT8_ASM)
+        if HAS_WINDOW_LEFT or HAS_WINDOW_RIGHT:
+            # A window can hide loaded keys from some rows (left of the first tile's window; right of the earlier
+            # tokens' under causal or a right window): their p = 0, but 0·NaN = NaN and 0·inf = NaN, and a
+            # non-finite value must reach exactly the rows that see its key. Only tiles on a window's edge are
+            # checked (one reduction each, a branch almost never taken); without a window every key in [lo, hi)
+            # is seen by every row, and the loop has no check at all.
+            edge = False
+            if HAS_WINDOW_LEFT:
+                edge |= start_n < last_diag - window_left
+            if HAS_WINDOW_RIGHT:
+                edge |= start_n + BLOCK_N - 1 > diag + window_right
+            if edge:
+                nonfinite = (v != v) | (tl.abs(v) == float("inf"))
+                if tl.max(tl.max(nonfinite.to(tl.int32), 1), 0) != 0:
+                    # [BLOCK_M, HEAD_DIM_PAD]: the visible keys with a non-finite value in column d (0/1, exact)
+                    seen = tl.dot(visible.to(v.dtype), nonfinite.to(v.dtype), input_precision=PRECISION)
+                    acc = tl.where(seen > 0, float("nan"), acc)
+                    v = tl.where(nonfinite, 0.0, v)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return m_i, l_i, acc, bad
@@ -433,6 +452,7 @@ def _decode_kernel(
     hi = tl.minimum(lo + chunk, seqlen_k)
     # bottom-right alignment: new token i sits on key diag + i
     diag = seqlen_k - seqlen_q
+    last_diag = seqlen_k - 1
     if HAS_WINDOW_LEFT:
         # on the tile grid still (_decode_tiles' one-entry-per-tile pages rely on it); keys left of the window
         # in the first tile are masked
@@ -482,7 +502,7 @@ def _decode_kernel(
     bad = tl.zeros([BLOCK_N], dtype=tl.int32)
     FIRST: tl.constexpr = "far" if REL_MODE == 1 else "none"
     m_i, l_i, acc, bad = _decode_tiles(
-        next_block, m_i, l_i, acc, bad, q, lo, range_hi, tok, row_valid, diag, offs_d, d_mask,
+        next_block, m_i, l_i, acc, bad, q, lo, range_hi, tok, row_valid, diag, last_diag, offs_d, d_mask,
         k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
         b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, pool_rows,
         sinks, wrap_n, ring_shift, ring,
@@ -501,7 +521,7 @@ def _decode_kernel(
                 BLOCK_N,
             )  # fmt: skip
         m_i, l_i, acc, bad = _decode_tiles(
-            next_block, m_i, l_i, acc, bad, q, range_hi, hi, tok, row_valid, diag, offs_d, d_mask,
+            next_block, m_i, l_i, acc, bad, q, range_hi, hi, tok, row_valid, diag, last_diag, offs_d, d_mask,
             k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
             b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, pool_rows,
             sinks, wrap_n, ring_shift, ring,
@@ -517,10 +537,12 @@ def _decode_kernel(
         tl.atomic_or(err_ptr, bad_bits, mask=bad_bits != 0, sem="relaxed")
 
     # l = 0 exactly for a row (or a split) that saw no visible key; a NaN score makes l NaN (the max drops NaN,
-    # exp2(NaN − m) does not): l != 0 keeps that NaN in the output and the lse instead of zeroing the row
+    # exp2(NaN − m) does not): l != 0 keeps that NaN in the output and the lse instead of zeroing the row. A row
+    # whose visible scores are all -inf has l = 0 too, and acc = 0 unless it sees a non-finite value (then NaN):
+    # acc·0 keeps that NaN, as the reference gives it
     has_key = l_i != 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
-    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+    out = tl.where(has_key[:, None], acc / l_safe[:, None], acc * 0.0)
     if QUANT != 0:
         # the output is linear in V: its scale applies once, here
         out = out * v_scale

@@ -117,16 +117,19 @@ def _softmax_kernel(s_ptr, lse_ptr, seqlen_k_pad, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _pv_kernel(
-    p_ptr, v_ptr, o_ptr, seqlens_k_ptr, lse_ptr,
+    p_ptr, v_ptr, o_ptr, seqlens_q_ptr, seqlens_k_ptr,
     stride_pb, stride_ph, stride_pm, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
-    num_heads_q, group_size, seqlen_q_pad,
+    num_heads_q, group_size, seqlen_q_pad, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
+    seqlen_q = tl.load(seqlens_q_ptr + b)
     seqlen_k = tl.load(seqlens_k_ptr + b)
+    diag = seqlen_k - seqlen_q
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -147,11 +150,23 @@ def _pv_kernel(
             mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
             other=0.0,
         )
+        # P is 0 where the mask hides a key, but 0·NaN = NaN and 0·inf = NaN: a non-finite value must reach
+        # exactly the rows that see its key (the reference's P·V over the visible keys), so a tile holding one
+        # (one reduction per tile; the branch is almost never taken) takes it out of the product and marks NaN
+        # where a visible key holds it. A row that sees no key (padding rows, rows left of a window) thus keeps
+        # acc = 0; one whose visible scores are all -inf is 0 too, or NaN where it sees a non-finite value, as
+        # the reference gives both.
+        bad = (v != v) | (tl.abs(v) == float("inf"))
+        if tl.max(tl.max(bad.to(tl.int32), 1), 0) != 0:
+            visible = (offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+            if HAS_WINDOW_RIGHT:
+                visible &= cols[None, :] <= offs_m[:, None] + diag + window_right
+            if HAS_WINDOW_LEFT:
+                visible &= cols[None, :] >= offs_m[:, None] + diag - window_left
+            seen = tl.dot(visible.to(v.dtype), bad.to(v.dtype), input_precision=PRECISION)
+            acc = tl.where(seen > 0, float("nan"), acc)
+            v = tl.where(bad, 0.0, v)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-    # a row that sees no key (lse = -inf: padding rows, rows left of a window) is zero, even where its zero
-    # weights met a non-finite value (0·NaN = NaN)
-    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * seqlen_q_pad + offs_m, mask=offs_m < seqlen_q_pad, other=0.0)
-    acc = tl.where((lse == float("-inf"))[:, None], 0.0, acc)
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(
         o_base + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -234,11 +249,12 @@ def attention_unfused(
         launch(_softmax_kernel, (bsz * hq * sq,), scores, lse, sk, BLOCK_N=min(1024, next_power_of_2(sk)))
         launch(
             _pv_kernel, (triton.cdiv(sq, bm), bsz * hq),
-            scores, vp, out, lens_k, lse,
+            scores, vp, out, lens_q, lens_k,
             scores.stride(0), scores.stride(1), scores.stride(2),
             vp.stride(0), vp.stride(1), vp.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            hq, args.group_size, sq,
-            HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn,
+            hq, args.group_size, sq, args.window_left, args.window_right,
+            HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, PRECISION=precision, HAS_WINDOW_LEFT=args.window_left >= 0,
+            HAS_WINDOW_RIGHT=args.window_right >= 0, BLOCK_M=bm, BLOCK_N=bn,
         )  # fmt: skip
     if args.packed:
         keep = torch.arange(sq, device=q.device)[None, :] < lens_q[:, None]

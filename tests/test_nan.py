@@ -328,3 +328,57 @@ def test_all_scores_neg_inf_decode(splits):
     assert_matches("out", ref, out)
     assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
     assert torch.equal(out[0, 0, 1], torch.zeros(16)) and out[1, 0, 3, 2].isnan()
+
+
+# --- FP8 prefill: e4m3fn's NaN code (0x7F) ---
+
+
+def _fp8_hidden_case(s, device):
+    from attn.reference.fp8_attention import quantize_fp8
+
+    q8, qd = quantize_fp8(torch.randn(1, s, 2, 64, device=device), 1)
+    k8, kd = quantize_fp8(torch.randn(1, s, 1, 64, device=device), 1)
+    v8, vd = quantize_fp8(torch.randn(1, s, 1, 64, device=device), 1)
+    key, d = int(torch.randint(s // 3, 2 * s // 3, ())), int(torch.randint(64, ()))
+    clean = v8.clone()
+    clean.view(torch.uint8)[0, key, 0, d] = 0
+    v8.view(torch.uint8)[0, key, 0, d] = 0x7F
+    return q8, k8, v8, clean, (qd, kd, vd), key, d
+
+
+def _check_fp8_hidden(s, device):
+    from attn.fast.fp8_prefill import attention_fp8
+    from attn.reference.fp8_attention import attention_fp8 as attention_fp8_ref
+
+    q8, k8, v8, clean, descales, key, d = _fp8_hidden_case(s, device)
+    out = attention_fp8(q8, k8, v8, *descales, causal=True)
+    ref = attention_fp8_ref(q8, k8, v8, *descales, causal=True)
+    want = torch.zeros_like(out, dtype=torch.bool)
+    want[0, key:, :, d] = True
+    assert torch.equal(ref.isnan(), want), "reference: NaN exactly where a row sees the poisoned key"
+    assert torch.equal(out.isnan(), want), "kernel: NaN exactly where a row sees the poisoned key"
+    # elsewhere the kernel computes what it computes with the code replaced by 0, bit for bit
+    base = attention_fp8(q8, k8, clean, *descales, causal=True)
+    assert torch.equal(out[~want], base[~want])
+
+
+def test_fp8_prefill_hidden_nan_value():
+    # 100 keys and queries: one 128x128 tile, the diagonal's, which the kernel masks; the interpreter reads the
+    # NaN code as 480 outside the kernel's bit test, so unmasked tiles are the GPU test's
+    _check_fp8_hidden(100, "cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_prefill_nan_codes():
+    # 1000 queries over 1000 keys: the poisoned key is seen in the unmasked tiles of later row blocks too
+    _check_fp8_hidden(1000, "cuda")
+    # a NaN query code makes that row's scores and sum NaN: the row is NaN (l > 0 used to make it zero)
+    from attn.fast.fp8_prefill import attention_fp8
+    from attn.reference.fp8_attention import attention_fp8 as attention_fp8_ref
+
+    q8, k8, _, v8, descales, _, _ = _fp8_hidden_case(300, "cuda")
+    q8.view(torch.uint8)[0, 200, 1, 5] = 0x7F
+    out = attention_fp8(q8, k8, v8, *descales, causal=True)
+    ref = attention_fp8_ref(q8, k8, v8, *descales, causal=True)
+    assert out[0, 200, 1].isnan().all() and ref[0, 200, 1].isnan().all()
+    assert torch.isfinite(out[0, :, 0]).all() and torch.isfinite(out[0, :200]).all()

@@ -74,7 +74,19 @@ def _tile(q, k_ptrs, vt_ptrs, start, acc, m_i, l_i, offs_m, offs_n, diag, seqlen
         vt = tl.load(vt_ptrs + start, mask=cols[None, :] < seqlen_k, other=0.0)
     else:
         vt = tl.load(vt_ptrs + start)
-    acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
+    acc = acc * alpha[:, None]
+    if MASKED and CAUSAL:
+        # Keys right of a row's diagonal have p = 0 there, but 0·NaN = NaN: e4m3fn's NaN codes (0x7F, 0xFF; it
+        # has no inf) must reach exactly the rows that see their key. One reduction per diagonal tile, on the
+        # codes' bits (the interpreter reads 0x7F as 480); the branch is almost never taken.
+        bits = vt.to(tl.uint8, bitcast=True)
+        bad = (bits & 0x7F) == 0x7F
+        if tl.max(tl.max(bad.to(tl.int32), 1), 0) != 0:
+            # [BLOCK_M, D]: the visible keys with a NaN value in column d (0/1 products, exact)
+            seen = tl.dot(visible.to(tl.float16), tl.trans(bad.to(tl.float16)))
+            acc = tl.where(seen > 0, float("nan"), acc)
+            vt = tl.where(bad, 0, bits).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    acc = tl.dot(p8, tl.trans(vt), acc)
     return acc, m_new, l_i
 
 
@@ -123,8 +135,9 @@ def _fp8_fwd(Q, K, V, O, QD, KD, VD, stride_qb, stride_qm, stride_qh, stride_kb,
         acc, m_i, l_i = _tile(q, k_ptrs, vt_ptrs, start, acc, m_i, l_i, offs_m, offs_n, diag, seqlen_k, qk_scale,
                               stride_kn, True, CAUSAL, EXACT_ROUND, LOG2_P_SCALE)  # fmt: skip
 
-    # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros (l is P_SCALE · Σ p)
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros (l is P_SCALE · Σ p), or the
+    # NaN of a value they see; a NaN score makes l NaN, and l != 0 keeps it (l > 0 made the row zero)
+    l_safe = tl.where(l_i != 0.0, l_i, 1.0)
     out = acc * (v_descale / l_safe)[:, None]
     o_ptrs = O + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < seqlen_q)

@@ -165,17 +165,19 @@ def _attn_fwd_tiles(
             v_rows = offs_kn * stride_vn
         if SAFE:
             # first, while few registers are live: V without its non-finite values, and NaN in acc where a
-            # visible key holds one. [BLOCK_M, HEAD_DIM_PAD]: how many visible keys of the row hold a non-finite
-            # value in column d (0/1 products, exact)
+            # visible key holds one (key by key, for the tiles that hold one: no [BLOCK_M, D] temporary beside acc)
             v_safe = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             if QUANT != 0:
                 v_safe = v_safe.to(q.dtype)
-            bad = (v_safe != v_safe) | (tl.abs(v_safe) == float("inf"))
-            visible = _visible(offs_m, offs_kn, seqlen_k, diag, window_left, window_right, HAS_WINDOW_LEFT,
-                               HAS_WINDOW_RIGHT)  # fmt: skip
-            seen = tl.dot(visible.to(tl.float16), bad.to(tl.float16))
-            acc = tl.where(seen > 0, float("nan"), acc)
-            v_safe = tl.where(bad, 0.0, v_safe)
+            bad = ((v_safe != v_safe) | (tl.abs(v_safe) == float("inf"))).to(tl.int8)
+            if tl.max(tl.max(bad, 1), 0) != 0:
+                for n in range(0, BLOCK_N):
+                    bad_d = tl.max(tl.where(offs_n[:, None] == n, bad, 0), 0) != 0
+                    key = tl.full([1], n, tl.int32) + start_n
+                    sees = _visible(offs_m, key, seqlen_k, diag, window_left, window_right, HAS_WINDOW_LEFT,
+                                    HAS_WINDOW_RIGHT)  # fmt: skip
+                    acc = tl.where(sees & bad_d[None, :], float("nan"), acc)
+                v_safe = tl.where(bad != 0, 0.0, v_safe)
         # [BLOCK_N, HEAD_DIM_PAD]
         if MASKED or PAD_D:
             k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)

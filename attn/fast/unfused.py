@@ -116,6 +116,49 @@ def _softmax_kernel(s_ptr, lse_ptr, seqlen_k_pad, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _pv_tiles(
+    acc, p_base, v_base, offs_m, offs_n, offs_d, seqlen_q, seqlen_k, seqlen_q_pad, diag, window_left, window_right,
+    stride_pm, stride_vn,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
+):  # fmt: skip
+    """``acc + P·V`` over the keys of a row block. P is 0 where the mask hides a key, but 0·NaN = NaN (and
+    0·inf): SAFE takes non-finite values out of the product and marks NaN exactly where a visible key holds
+    one, as the reference's P·V over the visible keys gives (see _pv_kernel for when it runs)."""
+    for start_n in tl.range(0, seqlen_k, BLOCK_N, num_stages=1 if SAFE else None):
+        cols = start_n + offs_n
+        # [BLOCK_M, BLOCK_N]
+        p = tl.load(
+            p_base + offs_m[:, None].to(tl.int64) * stride_pm + cols[None, :],
+            mask=(offs_m[:, None] < seqlen_q_pad) & (cols[None, :] < seqlen_k),
+            other=0.0,
+        )
+        # [BLOCK_N, HEAD_DIM_PAD]
+        v = tl.load(
+            v_base + cols[:, None] * stride_vn + offs_d[None, :],
+            mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
+            other=0.0,
+        )
+        if SAFE:
+            bad = ((v != v) | (tl.abs(v) == float("inf"))).to(tl.int8)
+            if tl.max(tl.max(bad, 1), 0) != 0:
+                # key by key, NaN where a row sees a key holding a non-finite value in column d (no [BLOCK_M, D]
+                # temporary beside acc)
+                for n in range(0, BLOCK_N):
+                    bad_d = tl.max(tl.where(offs_n[:, None] == n, bad, 0), 0) != 0
+                    key = start_n + n
+                    sees = (offs_m < seqlen_q) & (key < seqlen_k)
+                    if HAS_WINDOW_RIGHT:
+                        sees &= key <= offs_m + diag + window_right
+                    if HAS_WINDOW_LEFT:
+                        sees &= key >= offs_m + diag - window_left
+                    acc = tl.where(sees[:, None] & bad_d[None, :], float("nan"), acc)
+                v = tl.where(bad != 0, 0.0, v)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _pv_kernel(
     p_ptr, v_ptr, o_ptr, seqlens_q_ptr, seqlens_k_ptr,
     stride_pb, stride_ph, stride_pm, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
@@ -136,37 +179,25 @@ def _pv_kernel(
     p_base = p_ptr + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
     v_base = v_ptr + b.to(tl.int64) * stride_vb + (h // group_size).to(tl.int64) * stride_vh
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    for start_n in range(0, seqlen_k, BLOCK_N):
-        cols = start_n + offs_n
-        # [BLOCK_M, BLOCK_N]
-        p = tl.load(
-            p_base + offs_m[:, None].to(tl.int64) * stride_pm + cols[None, :],
-            mask=(offs_m[:, None] < seqlen_q_pad) & (cols[None, :] < seqlen_k),
-            other=0.0,
-        )
-        # [BLOCK_N, HEAD_DIM_PAD]
-        v = tl.load(
-            v_base + cols[:, None] * stride_vn + offs_d[None, :],
-            mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
-            other=0.0,
-        )
-        # P is 0 where the mask hides a key, but 0·NaN = NaN and 0·inf = NaN: a non-finite value must reach
-        # exactly the rows that see its key (the reference's P·V over the visible keys), so a tile holding one
-        # (one reduction per tile; the branch is almost never taken) takes it out of the product and marks NaN
-        # where a visible key holds it. A row that sees no key (padding rows, rows left of a window) thus keeps
-        # acc = 0; one whose visible scores are all -inf is 0 too, or NaN where it sees a non-finite value, as
-        # the reference gives both.
-        bad = (v != v) | (tl.abs(v) == float("inf"))
-        if tl.max(tl.max(bad.to(tl.int32), 1), 0) != 0:
-            visible = (offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
-            if HAS_WINDOW_RIGHT:
-                visible &= cols[None, :] <= offs_m[:, None] + diag + window_right
-            if HAS_WINDOW_LEFT:
-                visible &= cols[None, :] >= offs_m[:, None] + diag - window_left
-            seen = tl.dot(visible.to(v.dtype), bad.to(v.dtype), input_precision=PRECISION)
-            acc = tl.where(seen > 0, float("nan"), acc)
-            v = tl.where(bad, 0.0, v)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    acc = _pv_tiles(
+        acc, p_base, v_base, offs_m, offs_n, offs_d, seqlen_q, seqlen_k, seqlen_q_pad, diag, window_left,
+        window_right, stride_pm, stride_vn, HEAD_DIM, PRECISION, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, BLOCK_N, False,
+    )  # fmt: skip
+    # A non-finite value in V makes its column of the product non-finite in every row (0·NaN = NaN), rows that
+    # do not see its key included, padding rows too. A block whose accumulator ends non-finite (or whose row
+    # sums overflow: a false alarm costs time only) computes its product again in the SAFE loop, which keeps
+    # such values to the rows that see them; only inputs holding non-finite values take the branch. A row that
+    # sees no key (padding rows, rows left of a window) then keeps acc = 0; one whose visible scores are all
+    # -inf is 0 too, or NaN where it sees a non-finite value, as the reference gives both.
+    # (16-key tiles: the rerun then needs no more registers than the normal loop)
+    SAFE_N: tl.constexpr = 16
+    row_sums = tl.sum(acc, 1)
+    if tl.max(((row_sums != row_sums) | (tl.abs(row_sums) == float("inf"))).to(tl.int32), 0) != 0:
+        acc = _pv_tiles(
+            tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32), p_base, v_base, offs_m, tl.arange(0, SAFE_N), offs_d,
+            seqlen_q, seqlen_k, seqlen_q_pad, diag, window_left, window_right, stride_pm, stride_vn, HEAD_DIM,
+            PRECISION, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, SAFE_N, True,
+        )  # fmt: skip
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(
         o_base + offs_m[:, None] * stride_om + offs_d[None, :],

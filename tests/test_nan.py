@@ -21,7 +21,7 @@ import torch
 import attn.fast as fast
 import attn.reference as reference
 from attn.layout import cu_seqlens_from_lengths
-from helpers import rel_err, to_paged
+from helpers import LSE_TOL, TOL, rel_err, to_paged, to_paged_fast
 
 NAN, INF = float("nan"), float("inf")
 
@@ -412,3 +412,63 @@ def test_hidden_values_context_cyclic(where):
     seen = slice(0, new[0]) if where == "sink" else slice(new[0] + 4, None)
     assert out[seen, 2:, 5].isnan().all()
     assert torch.isfinite(lse).all()
+
+
+# --- the GPU's tiles (autotuned or the fixed Hopper configs) over longer sequences ---
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window", [(-1, 0), (200, 0), (100, 50)], ids=["causal", "left200", "left100right50"])
+def test_gpu_hidden_values_prefill(window, dtype):
+    # 1000 queries over 1000 keys (several 128-row blocks and 64/128-key tiles); values poisoned on diagonals
+    # and window edges of different row blocks; GQA 4:1, D128, padded with a shorter second sequence
+    b, s, hq, hkv, d = 2, 1000, 8, 2, 128
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype) for h in (hq, hkv, hkv))
+    for key, val in [(5, NAN), (130, INF), (377, -INF), (640, NAN), (999, NAN)]:
+        v[0, key, int(torch.randint(hkv, ())), int(torch.randint(d, ()))] = val
+    v[1, 700:] = NAN  # padding of sequence 1
+    lens = torch.tensor([1000, 700], dtype=torch.int32, device="cuda")
+    kw = dict(seqlens_q=lens, seqlens_k=lens, causal=window[1] == 0, window_size=window, return_lse=True)
+    out, lse = fast.attention(q, k, v, **kw)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), **kw)
+    assert_matches("out", ref, out, TOL[dtype])
+    assert_matches("lse", ref_lse, lse, tol=LSE_TOL[dtype], lse=True)
+    assert torch.isfinite(out[1]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
+@pytest.mark.parametrize("splits", [1, 8])
+def test_gpu_hidden_values_decode_window(splits, cache):
+    # 4 new tokens (causal) over caches of 5000 and 3000 tokens with a 1000-token window, paged: values
+    # poisoned left of the window's edge tile, inside it and among the new tokens
+    b, sq, hq, hkv, d, bs = 2, 4, 32, 8, 128, 64
+    lens = torch.tensor([5000, 3000], dtype=torch.int32, device="cuda")
+    q = torch.randn(b, sq, hq, d, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(b, 5000, hkv, d, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn(b, 5000, hkv, d, device="cuda", dtype=torch.bfloat16)
+    scales = {}
+    if cache == "fp8":
+        kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+        scales = dict(k_scale=torch.tensor([0.5], device="cuda"), v_scale=torch.tensor([0.5], device="cuda"))
+    # key 3990 is in the first tile of the window, seen by no token; 3998 by tokens 0 and 1 only; 4001 by all;
+    # 4998 (among the new tokens) by tokens 2 and 3 only
+    for key in (3990, 3998, 4001, 4998):
+        if cache == "fp8":
+            vc.view(torch.uint8)[0, key, 1, 7] = 0x7F
+        else:
+            vc[0, key, 1, 7] = NAN
+    kw = dict(causal=True, window_size=(999, 0), return_lse=True, **scales)
+    ref, ref_lse = reference.decode(q.double(), kc if cache == "fp8" else kc.double(),
+                                    vc if cache == "fp8" else vc.double(), lens, **kw)  # fmt: skip
+    if cache == "fp8":
+        # paged as bytes (padding and scattering need no float8 kernels)
+        kp, vp, table = to_paged_fast(kc.view(torch.uint8), vc.view(torch.uint8), bs)
+        kp, vp = kp.view(torch.float8_e4m3fn), vp.view(torch.float8_e4m3fn)
+    else:
+        kp, vp, table = to_paged_fast(kc, vc, bs)
+    out, lse = fast.decode(q, kp, vp, lens, block_table=table, num_splits=splits, **kw)
+    assert_matches("out", ref, out, TOL[torch.bfloat16])
+    assert_matches("lse", ref_lse, lse, tol=LSE_TOL[torch.bfloat16] * 2, lse=True)
+    assert torch.isfinite(out[1]).all() and not torch.isfinite(out[0]).all()

@@ -20,6 +20,7 @@ import torch
 
 import attn.fast as fast
 import attn.reference as reference
+from attn import RelativeBias
 from attn.layout import cu_seqlens_from_lengths
 from helpers import LSE_TOL, TOL, rel_err, to_paged, to_paged_fast
 
@@ -246,6 +247,32 @@ def test_hidden_values_prefill_packed_gqa():
     assert_matches("out", ref, out)
     assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
     assert torch.isfinite(out[37:]).all() and torch.isfinite(out[:, :4]).all()
+
+
+@pytest.mark.parametrize("feature", ["t5-implicit", "t5-regular", "alibi", "alibi-with-scale-softcap", "softcap"])
+def test_hidden_values_prefill_features(feature):
+    # the rerun of a block goes through the masked tiles' code for every tile: each score feature there.
+    # 70 keys and queries, causal with a 30-key window; values poisoned at keys 20, 37 and 55
+    s, hq = 70, 4
+    q, k, v = (torch.randn(1, s, h, 16) for h in (hq, 2, 2))
+    for key in (20, 37, 55):
+        v[0, key, 1, int(torch.randint(16, ()))] = NAN
+    kw = dict(causal=True, window_size=(30, 0), return_lse=True)
+    if feature == "t5-implicit":
+        kw["rel_bias"] = RelativeBias(table=torch.randn(hq, 8), max_distance=10, bidirectional=False)
+    elif feature == "t5-regular":
+        kw["rel_bias"] = RelativeBias(bias=torch.randn(hq, s, s))
+    elif feature.startswith("alibi"):
+        kw["alibi_slopes"] = torch.rand(hq) * 0.5
+        if feature == "alibi-with-scale-softcap":
+            kw.update(alibi_mode="alibi_with_scale", softcap=2.0)
+    else:
+        kw["softcap"] = 2.0
+    out, lse = fast.attention(q, k, v, **kw)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), **kw)
+    assert_matches("out", ref, out)
+    assert_matches("lse", ref_lse, lse, tol=1e-5, lse=True)
+    assert torch.isfinite(out[0, :20]).all() and not torch.isfinite(out[0, 20:]).all()
 
 
 @pytest.mark.parametrize("splits", [1, 3])

@@ -732,6 +732,9 @@ excerpt("diag = seqlen_k - seqlen_q", "full_hi = tl.minimum(tl.maximum(full_hi, 
 # **One loop, three instantiations.** `_attn_fwd_tiles` is called on the three ranges with the constexpr
 # `MASKED` set to `True`, `False`, `True`. Triton compiles a separate copy for each value, so the middle loop,
 # where nearly all the work is for long sequences, contains no position comparisons and no guard at all.
+# (A fourth copy, `SAFE`, runs only when a block's accumulator ends non-finite: a NaN or infinite value of a
+# key that the mask hides from some rows of a tile would otherwise reach them through $0 \cdot \mathrm{NaN}$;
+# it recomputes the block keeping such values to the rows that see them, as the reference does.)
 
 # %%
 excerpt("acc, l_i, m_i = _attn_fwd_tiles(", "full_hi, hi, seqlen_k", after="def _attn_fwd_kernel")
@@ -741,9 +744,10 @@ excerpt("acc, l_i, m_i = _attn_fwd_tiles(", "full_hi, hi, seqlen_k", after="def 
 # scores, scaled into log2 units, with soft-capping (lesson 1, section 5) or a position bias applied here when
 # enabled. Only the masked instantiation compares positions: keys past the sequence end, right of the
 # (bottom-right) diagonal plus `window_right`, or left of the window. Then section 2's update in the kernel's
-# words: `m_i`, `l_i`, `acc` are $m$, $\ell$, $a$ for the `BLOCK_M` rows, `alpha` rescales, and the $-\infty$
-# guard again exists only where a mask can hide a whole row of the tile. On unmasked tiles without a soft cap
-# (`PLAIN`, the bulk of the work), the row max is taken over the raw products and the scale moves into the
+# words: `m_i`, `l_i`, `acc` are $m$, $\ell$, $a$ for the `BLOCK_M` rows and `alpha` rescales. There is no
+# $-\infty$ guard: $m$ starts at $-$FLT_MAX instead of $-\infty$, so a row that has seen no visible key yet (or
+# only scores of $-\infty$) gets $p = 2^{-\infty} = 0$, never $2^{-\infty + \infty}$. On unmasked tiles without a
+# soft cap (`PLAIN`, the bulk of the work), the row max is taken over the raw products and the scale moves into the
 # exponent, `exp2(qk·scale − m)`: one fused multiply-add per score instead of a multiply and a subtract. A bias
 # keeps this form when it can be split into a per-key vector in raw-product units, added before the max, and
 # one value per row folded into the max and the exponent: ALiBi's `slope·(j − i)` splits that way, and so does

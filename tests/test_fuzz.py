@@ -6,8 +6,9 @@ packed layouts, GQA ratios 1-4 (MQA included), head dims from 1 to 40 (odd ones 
 and 1, causal masks and sliding windows, soft-capping, ``q_scaling``, ALiBi (both orders, ``[Hq]`` and
 ``[B, Hq]``), T5 biases (implicit, regular), INT8/FP8 caches with per-tensor and per-head scales, cyclic caches
 with sinks, RoPE at read time, beams, pages of 1 to 64 tokens, split-K, NaN-poisoned padding, unused cache
-slots and unused pool blocks, non-contiguous inputs, and NaN/±inf injected into q or a visible key or value
-(the kernels must then give the reference's non-finite pattern: see tests/test_nan.py for the rule).
+slots and unused pool blocks, non-contiguous inputs, and NaN/±inf injected into q or into any key or value
+of a sequence, hidden from some rows by the causal mask or a window or not (the kernels must then give the
+reference's non-finite pattern: see tests/test_nan.py for the rule).
 
 Budget. ``ATTN_FUZZ_PROFILE`` picks a Hypothesis profile: ``ci`` (the default: derandomized, so CI runs the
 same ~30-50 s of examples every time; a failure prints the configuration and a reproduction blob), ``gpu`` (20x
@@ -80,6 +81,15 @@ def _inject(kind, x, index):
     x[index + (0,)] = {"nan": NAN, "inf": INF, "ninf": -INF}[kind]
 
 
+def _key(where, length):
+    """The poisoned key of a sequence of ``length`` keys: its last, first or middle one, or one at random (from
+    the test's seeded generator); the first ones are hidden from the later rows by a window, the later ones from
+    the earlier rows by the causal mask."""
+    if where == "rand":
+        return int(torch.randint(length, ()))
+    return {"last": length - 1, "first": 0, "mid": length // 2}[where]
+
+
 def _tol(dtype, factor=1.0):
     return TOL[dtype] * factor, LSE_TOL[dtype] * factor
 
@@ -105,7 +115,9 @@ def prefill_cfg(draw):
         q_scaling=draw(st.sampled_from([1.0, 0.7])), alibi=draw(st.sampled_from([None, None, "h", "bh"])),
         alibi_mode=draw(st.sampled_from(["alibi", "alibi_with_scale"])),
         rel=None if unfused else draw(st.sampled_from([None, None, "implicit", "regular"])),
-        noncontig=draw(st.booleans()), poison=draw(st.sampled_from([None, None, "q-nan", "q-inf", "k-nan", "v-nan"])),
+        noncontig=draw(st.booleans()),
+        poison=draw(st.sampled_from([None, None, "q-nan", "q-inf", "k-nan", "v-nan", "v-inf"])),
+        poison_key=draw(st.sampled_from(["last", "first", "mid", "rand"])),
     )  # fmt: skip
     return cfg
 
@@ -138,6 +150,30 @@ def _rel_bias(kind, hq, length, bidirectional=True):
         rel="implicit",
         noncontig=True,
         poison="k-nan",
+    )  # fmt: skip
+)
+@example(  # found by the fuzzer: an infinite value of the window's middle key, hidden from the last rows, spread
+    # to every row of the kernel's tile (0·inf = NaN) before issue 18's fix
+    cfg=dict(
+        seed=1243,
+        layout="packed",
+        unfused=False,
+        lens_q=[5],
+        lens_k=[5],
+        hkv=1,
+        group=3,
+        d=8,
+        dtype="float32",
+        causal=False,
+        window=(2, 0),
+        softcap=0.0,
+        q_scaling=0.7,
+        alibi=None,
+        alibi_mode="alibi_with_scale",
+        rel=None,
+        noncontig=True,
+        poison="v-inf",
+        poison_key="mid",
     )  # fmt: skip
 )
 def test_fuzz_prefill(cfg):
@@ -178,13 +214,12 @@ def test_fuzz_prefill(cfg):
         row_of = None
     poison = cfg["poison"]
     if poison:
-        # the last query of the first sequence with a query and a key; for values only where no mask hides a
-        # key of the sequence from a row (tests/test_nan.py: the kernels' one documented difference)
+        # the last query of the first sequence with a query and a key, or one of its keys (cfg["poison_key"]),
+        # which the causal mask or a window may hide from some of its rows
         seqs = [i for i in range(b) if lens_q[i] and lens_k[i]]
-        hidden = cfg["causal"] or cfg["window"] != (-1, -1)
-        if seqs and not (poison.startswith("v") and hidden):
+        if seqs:
             i = seqs[0]
-            tq, tk = lens_q[i] - 1, lens_k[i] - 1
+            tq, tk = lens_q[i] - 1, _key(cfg.get("poison_key", "last"), lens_k[i])
             where_q = row_of(i, tq) if row_of else (starts_q[i] + tq,)
             where_k = row_of(i, tk) if row_of else (starts_k[i] + tk,)
             target, where = {"q": (q, where_q + (0,)), "k": (k, where_k + (0,)), "v": (v, where_k + (0,))}[poison[0]]
@@ -280,7 +315,9 @@ def decode_cfg(draw):
         softcap=draw(st.sampled_from([0.0, 0.0, 2.0])), alibi=draw(st.sampled_from([None, None, "h", "bh"])),
         alibi_mode=draw(st.sampled_from(["alibi", "alibi_with_scale"])),
         rel=draw(st.sampled_from([None, None, "implicit"])), cyclic=cyclic, sinks=sinks, rotary=rotary,
-        noncontig=draw(st.booleans()), poison=draw(st.sampled_from([None, None, "q-nan", "q-inf", "k-nan", "v-nan"])),
+        noncontig=draw(st.booleans()),
+        poison=draw(st.sampled_from([None, None, "q-nan", "q-inf", "k-nan", "v-nan", "v-inf"])),
+        poison_key=draw(st.sampled_from(["last", "first", "mid", "rand"])),
     )  # fmt: skip
     if cfg["quant"] and cfg["dtype"] == "float32":
         cfg["dtype"] = "float16"  # the quantized paths multiply in fp16
@@ -405,6 +442,36 @@ def decode_cfg(draw):
         poison="v-nan",
     )  # fmt: skip
 )
+@example(  # found by the fuzzer: three new tokens over a cyclic paged cache, split three ways; an infinite value
+    # of the middle key, hidden from the first token, reached it (0·inf) before issue 18's fix
+    cfg=dict(
+        seed=2177,
+        b=2,
+        beam=1,
+        sq=3,
+        lens=[3, 3],
+        hkv=2,
+        group=1,
+        d=8,
+        dtype="float16",
+        quant=None,
+        per_head=False,
+        block_size=16,
+        splits=3,
+        causal=False,
+        window=(20, 0),
+        softcap=2.0,
+        alibi="h",
+        alibi_mode="alibi",
+        rel=None,
+        cyclic=13,
+        sinks=2,
+        rotary=0,
+        noncontig=True,
+        poison="v-inf",
+        poison_key="mid",
+    )  # fmt: skip
+)
 def test_fuzz_decode(cfg):
     note(cfg)
     _count("decode (contiguous, paged, beams, cyclic)")
@@ -431,16 +498,17 @@ def test_fuzz_decode(cfg):
         kw["cache_indirection"] = torch.randint(0, beam, (b, beam, capacity), dtype=torch.int32, device=DEVICE)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     poison = cfg["poison"]
-    if poison and not cfg["quant"] and not cfg["cyclic"]:
-        # sequence 0's last cached token, in every beam's row (whichever the indirection picks); its last query
-        # sees it unless a window of 0 hides it; values only for one query and no window (see test_nan.py)
-        t = lens[0] - 1
+    if poison and not cfg["quant"] and lens[0]:
+        # a slot sequence 0 has stored (its last, first, middle or one at random), in every beam's row
+        # (whichever the indirection picks): a window may hide it from some or all of the queries, the causal
+        # mask from the earlier ones
+        t = _key(cfg.get("poison_key", "last"), min(lens[0], capacity))
         if poison[0] == "q":
             _inject(poison.split("-")[1], q, (0, sq - 1, 0))
-        elif poison[0] == "k" or (sq == 1 and cfg["window"] == (-1, -1)):
+        else:
             x = kc if poison[0] == "k" else vc
             for r in range(beam):
-                _inject("nan", x, (r, t, 0))
+                _inject(poison.split("-")[1], x, (r, t, 0))
     wide = (lambda x: x) if cfg["quant"] else (lambda x: x.double())  # codes go to the reference as they are
     ref, ref_lse = reference.decode(q.double(), wide(kc), wide(vc), seqlens, **kw)
     if cfg["block_size"]:
@@ -471,7 +539,8 @@ def context_cfg(draw):
         sinks=draw(st.sampled_from([0, 3])) if cyclic else 0, rotary=draw(st.sampled_from([0, d])) if cyclic else 0,
         left=draw(st.sampled_from([-1, -1, 4])), softcap=draw(st.sampled_from([0.0, 0.0, 2.0])),
         alibi=draw(st.sampled_from([None, None, "h"])), rel=draw(st.sampled_from([None, None, "implicit"])),
-        poison=draw(st.sampled_from([None, None, "q-nan", "k-nan"])),
+        poison=draw(st.sampled_from([None, None, "q-nan", "k-nan", "v-nan", "v-inf"])),
+        poison_key=draw(st.sampled_from(["last", "first", "mid", "rand"])),
     )  # fmt: skip
     if cfg["quant"] and cfg["dtype"] == "float32":
         cfg["dtype"] = "float16"
@@ -502,6 +571,30 @@ def context_cfg(draw):
         poison=None,
     )  # fmt: skip
 )
+@example(  # found by the fuzzer: a NaN value of the chunk's middle key over a cyclic paged cache, hidden from
+    # the chunk's first query, reached it (0·NaN) before issue 18's fix
+    cfg=dict(
+        seed=12581,
+        before=[1],
+        new=[3],
+        hkv=1,
+        group=1,
+        d=8,
+        dtype="float32",
+        quant=None,
+        per_head=False,
+        block_size=16,
+        cyclic=12,
+        sinks=0,
+        rotary=0,
+        left=4,
+        softcap=2.0,
+        alibi=None,
+        rel="implicit",
+        poison="v-nan",
+        poison_key="mid",
+    )  # fmt: skip
+)
 def test_fuzz_context(cfg):
     note(cfg)
     _count("context_attention")
@@ -526,14 +619,19 @@ def test_fuzz_context(cfg):
         kw.update(max_attention_window=cyclic, sink_token_length=cfg["sinks"], rotary_dim=cfg["rotary"])
         kw["k_new"], kw["v_new"] = _rand((sum(new), hkv, d), dtype), _rand((sum(new), hkv, d), dtype)
     if cfg["poison"] and sum(new):
+        # the first sequence with a chunk: its last query, or a key (cfg["poison_key"]) that the causal mask
+        # hides from the chunk's earlier queries, or a window from its later ones
         i = next(j for j, m in enumerate(new) if m)
         first = sum(new[:i])
-        if cfg["poison"] == "q-nan":
-            _inject("nan", q, (first + new[i] - 1, 0))
+        what, kind = cfg["poison"].split("-")
+        where = cfg.get("poison_key", "last")
+        if what == "q":
+            _inject(kind, q, (first + new[i] - 1, 0))
         elif cyclic:
-            _inject("nan", kw["k_new"], (first + new[i] - 1, 0))  # the chunk's last key: its last query sees it
+            # the chunk's fresh keys (the cache's stored slots of a quantized ring are codes: left alone)
+            _inject(kind, kw["k_new" if what == "k" else "v_new"], (first + _key(where, new[i]), 0))
         elif not cfg["quant"]:
-            _inject("nan", kc, (i, lens[i] - 1, 0))
+            _inject(kind, kc if what == "k" else vc, (i, _key(where, lens[i]), 0))
     ref_kw = {k: (v.double() if k in ("k_new", "v_new") else v) for k, v in kw.items()}
     ref, ref_lse = reference.context_attention(q.double(), kc if cfg["quant"] else kc.double(),
                                                vc if cfg["quant"] else vc.double(), seqlens, **ref_kw)  # fmt: skip

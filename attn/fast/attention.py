@@ -108,6 +108,18 @@ def _t5_near_bias(rel_head, offs_m, offs_n, start_n, diag, r0, rel_md, unit, BLO
 
 
 @triton.jit
+def _visible(offs_m, offs_kn, seqlen_k, diag, window_left, window_right, HAS_WINDOW_LEFT: tl.constexpr,
+             HAS_WINDOW_RIGHT: tl.constexpr):  # fmt: skip
+    """[BLOCK_M, BLOCK_N]: which keys of a tile each row sees (row i sits on key i + diag)."""
+    visible = offs_kn[None, :] < seqlen_k
+    if HAS_WINDOW_RIGHT:
+        visible &= offs_kn[None, :] <= offs_m[:, None] + diag + window_right
+    if HAS_WINDOW_LEFT:
+        visible &= offs_kn[None, :] >= offs_m[:, None] + diag - window_left
+    return visible
+
+
+@triton.jit
 def _attn_fwd_tiles(
     acc, l_i, m_i, q,
     k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size, k_scale,
@@ -119,11 +131,24 @@ def _attn_fwd_tiles(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, ALIBI_BY_KEY: tl.constexpr,
     REL_MODE: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PLAIN: tl.constexpr,
-    IS_PAGED: tl.constexpr, QUANT: tl.constexpr,
+    IS_PAGED: tl.constexpr, QUANT: tl.constexpr, SAFE: tl.constexpr = False,
 ):  # fmt: skip
+    """The key tiles [lo, hi) folded into the running (acc, l_i, m_i).
+
+    SAFE (masked tiles only) keeps non-finite values to the rows that see their keys: a masked tile may hold
+    keys that the causal mask or a window hides from some rows, whose p is 0 there, but 0·NaN = NaN (and
+    0·inf), so the plain product spreads such a value to every row of the tile. SAFE takes those values out
+    of the product and marks NaN exactly where a visible key holds one, as the reference's P·V over the visible
+    keys gives; it costs a reduction, a second product and shared memory, so the normal loops do without it
+    and the caller reruns a block in a SAFE loop only when its accumulator ends non-finite (see the kernel).
+    """
     # T5 values outside the near loop come in log2 units, which only the non-plain form adds as they are
     tl.static_assert(not (PLAIN and (REL_MODE == 2 or (REL_MODE == 1 and not NEAR))))
-    for start_n in range(lo, hi, BLOCK_N):
+    tl.static_assert(MASKED or not SAFE)
+    # the rerun has the whole shared memory of the normal loops' pipelines to itself, but no pipeline: its
+    # cleaned operands then fit beside K and V
+    STAGES: tl.constexpr = 1 if SAFE else None
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         offs_kn = start_n + offs_n
         if MASKED:
             kv_mask = (offs_kn[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -138,6 +163,21 @@ def _attn_fwd_tiles(
         else:
             k_rows = offs_kn * stride_kn
             v_rows = offs_kn * stride_vn
+        if SAFE:
+            # first, while few registers are live: V without its non-finite values, and NaN in acc where a
+            # visible key holds one (key by key, for the tiles that hold one: no [BLOCK_M, D] temporary beside acc)
+            v_safe = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if QUANT != 0:
+                v_safe = v_safe.to(q.dtype)
+            bad = ((v_safe != v_safe) | (tl.abs(v_safe) == float("inf"))).to(tl.int8)
+            if tl.max(tl.max(bad, 1), 0) != 0:
+                for n in range(0, BLOCK_N):
+                    bad_d = tl.max(tl.where(offs_n[:, None] == n, bad, 0), 0) != 0
+                    key = tl.full([1], n, tl.int32) + start_n
+                    sees = _visible(offs_m, key, seqlen_k, diag, window_left, window_right, HAS_WINDOW_LEFT,
+                                    HAS_WINDOW_RIGHT)  # fmt: skip
+                    acc = tl.where(sees & bad_d[None, :], float("nan"), acc)
+                v_safe = tl.where(bad != 0, 0.0, v_safe)
         # [BLOCK_N, HEAD_DIM_PAD]
         if MASKED or PAD_D:
             k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -225,12 +265,11 @@ def _attn_fwd_tiles(
             r_off = q_pos[:, None].to(tl.int64) * stride_rm + offs_kn[None, :]
             s += tl.load(rel_head + r_off, mask=r_mask, other=0.0).to(tl.float32) * 1.4426950408889634
         if MASKED:
-            visible = offs_kn[None, :] < seqlen_k
-            if HAS_WINDOW_RIGHT:
-                visible &= offs_kn[None, :] <= offs_m[:, None] + diag + window_right
-            if HAS_WINDOW_LEFT:
-                visible &= offs_kn[None, :] >= offs_m[:, None] + diag - window_left
-            s = tl.where(visible, s, float("-inf"))
+            s = tl.where(
+                _visible(offs_m, offs_kn, seqlen_k, diag, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT),
+                s,
+                float("-inf"),
+            )
         # [BLOCK_M]
         if PLAIN and (ROW_BIAS or HAS_ALIBI):
             # the plain form's one value per row and tile (log2 units): a T5 far tile's bias, ALiBi's
@@ -254,27 +293,26 @@ def _attn_fwd_tiles(
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            # a row that has seen no visible key yet keeps m = -inf; subtracting 0 instead avoids inf - inf
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new_safe = m_new
+        # m starts at -FLT_MAX, not -inf (see the caller), so m_new is finite (or NaN): a row that has seen no
+        # visible key yet, or only scores of -inf, gets p = exp2(-inf) = 0, never exp2(-inf + inf) = NaN
         if PLAIN and (ROW_BIAS or HAS_ALIBI):
             # qk·scale + row_term − m: still one multiply-add per score
-            p = tl.math.exp2(s * qk_scale - (m_new_safe - row_term)[:, None])
+            p = tl.math.exp2(s * qk_scale - (m_new - row_term)[:, None])
         elif PLAIN:
-            p = tl.math.exp2(s * qk_scale - m_new_safe[:, None])
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
         else:
-            p = tl.math.exp2(s - m_new_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_new_safe)
+            p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         # [BLOCK_N, HEAD_DIM_PAD]
-        if MASKED or PAD_D:
+        if SAFE:
+            v = v_safe
+        elif MASKED or PAD_D:
             v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         else:
             v = tl.load(v_base + v_rows[:, None] + offs_d[None, :])
-        if QUANT != 0:
+        if QUANT != 0 and not SAFE:
             v = v.to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
@@ -486,7 +524,10 @@ def _attn_fwd_kernel(
     full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), tl.maximum(hi, lo))
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # m starts at -FLT_MAX rather than -inf, so no tile needs a guard against exp2(-inf - (-inf)): a row whose
+    # visible scores are all -inf (a -inf bias, an infinite query) keeps l = 0 and outputs zeros with lse = -inf,
+    # as the reference gives it (a visible score below -FLT_MAX, in log2 units, cannot be finite)
+    m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     ALIBI_BY_KEY: tl.constexpr = not (ALIBI_WITH_SCALE and HAS_SOFTCAP)
@@ -562,14 +603,39 @@ def _attn_fwd_kernel(
         ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
         BLOCK_N, PRECISION, False, IS_PAGED, QUANT,
     )  # fmt: skip
+    # A non-finite value in a tile's V makes its column of the product non-finite in every row, 0·NaN = NaN, and
+    # that never leaves acc (alpha is finite). Where a masked tile hides its key from some rows, those rows must
+    # not see it: a block whose accumulator ends non-finite (or whose row sums overflow: a false alarm costs
+    # time only) computes its tiles again in a SAFE loop, which keeps such values to the rows that see them.
+    # Only inputs holding non-finite values take the branch; the normal loops carry no check at all.
+    # (half-width key tiles: the rerun's extra product and operands then fit in the registers the normal loops
+    # use, where full tiles made ptxas spill values that the normal loops reload)
+    SAFE_N: tl.constexpr = BLOCK_N // 2 if BLOCK_N >= 32 else BLOCK_N
+    row_sums = tl.sum(acc, 1)
+    if tl.max(((row_sums != row_sums) | (tl.abs(row_sums) == float("inf"))).to(tl.int32), 0) != 0:
+        m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        acc, l_i, m_i = _attn_fwd_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row,
+            page_size, k_scale, offs_m, tl.arange(0, SAFE_N), offs_d,
+            lo, hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
+            m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
+            True, False, False, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+            ALIBI_WITH_SCALE, ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
+            SAFE_N, PRECISION, False, IS_PAGED, QUANT, True,
+        )  # fmt: skip
 
     # Invariant: l = 0 exactly for a row that saw no visible key (each visible score adds exp2(s − m) > 0, the
     # max's own key 1), and those rows keep their zeros. A NaN score (NaN or ±inf in q, NaN in a visible key)
     # makes l NaN: the max drops NaN, but exp2(NaN − m) does not. Testing l != 0 rather than l > 0 lets that NaN
     # through acc / l (and into the lse), as the reference gives it; a NaN value makes acc NaN. No per-score work.
+    # A row whose visible scores are all -inf also has l = 0 and outputs zeros, but where it sees a non-finite
+    # value its acc holds NaN (0·p of the tiles' products is 0 elsewhere): acc·0 keeps that NaN, as the reference
+    # marks every row that sees a non-finite value.
     has_key = (l_i != 0.0) & row_valid
     l_safe = tl.where(has_key, l_i, 1.0)
-    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+    out = tl.where(has_key[:, None], acc / l_safe[:, None], tl.where(row_valid[:, None], acc * 0.0, 0.0))
     if QUANT != 0:
         # the output is linear in V: its scale applies once, here
         out = out * tl.load(v_scale_ptr + h_kv)

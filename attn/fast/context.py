@@ -316,7 +316,9 @@ def _sink_part(q, k_sinks, v_sinks, pinned, tok_seq, token, args: ContextArgs, s
         visible &= diag[:, None] - s[None, :] <= c.window_left
     rows = torch.where(visible, starts[:, None] + s[None, :], 0)
     k = k_sinks[rows].float()  # [T, S, Hkv, D]
-    v = v_sinks[rows].float()
+    # a hidden sink reads row 0 (another token's sink) with weight 0, but 0·NaN = NaN: its value is zeroed, so
+    # only the values a query sees reach it (a visible NaN stays NaN whatever its weight, as in the reference)
+    v = v_sinks[rows].float().masked_fill(~visible[:, :, None, None], 0.0)
     qg = q.float().view(num_tokens, hkv, group, -1)
     x = torch.einsum("thgd,tshd->thgs", qg, k)
     dist = (s[None, :] - diag[:, None]).float()  # [T, S], key minus query as in the kernels

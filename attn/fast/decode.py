@@ -182,6 +182,18 @@ def _first_blocks(
 
 
 @triton.jit
+def _visible(offs_n, key_valid, tok, diag, window_left, window_right, HAS_WINDOW_LEFT: tl.constexpr,
+             HAS_WINDOW_RIGHT: tl.constexpr):  # fmt: skip
+    """[BLOCK_M, BLOCK_N]: which keys of a tile each row sees (new token i sits on key diag + i)."""
+    visible = key_valid[None, :]
+    if HAS_WINDOW_RIGHT:
+        visible &= offs_n[None, :] <= tok[:, None] + diag + window_right
+    if HAS_WINDOW_LEFT:
+        visible &= offs_n[None, :] >= tok[:, None] + diag - window_left
+    return visible
+
+
+@triton.jit
 def _decode_tiles(
     next_block, m_i, l_i, acc, bad, q, lo, hi,
     tok, row_valid, diag, offs_d, d_mask,
@@ -193,7 +205,7 @@ def _decode_tiles(
     HEAD_DIM: tl.constexpr, IS_PAGED: tl.constexpr, CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr, QUANT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr = False,
 ):  # fmt: skip
     """The keys [lo, hi) of one program's chunk folded into its running (m_i, l_i, acc); ``next_block``, for
     paged caches read without a beam indirection, the first tile's block-table entries (`_first_blocks`).
@@ -206,6 +218,13 @@ def _decode_tiles(
     loop of its own, with no per-tile branch in its body: "far", keys all more than max_distance left of every
     row, whose bias is one value per row (``rel_far``); "near", the others, gathered per score; "none" for the
     other modes.
+
+    SAFE keeps non-finite values to the rows that see their keys. A window may hide loaded keys from some rows
+    (left of the first tile's window; right of the earlier tokens' under causal or a right window): their p is
+    0, but 0·NaN = NaN (and 0·inf), so the plain product spreads such a value to every row. SAFE takes them out
+    of the product and marks NaN exactly where a visible key holds one, as the reference's P·V over the visible
+    keys gives; it costs a reduction, a second product and shared memory, so the normal loops do without it and
+    the kernel reruns a chunk in a SAFE loop only when a window is on and its accumulator ends non-finite.
     """
     tl.static_assert((REL_MODE == 1) == (T5 != "none"))
     # every tile starts on a multiple of BLOCK_N (the caller keeps lo on that grid), so with pages a multiple of
@@ -217,7 +236,7 @@ def _decode_tiles(
     # pipeliner copies its gathered bias tiles through shared memory too, and at full depth those buffers pushed
     # the 64/2/4 config from 102 to 114 KiB, past two programs per SM (bench/probes/decode_sass.py); at depth 2
     # its buffers stay within the far loop's, which they reuse.
-    STAGES: tl.constexpr = 2 if T5 == "near" else None
+    STAGES: tl.constexpr = 1 if SAFE else (2 if T5 == "near" else None)
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = offs_n < hi
@@ -266,6 +285,21 @@ def _decode_tiles(
             k_off = seq_row * stride_kb + slot.to(tl.int64) * stride_kn
             v_off = seq_row * stride_vb + slot.to(tl.int64) * stride_vn
         kv_mask = key_valid[:, None] & d_mask[None, :]
+        if SAFE:
+            # first, while few registers are live: V without its non-finite values, and NaN in acc where a
+            # visible key holds one (key by key, for the tiles that hold one: no [BLOCK_M, D] temporary beside acc)
+            v_safe = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if QUANT != 0:
+                v_safe = _widen(v_safe, q.dtype, INT8_ASM)
+            nonfinite = ((v_safe != v_safe) | (tl.abs(v_safe) == float("inf"))).to(tl.int8)
+            if tl.max(tl.max(nonfinite, 1), 0) != 0:
+                for n in range(0, BLOCK_N):
+                    bad_d = tl.max(tl.where(tl.arange(0, BLOCK_N)[:, None] == n, nonfinite, 0), 0) != 0
+                    key = tl.full([1], n, tl.int32) + start_n
+                    sees = _visible(key, key < hi, tok, diag, window_left, window_right, HAS_WINDOW_LEFT,
+                                    HAS_WINDOW_RIGHT)  # fmt: skip
+                    acc = tl.where(sees & bad_d[None, :], float("nan"), acc)
+                v_safe = tl.where(nonfinite != 0, 0.0, v_safe)
         # [BLOCK_N, HEAD_DIM_PAD]
         k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if ROTARY_DIM > 0:
@@ -307,11 +341,7 @@ def _decode_tiles(
             r_mask = row_valid[:, None] & key_valid[None, :]
             r_off = q_pos[:, None].to(tl.int64) * stride_rm + offs_n[None, :]
             s += tl.load(rel_rows[:, None] + r_off, mask=r_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-        visible = key_valid[None, :]
-        if HAS_WINDOW_RIGHT:
-            visible &= offs_n[None, :] <= tok[:, None] + diag + window_right
-        if HAS_WINDOW_LEFT:
-            visible &= offs_n[None, :] >= tok[:, None] + diag - window_left
+        visible = _visible(offs_n, key_valid, tok, diag, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
         s = tl.where(visible, s, float("-inf"))
         if T5 == "far":
             # every score of a row has the same bias, so it is a row term of the max and the exponent, as in the
@@ -329,9 +359,12 @@ def _decode_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         # [BLOCK_N, HEAD_DIM_PAD]
-        v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if QUANT != 0:
-            v = _widen(v, q.dtype, INT8_ASM)
+        if SAFE:
+            v = v_safe
+        else:
+            v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if QUANT != 0:
+                v = _widen(v, q.dtype, INT8_ASM)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return m_i, l_i, acc, bad
@@ -537,12 +570,48 @@ def _decode_kernel(
         # the entries this program clamped, one atomic (none at all when every entry was in range)
         bad_bits = tl.reduce(bad, 0, _bit_or)
         tl.atomic_or(err_ptr, bad_bits, mask=bad_bits != 0, sem="relaxed")
+    if (HAS_WINDOW_LEFT or HAS_WINDOW_RIGHT) and QUANT != 1:
+        # A non-finite value in a tile's V makes its column of the product non-finite in every row (0·NaN = NaN),
+        # and that never leaves acc. Without a window every row sees every key of [lo, hi), so that is the
+        # reference's result; a window may hide the key from some rows, so a chunk whose accumulator ends
+        # non-finite (or whose row sums overflow: a false alarm costs time only) computes its keys again in a
+        # SAFE loop (see _decode_tiles), in narrow tiles: 16 keys, 32 for an FP8 cache, the widths with which
+        # the normal loop kept its instructions and stayed free of register spills on sm_90a (wider or narrower
+        # ones added reloads to it: bench/probes/decode_sass.py). Only inputs holding non-finite values take the
+        # branch; the normal loop carries no check at all. An int8 cache holds no non-finite value: no rerun.
+        row_sums = tl.sum(acc, 1)
+        if tl.max(((row_sums != row_sums) | (tl.abs(row_sums) == float("inf"))).to(tl.int32), 0) != 0:
+            SAFE_N: tl.constexpr = min(32 if QUANT == 2 else 16, BLOCK_N)
+            SAFE_T5: tl.constexpr = "near" if REL_MODE == 1 else "none"
+            safe_block = 0
+            if PRIME:
+                safe_block = _first_blocks(
+                    block_table_ptr, b64, stride_bt, lo, hi, sinks, wrap_n, ring_shift, ring, CYCLIC, PAGE_SIZE,
+                    SAFE_N,
+                )  # fmt: skip
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+            # (the entries were reported above, and the rerun reads the same ones)
+            m_i, l_i, acc, _ = _decode_tiles(
+                safe_block, m_i, l_i, acc, tl.zeros([SAFE_N], dtype=tl.int32), q, lo, hi, tok, row_valid, diag,
+                offs_d, d_mask, k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
+                b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, pool_rows,
+                sinks, wrap_n, ring_shift, ring,
+                partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
+                k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
+                SAFE_T5, ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
+                PRECISION, SAFE_N, True,
+            )  # fmt: skip
 
     # l = 0 exactly for a row (or a split) that saw no visible key; a NaN score makes l NaN (the max drops NaN,
-    # exp2(NaN − m) does not): l != 0 keeps that NaN in the output and the lse instead of zeroing the row
+    # exp2(NaN − m) does not): l != 0 keeps that NaN in the output and the lse instead of zeroing the row. A row
+    # whose visible scores are all -inf has l = 0 too, and acc = 0 unless it sees a non-finite value (then NaN):
+    # acc·0 keeps that NaN, as the reference gives it
     has_key = l_i != 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
-    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+    out = tl.where(has_key[:, None], acc / l_safe[:, None], acc * 0.0)
     if QUANT != 0:
         # the output is linear in V: its scale applies once, here
         out = out * v_scale

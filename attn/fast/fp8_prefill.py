@@ -42,10 +42,24 @@ def _round_e4m3(x):
 @triton.jit
 def _tile(q, k_ptrs, vt_ptrs, start, acc, m_i, l_i, offs_m, offs_n, diag, seqlen_k, qk_scale, stride_kn,
           MASKED: tl.constexpr, CAUSAL: tl.constexpr, EXACT_ROUND: tl.constexpr,
-          LOG2_P_SCALE: tl.constexpr):  # fmt: skip
+          LOG2_P_SCALE: tl.constexpr, SAFE: tl.constexpr = False):  # fmt: skip
     """One key tile at ``start``: scores, online softmax, P in e4m3, P·V. Masked tiles bound the loads and mask
-    keys past Sk and, under causal, right of the diagonal."""
+    keys past Sk and, under causal, right of the diagonal. SAFE (a masked causal tile of the rerun, see
+    _fp8_fwd) keeps e4m3fn's NaN codes (0x7F, 0xFF; it has no inf) to the rows that see their key: a key right of
+    a row's diagonal has p = 0 there, but 0·NaN = NaN."""
     cols = start + offs_n
+    if SAFE:
+        # first, while few registers are live: Vᵀ without its NaN codes (tested on the bits: the interpreter reads
+        # 0x7F as 480), and NaN in acc where a visible key holds one, key by key
+        vt = tl.load(vt_ptrs + start, mask=cols[None, :] < seqlen_k, other=0.0)
+        bits = vt.to(tl.uint8, bitcast=True)
+        bad = ((bits & 0x7F) == 0x7F).to(tl.int8)
+        if tl.max(tl.max(bad, 1), 0) != 0:
+            for n in range(0, offs_n.shape[0]):
+                bad_d = tl.max(tl.where(offs_n[None, :] == n, bad, 0), 1) != 0
+                sees = (start + n < seqlen_k) & (start + n <= offs_m + diag)
+                acc = tl.where(sees[:, None] & bad_d[None, :], float("nan"), acc)
+            vt = tl.where(bad != 0, 0, bits).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     if MASKED:
         k = tl.load(k_ptrs + start * stride_kn, mask=cols[:, None] < seqlen_k, other=0.0)
     else:
@@ -70,9 +84,9 @@ def _tile(q, k_ptrs, vt_ptrs, start, acc, m_i, l_i, offs_m, offs_n, diag, seqlen
     # Vᵀ's tile [D, BLOCK_N], keys contiguous: the transpose view is P·V's B operand with the reduction (keys)
     # contiguous, the only FP8 wgmma operand layout; V itself would be transposed through shared memory byte by
     # byte in every tile (STS.U8 in SASS: bench/probes/gluon_fp8_sass.py)
-    if MASKED:
+    if MASKED and not SAFE:
         vt = tl.load(vt_ptrs + start, mask=cols[None, :] < seqlen_k, other=0.0)
-    else:
+    elif not SAFE:
         vt = tl.load(vt_ptrs + start)
     acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
     return acc, m_new, l_i
@@ -122,9 +136,35 @@ def _fp8_fwd(Q, K, V, O, QD, KD, VD, stride_qb, stride_qm, stride_qh, stride_kb,
     for start in range(full_hi, hi, BLOCK_N):
         acc, m_i, l_i = _tile(q, k_ptrs, vt_ptrs, start, acc, m_i, l_i, offs_m, offs_n, diag, seqlen_k, qk_scale,
                               stride_kn, True, CAUSAL, EXACT_ROUND, LOG2_P_SCALE)  # fmt: skip
+    if CAUSAL:
+        # A NaN code in a tile's V makes its column of the product NaN in every row (0·NaN = NaN), rows whose
+        # diagonal hides the key included, and that never leaves acc. A block whose accumulator ends non-finite
+        # (or whose row sums overflow: a false alarm costs time only) computes its tiles again in SAFE tiles of
+        # 32 keys, not pipelined, which keep such values to the rows that see them. Only inputs holding NaN codes
+        # take the branch; the normal loops carry no check at all. (Without causal every row sees every key.)
+        row_sums = tl.sum(acc, 1)
+        redo = tl.max(((row_sums != row_sums) | (tl.abs(row_sums) == float("inf"))).to(tl.int32), 0)
+        if EXACT_ROUND:
+            # the interpreter reads the NaN code 0x7F as 480, so nothing shows in acc there: its codes, then
+            for start in range(full_hi, hi, BLOCK_N):
+                codes = tl.load(vt_ptrs + start, mask=(start + offs_n)[None, :] < seqlen_k, other=0.0)
+                nan_code = (codes.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F
+                redo |= tl.max(tl.max(nan_code.to(tl.int32), 1), 0)
+        if redo != 0:
+            SAFE_N: tl.constexpr = 32
+            offs_s = tl.arange(0, SAFE_N)
+            k_safe = K + b64 * stride_kb + hk * stride_kh + offs_s[:, None] * stride_kn + offs_d[None, :]
+            vt_safe = V + b64 * stride_vb + hk * stride_vh + offs_d[:, None] * stride_vd + offs_s[None, :]
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            for start in tl.range(0, hi, SAFE_N, num_stages=1):
+                acc, m_i, l_i = _tile(q, k_safe, vt_safe, start, acc, m_i, l_i, offs_m, offs_s, diag, seqlen_k,
+                                      qk_scale, stride_kn, True, CAUSAL, EXACT_ROUND, LOG2_P_SCALE, True)  # fmt: skip
 
-    # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros (l is P_SCALE · Σ p)
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    # rows that saw no key have l = 0 and acc = 0: dividing by 1 leaves their zeros (l is P_SCALE · Σ p), or the
+    # NaN of a value they see; a NaN score makes l NaN, and l != 0 keeps it (l > 0 made the row zero)
+    l_safe = tl.where(l_i != 0.0, l_i, 1.0)
     out = acc * (v_descale / l_safe)[:, None]
     o_ptrs = O + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < seqlen_q)

@@ -123,24 +123,16 @@ def _softmax_kernel(s_ptr, lse_ptr, seqlen_k_pad, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _pv_kernel(
-    p_ptr, v_ptr, o_ptr, seqlens_k_ptr, lse_ptr,
-    stride_pb, stride_ph, stride_pm, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
-    num_heads_q, group_size, seqlen_q_pad,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _pv_tiles(
+    acc, p_base, v_base, offs_m, offs_n, offs_d, seqlen_q, seqlen_k, seqlen_q_pad, diag, window_left, window_right,
+    stride_pm, stride_vn,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b = pid_bh // num_heads_q
-    h = pid_bh % num_heads_q
-    seqlen_k = tl.load(seqlens_k_ptr + b)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    p_base = p_ptr + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + (h // group_size).to(tl.int64) * stride_vh
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    for start_n in range(0, seqlen_k, BLOCK_N):
+    """``acc + P·V`` over the keys of a row block. P is 0 where the mask hides a key, but 0·NaN = NaN (and
+    0·inf): SAFE takes non-finite values out of the product and marks NaN exactly where a visible key holds
+    one, as the reference's P·V over the visible keys gives (see _pv_kernel for when it runs)."""
+    for start_n in tl.range(0, seqlen_k, BLOCK_N, num_stages=1 if SAFE else None):
         cols = start_n + offs_n
         # [BLOCK_M, BLOCK_N]
         p = tl.load(
@@ -154,11 +146,65 @@ def _pv_kernel(
             mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
             other=0.0,
         )
+        if SAFE:
+            bad = ((v != v) | (tl.abs(v) == float("inf"))).to(tl.int8)
+            if tl.max(tl.max(bad, 1), 0) != 0:
+                # key by key, NaN where a row sees a key holding a non-finite value in column d (no [BLOCK_M, D]
+                # temporary beside acc)
+                for n in range(0, BLOCK_N):
+                    bad_d = tl.max(tl.where(offs_n[:, None] == n, bad, 0), 0) != 0
+                    key = start_n + n
+                    sees = (offs_m < seqlen_q) & (key < seqlen_k)
+                    if HAS_WINDOW_RIGHT:
+                        sees &= key <= offs_m + diag + window_right
+                    if HAS_WINDOW_LEFT:
+                        sees &= key >= offs_m + diag - window_left
+                    acc = tl.where(sees[:, None] & bad_d[None, :], float("nan"), acc)
+                v = tl.where(bad != 0, 0.0, v)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-    # a row that sees no key (lse = -inf: padding rows, rows left of a window) is zero, even where its zero
-    # weights met a non-finite value (0·NaN = NaN)
-    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * seqlen_q_pad + offs_m, mask=offs_m < seqlen_q_pad, other=0.0)
-    acc = tl.where((lse == float("-inf"))[:, None], 0.0, acc)
+    return acc
+
+
+@triton.jit
+def _pv_kernel(
+    p_ptr, v_ptr, o_ptr, seqlens_q_ptr, seqlens_k_ptr,
+    stride_pb, stride_ph, stride_pm, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+    num_heads_q, group_size, seqlen_q_pad, window_left, window_right,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b = pid_bh // num_heads_q
+    h = pid_bh % num_heads_q
+    seqlen_q = tl.load(seqlens_q_ptr + b)
+    seqlen_k = tl.load(seqlens_k_ptr + b)
+    diag = seqlen_k - seqlen_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    p_base = p_ptr + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + (h // group_size).to(tl.int64) * stride_vh
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc = _pv_tiles(
+        acc, p_base, v_base, offs_m, offs_n, offs_d, seqlen_q, seqlen_k, seqlen_q_pad, diag, window_left,
+        window_right, stride_pm, stride_vn, HEAD_DIM, PRECISION, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, BLOCK_N, False,
+    )  # fmt: skip
+    # A non-finite value in V makes its column of the product non-finite in every row (0·NaN = NaN), rows that
+    # do not see its key included, padding rows too. A block whose accumulator ends non-finite (or whose row
+    # sums overflow: a false alarm costs time only) computes its product again in the SAFE loop, which keeps
+    # such values to the rows that see them; only inputs holding non-finite values take the branch. A row that
+    # sees no key (padding rows, rows left of a window) then keeps acc = 0; one whose visible scores are all
+    # -inf is 0 too, or NaN where it sees a non-finite value, as the reference gives both.
+    # (16-key tiles: the rerun then needs no more registers than the normal loop)
+    SAFE_N: tl.constexpr = 16
+    row_sums = tl.sum(acc, 1)
+    if tl.max(((row_sums != row_sums) | (tl.abs(row_sums) == float("inf"))).to(tl.int32), 0) != 0:
+        acc = _pv_tiles(
+            tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32), p_base, v_base, offs_m, tl.arange(0, SAFE_N), offs_d,
+            seqlen_q, seqlen_k, seqlen_q_pad, diag, window_left, window_right, stride_pm, stride_vn, HEAD_DIM,
+            PRECISION, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, SAFE_N, True,
+        )  # fmt: skip
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(
         o_base + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -240,11 +286,12 @@ def attention_unfused(
         launch(_softmax_kernel, (bsz * hq * sq,), scores, lse, sk, BLOCK_N=min(1024, next_power_of_2(sk)))
         launch(
             _pv_kernel, (triton.cdiv(sq, bm), bsz * hq),
-            scores, vp, out, lens_k, lse,
+            scores, vp, out, lens_q, lens_k,
             scores.stride(0), scores.stride(1), scores.stride(2),
             vp.stride(0), vp.stride(1), vp.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            hq, args.group_size, sq,
-            HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn,
+            hq, args.group_size, sq, args.window_left, args.window_right,
+            HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, PRECISION=precision, HAS_WINDOW_LEFT=args.window_left >= 0,
+            HAS_WINDOW_RIGHT=args.window_right >= 0, BLOCK_M=bm, BLOCK_N=bn,
         )  # fmt: skip
     if args.packed:
         keep = torch.arange(sq, device=q.device)[None, :] < lens_q[:, None]

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from .attention import _mix_values
+
 P_SCALE = 256.0
 FP8 = torch.float8_e4m3fn
 
@@ -84,17 +86,21 @@ def attention_fp8(
     qh = q.double().view(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4)
     kh, vh = (x.double().permute(0, 2, 1, 3) for x in (k, v))
     s = torch.einsum("bhgqd,bhkd->bhgqk", qh, kh) * (qd * kd * scale)[:, :, None, None, None]
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
     if causal:
         i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
         j = torch.arange(sk, device=q.device)[None, :]
-        s = s.masked_fill(j > i, float("-inf"))
+        visible = j <= i
+        s = s.masked_fill(~visible, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # a row with no key: p = 0 everywhere, not NaN
     p = torch.exp(s - m)
     l_sum = p.sum(-1, keepdim=True)
     p8 = (p * P_SCALE).to(FP8).double()  # step 4: the only rounding besides the inputs' and the output's
-    o = torch.einsum("bhgqk,bhkd->bhgqd", p8, vh) * vd[:, :, None, None, None]
-    o = torch.where(l_sum > 0, o / (P_SCALE * l_sum.clamp_min(1e-300)), torch.zeros_like(o))
+    # a value (e4m3fn's NaN code) reaches only the rows that see its key, and a row whose sum is NaN (a NaN
+    # score) stays NaN: l = 0 only where a row has no weight, whose output is 0 (NaN where it sees a NaN value)
+    o = _mix_values(p8, vh, visible, "bhgqk,bhkd->bhgqd", "qk,bhkd->bhqd", 2) * vd[:, :, None, None, None]
+    o = torch.where(l_sum != 0, o / (P_SCALE * l_sum.clamp_min(1e-300)), o * 0)
     return o.permute(0, 3, 1, 2, 4).reshape(b, sq, hq, d).to(out_dtype)
 
 

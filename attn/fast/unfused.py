@@ -168,12 +168,16 @@ def _pv_tiles(
 @triton.jit
 def _pv_kernel(
     p_ptr, v_ptr, o_ptr, seqlens_q_ptr, seqlens_k_ptr,
-    stride_pb, stride_ph, stride_pm, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+    p_strides, v_strides, o_strides,
     num_heads_q, group_size, seqlen_q_pad, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PRECISION: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    # each tensor's first three strides, in its own dimension order (scores [B, H, Sq, Sk]; v, out [B, S, H, D])
+    stride_pb, stride_ph, stride_pm = p_strides
+    stride_vb, stride_vn, stride_vh = v_strides
+    stride_ob, stride_om, stride_oh = o_strides
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
@@ -286,10 +290,10 @@ def attention_unfused(
         launch(_softmax_kernel, (bsz * hq * sq,), scores, lse, sk, BLOCK_N=min(1024, next_power_of_2(sk)))
         launch(
             _pv_kernel, (triton.cdiv(sq, bm), bsz * hq),
-            scores, vp, out, lens_q, lens_k,
-            scores.stride(0), scores.stride(1), scores.stride(2),
-            vp.stride(0), vp.stride(1), vp.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            hq, args.group_size, sq, args.window_left, args.window_right,
+            p_ptr=scores, v_ptr=vp, o_ptr=out, seqlens_q_ptr=lens_q, seqlens_k_ptr=lens_k,
+            p_strides=(scores.stride(0), scores.stride(1), scores.stride(2)), v_strides=vp.stride()[:3],
+            o_strides=out.stride()[:3], num_heads_q=hq, group_size=args.group_size, seqlen_q_pad=sq,
+            window_left=args.window_left, window_right=args.window_right,
             HEAD_DIM=d, HEAD_DIM_PAD=head_dim_pad, PRECISION=precision, HAS_WINDOW_LEFT=args.window_left >= 0,
             HAS_WINDOW_RIGHT=args.window_right >= 0, BLOCK_M=bm, BLOCK_N=bn,
         )  # fmt: skip

@@ -381,8 +381,8 @@ regular_bytes, implicit_bytes = [], []
 for L in lengths:
     where = "cpu" if L <= 2048 else "meta"
     regular = attn.RelativeBias(bias=torch.empty(H, L, L, device=where))
-    _, t_reg, _, _ = relative_bias_operands(regular, table)
-    mode, t_imp, _, md = relative_bias_operands(implicit, table)
+    _, t_reg, _, _ = relative_bias_operands(regular)
+    mode, t_imp, _, md = relative_bias_operands(implicit)
     # the kernels read the distance table in log2 units, from a copy padded with its end values on both sides
     held = t_imp.untyped_storage().nbytes()
     assert mode == 1 and md == 128 and held == (2 * md + 1 + 2 * REL_PAD) * H * 4

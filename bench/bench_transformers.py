@@ -153,7 +153,10 @@ def main(argv=None) -> dict:
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         rows[impl] = row
         torch.cuda.empty_cache()
-        print(impl, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "top_kernels"})
+        print(impl, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "top_kernels"},
+              flush=True)  # fmt: skip
+        # written after every implementation: a run cut by a time limit keeps the rows it finished
+        _write(args, note, rows, started, partial=True)
     base = tokens.get("sdpa")
     for impl, t in tokens.items():
         if base is not None and impl != "sdpa":
@@ -163,15 +166,20 @@ def main(argv=None) -> dict:
         for impl in rows:
             if impl != "attn" and "tokens_per_s" in rows[impl]:
                 rows["attn"][f"speedup_vs_{impl}"] = rows["attn"]["tokens_per_s"] / rows[impl]["tokens_per_s"]
+    result = _write(args, note, rows, started, partial=False)
+    print(f"wrote the result ({result['wall_s']:.0f} s)")
+    return result
+
+
+def _write(args, note, rows, started, partial: bool) -> dict:
     result = dict(
         benchmark="bench_transformers", when=utc_now(), env=env_info(), note=note, layers=args.layers,
-        batch=args.batch, prompt=args.prompt, new_tokens=args.new, results=rows,
+        batch=args.batch, prompt=args.prompt, new_tokens=args.new, results=rows, partial=partial,
         wall_s=time.perf_counter() - started,
     )  # fmt: skip
     path = Path(args.out) / f"transformers_{torch.cuda.get_device_name().replace(' ', '_')}_{args.layers}L.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)
-    print(f"wrote {path} ({result['wall_s']:.0f} s)")
     return result
 
 

@@ -292,12 +292,51 @@ def run_fp8_shape(shape, args) -> dict:
     return result
 
 
+def _check_and_time(result: dict, fns: dict, checked: tuple, args) -> None:
+    """The contenders ``fns`` (name -> (call, ATTN_GLUON value)) into ``result["contenders"]``. Each name in
+    ``checked`` and its tl.* peer (the name with "gluon" -> "tl") run once first: the Gluon call must have
+    launched the Gluon kernel, give no NaN and agree with its peer within ``args.tol`` (tl.* is tested against
+    the reference), else it is marked wrong. Then every contender still ok is timed, ``args.repeat`` passes."""
+    from attn.fast import gluon_attention as ga
+
+    peers = {c: c.replace("gluon", "tl", 1) for c in checked}
+    real = ga.attention_gluon
+    calls: list[str] = []
+    outs, dispatched = {}, {}
+    ga.attention_gluon = lambda *a, **kw: calls.append("") or real(*a, **kw)
+    try:
+        for cname, (fn, env) in fns.items():
+            if cname in peers or cname in peers.values():
+                calls.clear()
+                with _env(env):
+                    outs[cname] = fn()
+                dispatched[cname] = bool(calls)
+    finally:
+        ga.attention_gluon = real
+    for cname, (_, env) in fns.items():
+        rec: dict[str, Any] = {"status": "ok", "note": f"ATTN_GLUON={env}"}
+        if cname in peers:
+            peer = peers[cname]
+            err = rel_err(outs[peer], outs[cname])
+            rec["err"] = err
+            if not dispatched[cname] or torch.isnan(outs[cname]).any().item() or err > args.tol:
+                rec.update(status="wrong", error=f"dispatched={dispatched[cname]} err={err:.2e} vs {peer}")
+        result["contenders"][cname] = rec
+    del outs
+    for _ in range(args.repeat):
+        for cname, (fn, env) in fns.items():
+            rec = result["contenders"][cname]
+            if rec["status"] == "ok":
+                with _env(env):
+                    ms, rec["timing"] = common.time_ms(fn, args.warmup, args.rep)
+                rec.setdefault("ms_all", []).append(ms)
+
+
 def run_seqlens_shape(shape, args) -> dict:
     """A packed shape: the Gluon and tl.* kernels on the packed call (cu_seqlens, max_seqlen given), and on the
     same lengths in the padded layout with ``seqlens_q = seqlens_k = lengths`` (padding rows hold NaN: they must
     not matter), in one process. Each Gluon call is checked against the tl.* call of its layout."""
     import attn.fast as fast
-    from attn.fast import gluon_attention as ga
 
     lengths, h, d = shape.lengths, shape.heads_q, shape.head_dim
     b, smax = len(lengths), max(lengths)
@@ -318,38 +357,7 @@ def run_seqlens_shape(shape, args) -> dict:
                                     max_seqlen_k=smax, causal=shape.causal)  # fmt: skip
     fns = {"gluon_packed": (packed, "1"), "tl_packed": (packed, "0"), "gluon": (padded, "1"), "tl": (padded, "0")}
     result: dict[str, Any] = {"name": name, "flops": flops, "contenders": {}}
-    # each Gluon call checked against the tl.* call of the same layout (tl.* is tested against the reference)
-    outs, dispatched = {}, {}
-    real = ga.attention_gluon
-    calls: list[str] = []
-    ga.attention_gluon = lambda *a, **kw: calls.append("") or real(*a, **kw)
-    try:
-        for cname, (fn, env) in fns.items():
-            calls.clear()
-            with _env(env):
-                outs[cname] = fn()
-            dispatched[cname] = bool(calls)
-    finally:
-        ga.attention_gluon = real
-    for cname, (_, env) in fns.items():
-        rec: dict[str, Any] = {"status": "ok", "note": f"ATTN_GLUON={env}"}
-        if cname.startswith("gluon"):
-            peer = cname.replace("gluon", "tl", 1)
-            err = rel_err(outs[peer], outs[cname])
-            rec["err"] = err
-            if not dispatched[cname] or torch.isnan(outs[cname]).any().item() or err > args.tol:
-                rec.update(status="wrong", error=f"dispatched={dispatched[cname]} err={err:.2e} vs {peer}")
-        result["contenders"][cname] = rec
-    del outs
-    for _ in range(args.repeat):
-        for cname, (fn, env) in fns.items():
-            rec = result["contenders"][cname]
-            if rec["status"] != "ok":
-                continue
-            with _env(env):
-                ms, method = common.time_ms(fn, args.warmup, args.rep)
-            rec.setdefault("ms_all", []).append(ms)
-            rec["timing"] = method
+    _check_and_time(result, fns, ("gluon_packed", "gluon"), args)
     tl_ms = statistics.median(result["contenders"]["tl_packed"].get("ms_all") or [float("nan")])
     for cname, rec in result["contenders"].items():
         if rec.get("ms_all"):
@@ -371,7 +379,6 @@ def run_alibi_shape(shape, args) -> dict:
     tl.* kernel (ATTN_GLUON=0) through attn.fast.attention, and the Gluon kernel without ALiBi (what the bias
     costs it), in one process. Each Gluon ALiBi call is checked against the tl.* call of its mode."""
     import attn.fast as fast
-    from attn.fast import gluon_attention as ga
 
     flops = shape.flops()
     print(f"\n== ALiBi {shape.name}   ({flops / 1e12:.3f} TFLOP)", flush=True)
@@ -385,37 +392,7 @@ def run_alibi_shape(shape, args) -> dict:
            "gluon_alibi_with_scale": (call("alibi_with_scale"), "1"),
            "tl_alibi_with_scale": (call("alibi_with_scale"), "0"), "gluon_plain": (plain, "1")}  # fmt: skip
     result: dict[str, Any] = {"name": "ALiBi " + shape.name, "flops": flops, "contenders": {}}
-    real = ga.attention_gluon
-    calls: list[str] = []
-    outs, dispatched = {}, {}
-    ga.attention_gluon = lambda *a, **kw: calls.append("") or real(*a, **kw)
-    try:
-        for cname, (fn, env) in fns.items():
-            if cname == "gluon_plain":
-                continue
-            calls.clear()
-            with _env(env):
-                outs[cname] = fn()
-            dispatched[cname] = bool(calls)
-    finally:
-        ga.attention_gluon = real
-    for cname, (_, env) in fns.items():
-        rec: dict[str, Any] = {"status": "ok", "note": f"ATTN_GLUON={env}"}
-        if cname.startswith("gluon_alibi"):
-            peer = cname.replace("gluon", "tl", 1)
-            err = rel_err(outs[peer], outs[cname])
-            rec["err"] = err
-            if not dispatched[cname] or torch.isnan(outs[cname]).any().item() or err > args.tol:
-                rec.update(status="wrong", error=f"dispatched={dispatched[cname]} err={err:.2e} vs {peer}")
-        result["contenders"][cname] = rec
-    del outs
-    for _ in range(args.repeat):
-        for cname, (fn, env) in fns.items():
-            rec = result["contenders"][cname]
-            if rec["status"] == "ok":
-                with _env(env):
-                    ms, rec["timing"] = common.time_ms(fn, args.warmup, args.rep)
-                rec.setdefault("ms_all", []).append(ms)
+    _check_and_time(result, fns, ("gluon_alibi", "gluon_alibi_with_scale"), args)
     for cname, rec in result["contenders"].items():
         if rec.get("ms_all"):
             rec["ms"] = statistics.median(rec["ms_all"])

@@ -11,23 +11,12 @@ from __future__ import annotations
 
 import cProfile
 import pstats
-import time
 
 import torch
 
 import attn
 from attn.fast import _triton
-
-
-def host_us(fn, calls=400):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
+from bench import common
 
 
 def main():
@@ -54,10 +43,10 @@ def probe(name, b, n, hq, hkv, paged, profile, d=128, dev="cuda"):
     o = torch.empty_like(q)
     steps = [s for s in plan._replay.steps if s[0] == "launch"] if plan.replayable else []
     row = {
-        "run": host_us(lambda: plan.run(q)),
-        "run_out": host_us(lambda: plan.run(q, out=(o, None))),
-        "empty": host_us(lambda: torch.empty_like(q)),
-        "stream": host_us(lambda: _triton.current_stream(0)),
+        "run": common.host_us(lambda: plan.run(q), calls=400),
+        "run_out": common.host_us(lambda: plan.run(q, out=(o, None)), calls=400),
+        "empty": common.host_us(lambda: torch.empty_like(q), calls=400),
+        "stream": common.host_us(lambda: _triton.current_stream(0), calls=400),
     }
     print(f"{name:20s} {'paged' if paged else 'contig':6s} replayable={plan.replayable} ({plan.refusal}) "
           f"launches={len(steps)} direct={sum(s[6] is not None for s in steps)} "

@@ -1,5 +1,9 @@
 """generate() of a Llama-3-8B-shaped model (random weights, bf16, one GPU) through attn's "attn" backend with its
-PagedCache, against transformers' "sdpa" and "flex_attention" backends with their static cache, in one process.
+PagedCache, against transformers' "sdpa" and "flex_attention" backends, in one process.
+
+An implementation is ``name[:cache]``: ``attn`` alone uses attn's PagedCache, a peer alone the cache a user gets by
+default (transformers' DynamicCache); ``:dynamic`` or ``:static`` picks that cache instead (``sdpa:static`` is
+transformers' StaticCache, which generate() also compiles the model for).
 
     PYTHONPATH=. python -m bench.bench_transformers --out $OUT            # 16 prompts of 2048 tokens, 256 new
     PYTHONPATH=. python -m bench.bench_transformers --layers 8 --out $OUT # fewer layers of the same shape
@@ -49,21 +53,30 @@ def build_model(layers: int):
     return model
 
 
-def cache_kwargs(model, impl, batch, max_len):
+def split_impl(spec):
+    """``"sdpa:static"`` -> ("sdpa", "static"); the cache defaults to PagedCache for attn, DynamicCache for peers."""
+    impl, _, cache = spec.partition(":")
+    return impl, cache or ("paged" if impl == "attn" else "dynamic")
+
+
+def cache_kwargs(model, spec, batch, max_len):
     import inspect
 
     import attn.integrations.transformers as attn_hf
 
+    impl, cache = split_impl(spec)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    if impl == "attn":
+    if cache == "paged":
         cache = attn_hf.PagedCache(model.config, max_batch_size=batch, max_cache_len=max_len, block_size=64)
         return {name: cache}
-    return {"cache_implementation": "static"}
+    if cache == "static":
+        return {"cache_implementation": "static"}
+    return {}  # generate()'s default: a DynamicCache
 
 
-def generate(model, impl, ids, new_tokens, max_len):
-    model.set_attn_implementation(impl)
-    kw = cache_kwargs(model, impl, ids.shape[0], max_len)
+def generate(model, spec, ids, new_tokens, max_len):
+    model.set_attn_implementation(split_impl(spec)[0])
+    kw = cache_kwargs(model, spec, ids.shape[0], max_len)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -72,20 +85,22 @@ def generate(model, impl, ids, new_tokens, max_len):
     return out, time.perf_counter() - t0
 
 
-def attention_share(model, impl, ids, steps, max_len):
+def attention_share(model, spec, ids, steps, max_len):
     """Profiles ``steps`` decode forwards after a prefill of ``ids``; returns (attention GPU ms, total GPU ms,
     top kernels)."""
+    import inspect
+
     from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache, StaticCache
 
+    impl, cache = split_impl(spec)
     model.set_attn_implementation(impl)
-    kw = cache_kwargs(model, impl, ids.shape[0], max_len)
-    if "cache_implementation" in kw:
-        import inspect
-
-        from transformers import StaticCache
-
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kw = cache_kwargs(model, spec, ids.shape[0], max_len)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    if cache == "static":
         kw = {name: StaticCache(config=model.config, max_cache_len=max_len)}
+    elif cache == "dynamic":
+        kw = {name: DynamicCache(config=model.config)}
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw).logits[:, -1:]
         nxt = logits.argmax(-1)
@@ -117,7 +132,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt", type=int, default=2048)
     p.add_argument("--new", type=int, default=256)
-    p.add_argument("--impls", default="attn,sdpa,flex_attention")
+    p.add_argument("--impls", default="attn,sdpa,flex_attention", help="comma-separated name[:paged|dynamic|static]")
     p.add_argument("--profile-steps", type=int, default=4)
     p.add_argument("--out", required=True, help="directory for the JSON result")
     args = p.parse_args(argv)

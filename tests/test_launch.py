@@ -176,12 +176,12 @@ def _add_kernel(x_ptr, y_ptr, strides, n, BLOCK: tl.constexpr):
     tl.store(x_ptr + offs * strides[0], x, mask=offs < n)
 
 
-def test_none_and_tuple_operands_run_in_the_interpreter():
-    # the interpreter (conftest sets TRITON_INTERPRET) binds by keyword, takes None for an absent tensor and a
-    # tuple of strides; the bf16 path widens the tensors and writes back
+def test_none_and_tuple_operands(device):
+    # binds by keyword, takes None for an absent tensor and a tuple of strides; under the interpreter (conftest
+    # sets TRITON_INTERPRET on CPU machines) the bf16 path widens the tensors and writes back
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(40, dtype=dtype)
-        y = torch.randn(20, dtype=dtype)
+        x = torch.randn(40, dtype=dtype, device=device)
+        y = torch.randn(20, dtype=dtype, device=device)
         want = x.clone()
         tr.launch(_add_kernel, (1,), x_ptr=x, y_ptr=None, strides=(2, 1), n=20, BLOCK=32)
         torch.testing.assert_close(x, want, rtol=0, atol=0)

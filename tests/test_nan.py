@@ -394,10 +394,10 @@ def _check_fp8_hidden(s, device):
     _check_against_reference(out, ref_clean, exact, p, l_sum, vf, "fp8 hidden NaN code", False)
 
 
-def test_fp8_prefill_hidden_nan_value():
+def test_fp8_prefill_hidden_nan_value(device):
     # 100 keys and queries: one 128x128 tile, the diagonal's, which the kernel masks; the interpreter reads the
     # NaN code as 480 outside the kernel's bit test, so unmasked tiles are the GPU test's
-    _check_fp8_hidden(100, "cpu")
+    _check_fp8_hidden(100, device)
 
 
 @pytest.mark.gpu

@@ -69,7 +69,8 @@ def _describe(p: Path) -> dict[str, Any]:
     if p.suffix == ".json":
         doc = json.loads(p.read_text())
         env = doc.get("env", {})
-        kind = (doc.get("benchmark") or p.name).split()[0].split("_")[0]
+        # "bench_transformers" names its benchmark after its module: the kind is the part after "bench_"
+        kind = (doc.get("benchmark") or p.name).split()[0].removeprefix("bench_").split("_")[0]
         entry.update(benchmark=kind, gpu=env.get("gpu") or entry["gpu"],
                      commit=(env.get("git_commit") or "")[:12] or None, command=doc.get("command"))  # fmt: skip
         if entry["commit"] == "unknown":

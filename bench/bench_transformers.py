@@ -1,9 +1,12 @@
 """generate() of a Llama-3-8B-shaped model (random weights, bf16, one GPU) through attn's "attn" backend with its
 PagedCache, against transformers' "sdpa" and "flex_attention" backends, in one process.
 
-An implementation is ``name[:cache]``: ``attn`` alone uses attn's PagedCache, a peer alone the cache a user gets by
-default (transformers' DynamicCache); ``:dynamic`` or ``:static`` picks that cache instead (``sdpa:static`` is
-transformers' StaticCache, which generate() also compiles the model for).
+An implementation is ``name[:cache][@flash]``: ``attn`` alone uses attn's PagedCache, a peer alone the cache a user
+gets by default (transformers' DynamicCache); ``:dynamic`` or ``:static`` picks that cache instead (``sdpa:static``
+is transformers' StaticCache, which generate() also compiles the model for). ``@flash`` runs the call inside
+``sdpa_kernel([FLASH_ATTENTION, EFFICIENT_ATTENTION])``: on an H100 with torch 2.11 plain ``sdpa`` picks cuDNN's
+kernel, whose graph is built again for every new key length (mlx PR 2743 and sglang PR 4650 report the cost), so
+``sdpa@flash`` separates that from the attention itself.
 
     PYTHONPATH=. python -m bench.bench_transformers --out $OUT            # 16 prompts of 2048 tokens, 256 new
     PYTHONPATH=. python -m bench.bench_transformers --layers 8 --out $OUT # fewer layers of the same shape
@@ -54,9 +57,21 @@ def build_model(layers: int):
 
 
 def split_impl(spec):
-    """``"sdpa:static"`` -> ("sdpa", "static"); the cache defaults to PagedCache for attn, DynamicCache for peers."""
-    impl, _, cache = spec.partition(":")
+    """``"sdpa:static@flash"`` -> ("sdpa", "static"); the cache defaults to PagedCache for attn, DynamicCache for
+    peers (the backend pin is `backends`')."""
+    impl, _, cache = spec.split("@")[0].partition(":")
     return impl, cache or ("paged" if impl == "attn" else "dynamic")
+
+
+def backends(spec):
+    """The SDPA backend pin of ``spec`` (a context manager; a no-op without ``@flash``)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if spec.endswith("@flash"):
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+    return contextlib.nullcontext()
 
 
 def cache_kwargs(model, spec, batch, max_len):
@@ -132,7 +147,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt", type=int, default=2048)
     p.add_argument("--new", type=int, default=256)
-    p.add_argument("--impls", default="attn,sdpa,flex_attention", help="comma-separated name[:paged|dynamic|static]")
+    p.add_argument("--impls", default="attn,sdpa,sdpa@flash,flex_attention",
+                   help="comma-separated name[:paged|dynamic|static][@flash]")  # fmt: skip
     p.add_argument("--profile-steps", type=int, default=4)
     p.add_argument("--out", required=True, help="directory for the JSON result")
     args = p.parse_args(argv)
@@ -151,7 +167,7 @@ def main(argv=None) -> dict:
     for impl in args.impls.split(","):
         row = {}
         try:
-            with torch.no_grad():
+            with torch.no_grad(), backends(impl):
                 # warm-up at the measured shapes: compiles (flex), autotunes (attn), fills the allocator's pools
                 generate(model, impl, ids, 2, max_len)
                 _, t_prefill = generate(model, impl, ids, 1, max_len)
@@ -161,7 +177,8 @@ def main(argv=None) -> dict:
                 generate_s=t_total, prefill_s=t_prefill, tokens_per_s=args.batch * args.new / t_total,
                 decode_tokens_per_s=args.batch * (args.new - 1) / max(t_total - t_prefill, 1e-9),
             )  # fmt: skip
-            a_ms, tot_ms, top = attention_share(model, impl, ids, args.profile_steps, max_len)
+            with backends(impl):
+                a_ms, tot_ms, top = attention_share(model, impl, ids, args.profile_steps, max_len)
             row.update(decode_step_gpu_ms=tot_ms, decode_step_attention_ms=a_ms, attention_share=a_ms / tot_ms,
                        top_kernels=top)  # fmt: skip
         except Exception as e:  # one implementation failing must not hide the others

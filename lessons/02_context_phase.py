@@ -729,15 +729,24 @@ excerpt("num_m_blocks = tl.cdiv(max_rows, TOKENS)", "pid_m = num_m_blocks - 1", 
 excerpt("diag = seqlen_k - seqlen_q", "full_hi = tl.minimum(tl.maximum(full_hi, full_lo)", after="def _attn_fwd_kernel")
 
 # %% [markdown]
-# **One loop, three instantiations.** `_attn_fwd_tiles` is called on the three ranges with the constexpr
-# `MASKED` set to `True`, `False`, `True`. Triton compiles a separate copy for each value, so the middle loop,
-# where nearly all the work is for long sequences, contains no position comparisons and no guard at all.
-# (A fourth copy, `SAFE`, runs only when a block's accumulator ends non-finite: a NaN or infinite value of a
-# key that the mask hides from some rows of a tile would otherwise reach them through $0 \cdot \mathrm{NaN}$;
-# it recomputes the block keeping such values to the rows that see them, as the reference does.)
+# **One loop, one stage per range.** `_attn_fwd_tiles` is called once per key range with a constexpr `STAGE`,
+# the way Triton's attention tutorial passes its `STAGE`: `LEAD`, `FULL` and `TAIL` for the three ranges
+# above (T5's implicit bias splits `FULL` three ways, lesson 08). The kernel hands every call the same bounds
+# and operand tuples; the stage picks its own range and decides whether the tiles are masked. Triton compiles a
+# separate copy of the loop for each stage, so the `FULL` loop, where nearly all the work is for long sequences,
+# contains no position comparisons and no guard at all. (A last stage, `RERUN`, runs only when a block's
+# accumulator ends non-finite: a NaN or infinite value of a key that the mask hides from some rows of a tile
+# would otherwise reach them through $0 \cdot \mathrm{NaN}$; it recomputes the block keeping such values to the
+# rows that see them, as the reference does.)
 
 # %%
-excerpt("acc, l_i, m_i = _attn_fwd_tiles(", "full_hi, hi, seqlen_k", after="def _attn_fwd_kernel")
+excerpt("kv = (k_base, v_base, stride_kn", "bounds, RERUN, CFG)", after="def _attn_fwd_kernel")
+
+# %% [markdown]
+# Inside the helper, the stage becomes the loop's range and its compile-time switches:
+
+# %%
+excerpt("MASKED: tl.constexpr = STAGE == LEAD", "lo, hi = full_hi, hi", after="def _attn_fwd_tiles")
 
 # %% [markdown]
 # **One tile: scores, mask, online softmax update.** The first product gives a `[BLOCK_M, BLOCK_N]` tile of

@@ -119,32 +119,109 @@ def _visible(offs_m, offs_kn, seqlen_k, diag, window_left, window_right, HAS_WIN
     return visible
 
 
-@triton.jit
-def _attn_fwd_tiles(
-    acc, l_i, m_i, q,
-    k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size, k_scale,
-    offs_m, offs_n, offs_d,
-    lo, hi, seqlen_k, diag, window_left, window_right,
-    qk_scale, cap_log2, slope, alibi_r0, rel_head, stride_rm, rel_md, seqlen_q, row_bias,
-    MASKED: tl.constexpr, ROW_BIAS: tl.constexpr, NEAR: tl.constexpr, ROW_HEADS: tl.constexpr,
-    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, ALIBI_BY_KEY: tl.constexpr,
-    REL_MODE: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PLAIN: tl.constexpr,
-    IS_PAGED: tl.constexpr, QUANT: tl.constexpr, SAFE: tl.constexpr = False,
-):  # fmt: skip
-    """The key tiles [lo, hi) folded into the running (acc, l_i, m_i).
+# The key ranges a row block folds in, in key order: `_attn_fwd_tiles`' STAGE picks its range from the bounds
+# (lo, full_lo, near_lo, near_hi, full_hi, hi) the kernel computes once per block, as the stages of Triton's
+# attention tutorial do.
+LEAD = tl.constexpr(0)  # [lo, full_lo): masked tiles before the fully visible ones (a left window's edge)
+FULL = tl.constexpr(1)  # [full_lo, full_hi): every key visible to every row of the block, no mask
+FAR_LEFT = tl.constexpr(2)  # T5 implicit splits FULL three ways: [full_lo, near_lo) past max_distance on the left,
+NEAR = tl.constexpr(3)  # [near_lo, near_hi) within max_distance of some row's diagonal,
+FAR_RIGHT = tl.constexpr(4)  # [near_hi, full_hi) past max_distance on the right
+TAIL = tl.constexpr(5)  # [full_hi, hi): masked tiles along the diagonal (causal) or a right window's edge
+RERUN = tl.constexpr(6)  # [lo, hi) again, masked and SAFE, for a block whose accumulator ended non-finite
 
-    SAFE (masked tiles only) keeps non-finite values to the rows that see their keys: a masked tile may hold
-    keys that the causal mask or a window hides from some rows, whose p is 0 there, but 0·NaN = NaN (and
-    0·inf), so the plain product spreads such a value to every row of the tile. SAFE takes those values out
-    of the product and marks NaN exactly where a visible key holds one, as the reference's P·V over the visible
-    keys gives; it costs a reduction, a second product and shared memory, so the normal loops do without it
-    and the caller reruns a block in a SAFE loop only when its accumulator ends non-finite (see the kernel).
+
+@triton.jit
+def _t5_near_range(full_lo, full_hi, r0, r_last, rel_md, BLOCK_N: tl.constexpr):
+    """[near_lo, near_hi): the tiles of [full_lo, full_hi) with a key within max_distance of some row's diagonal
+    (rows r0..r_last in key coordinates), tile-aligned; the tiles left of it see only the table's left end, those
+    right of it only its right end."""
+    far_lo = r0 - rel_md + 1  # the first key within max_distance of the first row
+    near_lo = tl.cdiv(tl.maximum(far_lo - BLOCK_N + 1, 0), BLOCK_N) * BLOCK_N
+    near_lo = tl.minimum(tl.maximum(near_lo, full_lo), full_hi)
+    near_hi = tl.cdiv(tl.maximum(r_last + rel_md, 0), BLOCK_N) * BLOCK_N
+    near_hi = tl.minimum(tl.maximum(near_hi, near_lo), full_hi)
+    return near_lo, near_hi
+
+
+@triton.jit
+def _t5_end_value(ptr, offs_m, ROW_HEADS: tl.constexpr):
+    """[BLOCK_M]: one end of the T5 table (log2 units), the bias of every score past max_distance on that side;
+    with ROW_HEADS each row reads its own head's table (``ptr`` is then a [BLOCK_M, 1] column)."""
+    if ROW_HEADS:
+        return tl.reshape(tl.load(ptr), [offs_m.shape[0]])
+    else:
+        return tl.zeros([offs_m.shape[0]], dtype=tl.float32) + tl.load(ptr)
+
+
+@triton.jit
+def _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, kv, geom, bias, bounds, STAGE: tl.constexpr, CFG: tl.constexpr):
+    """The key tiles of one STAGE folded into the running (acc, l_i, m_i).
+
+    Operands, grouped as the kernel builds them: ``kv`` = (k_base, v_base, stride_kn, stride_vn, stride_kb,
+    stride_vb, bt_row, page_size, k_scale), ``geom`` = (seqlen_q, seqlen_k, diag, window_left, window_right),
+    ``bias`` = (qk_scale, cap_log2, slope, alibi_r0, rel_head, stride_rm, rel_md), ``bounds`` = (lo, full_lo,
+    near_lo, near_hi, full_hi, hi) (runtime tuples: Triton turns their elements into tensors, so none may be None
+    or a string), and ``CFG`` the kernel's compile-time flags, one constexpr tuple (indexed below).
+
+    The stage decides the range and the form of its tiles: LEAD, TAIL and RERUN mask per score; FULL and the
+    T5 stages (FAR_LEFT/FAR_RIGHT add one bias value per row, NEAR gathers per score) do not, and take the
+    plain form (row max of the raw products, the scale inside the exponent) unless a soft cap applies.
+
+    RERUN (SAFE) keeps non-finite values to the rows that see their keys: a masked tile may hold keys that the
+    causal mask or a window hides from some rows, whose p is 0 there, but 0·NaN = NaN (and 0·inf), so the plain
+    product spreads such a value to every row of the tile. SAFE takes those values out of the product and marks
+    NaN exactly where a visible key holds one, as the reference's P·V over the visible keys gives; it costs a
+    reduction, a second product and shared memory, so the normal stages do without it and the kernel reruns a
+    block in RERUN only when its accumulator ends non-finite. Its key tiles are half as wide: the rerun's extra
+    product and operands then fit in the registers the normal loops use, where full tiles made ptxas spill
+    values that the normal loops reload.
     """
+    k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size, k_scale = kv
+    seqlen_q, seqlen_k, diag, window_left, window_right = geom
+    qk_scale, cap_log2, slope, alibi_r0, rel_head, stride_rm, rel_md = bias
+    lo, full_lo, near_lo, near_hi, full_hi, hi = bounds
+    HAS_WINDOW_LEFT: tl.constexpr = CFG[0]
+    HAS_WINDOW_RIGHT: tl.constexpr = CFG[1]
+    HAS_SOFTCAP: tl.constexpr = CFG[2]
+    HAS_ALIBI: tl.constexpr = CFG[3]
+    ALIBI_WITH_SCALE: tl.constexpr = CFG[4]
+    ALIBI_BY_KEY: tl.constexpr = CFG[5]
+    T5_MODE: tl.constexpr = CFG[6]
+    ROW_HEADS: tl.constexpr = CFG[7]  # GQA-packed rows: slopes and T5 rows per row
+    HEAD_DIM: tl.constexpr = CFG[8]
+    HEAD_DIM_PAD: tl.constexpr = CFG[9]
+    TILE_N: tl.constexpr = CFG[10]
+    PRECISION: tl.constexpr = CFG[11]
+    IS_PAGED: tl.constexpr = CFG[12]
+    QUANT: tl.constexpr = CFG[13]
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    MASKED: tl.constexpr = STAGE == LEAD or STAGE == TAIL or STAGE == RERUN
+    SAFE: tl.constexpr = STAGE == RERUN
+    ROW_BIAS: tl.constexpr = STAGE == FAR_LEFT or STAGE == FAR_RIGHT
+    NEAR_TILES: tl.constexpr = STAGE == NEAR
+    # the far stages' bias is their row value: no per-score T5 work there
+    REL_MODE: tl.constexpr = 0 if ROW_BIAS else T5_MODE
+    PLAIN: tl.constexpr = not MASKED and not HAS_SOFTCAP and (T5_MODE == 0 or STAGE != FULL)
+    BLOCK_N: tl.constexpr = TILE_N // 2 if SAFE and TILE_N >= 32 else TILE_N
+    row_bias = 0.0
+    if STAGE == LEAD:
+        lo, hi = lo, full_lo
+    elif STAGE == FULL:
+        lo, hi = full_lo, full_hi
+    elif STAGE == FAR_LEFT:
+        lo, hi = full_lo, near_lo
+        row_bias = _t5_end_value(rel_head, offs_m, ROW_HEADS)
+    elif STAGE == NEAR:
+        lo, hi = near_lo, near_hi
+    elif STAGE == FAR_RIGHT:
+        lo, hi = near_hi, full_hi
+        row_bias = _t5_end_value(rel_head + 2 * rel_md, offs_m, ROW_HEADS)
+    elif STAGE == TAIL:
+        lo, hi = full_hi, hi
+    offs_n = tl.arange(0, BLOCK_N)
     # T5 values outside the near loop come in log2 units, which only the non-plain form adds as they are
-    tl.static_assert(not (PLAIN and (REL_MODE == 2 or (REL_MODE == 1 and not NEAR))))
-    tl.static_assert(MASKED or not SAFE)
+    tl.static_assert(not (PLAIN and (REL_MODE == 2 or (REL_MODE == 1 and not NEAR_TILES))))
     # the rerun has the whole shared memory of the normal loops' pipelines to itself, but no pipeline: its
     # cleaned operands then fit beside K and V
     STAGES: tl.constexpr = 1 if SAFE else None
@@ -236,14 +313,14 @@ def _attn_fwd_tiles(
         if ROW_BIAS and not PLAIN:
             # a T5 far tile's one value per row; plain tiles take it in the max and the exponent below
             s += row_bias[:, None]
-        if REL_MODE == 1 and NEAR and PLAIN:
+        if REL_MODE == 1 and NEAR_TILES and PLAIN:
             # T5 implicit, a tile the caller knows lies within max_distance of the diagonal: no per-tile branch.
             # In the plain form the values come in raw-product units (one multiply per vector element), so the
             # add lands before the max and the exponent keeps its single multiply-add; Triton turns qk + bias
             # into the product's accumulator input, so the gathered values load straight into it
             s += _t5_near_bias(rel_head, offs_m, offs_n, start_n, diag, alibi_r0, rel_md, 1.0 / qk_scale, BLOCK_N,
                                ROW_HEADS)  # fmt: skip
-        elif REL_MODE == 1 and NEAR:
+        elif REL_MODE == 1 and NEAR_TILES:
             s += _t5_near_bias(rel_head, offs_m, offs_n, start_n, diag, alibi_r0, rel_md, 1.0, BLOCK_N, ROW_HEADS)
         elif REL_MODE == 1:
             # T5 implicit: the per-distance table in log2 units, distances past max_distance sharing its ends.
@@ -381,8 +458,9 @@ def _attn_fwd_kernel(
     h = pid_bh % num_programs_h * PACK
     h_kv = h // group_size
     offs_r = tl.arange(0, BLOCK_M)
-    # rel_head and stride_rm are read only where REL_MODE != 0 (None and 0 otherwise)
-    rel_head = rel_ptr
+    # rel_head and stride_rm are read only where REL_MODE != 0 (0 otherwise: the tile helper's operand tuples
+    # cannot hold None)
+    rel_head = 0
     stride_rm = 0
     if REL_MODE != 0:
         stride_rm = rel_strides[1]
@@ -466,7 +544,7 @@ def _attn_fwd_kernel(
     else:
         k_base = k_ptr + b64 * stride_kb + start_k * stride_kn + h_kv.to(tl.int64) * stride_kh
         v_base = v_ptr + b64 * stride_vb + start_k * stride_vn + h_kv.to(tl.int64) * stride_vh
-    bt_row = block_table_ptr  # None unless IS_PAGED
+    bt_row = 0  # read only with IS_PAGED
     if IS_PAGED:
         bt_row = block_table_ptr + b64 * stride_bt
     k_scale = 1.0
@@ -531,100 +609,35 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     ALIBI_BY_KEY: tl.constexpr = not (ALIBI_WITH_SCALE and HAS_SOFTCAP)
-
-    acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
-        k_scale, offs_m, offs_n, offs_d,
-        lo, full_lo, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
-        m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
-        True, False, False, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
-        ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-        BLOCK_N, PRECISION, False, IS_PAGED, QUANT,
-    )  # fmt: skip
+    kv = (k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size, k_scale)
+    geom = (seqlen_q, seqlen_k, diag, window_left, window_right)
+    bias = (qk_scale, cap_log2, slope, m0 + diag, rel_head, stride_rm, rel_md)
+    near_lo = full_hi
+    near_hi = full_hi
     if REL_MODE == 1:
-        # T5 implicit: the unmasked tiles split three ways. Wholly more than max_distance left of every row's
-        # diagonal, the bias is the table's left end for every score, one value per row that the plain path
-        # folds into the max and the exponent; likewise past max_distance on the right; only the tiles between
-        # gather per score, in a loop of their own (no per-tile branch: the far paths are not in its body).
-        far_lo = m0 + diag - rel_md + 1  # the first key within max_distance of row m0
-        near_lo = tl.cdiv(tl.maximum(far_lo - BLOCK_N + 1, 0), BLOCK_N) * BLOCK_N
-        near_lo = tl.minimum(tl.maximum(near_lo, full_lo), full_hi)
-        near_hi = tl.cdiv(tl.maximum(m_last + diag + rel_md, 0), BLOCK_N) * BLOCK_N
-        near_hi = tl.minimum(tl.maximum(near_hi, near_lo), full_hi)
-        if PACK == 1:
-            far_left = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(rel_head)
-            far_right = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(rel_head + 2 * rel_md)
-        else:
-            far_left = tl.reshape(tl.load(rel_head), [BLOCK_M])
-            far_right = tl.reshape(tl.load(rel_head + 2 * rel_md), [BLOCK_M])
-        acc, l_i, m_i = _attn_fwd_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
-            k_scale, offs_m, offs_n, offs_d,
-            full_lo, near_lo, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
-            m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, far_left,
-            False, True, False, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
-            ALIBI_BY_KEY, 0, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-            BLOCK_N, PRECISION, not HAS_SOFTCAP, IS_PAGED, QUANT,
-        )  # fmt: skip
-        acc, l_i, m_i = _attn_fwd_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
-            k_scale, offs_m, offs_n, offs_d,
-            near_lo, near_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
-            m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
-            False, False, True, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
-            ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-            BLOCK_N, PRECISION, not HAS_SOFTCAP, IS_PAGED, QUANT,
-        )  # fmt: skip
-        acc, l_i, m_i = _attn_fwd_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
-            k_scale, offs_m, offs_n, offs_d,
-            near_hi, full_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
-            m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, far_right,
-            False, True, False, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
-            ALIBI_BY_KEY, 0, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-            BLOCK_N, PRECISION, not HAS_SOFTCAP, IS_PAGED, QUANT,
-        )  # fmt: skip
+        near_lo, near_hi = _t5_near_range(full_lo, full_hi, m0 + diag, m_last + diag, rel_md, BLOCK_N)
+    bounds = (lo, full_lo, near_lo, near_hi, full_hi, hi)
+    CFG: tl.constexpr = (HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, ALIBI_BY_KEY,
+                         REL_MODE, PACK > 1, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, PRECISION, IS_PAGED, QUANT)  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, kv, geom, bias, bounds, LEAD, CFG)
+    if REL_MODE == 1:
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, kv, geom, bias, bounds, FAR_LEFT, CFG)
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, kv, geom, bias, bounds, NEAR, CFG)
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, kv, geom, bias, bounds, FAR_RIGHT, CFG)
     else:
-        acc, l_i, m_i = _attn_fwd_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
-            k_scale, offs_m, offs_n, offs_d,
-            full_lo, full_hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
-            m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
-            False, False, False, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
-            ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-            BLOCK_N, PRECISION, not HAS_SOFTCAP and REL_MODE == 0, IS_PAGED, QUANT,
-        )  # fmt: skip
-    acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row, page_size,
-        k_scale, offs_m, offs_n, offs_d,
-        full_hi, hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
-        m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
-        True, False, False, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE,
-        ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-        BLOCK_N, PRECISION, False, IS_PAGED, QUANT,
-    )  # fmt: skip
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, kv, geom, bias, bounds, FULL, CFG)
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, kv, geom, bias, bounds, TAIL, CFG)
     # A non-finite value in a tile's V makes its column of the product non-finite in every row, 0·NaN = NaN, and
     # that never leaves acc (alpha is finite). Where a masked tile hides its key from some rows, those rows must
     # not see it: a block whose accumulator ends non-finite (or whose row sums overflow: a false alarm costs
-    # time only) computes its tiles again in a SAFE loop, which keeps such values to the rows that see them.
-    # Only inputs holding non-finite values take the branch; the normal loops carry no check at all.
-    # (half-width key tiles: the rerun's extra product and operands then fit in the registers the normal loops
-    # use, where full tiles made ptxas spill values that the normal loops reload)
-    SAFE_N: tl.constexpr = BLOCK_N // 2 if BLOCK_N >= 32 else BLOCK_N
+    # time only) computes its tiles again in RERUN, which keeps such values to the rows that see them. Only
+    # inputs holding non-finite values take the branch; the normal loops carry no check at all.
     row_sums = tl.sum(acc, 1)
     if tl.max(((row_sums != row_sums) | (tl.abs(row_sums) == float("inf"))).to(tl.int32), 0) != 0:
         m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-        acc, l_i, m_i = _attn_fwd_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, stride_kb, stride_vb, bt_row,
-            page_size, k_scale, offs_m, tl.arange(0, SAFE_N), offs_d,
-            lo, hi, seqlen_k, diag, window_left, window_right, qk_scale, cap_log2, slope,
-            m0 + diag, rel_head, stride_rm, rel_md, seqlen_q, 0.0,
-            True, False, False, PACK > 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-            ALIBI_WITH_SCALE, ALIBI_BY_KEY, REL_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM,
-            SAFE_N, PRECISION, False, IS_PAGED, QUANT, True,
-        )  # fmt: skip
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, kv, geom, bias, bounds, RERUN, CFG)
 
     # Invariant: l = 0 exactly for a row that saw no visible key (each visible score adds exp2(s − m) > 0, the
     # max's own key 1), and those rows keep their zeros. A NaN score (NaN or ±inf in q, NaN in a visible key)

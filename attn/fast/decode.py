@@ -193,31 +193,37 @@ def _visible(offs_n, key_valid, tok, diag, window_left, window_right, HAS_WINDOW
     return visible
 
 
+# The key ranges of one program's chunk: `_decode_tiles`' STAGE picks one from the bounds (lo, far_hi, hi) the
+# kernel computes, as the stages of Triton's attention tutorial do.
+ALL = tl.constexpr(0)  # [lo, hi): the whole chunk (no T5 implicit bias)
+FAR = tl.constexpr(1)  # [lo, far_hi): T5 implicit, keys past max_distance left of every row: one value per row
+NEAR = tl.constexpr(2)  # [far_hi, hi): T5 implicit, the rest, the table gathered per score
+RERUN = tl.constexpr(3)  # [lo, hi) again in SAFE narrow tiles, for a chunk whose accumulator ended non-finite
+
+
 @triton.jit
 def _decode_tiles(
-    next_block, m_i, l_i, acc, bad, q, lo, hi,
-    tok, row_valid, diag, offs_d, d_mask,
-    k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-    b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, pool_rows,
-    sinks, wrap_n, ring_shift, ring, partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
-    k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
-    T5: tl.constexpr, ROTARY_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, INT8_ASM: tl.constexpr,
-    HEAD_DIM: tl.constexpr, IS_PAGED: tl.constexpr, CYCLIC: tl.constexpr, HAS_INDIRECTION: tl.constexpr,
-    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, ALIBI_WITH_SCALE: tl.constexpr, REL_MODE: tl.constexpr, QUANT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr = False,
+    next_block, m_i, l_i, acc, bad, q, offs_d, d_mask, qrows, kv, table, cyclic, rope, scores, bounds,
+    STAGE: tl.constexpr, CFG: tl.constexpr,
 ):  # fmt: skip
-    """The keys [lo, hi) of one program's chunk folded into its running (m_i, l_i, acc); ``next_block``, for
-    paged caches read without a beam indirection, the first tile's block-table entries (`_first_blocks`).
+    """The keys of one STAGE of a program's chunk folded into its running (m_i, l_i, acc); ``next_block``, for
+    paged caches read without a beam indirection, the stage's first tile's block-table entries (`_first_blocks`).
+
+    Operands, grouped as the kernel builds them (runtime tuples: Triton turns their elements into tensors, so an
+    absent pointer is 0, never None): ``qrows`` = (tok, row_valid, diag); ``kv`` = (k_head, v_head, stride_kb,
+    stride_kn, stride_vb, stride_vn); ``table`` = (b64, block_table_ptr, stride_bt, ind_ptr, stride_ib,
+    stride_ibeam, beam_width, pool_rows); ``cyclic`` = (sinks, wrap_n, ring_shift, ring); ``rope`` = (partner,
+    sign, fi, rotated, cos_ptr, sin_ptr, stride_cos); ``scores`` = (k_scale, qk_scale, cap_log2, slope,
+    window_left, window_right, rel_rows, stride_rm, rel_md, rel_far); ``bounds`` = (lo, far_hi, hi). ``CFG``:
+    the kernel's compile-time flags, one constexpr tuple (indexed below).
 
     Indices read from tensors (block-table entries, beam indirection entries) outside the tensors they address
     are replaced by 0 (block 0, beam 0), so no value makes the loop read outside them; ``bad`` ([BLOCK_N] int32)
     gathers the error bits of those it replaced (attn.fast._errors), reported once after the loop.
 
-    T5 says how a T5 implicit bias (REL_MODE 1) applies, so that the caller can give each part of the chunk a
-    loop of its own, with no per-tile branch in its body: "far", keys all more than max_distance left of every
-    row, whose bias is one value per row (``rel_far``); "near", the others, gathered per score; "none" for the
-    other modes.
+    With a T5 implicit bias (REL_MODE 1) the chunk is two stages, so that each part has a loop of its own, with
+    no per-tile branch in its body: FAR, keys all more than max_distance left of every row, whose bias is one
+    value per row (``rel_far``); NEAR, the others, gathered per score.
 
     SAFE keeps non-finite values to the rows that see their keys. A window may hide loaded keys from some rows
     (left of the first tile's window; right of the earlier tokens' under causal or a right window): their p is
@@ -226,7 +232,37 @@ def _decode_tiles(
     keys gives; it costs a reduction, a second product and shared memory, so the normal loops do without it and
     the kernel reruns a chunk in a SAFE loop only when a window is on and its accumulator ends non-finite.
     """
-    tl.static_assert((REL_MODE == 1) == (T5 != "none"))
+    tok, row_valid, diag = qrows
+    k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn = kv
+    b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, pool_rows = table
+    sinks, wrap_n, ring_shift, ring = cyclic
+    partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos = rope
+    k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far = scores
+    lo, far_hi, hi = bounds
+    ROTARY_DIM: tl.constexpr = CFG[0]
+    PAGE_SIZE: tl.constexpr = CFG[1]
+    INT8_ASM: tl.constexpr = CFG[2]
+    IS_PAGED: tl.constexpr = CFG[3]
+    CYCLIC: tl.constexpr = CFG[4]
+    HAS_INDIRECTION: tl.constexpr = CFG[5]
+    HAS_WINDOW_LEFT: tl.constexpr = CFG[6]
+    HAS_WINDOW_RIGHT: tl.constexpr = CFG[7]
+    HAS_SOFTCAP: tl.constexpr = CFG[8]
+    HAS_ALIBI: tl.constexpr = CFG[9]
+    ALIBI_WITH_SCALE: tl.constexpr = CFG[10]
+    REL_MODE: tl.constexpr = CFG[11]
+    QUANT: tl.constexpr = CFG[12]
+    PRECISION: tl.constexpr = CFG[13]
+    SAFE: tl.constexpr = STAGE == RERUN
+    # the key tile: the config's, or the rerun's narrow one (see the kernel)
+    BLOCK_N: tl.constexpr = CFG[15] if SAFE else CFG[14]
+    # how a T5 implicit bias applies to this stage's tiles: one value per row ("far"), gathered ("near"), or not
+    T5: tl.constexpr = "far" if STAGE == FAR else ("near" if REL_MODE == 1 and STAGE != ALL else "none")
+    tl.static_assert(SAFE or (REL_MODE == 1) == (STAGE != ALL))
+    if STAGE == FAR:
+        hi = far_hi
+    elif STAGE == NEAR:
+        lo = far_hi
     # every tile starts on a multiple of BLOCK_N (the caller keeps lo on that grid), so with pages a multiple of
     # the tile a tile never crosses a page: one block-table entry and one row offset serve all of its keys, where
     # the general path spends a load and a 64-bit multiply-add per key (the one-byte caches felt it most:
@@ -493,7 +529,7 @@ def _decode_kernel(
     if HAS_WINDOW_RIGHT:
         hi = tl.minimum(hi, seqlen_q - 1 + diag + window_right + 1)
 
-    rel_rows = rel_ptr  # None without a T5 bias
+    rel_rows = 0  # read only with a T5 bias
     if REL_MODE != 0:
         rel_rows = rel_ptr + head.to(tl.int64) * rel_strides[0]
     rel_far = 0.0
@@ -513,7 +549,7 @@ def _decode_kernel(
         partner, sign, fi = rope_pairs(offs_d, ROTARY_DIM, GPTJ)
         rotated = offs_d < ROTARY_DIM
     # the first range's loop: all of [lo, hi), or with a T5 implicit bias its far part (below)
-    range_hi = hi
+    far_hi = hi
     if REL_MODE == 1:
         # T5 implicit: keys more than max_distance left of every row (the nearest row is token 0, on key diag)
         # all read the table's left end, so the chunk splits in two loops: those keys, one value per row and no
@@ -521,7 +557,7 @@ def _decode_kernel(
         # of a long cache, is plain decode's loop plus a row term (a per-tile branch between the two had cost
         # ~10 barriers and ~12 shared stores of layout conversions, and 0.78-0.88x plain decode's bandwidth).
         # The split falls on the chunk's tile grid (whole tiles from lo): the near part starts on a tile boundary.
-        range_hi = tl.minimum(lo + tl.maximum(diag - rel_md + 1 - lo, 0) // BLOCK_N * BLOCK_N, hi)
+        far_hi = tl.minimum(lo + tl.maximum(diag - rel_md + 1 - lo, 0) // BLOCK_N * BLOCK_N, hi)
     # (m_i, l_i, acc and next_block are defined, and _decode_tiles takes them, in the order of the loop this
     # replaced: the order of a loop's carried values reaches ptxas, and this keeps the kernels without a T5
     # implicit bias the same code as before the split, bench/probes/decode_sass.py)
@@ -529,42 +565,40 @@ def _decode_kernel(
     next_block = 0
     if PRIME:
         next_block = _first_blocks(
-            block_table_ptr, b64, stride_bt, lo, range_hi, sinks, wrap_n, ring_shift, ring, CYCLIC, PAGE_SIZE, BLOCK_N
+            block_table_ptr, b64, stride_bt, lo, far_hi, sinks, wrap_n, ring_shift, ring, CYCLIC, PAGE_SIZE, BLOCK_N
         )  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     bad = tl.zeros([BLOCK_N], dtype=tl.int32)
-    FIRST: tl.constexpr = "far" if REL_MODE == 1 else "none"
+    # the operand tuples of _decode_tiles (an absent pointer is 0 there: a runtime tuple cannot hold None)
+    qrows = (tok, row_valid, diag)
+    kv = (k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn)
+    table = (b64, block_table_ptr if IS_PAGED else 0, stride_bt, ind_ptr if HAS_INDIRECTION else 0, stride_ib,
+             stride_ibeam, beam_width, pool_rows)  # fmt: skip
+    cyclic = (sinks, wrap_n, ring_shift, ring)
+    rope = (partner, sign, fi, rotated, cos_ptr if ROTARY_DIM > 0 else 0, sin_ptr if ROTARY_DIM > 0 else 0, stride_cos)
+    scores = (k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far)
+    bounds = (lo, far_hi, hi)
+    # a rerun's key tiles are narrow: 16 keys, 32 for an FP8 cache (why: the rerun's comment below)
+    SAFE_N: tl.constexpr = min(32 if QUANT == 2 else 16, BLOCK_N)
+    CFG: tl.constexpr = (ROTARY_DIM, PAGE_SIZE, INT8_ASM, IS_PAGED, CYCLIC, HAS_INDIRECTION, HAS_WINDOW_LEFT,
+                         HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT, PRECISION,
+                         BLOCK_N, SAFE_N)  # fmt: skip
+    FIRST: tl.constexpr = FAR if REL_MODE == 1 else ALL
     m_i, l_i, acc, bad = _decode_tiles(
-        next_block, m_i, l_i, acc, bad, q, lo, range_hi, tok, row_valid, diag, offs_d, d_mask,
-        k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-        b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, pool_rows,
-        sinks, wrap_n, ring_shift, ring,
-        partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
-        k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
-        FIRST, ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
-        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
-        PRECISION, BLOCK_N,
+        next_block, m_i, l_i, acc, bad, q, offs_d, d_mask, qrows, kv, table, cyclic, rope, scores, bounds, FIRST, CFG
     )  # fmt: skip
     if REL_MODE == 1:
-        # the near part, [range_hi, hi)
+        # the near part, [far_hi, hi)
         if PRIME:
             # the far loop's last look-ahead was masked by its end
             next_block = _first_blocks(
-                block_table_ptr, b64, stride_bt, range_hi, hi, sinks, wrap_n, ring_shift, ring, CYCLIC, PAGE_SIZE,
+                block_table_ptr, b64, stride_bt, far_hi, hi, sinks, wrap_n, ring_shift, ring, CYCLIC, PAGE_SIZE,
                 BLOCK_N,
             )  # fmt: skip
         m_i, l_i, acc, bad = _decode_tiles(
-            next_block, m_i, l_i, acc, bad, q, range_hi, hi, tok, row_valid, diag, offs_d, d_mask,
-            k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-            b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, pool_rows,
-            sinks, wrap_n, ring_shift, ring,
-            partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
-            k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
-            "near", ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
-            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
-            PRECISION, BLOCK_N,
+            next_block, m_i, l_i, acc, bad, q, offs_d, d_mask, qrows, kv, table, cyclic, rope, scores, bounds, NEAR, CFG
         )  # fmt: skip
     if IS_PAGED or HAS_INDIRECTION:
         # the entries this program clamped, one atomic (none at all when every entry was in range)
@@ -581,8 +615,6 @@ def _decode_kernel(
         # branch; the normal loop carries no check at all. An int8 cache holds no non-finite value: no rerun.
         row_sums = tl.sum(acc, 1)
         if tl.max(((row_sums != row_sums) | (tl.abs(row_sums) == float("inf"))).to(tl.int32), 0) != 0:
-            SAFE_N: tl.constexpr = min(32 if QUANT == 2 else 16, BLOCK_N)
-            SAFE_T5: tl.constexpr = "near" if REL_MODE == 1 else "none"
             safe_block = 0
             if PRIME:
                 safe_block = _first_blocks(
@@ -594,15 +626,8 @@ def _decode_kernel(
             acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
             # (the entries were reported above, and the rerun reads the same ones)
             m_i, l_i, acc, _ = _decode_tiles(
-                safe_block, m_i, l_i, acc, tl.zeros([SAFE_N], dtype=tl.int32), q, lo, hi, tok, row_valid, diag,
-                offs_d, d_mask, k_head, v_head, stride_kb, stride_kn, stride_vb, stride_vn,
-                b64, block_table_ptr, stride_bt, ind_ptr, stride_ib, stride_ibeam, beam_width, pool_rows,
-                sinks, wrap_n, ring_shift, ring,
-                partner, sign, fi, rotated, cos_ptr, sin_ptr, stride_cos,
-                k_scale, qk_scale, cap_log2, slope, window_left, window_right, rel_rows, stride_rm, rel_md, rel_far,
-                SAFE_T5, ROTARY_DIM, PAGE_SIZE, INT8_ASM, HEAD_DIM, IS_PAGED, CYCLIC, HAS_INDIRECTION,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ALIBI_WITH_SCALE, REL_MODE, QUANT,
-                PRECISION, SAFE_N, True,
+                safe_block, m_i, l_i, acc, tl.zeros([SAFE_N], dtype=tl.int32), q, offs_d, d_mask, qrows, kv, table,
+                cyclic, rope, scores, bounds, RERUN, CFG,
             )  # fmt: skip
 
     # l = 0 exactly for a row (or a split) that saw no visible key; a NaN score makes l NaN (the max drops NaN,

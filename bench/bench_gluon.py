@@ -52,7 +52,17 @@ from typing import Any
 import torch
 
 from bench import common
-from bench.bench_attention import SHAPES, Contender, Skip, build_flex, build_sdpa, make_check, make_inputs, prepare
+from bench.bench_attention import (
+    SHAPES,
+    Contender,
+    Skip,
+    _padded,
+    build_flex,
+    build_sdpa,
+    make_check,
+    make_inputs,
+    prepare,
+)
 
 VARIANTS = {
     "gluon_rowmajor": {"l2_bytes": None},
@@ -146,10 +156,16 @@ def build_default(shape, x, args) -> Contender:
 # the structural variants are timed where they differ most: short and long causal sequences, and the full shape,
 # where the inner loop (overlap, 64-key tiles) matters most once the schedule no longer waits on HBM
 VARIANT_SHAPES = ("B16 H32 S1024 D128 causal", "B4 H32 S4096 D128 causal", "B4 H32 S4096 D128 full")
+# ``--grid``: where the default dispatch's threshold should sit below S4096 (16k tokens a batch; session 9 measured
+# S1024 causal D128 only: Gluon 0.94x tl.*, its serial variant 1.09x)
+GRID_SHAPES = [_padded(16384 // s, 32, hkv, s, d, causal, " gqa" if hkv != 32 else "")
+               for s in (1024, 2048) for causal in (True, False) for d in (128, 64) for hkv in (32, 8)]  # fmt: skip
+GRID_COLUMNS = ("gluon", "gluon_2x4_serial", "gluon_noguard", "tl", "default", "cudnn")
 
 
 def contenders(variants: str) -> dict[str, list]:
-    """``variants``: "all" (every Gluon variant), "some" (the every-shape ones) or "default" (none)."""
+    """``variants``: "all" (every Gluon variant), "some" (the every-shape ones), "default" (none) or "grid"
+    (GRID_COLUMNS)."""
     table = {
         "gluon": [build_gluon],
         "tl": [build_tl],
@@ -158,6 +174,9 @@ def contenders(variants: str) -> dict[str, list]:
         "flash": [build_sdpa("flash", "native"), build_sdpa("flash", "repeat")],
         "flex": [build_flex],
     }
+    if variants == "grid":
+        table.update({name: [build_variant(name)] for name in VARIANTS})
+        return {c: table[c] for c in GRID_COLUMNS}
     if variants == "all":
         table.update({name: [build_variant(name)] for name in VARIANTS})
     elif variants == "some":
@@ -174,7 +193,9 @@ def run_shape(shape, args, ceilings) -> dict:
     check = make_check(shape, x, args.check_rows)
     common.free_memory()
     ready = {}
-    if args.variants == "all" or (args.variants == "some" and shape.name in VARIANT_SHAPES):
+    if args.grid:
+        which = "grid"
+    elif args.variants == "all" or (args.variants == "some" and shape.name in VARIANT_SHAPES):
         which = "all"
     else:
         which = "default" if args.variants == "default" else "some"
@@ -446,6 +467,9 @@ def main(argv=None) -> int:
                    help="also time FP8 prefill against our bf16 prefill at S >= 4096")  # fmt: skip
     p.add_argument("--alibi", action=argparse.BooleanOptionalAction, default=True,
                    help="also time ALiBi (both modes) on ALIBI_SHAPES, Gluon vs tl.*")  # fmt: skip
+    p.add_argument("--grid", action="store_true",
+                   help="time GRID_SHAPES (S1024/2048, causal and full, D64/128, MHA and GQA 4) with GRID_COLUMNS "
+                   "instead of the shape table, and nothing else (no FP8, seqlens or ALiBi tables)")  # fmt: skip
     p.add_argument("--seqlens", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the packed shape's lengths as seqlens_q/k in the padded layout")  # fmt: skip
     args = p.parse_args(argv)
@@ -453,6 +477,9 @@ def main(argv=None) -> int:
     import attn  # noqa: F401  (before anything else imports triton)
 
     shapes = [s for s in SHAPES if not s.packed]
+    if args.grid:
+        shapes = GRID_SHAPES
+        args.fp8 = args.seqlens = args.alibi = False
     if args.only:
         shapes = [s for s in shapes if any(o.lower() in s.name.lower() for o in args.only)]
     if args.out.endswith(".json"):

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# The next session's device calls (written in session 9, not yet run). The device tool returns at most 8 files
-# from $OUT, so every log goes into one archive, $OUT/logs.tgz, and a summary is printed.
-# Usage (device, repo root, carry .gpu_pkgs: hypothesis, pytest-xdist):
-#   MODE=verify OUT=$OUT bash bench/gpu_s10.sh     # the GPU suite, then the benchmarks on a quiet GPU (~560 s)
-#   MODE=sanitize OUT=$OUT bash bench/gpu_s10.sh   # memcheck, racecheck, synccheck over tests/gpu_sanitize.sh's
-#                                                  # default subset, the three tools side by side (~560 s)
+# The next session's device calls (written in session 9, not yet run), one per MODE, each under the 600 s limit.
+# The device tool returns at most 8 files from $OUT, so every log goes into one archive, $OUT/logs.tgz, and a
+# summary is printed. Usage (device, repo root, carry .gpu_pkgs: hypothesis, pytest-xdist):
+#   MODE=verify OUT=$OUT bash bench/gpu_s10.sh    # the whole suite on the GPU beside the GPU fuzz (~320 s)
+#   MODE=bench OUT=$OUT bash bench/gpu_s10.sh     # the default decode call, plan.run's host time, generate(),
+#                                                 # the Gluon dispatch grid, one at a time (~480 s)
+#   MODE=sanitize OUT=$OUT bash bench/gpu_s10.sh  # memcheck, racecheck, synccheck over tests/gpu_sanitize.sh's
+#                                                 # default subset, the three tools side by side (~560 s)
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
 t() { name=$1; lim=$2; shift 2; ( timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$? :: $name" >> "$L/$name.log" ) & }
-if [ "${MODE:-verify}" = sanitize ]; then
+b() { name=$1; lim=$2; shift 2; timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$?" >> "$L/$name.log"; }
+case "${MODE:-verify}" in
+sanitize)
   for tool in memcheck racecheck synccheck; do
     t "san_$tool" "${SAN_T:-540}" env OUT=$L/$tool SANITIZER_TOOLS=$tool bash tests/gpu_sanitize.sh
   done
   wait
-  cat $L/*/sanitizer/summary.txt
-else
+  cat $L/*/sanitizer/summary.txt ;;
+verify)
   # the whole suite, GPU tests and the CPU tests on CUDA tensors, with fixed tiles (tuning every test's shape
   # would take hours); the GPU fuzz beside it, one process per entry
   t suite "${SUITE_T:-300}" env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 8 -rf --tb=short tests
@@ -23,13 +27,14 @@ else
       python3 -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py -k "test_fuzz_$e"
   done
   wait
-  grep -h "^FAILED\|passed\|failed\|fuzzed\|rc=" $L/suite.log $L/fuzz_*.log | cut -c1-180 | tail -40
-  # benchmarks one at a time: the default decode call after the launch layer, plan.run's host time, generate()
-  b() { name=$1; lim=$2; shift 2; timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$?" >> "$L/$name.log"; }
+  grep -h "^FAILED\|passed\|failed\|fuzzed\|rc=" $L/suite.log $L/fuzz_*.log | cut -c1-180 | tail -40 ;;
+bench)
   b decode 120 python3 -m bench.bench_decode --quick --out $L/decode_quick.json
   b plan_host 40 python3 bench/probes/plan_host_profile.py
   b transformers 150 python3 -m bench.bench_transformers --out $L --layers 4 --new 64 \
     --impls attn,sdpa,sdpa@flash,flex_attention
+  b gluon_grid 150 python3 -m bench.bench_gluon --grid --out $L --repeat 1 --rep 30 --warmup 10
   grep -h "x\|rc=" $L/decode.log | tail -25; grep "run=" $L/plan_host.log; grep -v Warn $L/transformers.log | tail -6
-fi
+  grep -h "==\|gluon \|serial\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120 ;;
+esac
 tar czf "$OUT/logs.tgz" -C $L .

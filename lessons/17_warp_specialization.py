@@ -378,9 +378,10 @@ else:
 # than the `tl.*` kernel (`gluon_default`; `ATTN_GLUON=1` forces it wherever it applies, `ATTN_GLUON=0` turns
 # it off). Run 1 measured it faster only with GQA and at S16384; the L2 sections of the schedule then made it
 # faster on all six shapes (1.10-1.43x our `tl.*` kernel on the H100). The guard against hidden non-finite
-# values (session 9) costs 2-3% at S4096 but 18% at B16 S1024 causal, where the kernel now trails `tl.*` (0.94x),
-# so today the default is causal or full attention with Sq = Sk >= 4096 at D64 or D128 without soft-cap or
-# window. The predicate widens only with a new benchmark row. The `default` column above is that call.
+# values, measured in session 9, is within the run's noise (±3%) at S >= 4096 but costs 18% at B16 S1024
+# causal, where the kernel now trails `tl.*` (0.94x). So today the default is causal or full attention with
+# Sq = Sk >= 4096 at D64 or D128 without soft-cap or window. The predicate widens only with a new benchmark
+# row. The `default` column above is that call.
 
 # %%
 for case in ((4096, 4096, 32, 8), (4096, 4096, 32, 32), (16384, 16384, 32, 32), (512, 512, 32, 8)):

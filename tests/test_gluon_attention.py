@@ -143,11 +143,13 @@ VARIANTS = [
     (1, False, True, torch.bfloat16, 128),
     (2, True, False, torch.bfloat16, 128),
     (2, True, True, torch.bfloat16, 64),
+    (2, "unmasked", True, torch.bfloat16, 128),
 ]
 
 
 def _vid(v):
-    return f"c{v[0]}-{'ovl' if v[1] else 'ser'}-{'pers' if v[2] else 'grid'}-{dtype_id(v[3])}-n{v[4]}"
+    ovl = {True: "ovl", False: "ser", "unmasked": "ovlfull"}[v[1]]
+    return f"c{v[0]}-{ovl}-{'pers' if v[2] else 'grid'}-{dtype_id(v[3])}-n{v[4]}"
 
 
 @pytest.mark.gpu
@@ -214,6 +216,7 @@ HIDDEN_VARIANTS = [
     ("serial", {"overlap": False}, torch.bfloat16, 128),
     ("n64", {"block_n": 64}, torch.bfloat16, 128),
     ("grid", {"persistent": False}, torch.bfloat16, 128),
+    ("ovlfull", {"overlap": "unmasked"}, torch.bfloat16, 128),
 ]
 
 

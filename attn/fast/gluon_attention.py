@@ -646,23 +646,28 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         m_i = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
-        # masked tiles on a window's left edge, unmasked tiles, masked tiles along the diagonal and the end
+        # masked tiles on a window's left edge, unmasked tiles, masked tiles along the diagonal and the end.
+        # OVERLAP 2 overlaps the unmasked range only: the guard's slow path beside a second score tile made the
+        # overlapped masked loop spill (748 bytes at causal D128, 44 this way: bench/probes/gluon_sass.py), and
+        # a causal block has one or two masked tiles, so their overlap is worth little
+        OVERLAP_MASKED: gl.constexpr = OVERLAP == 1
+        OVERLAP_FULL: gl.constexpr = OVERLAP != 0
         acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
                                           fix_bar, v_ptr, v_base, kv_stride, lo, full_lo, offs_m, diag, len_k,
                                           qk_scale, cap_log2, slope, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
-                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP, HALF, CONSUMERS, WG_M, BLOCK_N,
-                                          HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_MASKED, HALF, CONSUMERS, WG_M,
+                                          BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
                                           fix_bar, v_ptr, v_base, kv_stride, full_lo, full_hi, offs_m, diag,
                                           len_k, qk_scale, cap_log2, slope, window_left, window_right, False,
-                                          HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP, HALF,
+                                          HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_FULL, HALF,
                                           CONSUMERS,
                                           WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
                                           fix_bar, v_ptr, v_base, kv_stride, full_hi, hi, offs_m, diag, len_k,
                                           qk_scale, cap_log2, slope, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
-                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP, HALF, CONSUMERS, WG_M, BLOCK_N,
-                                          HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_MASKED, HALF, CONSUMERS, WG_M,
+                                          BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         n_done += 1
 
         # every product that read Q has completed (the last wait): the next item's Q can come in already
@@ -834,7 +839,10 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
     Padded ``q [B, Sq, Hq, D]`` (optionally ``seqlens_q/k``), or packed ``q [Tq, Hq, D]`` with ``cu_seqlens_q/k``
     and ``max_seqlen_q/k`` (the row blocks per sequence and the L2 sections are sized by them). ALiBi:
     float32 ``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` (any strides), added after scaling and capping, or to the raw
-    product with ``alibi_with_scale``."""
+    product with ``alibi_with_scale``. ``overlap``: True (the next tile's Q·Kᵀ issued before this tile's softmax, in
+    every key range), False (never) or "unmasked" (in the unmasked range only)."""
+    if overlap not in (True, False, "unmasked"):
+        raise ValueError(f"overlap must be True, False or 'unmasked', got {overlap!r}")
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
@@ -880,7 +888,8 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
     constexprs = dict(
         HAS_SEQLENS=lens_q is not None and not packed, IS_PACKED=packed, HAS_WINDOW_LEFT=window_left >= 0,
         HAS_WINDOW_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, ALIBI=alibi_mode, GUARD_HIDDEN=guard_hidden,
-        STORE_LSE=lse is not None, OVERLAP=overlap, CONSUMERS=consumers, BLOCK_N=block_n,
+        STORE_LSE=lse is not None, OVERLAP={False: 0, True: 1, "unmasked": 2}[overlap], CONSUMERS=consumers,
+        BLOCK_N=block_n,
         HEAD_DIM=head_dim, STAGES=stages, num_warps=8 // consumers, maxnreg=MAXNREG,
     )  # fmt: skip
     # one CTA per SM fits (224 KB of shared memory, 384 threads at 168 registers): a persistent grid is one

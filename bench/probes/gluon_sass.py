@@ -70,6 +70,11 @@ def every_specialization():
             key = f"bench c{consumers} ovl={overlap} n{bn} causal={causal} D{d}"
             out[key] = (1, 256, 256, 8, 2, d, bf, causal, -1, 0.0, False, overlap, consumers, bn)
     out["smoke D64 n64 full lse"] = (1, 256, 256, 8, 8, 64, bf, False, -1, 0.0, True, True, 2, 64)
+    # overlap="unmasked": the tests' structural variant (LSE on) and the benchmark's (LSE off)
+    for causal in (False, True):
+        for lse, d in ((True, 128), (False, 128), (False, 64)):
+            key = f"ovl=unmasked causal={causal} lse={lse} D{d}"
+            out[key] = (1, 256, 256, 8, 2, d, bf, causal, -1, 0.0, lse, "unmasked", 2, 128)
     # per-sequence lengths (seqlens_q/k): every feature at D128 and D64 (LSE on), the structural variants causal
     for d in (64, 128):
         for name, (causal, window, cap) in features.items():

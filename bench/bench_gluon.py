@@ -164,6 +164,8 @@ VARIANT_SHAPES = ("B16 H32 S1024 D128 causal", "B4 H32 S4096 D128 causal", "B4 H
 # S1024 causal D128 only: Gluon 0.94x tl.*, its serial variant 1.09x)
 GRID_SHAPES = [_padded(16384 // s, 32, hkv, s, d, causal, " gqa" if hkv != 32 else "")
                for s in (1024, 2048) for causal in (True, False) for d in (128, 64) for hkv in (32, 8)]  # fmt: skip
+# and two rows of the default's regime, for the variants' cost there
+GRID_SHAPES += [_padded(4, 32, 32, 4096, 128, causal) for causal in (True, False)]
 GRID_COLUMNS = ("gluon", "gluon_2x4_serial", "gluon_ovl_unmasked", "gluon_noguard", "tl", "default", "cudnn")
 
 
@@ -472,7 +474,8 @@ def main(argv=None) -> int:
     p.add_argument("--alibi", action=argparse.BooleanOptionalAction, default=True,
                    help="also time ALiBi (both modes) on ALIBI_SHAPES, Gluon vs tl.*")  # fmt: skip
     p.add_argument("--grid", action="store_true",
-                   help="time GRID_SHAPES (S1024/2048, causal and full, D64/128, MHA and GQA 4) with GRID_COLUMNS "
+                   help="time GRID_SHAPES (S1024/2048, causal and full, D64/128, MHA and GQA 4; S4096 causal and full) "
+                   "with GRID_COLUMNS "
                    "instead of the shape table, and nothing else (no FP8, seqlens or ALiBi tables)")  # fmt: skip
     p.add_argument("--seqlens", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the packed shape's lengths as seqlens_q/k in the padded layout")  # fmt: skip

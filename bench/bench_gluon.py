@@ -457,6 +457,24 @@ def summary(results, ceilings) -> str:
     return "\n".join(lines)
 
 
+def _record(doc, key, label, out_path, run, shape, *run_args) -> None:
+    """One row of table ``key``: ``run(shape, *run_args)``, or the error it raised (one shape failing must not hide
+    the others), with its wall time; the document is written after every row, so a run cut by a time limit keeps
+    the rows it finished."""
+    t0 = time.perf_counter()
+    try:
+        res = run(shape, *run_args)
+    except Exception as e:
+        res = {"name": label + shape.name, "error": common.short_error(e), "traceback": common.tail_traceback(),
+               "contenders": {}}  # fmt: skip
+        print(f"  {label}shape failed: {res['error']}", flush=True)
+    common.free_memory()
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(f"  ({res['wall_s']} s)", flush=True)
+    doc.setdefault(key, []).append(res)
+    common.write_json(out_path, doc)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="", help="folder (or .json path) for the result; default bench/results/")
@@ -506,57 +524,18 @@ def main(argv=None) -> int:
         "results": [],
     }  # fmt: skip
     for shape in shapes:
-        t0 = time.perf_counter()
-        try:
-            res = run_shape(shape, args, ceilings)
-        except Exception as e:
-            res = {"name": shape.name, "error": common.short_error(e), "traceback": common.tail_traceback(),
-                   "contenders": {}}  # fmt: skip
-            print(f"  shape failed: {res['error']}", flush=True)
-            common.free_memory()
-        res["wall_s"] = round(time.perf_counter() - t0, 1)
-        print(f"  ({res['wall_s']} s)", flush=True)
-        doc["results"].append(res)
-        common.write_json(out_path, doc)
+        _record(doc, "results", "", out_path, run_shape, shape, args, ceilings)
     if args.fp8:
         for shape in [s for s in shapes if s.seqlen >= 4096]:
-            t0 = time.perf_counter()
-            try:
-                res = run_fp8_shape(shape, args)
-            except Exception as e:
-                res = {"name": "FP8 " + shape.name, "error": common.short_error(e),
-                       "traceback": common.tail_traceback(), "contenders": {}}  # fmt: skip
-                print(f"  FP8 shape failed: {res['error']}", flush=True)
-                common.free_memory()
-            common.free_memory()
-            res["wall_s"] = round(time.perf_counter() - t0, 1)
-            print(f"  ({res['wall_s']} s)", flush=True)
-            doc.setdefault("fp8_results", []).append(res)
-            common.write_json(out_path, doc)
+            _record(doc, "fp8_results", "FP8 ", out_path, run_fp8_shape, shape, args)
     if args.seqlens:
         for shape in [s for s in SHAPES if s.packed]:
             for causal in (False, True):
                 sh = dataclasses.replace(shape, causal=causal)
-                try:
-                    res = run_seqlens_shape(sh, args)
-                except Exception as e:
-                    res = {"name": "seqlens " + sh.name, "error": common.short_error(e),
-                           "traceback": common.tail_traceback(), "contenders": {}}  # fmt: skip
-                    print(f"  seqlens shape failed: {res['error']}", flush=True)
-                common.free_memory()
-                doc.setdefault("seqlens_results", []).append(res)
-                common.write_json(out_path, doc)
+                _record(doc, "seqlens_results", "seqlens ", out_path, run_seqlens_shape, sh, args)
     if args.alibi:
         for shape in [s for s in SHAPES if s.name in ALIBI_SHAPES]:
-            try:
-                res = run_alibi_shape(shape, args)
-            except Exception as e:
-                res = {"name": "ALiBi " + shape.name, "error": common.short_error(e),
-                       "traceback": common.tail_traceback(), "contenders": {}}  # fmt: skip
-                print(f"  ALiBi shape failed: {res['error']}", flush=True)
-            common.free_memory()
-            doc.setdefault("alibi_results", []).append(res)
-            common.write_json(out_path, doc)
+            _record(doc, "alibi_results", "ALiBi ", out_path, run_alibi_shape, shape, args)
     print("\n" + summary(doc["results"], ceilings))
     if doc.get("fp8_results"):
         rows = []

@@ -120,6 +120,13 @@ def _reference_kw(feature: dict) -> dict:
     return kw
 
 
+def _gluon_kw(feature: dict) -> dict:
+    # FEATURES in attention_gluon's names: a causal mask is a right window of 0
+    left, right = feature.get("window", (-1, -1))
+    return dict(window_left=left, window_right=0 if feature.get("causal") else right,
+                softcap=feature.get("softcap", 0.0))  # fmt: skip
+
+
 def _sid(s):
     return "B{}-Sq{}-Sk{}-Hq{}-Hkv{}-D{}".format(*s)
 
@@ -289,11 +296,8 @@ def test_gluon_seqlens(feature, variant):
         kp[i, lk:] = float("nan")
         vp[i, lk:] = float("nan")
     f = FEATURES[feature]
-    window = f.get("window", (-1, -1))
-    left, right = window[0], (0 if f.get("causal") else window[1])
-    out, lse = ga.attention_gluon(qp, kp, vp, scale=d**-0.5, window_left=left, window_right=right,
-                                  softcap=f.get("softcap", 0.0), return_lse=True, seqlens_q=lens_q,
-                                  seqlens_k=lens_k, **kw)  # fmt: skip
+    out, lse = ga.attention_gluon(qp, kp, vp, scale=d**-0.5, return_lse=True, seqlens_q=lens_q, seqlens_k=lens_k,
+                                  **_gluon_kw(f), **kw)  # fmt: skip
     # the reference on the unpoisoned tensors (the same call by SPEC: padding never matters)
     ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), seqlens_q=lens_q, seqlens_k=lens_k,
                                        return_lse=True, **_reference_kw(f))  # fmt: skip
@@ -349,11 +353,8 @@ def test_gluon_packed(feature, variant):
     q, k, v, cu_q, cu_k = _packed_inputs(LENS, 8, 2, d, dtype)
     mq, mk = max(x for x, _ in LENS), max(y for _, y in LENS)
     f = FEATURES[feature]
-    window = f.get("window", (-1, -1))
-    left, right = window[0], (0 if f.get("causal") else window[1])
-    out, lse = ga.attention_gluon(q, k, v, scale=d**-0.5, window_left=left, window_right=right,
-                                  softcap=f.get("softcap", 0.0), return_lse=True, cu_seqlens_q=cu_q,
-                                  cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk, **kw)  # fmt: skip
+    out, lse = ga.attention_gluon(q, k, v, scale=d**-0.5, return_lse=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                  max_seqlen_q=mq, max_seqlen_k=mk, **_gluon_kw(f), **kw)  # fmt: skip
     ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                        max_seqlen_q=mq, max_seqlen_k=mk, return_lse=True,
                                        **_reference_kw(f))  # fmt: skip

@@ -747,7 +747,8 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, l
         mbarrier.init(kv_empty.index(i), count=CONSUMERS)
         mbarrier.init(kv_empty.index(STAGES + i), count=CONSUMERS)
 
-    # (the partitions' argument lists are spelled out: a jit function cannot be held in a tuple)
+    # (the partitions' argument lists are spelled out: one shared tuple plus each HALF does not compile in
+    # triton 3.6, whose tuples built in a kernel turn their constexpr elements into tensors)
     if CONSUMERS == 2:
         # FA3's layout: two 4-warp consumer partitions (warpgroups) that synchronize only through the ring's
         # barriers, so one's softmax can run while the other's products hold the tensor cores, and a 1-warp

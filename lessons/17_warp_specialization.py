@@ -382,6 +382,12 @@ else:
 # causal, where the kernel now trails `tl.*` (0.94x). So today the default is causal or full attention with
 # Sq = Sk >= 4096 at D64 or D128 without soft-cap or window. The predicate widens only with a new benchmark
 # row. The `default` column above is that call.
+#
+# Where the guard's cost comes from shows in ptxas's report (`bench/probes/gluon_sass.py`, sm_90a): with the
+# check in the masked tiles *and* the next tile's Q·Kᵀ in flight beside them, the consumer spills 748 bytes at
+# causal D128; without the overlap in those tiles it spills 44. `overlap="unmasked"` keeps the overlap in the
+# unmasked range only (a causal row block has just one or two masked tiles). It is a variant, not the default,
+# until a benchmark row prices it (`gluon_ovl_unmasked` in `bench_gluon`).
 
 # %%
 for case in ((4096, 4096, 32, 8), (4096, 4096, 32, 32), (16384, 16384, 32, 32), (512, 512, 32, 8)):

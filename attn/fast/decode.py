@@ -933,6 +933,22 @@ def decode(
         return (out, lse) if return_lse else out
 
     hkv = args.num_heads_kv
+    quant = quant_code(k_cache.dtype)
+    mma_f16 = quant != 0 and q.dtype != torch.float32
+    if mma_f16 and q.dtype == torch.bfloat16 and validate:
+        # the kernel's products run in fp16 (see _decode_kernel); beyond its range a query would become inf
+        q_max = float(q.abs().amax())
+        if not q_max <= F16_MAX:
+            raise ValueError(
+                f"q must lie within fp16's range (|q| <= {F16_MAX}) over an INT8/FP8 cache, whose products run "
+                f"in fp16; got max |q| = {q_max}"
+            )
+    features = (args.window_left >= 0 or args.window_right >= 0 or args.softcap > 0 or args.alibi_slopes is not None
+                or args.rel_bias is not None or max_attention_window is not None or cache_indirection is not None
+                or rotary_dim > 0)  # fmt: skip
+    if mma_f16 and q.is_cuda and _gluon_decode(q, k_cache, v_cache, cache_seqlens, out, lse, args, block_table,
+                                               num_splits, max_seqlen_k, features):  # fmt: skip
+        return (out, lse) if return_lse else out
     # a forced split count is taken literally (tests rely on it to cut even tiny caches); a chosen one comes with
     # the heuristic's minimum part length
     min_chunk = 0 if num_splits is not None else MIN_SPLIT_KEYS
@@ -976,16 +992,6 @@ def decode(
         cos, sin = _cos_sin(max_attention_window or args.capacity, rotary_dim, rope_base, q.device, rope_scaling)
     else:
         cos = sin = None
-    quant = quant_code(k_cache.dtype)
-    mma_f16 = quant != 0 and q.dtype != torch.float32
-    if mma_f16 and q.dtype == torch.bfloat16 and validate:
-        # the kernel's products run in fp16 (see _decode_kernel); beyond its range a query would become inf
-        q_max = float(q.abs().amax())
-        if not q_max <= F16_MAX:
-            raise ValueError(
-                f"q must lie within fp16's range (|q| <= {F16_MAX}) over an INT8/FP8 cache, whose products run "
-                f"in fp16; got max |q| = {q_max}"
-            )
     kw = {
         "GROUP": group, "HEAD_DIM": d, "HEAD_DIM_PAD": max(16, next_power_of_2(d)), "IS_PAGED": args.paged,
         "CYCLIC": max_attention_window is not None, "HAS_INDIRECTION": cache_indirection is not None,
@@ -1047,6 +1053,39 @@ def decode(
         _stream=stream, **kw,
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def _gluon_decode(q, k_cache, v_cache, cache_seqlens, out, lse, args, block_table, num_splits, max_seqlen_k,
+                  features) -> bool:  # fmt: skip
+    """Runs the call on the Gluon one-byte kernel (`attn.fast.gluon_decode`) and returns True where it covers the
+    call and is chosen (``ATTN_GLUON_DECODE=1``, or its `default`); False leaves the call to this file's kernel."""
+    from . import gluon_decode as gd
+
+    choice = gd.mode()
+    if choice == "0" or not (choice == "1" or gd.default()):
+        return False
+    if not gd.supported(q, k_cache, paged=args.paged, page_size=args.page_size, group=args.group_size,
+                        head_dim=args.head_dim, capacity=args.capacity, features=features):  # fmt: skip
+        return False
+    bsz, hkv = q.shape[0], args.num_heads_kv
+    min_chunk = 0
+    if num_splits is None:
+        max_len = max_seqlen_k if max_seqlen_k is not None else args.capacity
+        num_splits = gd.choose_num_splits(bsz, hkv, max_len, _num_sms(q.device.index or 0))
+        min_chunk = gd.MIN_SPLIT_KEYS
+    part = counters = None
+    if num_splits > 1:
+        part = torch.empty(bsz * q.shape[2] * num_splits * (args.head_dim + 1), dtype=torch.float32, device=q.device)
+        device = torch.cuda.current_device()
+        counters = _split_counters((device, current_stream(device)), q.device, bsz * hkv)
+    gd.decode_1b(
+        q, k_cache.view(torch.int8), v_cache.view(torch.int8), cache_seqlens, out,
+        lse.view(bsz, q.shape[2], 1) if lse is not None else None, part, counters,
+        block_table=block_table, k_scale=args.k_scale, v_scale=args.v_scale, qk_scale=args.scale * LOG2E,
+        num_splits=num_splits, min_chunk=min_chunk, len_cap=args.capacity, page_size=args.page_size,
+        group=args.group_size, quant=quant_code(k_cache.dtype), err=_errors.error_word(q.device),
+    )  # fmt: skip
+    return True
 
 
 # Split-merge arrival counters: one int32 per (sequence, KV head) pair, zeroed when made and left at zero by every

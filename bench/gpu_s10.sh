@@ -12,12 +12,22 @@ L=/tmp/s10; mkdir -p $L "$OUT"
 t() { name=$1; lim=$2; shift 2; ( timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$? :: $name" >> "$L/$name.log" ) & }
 b() { name=$1; lim=$2; shift 2; timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$?" >> "$L/$name.log"; }
 case "${MODE:-verify}" in
+gluon1b)
+  # the Gluon one-byte decode: its GPU tests, its benchmark on a quiet GPU, then the whole suite
+  b gluon1b_tests 150 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+    tests/test_gluon_decode.py
+  b gluon1b_bench 150 python3 -m bench.bench_decode_1b --out $L/decode_1b.json
+  b suite "${SUITE_T:-240}" env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 14 -rf --tb=short tests
+  grep -h "FAILED\|passed\|failed\|rc=\|Error" $L/gluon1b_tests.log | cut -c1-300 | tail -30
+  grep -v "^ *$" $L/gluon1b_bench.log | tail -30
+  grep -h "^FAILED\|passed\|failed\|rc=" $L/suite.log | cut -c1-200 | tail -20 ;;
 sanitize)
   for tool in memcheck racecheck synccheck; do
-    t "san_$tool" "${SAN_T:-540}" env OUT=$L/$tool SANITIZER_TOOLS=$tool bash tests/gpu_sanitize.sh
+    t "san_$tool" "${SAN_T:-540}" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_PYTEST_ARGS="-n ${SAN_N:-4}" \
+      bash tests/gpu_sanitize.sh
   done
   wait
-  cat $L/*/sanitizer/summary.txt ;;
+  cat $L/*/sanitizer/summary.txt; tail -n 3 $L/*/sanitizer/*.pytest.log; grep -h "ERROR SUMMARY" $L/*/sanitizer/*.log ;;
 verify)
   # the whole suite, GPU tests and the CPU tests on CUDA tensors, with fixed tiles (tuning every test's shape
   # would take hours); the GPU fuzz beside it, one process per entry
@@ -31,10 +41,12 @@ verify)
 bench)
   b decode 120 python3 -m bench.bench_decode --quick --out $L/decode_quick.json
   b plan_host 40 python3 bench/probes/plan_host_profile.py
-  b transformers 150 python3 -m bench.bench_transformers --out $L --layers 4 --new 64 \
-    --impls attn,sdpa,sdpa@flash,flex_attention
+  if [ -n "${TRANSFORMERS:-}" ]; then  # generate() was timed in session 9; sdpa@flash is the new row
+    b transformers 150 python3 -m bench.bench_transformers --out $L --layers 4 --new 64 \
+      --impls attn,sdpa,sdpa@flash,flex_attention
+  fi
   b gluon_grid 150 python3 -m bench.bench_gluon --grid --out $L --repeat 1 --rep 30 --warmup 10
-  grep -h "x\|rc=" $L/decode.log | tail -25; grep "run=" $L/plan_host.log; grep -v Warn $L/transformers.log | tail -6
+  grep -h "x\|rc=" $L/decode.log | tail -25; grep "run=" $L/plan_host.log; grep -sv Warn $L/transformers.log | tail -6
   grep -h "==\|gluon \|serial\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120 ;;
 esac
 tar czf "$OUT/logs.tgz" -C $L .

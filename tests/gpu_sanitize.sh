@@ -4,6 +4,7 @@
 # Usage, on the GPU machine from the repository root (no network needed):
 #   OUT=/tmp/out bash tests/gpu_sanitize.sh                       # the default subset, all three tools
 #   SANITIZER_TOOLS=memcheck bash tests/gpu_sanitize.sh tests/test_decode.py -k paged
+#   SAN_PYTEST_ARGS="-n 4" OUT=/tmp/out bash tests/gpu_sanitize.sh  # pytest-xdist workers, each one sanitized
 #
 # Writes $OUT/sanitizer/<tool>.log (the sanitizer's report), <tool>.pytest.log (the tests' output) and
 # summary.txt (one "ERROR SUMMARY" line and the pytest result per tool). Exits non-zero if a tool reports an
@@ -17,7 +18,8 @@
 #   NaN, transactional and determinism tests, and the fuzzer in its CI profile (skipped when hypothesis is not
 #   installed); pass pytest arguments to choose others.
 set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1 ATTN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1
+# keep a caller's PYTHONPATH after the repository (hypothesis or pytest-xdist may be carried in a folder)
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 ATTN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1
 OUT=${OUT:-/tmp/out}
 LOGS="$OUT/sanitizer"
 mkdir -p "$LOGS"
@@ -54,7 +56,7 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
   echo "== $tool: ${TESTS[*]}"
   start=$(date +%s)
   "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 200 --log-file "$LOGS/$tool.log" \
-    python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "$LOGS/$tool.pytest.log" 2>&1
+    python3 -m pytest -q -p no:cacheprovider ${SAN_PYTEST_ARGS:-} "${TESTS[@]}" > "$LOGS/$tool.pytest.log" 2>&1
   rc=$?
   secs=$(( $(date +%s) - start ))
   summary=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS/$tool.log" | tail -1)

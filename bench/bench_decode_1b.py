@@ -4,8 +4,9 @@
 
 For each PERF.md decode shape (bf16 queries, D 128), contiguous and over 64-token pages: `attn.decode` as a user
 calls it (no hints) over the bf16 cache, and over INT8 and FP8 caches through the tl.* kernel
-(``ATTN_GLUON_DECODE=0``) and through the Gluon kernel (``ATTN_GLUON_DECODE=1``). Every row is the default call,
-event-timed (`common.time_ms`: CUDA-graph replays only where a call is under 50 µs). Reported: time, TB/s of
+(``ATTN_GLUON_DECODE=0``) and through the Gluon kernel (``ATTN_GLUON_DECODE=1``) with one and with two
+16-key tiles per loop iteration (``gluon_step1``, ``gluon_step2``: `gluon_decode.STEP_TILES`). Every row is the
+default call, event-timed (`common.time_ms`: CUDA-graph replays only where a call is under 50 µs). Reported: time, TB/s of
 the bytes the call must read (the cache's K and V over the sequence lengths, plus q and out), the one-byte rows'
 speedup over the bf16 cache's (2x is the bytes' limit; issue 17 asks for 1.8x), the Gluon/tl.* ratio, and the
 relative error against the float64 reference over the same stored codes (a few of the smaller shapes only).
@@ -20,6 +21,7 @@ import torch
 
 import attn
 import attn.reference as reference
+from attn.fast import gluon_decode as gd
 from bench import common
 
 # (name, batch, cache length, Hq, Hkv)
@@ -69,10 +71,13 @@ def main() -> None:
             for dtype in (torch.bfloat16, torch.int8, torch.float8_e4m3fn):
                 k, v, ks, vs, table = _cache(b, n, hkv, d, dtype, paged)
                 nbytes = 2 * b * n * hkv * d * k.element_size() + 2 * q.numel() * 2
-                kernels = ["tl"] if dtype == torch.bfloat16 else ["tl", "gluon"]
+                # gluon: the kernel as dispatched (STEP_TILES tiles per iteration); gluon_step1/2 the alternatives
+                kernels = ["tl"] if dtype == torch.bfloat16 else ["tl", "gluon_step1", "gluon_step2"]
                 tl_ms = None
                 for kern in kernels:
-                    os.environ["ATTN_GLUON_DECODE"] = "1" if kern == "gluon" else "0"
+                    os.environ["ATTN_GLUON_DECODE"] = "1" if kern.startswith("gluon") else "0"
+                    if kern.startswith("gluon_step"):
+                        gd.STEP_TILES = int(kern[-1])
 
                     def call(q=q, k=k, v=v, ks=ks, vs=vs, table=table, lens=lens):
                         return attn.decode(q, k, v, lens, block_table=table, k_scale=ks, v_scale=vs)
@@ -104,8 +109,9 @@ def main() -> None:
                             tl_ms = ms
                         else:
                             row["gluon_over_tl"] = tl_ms / ms if tl_ms else None
+                            row["step"] = gd.STEP_TILES
                     rows.append(row)
-                    print(f"{name:20s} {row['layout']:10s} {row['cache']:14s} {kern:5s} {ms * 1e3:8.1f} us "
+                    print(f"{name:20s} {row['layout']:10s} {row['cache']:14s} {kern:11s} {ms * 1e3:8.1f} us "
                           f"{row['tbps']:.2f} TB/s  x{row.get('speedup_vs_bf16') or 1:.2f} vs bf16"
                           + (f"  gluon/tl {row['gluon_over_tl']:.2f}" if row.get("gluon_over_tl") else "")
                           + (f"  err {err:.1e}" if err is not None else ""), flush=True)  # fmt: skip

@@ -236,6 +236,32 @@ def _load_tile(k_block, v_block, start, row0, hi, nk, nv, dk, dv, stride_kn, str
 
 
 @gluon.jit
+def _attend(q, k, v, start, hi, col_key, scale, m_i, l_i, acc, QUANT: gl.constexpr, HEAD_DIM: gl.constexpr,
+            MMA: gl.constexpr, K_BITS: gl.constexpr, K_PERM: gl.constexpr, V_BITS: gl.constexpr,
+            V_PERM: gl.constexpr):  # fmt: skip
+    """One tile of codes (`_load_tile`) into the running softmax state: widen, relabel into the mma operands,
+    Q·Kᵀ, the online softmax (log2 units), P·V."""
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    BLOCK_M: gl.constexpr = q.shape[0]
+    kt = gl.convert_layout(_relabel(_widen(k, QUANT), K_BITS, K_PERM, HEAD_DIM, TILE), B_OP, assert_trivial=True)
+    s = mma_v2(q, kt, gl.zeros([BLOCK_M, TILE], gl.float32, MMA)) * scale
+    s = gl.where(gl.expand_dims(start + col_key < hi, 0), s, float("-inf"))
+    # the max drops NaN and exp2(NaN - m) does not, so a NaN score makes its row's l and acc NaN (SPEC); a row
+    # with no visible key so far keeps m = -inf (subtract 0 then)
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_safe)
+    p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+    l_i = l_i * alpha + gl.sum(p, 1)
+    vt = gl.convert_layout(_relabel(_widen(v, QUANT), V_BITS, V_PERM, TILE, HEAD_DIM), B_OP, assert_trivial=True)
+    # P's columns are Q·Kᵀ's: the accumulator layout of m16n8 is the A operand's of k16, no movement
+    p_op = gl.convert_layout(p.to(gl.float16), A_OP, assert_trivial=True)
+    acc = mma_v2(p_op, vt, acc * gl.expand_dims(alpha, 1))
+    return m_new, l_i, acc
+
+
+@gluon.jit
 def _entry(table_row, start, hi, max_blocks, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
     """The block-table entry of the tile at ``start`` (0 when the tile is past the chunk or not paged)."""
     if PAGED:
@@ -254,7 +280,7 @@ def _decode_1b_kernel(
     num_heads_kv, num_splits, min_chunk, len_cap, pool_rows, max_blocks, qk_scale,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, QUANT: gl.constexpr, Q_F16: gl.constexpr,
     PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, SPLIT_MERGE: gl.constexpr, STORE_LSE: gl.constexpr,
-    LK: gl.constexpr, LV: gl.constexpr, LQ: gl.constexpr, LM: gl.constexpr, MMA: gl.constexpr,
+    STEP: gl.constexpr, LK: gl.constexpr, LV: gl.constexpr, LQ: gl.constexpr, LM: gl.constexpr, MMA: gl.constexpr,
     K_BITS: gl.constexpr, K_PERM: gl.constexpr, V_BITS: gl.constexpr, V_PERM: gl.constexpr, Q_BITS: gl.constexpr,
     Q_PERM: gl.constexpr,
 ):  # fmt: skip
@@ -264,7 +290,6 @@ def _decode_1b_kernel(
     2 e4m3); lse ``[B, Hq, 1]``; part: the split partials as the tl.* kernel
     lays them out, ``[pairs, G, splits, D]`` then ``[pairs, G, splits]``, float32."""
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     ROW: gl.constexpr = gl.SliceLayout(1, MMA)
     COL: gl.constexpr = gl.SliceLayout(0, MMA)
     pid_bh = gl.program_id(0)
@@ -313,31 +338,30 @@ def _decode_1b_kernel(
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, MMA)
     bad = lo < 0  # False: the block entries this program clamped
 
-    entry = _entry(table_row, lo, hi, max_blocks, PAGED, PAGE_SIZE)
-    for start in range(lo, hi, TILE):
-        entry_next = _entry(table_row, start + TILE, hi, max_blocks, PAGED, PAGE_SIZE)
-        blk, row0, was_bad = _tile_block(start, hi, entry, pool_rows, b64, PAGED, PAGE_SIZE)
+    # STEP tiles per iteration: all their loads are issued before the first one's products, so that a warp has
+    # STEP·4 KiB in flight (D 128) while it waits; the next iteration's block entries are loaded one ahead
+    CHUNK: gl.constexpr = STEP * TILE
+    entry_a = _entry(table_row, lo, hi, max_blocks, PAGED, PAGE_SIZE)
+    entry_b = _entry(table_row, lo + TILE, hi, max_blocks, PAGED, PAGE_SIZE)
+    for start in range(lo, hi, CHUNK):
+        next_a = _entry(table_row, start + CHUNK, hi, max_blocks, PAGED, PAGE_SIZE)
+        blk, row0, was_bad = _tile_block(start, hi, entry_a, pool_rows, b64, PAGED, PAGE_SIZE)
         bad |= was_bad
-        k_cur, v_cur = _load_tile(k_head + blk * stride_kb, v_head + blk * stride_vb, start, row0, hi, nk, nv, dk,
-                                  dv, stride_kn, stride_vn)  # fmt: skip
-        kt = gl.convert_layout(_relabel(_widen(k_cur, QUANT), K_BITS, K_PERM, HEAD_DIM, TILE), B_OP,
-                               assert_trivial=True)  # fmt: skip
-        s = mma_v2(q, kt, gl.zeros([BLOCK_M, TILE], gl.float32, MMA)) * scale
-        s = gl.where(gl.expand_dims(start + col_key < hi, 0), s, float("-inf"))
-        # the online softmax in log2 units; the max drops NaN and exp2(NaN - m) does not, so a NaN score makes
-        # its row's l and acc NaN (SPEC); a row with no visible key so far keeps m = -inf (subtract 0 then)
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - gl.expand_dims(m_safe, 1))
-        l_i = l_i * alpha + gl.sum(p, 1)
-        vt = gl.convert_layout(_relabel(_widen(v_cur, QUANT), V_BITS, V_PERM, TILE, HEAD_DIM), B_OP,
-                               assert_trivial=True)  # fmt: skip
-        # P's columns are Q·Kᵀ's: the accumulator layout of m16n8 is the A operand's of k16, no movement
-        p_op = gl.convert_layout(p.to(gl.float16), A_OP, assert_trivial=True)
-        acc = mma_v2(p_op, vt, acc * gl.expand_dims(alpha, 1))
-        m_i = m_new
-        entry = entry_next
+        k_a, v_a = _load_tile(k_head + blk * stride_kb, v_head + blk * stride_vb, start, row0, hi, nk, nv, dk, dv,
+                              stride_kn, stride_vn)  # fmt: skip
+        if STEP == 2:
+            next_b = _entry(table_row, start + CHUNK + TILE, hi, max_blocks, PAGED, PAGE_SIZE)
+            blk, row0, was_bad = _tile_block(start + TILE, hi, entry_b, pool_rows, b64, PAGED, PAGE_SIZE)
+            bad |= was_bad
+            k_b, v_b = _load_tile(k_head + blk * stride_kb, v_head + blk * stride_vb, start + TILE, row0, hi, nk,
+                                  nv, dk, dv, stride_kn, stride_vn)  # fmt: skip
+            entry_b = next_b
+        m_i, l_i, acc = _attend(q, k_a, v_a, start, hi, col_key, scale, m_i, l_i, acc, QUANT, HEAD_DIM, MMA,
+                                K_BITS, K_PERM, V_BITS, V_PERM)  # fmt: skip
+        if STEP == 2:
+            m_i, l_i, acc = _attend(q, k_b, v_b, start + TILE, hi, col_key, scale, m_i, l_i, acc, QUANT, HEAD_DIM,
+                                    MMA, K_BITS, K_PERM, V_BITS, V_PERM)  # fmt: skip
+        entry_a = next_a
     if PAGED:
         gl.atomic_or(err_ptr, BLOCK_TABLE, mask=bad, sem="relaxed")
 
@@ -453,6 +477,8 @@ def default() -> bool:
     return False
 
 
+# tiles per loop iteration (1 or 2): their loads are in flight together (bench/bench_decode_1b.py times both)
+STEP_TILES = int(os.environ.get("ATTN_GLUON_DECODE_STEP", "2"))
 # the programs one SM runs at once (one warp each, ~180 registers a thread: about 11 fit) times two waves' worth
 PROGRAMS_PER_SM = 16
 # the shortest chunk a split may get: its partial write, arrival and share of the merge amortized over it
@@ -468,7 +494,7 @@ def choose_num_splits(batch: int, num_heads_kv: int, max_seqlen_k: int, num_sms:
 
 
 def launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, *, block_table, k_scale, v_scale,
-                qk_scale, num_splits, min_chunk, len_cap, page_size, group, quant, err):  # fmt: skip
+                qk_scale, num_splits, min_chunk, len_cap, page_size, group, quant, err, step=None):  # fmt: skip
     """The grid, positional operands and constexprs of one launch (`decode_1b`; the compile probe
     bench/probes/gluon_decode_sass.py builds the same from CPU tensors)."""
     bsz, _, hq, d = q.shape
@@ -476,6 +502,7 @@ def launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, *,
     block_m = max(16, 1 << (group - 1).bit_length())
     paged = block_table is not None
     split = num_splits > 1
+    step = step or STEP_TILES
     args = (
         q, k_cache, v_cache, out, lse if lse is not None else out, part if split else out,
         counters if split else cache_seqlens, cache_seqlens, block_table if paged else cache_seqlens, err,
@@ -489,7 +516,7 @@ def launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, *,
     constexprs = dict(
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, QUANT=quant,
         Q_F16=q.dtype == torch.float16, PAGED=paged, PAGE_SIZE=page_size if paged else TILE_KEYS,
-        SPLIT_MERGE=split, STORE_LSE=lse is not None, num_warps=1, **layouts(d, block_m),
+        SPLIT_MERGE=split, STORE_LSE=lse is not None, STEP=step, num_warps=1, **layouts(d, block_m),
     )  # fmt: skip
     return (bsz * hkv, num_splits), args, constexprs
 

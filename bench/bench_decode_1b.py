@@ -7,9 +7,9 @@ calls it (no hints) over the bf16 cache, and over INT8 and FP8 caches through th
 (``ATTN_GLUON_DECODE=0``) and through the Gluon kernel (``ATTN_GLUON_DECODE=1``) with one and with two
 16-key tiles per loop iteration (``gluon_step1``, ``gluon_step2``: `gluon_decode.STEP_TILES`). Every row is the
 default call, event-timed (`common.time_ms`: CUDA-graph replays only where a call is under 50 µs). Reported:
-time, TB/s of the bytes the call must read (the cache's K and V over the sequence lengths, plus q and out), the one-byte rows'
-speedup over the bf16 cache's (2x is the bytes' limit; issue 17 asks for 1.8x), the Gluon/tl.* ratio, and the
-relative error against the float64 reference over the same stored codes (a few of the smaller shapes only).
+time, TB/s of the bytes the call must read (the cache's K and V over the sequence lengths, plus q and out), the
+one-byte rows' speedup over the bf16 cache's (2x is the bytes' limit; issue 17 asks for 1.8x), the Gluon/tl.*
+ratio, and the relative error against the float64 reference over the same stored codes (smaller shapes only).
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@
 #    matches the reference on the same cache, contiguous and paged; the cache objects quantize on append and
 #    hand their scales to the readers, and a forked sequence copies its shared block as raw bytes;
 # 7. memory saved, for a Llama-3-8B-like model;
-# 8. speed: the 2× bound, what was measured on the H200, and what the kernel had to change to approach it.
+# 8. speed: the 2× bound, what was measured on the H200, and what the kernel had to change to approach it;
+# 9. the Gluon kernel that renames bytes instead of moving them, drawn lane by lane.
 #
 # As in the other lessons, without a GPU the Triton kernels run in Triton's interpreter, so the live shapes
 # stay tiny. The quantization itself is plain PyTorch (`attn.reference.quantize`) and runs on larger tensors.
@@ -749,6 +750,99 @@ print("after subtracting 1152, every code is exact:", torch.equal(widened.float(
 # *slower* (FP8 1.61× → 1.37×, `decode_probe_2026-11-29_r5.log`): the fp16 staging tile cost a resident
 # program per SM, and latency, not instruction count, was the bound. FlashAttention-3's FP8 kernel transposes
 # byte pairs with `ldmatrix` on the way out of shared memory, which Triton's language does not expose.
+#
+# ## 9. Choosing which byte a register holds: the Gluon kernel
+#
+# Gluon, Triton's lower-level dialect (lesson 17), lets a kernel name the *layout* of every tensor: which thread
+# and which register holds each element. That opens a way around the transpose that needs no shared memory at
+# all (`attn/fast/gluon_decode.py`, opt-in with `ATTN_GLUON_DECODE=1`).
+#
+# The tensor-core instruction `mma.m16n8k16` computes $C[m, n] = \sum_k A[m, k]\,B[k, n]$. Nothing in that sum
+# cares *which* key is called $k = 0$: renumber the keys the same way in A (the probabilities P) and in B (the
+# values V) and the product is unchanged. Renumber B's columns (the features of V) and the output's columns come
+# out renumbered the same way, which the store can undo. So instead of moving bytes to where the instruction
+# wants them, the kernel *renames* them: it loads V in whatever order reads memory best, and then declares that
+# order to be the one the instruction expects.
+#
+# The picture shows one 16-key × 128-feature V tile of the cache, coloured by the lane of the warp that holds
+# each byte. Left: the operand layout of `mma.m16n8k16` applied to the cache as stored. A lane holds keys
+# $2t, 2t{+}1, 2t{+}8, 2t{+}9$ of one feature every 8 columns: 64 single bytes scattered over the tile, which is
+# why the `tl.*` kernel reads them one instruction each. Right: the Gluon kernel's load. Each lane holds four
+# consecutive keys × 16 consecutive features, four 16-byte loads, and the relabelling maps that block onto
+# exactly the registers the instruction reads.
+
+# %%
+from attn.fast import gluon_decode as gd  # noqa: E402
+
+
+def owners(reg_bases, lane_bases, shape):
+    """[keys, features] -> the lane holding each element, from a layout's bases (a linear layout: an element's
+    coordinates are the XOR of the bases of its register and lane bits)."""
+    lane_of = torch.full(shape, -1)
+    for lane in range(32):
+        for reg in range(1 << len(reg_bases)):
+            r, c = 0, 0
+            for bit, (br, bc) in enumerate(reg_bases):
+                if reg >> bit & 1:
+                    r, c = r ^ br, c ^ bc
+            for bit, (br, bc) in enumerate(lane_bases):
+                if lane >> bit & 1:
+                    r, c = r ^ br, c ^ bc
+            lane_of[r, c] = lane
+    return lane_of
+
+
+# mma.m16n8k16's B operand for [16 keys, 128 features], one warp (printed by gl.to_linear_layout)
+mma_b = owners([[1, 0], [8, 0], [0, 8], [0, 16], [0, 32], [0, 64]], [[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
+               (16, 128))  # fmt: skip
+lv = gd.layouts(128, 16)["LV"]
+relabelled = owners(lv.reg_bases, lv.lane_bases, (16, 128))
+assert (mma_b >= 0).all() and (relabelled >= 0).all()  # every byte of the tile is held by exactly one lane
+
+cmap = plt.get_cmap("tab20b", 32)
+fig, axes = plt.subplots(1, 2, figsize=(11, 2.6), sharey=True)
+for ax, owner, title in ((axes[0], mma_b, "mma operand layout on the cache as stored: single bytes"),
+                         (axes[1], relabelled, "the Gluon kernel's load: 4 keys x 16 features a lane")):  # fmt: skip
+    ax.imshow(owner, cmap=cmap, aspect="auto", interpolation="nearest", vmin=-0.5, vmax=31.5)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("feature (bytes of one key, as stored)")
+axes[0].set_ylabel("key")
+fig.tight_layout()
+plt.show()
+
+
+def runs(owner):
+    """Bytes per contiguous run that one lane holds within a key's row (what a single load can fetch)."""
+    same = (owner[:, 1:] == owner[:, :-1]).sum().item()
+    return owner.numel() / (owner.numel() - same)
+
+
+print(f"bytes per contiguous run a lane holds: mma layout {runs(mma_b):.0f}, Gluon load {runs(relabelled):.0f}")
+
+# %% [markdown]
+# The renaming is a permutation of index *bits*: the kernel reshapes the loaded tile into single bits
+# (`[2, 2, ..., 2]`), permutes them, and reshapes back; Triton's `convert_layout(..., assert_trivial=True)` then
+# fails to compile unless the result already *is* the instruction's layout, so the compiler proves that no
+# data moves. The same bit permutation is applied to the keys of K (so P's columns match V's rows) and to Q's
+# features (so Q·Kᵀ pairs each feature with itself). The check below does the renaming on index tensors and
+# confirms, on the CPU, that a product computed in renamed order equals the product in stored order.
+
+# %%
+keys_map, v_map = gd.key_map(), gd.v_dim_map(128)
+perm_keys = torch.tensor([gd.phys_index(n, keys_map) for n in range(16)])  # logical key -> stored key
+perm_feat = torch.tensor([gd.phys_index(j, v_map) for j in range(128)])  # logical feature -> stored feature
+p_stored = torch.rand(4, 16, dtype=torch.float64)  # 4 query heads' probabilities over the tile's 16 keys
+v_stored = torch.randn(16, 128, dtype=torch.float64)
+o_renamed = p_stored[:, perm_keys] @ v_stored[perm_keys][:, perm_feat]  # what the mma computes
+o = torch.empty_like(o_renamed)
+o[:, perm_feat] = o_renamed  # the store puts logical column j at stored feature perm_feat[j]
+print("renamed product == stored product:", torch.allclose(o, p_stored @ v_stored))
+
+# %% [markdown]
+# With no shared memory and no byte-by-byte loads, the key loop compiles to 318 instructions per 16 keys for
+# FP8 and 414 for INT8 on one warp (`bench/probes/gluon_decode_sass.py`, sm_90a), against about 900 and 1080
+# per 64 keys on four warps in the `tl.*` kernel: 2.6–2.8× fewer instructions per byte. Whether that turns into
+# speed is a GPU question; the measurements, when there are some, are in `bench/NOTES.md`.
 #
 # ## Summary
 #

@@ -5,7 +5,8 @@
 For each PERF.md decode shape (bf16 queries, D 128), contiguous and over 64-token pages: `attn.decode` as a user
 calls it (no hints) over the bf16 cache, and over INT8 and FP8 caches through the tl.* kernel
 (``ATTN_GLUON_DECODE=0``) and through the Gluon kernel (``ATTN_GLUON_DECODE=1``) with one and with two
-16-key tiles per loop iteration (``gluon_step1``, ``gluon_step2``: `gluon_decode.STEP_TILES`). Every row is the
+16-key tiles per loop iteration (``gluon_step1``, ``gluon_step2``: `gluon_decode.STEP_TILES`), and through a
+cp.async ring of 3 or 4 tiles in shared memory (``gluon_ring3``, ``gluon_ring4``). Every row is the
 default call, event-timed (`common.time_ms`: CUDA-graph replays only where a call is under 50 µs). Reported:
 time, TB/s of the bytes the call must read (the cache's K and V over the sequence lengths, plus q and out), the
 one-byte rows' speedup over the bf16 cache's (2x is the bytes' limit; issue 17 asks for 1.8x), the Gluon/tl.*
@@ -72,12 +73,16 @@ def main() -> None:
                 k, v, ks, vs, table = _cache(b, n, hkv, d, dtype, paged)
                 nbytes = 2 * b * n * hkv * d * k.element_size() + 2 * q.numel() * 2
                 # gluon: the kernel as dispatched (STEP_TILES tiles per iteration); gluon_step1/2 the alternatives
-                kernels = ["tl"] if dtype == torch.bfloat16 else ["tl", "gluon_step1", "gluon_step2"]
+                # and gluon_ring3/4 the cp.async ring of 3 or 4 stages (`gluon_decode.RING_STAGES`)
+                kernels = ["tl"] if dtype == torch.bfloat16 else ["tl", "gluon_step1", "gluon_step2", "gluon_ring3",
+                                                                   "gluon_ring4"]  # fmt: skip
                 tl_ms = None
                 for kern in kernels:
                     os.environ["ATTN_GLUON_DECODE"] = "1" if kern.startswith("gluon") else "0"
                     if kern.startswith("gluon_step"):
-                        gd.STEP_TILES = int(kern[-1])
+                        gd.STEP_TILES, gd.RING_STAGES = int(kern[-1]), 0
+                    elif kern.startswith("gluon_ring"):
+                        gd.RING_STAGES = int(kern[-1])
 
                     def call(q=q, k=k, v=v, ks=ks, vs=vs, table=table, lens=lens):
                         return attn.decode(q, k, v, lens, block_table=table, k_scale=ks, v_scale=vs)
@@ -109,7 +114,7 @@ def main() -> None:
                             tl_ms = ms
                         else:
                             row["gluon_over_tl"] = tl_ms / ms if tl_ms else None
-                            row["step"] = gd.STEP_TILES
+                            row["step"], row["ring_stages"] = gd.STEP_TILES, gd.RING_STAGES
                     rows.append(row)
                     print(f"{name:20s} {row['layout']:10s} {row['cache']:14s} {kern:11s} {ms * 1e3:8.1f} us "
                           f"{row['tbps']:.2f} TB/s  x{row.get('speedup_vs_bf16') or 1:.2f} vs bf16"

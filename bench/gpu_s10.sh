@@ -14,9 +14,9 @@ b() { name=$1; lim=$2; shift 2; timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo 
 case "${MODE:-verify}" in
 gluon1b)
   # the Gluon one-byte decode: its GPU tests, its benchmark on a quiet GPU, then the whole suite
-  b gluon1b_tests 150 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+  b gluon1b_tests 150 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 8 -rf --tb=short \
     tests/test_gluon_decode.py
-  b gluon1b_bench 150 python3 -m bench.bench_decode_1b --out $L/decode_1b.json
+  b gluon1b_bench 200 python3 -m bench.bench_decode_1b --out $L/decode_1b.json
   b suite "${SUITE_T:-240}" env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 14 -rf --tb=short tests
   grep -h "FAILED\|passed\|failed\|rc=\|Error" $L/gluon1b_tests.log | cut -c1-300 | tail -30
   grep -v "^ *$" $L/gluon1b_bench.log | tail -30

@@ -130,6 +130,18 @@ def test_matches_reference(case, dtype, qdtype, monkeypatch):
 
 
 @sm90
+@pytest.mark.parametrize("stages", [3, 4], ids=lambda s: f"ring{s}")
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=dtype_id)
+@pytest.mark.parametrize(
+    "case", ["G4 D128 pages of 16", "G4 D128 pages of 64, 5 splits", "MHA D64 contiguous, 3 splits"]
+)
+def test_ring_matches_reference(case, qdtype, stages, monkeypatch):
+    """The cp.async ring variant (`gluon_decode.RING_STAGES`): same numbers as the direct loads."""
+    monkeypatch.setattr(gd, "RING_STAGES", stages)
+    test_matches_reference(case, torch.bfloat16, qdtype, monkeypatch)
+
+
+@sm90
 @pytest.mark.parametrize("page", [0, 16], ids=["contiguous", "paged"])
 def test_nan_in_a_visible_key_is_nan_and_past_the_end_is_not(page, monkeypatch):
     monkeypatch.setenv("ATTN_GLUON_DECODE", "1")

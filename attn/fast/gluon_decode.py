@@ -45,7 +45,7 @@ import os
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from . import _errors
 
@@ -236,6 +236,20 @@ def _load_tile(k_block, v_block, start, row0, hi, nk, nv, dk, dv, stride_kn, str
 
 
 @gluon.jit
+def _issue_tile(k_stage, v_stage, k_block, v_block, start, row0, hi, nk, nv, dk, dv, stride_kn, stride_vn):
+    """`_load_tile`'s addresses, copied asynchronously (cp.async, 16 bytes each) into one stage of the ring.
+    Each lane later reads back exactly the bytes it copied (the same layouts), so no barrier is needed."""
+    last = gl.maximum(hi - 1 - start, 0)
+    k_rows = row0 + gl.minimum(nk, last)
+    v_rows = row0 + gl.minimum(nv, last)
+    async_copy.async_copy_global_to_shared(k_stage, k_block + gl.expand_dims(k_rows, 0) * stride_kn
+                                           + gl.expand_dims(dk, 1))  # fmt: skip
+    async_copy.async_copy_global_to_shared(v_stage, v_block + gl.expand_dims(v_rows, 1) * stride_vn
+                                           + gl.expand_dims(dv, 0))  # fmt: skip
+    async_copy.commit_group()
+
+
+@gluon.jit
 def _attend(q, k, v, start, hi, col_key, scale, m_i, l_i, acc, QUANT: gl.constexpr, HEAD_DIM: gl.constexpr,
             MMA: gl.constexpr, K_BITS: gl.constexpr, K_PERM: gl.constexpr, V_BITS: gl.constexpr,
             V_PERM: gl.constexpr):  # fmt: skip
@@ -280,7 +294,8 @@ def _decode_1b_kernel(
     num_heads_kv, num_splits, min_chunk, len_cap, pool_rows, max_blocks, qk_scale,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, QUANT: gl.constexpr, Q_F16: gl.constexpr,
     PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, SPLIT_MERGE: gl.constexpr, STORE_LSE: gl.constexpr,
-    STEP: gl.constexpr, LK: gl.constexpr, LV: gl.constexpr, LQ: gl.constexpr, LM: gl.constexpr, MMA: gl.constexpr,
+    STEP: gl.constexpr, STAGES: gl.constexpr, SMEM_K: gl.constexpr, SMEM_V: gl.constexpr, LK: gl.constexpr,
+    LV: gl.constexpr, LQ: gl.constexpr, LM: gl.constexpr, MMA: gl.constexpr,
     K_BITS: gl.constexpr, K_PERM: gl.constexpr, V_BITS: gl.constexpr, V_PERM: gl.constexpr, Q_BITS: gl.constexpr,
     Q_PERM: gl.constexpr,
 ):  # fmt: skip
@@ -338,30 +353,66 @@ def _decode_1b_kernel(
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, MMA)
     bad = lo < 0  # False: the block entries this program clamped
 
-    # STEP tiles per iteration: all their loads are issued before the first one's products, so that a warp has
-    # STEP·4 KiB in flight (D 128) while it waits; the next iteration's block entries are loaded one ahead
-    CHUNK: gl.constexpr = STEP * TILE
-    entry_a = _entry(table_row, lo, hi, max_blocks, PAGED, PAGE_SIZE)
-    entry_b = _entry(table_row, lo + TILE, hi, max_blocks, PAGED, PAGE_SIZE)
-    for start in range(lo, hi, CHUNK):
-        next_a = _entry(table_row, start + CHUNK, hi, max_blocks, PAGED, PAGE_SIZE)
-        blk, row0, was_bad = _tile_block(start, hi, entry_a, pool_rows, b64, PAGED, PAGE_SIZE)
-        bad |= was_bad
-        k_a, v_a = _load_tile(k_head + blk * stride_kb, v_head + blk * stride_vb, start, row0, hi, nk, nv, dk, dv,
-                              stride_kn, stride_vn)  # fmt: skip
-        if STEP == 2:
-            next_b = _entry(table_row, start + CHUNK + TILE, hi, max_blocks, PAGED, PAGE_SIZE)
-            blk, row0, was_bad = _tile_block(start + TILE, hi, entry_b, pool_rows, b64, PAGED, PAGE_SIZE)
+    if STAGES == 0:
+        # STEP tiles per iteration: all their loads are issued before the first one's products, so that a warp has
+        # STEP·4 KiB in flight (D 128) while it waits; the next iteration's block entries are loaded one ahead
+        CHUNK: gl.constexpr = STEP * TILE
+        entry_a = _entry(table_row, lo, hi, max_blocks, PAGED, PAGE_SIZE)
+        entry_b = _entry(table_row, lo + TILE, hi, max_blocks, PAGED, PAGE_SIZE)
+        for start in range(lo, hi, CHUNK):
+            next_a = _entry(table_row, start + CHUNK, hi, max_blocks, PAGED, PAGE_SIZE)
+            blk, row0, was_bad = _tile_block(start, hi, entry_a, pool_rows, b64, PAGED, PAGE_SIZE)
             bad |= was_bad
-            k_b, v_b = _load_tile(k_head + blk * stride_kb, v_head + blk * stride_vb, start + TILE, row0, hi, nk,
-                                  nv, dk, dv, stride_kn, stride_vn)  # fmt: skip
-            entry_b = next_b
-        m_i, l_i, acc = _attend(q, k_a, v_a, start, hi, col_key, scale, m_i, l_i, acc, QUANT, HEAD_DIM, MMA,
-                                K_BITS, K_PERM, V_BITS, V_PERM)  # fmt: skip
-        if STEP == 2:
-            m_i, l_i, acc = _attend(q, k_b, v_b, start + TILE, hi, col_key, scale, m_i, l_i, acc, QUANT, HEAD_DIM,
-                                    MMA, K_BITS, K_PERM, V_BITS, V_PERM)  # fmt: skip
-        entry_a = next_a
+            k_a, v_a = _load_tile(k_head + blk * stride_kb, v_head + blk * stride_vb, start, row0, hi, nk, nv, dk, dv,
+                                  stride_kn, stride_vn)  # fmt: skip
+            if STEP == 2:
+                next_b = _entry(table_row, start + CHUNK + TILE, hi, max_blocks, PAGED, PAGE_SIZE)
+                blk, row0, was_bad = _tile_block(start + TILE, hi, entry_b, pool_rows, b64, PAGED, PAGE_SIZE)
+                bad |= was_bad
+                k_b, v_b = _load_tile(k_head + blk * stride_kb, v_head + blk * stride_vb, start + TILE, row0, hi, nk,
+                                      nv, dk, dv, stride_kn, stride_vn)  # fmt: skip
+                entry_b = next_b
+            m_i, l_i, acc = _attend(q, k_a, v_a, start, hi, col_key, scale, m_i, l_i, acc, QUANT, HEAD_DIM, MMA,
+                                    K_BITS, K_PERM, V_BITS, V_PERM)  # fmt: skip
+            if STEP == 2:
+                m_i, l_i, acc = _attend(q, k_b, v_b, start + TILE, hi, col_key, scale, m_i, l_i, acc, QUANT, HEAD_DIM,
+                                        MMA, K_BITS, K_PERM, V_BITS, V_PERM)  # fmt: skip
+            entry_a = next_a
+    else:
+        # a ring of STAGES tiles in shared memory, filled by cp.async STAGES - 1 tiles ahead of the products:
+        # up to (STAGES - 1)·4 KiB in flight a warp (D 128) with no registers held for them. The block entry of
+        # the tile to copy is loaded one iteration before it is needed.
+        k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, HEAD_DIM, TILE], SMEM_K)
+        v_smem = gl.allocate_shared_memory(gl.int8, [STAGES, TILE, HEAD_DIM], SMEM_V)
+        for i in gl.static_range(STAGES - 1):
+            t = lo + i * TILE
+            entry = _entry(table_row, t, hi, max_blocks, PAGED, PAGE_SIZE)
+            blk, row0, was_bad = _tile_block(t, hi, entry, pool_rows, b64, PAGED, PAGE_SIZE)
+            bad |= was_bad
+            _issue_tile(k_smem.index(i), v_smem.index(i), k_head + blk * stride_kb, v_head + blk * stride_vb, t,
+                        row0, hi, nk, nv, dk, dv, stride_kn, stride_vn)  # fmt: skip
+        AHEAD: gl.constexpr = (STAGES - 1) * TILE
+        entry = _entry(table_row, lo + AHEAD, hi, max_blocks, PAGED, PAGE_SIZE)
+        it = 0
+        for start in range(lo, hi, TILE):
+            t = start + AHEAD
+            entry_next = _entry(table_row, t + TILE, hi, max_blocks, PAGED, PAGE_SIZE)
+            blk, row0, was_bad = _tile_block(t, hi, entry, pool_rows, b64, PAGED, PAGE_SIZE)
+            bad |= was_bad
+            w = (it + STAGES - 1) % STAGES
+            _issue_tile(k_smem.index(w), v_smem.index(w), k_head + blk * stride_kb, v_head + blk * stride_vb, t,
+                        row0, hi, nk, nv, dk, dv, stride_kn, stride_vn)  # fmt: skip
+            # the tile at start (STAGES - 1 groups ago) has landed; the newer ones may still be in flight
+            async_copy.wait_group(STAGES - 1)
+            r = it % STAGES
+            k = k_smem.index(r).load(LK)
+            v = v_smem.index(r).load(LV)
+            m_i, l_i, acc = _attend(q, k, v, start, hi, col_key, scale, m_i, l_i, acc, QUANT, HEAD_DIM, MMA,
+                                    K_BITS, K_PERM, V_BITS, V_PERM)  # fmt: skip
+            entry = entry_next
+            it += 1
+        # no copy may still be writing shared memory when the program ends
+        async_copy.wait_group(0)
     if PAGED:
         gl.atomic_or(err_ptr, BLOCK_TABLE, mask=bad, sem="relaxed")
 
@@ -479,6 +530,9 @@ def default() -> bool:
 
 # tiles per loop iteration (1 or 2): their loads are in flight together (bench/bench_decode_1b.py times both)
 STEP_TILES = int(os.environ.get("ATTN_GLUON_DECODE_STEP", "2"))
+# 0: loads straight into registers (STEP_TILES a loop iteration); n >= 2: a cp.async ring of n tiles in shared
+# memory, n - 1 tiles ahead (bench/bench_decode_1b.py times the alternatives)
+RING_STAGES = int(os.environ.get("ATTN_GLUON_DECODE_STAGES", "0"))
 # the programs one SM runs at once (one warp each, ~180 registers a thread: about 11 fit) times two waves' worth
 PROGRAMS_PER_SM = 16
 # the shortest chunk a split may get: its partial write, arrival and share of the merge amortized over it
@@ -494,7 +548,8 @@ def choose_num_splits(batch: int, num_heads_kv: int, max_seqlen_k: int, num_sms:
 
 
 def launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, *, block_table, k_scale, v_scale,
-                qk_scale, num_splits, min_chunk, len_cap, page_size, group, quant, err, step=None):  # fmt: skip
+                qk_scale, num_splits, min_chunk, len_cap, page_size, group, quant, err, step=None,
+                stages=None):  # fmt: skip
     """The grid, positional operands and constexprs of one launch (`decode_1b`; the compile probe
     bench/probes/gluon_decode_sass.py builds the same from CPU tensors)."""
     bsz, _, hq, d = q.shape
@@ -503,6 +558,7 @@ def launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, *,
     paged = block_table is not None
     split = num_splits > 1
     step = step or STEP_TILES
+    stages = RING_STAGES if stages is None else stages
     args = (
         q, k_cache, v_cache, out, lse if lse is not None else out, part if split else out,
         counters if split else cache_seqlens, cache_seqlens, block_table if paged else cache_seqlens, err,
@@ -516,7 +572,9 @@ def launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, *,
     constexprs = dict(
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, QUANT=quant,
         Q_F16=q.dtype == torch.float16, PAGED=paged, PAGE_SIZE=page_size if paged else TILE_KEYS,
-        SPLIT_MERGE=split, STORE_LSE=lse is not None, STEP=step, num_warps=1, **layouts(d, block_m),
+        SPLIT_MERGE=split, STORE_LSE=lse is not None, STEP=step, STAGES=stages, num_warps=1,
+        SMEM_K=gl.SwizzledSharedLayout(1, 1, 1, [0, 1]), SMEM_V=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+        **layouts(d, block_m),
     )  # fmt: skip
     return (bsz * hkv, num_splits), args, constexprs
 

@@ -12,6 +12,24 @@ L=/tmp/s10; mkdir -p $L "$OUT"
 t() { name=$1; lim=$2; shift 2; ( timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$? :: $name" >> "$L/$name.log" ) & }
 b() { name=$1; lim=$2; shift 2; timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$?" >> "$L/$name.log"; }
 case "${MODE:-verify}" in
+final)
+  # the fixed Gluon decode tests beside the suite's last files (earlier calls ran out before them), then on a
+  # quiet GPU: the one-byte decode benchmark, plan.run's host time, the Gluon prefill grid; last, memcheck
+  t gluon1b_tests 150 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 6 -rf --tb=short \
+    tests/test_gluon_decode.py
+  t suite_tail 150 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 8 -rf --tb=short \
+    tests/test_relative_bias.py tests/test_sinks.py tests/test_soak.py tests/test_transactional.py
+  wait
+  b gluon1b_bench 170 python3 -m bench.bench_decode_1b --out $L/decode_1b.json
+  b plan_host 40 python3 bench/probes/plan_host_profile.py
+  b gluon_grid 150 python3 -m bench.bench_gluon --grid --out $L --repeat 1 --rep 30 --warmup 10
+  b memcheck_1b "${SAN_T:-90}" env OUT=$L/memcheck_1b SANITIZER_TOOLS=memcheck SAN_PYTEST_ARGS="-n 6" \
+    bash tests/gpu_sanitize.sh tests/test_gluon_decode.py
+  grep -h "FAILED\|passed\|failed\|rc=" $L/gluon1b_tests.log $L/suite_tail.log | cut -c1-200
+  grep -v "^ *$" $L/gluon1b_bench.log | tail -45
+  grep "run=\|rc=" $L/plan_host.log
+  grep -h "==\|gluon \|serial\|ovl\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120 | tail -40
+  cat $L/memcheck_1b/sanitizer/summary.txt ;;
 gluon1b)
   # the Gluon one-byte decode: its GPU tests, its benchmark on a quiet GPU, then the whole suite
   b gluon1b_tests 150 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 8 -rf --tb=short \
@@ -46,7 +64,11 @@ bench)
       --impls attn,sdpa,sdpa@flash,flex_attention
   fi
   b gluon_grid 150 python3 -m bench.bench_gluon --grid --out $L --repeat 1 --rep 30 --warmup 10
+  # the new one-byte decode kernel under memcheck (its clamped loads, its out-of-range tests)
+  b memcheck_1b "${SAN_T:-120}" env OUT=$L/memcheck_1b SANITIZER_TOOLS=memcheck SAN_PYTEST_ARGS="-n 4" \
+    bash tests/gpu_sanitize.sh tests/test_gluon_decode.py
   grep -h "x\|rc=" $L/decode.log | tail -25; grep "run=" $L/plan_host.log; grep -sv Warn $L/transformers.log | tail -6
-  grep -h "==\|gluon \|serial\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120 ;;
+  grep -h "==\|gluon \|serial\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120
+  cat $L/memcheck_1b/sanitizer/summary.txt ;;
 esac
 tar czf "$OUT/logs.tgz" -C $L .

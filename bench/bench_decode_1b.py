@@ -34,6 +34,8 @@ SHAPES = [
 ]
 QUICK = [SHAPES[0], SHAPES[1]]
 PAGE = 64
+# the Gluon variants timed (--variants): gluon_step1/2 (`gluon_decode.STEP_TILES`), gluon_ring3/4 (`RING_STAGES`)
+GLUON_VARIANTS = ["gluon_step1", "gluon_step2", "gluon_ring3", "gluon_ring4"]
 
 
 def _cache(b, n, hkv, d, dtype, paged, device="cuda"):
@@ -60,7 +62,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--variants", default=",".join(GLUON_VARIANTS), help="comma-separated Gluon variants to time")
     a = p.parse_args()
+    GLUON_VARIANTS[:] = a.variants.split(",")
     common.require_cuda()
     d = 128
     rows = []
@@ -74,8 +78,7 @@ def main() -> None:
                 nbytes = 2 * b * n * hkv * d * k.element_size() + 2 * q.numel() * 2
                 # gluon: the kernel as dispatched (STEP_TILES tiles per iteration); gluon_step1/2 the alternatives
                 # and gluon_ring3/4 the cp.async ring of 3 or 4 stages (`gluon_decode.RING_STAGES`)
-                kernels = ["tl"] if dtype == torch.bfloat16 else ["tl", "gluon_step1", "gluon_step2", "gluon_ring3",
-                                                                   "gluon_ring4"]  # fmt: skip
+                kernels = ["tl"] if dtype == torch.bfloat16 else ["tl", *GLUON_VARIANTS]
                 tl_ms = None
                 for kern in kernels:
                     os.environ["ATTN_GLUON_DECODE"] = "1" if kern.startswith("gluon") else "0"

@@ -15,20 +15,21 @@ case "${MODE:-verify}" in
 final)
   # the fixed Gluon decode tests beside the suite's last files (earlier calls ran out before them), then on a
   # quiet GPU: the one-byte decode benchmark, plan.run's host time, the Gluon prefill grid; last, memcheck
-  t gluon1b_tests 150 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 6 -rf --tb=short \
+  t gluon1b_tests 90 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 6 -rf --tb=short \
     tests/test_gluon_decode.py
-  t suite_tail 150 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 8 -rf --tb=short \
+  t suite_tail 90 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 8 -rf --tb=short \
     tests/test_relative_bias.py tests/test_sinks.py tests/test_soak.py tests/test_transactional.py
   wait
-  b gluon1b_bench 170 python3 -m bench.bench_decode_1b --out $L/decode_1b.json
+  b gluon1b_bench 130 python3 -m bench.bench_decode_1b --out $L/decode_1b.json --variants gluon_step2,gluon_ring4
+  tar czf "$OUT/logs.tgz" -C $L .  # what there is so far, in case the call runs out
   b plan_host 40 python3 bench/probes/plan_host_profile.py
-  b gluon_grid 150 python3 -m bench.bench_gluon --grid --out $L --repeat 1 --rep 30 --warmup 10
-  b memcheck_1b "${SAN_T:-90}" env OUT=$L/memcheck_1b SANITIZER_TOOLS=memcheck SAN_PYTEST_ARGS="-n 6" \
+  [ -n "${GRID:-}" ] && b gluon_grid 150 python3 -m bench.bench_gluon --grid --out $L --repeat 1 --rep 30 --warmup 10
+  b memcheck_1b "${SAN_T:-70}" env OUT=$L/memcheck_1b SANITIZER_TOOLS=memcheck SAN_PYTEST_ARGS="-n 6" \
     bash tests/gpu_sanitize.sh tests/test_gluon_decode.py
   grep -h "FAILED\|passed\|failed\|rc=" $L/gluon1b_tests.log $L/suite_tail.log | cut -c1-200
   grep -v "^ *$" $L/gluon1b_bench.log | tail -45
   grep "run=\|rc=" $L/plan_host.log
-  grep -h "==\|gluon \|serial\|ovl\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120 | tail -40
+  grep -sh "==\|gluon \|serial\|ovl\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120 | tail -40
   cat $L/memcheck_1b/sanitizer/summary.txt ;;
 gluon1b)
   # the Gluon one-byte decode: its GPU tests, its benchmark on a quiet GPU, then the whole suite

@@ -210,3 +210,23 @@ def test_dispatch(monkeypatch):
     fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs, softcap=30.0)
     fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs, window_size=(16, 0))
     assert calls == [1]
+
+
+@sm90
+@pytest.mark.parametrize("page", [0, 64], ids=["contiguous", "paged"])
+def test_plan_replays_the_gluon_launch(page, monkeypatch):
+    """A DecodePlan over a one-byte cache records the Gluon launch (through attn's launcher) and replays it:
+    the planned run equals the flat call, for new queries and a cache that changed in place."""
+    monkeypatch.setenv("ATTN_GLUON_DECODE", "1")
+    b, n, hkv, d = 2, 256, 2, 128
+    k, v, ks, vs, table = _cache(b, n, hkv, d, torch.float8_e4m3fn, page)
+    lens = [200, 256]
+    plan = attn.DecodePlan(k, v, lens, block_table=table, num_heads_q=8, k_scale=ks, v_scale=vs)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    for step in range(3):
+        q = torch.randn(b, 1, 8, d, dtype=torch.bfloat16, device="cuda")
+        got = plan.run(q)
+        want = fast.decode(q, k, v, lens_t, block_table=table, k_scale=ks, v_scale=vs)
+        assert torch.equal(got, want)
+        k.view(torch.uint8)[..., step] = 0  # the cache changes in place between steps, as appends do
+    assert plan.replayable, plan.refusal

@@ -28,6 +28,7 @@ import triton.language as tl
 from ..checks import F16_MAX, check_decode, check_seqlen_hints
 from ..reference.preprocess import RopeScaling
 from . import _errors
+from . import gluon_decode as gd
 from ._triton import autotune_enabled, cdiv, current_stream, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _tanh, relative_bias_operands
 from .kv_cache import quant_code, rope_pairs
@@ -1059,8 +1060,6 @@ def _gluon_decode(q, k_cache, v_cache, cache_seqlens, out, lse, args, block_tabl
                   features) -> bool:  # fmt: skip
     """Runs the call on the Gluon one-byte kernel (`attn.fast.gluon_decode`) and returns True where it covers the
     call and is chosen (``ATTN_GLUON_DECODE=1``, or its `default`); False leaves the call to this file's kernel."""
-    from . import gluon_decode as gd
-
     choice = gd.mode()
     if choice == "0" or not (choice == "1" or gd.default()):
         return False

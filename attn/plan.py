@@ -234,23 +234,32 @@ class _Replay:
         launch = _real_launch
         for step in self.steps:
             if step[0] == "launch":
-                _, kernel, grid, template, subs, constexprs, direct, aligned = step
-                if subs:
-                    args = list(template)
-                    for pos, src, view in subs:
-                        t = pool[src]
-                        args[pos] = t if view is None else t.as_strided(view[0], view[1], t.storage_offset() + view[2])
-                else:
-                    args = template
+                _, kernel, grid, template, subs, constexprs, direct, aligned, addresses = step
+                tensors = [
+                    pool[src] if view is None else pool[src].as_strided(view[0], view[1],
+                                                                        pool[src].storage_offset() + view[2])
+                    for _, src, view in subs
+                ]  # fmt: skip
+                ptrs = [t.data_ptr() for t in tensors]
                 # the compiled kernel is specialized on each tensor's 16-byte alignment: the substituted ones
                 # must align as the recorded ones did (the others are the recorded tensors themselves)
-                if direct is not None and tuple([args[pos].data_ptr() & 15 for pos, _, _ in subs]) == aligned:
+                if direct is not None and tuple([p & 15 for p in ptrs]) == aligned:
+                    # every tensor as its address: Triton's launcher takes an int as it is, while for a tensor it
+                    # calls data_ptr() and asks the driver to check the pointer (cuPointerGetAttribute), one
+                    # driver call per tensor per launch. The inputs were checked by `matches` (device and
+                    # layout), the recorded tensors are kept alive by the template.
+                    args = list(addresses)
+                    for (pos, _, _), p in zip(subs, ptrs):
+                        args[pos] = p
                     compiled, g, tail, device = direct
                     compiled.run(
                         g[0], g[1], g[2], _triton.current_stream(device), compiled.function,
                         compiled.packed_metadata, None, None, None, *args, *tail,
                     )  # fmt: skip
                 else:
+                    args = list(template)
+                    for (pos, _, _), t in zip(subs, tensors):
+                        args[pos] = t
                     launch(kernel, grid, *args, **constexprs)
             else:
                 _, func, template_t, src, fargs = step
@@ -345,7 +354,9 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | _Refused:
             aligned = tuple(args[pos].data_ptr() & 15 for pos, _, _ in subs)
             if direct is not None and direct[1] is None:
                 direct = None  # launched, but not in a form a replay can call directly
-            steps.append(("launch", kernel, grid, template, tuple(subs), dict(constexprs), direct, aligned))
+            # the template with its CUDA tensors as addresses, for the direct launch (see _Replay.__call__)
+            addresses = tuple(a.data_ptr() if isinstance(a, torch.Tensor) and a.is_cuda else a for a in template)
+            steps.append(("launch", kernel, grid, template, tuple(subs), dict(constexprs), direct, aligned, addresses))
         else:
             # (a factory's result reaches the dispatch mode as another Python object than the caller's, so
             # outputs are found here by their memory)

@@ -382,17 +382,21 @@ def test_direct_replay_bookkeeping(monkeypatch):
     """The GPU replay path (the compiled kernel's launcher called with the recorded grid and constexpr tail) has
     no compiled kernels to call under the interpreter; here a stand-in launcher runs the interpreted kernel from
     exactly the arguments a replay hands it, so the substitution, the tail order and the alignment fallback are
-    checked on the CPU too."""
+    checked on the CPU too. The replay hands the launcher the substituted tensors as their addresses (Triton's
+    launcher then skips a driver call per pointer); the stand-in maps them back to the tensors they belong to."""
     if torch.cuda.is_available():
         pytest.skip("the GPU runs the real path (test_decode_plan_equals_flat_call_and_replays)")
     import triton
 
     direct_runs = []
+    by_address = {}
+    addresses_given = []
 
     def fake_handle(kernel, grid, args, constexprs):
         kernel[grid](*args, **constexprs)
         jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
         names = jit.arg_names[len(args) :]
+        tensor_at = [isinstance(a, torch.Tensor) for a in args]
 
         class Launcher:
             function = packed_metadata = None
@@ -400,8 +404,13 @@ def test_direct_replay_bookkeeping(monkeypatch):
             def run(self, g0, g1, g2, stream, function, packed, a, b, c, *rest):
                 direct_runs.append((g0, g1, g2))
                 n = len(rest) - len(names)
+                given = list(rest[:n])
+                swapped = [i for i, was_tensor in enumerate(tensor_at) if was_tensor and isinstance(given[i], int)]
+                for i in swapped:
+                    given[i] = by_address[given[i]]  # an address the replay substituted
+                addresses_given.append(len(swapped))
                 opts = {k: constexprs[k] for k in ("num_warps", "num_stages") if k in constexprs}
-                kernel[(g0, g1, g2)](*rest[:n], **dict(zip(names, rest[n:])), **opts)
+                kernel[(g0, g1, g2)](*given, **dict(zip(names, rest[n:])), **opts)
 
         g = (*grid, 1, 1)[:3]
         return Launcher(), g, tuple(constexprs[n] for n in names), 0
@@ -414,9 +423,12 @@ def test_direct_replay_bookkeeping(monkeypatch):
     p.run(q)
     assert p.replayable and not direct_runs
     q2 = torch.randn_like(q)
+    out = torch.empty_like(q)
+    by_address.update({t.data_ptr(): t for t in (q2, cache.k, cache.v, out)})
     seqlens, table = cache.metadata(slots)
     want = attn.decode(q2, cache.k, cache.v, seqlens, block_table=table, validate=False, num_splits=2, **p.hints)
-    assert torch.equal(p.run(q2), want) and direct_runs == [(3 * H_KV, 2, 1)]
+    assert p.run(q2, out=out) is out and torch.equal(out, want) and direct_runs == [(3 * H_KV, 2, 1)]
+    assert addresses_given == [4]  # q, the two pools and the output, as addresses
     # a query 4 bytes off the 16-byte grid: the compiled kernel assumed alignment, so _triton.launch serves it
     buf = torch.randn(q.numel() + 1)
     q3 = buf[1:].view_as(q)

@@ -19,12 +19,14 @@ memory, no shuffles (bench/probes/gluon_decode_sass.py checks the compiled kerne
 
 Structure. One warp per program; a program owns a chunk of one (sequence, KV head) pair's cache (split-K) and
 its ``G = Hq / Hkv`` query heads as the rows of the products (padded to 16). Per 16-key tile: K and V as int8 or
-e4m3 codes straight into registers, the next tile's loads issued before this tile's products (the only
-pipelining: the loads are in flight while the tensor cores work); codes widened to fp16 in registers (INT8 by
-FasterTransformer's integer trick, four codes in five instructions; e4m3 by ``cvt.f16x2.e4m3x2``); Q·Kᵀ on the
-tensor cores, the online softmax, P·V on the tensor cores. Many one-warp programs share an SM, which hides the
-memory latency the way a deep ring would. The last program of each pair to finish merges the pair's partials,
-as the ``tl.*`` kernel does (one launch per call).
+e4m3 codes into registers; codes widened to fp16 in registers (INT8 by FasterTransformer's integer trick, four
+codes in five instructions; e4m3 by ``cvt.f16x2.e4m3x2``); Q·Kᵀ on the tensor cores, the online softmax, P·V on
+the tensor cores. Loads reach the registers one of two ways (which is faster is for bench/bench_decode_1b.py to
+say): straight from global memory, two tiles per loop iteration so that the second tile's loads are in flight
+during the first's products (``STEP_TILES``), or through a cp.async ring of 3-4 tiles in shared memory, each lane
+copying and later reading back its own bytes (``RING_STAGES``). Many one-warp programs share an SM, which hides
+the rest of the memory latency. The last program of each pair to finish merges the pair's partials, as the
+``tl.*`` kernel does (one launch per call).
 
 Covered: Sq = 1, fp16/bf16 queries, INT8 and FP8 caches with ``[1]`` or ``[Hkv]`` scales, contiguous and paged
 caches whose pages hold a multiple of 16 tokens, D in {64, 128}, GQA groups up to 64, ``return_lse``, the

@@ -23,12 +23,14 @@ final)
   b gluon1b_bench 130 python3 -m bench.bench_decode_1b --out $L/decode_1b.json --variants gluon_step2,gluon_ring4
   tar czf "$OUT/logs.tgz" -C $L .  # what there is so far, in case the call runs out
   b plan_host 40 python3 bench/probes/plan_host_profile.py
+  [ -n "${SWEEP:-}" ] && b gluon1b_sweep 90 python3 -m bench.bench_decode_1b --sweep --out $L/decode_1b_sweep.json
   [ -n "${GRID:-}" ] && b gluon_grid 150 python3 -m bench.bench_gluon --grid --out $L --repeat 1 --rep 30 --warmup 10
   b memcheck_1b "${SAN_T:-70}" env OUT=$L/memcheck_1b SANITIZER_TOOLS=memcheck SAN_PYTEST_ARGS="-n 6" \
     bash tests/gpu_sanitize.sh tests/test_gluon_decode.py
   grep -h "FAILED\|passed\|failed\|rc=" $L/gluon1b_tests.log $L/suite_tail.log | cut -c1-200
   grep -v "^ *$" $L/gluon1b_bench.log | tail -45
   grep "run=\|rc=" $L/plan_host.log
+  grep -sh "sweep\|rc=" $L/gluon1b_sweep.log
   grep -sh "==\|gluon \|serial\|ovl\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120 | tail -40
   cat $L/memcheck_1b/sanitizer/summary.txt ;;
 gluon1b)

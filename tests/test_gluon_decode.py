@@ -103,6 +103,10 @@ CASES = {
     "G8 D64 pages of 32": (2, 128, 16, 2, 64, 32, [128, 5], None),
     "MQA G32 D128, 2 splits": (2, 160, 32, 1, 128, 0, [160, 47], 2),
     "G6 (padded to 16) D128": (1, 96, 12, 2, 128, 0, [96], 1),
+    # sliding windows (left, right): the new token sees its last left + 1 keys; a right window hides nothing
+    "G4 D128 pages of 16, window 40, 3 splits": (3, 256, 8, 2, 128, 16, [256, 30, 41], 3, (40, -1)),
+    "MHA D64 contiguous, window 0": (2, 64, 4, 4, 64, 0, [64, 1], None, (0, -1)),
+    "G4 D128 contiguous, window (17, 5)": (2, 128, 8, 2, 128, 0, [128, 100], 2, (17, 5)),
 }
 
 
@@ -111,7 +115,7 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case, dtype, qdtype, monkeypatch):
-    b, n, hq, hkv, d, page, lens, splits = CASES[case]
+    b, n, hq, hkv, d, page, lens, splits, *window = CASES[case]
     monkeypatch.setenv("ATTN_GLUON_DECODE", "1")
     k, v, ks, vs, table = _cache(b, n, hkv, d, qdtype, page)
     q = torch.randn(b, 1, hq, d, dtype=dtype, device="cuda")
@@ -120,6 +124,8 @@ def test_matches_reference(case, dtype, qdtype, monkeypatch):
     real = gd.decode_1b
     monkeypatch.setattr(gd, "decode_1b", lambda *a, **kw: calls.append(kw["num_splits"]) or real(*a, **kw))
     kw = dict(block_table=table, k_scale=ks, v_scale=vs, num_splits=splits)
+    if window:
+        kw["window_size"] = window[0]
     out, lse = fast.decode(q, k, v, lens, return_lse=True, **kw)
     assert calls, "the call did not reach the Gluon kernel"
     ref, ref_lse = reference.decode(q.double(), k, v, lens, return_lse=True, **kw)
@@ -170,6 +176,28 @@ def test_nan_in_a_visible_key_is_nan_and_past_the_end_is_not(page, monkeypatch):
 
 
 @sm90
+@pytest.mark.parametrize("page", [0, 16], ids=["contiguous", "paged"])
+def test_nan_left_of_the_window_stays_out(page, monkeypatch):
+    """A key the window hides shares its 16-key tile with visible ones; its NaN codes must not reach the output
+    (the kernel reads the first visible key in its place, never the hidden row)."""
+    monkeypatch.setenv("ATTN_GLUON_DECODE", "1")
+    b, n, hkv, d = 1, 64, 2, 128
+    k, v, ks, vs, table = _cache(b, n, hkv, d, torch.float8_e4m3fn, page)
+    kb, vb = k.view(torch.uint8), v.view(torch.uint8)
+    lens = torch.tensor([64], dtype=torch.int32, device="cuda")
+    # window 20: the new token (key 63) sees keys 43..63; key 40 is hidden, in the tile 32..47 with visible ones
+    row, slot = (0, 40) if table is None else (int(table[0, 40 // page]), 40 % page)
+    vb[row, slot] = 0x7F
+    kb[row, slot] = 0x7F
+    q = torch.randn(b, 1, 8, d, dtype=torch.float16, device="cuda")
+    kw = dict(block_table=table, k_scale=ks, v_scale=vs, window_size=(20, -1), num_splits=2)
+    out = fast.decode(q, k, v, lens, **kw)
+    ref = reference.decode(q.double(), k, v, lens, **kw)
+    assert not torch.isnan(out).any() and not torch.isnan(ref).any()
+    assert_close("window over a hidden NaN", ref, out, TOL[torch.float16])
+
+
+@sm90
 def test_out_of_range_entries_and_lengths_are_clamped_and_reported(monkeypatch):
     monkeypatch.setenv("ATTN_GLUON_DECODE", "1")
     k, v, ks, vs, table = _cache(2, 64, 2, 128, torch.int8, 16)
@@ -206,10 +234,12 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("ATTN_GLUON_DECODE", "1")
     fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs)
     assert calls == [1]
-    # features the kernel lacks stay with the tl.* kernel, opted in or not
+    # features the kernel lacks stay with the tl.* kernel, opted in or not; a window it covers
     fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs, softcap=30.0)
-    fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs, window_size=(16, 0))
+    fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs, alibi_slopes=torch.ones(8, device="cuda"))
     assert calls == [1]
+    fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs, window_size=(16, 0))
+    assert calls == [1, 1]
 
 
 @sm90

@@ -29,7 +29,8 @@ the rest of the memory latency. The last program of each pair to finish merges t
 ``tl.*`` kernel does (one launch per call).
 
 Covered: Sq = 1, fp16/bf16 queries, INT8 and FP8 caches with ``[1]`` or ``[Hkv]`` scales, contiguous and paged
-caches whose pages hold a multiple of 16 tokens, D in {64, 128}, GQA groups up to 64, ``return_lse``, the
+caches whose pages hold a multiple of 16 tokens, D in {64, 128}, GQA groups up to 64, sliding windows
+(``window_size``; a left window bounds the keys a new token sees), ``return_lse``, the
 in-kernel clamps and error bits of `attn.fast._errors`. Everything else stays with the ``tl.*`` kernel:
 see `supported`.
 
@@ -223,28 +224,40 @@ def _tile_block(start, hi, entry, pool_rows, b64, PAGED: gl.constexpr, PAGE_SIZE
 
 
 @gluon.jit
-def _load_tile(k_block, v_block, start, row0, hi, nk, nv, dk, dv, stride_kn, stride_vn):
-    """The codes of the tile at ``start`` (Kᵀ ``[d, key]``, V ``[key, d]``, physical order), unmasked: a key at
-    or past ``hi`` reads key ``hi - 1`` again (row 0 when the range is empty). Masked loads would have Triton
+def _tile_keys(n, start, first, hi, HAS_WINDOW: gl.constexpr):
+    """The keys a tile at ``start`` reads, as offsets from its first row: key ``start + n`` itself where it is
+    visible (``first <= key < hi``), else the nearest visible one (a window's hidden keys at the tile's start read
+    key ``first``, keys at or past ``hi`` read ``hi - 1``), and offset 0 for a tile with no visible key. Every offset
+    stays within the tile, so within its page and inside the cache."""
+    if HAS_WINDOW:
+        n = gl.maximum(n, first - start)
+    return gl.minimum(n, gl.maximum(hi - 1 - start, 0))
+
+
+@gluon.jit
+def _load_tile(k_block, v_block, start, row0, first, hi, nk, nv, dk, dv, stride_kn, stride_vn,
+               HAS_WINDOW: gl.constexpr):  # fmt: skip
+    """The codes of the tile at ``start`` (Kᵀ ``[d, key]``, V ``[key, d]``, physical order), unmasked: a key
+    outside ``[first, hi)`` reads the nearest visible key again (`_tile_keys`). Masked loads would have Triton
     select every byte on its own (an unpack and a repack of each word, ~40% more instructions in the loop);
     here the words go to the widening as loaded. A repeated key scores -inf (its column is masked) and weighs
     p = 0 in P·V; it is a visible key of the sequence, so a non-finite value in its V row is in the output
-    anyway (every query row of a decode step sees every key), and 0·x adds nothing else."""
-    last = gl.maximum(hi - 1 - start, 0)
-    k_rows = row0 + gl.minimum(nk, last)
-    v_rows = row0 + gl.minimum(nv, last)
+    anyway (every query row of a decode step sees the same keys), and 0·x adds nothing else. (A hidden key's own
+    row is never read: its NaN would otherwise reach the output through 0·NaN.)"""
+    k_rows = row0 + _tile_keys(nk, start, first, hi, HAS_WINDOW)
+    v_rows = row0 + _tile_keys(nv, start, first, hi, HAS_WINDOW)
     k = gl.load(k_block + gl.expand_dims(k_rows, 0) * stride_kn + gl.expand_dims(dk, 1))
     v = gl.load(v_block + gl.expand_dims(v_rows, 1) * stride_vn + gl.expand_dims(dv, 0))
     return k, v
 
 
 @gluon.jit
-def _issue_tile(k_stage, v_stage, k_block, v_block, start, row0, hi, nk, nv, dk, dv, stride_kn, stride_vn):
+def _issue_tile(k_stage, v_stage, k_block, v_block, start, row0, first, hi, nk, nv, dk, dv, stride_kn,
+                stride_vn, HAS_WINDOW: gl.constexpr):  # fmt: skip
     """`_load_tile`'s addresses, copied asynchronously (cp.async, 16 bytes each) into one stage of the ring.
     Each lane later reads back exactly the bytes it copied (the same layouts), so no barrier is needed."""
-    last = gl.maximum(hi - 1 - start, 0)
-    k_rows = row0 + gl.minimum(nk, last)
-    v_rows = row0 + gl.minimum(nv, last)
+    k_rows = row0 + _tile_keys(nk, start, first, hi, HAS_WINDOW)
+    v_rows = row0 + _tile_keys(nv, start, first, hi, HAS_WINDOW)
     async_copy.async_copy_global_to_shared(k_stage, k_block + gl.expand_dims(k_rows, 0) * stride_kn
                                            + gl.expand_dims(dk, 1))  # fmt: skip
     async_copy.async_copy_global_to_shared(v_stage, v_block + gl.expand_dims(v_rows, 1) * stride_vn
@@ -253,9 +266,9 @@ def _issue_tile(k_stage, v_stage, k_block, v_block, start, row0, hi, nk, nv, dk,
 
 
 @gluon.jit
-def _attend(q, k, v, start, hi, col_key, scale, m_i, l_i, acc, QUANT: gl.constexpr, HEAD_DIM: gl.constexpr,
-            MMA: gl.constexpr, K_BITS: gl.constexpr, K_PERM: gl.constexpr, V_BITS: gl.constexpr,
-            V_PERM: gl.constexpr):  # fmt: skip
+def _attend(q, k, v, start, first, hi, col_key, scale, m_i, l_i, acc, QUANT: gl.constexpr,
+            HEAD_DIM: gl.constexpr, MMA: gl.constexpr, K_BITS: gl.constexpr, K_PERM: gl.constexpr,
+            V_BITS: gl.constexpr, V_PERM: gl.constexpr, HAS_WINDOW: gl.constexpr):  # fmt: skip
     """One tile of codes (`_load_tile`) into the running softmax state: widen, relabel into the mma operands,
     Q·Kᵀ, the online softmax (log2 units), P·V."""
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -263,7 +276,11 @@ def _attend(q, k, v, start, hi, col_key, scale, m_i, l_i, acc, QUANT: gl.constex
     BLOCK_M: gl.constexpr = q.shape[0]
     kt = gl.convert_layout(_relabel(_widen(k, QUANT), K_BITS, K_PERM, HEAD_DIM, TILE), B_OP, assert_trivial=True)
     s = mma_v2(q, kt, gl.zeros([BLOCK_M, TILE], gl.float32, MMA)) * scale
-    s = gl.where(gl.expand_dims(start + col_key < hi, 0), s, float("-inf"))
+    key = start + col_key
+    visible = key < hi
+    if HAS_WINDOW:
+        visible &= key >= first
+    s = gl.where(gl.expand_dims(visible, 0), s, float("-inf"))
     # the max drops NaN and exp2(NaN - m) does not, so a NaN score makes its row's l and acc NaN (SPEC); a row
     # with no visible key so far keeps m = -inf (subtract 0 then)
     m_new = gl.maximum(m_i, gl.max(s, 1))
@@ -294,11 +311,11 @@ def _decode_1b_kernel(
     v_scale_ptr,
     stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_ob, stride_oh,
     stride_lb, stride_lh, stride_bt,
-    num_heads_kv, num_splits, min_chunk, len_cap, pool_rows, max_blocks, qk_scale,
+    num_heads_kv, num_splits, min_chunk, len_cap, pool_rows, max_blocks, qk_scale, window_left,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, QUANT: gl.constexpr, Q_F16: gl.constexpr,
     PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, SPLIT_MERGE: gl.constexpr, STORE_LSE: gl.constexpr,
-    STEP: gl.constexpr, STAGES: gl.constexpr, SMEM_K: gl.constexpr, SMEM_V: gl.constexpr, LK: gl.constexpr,
-    LV: gl.constexpr, LQ: gl.constexpr, LM: gl.constexpr, MMA: gl.constexpr,
+    HAS_WINDOW: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr, SMEM_K: gl.constexpr,
+    SMEM_V: gl.constexpr, LK: gl.constexpr, LV: gl.constexpr, LQ: gl.constexpr, LM: gl.constexpr, MMA: gl.constexpr,
     K_BITS: gl.constexpr, K_PERM: gl.constexpr, V_BITS: gl.constexpr, V_PERM: gl.constexpr, Q_BITS: gl.constexpr,
     Q_PERM: gl.constexpr,
 ):  # fmt: skip
@@ -319,9 +336,15 @@ def _decode_1b_kernel(
     # no value was read on the host (attn.fast._errors): clamp, and let the pair's first program report it
     gl.atomic_or(err_ptr, LENGTHS, mask=((seqlen < 0) | (seqlen > len_cap)) & (split == 0), sem="relaxed")
     seqlen = gl.minimum(gl.maximum(seqlen, 0), len_cap)
-    # this program's chunk, on the tile grid, as the tl.* kernel cuts it (never shorter than min_chunk keys)
-    chunk = gl.cdiv(gl.maximum(gl.cdiv(seqlen, num_splits), min_chunk), TILE) * TILE
-    lo = split * chunk
+    # the visible keys: all of them, or with a left window the last window_left + 1 (the new token is key
+    # seqlen - 1; a right window hides nothing from it). The splits cut them from the tile below the first, so
+    # tiles stay on the 16-key grid (and inside pages); this program's chunk is never shorter than min_chunk keys
+    first = seqlen * 0
+    if HAS_WINDOW:
+        first = gl.maximum(seqlen - 1 - window_left, 0)
+    base = first // TILE * TILE
+    chunk = gl.cdiv(gl.maximum(gl.cdiv(seqlen - base, num_splits), min_chunk), TILE) * TILE
+    lo = base + split * chunk
     hi = gl.minimum(lo + chunk, seqlen)
 
     # Q: the group's rows, in fp16 (the products' type), its d relabelled as Kᵀ's, in the A operand's layout
@@ -366,20 +389,20 @@ def _decode_1b_kernel(
             next_a = _entry(table_row, start + CHUNK, hi, max_blocks, PAGED, PAGE_SIZE)
             blk, row0, was_bad = _tile_block(start, hi, entry_a, pool_rows, b64, PAGED, PAGE_SIZE)
             bad |= was_bad
-            k_a, v_a = _load_tile(k_head + blk * stride_kb, v_head + blk * stride_vb, start, row0, hi, nk, nv, dk, dv,
-                                  stride_kn, stride_vn)  # fmt: skip
+            k_a, v_a = _load_tile(k_head + blk * stride_kb, v_head + blk * stride_vb, start, row0, first, hi,
+                                  nk, nv, dk, dv, stride_kn, stride_vn, HAS_WINDOW)  # fmt: skip
             if STEP == 2:
                 next_b = _entry(table_row, start + CHUNK + TILE, hi, max_blocks, PAGED, PAGE_SIZE)
                 blk, row0, was_bad = _tile_block(start + TILE, hi, entry_b, pool_rows, b64, PAGED, PAGE_SIZE)
                 bad |= was_bad
-                k_b, v_b = _load_tile(k_head + blk * stride_kb, v_head + blk * stride_vb, start + TILE, row0, hi, nk,
-                                      nv, dk, dv, stride_kn, stride_vn)  # fmt: skip
+                k_b, v_b = _load_tile(k_head + blk * stride_kb, v_head + blk * stride_vb, start + TILE, row0,
+                                      first, hi, nk, nv, dk, dv, stride_kn, stride_vn, HAS_WINDOW)  # fmt: skip
                 entry_b = next_b
-            m_i, l_i, acc = _attend(q, k_a, v_a, start, hi, col_key, scale, m_i, l_i, acc, QUANT, HEAD_DIM, MMA,
-                                    K_BITS, K_PERM, V_BITS, V_PERM)  # fmt: skip
+            m_i, l_i, acc = _attend(q, k_a, v_a, start, first, hi, col_key, scale, m_i, l_i, acc, QUANT,
+                                    HEAD_DIM, MMA, K_BITS, K_PERM, V_BITS, V_PERM, HAS_WINDOW)  # fmt: skip
             if STEP == 2:
-                m_i, l_i, acc = _attend(q, k_b, v_b, start + TILE, hi, col_key, scale, m_i, l_i, acc, QUANT, HEAD_DIM,
-                                        MMA, K_BITS, K_PERM, V_BITS, V_PERM)  # fmt: skip
+                m_i, l_i, acc = _attend(q, k_b, v_b, start + TILE, first, hi, col_key, scale, m_i, l_i, acc,
+                                        QUANT, HEAD_DIM, MMA, K_BITS, K_PERM, V_BITS, V_PERM, HAS_WINDOW)  # fmt: skip
             entry_a = next_a
     else:
         # a ring of STAGES tiles in shared memory, filled by cp.async STAGES - 1 tiles ahead of the products:
@@ -393,7 +416,7 @@ def _decode_1b_kernel(
             blk, row0, was_bad = _tile_block(t, hi, entry, pool_rows, b64, PAGED, PAGE_SIZE)
             bad |= was_bad
             _issue_tile(k_smem.index(i), v_smem.index(i), k_head + blk * stride_kb, v_head + blk * stride_vb, t,
-                        row0, hi, nk, nv, dk, dv, stride_kn, stride_vn)  # fmt: skip
+                        row0, first, hi, nk, nv, dk, dv, stride_kn, stride_vn, HAS_WINDOW)  # fmt: skip
         AHEAD: gl.constexpr = (STAGES - 1) * TILE
         entry = _entry(table_row, lo + AHEAD, hi, max_blocks, PAGED, PAGE_SIZE)
         it = 0
@@ -404,14 +427,14 @@ def _decode_1b_kernel(
             bad |= was_bad
             w = (it + STAGES - 1) % STAGES
             _issue_tile(k_smem.index(w), v_smem.index(w), k_head + blk * stride_kb, v_head + blk * stride_vb, t,
-                        row0, hi, nk, nv, dk, dv, stride_kn, stride_vn)  # fmt: skip
+                        row0, first, hi, nk, nv, dk, dv, stride_kn, stride_vn, HAS_WINDOW)  # fmt: skip
             # the tile at start (STAGES - 1 groups ago) has landed; the newer ones may still be in flight
             async_copy.wait_group(STAGES - 1)
             r = it % STAGES
             k = k_smem.index(r).load(LK)
             v = v_smem.index(r).load(LV)
-            m_i, l_i, acc = _attend(q, k, v, start, hi, col_key, scale, m_i, l_i, acc, QUANT, HEAD_DIM, MMA,
-                                    K_BITS, K_PERM, V_BITS, V_PERM)  # fmt: skip
+            m_i, l_i, acc = _attend(q, k, v, start, first, hi, col_key, scale, m_i, l_i, acc, QUANT, HEAD_DIM,
+                                    MMA, K_BITS, K_PERM, V_BITS, V_PERM, HAS_WINDOW)  # fmt: skip
             entry = entry_next
             it += 1
         # no copy may still be writing shared memory when the program ends
@@ -510,7 +533,7 @@ def _is_sm90(index: int) -> bool:
 def supported(q, k_cache, *, paged, page_size, group, head_dim, capacity, features) -> bool:
     """Whether this kernel covers a checked decode call: sm_90, one new token, a 16-bit query over an INT8 /
     FP8 cache, D 64 or 128, a GQA group of at most 64, pages a multiple of 16 tokens, and none of ``features``
-    (windows, soft-cap, ALiBi, T5, a cyclic cache, beams, RoPE at read time: the tl.* kernel's)."""
+    (soft-cap, ALiBi, T5, a cyclic cache, beams, RoPE at read time: the tl.* kernel's; a window is covered)."""
     return (
         q.is_cuda
         and _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
@@ -551,8 +574,8 @@ def choose_num_splits(batch: int, num_heads_kv: int, max_seqlen_k: int, num_sms:
 
 
 def launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, *, block_table, k_scale, v_scale,
-                qk_scale, num_splits, min_chunk, len_cap, page_size, group, quant, err, step=None,
-                stages=None):  # fmt: skip
+                qk_scale, num_splits, min_chunk, len_cap, page_size, group, quant, err, window_left=-1,
+                step=None, stages=None):  # fmt: skip
     """The grid, positional operands and constexprs of one launch (`decode_1b`; the compile probe
     bench/probes/gluon_decode_sass.py builds the same from CPU tensors)."""
     bsz, _, hq, d = q.shape
@@ -571,11 +594,13 @@ def launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, *,
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         block_table.stride(0) if paged else 0,
         hkv, num_splits, min_chunk, len_cap, k_cache.shape[0], block_table.shape[1] if paged else 0, qk_scale,
+        max(window_left, 0),
     )  # fmt: skip
     constexprs = dict(
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, QUANT=quant,
         Q_F16=q.dtype == torch.float16, PAGED=paged, PAGE_SIZE=page_size if paged else TILE_KEYS,
-        SPLIT_MERGE=split, STORE_LSE=lse is not None, STEP=step, STAGES=stages, num_warps=1,
+        SPLIT_MERGE=split, STORE_LSE=lse is not None, HAS_WINDOW=window_left >= 0, STEP=step, STAGES=stages,
+        num_warps=1,
         SMEM_K=gl.SwizzledSharedLayout(1, 1, 1, [0, 1]), SMEM_V=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
         **layouts(d, block_m),
     )  # fmt: skip

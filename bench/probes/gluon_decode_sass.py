@@ -26,33 +26,23 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from attn.fast import gluon_decode as gd  # noqa: E402
 
-# (name, B, L, Hq, Hkv, D, cache dtype, query dtype, page size (0: contiguous), splits, lse)
+# (name, B, L, Hq, Hkv, D, cache dtype, query dtype, page size (0: contiguous), splits, lse[, ring stages[, window]])
+I8, F8, BF, F16 = torch.int8, torch.float8_e4m3fn, torch.bfloat16, torch.float16
 CASES = [
-    ("int8 contig G4 D128 split", 8, 4096, 32, 8, 128, torch.int8, torch.bfloat16, 0, 16, False),
-    ("fp8 contig G4 D128 split", 8, 4096, 32, 8, 128, torch.float8_e4m3fn, torch.bfloat16, 0, 16, False),
-    ("int8 paged64 G4 D128 split", 8, 4096, 32, 8, 128, torch.int8, torch.bfloat16, 64, 16, False),
-    ("fp8 paged16 G4 D128 lse", 8, 4096, 32, 8, 128, torch.float8_e4m3fn, torch.float16, 16, 1, True),
-    ("int8 contig MHA D64", 8, 4096, 32, 32, 64, torch.int8, torch.float16, 0, 1, False),
-    ("fp8 contig G32 D128 split", 2, 4096, 32, 1, 128, torch.float8_e4m3fn, torch.bfloat16, 0, 8, True),
-    ("int8 contig G4 D128 split, cp.async ring 4", 8, 4096, 32, 8, 128, torch.int8, torch.bfloat16, 0, 16, False, 4),
-    (
-        "fp8 paged64 G4 D128 split, cp.async ring 3",
-        8,
-        4096,
-        32,
-        8,
-        128,
-        torch.float8_e4m3fn,
-        torch.bfloat16,
-        64,
-        16,
-        False,
-        3,
-    ),
+    ("int8 contig G4 D128 split", 8, 4096, 32, 8, 128, I8, BF, 0, 16, False),
+    ("fp8 contig G4 D128 split", 8, 4096, 32, 8, 128, F8, BF, 0, 16, False),
+    ("int8 paged64 G4 D128 split", 8, 4096, 32, 8, 128, I8, BF, 64, 16, False),
+    ("fp8 paged16 G4 D128 lse", 8, 4096, 32, 8, 128, F8, F16, 16, 1, True),
+    ("int8 contig MHA D64", 8, 4096, 32, 32, 64, I8, F16, 0, 1, False),
+    ("fp8 contig G32 D128 split", 2, 4096, 32, 1, 128, F8, BF, 0, 8, True),
+    ("int8 contig G4 D128 split, cp.async ring 4", 8, 4096, 32, 8, 128, I8, BF, 0, 16, False, 4),
+    ("fp8 paged64 G4 D128 split, cp.async ring 3", 8, 4096, 32, 8, 128, F8, BF, 64, 16, False, 3),
+    ("fp8 paged16 G4 D128 split, window 1000", 8, 4096, 32, 8, 128, F8, BF, 16, 4, False, 0, 1000),
+    ("int8 contig G4 D128 split, ring 4, window 1000", 8, 4096, 32, 8, 128, I8, BF, 0, 4, False, 4, 1000),
 ]
 
 
-def compile_case(b, n, hq, hkv, d, kv_dtype, q_dtype, page, splits, want_lse, stages=0):
+def compile_case(b, n, hq, hkv, d, kv_dtype, q_dtype, page, splits, want_lse, stages=0, window=-1):
     q = torch.empty(b, 1, hq, d, dtype=q_dtype)
     if page:
         k = torch.empty(b * n // page, page, hkv, d, dtype=kv_dtype)
@@ -71,7 +61,7 @@ def compile_case(b, n, hq, hkv, d, kv_dtype, q_dtype, page, splits, want_lse, st
     grid, args, constexprs = gd.launch_args(
         q, k, v, lens, out, lse, part, counters, block_table=table, k_scale=scale, v_scale=scale,
         qk_scale=0.1, num_splits=splits, min_chunk=0, len_cap=n, page_size=page, group=hq // hkv,
-        quant=1 if kv_dtype == torch.int8 else 2, stages=stages,
+        quant=1 if kv_dtype == torch.int8 else 2, stages=stages, window_left=window,
         err=torch.zeros(1, dtype=torch.int32),
     )  # fmt: skip
     kernel = gd._decode_1b_kernel

@@ -1,7 +1,7 @@
 """One-byte (INT8 / FP8) decode: the Gluon kernel against the tl.* kernel and against the bf16 cache, one process.
 
     python -m bench.bench_decode_1b --out $OUT/decode_1b.json [--quick]
-    python -m bench.bench_decode_1b --sweep --out $OUT/decode_1b_sweep.json   # the split rule x load variants
+    python -m bench.bench_decode_1b --sweep --out $OUT/decode_1b_sweep.json   # split counts x load variants
 
 For each PERF.md decode shape (bf16 queries, D 128), contiguous and over 64-token pages: `attn.decode` as a user
 calls it (no hints) over the bf16 cache, and over INT8 and FP8 caches through the tl.* kernel
@@ -141,40 +141,42 @@ def main() -> None:
 
 
 def sweep() -> list[dict]:
-    """The Gluon kernel's untuned choices, on the two long-cache shapes (contiguous, FP8 and INT8): programs per
-    SM in the split rule (`gluon_decode.PROGRAMS_PER_SM`: fewer, longer splits merge less; more fill the waves
-    better) against the load variants (two tiles an iteration, a 4-stage cp.async ring). TB/s of K and V."""
+    """The Gluon kernel's untuned choices, on the two long-cache shapes (contiguous, FP8 and INT8): the split
+    count (forced, 8 to 256: more parts fill the SMs with one-warp programs, fewer keep the last program's merge
+    short; the default rule's count is marked) against the load variants (two tiles an iteration, a 4-stage
+    cp.async ring). TB/s of K and V."""
     rows = []
     d = 128
-    saved = gd.PROGRAMS_PER_SM, gd.STEP_TILES, gd.RING_STAGES
+    saved = gd.STEP_TILES, gd.RING_STAGES
     os.environ["ATTN_GLUON_DECODE"] = "1"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, b, n, hq, hkv in SHAPES[1:3]:
         lens = torch.full((b,), n, dtype=torch.int32, device="cuda")
         q = torch.randn(b, 1, hq, d, device="cuda", dtype=torch.bfloat16)
+        rule = gd.choose_num_splits(b, hkv, n, sms)
         for dtype in (torch.float8_e4m3fn, torch.int8):
             k, v, ks, vs, _ = _cache(b, n, hkv, d, dtype, False)
             nbytes = 2 * b * n * hkv * d
-            for per_sm in (4, 8, 16, 32):
+            for splits in sorted({8, 16, 32, 64, 128, 256, rule}):
                 for step, stages in ((2, 0), (1, 4)):
-                    gd.PROGRAMS_PER_SM, gd.STEP_TILES, gd.RING_STAGES = per_sm, step, stages
-                    splits = gd.choose_num_splits(b, hkv, n, torch.cuda.get_device_properties(0).multi_processor_count)
+                    gd.STEP_TILES, gd.RING_STAGES = step, stages
 
-                    def call(q=q, k=k, v=v, lens=lens, ks=ks, vs=vs):
-                        return attn.decode(q, k, v, lens, k_scale=ks, v_scale=vs)
+                    def call(q=q, k=k, v=v, lens=lens, ks=ks, vs=vs, splits=splits):
+                        return attn.decode(q, k, v, lens, k_scale=ks, v_scale=vs, num_splits=splits)
 
                     ms, method = common.time_ms(call)
-                    row = {"shape": name, "cache": str(dtype).replace("torch.", ""), "programs_per_sm": per_sm,
-                           "splits": splits, "step": step, "ring_stages": stages, "ms": ms, "method": method,
+                    row = {"shape": name, "cache": str(dtype).replace("torch.", ""), "splits": splits,
+                           "rule": splits == rule, "step": step, "ring_stages": stages, "ms": ms, "method": method,
                            "tbps": common.tbps(nbytes, ms)}  # fmt: skip
                     rows.append(row)
                     print(
-                        f"sweep {name:18s} {row['cache']:14s} per_sm {per_sm:2d} splits {splits:3d} "
+                        f"sweep {name:18s} {row['cache']:14s} splits {splits:3d}{'*' if row['rule'] else ' '} "
                         f"{'ring4' if stages else 'step2'}  {ms * 1e3:7.1f} us {row['tbps']:.2f} TB/s",
                         flush=True,
                     )
             del k, v
             common.free_memory()
-    gd.PROGRAMS_PER_SM, gd.STEP_TILES, gd.RING_STAGES = saved
+    gd.STEP_TILES, gd.RING_STAGES = saved
     os.environ.pop("ATTN_GLUON_DECODE", None)
     return rows
 

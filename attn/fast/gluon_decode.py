@@ -565,12 +565,17 @@ PROGRAMS_PER_SM = 16
 MIN_SPLIT_KEYS = 256
 
 
+# the most parts a cache is cut into: the last program of a pair merges every part's rows alone (one warp, a
+# loop of loads that each wait), so its time grows with the count; 64 parts of 4 rows are 128 KiB to read
+MAX_SPLITS = 64
+
+
 def choose_num_splits(batch: int, num_heads_kv: int, max_seqlen_k: int, num_sms: int) -> int:
     """Split-K for one-warp programs: about ``PROGRAMS_PER_SM`` programs per SM, chunks of at least
-    ``MIN_SPLIT_KEYS`` keys, at most 256 parts."""
+    ``MIN_SPLIT_KEYS`` keys, at most ``MAX_SPLITS`` parts (untuned: `bench_decode_1b --sweep` times the counts)."""
     pairs = max(batch * num_heads_kv, 1)
     want = -(-PROGRAMS_PER_SM * num_sms // pairs)
-    return max(1, min(want, -(-max(max_seqlen_k, 1) // MIN_SPLIT_KEYS), 256))
+    return max(1, min(want, -(-max(max_seqlen_k, 1) // MIN_SPLIT_KEYS), MAX_SPLITS))
 
 
 def launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, *, block_table, k_scale, v_scale,

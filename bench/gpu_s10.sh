@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next session's device calls (written in session 9, not yet run), one per MODE, each under the 600 s limit.
+# Device calls (written in sessions 9 and 10), one per MODE, each under the 600 s limit.
 # The device tool returns at most 8 files from $OUT, so every log goes into one archive, $OUT/logs.tgz, and a
 # summary is printed. Usage (device, repo root, carry .gpu_pkgs: hypothesis, pytest-xdist):
 #   MODE=verify OUT=$OUT bash bench/gpu_s10.sh    # the whole suite on the GPU beside the GPU fuzz (~320 s)
@@ -7,6 +7,9 @@
 #                                                 # the Gluon dispatch grid, one at a time (~480 s)
 #   MODE=sanitize OUT=$OUT bash bench/gpu_s10.sh  # memcheck, racecheck, synccheck over tests/gpu_sanitize.sh's
 #                                                 # default subset, the three tools side by side (~560 s)
+#   MODE=final OUT=$OUT bash bench/gpu_s10.sh     # the Gluon decode's tests and benchmark, plan.run's host time
+#                                                 # (GRID=1: the Gluon prefill grid; SWEEP=1: the split sweep)
+#   MODE=shards SHARDS="0/8" OUT=$OUT bash ...    # the three sanitizers over shards of the whole suite
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
 t() { name=$1; lim=$2; shift 2; ( timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$? :: $name" >> "$L/$name.log" ) & }
@@ -42,6 +45,17 @@ gluon1b)
   grep -h "FAILED\|passed\|failed\|rc=\|Error" $L/gluon1b_tests.log | cut -c1-300 | tail -30
   grep -v "^ *$" $L/gluon1b_bench.log | tail -30
   grep -h "^FAILED\|passed\|failed\|rc=" $L/suite.log | cut -c1-200 | tail -20 ;;
+shards)
+  # issue 18's "0 errors over the GPU suite", a few shards a call: SHARDS="0/8 1/8" (tests/gpu_sanitize.sh's
+  # SHARD), the three tools side by side; commit each shard's summary.txt
+  for sh in ${SHARDS:-0/8}; do
+    for tool in memcheck racecheck synccheck; do
+      t "san_${tool}_${sh/\//of}" "${SAN_T:-540}" env OUT="$L/${tool}_${sh/\//of}" SANITIZER_TOOLS=$tool SHARD=$sh \
+        SAN_PYTEST_ARGS="-n ${SAN_N:-4}" bash tests/gpu_sanitize.sh
+    done
+  done
+  wait
+  cat $L/*/sanitizer/summary.txt ;;
 sanitize)
   for tool in memcheck racecheck synccheck; do
     t "san_$tool" "${SAN_T:-540}" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_PYTEST_ARGS="-n ${SAN_N:-4}" \

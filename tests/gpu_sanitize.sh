@@ -5,6 +5,7 @@
 #   OUT=/tmp/out bash tests/gpu_sanitize.sh                       # the default subset, all three tools
 #   SANITIZER_TOOLS=memcheck bash tests/gpu_sanitize.sh tests/test_decode.py -k paged
 #   SAN_PYTEST_ARGS="-n 4" OUT=/tmp/out bash tests/gpu_sanitize.sh  # pytest-xdist workers, each one sanitized
+#   SHARD=2/8 SAN_PYTEST_ARGS="-n 8" bash tests/gpu_sanitize.sh      # one eighth of the whole suite's files
 #
 # Writes $OUT/sanitizer/<tool>.log (the sanitizer's report), <tool>.pytest.log (the tests' output) and
 # summary.txt (one "ERROR SUMMARY" line and the pytest result per tool). Exits non-zero if a tool reports an
@@ -39,6 +40,16 @@ fi
 
 if [ $# -gt 0 ]; then
   TESTS=("$@")
+elif [ -n "${SHARD:-}" ]; then
+  # SHARD=k/n: every n-th test file from the k-th (0-based) of the whole suite, every test in them (gpu-marked
+  # too), so that n calls, in any sessions, cover the GPU suite; summary.txt names the shard and its files
+  k=${SHARD%/*}; n=${SHARD#*/}
+  mapfile -t ALL < <(ls tests/test_*.py | sort)
+  TESTS=()
+  for i in "${!ALL[@]}"; do
+    [ $((i % n)) -eq "$k" ] && TESTS+=("${ALL[$i]}")
+  done
+  echo "shard $SHARD: ${TESTS[*]}" | tee "$LOGS/shard.txt"
 else
   TESTS=(tests/test_nan.py tests/test_transactional.py tests/test_determinism.py tests/test_fuzz.py
          tests/test_decode.py tests/test_context.py tests/test_context_cyclic.py tests/test_beam.py
@@ -61,7 +72,8 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
   secs=$(( $(date +%s) - start ))
   summary=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS/$tool.log" | tail -1)
   result=$(tail -1 "$LOGS/$tool.pytest.log")
-  echo "$tool: exit $rc in ${secs}s | ${summary:-no summary line} | pytest: $result" | tee -a "$LOGS/summary.txt"
+  echo "$tool${SHARD:+ shard $SHARD}: exit $rc in ${secs}s | ${summary:-no summary line} | pytest: $result" \
+    | tee -a "$LOGS/summary.txt"
   [ $rc -ne 0 ] && status=1
 done
 exit $status

@@ -104,9 +104,22 @@ CASES = {
     "MQA G32 D128, 2 splits": (2, 160, 32, 1, 128, 0, [160, 47], 2),
     "G6 (padded to 16) D128": (1, 96, 12, 2, 128, 0, [96], 1),
     # sliding windows (left, right): the new token sees its last left + 1 keys; a right window hides nothing
-    "G4 D128 pages of 16, window 40, 3 splits": (3, 256, 8, 2, 128, 16, [256, 30, 41], 3, (40, -1)),
-    "MHA D64 contiguous, window 0": (2, 64, 4, 4, 64, 0, [64, 1], None, (0, -1)),
-    "G4 D128 contiguous, window (17, 5)": (2, 128, 8, 2, 128, 0, [128, 100], 2, (17, 5)),
+    "G4 D128 pages of 16, window 40, 3 splits": (3, 256, 8, 2, 128, 16, [256, 30, 41], 3, {"window_size": (40, -1)}),
+    "MHA D64 contiguous, window 0": (2, 64, 4, 4, 64, 0, [64, 1], None, {"window_size": (0, -1)}),
+    "G4 D128 contiguous, window (17, 5)": (2, 128, 8, 2, 128, 0, [128, 100], 2, {"window_size": (17, 5)}),
+    # soft-capping (Gemma 2's 50; a small cap that bends most scores), alone and with a window
+    "G4 D128 pages of 64, softcap 50": (2, 256, 8, 2, 128, 64, [256, 77], 3, {"softcap": 50.0}),
+    "G8 D64 contiguous, softcap 2, window 30": (
+        2,
+        96,
+        16,
+        2,
+        64,
+        0,
+        [96, 31],
+        2,
+        {"softcap": 2.0, "window_size": (30, -1)},
+    ),  # fmt: skip
 }
 
 
@@ -115,7 +128,7 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case, dtype, qdtype, monkeypatch):
-    b, n, hq, hkv, d, page, lens, splits, *window = CASES[case]
+    b, n, hq, hkv, d, page, lens, splits, *extra = CASES[case]
     monkeypatch.setenv("ATTN_GLUON_DECODE", "1")
     k, v, ks, vs, table = _cache(b, n, hkv, d, qdtype, page)
     q = torch.randn(b, 1, hq, d, dtype=dtype, device="cuda")
@@ -124,8 +137,8 @@ def test_matches_reference(case, dtype, qdtype, monkeypatch):
     real = gd.decode_1b
     monkeypatch.setattr(gd, "decode_1b", lambda *a, **kw: calls.append(kw["num_splits"]) or real(*a, **kw))
     kw = dict(block_table=table, k_scale=ks, v_scale=vs, num_splits=splits)
-    if window:
-        kw["window_size"] = window[0]
+    if extra:
+        kw.update(extra[0])
     out, lse = fast.decode(q, k, v, lens, return_lse=True, **kw)
     assert calls, "the call did not reach the Gluon kernel"
     ref, ref_lse = reference.decode(q.double(), k, v, lens, return_lse=True, **kw)
@@ -234,12 +247,13 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("ATTN_GLUON_DECODE", "1")
     fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs)
     assert calls == [1]
-    # features the kernel lacks stay with the tl.* kernel, opted in or not; a window it covers
-    fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs, softcap=30.0)
+    # features the kernel lacks stay with the tl.* kernel, opted in or not; windows and soft-cap it covers
     fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs, alibi_slopes=torch.ones(8, device="cuda"))
+    fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs, max_attention_window=32)
     assert calls == [1]
     fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs, window_size=(16, 0))
-    assert calls == [1, 1]
+    fast.decode(q, k, v, lens, k_scale=ks, v_scale=vs, softcap=30.0)
+    assert calls == [1, 1, 1]
 
 
 @sm90

@@ -944,9 +944,9 @@ def decode(
                 f"q must lie within fp16's range (|q| <= {F16_MAX}) over an INT8/FP8 cache, whose products run "
                 f"in fp16; got max |q| = {q_max}"
             )
-    # what the Gluon one-byte kernel does not cover (a window it does)
-    features = (args.softcap > 0 or args.alibi_slopes is not None or args.rel_bias is not None
-                or max_attention_window is not None or cache_indirection is not None or rotary_dim > 0)  # fmt: skip
+    # what the Gluon one-byte kernel does not cover (windows and soft-cap it does)
+    features = (args.alibi_slopes is not None or args.rel_bias is not None or max_attention_window is not None
+                or cache_indirection is not None or rotary_dim > 0)  # fmt: skip
     if mma_f16 and q.is_cuda and _gluon_decode(q, k_cache, v_cache, cache_seqlens, out, lse, args, block_table,
                                                num_splits, max_seqlen_k, features):  # fmt: skip
         return (out, lse) if return_lse else out
@@ -1080,7 +1080,9 @@ def _gluon_decode(q, k_cache, v_cache, cache_seqlens, out, lse, args, block_tabl
     gd.decode_1b(
         q, k_cache.view(torch.int8), v_cache.view(torch.int8), cache_seqlens, out,
         lse.view(bsz, q.shape[2], 1) if lse is not None else None, part, counters,
-        block_table=block_table, k_scale=args.k_scale, v_scale=args.v_scale, qk_scale=args.scale * LOG2E,
+        block_table=block_table, k_scale=args.k_scale, v_scale=args.v_scale,
+        qk_scale=args.scale / args.softcap if args.softcap > 0 else args.scale * LOG2E,
+        cap_log2=args.softcap * LOG2E if args.softcap > 0 else 0.0,
         num_splits=num_splits, min_chunk=min_chunk, len_cap=args.capacity, page_size=args.page_size,
         group=args.group_size, quant=quant_code(k_cache.dtype), err=_errors.error_word(q.device),
         window_left=args.window_left,

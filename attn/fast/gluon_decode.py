@@ -30,7 +30,7 @@ the rest of the memory latency. The last program of each pair to finish merges t
 
 Covered: Sq = 1, fp16/bf16 queries, INT8 and FP8 caches with ``[1]`` or ``[Hkv]`` scales, contiguous and paged
 caches whose pages hold a multiple of 16 tokens, D in {64, 128}, GQA groups up to 64, sliding windows
-(``window_size``; a left window bounds the keys a new token sees), ``return_lse``, the
+(``window_size``; a left window bounds the keys a new token sees), soft-capping, ``return_lse``, the
 in-kernel clamps and error bits of `attn.fast._errors`. Everything else stays with the ``tl.*`` kernel:
 see `supported`.
 
@@ -52,6 +52,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from . import _errors
 from ._triton import launch
+from .gluon_attention import _tanh
 
 HEAD_DIMS = (64, 128)
 # keys per tile: one m16n8k16 k-step of P·V
@@ -268,7 +269,8 @@ def _issue_tile(k_stage, v_stage, k_block, v_block, start, row0, first, hi, nk, 
 @gluon.jit
 def _attend(q, k, v, start, first, hi, col_key, scale, m_i, l_i, acc, QUANT: gl.constexpr,
             HEAD_DIM: gl.constexpr, MMA: gl.constexpr, K_BITS: gl.constexpr, K_PERM: gl.constexpr,
-            V_BITS: gl.constexpr, V_PERM: gl.constexpr, HAS_WINDOW: gl.constexpr):  # fmt: skip
+            V_BITS: gl.constexpr, V_PERM: gl.constexpr, HAS_WINDOW: gl.constexpr, cap_log2,
+            HAS_SOFTCAP: gl.constexpr):  # fmt: skip
     """One tile of codes (`_load_tile`) into the running softmax state: widen, relabel into the mma operands,
     Q·Kᵀ, the online softmax (log2 units), P·V."""
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -276,6 +278,9 @@ def _attend(q, k, v, start, first, hi, col_key, scale, m_i, l_i, acc, QUANT: gl.
     BLOCK_M: gl.constexpr = q.shape[0]
     kt = gl.convert_layout(_relabel(_widen(k, QUANT), K_BITS, K_PERM, HEAD_DIM, TILE), B_OP, assert_trivial=True)
     s = mma_v2(q, kt, gl.zeros([BLOCK_M, TILE], gl.float32, MMA)) * scale
+    if HAS_SOFTCAP:
+        # scale is then (softmax scale / softcap)·k_scale: softcap·tanh(s / softcap), in log2 units
+        s = cap_log2 * _tanh(s)
     key = start + col_key
     visible = key < hi
     if HAS_WINDOW:
@@ -311,10 +316,10 @@ def _decode_1b_kernel(
     v_scale_ptr,
     stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_ob, stride_oh,
     stride_lb, stride_lh, stride_bt,
-    num_heads_kv, num_splits, min_chunk, len_cap, pool_rows, max_blocks, qk_scale, window_left,
+    num_heads_kv, num_splits, min_chunk, len_cap, pool_rows, max_blocks, qk_scale, window_left, cap_log2,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, QUANT: gl.constexpr, Q_F16: gl.constexpr,
     PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, SPLIT_MERGE: gl.constexpr, STORE_LSE: gl.constexpr,
-    HAS_WINDOW: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr, SMEM_K: gl.constexpr,
+    HAS_WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr, SMEM_K: gl.constexpr,
     SMEM_V: gl.constexpr, LK: gl.constexpr, LV: gl.constexpr, LQ: gl.constexpr, LM: gl.constexpr, MMA: gl.constexpr,
     K_BITS: gl.constexpr, K_PERM: gl.constexpr, V_BITS: gl.constexpr, V_PERM: gl.constexpr, Q_BITS: gl.constexpr,
     Q_PERM: gl.constexpr,
@@ -399,10 +404,12 @@ def _decode_1b_kernel(
                                       first, hi, nk, nv, dk, dv, stride_kn, stride_vn, HAS_WINDOW)  # fmt: skip
                 entry_b = next_b
             m_i, l_i, acc = _attend(q, k_a, v_a, start, first, hi, col_key, scale, m_i, l_i, acc, QUANT,
-                                    HEAD_DIM, MMA, K_BITS, K_PERM, V_BITS, V_PERM, HAS_WINDOW)  # fmt: skip
+                                    HEAD_DIM, MMA, K_BITS, K_PERM, V_BITS, V_PERM, HAS_WINDOW, cap_log2,
+                                    HAS_SOFTCAP)  # fmt: skip
             if STEP == 2:
                 m_i, l_i, acc = _attend(q, k_b, v_b, start + TILE, first, hi, col_key, scale, m_i, l_i, acc,
-                                        QUANT, HEAD_DIM, MMA, K_BITS, K_PERM, V_BITS, V_PERM, HAS_WINDOW)  # fmt: skip
+                                        QUANT, HEAD_DIM, MMA, K_BITS, K_PERM, V_BITS, V_PERM, HAS_WINDOW, cap_log2,
+                                    HAS_SOFTCAP)  # fmt: skip
             entry_a = next_a
     else:
         # a ring of STAGES tiles in shared memory, filled by cp.async STAGES - 1 tiles ahead of the products:
@@ -434,7 +441,8 @@ def _decode_1b_kernel(
             k = k_smem.index(r).load(LK)
             v = v_smem.index(r).load(LV)
             m_i, l_i, acc = _attend(q, k, v, start, first, hi, col_key, scale, m_i, l_i, acc, QUANT, HEAD_DIM,
-                                    MMA, K_BITS, K_PERM, V_BITS, V_PERM, HAS_WINDOW)  # fmt: skip
+                                    MMA, K_BITS, K_PERM, V_BITS, V_PERM, HAS_WINDOW, cap_log2,
+                                    HAS_SOFTCAP)  # fmt: skip
             entry = entry_next
             it += 1
         # no copy may still be writing shared memory when the program ends
@@ -533,7 +541,7 @@ def _is_sm90(index: int) -> bool:
 def supported(q, k_cache, *, paged, page_size, group, head_dim, capacity, features) -> bool:
     """Whether this kernel covers a checked decode call: sm_90, one new token, a 16-bit query over an INT8 /
     FP8 cache, D 64 or 128, a GQA group of at most 64, pages a multiple of 16 tokens, and none of ``features``
-    (soft-cap, ALiBi, T5, a cyclic cache, beams, RoPE at read time: the tl.* kernel's; a window is covered)."""
+    (ALiBi, T5, a cyclic cache, beams, RoPE at read time: the tl.* kernel's; windows and soft-cap are covered)."""
     return (
         q.is_cuda
         and _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
@@ -580,7 +588,7 @@ def choose_num_splits(batch: int, num_heads_kv: int, max_seqlen_k: int, num_sms:
 
 def launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, *, block_table, k_scale, v_scale,
                 qk_scale, num_splits, min_chunk, len_cap, page_size, group, quant, err, window_left=-1,
-                step=None, stages=None):  # fmt: skip
+                cap_log2=0.0, step=None, stages=None):  # fmt: skip
     """The grid, positional operands and constexprs of one launch (`decode_1b`; the compile probe
     bench/probes/gluon_decode_sass.py builds the same from CPU tensors)."""
     bsz, _, hq, d = q.shape
@@ -599,12 +607,13 @@ def launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, *,
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         block_table.stride(0) if paged else 0,
         hkv, num_splits, min_chunk, len_cap, k_cache.shape[0], block_table.shape[1] if paged else 0, qk_scale,
-        max(window_left, 0),
+        max(window_left, 0), cap_log2,
     )  # fmt: skip
     constexprs = dict(
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, QUANT=quant,
         Q_F16=q.dtype == torch.float16, PAGED=paged, PAGE_SIZE=page_size if paged else TILE_KEYS,
-        SPLIT_MERGE=split, STORE_LSE=lse is not None, HAS_WINDOW=window_left >= 0, STEP=step, STAGES=stages,
+        SPLIT_MERGE=split, STORE_LSE=lse is not None, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=cap_log2 > 0,
+        STEP=step, STAGES=stages,
         num_warps=1,
         SMEM_K=gl.SwizzledSharedLayout(1, 1, 1, [0, 1]), SMEM_V=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
         **layouts(d, block_m),
@@ -613,9 +622,9 @@ def launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, *,
 
 
 def decode_1b(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, **kw) -> None:
-    """Launch on checked operands (`attn.fast.decode.decode` prepares them: ``qk_scale`` in log2 units, the
-    split buffers and counters, the error word ``err``; keywords as `launch_args`). Writes ``out [B, 1, Hq, D]``
-    and ``lse [B, Hq, 1]`` (or None)."""
+    """Launch on checked operands (`attn.fast.decode.decode` prepares them: ``qk_scale`` in log2 units, or with a
+    soft-cap ``scale / softcap`` and ``cap_log2 = softcap·log2(e)``; the split buffers and counters, the error
+    word ``err``; keywords as `launch_args`). Writes ``out [B, 1, Hq, D]`` and ``lse [B, Hq, 1]`` (or None)."""
     grid, args, constexprs = launch_args(q, k_cache, v_cache, cache_seqlens, out, lse, part, counters, **kw)
     # through attn's launcher, imported by name as in the tl.* kernels' modules: a repeated specialization skips
     # Triton's binding, and a DecodePlan's recorder (which swaps the name `launch` in attn.fast's modules, this

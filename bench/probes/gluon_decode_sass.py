@@ -39,10 +39,11 @@ CASES = [
     ("fp8 paged64 G4 D128 split, cp.async ring 3", 8, 4096, 32, 8, 128, F8, BF, 64, 16, False, 3),
     ("fp8 paged16 G4 D128 split, window 1000", 8, 4096, 32, 8, 128, F8, BF, 16, 4, False, 0, 1000),
     ("int8 contig G4 D128 split, ring 4, window 1000", 8, 4096, 32, 8, 128, I8, BF, 0, 4, False, 4, 1000),
+    ("fp8 contig G4 D128 split, softcap 50", 8, 4096, 32, 8, 128, F8, BF, 0, 16, False, 0, -1, 50.0),
 ]
 
 
-def compile_case(b, n, hq, hkv, d, kv_dtype, q_dtype, page, splits, want_lse, stages=0, window=-1):
+def compile_case(b, n, hq, hkv, d, kv_dtype, q_dtype, page, splits, want_lse, stages=0, window=-1, softcap=0.0):
     q = torch.empty(b, 1, hq, d, dtype=q_dtype)
     if page:
         k = torch.empty(b * n // page, page, hkv, d, dtype=kv_dtype)
@@ -62,6 +63,7 @@ def compile_case(b, n, hq, hkv, d, kv_dtype, q_dtype, page, splits, want_lse, st
         q, k, v, lens, out, lse, part, counters, block_table=table, k_scale=scale, v_scale=scale,
         qk_scale=0.1, num_splits=splits, min_chunk=0, len_cap=n, page_size=page, group=hq // hkv,
         quant=1 if kv_dtype == torch.int8 else 2, stages=stages, window_left=window,
+        cap_log2=softcap * 1.4426950408889634,
         err=torch.zeros(1, dtype=torch.int32),
     )  # fmt: skip
     kernel = gd._decode_1b_kernel

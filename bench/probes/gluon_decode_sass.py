@@ -18,11 +18,7 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from sass_tools import TARGET, loops, parse, resources, sass_of  # noqa: E402
-from triton.compiler import make_backend  # noqa: E402
-from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
+from sass_tools import compile_for_target, loops, parse, resources, sass_of  # noqa: E402
 
 from attn.fast import gluon_decode as gd  # noqa: E402
 
@@ -67,12 +63,7 @@ def compile_case(b, n, hq, hkv, d, kv_dtype, q_dtype, page, splits, want_lse, st
         err=torch.zeros(1, dtype=torch.int32),
     )  # fmt: skip
     kernel = gd._decode_1b_kernel
-    backend = make_backend(TARGET)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*args, **constexprs)
-    options, signature, consts, attrs = kernel._pack_args(backend, options, bound, specialization, options)
-    src = GluonASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=options.__dict__)
+    return compile_for_target(kernel, args, constexprs)
 
 
 def main() -> int:

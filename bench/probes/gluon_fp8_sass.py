@@ -18,10 +18,7 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from sass_tools import TARGET, loops, parse, resources, sass_of  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
+from sass_tools import compile_for_target, loops, parse, resources, sass_of  # noqa: E402
 
 from attn.fast import fp8_prefill as fk  # noqa: E402
 
@@ -52,12 +49,7 @@ def captured(b, sq, sk, hq, hkv, d, causal, config):
 def compile_fp8(b, sq, sk, hq, hkv, d, causal, config):
     args, kw = captured(b, sq, sk, hq, hkv, d, causal, config)
     kernel = fk._fp8_fwd
-    backend = make_backend(TARGET)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*args, **kw)
-    options, signature, consts, attrs = kernel._pack_args(backend, options, bound, specialization, options)
-    src = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=options.__dict__)
+    return compile_for_target(kernel, args, kw)
 
 
 def main() -> None:

@@ -20,11 +20,7 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from sass_tools import TARGET, loops, parse, resources, sass_of  # noqa: E402
-from triton.compiler import make_backend  # noqa: E402
-from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
+from sass_tools import compile_for_target, loops, parse, resources, sass_of  # noqa: E402
 
 from attn.fast import gluon_attention as ga  # noqa: E402
 
@@ -145,12 +141,7 @@ def compile_case(c):
     if layout == "packed":
         assert constexprs["IS_PACKED"], "a packed case must compile the packed variant"
     kernel = ga._attn_fwd_gluon
-    backend = make_backend(TARGET)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*args, **constexprs)
-    options, signature, consts, attrs = kernel._pack_args(backend, options, bound, specialization, options)
-    src = GluonASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=options.__dict__)
+    return compile_for_target(kernel, args, constexprs)
 
 
 def order(ops) -> str:

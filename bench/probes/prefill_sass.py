@@ -30,10 +30,7 @@ import tempfile
 from collections import Counter
 
 import torch
-import triton
-from sass_tools import TARGET, loops, parse, resources, sass_of
-from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import create_function_from_signature
+from sass_tools import compile_for_target, loops, parse, resources, sass_of
 
 import attn.fast  # noqa: F401  (sets up Triton before anything else imports it)
 from attn import RelativeBias, alibi_slopes
@@ -84,13 +81,8 @@ def compile_prefill(mod, kw, config):
     for name in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
         constexprs.pop(name, None)
     kernel = mod._attn_fwd_kernel
-    backend = make_backend(TARGET)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                            num_stages=stages)  # fmt: skip
-    options, signature, consts, attrs = kernel._pack_args(backend, options, bound, specialization, options)
-    src = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=options.__dict__)
+    config_kw = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return compile_for_target(kernel, args, {**constexprs, **config_kw})
 
 
 def count(ops):

@@ -9,9 +9,26 @@ import subprocess
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_for_target(kernel, args, constexprs: dict):
+    """Compile a ``triton.jit`` or ``gluon.jit`` kernel for sm_90a without a GPU, specialized as its GPU launch with
+    these operands (CPU tensors of the launch's dtypes and strides) would be: Triton's own binder decides the
+    dtypes, 16-byte alignments and integer specializations."""
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **constexprs)
+    options, signature, consts, attrs = kernel._pack_args(backend, options, bound, specialization, options)
+    source = GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource
+    src = source(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=TARGET, options=options.__dict__)
 
 
 def sass_of(kern, tmp: str) -> tuple[str, str]:

@@ -27,6 +27,21 @@ def is_interpreter() -> bool:
     return _INTERPRET
 
 
+# int8 -> fp16, four codes at a time (inline PTX for tl.inline_asm_elementwise with pack=4, as in the decode
+# kernels' widening): each byte plus 128 (xor 0x80) becomes the low mantissa byte of 1024.0 (high byte 0x64), which
+# reads as 1024 + 128 + x; subtracting 1152 (0x6480) from both halves leaves x exactly. FasterTransformer's trick.
+INT8_TO_F16 = tl.constexpr("""{
+            .reg .b32 t, hi, m;
+            xor.b32 t, $2, 0x80808080;
+            mov.b32 hi, 0x64646464;
+            mov.b32 m, 0x64806480;
+            prmt.b32 $0, t, hi, 0x4140;
+            prmt.b32 $1, t, hi, 0x4342;
+            sub.f16x2 $0, $0, m;
+            sub.f16x2 $1, $1, m;
+            }""")
+
+
 def current_stream(device: int) -> int:
     """The raw handle of ``device``'s current stream, as Triton's own launcher asks for it:
     torch.cuda.current_stream() builds a Stream object (4.6 µs per call on the H200 machine)."""

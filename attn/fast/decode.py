@@ -29,7 +29,7 @@ from ..checks import F16_MAX, check_decode, check_seqlen_hints
 from ..reference.preprocess import RopeScaling
 from . import _errors
 from . import gluon_decode as gd
-from ._triton import autotune_enabled, cdiv, current_stream, is_interpreter, launch, next_power_of_2
+from ._triton import INT8_TO_F16, autotune_enabled, cdiv, current_stream, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _tanh, relative_bias_operands
 from .kv_cache import quant_code, rope_pairs
 from .preprocess import _cos_sin
@@ -124,21 +124,11 @@ def _bit_or(a, b):
 def _widen(x, dtype: tl.constexpr, INT8_ASM: tl.constexpr):
     """A tile of int8 or e4m3 codes (or of keys already turned by RoPE) in the products' dtype, exactly."""
     if INT8_ASM and x.dtype == tl.int8 and dtype == tl.float16:
-        # int8 -> fp16 four at a time, with integer and half2 operations instead of one conversion per code
-        # (the conversion units issue at a quarter of the integer rate). Each byte plus 128 (xor 0x80) becomes
-        # the low mantissa byte of 1024.0 (high byte 0x64), which reads as 1024 + 128 + x; subtracting 1152
-        # (0x6480) leaves x. The trick is FasterTransformer's; the interpreter takes the plain conversion.
+        # int8 -> fp16 four at a time (INT8_TO_F16, FasterTransformer's trick), with integer and half2 operations
+        # instead of one conversion per code (the conversion units issue at a quarter of the integer rate); the
+        # interpreter takes the plain conversion.
         return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, hi, m;
-            xor.b32 t, $2, 0x80808080;
-            mov.b32 hi, 0x64646464;
-            mov.b32 m, 0x64806480;
-            prmt.b32 $0, t, hi, 0x4140;
-            prmt.b32 $1, t, hi, 0x4342;
-            sub.f16x2 $0, $0, m;
-            sub.f16x2 $1, $1, m;
-            }""",
+            asm=INT8_TO_F16,
             constraints="=r,=r,r",
             args=[x],
             dtype=tl.float16,

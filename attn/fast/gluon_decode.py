@@ -51,7 +51,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from . import _errors
-from ._triton import launch
+from ._triton import INT8_TO_F16, launch
 from .gluon_attention import _tanh
 
 HEAD_DIMS = (64, 128)
@@ -62,20 +62,6 @@ MAX_GROUP = 64
 LENGTHS = gl.constexpr(_errors.LENGTHS)
 BLOCK_TABLE = gl.constexpr(_errors.BLOCK_TABLE)
 QUERY_RANGE = gl.constexpr(_errors.QUERY_RANGE)
-
-# int8 -> fp16, four codes at a time: each byte plus 128 (xor 0x80) becomes the low mantissa byte of 1024.0
-# (high byte 0x64), which reads as 1024 + 128 + x; subtracting 1152 (0x6480) leaves x exactly. The same trick as
-# the tl.* kernel's _widen (FasterTransformer's).
-INT8_TO_F16 = gl.constexpr("""{
-    .reg .b32 t, hi, m;
-    xor.b32 t, $2, 0x80808080;
-    mov.b32 hi, 0x64646464;
-    mov.b32 m, 0x64806480;
-    prmt.b32 $0, t, hi, 0x4140;
-    prmt.b32 $1, t, hi, 0x4342;
-    sub.f16x2 $0, $0, m;
-    sub.f16x2 $1, $1, m;
-    }""")
 
 
 # ---------------------------------------------------------------------------------------------------------------

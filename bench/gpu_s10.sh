@@ -13,23 +13,24 @@
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
 t() { name=$1; lim=$2; shift 2; ( timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$? :: $name" >> "$L/$name.log" ) & }
-b() { name=$1; lim=$2; shift 2; timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$?" >> "$L/$name.log"; }
+# b runs one step alone and archives what there is, so a call cut at the device's limit still returns its logs
+b() { name=$1; lim=$2; shift 2; timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$?" >> "$L/$name.log"
+      tar czf "$OUT/logs.tgz" -C $L .; }
 case "${MODE:-verify}" in
 final)
   # the fixed Gluon decode tests beside the suite's last files (earlier calls ran out before them), then on a
-  # quiet GPU: the one-byte decode benchmark, plan.run's host time, the Gluon prefill grid; last, memcheck
+  # quiet GPU: the one-byte decode benchmark, plan.run's host time, memcheck, then the optional sweep and grid
   t gluon1b_tests 90 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 6 -rf --tb=short \
     tests/test_gluon_decode.py
   t suite_tail 90 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 8 -rf --tb=short \
     tests/test_relative_bias.py tests/test_sinks.py tests/test_soak.py tests/test_transactional.py
   wait
   b gluon1b_bench 130 python3 -m bench.bench_decode_1b --out $L/decode_1b.json --variants gluon_step2,gluon_ring4
-  tar czf "$OUT/logs.tgz" -C $L .  # what there is so far, in case the call runs out
   b plan_host 40 python3 bench/probes/plan_host_profile.py
-  [ -n "${SWEEP:-}" ] && b gluon1b_sweep 90 python3 -m bench.bench_decode_1b --sweep --out $L/decode_1b_sweep.json
-  [ -n "${GRID:-}" ] && b gluon_grid 150 python3 -m bench.bench_gluon --grid --out $L --repeat 1 --rep 30 --warmup 10
   b memcheck_1b "${SAN_T:-70}" env OUT=$L/memcheck_1b SANITIZER_TOOLS=memcheck SAN_PYTEST_ARGS="-n 6" \
     bash tests/gpu_sanitize.sh tests/test_gluon_decode.py
+  [ -n "${SWEEP:-}" ] && b gluon1b_sweep 90 python3 -m bench.bench_decode_1b --sweep --out $L/decode_1b_sweep.json
+  [ -n "${GRID:-}" ] && b gluon_grid 150 python3 -m bench.bench_gluon --grid --out $L --repeat 1 --rep 30 --warmup 10
   grep -h "FAILED\|passed\|failed\|rc=" $L/gluon1b_tests.log $L/suite_tail.log | cut -c1-200
   grep -v "^ *$" $L/gluon1b_bench.log | tail -45
   grep "run=\|rc=" $L/plan_host.log

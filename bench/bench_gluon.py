@@ -264,6 +264,7 @@ def run_fp8_shape(shape, args) -> dict:
     record, against the float32 reference of the bf16 inputs (what quantizing the inputs costs)."""
     import attn.fast as fast
     from attn.fast import fp8_prefill as fk
+    from attn.fast import gluon_attention as ga
     from attn.reference import attention as ref_attention
     from attn.reference import fp8_attention as fr
 
@@ -274,7 +275,9 @@ def run_fp8_shape(shape, args) -> dict:
     (q8, qd), (k8, kd), (v8, vd) = (fr.quantize_fp8(t, shape.heads_kv) for t in (x.q, x.k, x.v))
     result: dict[str, Any] = {"name": "FP8 " + shape.name, "flops": flops, "contenders": {}}
     fns = {
+        # the call as a user makes it (the tl.* FP8 kernel unless ATTN_GLUON=1), and the Gluon FP8 kernel
         "fp8": (lambda: fk.attention_fp8(q8, k8, v8, qd, kd, vd, causal=shape.causal), None),
+        "fp8_gluon": (lambda: fk.attention_fp8(q8, k8, v8, qd, kd, vd, causal=shape.causal), "1"),
         "bf16_default": (lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal), None),
         "bf16_tl": (lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal), "0"),
     }
@@ -282,13 +285,27 @@ def run_fp8_shape(shape, args) -> dict:
     with torch.no_grad():
         want8 = fr.attention_fp8(q8[:, rows], k8, v8, qd, kd, vd, causal=shape.causal).float()
         want = ref_attention(x.q[:, rows].float(), x.k.float(), x.v.float(), causal=shape.causal)
+    real, launches = ga.attention_fp8_gluon, []
+
+    def counted(*a, **kw):
+        launches.append(1)
+        return real(*a, **kw)
+
     for name, (fn, env) in fns.items():
-        with _env(env):
-            out = fn()
-            torch.cuda.synchronize()
+        launches.clear()
+        ga.attention_fp8_gluon = counted
+        try:
+            with _env(env):
+                out = fn()
+                torch.cuda.synchronize()
+        finally:
+            ga.attention_fp8_gluon = real
         got = out[:, rows].float()
         rec = {"status": "ok", "err_vs_fp32_ref": rel_err(want, got), "note": f"ATTN_GLUON={env}"}
-        if name == "fp8":
+        if name == "fp8_gluon" and not launches:
+            rec["status"] = "not launched"
+            print("  fp8_gluon: the Gluon FP8 kernel did not run (not sm_90, or fp8_supported refused)", flush=True)
+        if name.startswith("fp8"):
             rec["err_vs_fp8_ref"] = rel_err(want8, got)
             # a sanity bound, not a tolerance (tests/test_fp8_prefill.py has those): P rounded against the running
             # max instead of the final one differs by up to ~2^-4/sqrt(3) relative per rounding, 1-4% RMS of the
@@ -301,16 +318,21 @@ def run_fp8_shape(shape, args) -> dict:
     times: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(args.repeat):
         for name, (fn, env) in fns.items():
+            if result["contenders"][name]["status"] == "not launched":
+                continue
             with _env(env):
                 ms, method = common.time_ms(fn, args.warmup, args.rep)
             times[name].append(ms)
             result["contenders"][name]["timing"] = method
     for name, ts in times.items():
-        rec = result["contenders"][name]
-        ms = statistics.median(ts)
-        rec.update(ms=ms, ms_all=ts, tflops=common.tflops(flops, ms))
+        if ts:
+            rec = result["contenders"][name]
+            ms = statistics.median(ts)
+            rec.update(ms=ms, ms_all=ts, tflops=common.tflops(flops, ms))
     base = result["contenders"]["bf16_default"]["ms"]
     for name, rec in result["contenders"].items():
+        if "ms" not in rec:
+            continue
         rec["vs_bf16_default"] = base / rec["ms"]
         extra = f"  err vs fp8 ref {rec['err_vs_fp8_ref']:.1e}" if "err_vs_fp8_ref" in rec else ""
         print(f"  {name:<13} {rec['ms']:8.3f} ms  {rec['tflops']:6.1f} TFLOP/s  x{rec['vs_bf16_default']:.2f} vs "
@@ -495,6 +517,7 @@ def main(argv=None) -> int:
                    help="time GRID_SHAPES (S1024/2048, causal and full, D64/128, MHA and GQA 4; S4096 causal and full) "
                    "with GRID_COLUMNS "
                    "instead of the shape table, and nothing else (no FP8, seqlens or ALiBi tables)")  # fmt: skip
+    p.add_argument("--fp8-only", action="store_true", help="only the FP8 table (its shapes: S >= 4096)")
     p.add_argument("--seqlens", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the packed shape's lengths as seqlens_q/k in the padded layout")  # fmt: skip
     args = p.parse_args(argv)
@@ -523,7 +546,9 @@ def main(argv=None) -> int:
         "ratio_definition": "vs_cudnn = cudnn_ms / ms, vs_tl = tl_ms / ms (> 1: faster than that peer)",
         "results": [],
     }  # fmt: skip
-    for shape in shapes:
+    if args.fp8_only:
+        args.fp8, args.seqlens, args.alibi = True, False, False
+    for shape in [] if args.fp8_only else shapes:
         _record(doc, "results", "", out_path, run_shape, shape, args, ceilings)
     if args.fp8:
         for shape in [s for s in shapes if s.seqlen >= 4096]:
@@ -536,16 +561,18 @@ def main(argv=None) -> int:
     if args.alibi:
         for shape in [s for s in SHAPES if s.name in ALIBI_SHAPES]:
             _record(doc, "alibi_results", "ALiBi ", out_path, run_alibi_shape, shape, args)
-    print("\n" + summary(doc["results"], ceilings))
+    if doc["results"]:
+        print("\n" + summary(doc["results"], ceilings))
     if doc.get("fp8_results"):
         rows = []
         for r in doc["fp8_results"]:
             c = r["contenders"]
             cells = [f"{c[n]['tflops']:.0f} ({c[n]['vs_bf16_default']:.2f})" if c.get(n, {}).get("ms") else "ERR"
-                     for n in ("fp8", "bf16_default", "bf16_tl")]  # fmt: skip
+                     for n in ("fp8", "fp8_gluon", "bf16_default", "bf16_tl")]  # fmt: skip
             rows.append([r["name"][4:], *cells])
         print("\nFP8 prefill, TFLOP/s (bf16_default_ms / ms in parentheses; target fp8 >= 1.6)")
-        print(common.format_table(["shape", "fp8", "bf16_default", "bf16_tl"], rows))
+        print(common.format_table(["shape", "fp8 (default call)", "fp8_gluon (ATTN_GLUON=1)", "bf16_default",
+                                   "bf16_tl"], rows))  # fmt: skip
     if doc.get("seqlens_results"):
         rows = []
         for r in doc["seqlens_results"]:

@@ -10,6 +10,7 @@
 #   MODE=final OUT=$OUT bash bench/gpu_s10.sh     # the Gluon decode's tests and benchmark, plan.run's host time
 #                                                 # (GRID=1: the Gluon prefill grid; SWEEP=1: the split sweep)
 #   MODE=shards SHARDS="0/8" OUT=$OUT bash ...    # the three sanitizers over shards of the whole suite
+#   MODE=s11 SWEEP=1 OUT=$OUT bash bench/gpu_s10.sh # final's work plus the Gluon FP8 prefill's tests and table
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
 t() { name=$1; lim=$2; shift 2; ( timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$? :: $name" >> "$L/$name.log" ) & }
@@ -36,6 +37,29 @@ final)
   grep "run=\|rc=" $L/plan_host.log
   grep -sh "sweep\|rc=" $L/gluon1b_sweep.log
   grep -sh "==\|gluon \|serial\|ovl\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120 | tail -40
+  cat $L/memcheck_1b/sanitizer/summary.txt ;;
+s11)
+  # session 11: the Gluon FP8 prefill's tests beside the Gluon decode's and the suite's last files; then on a
+  # quiet GPU the one-byte decode benchmark, the FP8 table (tl.* and Gluon FP8 against our bf16), plan.run's host
+  # time, memcheck over the Gluon decode tests, and (SWEEP=1) the decode split sweep
+  t gluon1b_tests 100 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 5 -rf --tb=short \
+    tests/test_gluon_decode.py
+  t fp8_tests 100 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 4 -rf --tb=short \
+    tests/test_fp8_prefill.py tests/test_nan.py -k "fp8"
+  t suite_tail 100 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 5 -rf --tb=short \
+    tests/test_relative_bias.py tests/test_sinks.py tests/test_soak.py tests/test_transactional.py
+  wait
+  b gluon1b_bench 130 python3 -m bench.bench_decode_1b --out $L/decode_1b.json --variants gluon_step2,gluon_ring4
+  b fp8_bench 90 python3 -m bench.bench_gluon --fp8-only --out $L/fp8.json --repeat 1 --rep 30 --warmup 10
+  b plan_host 40 python3 bench/probes/plan_host_profile.py
+  b memcheck_1b "${SAN_T:-60}" env OUT=$L/memcheck_1b SANITIZER_TOOLS=memcheck SAN_PYTEST_ARGS="-n 6" \
+    bash tests/gpu_sanitize.sh tests/test_gluon_decode.py
+  [ -n "${SWEEP:-}" ] && b gluon1b_sweep 80 python3 -m bench.bench_decode_1b --sweep --out $L/decode_1b_sweep.json
+  grep -h "FAILED\|passed\|failed\|rc=" $L/gluon1b_tests.log $L/fp8_tests.log $L/suite_tail.log | cut -c1-200
+  grep -v "^ *$" $L/gluon1b_bench.log | tail -45
+  grep -A12 "^FP8 prefill, TFLOP" $L/fp8_bench.log; grep "WRONG\|not launched\|rc=\|Error" $L/fp8_bench.log
+  grep "run=\|rc=" $L/plan_host.log
+  grep -sh "sweep\|rc=" $L/gluon1b_sweep.log
   cat $L/memcheck_1b/sanitizer/summary.txt ;;
 gluon1b)
   # the Gluon one-byte decode: its GPU tests, its benchmark on a quiet GPU, then the whole suite

@@ -227,3 +227,92 @@ def test_kernel_matches_reference_gpu(shape, causal):
     _check_against_reference(
         out, ref, exact, p, l_sum, vf, f"{shape_id(*shape)} {causal=}", shape[2] <= fk._config(shape[5])["BLOCK_N"]
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Gluon FP8 kernel (sm_90 only: Gluon does not run in the interpreter), against the same reference and bounds
+
+ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+sm90 = pytest.mark.skipif(not ON_SM90, reason="the Gluon FP8 kernel is for sm_90 (H100/H200)")
+
+# many tiles with GQA 4 and a ragged last tile; MHA over 16 tiles; MQA with Sq < Sk and Sk not a multiple of 16
+# (Vᵀ's padded rows); Sq > Sk (causal rows that see no key); length 1; one past the tiles on both axes
+GLUON_SHAPES = [
+    (2, 1000, 1000, 8, 2, 128),
+    (1, 2048, 2048, 4, 4, 128),
+    (1, 777, 1500, 4, 1, 64),
+    (1, 150, 90, 2, 1, 64),
+    (1, 1, 1, 2, 2, 128),
+    (3, 129, 257, 4, 2, 128),
+]
+
+
+def _count_gluon_fp8(monkeypatch) -> list:
+    """ATTN_GLUON=1, and a list that grows by one for every call that reaches the Gluon FP8 kernel."""
+    from attn.fast import gluon_attention as ga
+
+    monkeypatch.setenv("ATTN_GLUON", "1")
+    calls: list = []
+    real = ga.attention_fp8_gluon
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ga, "attention_fp8_gluon", counted)
+    return calls
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", GLUON_SHAPES, ids=lambda s: shape_id(*s))
+def test_gluon_fp8_matches_reference(shape, causal, monkeypatch):
+    calls = _count_gluon_fp8(monkeypatch)
+    q8, k8, v8, qd, kd, vd = _inputs(*shape, "cuda", spread=2.0)
+    out = torch.full((*q8.shape[:3], q8.shape[3]), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ref = fr.attention_fp8(q8, k8, v8, qd, kd, vd, causal=causal)
+    exact, p, l_sum, vf = _exact(q8, k8, v8, qd, kd, vd, causal)
+    # through the public wrapper (ATTN_GLUON=1), then into a NaN-poisoned output directly
+    got = fk.attention_fp8(q8, k8, v8, qd, kd, vd, causal=causal)
+    assert calls, "attention_fp8 with ATTN_GLUON=1 did not reach the Gluon FP8 kernel"
+    _check_against_reference(got, ref, exact, p, l_sum, vf, f"gluon {shape_id(*shape)} {causal=}", False)
+    from attn.fast import gluon_attention as ga
+
+    ga.attention_fp8_gluon(q8, k8, v8, torch.stack([qd, kd, vd]), scale=shape[5] ** -0.5, causal=causal, out=out)
+    _check_against_reference(out, ref, exact, p, l_sum, vf, f"gluon into NaN {shape_id(*shape)} {causal=}", False)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("variant", [dict(consumers=1), dict(overlap=False), dict(block_n=64)],
+                         ids=["one_partition", "no_overlap", "n64"])  # fmt: skip
+def test_gluon_fp8_variants(variant):
+    from attn.fast import gluon_attention as ga
+
+    shape = (2, 700, 900, 8, 2, 128)
+    q8, k8, v8, qd, kd, vd = _inputs(*shape, "cuda", spread=2.0)
+    for causal in (False, True):
+        out = ga.attention_fp8_gluon(q8, k8, v8, torch.stack([qd, kd, vd]), scale=128**-0.5, causal=causal,
+                                     **variant)  # fmt: skip
+        ref = fr.attention_fp8(q8, k8, v8, qd, kd, vd, causal=causal)
+        exact, p, l_sum, vf = _exact(q8, k8, v8, qd, kd, vd, causal)
+        _check_against_reference(out, ref, exact, p, l_sum, vf, f"gluon {variant} {causal=}", False)
+
+
+@pytest.mark.gpu
+@sm90
+def test_gluon_fp8_dispatch(monkeypatch):
+    # the default call stays on the tl.* kernel (the Gluon one is opt-in until measured faster); ATTN_GLUON=1
+    # takes it wherever fp8_supported holds, and D256 stays on tl.* either way
+    calls = _count_gluon_fp8(monkeypatch)
+    monkeypatch.delenv("ATTN_GLUON")
+    q8, k8, v8, qd, kd, vd = _inputs(1, 64, 64, 2, 1, 128, "cuda")
+    fk.attention_fp8(q8, k8, v8, qd, kd, vd)
+    assert not calls
+    monkeypatch.setenv("ATTN_GLUON", "1")
+    fk.attention_fp8(q8, k8, v8, qd, kd, vd)
+    assert len(calls) == 1
+    q8, k8, v8, qd, kd, vd = _inputs(1, 64, 64, 2, 1, 256, "cuda")
+    fk.attention_fp8(q8, k8, v8, qd, kd, vd)
+    assert len(calls) == 1

@@ -416,6 +416,23 @@ def test_gpu_fp8_prefill_nan_codes():
     assert torch.isfinite(out[0, :, 0]).all() and torch.isfinite(out[0, :200]).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                    reason="the Gluon FP8 kernel is for sm_90")  # fmt: skip
+@pytest.mark.parametrize("s", [100, 1000, 1500])
+def test_gpu_fp8_prefill_nan_codes_gluon(s, monkeypatch):
+    # the Gluon FP8 kernel (ATTN_GLUON=1): a NaN code in V reaches exactly the rows that see its key, in masked
+    # tiles (its slow path: 100 keys is one masked tile) and unmasked ones (1000, 1500: later row blocks)
+    from attn.fast import gluon_attention as ga
+
+    monkeypatch.setenv("ATTN_GLUON", "1")
+    calls = []
+    real = ga.attention_fp8_gluon
+    monkeypatch.setattr(ga, "attention_fp8_gluon", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    _check_fp8_hidden(s, "cuda")
+    assert calls, "the call did not reach the Gluon FP8 kernel"
+
+
 @pytest.mark.parametrize("where", ["sink", "window"])
 def test_hidden_values_context_cyclic(where):
     # chunked prefill over cyclic caches of 8 slots with 3 sinks, both sequences empty before chunks of 7 and

@@ -8,6 +8,10 @@ tensor cores, and the descales, ``1/256`` and ``1/l`` applied once to the output
 
 Covered: padded ``[B, S, H, D]``, causal (bottom-right) and full, GQA/MQA, D in {64, 128, 256}, any lengths.
 Not covered (use the bf16 `attention`): windows, soft-cap, ALiBi/T5, packed/varlen, LSE.
+
+On sm_90, ``ATTN_GLUON=1`` sends D 64/128 calls to the warp-specialized Gluon kernel instead
+(`attn.fast.gluon_attention.attention_fp8_gluon`: the bf16 Gluon kernel's structure with FP8 operands, the same
+numerics). It stays opt-in until a benchmark row shows it faster (bench/bench_gluon.py's FP8 table).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..reference.fp8_attention import P_SCALE, check_fp8_args
+from . import gluon_attention as ga
 from ._triton import cdiv, is_interpreter
 
 LOG2E = 1.4426950408889634
@@ -219,6 +224,8 @@ def attention_fp8(
         return out
     if sk == 0:
         return out.zero_()
+    if config is None and ga.enabled() and ga.fp8_supported(q, k, v):
+        return ga.attention_fp8_gluon(q, k, v, torch.stack(descales), scale=scale, causal=causal, out=out)
     # Vᵀ [B, Hkv, D, Sk]: one copy per call (B·Sk·Hkv·D bytes read and written, ~3-5% of the kernel's time at
     # S4096), the price of FP8 P·V's operand layout (see _tile)
     vt = v.permute(0, 2, 3, 1).contiguous()

@@ -281,7 +281,11 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lens_q
             tma.async_copy_global_to_shared(k_desc, [tb, start_k + n, kv_col], k_ready.index(s), k_bufs.index(s))
             mbarrier.wait(kv_empty.index(STAGES + s), phase)
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [tb, start_k + n, kv_col], v_ready.index(s), v_bufs.index(s))
+            if v_desc.dtype == gl.float8e4nv:
+                # FP8: the descriptor is over Vᵀ [B, Hkv·D, Sk]: this head's D feature rows, keys n ...
+                tma.async_copy_global_to_shared(v_desc, [tb, kv_col, start_k + n], v_ready.index(s), v_bufs.index(s))
+            else:
+                tma.async_copy_global_to_shared(v_desc, [tb, start_k + n, kv_col], v_ready.index(s), v_bufs.index(s))
             it += 1
 
 
@@ -359,10 +363,10 @@ IND_KEYS = gl.constexpr(32)
 
 
 @gluon.constexpr_function
-def _chunk_layout(HEAD_DIM, NW):
-    """A [rows, HEAD_DIM] register layout of 8 contiguous elements (16 bytes) per thread; its tile covers
-    (32 / (HEAD_DIM / 8)) · NW rows, the chunk height of the check and the slow path."""
-    return gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NW, 1], [1, 0])
+def _chunk_layout(COLS, NW, PER=8):
+    """A [rows, COLS] register layout of PER contiguous elements (16 bytes: 8 of 16 bits, 16 of FP8) per thread;
+    its tile covers (32 / (COLS / PER)) · NW rows, the chunk height of the check and the slow path."""
+    return gl.BlockedLayout([1, PER], [32 // (COLS // PER), COLS // PER], [NW, 1], [1, 0])
 
 
 @gluon.jit
@@ -464,6 +468,68 @@ def _hidden_values_out(v_smem, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, st
     return acc, fixes
 
 
+# FP8 (e4m3fn: no inf, NaN codes 0x7F and 0xFF) keeps hidden values out the same way, over its Vᵀ stage
+# [HEAD_DIM, BLOCK_N]. The bf16 indicator product does not carry over (e4m3 tops out at 448: a hit would not stand
+# out of an honest accumulator), so the rare slow path marks NaN key by key instead.
+FP8_PER = gl.constexpr(16)  # FP8 elements in a thread's 16-byte chunk
+
+
+@gluon.jit
+def _has_nan_code(vt_smem, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Whether an FP8 Vᵀ stage holds a NaN code, read as int8 straight from shared memory. Uniform over the
+    partition (a cross-warp reduction)."""
+    NW: gl.constexpr = gl.num_warps()
+    CH: gl.constexpr = (32 // (BLOCK_N // FP8_PER)) * NW
+    layout: gl.constexpr = _chunk_layout(BLOCK_N, NW, FP8_PER)
+    bits = vt_smem._reinterpret(gl.int8, [HEAD_DIM, BLOCK_N], vt_smem.layout)
+    bad = gl.zeros([CH, BLOCK_N], gl.int32, layout)
+    for c in gl.static_range(HEAD_DIM // CH):
+        x = bits.slice(c * CH, CH).load(layout).to(gl.int32)
+        bad = bad | ((x & 0x7F) == 0x7F).to(gl.int32)
+    return gl.max(gl.max(bad, 1), 0)
+
+
+@gluon.jit
+def _nan_codes_out(vt_smem, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, start, offs_m, diag, seqlen_k,
+                   window_left, window_right, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
+                   HALF: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   o_layout: gl.constexpr):  # fmt: skip
+    """The FP8 slow path of a masked tile whose Vᵀ stage holds a NaN code: afterwards ``acc`` is NaN exactly where
+    a visible key's V has a NaN code in that column (the reference's ``p · NaN``), and the stage holds the codes
+    replaced by 0, so a hidden key's p = 0 contributes exactly 0.
+
+    The marking reads V's rows from global memory, one key at a time (a [D] vector beside acc: no extra
+    [WG_M, D] registers); each partition then zeroes its HEAD_DIM / CONSUMERS feature rows of the stage in place.
+    The first barrier keeps the stage untouched until both partitions have checked it (both take this path for
+    the same tiles), the second keeps it from the wgmma until both have cleaned it."""
+    NW: gl.constexpr = gl.num_warps()
+    CH: gl.constexpr = (32 // (BLOCK_N // FP8_PER)) * NW
+    ROWS: gl.constexpr = HEAD_DIM // CONSUMERS
+    layout: gl.constexpr = _chunk_layout(BLOCK_N, NW, FP8_PER)
+    fixes = _sync_consumers(fix_bar, fixes)
+    i = gl.convert_layout(offs_m, gl.SliceLayout(1, o_layout)) + diag
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    for n in range(BLOCK_N):
+        key = start + n
+        x = gl.load(v_ptr + v_base + key.to(gl.int64) * kv_stride + cols, mask=(cols * 0 + key) < seqlen_k,
+                    other=0.0)  # fmt: skip
+        bad = (x.to(gl.int8, bitcast=True) & 0x7F) == 0x7F
+        sees = (i * 0 + key) < seqlen_k
+        if HAS_WINDOW_LEFT:
+            sees = sees & (key >= i - window_left)
+        if HAS_WINDOW_RIGHT:
+            sees = sees & (key <= i + window_right)
+        acc = gl.where(gl.expand_dims(sees, 1) & gl.expand_dims(bad, 0), float("nan"), acc)
+    bits = vt_smem._reinterpret(gl.int8, [HEAD_DIM, BLOCK_N], vt_smem.layout)
+    for c in gl.static_range(ROWS // CH):
+        chunk = bits.slice(HALF * ROWS + c * CH, CH)
+        x = chunk.load(layout)
+        chunk.store(gl.where((x & 0x7F) == 0x7F, gl.zeros_like(x), x))
+    fence_async_shared()
+    fixes = _sync_consumers(fix_bar, fixes)
+    return acc, fixes
+
+
 @gluon.jit
 def _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                   o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
@@ -480,6 +546,10 @@ def _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED: gl.constexpr, HAS_SOFTCAP:
         m_use = m_new
     if HAS_SOFTCAP:
         p = gl.exp2(s - gl.expand_dims(m_use, 1))
+    elif dtype == gl.float8e4nv:
+        # FP8: p · 256 straight from the exponent (attn.reference.fp8_attention's P_SCALE, so that small p stay
+        # out of e4m3's subnormals); l sums the scaled p and the scale cancels in acc / l
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use - 8.0, 1))
     else:
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
     alpha = gl.exp2(m_i - m_use)
@@ -503,15 +573,26 @@ def _softmax_pv(qk, v_bufs, v_ready, slot, phase, acc, m_i, l_i, fix, start, off
     p_op, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED, HAS_SOFTCAP, o_layout, p_layout,
                                         v_bufs.dtype)  # fmt: skip
     mbarrier.wait(v_ready.index(slot), phase)
-    v = v_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM])
     fix_bar, fixes, v_ptr, v_base, kv_stride = fix
-    # MASKED is 1 for a masked tile, 2 for one without the guard (GUARD_HIDDEN=False: a benchmark's baseline only)
-    if MASKED == 1:
-        if _has_nonfinite(v, BLOCK_N, HEAD_DIM) != 0:
-            acc, fixes = _hidden_values_out(v, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, start, offs_m, diag,
+    if v_bufs.dtype == gl.float8e4nv:
+        # FP8 stages hold Vᵀ [HEAD_DIM, BLOCK_N]: its transposed view is P·V's B operand with the keys (the
+        # reduction) contiguous, the only layout FP8 wgmma reads from shared memory
+        vt = v_bufs.index(slot).reshape([HEAD_DIM, BLOCK_N])
+        if MASKED == 1:
+            if _has_nan_code(vt, HEAD_DIM, BLOCK_N) != 0:
+                acc, fixes = _nan_codes_out(vt, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, start, offs_m, diag,
                                             seqlen_k, window_left, window_right, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-                                            HALF, CONSUMERS, WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout,
-                                            p_layout)  # fmt: skip
+                                            HALF, CONSUMERS, BLOCK_N, HEAD_DIM, o_layout)  # fmt: skip
+        v = vt.permute((1, 0))
+    else:
+        v = v_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM])
+        # MASKED is 1 for a masked tile, 2 for one without the guard (GUARD_HIDDEN=False: a benchmark's baseline)
+        if MASKED == 1:
+            if _has_nonfinite(v, BLOCK_N, HEAD_DIM) != 0:
+                acc, fixes = _hidden_values_out(v, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, start, offs_m,
+                                                diag, seqlen_k, window_left, window_right, HAS_WINDOW_LEFT,
+                                                HAS_WINDOW_RIGHT, HALF, CONSUMERS, WG_M, BLOCK_N, HEAD_DIM, s_layout,
+                                                o_layout, p_layout)  # fmt: skip
     acc = warpgroup_mma(p_op, v, acc, is_async=True)
     return acc, m_i, l_i, fixes
 
@@ -592,8 +673,8 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fix
 
 @gluon.jit
 def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar, v_ptr, lse_ptr,
-              lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab, stride_ah, stride_lb, stride_lh, batch, num_heads_q,
-              section, group_size, seqlen_q,
+              lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab, stride_ah, stride_lb, stride_lh, batch,
+              num_heads_q, section, group_size, seqlen_q,
               seqlen_k, rows_q, rows_k, qk_scale, cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr,
               IS_PACKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
               HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
@@ -607,11 +688,15 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
     CONSUMERS: gl.constexpr = BLOCK_M // WG_M
     MASKED: gl.constexpr = 1 if GUARD_HIDDEN else 2
     NW: gl.constexpr = gl.num_warps()
+    # FP8 (e4m3 Q, K, V; P quantized to e4m3 before P·V): wgmma takes 32 of its elements per k step, and an
+    # A fragment in registers holds 4 consecutive k per 32-bit register instead of 2
+    FP8: gl.constexpr = q_desc.dtype == gl.float8e4nv
+    K_STEP: gl.constexpr = 32 if FP8 else 16
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+                                                       instr_shape=[16, BLOCK_N, K_STEP])  # fmt: skip
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+                                                       instr_shape=[16, HEAD_DIM, K_STEP])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=K_STEP // 8)
     num_tiles = gl.cdiv(seqlen_q, BLOCK_M) * batch * num_heads_q
     step = gl.num_programs(0)
 
@@ -637,6 +722,14 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
                                                       HAS_SEQLENS, IS_PACKED)  # fmt: skip
         v_base = ((tb.to(gl.int64) * rows_k + start_k) * num_heads_kv + h // group_size) * HEAD_DIM
         slope = _alibi_slope(alibi_ptr, stride_ab, stride_ah, b, h, qk_scale, ALIBI, HAS_SOFTCAP)
+        item_scale = qk_scale
+        if FP8:
+            # descales [3, B, Hkv] (q, k, v): query head h uses its KV head's; Q·Kᵀ's two go into the score scale,
+            # V's into the epilogue
+            d_off = b * num_heads_kv + h // group_size
+            n_desc = batch * num_heads_kv
+            item_scale = qk_scale * gl.load(descale_ptr + d_off) * gl.load(descale_ptr + n_desc + d_off)
+            v_scale = gl.load(descale_ptr + 2 * n_desc + d_off)
         diag = len_k - len_q
         lo, full_lo, full_hi, hi = _key_ranges(m_block, len_q, len_k, window_left, window_right,
                                                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, BLOCK_M, BLOCK_N)  # fmt: skip
@@ -654,19 +747,21 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         OVERLAP_FULL: gl.constexpr = OVERLAP != 0
         acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
                                           fix_bar, v_ptr, v_base, kv_stride, lo, full_lo, offs_m, diag, len_k,
-                                          qk_scale, cap_log2, slope, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
-                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_MASKED, HALF, CONSUMERS, WG_M,
+                                          item_scale, cap_log2, slope, window_left, window_right, MASKED,
+                                          HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_MASKED, HALF,
+                                          CONSUMERS, WG_M,
                                           BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
                                           fix_bar, v_ptr, v_base, kv_stride, full_lo, full_hi, offs_m, diag,
-                                          len_k, qk_scale, cap_log2, slope, window_left, window_right, False,
+                                          len_k, item_scale, cap_log2, slope, window_left, window_right, False,
                                           HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_FULL, HALF,
                                           CONSUMERS,
                                           WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
                                           fix_bar, v_ptr, v_base, kv_stride, full_hi, hi, offs_m, diag, len_k,
-                                          qk_scale, cap_log2, slope, window_left, window_right, MASKED, HAS_WINDOW_LEFT,
-                                          HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_MASKED, HALF, CONSUMERS, WG_M,
+                                          item_scale, cap_log2, slope, window_left, window_right, MASKED,
+                                          HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_MASKED, HALF,
+                                          CONSUMERS, WG_M,
                                           BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         n_done += 1
 
@@ -683,7 +778,11 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         # length (seqlens_q; computed from whatever the padding holds) are zeros by definition
         has_key = (l_i > 0.0) & (offs_m < len_q)
         l_safe = gl.where(has_key, l_i, 1.0)
-        out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout)), 1)
+        if FP8:
+            inv_l = v_scale / l_safe
+        else:
+            inv_l = 1.0 / l_safe
+        out = acc * gl.expand_dims(gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), 1)
         if HAS_SEQLENS:
             out = gl.where(gl.expand_dims(gl.convert_layout(has_key, gl.SliceLayout(1, o_layout)), 1), out, 0.0)
         # straight from the accumulator's registers to global memory (no staging buffer: its 32 KB buy the
@@ -713,7 +812,8 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
 @gluon.jit(do_not_specialize=["stride_ab", "stride_ah", "stride_lb", "stride_lh", "batch", "num_heads_q", "section",
                               "group_size", "seqlen_q", "seqlen_k", "rows_q", "rows_k", "window_left",
                               "window_right"])  # fmt: skip
-def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab,
+def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr,
+                    stride_ab,
                     stride_ah, stride_lb, stride_lh, batch, num_heads_q, section, group_size, seqlen_q, seqlen_k,
                     rows_q, rows_k, qk_scale, cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr,
                     IS_PACKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
@@ -756,14 +856,16 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, l
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab, stride_ah, stride_lb,
+                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab, stride_ah,
+                             stride_lb,
                              stride_lh, batch, num_heads_q,
                              section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
                              window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
                              HAS_SOFTCAP, ALIBI, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM,
                              0)),
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab, stride_ah, stride_lb,
+                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab, stride_ah,
+                             stride_lb,
                              stride_lh, batch, num_heads_q,
                              section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
                              window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
@@ -784,7 +886,8 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, l
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, stride_ab, stride_ah, stride_lb,
+                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab, stride_ah,
+                             stride_lb,
                              stride_lh, batch, num_heads_q,
                              section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
                              window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
@@ -804,10 +907,23 @@ def _descriptor(x: torch.Tensor, rows: int, head_dim: int) -> TensorDescriptor:
     """A TMA descriptor over ``x [B, S, H, D]`` seen as ``[B, S, H·D]``: one block is ``rows`` positions of one
     head; rows past S (of this sequence, not the next) come back as zeros and stores to them are dropped."""
     b, s, h, d = x.shape
-    dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    dtype = _GL_DTYPES[x.dtype]
     block = [1, rows, head_dim]
     layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
     return TensorDescriptor(x, [b, s, h * d], [s * h * d, h * d, 1], block, layout)
+
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv}
+
+
+def _descriptor_vt(vt: torch.Tensor, seqlen_k: int, block_n: int) -> TensorDescriptor:
+    """A TMA descriptor over FP8 ``Vᵀ [B, Hkv, D, S']`` (S' >= Sk a multiple of 16: TMA wants 16-byte row
+    strides) seen as ``[B, Hkv·D, Sk]``: one block is the D feature rows of one head over ``block_n`` keys; keys
+    past Sk come back as zeros, whatever the padding columns hold."""
+    b, h, d, s_pad = vt.shape
+    block = [1, d, block_n]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
+    return TensorDescriptor(vt, [b, h * d, seqlen_k], [h * d * s_pad, s_pad, 1], block, layout)
 
 
 def _num_sms(device) -> int:
@@ -835,8 +951,10 @@ def l2_section(batch, num_heads_q, group_size, seqlen_k, head_dim, itemsize, l2_
 def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap, overlap=True, consumers=2,
                 persistent=True, block_n=128, l2_bytes=L2_SECTION_BYTES, seqlens_q=None, seqlens_k=None,
                 cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, alibi_slopes=None,
-                alibi_with_scale=False, guard_hidden=True):  # fmt: skip
-    """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon` and bench/probes/gluon_sass.py).
+                alibi_with_scale=False, guard_hidden=True, v_t=None, descales=None):  # fmt: skip
+    """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon`, `attention_fp8_gluon` and
+    bench/probes/gluon_sass.py). FP8 (float8_e4m3fn q, k, v; padded, no lengths, causal or full): ``v_t`` is V
+    transposed (`attention_fp8_gluon`) and ``descales`` float32 ``[3, B, Hkv]`` (q, k, v), contiguous.
     Padded ``q [B, Sq, Hq, D]`` (optionally ``seqlens_q/k``), or packed ``q [Tq, Hq, D]`` with ``cu_seqlens_q/k``
     and ``max_seqlen_q/k`` (the row blocks per sequence and the L2 sections are sized by them). ALiBi:
     float32 ``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` (any strides), added after scaling and capping, or to the raw
@@ -871,16 +989,22 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
         alibi_mode = 2 if alibi_with_scale else 1
     num_heads_q, head_dim = q.shape[2], q.shape[3]
     num_heads_kv = k.shape[2]
-    block_m, stages = BLOCK_M, _stages(head_dim, block_n)
+    fp8 = q.dtype == torch.float8_e4m3fn
+    if fp8 and (v_t is None or descales is None or packed or lens_q is not None or alibi_slopes is not None
+                or softcap > 0 or window_left >= 0 or lse is not None):  # fmt: skip
+        raise ValueError("the FP8 variant takes padded input, causal or full, with v_t and descales only")
+    block_m, stages = BLOCK_M, _stages(head_dim, block_n, q.element_size())
     wg_m = block_m // consumers
     if softcap > 0:
         qk_scale, cap_log2 = scale / softcap, softcap * LOG2E
     else:
         qk_scale, cap_log2 = scale * LOG2E, 0.0
     args = (
-        _descriptor(q, wg_m, head_dim), _descriptor(k, block_n, head_dim), _descriptor(v, block_n, head_dim),
+        _descriptor(q, wg_m, head_dim), _descriptor(k, block_n, head_dim),
+        _descriptor_vt(v_t, seqlen_k, block_n) if fp8 else _descriptor(v, block_n, head_dim),
         out, v, lse if lse is not None else out,
-        lens_q if lens_q is not None else out, lens_k if lens_k is not None else out, alibi, *alibi_strides,
+        lens_q if lens_q is not None else out, lens_k if lens_k is not None else out, alibi,
+        descales if fp8 else out, *alibi_strides,
         *lse_strides, batch, num_heads_q,
         l2_section(batch, num_heads_q, num_heads_q // num_heads_kv, seqlen_k, head_dim, q.element_size(), l2_bytes),
         num_heads_q // num_heads_kv, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2, window_left,
@@ -933,3 +1057,38 @@ def attention_gluon(q, k, v, *, scale, window_left=-1, window_right=-1, softcap=
     else:
         _attn_fwd_gluon[grid](*args, **constexprs)
     return (out, lse) if return_lse else out
+
+
+def attention_fp8_gluon(q, k, v, descales, *, scale, causal, out_dtype=torch.bfloat16, out=None, overlap=True,
+                        consumers=2, persistent=True, block_n=128):  # fmt: skip
+    """FP8 prefill on the Gluon kernel (`attn.fast.fp8_prefill.attention_fp8` checks the arguments and calls this
+    on sm_90 where `fp8_supported`): ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` float8_e4m3fn, contiguous,
+    ``descales`` float32 ``[3, B, Hkv]`` (q, k, v), written into ``out`` (``[B, Sq, Hq, D]``) or a new tensor of
+    ``out_dtype``. The numerics are `attn.reference.fp8_attention`'s, as in the ``tl.*`` FP8 kernel: both products
+    on the FP8 tensor cores, P as e4m3(p · 256).
+
+    V is transposed once per call into ``[B, Hkv, D, S']`` (part of the call's time: B·Sk·Hkv·D bytes read and
+    written), because FP8 wgmma reads its B operand from shared memory only with the reduction dimension (here
+    the keys) contiguous."""
+    b, sk, hkv, d = v.shape
+    s_pad = -(-sk // 16) * 16
+    v_t = torch.empty(b, hkv, d, s_pad, dtype=v.dtype, device=v.device)
+    v_t[..., :sk].copy_(v.permute(0, 2, 3, 1))
+    if out is None:
+        out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    grid, args, constexprs = launch_args(q, k, v, out, None, scale=scale, window_left=-1,
+                                         window_right=0 if causal else -1, softcap=0.0, overlap=overlap,
+                                         consumers=consumers, persistent=persistent, block_n=block_n, v_t=v_t,
+                                         descales=descales)  # fmt: skip
+    _attn_fwd_gluon[grid](*args, **constexprs)
+    return out
+
+
+def fp8_supported(q, k, v) -> bool:
+    """Whether an FP8 prefill call can run on the Gluon kernel: sm_90, D in {64, 128}, contiguous 16-byte-aligned
+    tensors whose rows TMA can address, and something to compute (empty calls stay with the ``tl.*`` wrapper)."""
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    if q.shape[-1] not in HEAD_DIMS or q.numel() == 0 or k.numel() == 0:
+        return False
+    return all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (q, k, v))

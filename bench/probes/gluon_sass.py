@@ -24,13 +24,13 @@ from sass_tools import compile_for_target, loops, parse, resources, sass_of  # n
 
 from attn.fast import gluon_attention as ga  # noqa: E402
 
-COUNTS = ["HGMMA", "WARPGROUP", "MUFU.EX2", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "LDS", "STS", "BAR", "SYNCS",
-          "SHFL", "UTMALDG", "BRA"]  # fmt: skip
+COUNTS = ["HGMMA", "QGMMA", "WARPGROUP", "MUFU.EX2", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "LDS", "STS", "BAR",
+          "SYNCS", "SHFL", "PRMT", "F2FP", "UTMALDG", "BRA"]  # fmt: skip
 
 
 def cases():
     # (B, Sq, Sk, Hq, Hkv, D, dtype, causal, window, softcap, lse, overlap, consumers)
-    bf, f16 = torch.bfloat16, torch.float16
+    bf, f16, f8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
     return {
         "causal_d128": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, True, 2),
         "causal_d128_noovl": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, False, 2),
@@ -40,6 +40,10 @@ def cases():
         "causal_d64": (2, 1024, 1024, 4, 4, 64, bf, True, -1, 0.0, False, True, 2),
         "gqa_fp16": (2, 1024, 1024, 8, 2, 128, f16, True, -1, 0.0, False, True, 2),
         "window_softcap": (2, 1024, 1024, 4, 4, 128, bf, True, 256, 30.0, True, True, 2),
+        # FP8 (e4m3 Q, K, V; Vᵀ stages, QGMMA): `attention_fp8_gluon`
+        "fp8_causal_d128": (2, 1024, 1024, 8, 2, 128, f8, True, -1, 0.0, False, True, 2),
+        "fp8_full_d128": (2, 1024, 1024, 8, 2, 128, f8, False, -1, 0.0, False, True, 2),
+        "fp8_causal_d64": (2, 1024, 1024, 8, 2, 64, f8, True, -1, 0.0, False, True, 2),
     }
 
 
@@ -105,6 +109,12 @@ def every_specialization():
     for causal, d in ((True, 128), (False, 128), (True, 64)):
         out[f"bench noguard causal={causal} D{d}"] = (1, 256, 256, 8, 2, d, bf, causal, -1, 0.0, False, True, 2, 128,
                                                       None, False)  # fmt: skip
+    # FP8 (tests/test_fp8_prefill.py, bench_gluon's FP8 table): causal and full at D64 and D128, both structures
+    for d in (64, 128):
+        for causal in (False, True):
+            for consumers in (1, 2):
+                out[f"fp8 c{consumers} causal={causal} D{d}"] = (1, 256, 256, 8, 2, d, torch.float8_e4m3fn, causal,
+                                                                 -1, 0.0, False, True, consumers)  # fmt: skip
     return out
 
 
@@ -131,9 +141,12 @@ def compile_case(c):
         q = torch.empty(b, sq, hq, d, dtype=dtype)
         k, v = (torch.empty(b, sk, hkv, d, dtype=dtype) for _ in range(2))
         lse = torch.empty(b, hq, sq) if want_lse else None
+    if dtype == torch.float8_e4m3fn:
+        # FP8: Vᵀ padded to 16 keys and the [3, B, Hkv] descales, as attention_fp8_gluon passes them
+        extra.update(v_t=torch.empty(b, hkv, d, -(-sk // 16) * 16, dtype=dtype), descales=torch.empty(3, b, hkv))
     if mode:
         extra.update(alibi_slopes=torch.empty(hq) if mode == 2 else torch.empty(b, hq), alibi_with_scale=mode == 2)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, dtype=torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype)
     grid, args, constexprs = ga.launch_args(q, k, v, out, lse, scale=d**-0.5, window_left=window,
                                             window_right=0 if causal else (70 if window >= 0 else -1), softcap=softcap,
                                             overlap=overlap, consumers=consumers, block_n=block_n,
@@ -148,7 +161,7 @@ def order(ops) -> str:
     """Runs of the products, exponentials, wgmma fences/waits and mbarrier waits, in code order."""
     runs = []
     for op in ops:
-        for tag in ("HGMMA", "MUFU.EX2", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR", "SYNCS.PHASECHK"):
+        for tag in ("HGMMA", "QGMMA", "MUFU.EX2", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR", "SYNCS.PHASECHK"):
             if op.startswith(tag):
                 if runs and runs[-1][0] == tag:
                     runs[-1][1] += 1
@@ -207,7 +220,7 @@ def main() -> None:
             # the issue order in the first tile loop (a loop with products, not the whole persistent loop): does
             # the next tile's Q·Kᵀ (HGMMA) come before the softmax's exponentials (MUFU)?
             for _, _, ops in loops(instrs):
-                if any(o.startswith("HGMMA") for o in ops) and len(ops) < 1200:
+                if any(o.startswith(("HGMMA", "QGMMA")) for o in ops) and len(ops) < 1200:
                     print(f"{name}: tile loop issue order: {order(ops)}")
                     break
 

@@ -11,6 +11,7 @@
 #                                                 # (GRID=1: the Gluon prefill grid; SWEEP=1: the split sweep)
 #   MODE=shards SHARDS="0/8" OUT=$OUT bash ...    # the three sanitizers over shards of the whole suite
 #   MODE=s11 SWEEP=1 OUT=$OUT bash bench/gpu_s10.sh # final's work plus the Gluon FP8 prefill's tests and table
+#   MODE=suite OUT=$OUT bash bench/gpu_s10.sh     # the whole suite alone, -n 14 (~300 s)
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
 t() { name=$1; lim=$2; shift 2; ( timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$? :: $name" >> "$L/$name.log" ) & }
@@ -61,6 +62,11 @@ s11)
   grep "run=\|rc=" $L/plan_host.log
   grep -sh "sweep\|rc=" $L/gluon1b_sweep.log
   cat $L/memcheck_1b/sanitizer/summary.txt ;;
+suite)
+  # the whole suite on the GPU alone (GPU tests and the CPU tests on CUDA tensors), fixed tiles
+  b suite "${SUITE_T:-480}" env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 14 -rf --tb=short \
+    --durations=15 tests
+  grep -h "^FAILED\|passed\|failed\|rc=\|^[0-9.]*s call" $L/suite.log | cut -c1-200 | tail -40 ;;
 gluon1b)
   # the Gluon one-byte decode: its GPU tests, its benchmark on a quiet GPU, then the whole suite
   b gluon1b_tests 150 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 8 -rf --tb=short \

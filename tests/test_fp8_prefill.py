@@ -263,6 +263,25 @@ def _count_gluon_fp8(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.parametrize("sk", [1, 31, 32, 100, 128])
+def test_gluon_fp8_vt_key_order(sk):
+    # the Gluon FP8 kernel's Vᵀ: column c of every 32 holds the key P's registers hold at A-operand position c
+    # (gluon_attention._relabel_p: c = 32s + 16h + 4t + 2e + i <- key 32s + 16h + 8e + 2t + i), zeros past Sk.
+    # The register side is proved by the compiler (assert_trivial); this checks the copy that must match it.
+    from attn.fast import gluon_attention as ga
+
+    v = torch.randint(0, 256, (2, sk, 3, 16), dtype=torch.uint8).view(FP8)
+    vt = ga._fp8_vt(v)
+    s_pad = -(-sk // 32) * 32
+    assert vt.shape == (2, 3, 16, s_pad) and vt.dtype == FP8 and vt.is_contiguous()
+    for c in range(s_pad):
+        s32, r = divmod(c, 32)
+        h, t, e, i = r // 16, (r // 4) % 4, (r // 2) % 2, r % 2
+        key = 32 * s32 + 16 * h + 8 * e + 2 * t + i
+        want = v[:, key].permute(1, 2, 0) if key < sk else torch.zeros(3, 16, 2, dtype=FP8)
+        assert torch.equal(vt[..., c].permute(1, 2, 0).view(torch.uint8), want.view(torch.uint8)), (c, key)
+
+
 @pytest.mark.gpu
 @sm90
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

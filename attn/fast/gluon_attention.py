@@ -531,6 +531,23 @@ def _nan_codes_out(vt_smem, acc, fix_bar, fixes, v_ptr, v_base, kv_stride, start
 
 
 @gluon.jit
+def _relabel_p(p, p_layout: gl.constexpr):
+    """FP8 P [M, N] (in the score accumulator's layout) as P·V's A operand without moving a byte.
+
+    A thread's accumulator registers hold, of every 32 keys, keys 2t, 2t+1, 8+2t, 9+2t, 16+2t, ... (t = lane % 4);
+    an FP8 A fragment wants k = 4t .. 4t+3 and 16+4t .. 16+4t+3 from it. P·V does not care which key is called
+    k = c as long as V's row c is that key too, so P is *relabelled*: position c = 32s + 16h + 4t + 2e + i is
+    key 32s + 16h + 8e + 2t + i (swap the bits of t and e), and `_fp8_vt` lays Vᵀ's columns out in the same
+    order. ``assert_trivial`` makes the compiler prove the result is already P·V's A layout (no shuffles; the
+    plain conversion costs 16 SHFL and a few PRMT per tile)."""
+    M: gl.constexpr = p.shape[0]
+    N: gl.constexpr = p.shape[1]
+    x = gl.reshape(p, [M, N // 32, 2, 2, 4, 2])  # key = 32s + 16h + 8e + 2t + i: axes (s, h, e, t, i)
+    x = gl.permute(x, (0, 1, 2, 4, 3, 5))  # axes (s, h, t, e, i): position c
+    return gl.convert_layout(gl.reshape(x, [M, N]), p_layout, assert_trivial=True)
+
+
+@gluon.jit
 def _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                   o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
     """Online softmax of one tile: the new row max, P (as the A operand of P·V) and the rescaled sums."""
@@ -556,7 +573,10 @@ def _softmax_step(s, m_i, l_i, acc, qk_scale, MASKED: gl.constexpr, HAS_SOFTCAP:
     l_i = l_i * alpha + gl.sum(p, 1)
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
     # the score accumulator's registers are already laid out as wgmma's A fragment: no shared-memory trip
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    if dtype == gl.float8e4nv:
+        p_op = _relabel_p(p.to(dtype), p_layout)
+    else:
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
     return p_op, m_new, l_i, acc
 
 
@@ -916,14 +936,26 @@ def _descriptor(x: torch.Tensor, rows: int, head_dim: int) -> TensorDescriptor:
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv}
 
 
-def _descriptor_vt(vt: torch.Tensor, seqlen_k: int, block_n: int) -> TensorDescriptor:
-    """A TMA descriptor over FP8 ``Vᵀ [B, Hkv, D, S']`` (S' >= Sk a multiple of 16: TMA wants 16-byte row
-    strides) seen as ``[B, Hkv·D, Sk]``: one block is the D feature rows of one head over ``block_n`` keys; keys
-    past Sk come back as zeros, whatever the padding columns hold."""
+def _fp8_vt(v: torch.Tensor) -> torch.Tensor:
+    """FP8 ``V [B, Sk, Hkv, D]`` as the kernel reads it: ``Vᵀ [B, Hkv, D, S']``, S' = Sk rounded up to 32 (zeros
+    past Sk), with the keys of every 32 in `_relabel_p`'s order: column 32s + 16h + 4t + 2e + i holds key
+    32s + 16h + 8e + 2t + i. One copy (two where Sk is not a multiple of 32), done as bytes."""
+    b, sk, hkv, d = v.shape
+    s_pad = -(-sk // 32) * 32
+    x = v.view(torch.uint8)
+    if s_pad != sk:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, s_pad - sk))
+    x = x.view(b, s_pad // 32, 2, 2, 4, 2, hkv, d)  # keys (s, h, e, t, i)
+    return x.permute(0, 6, 7, 1, 2, 4, 3, 5).reshape(b, hkv, d, s_pad).view(v.dtype)  # columns (s, h, t, e, i)
+
+
+def _descriptor_vt(vt: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """A TMA descriptor over `_fp8_vt`'s ``[B, Hkv, D, S']`` seen as ``[B, Hkv·D, S']``: one block is the D feature
+    rows of one head over ``block_n`` key columns; columns past S' come back as zeros."""
     b, h, d, s_pad = vt.shape
     block = [1, d, block_n]
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
-    return TensorDescriptor(vt, [b, h * d, seqlen_k], [h * d * s_pad, s_pad, 1], block, layout)
+    return TensorDescriptor(vt, [b, h * d, s_pad], [h * d * s_pad, s_pad, 1], block, layout)
 
 
 def _num_sms(device) -> int:
@@ -1001,7 +1033,7 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
         qk_scale, cap_log2 = scale * LOG2E, 0.0
     args = (
         _descriptor(q, wg_m, head_dim), _descriptor(k, block_n, head_dim),
-        _descriptor_vt(v_t, seqlen_k, block_n) if fp8 else _descriptor(v, block_n, head_dim),
+        _descriptor_vt(v_t, block_n) if fp8 else _descriptor(v, block_n, head_dim),
         out, v, lse if lse is not None else out,
         lens_q if lens_q is not None else out, lens_k if lens_k is not None else out, alibi,
         descales if fp8 else out, *alibi_strides,
@@ -1067,13 +1099,10 @@ def attention_fp8_gluon(q, k, v, descales, *, scale, causal, out_dtype=torch.bfl
     ``out_dtype``. The numerics are `attn.reference.fp8_attention`'s, as in the ``tl.*`` FP8 kernel: both products
     on the FP8 tensor cores, P as e4m3(p · 256).
 
-    V is transposed once per call into ``[B, Hkv, D, S']`` (part of the call's time: B·Sk·Hkv·D bytes read and
-    written), because FP8 wgmma reads its B operand from shared memory only with the reduction dimension (here
-    the keys) contiguous."""
-    b, sk, hkv, d = v.shape
-    s_pad = -(-sk // 16) * 16
-    v_t = torch.empty(b, hkv, d, s_pad, dtype=v.dtype, device=v.device)
-    v_t[..., :sk].copy_(v.permute(0, 2, 3, 1))
+    V is transposed once per call into ``[B, Hkv, D, S']`` (`_fp8_vt`; part of the call's time: B·Sk·Hkv·D bytes
+    read and written), because FP8 wgmma reads its B operand from shared memory only with the reduction
+    dimension (here the keys) contiguous; the same copy puts the keys in the order P's registers hold them."""
+    v_t = _fp8_vt(v)
     if out is None:
         out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
     grid, args, constexprs = launch_args(q, k, v, out, None, scale=scale, window_left=-1,

@@ -142,8 +142,8 @@ def compile_case(c):
         k, v = (torch.empty(b, sk, hkv, d, dtype=dtype) for _ in range(2))
         lse = torch.empty(b, hq, sq) if want_lse else None
     if dtype == torch.float8_e4m3fn:
-        # FP8: Vᵀ padded to 16 keys and the [3, B, Hkv] descales, as attention_fp8_gluon passes them
-        extra.update(v_t=torch.empty(b, hkv, d, -(-sk // 16) * 16, dtype=dtype), descales=torch.empty(3, b, hkv))
+        # FP8: Vᵀ padded to 32 keys and the [3, B, Hkv] descales, as attention_fp8_gluon passes them
+        extra.update(v_t=torch.empty(b, hkv, d, -(-sk // 32) * 32, dtype=dtype), descales=torch.empty(3, b, hkv))
     if mode:
         extra.update(alibi_slopes=torch.empty(hq) if mode == 2 else torch.empty(b, hq), alibi_with_scale=mode == 2)
     out = torch.empty_like(q, dtype=torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype)

@@ -47,16 +47,16 @@ s11)
     tests/test_gluon_decode.py
   t fp8_tests 100 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 4 -rf --tb=short \
     tests/test_fp8_prefill.py tests/test_nan.py -k "fp8"
-  t suite_tail 100 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 5 -rf --tb=short \
+  [ -z "${NOTAIL:-}" ] && t suite_tail 100 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 5 -rf --tb=short \
     tests/test_relative_bias.py tests/test_sinks.py tests/test_soak.py tests/test_transactional.py
   wait
-  b gluon1b_bench 130 python3 -m bench.bench_decode_1b --out $L/decode_1b.json --variants gluon_step2,gluon_ring4
+  b gluon1b_bench 130 python3 -m bench.bench_decode_1b --out $L/decode_1b.json --variants ${VARIANTS:-gluon_step2,gluon_ring4}
   b fp8_bench 90 python3 -m bench.bench_gluon --fp8-only --out $L/fp8.json --repeat 1 --rep 30 --warmup 10
   b plan_host 40 python3 bench/probes/plan_host_profile.py
   [ -z "${NOSAN:-}" ] && b memcheck_1b "${SAN_T:-60}" env OUT=$L/memcheck_1b SANITIZER_TOOLS=memcheck SAN_PYTEST_ARGS="-n 6" \
     bash tests/gpu_sanitize.sh tests/test_gluon_decode.py
   [ -n "${SWEEP:-}" ] && b gluon1b_sweep 80 python3 -m bench.bench_decode_1b --sweep --out $L/decode_1b_sweep.json
-  grep -h "FAILED\|passed\|failed\|rc=" $L/gluon1b_tests.log $L/fp8_tests.log $L/suite_tail.log | cut -c1-200
+  grep -h "FAILED\|passed\|failed\|rc=" $L/gluon1b_tests.log $L/fp8_tests.log $L/suite_tail.log 2>/dev/null | cut -c1-200
   grep -v "^ *$" $L/gluon1b_bench.log | tail -45
   grep -A12 "^FP8 prefill, TFLOP" $L/fp8_bench.log; grep "WRONG\|not launched\|rc=\|Error" $L/fp8_bench.log
   grep "run=\|rc=" $L/plan_host.log

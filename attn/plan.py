@@ -235,11 +235,7 @@ class _Replay:
         for step in self.steps:
             if step[0] == "launch":
                 _, kernel, grid, template, subs, constexprs, direct, aligned, addresses = step
-                tensors = [
-                    pool[src] if view is None else pool[src].as_strided(view[0], view[1],
-                                                                        pool[src].storage_offset() + view[2])
-                    for _, src, view in subs
-                ]  # fmt: skip
+                tensors = [pool[src] if view is None else _rebuild_view(pool[src], view) for _, src, view in subs]
                 ptrs = [t.data_ptr() for t in tensors]
                 # the compiled kernel is specialized on each tensor's 16-byte alignment: the substituted ones
                 # must align as the recorded ones did (the others are the recorded tensors themselves)
@@ -340,15 +336,16 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | _Refused:
                     if idx is not None:
                         subs.append((pos, idx, None))
                     elif _storage(a) in role_storage:
-                        # a view of an input or output (a slice of qkv, say): rebuilt on the new tensor with the
-                        # same sizes, strides and offset from it, if it keeps the dtype
+                        # a view of an input or output (a slice of qkv, say; an FP8 cache read as int8 codes): rebuilt
+                        # on the new tensor with the same sizes, strides and offset from it, in the view's dtype if
+                        # that has the same element size (so sizes, strides and offsets mean the same elements)
                         idx = next(i for i, r in enumerate(roles) if _storage(r) == _storage(a))
                         base = roles[idx]
-                        if a.dtype != base.dtype or a.device != base.device:
-                            return _Refused("a kernel reads an input or output through a view of another dtype")
-                        subs.append(
-                            (pos, idx, (tuple(a.shape), a.stride(), a.storage_offset() - base.storage_offset()))
-                        )
+                        if a.element_size() != base.element_size() or a.device != base.device:
+                            return _Refused("a kernel reads an input or output through a view of another element size")
+                        dtype = None if a.dtype == base.dtype else a.dtype
+                        offset = a.storage_offset() - base.storage_offset()
+                        subs.append((pos, idx, (tuple(a.shape), a.stride(), offset, dtype)))
             # the recorded inputs and outputs are not kept alive by the template: their slots are filled per run
             template = tuple(None if any(pos == p for p, _, _ in subs) else a for pos, a in enumerate(args))
             aligned = tuple(args[pos].data_ptr() & 15 for pos, _, _ in subs)
@@ -379,6 +376,14 @@ def _replay_of(rec: _Recorder, inputs, result) -> _Replay | _Refused:
     r.none = result is None
     r.op_reads = op_reads
     return r
+
+
+def _rebuild_view(base: torch.Tensor, view: tuple) -> torch.Tensor:
+    """The recorded view ``(sizes, strides, offset, dtype or None)`` of a role, on this run's tensor for it."""
+    shape, stride, offset, dtype = view
+    if dtype is not None:
+        base = base.view(dtype)  # same element size (recorded so): the same elements, read as another type
+    return base.as_strided(shape, stride, base.storage_offset() + offset)
 
 
 def _capturing(t: torch.Tensor) -> bool:

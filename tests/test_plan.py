@@ -5,6 +5,8 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import attn
 from attn import plan as plan_mod
@@ -457,6 +459,44 @@ def test_replay_reinitializes_zeroed_workspaces(monkeypatch):
     out = p._execute((y,), None)
     assert torch.equal(out, y + 2)
     assert [s[0] for s in p._replay.steps] == ["fill", "launch"]
+
+
+@triton.jit
+def _add_codes(x_ptr, out_ptr, N: tl.constexpr):
+    """out += x (codes read as they are typed, widened to float32): the kernel for the dtype-view test."""
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, tl.load(out_ptr + i) + tl.load(x_ptr + i).to(tl.float32))
+
+
+def test_replay_rebuilds_a_view_of_another_dtype(device):
+    """A kernel that reads an input through a view of another dtype of the same element size (the Gluon decode
+    reads an FP8 cache as int8 codes) is replayed on the new input viewed the same way; a view of another element
+    size is refused (its sizes and strides would mean other bytes)."""
+
+    def launch(*a, **kw):  # as a launcher module calls it (recording swaps the module's launch)
+        return sys.modules["attn.fast.decode"].launch(*a, **kw)
+
+    class Bytes(plan_mod._Plan):
+        def _flat(self, x):
+            out = torch.zeros(4, device=x.device)
+            launch(_add_codes, (1,), x.view(torch.uint8)[1:5], out, N=4)
+            return out
+
+    class Halves(plan_mod._Plan):
+        def _flat(self, x):
+            out = torch.zeros(4, device=x.device)
+            launch(_add_codes, (1,), x.view(torch.int16), out, N=4)
+            return out
+
+    p = Bytes()
+    x = torch.tensor([-1, -2, -3, -4, 5, 6, 7, 8], dtype=torch.int8, device=device)
+    assert p._execute((x,), None).tolist() == [254.0, 253.0, 252.0, 5.0]
+    assert p.replayable, p.refusal
+    y = torch.tensor([7, -8, 9, -10, 11, 12, 13, 14], dtype=torch.int8, device=device)
+    assert p._execute((y,), None).tolist() == [248.0, 9.0, 246.0, 11.0]
+    q = Halves()
+    q._execute((x,), None)
+    assert q.replayable is False and "element size" in q.refusal
 
 
 class _AddKernelType:

@@ -275,9 +275,10 @@ def run_fp8_shape(shape, args) -> dict:
     (q8, qd), (k8, kd), (v8, vd) = (fr.quantize_fp8(t, shape.heads_kv) for t in (x.q, x.k, x.v))
     result: dict[str, Any] = {"name": "FP8 " + shape.name, "flops": flops, "contenders": {}}
     fns = {
-        # the call as a user makes it (the tl.* FP8 kernel unless ATTN_GLUON=1), and the Gluon FP8 kernel
+        # the call as a user makes it (gluon_attention.fp8_default picks the kernel), and each kernel forced
         "fp8": (lambda: fk.attention_fp8(q8, k8, v8, qd, kd, vd, causal=shape.causal), None),
         "fp8_gluon": (lambda: fk.attention_fp8(q8, k8, v8, qd, kd, vd, causal=shape.causal), "1"),
+        "fp8_tl": (lambda: fk.attention_fp8(q8, k8, v8, qd, kd, vd, causal=shape.causal), "0"),
         "bf16_default": (lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal), None),
         "bf16_tl": (lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal), "0"),
     }
@@ -568,11 +569,11 @@ def main(argv=None) -> int:
         for r in doc["fp8_results"]:
             c = r["contenders"]
             cells = [f"{c[n]['tflops']:.0f} ({c[n]['vs_bf16_default']:.2f})" if c.get(n, {}).get("ms") else "ERR"
-                     for n in ("fp8", "fp8_gluon", "bf16_default", "bf16_tl")]  # fmt: skip
+                     for n in ("fp8", "fp8_gluon", "fp8_tl", "bf16_default", "bf16_tl")]  # fmt: skip
             rows.append([r["name"][4:], *cells])
         print("\nFP8 prefill, TFLOP/s (bf16_default_ms / ms in parentheses; target fp8 >= 1.6)")
-        print(common.format_table(["shape", "fp8 (default call)", "fp8_gluon (ATTN_GLUON=1)", "bf16_default",
-                                   "bf16_tl"], rows))  # fmt: skip
+        print(common.format_table(["shape", "fp8 (default call)", "fp8_gluon (ATTN_GLUON=1)", "fp8_tl (ATTN_GLUON=0)",
+                                   "bf16_default", "bf16_tl"], rows))  # fmt: skip
     if doc.get("seqlens_results"):
         rows = []
         for r in doc["seqlens_results"]:

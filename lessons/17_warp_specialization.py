@@ -461,18 +461,21 @@ want = [16 * (c // 16) + 8 * ((c // 2) % 2) + 2 * ((c // 4) % 4) + c % 2 for c i
 assert order == want
 
 # %%
-fp8_runs = [r for r in runs for r in [json.loads(r.read_text())] if r.get("fp8_results")] if runs else []
+# the FP8 tables: bench_gluon's full runs (gluon_*.json) and its --fp8-only runs (fp8prefill_*.json), by date
+fp8_files = sorted([*runs, *RESULTS.glob("fp8prefill_*.json")], key=lambda f: (f.name.split("_")[2], f.name))
+fp8_runs = [r for r in fp8_files for r in [json.loads(r.read_text())] if r.get("fp8_results")]
 if not fp8_runs:
     print("FP8 prefill not measured yet (bench_gluon writes an fp8_results table).")
 else:
-    names = ("fp8", "fp8_gluon", "bf16_default", "bf16_tl")
+    names = ("fp8", "fp8_gluon", "fp8_tl", "bf16_default", "bf16_tl")
     print(f"TFLOP/s   {'shape':32s} " + " ".join(f"{n:>12s}" for n in names) + "   best FP8 / bf16 default")
     for r in fp8_runs[-1]["fp8_results"]:
         c = r["contenders"]
         tf = [c.get(n, {}).get("tflops") for n in names]
-        ratio = max((c.get(n, {}).get("vs_bf16_default") or 0) for n in names[:2])
+        ratio = max((c.get(n, {}).get("vs_bf16_default") or 0) for n in names[:3])
         print(f"          {r['name'][4:]:32s} " + " ".join(f"{x or 0:12.0f}" for x in tf) + f"   {ratio:.2f}x")
-    print("(fp8: the call as made, tl.* unless ATTN_GLUON=1; fp8_gluon: ATTN_GLUON=1; 0 = not in that run)")
+    print("(fp8: the call as made: tl.* until session 11, Gluon at Sq = Sk >= 4096 since; fp8_gluon: ATTN_GLUON=1;")
+    print(" fp8_tl: ATTN_GLUON=0; 0 = not in that run)")
 
 # %% [markdown]
 # ## What is left

@@ -322,16 +322,29 @@ def test_gluon_fp8_variants(variant):
 @pytest.mark.gpu
 @sm90
 def test_gluon_fp8_dispatch(monkeypatch):
-    # the default call stays on the tl.* kernel (the Gluon one is opt-in until measured faster); ATTN_GLUON=1
-    # takes it wherever fp8_supported holds, and D256 stays on tl.* either way
+    # by default the Gluon kernel takes Sq = Sk >= 4096 (where it was measured faster) and tl.* the rest;
+    # ATTN_GLUON=1 takes every call fp8_supported covers, ATTN_GLUON=0 none; D256 stays on tl.* either way
     calls = _count_gluon_fp8(monkeypatch)
     monkeypatch.delenv("ATTN_GLUON")
-    q8, k8, v8, qd, kd, vd = _inputs(1, 64, 64, 2, 1, 128, "cuda")
-    fk.attention_fp8(q8, k8, v8, qd, kd, vd)
+    short = _inputs(1, 64, 64, 2, 1, 128, "cuda")
+    long = _inputs(1, 4096, 4096, 2, 1, 128, "cuda")
+    fk.attention_fp8(*short)
     assert not calls
+    fk.attention_fp8(*long)
+    assert len(calls) == 1
+    monkeypatch.setenv("ATTN_GLUON", "0")
+    fk.attention_fp8(*long)
+    assert len(calls) == 1
     monkeypatch.setenv("ATTN_GLUON", "1")
-    fk.attention_fp8(q8, k8, v8, qd, kd, vd)
-    assert len(calls) == 1
-    q8, k8, v8, qd, kd, vd = _inputs(1, 64, 64, 2, 1, 256, "cuda")
-    fk.attention_fp8(q8, k8, v8, qd, kd, vd)
-    assert len(calls) == 1
+    fk.attention_fp8(*short)
+    assert len(calls) == 2
+    fk.attention_fp8(*_inputs(1, 64, 64, 2, 1, 256, "cuda"))
+    assert len(calls) == 2
+
+
+def test_gluon_fp8_default_rule():
+    # the measured rows (session 11, H100) are Sq = Sk >= 4096; nothing shorter or ragged is claimed
+    from attn.fast import gluon_attention as ga
+
+    assert ga.fp8_default(seqlen_q=4096, seqlen_k=4096) and ga.fp8_default(seqlen_q=16384, seqlen_k=16384)
+    assert not ga.fp8_default(seqlen_q=1024, seqlen_k=1024) and not ga.fp8_default(seqlen_q=1, seqlen_k=4096)

@@ -9,9 +9,10 @@ tensor cores, and the descales, ``1/256`` and ``1/l`` applied once to the output
 Covered: padded ``[B, S, H, D]``, causal (bottom-right) and full, GQA/MQA, D in {64, 128, 256}, any lengths.
 Not covered (use the bf16 `attention`): windows, soft-cap, ALiBi/T5, packed/varlen, LSE.
 
-On sm_90, ``ATTN_GLUON=1`` sends D 64/128 calls to the warp-specialized Gluon kernel instead
+On sm_90, D 64/128 calls with Sq = Sk >= 4096 run on the warp-specialized Gluon kernel instead
 (`attn.fast.gluon_attention.attention_fp8_gluon`: the bf16 Gluon kernel's structure with FP8 operands, the same
-numerics). It stays opt-in until a benchmark row shows it faster (bench/bench_gluon.py's FP8 table).
+numerics; measured 1.23-1.37x this kernel, `gluon_attention.fp8_default`). ``ATTN_GLUON=1`` sends every call it
+covers there, ``ATTN_GLUON=0`` none.
 """
 
 from __future__ import annotations
@@ -224,7 +225,13 @@ def attention_fp8(
         return out
     if sk == 0:
         return out.zero_()
-    if config is None and ga.enabled() and ga.fp8_supported(q, k, v):
+    mode = ga.mode()
+    if (
+        config is None
+        and mode != "0"
+        and ga.fp8_supported(q, k, v)
+        and (mode == "1" or ga.fp8_default(seqlen_q=sq, seqlen_k=sk))
+    ):
         return ga.attention_fp8_gluon(q, k, v, torch.stack(descales), scale=scale, causal=causal, out=out)
     # Vᵀ [B, Hkv, D, Sk]: one copy per call (B·Sk·Hkv·D bytes read and written, ~3-5% of the kernel's time at
     # S4096), the price of FP8 P·V's operand layout (see _tile)

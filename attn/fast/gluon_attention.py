@@ -1094,10 +1094,11 @@ def attention_gluon(q, k, v, *, scale, window_left=-1, window_right=-1, softcap=
 def attention_fp8_gluon(q, k, v, descales, *, scale, causal, out_dtype=torch.bfloat16, out=None, overlap=True,
                         consumers=2, persistent=True, block_n=128):  # fmt: skip
     """FP8 prefill on the Gluon kernel (`attn.fast.fp8_prefill.attention_fp8` checks the arguments and calls this
-    on sm_90 where `fp8_supported`): ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` float8_e4m3fn, contiguous,
-    ``descales`` float32 ``[3, B, Hkv]`` (q, k, v), written into ``out`` (``[B, Sq, Hq, D]``) or a new tensor of
-    ``out_dtype``. The numerics are `attn.reference.fp8_attention`'s, as in the ``tl.*`` FP8 kernel: both products
-    on the FP8 tensor cores, P as e4m3(p · 256).
+    on sm_90 where `fp8_supported`, by default where `fp8_default`, always with ``ATTN_GLUON=1``):
+    ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` float8_e4m3fn, contiguous, ``descales`` float32 ``[3, B, Hkv]``
+    (q, k, v), written into ``out`` (``[B, Sq, Hq, D]``) or a new tensor of ``out_dtype``. The numerics are
+    `attn.reference.fp8_attention`'s, as in the ``tl.*`` FP8 kernel: both products on the FP8 tensor cores, P as
+    e4m3(p · 256).
 
     V is transposed once per call into ``[B, Hkv, D, S']`` (`_fp8_vt`; part of the call's time: B·Sk·Hkv·D bytes
     read and written), because FP8 wgmma reads its B operand from shared memory only with the reduction
@@ -1111,6 +1112,21 @@ def attention_fp8_gluon(q, k, v, descales, *, scale, causal, out_dtype=torch.bfl
                                          descales=descales)  # fmt: skip
     _attn_fwd_gluon[grid](*args, **constexprs)
     return out
+
+
+# Where FP8 prefill runs on the Gluon kernel by default on sm_90 (ATTN_GLUON unset). Measured basis: H100,
+# session 11 (bench/results/fp8prefill_H100_2026-12-07_s11.json, one process), TFLOP/s of the Gluon FP8 kernel
+# against the tl.* FP8 kernel (fp8_prefill.py), both through attention_fp8:
+#   B4 H32 S4096 D128 causal             440 vs 357   1.23x
+#   B4 H32 S4096 D128 full               644 vs 473   1.36x
+#   B1 H32 S16384 D128 causal            756 vs 550   1.37x
+#   B4 H32/8 S4096 D128 causal (GQA 4)   633 vs 497   1.27x
+#   B8 H32 S4096 D64 causal              331 vs 264   1.25x
+# Every row wins; shorter sequences are not measured (the bf16 kernel lost at S1024), so the same rule as
+# `gluon_default`: Sq = Sk >= 4096.
+def fp8_default(*, seqlen_q: int, seqlen_k: int) -> bool:
+    """Whether an FP8 prefill call that `fp8_supported` covers runs on the Gluon kernel by default."""
+    return seqlen_q == seqlen_k >= DEFAULT_MIN_SEQLEN
 
 
 def fp8_supported(q, k, v) -> bool:

@@ -842,7 +842,10 @@ print("renamed product == stored product:", torch.allclose(o, p_stored @ v_store
 # With no shared memory and no byte-by-byte loads, the key loop compiles to 318 instructions per 16 keys for
 # FP8 and 414 for INT8 on one warp (`bench/probes/gluon_decode_sass.py`, sm_90a), against about 900 and 1080
 # per 64 keys on four warps in the `tl.*` kernel: 2.6–2.8× fewer instructions per byte. Whether that turns into
-# speed is a GPU question; the measurements, when there are some, are in `bench/NOTES.md`.
+# speed is a GPU question, and on an H100 the answer was no: 1.2–2.1 TB/s, 0.55–0.81× the `tl.*` kernel
+# (`bench/results/gpu_s11_H100_2026-12-07.log`). Counting instructions predicts an issue-bound loop; this one is
+# bound elsewhere (latency or memory-level parallelism are the suspects, unprofiled yet), which is why it stays
+# opt-in and why a prediction gets measured before it becomes the default.
 #
 # ## Summary
 #

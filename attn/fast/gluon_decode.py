@@ -543,8 +543,9 @@ def supported(q, k_cache, *, paged, page_size, group, head_dim, capacity, featur
 
 
 def default() -> bool:
-    """Whether `attn.decode` takes this kernel by default where `supported`. Not yet: it has not been timed
-    against the tl.* kernel on a GPU (bench/NOTES.md); ``ATTN_GLUON_DECODE=1`` opts in."""
+    """Whether `attn.decode` takes this kernel by default where `supported`: no. On an H100 (session 11,
+    bench/results/gpu_s11_H100_2026-12-07.log) it ran at 0.55-0.81x the tl.* one-byte kernel on the PERF.md
+    decode shapes despite 2.6-2.8x fewer instructions per byte; ``ATTN_GLUON_DECODE=1`` opts in."""
     return False
 
 

@@ -423,12 +423,9 @@ def test_gpu_fp8_prefill_nan_codes():
 def test_gpu_fp8_prefill_nan_codes_gluon(s, monkeypatch):
     # the Gluon FP8 kernel (ATTN_GLUON=1): a NaN code in V reaches exactly the rows that see its key, in masked
     # tiles (its slow path: 100 keys is one masked tile) and unmasked ones (1000, 1500: later row blocks)
-    from attn.fast import gluon_attention as ga
+    from test_fp8_prefill import _count_gluon_fp8
 
-    monkeypatch.setenv("ATTN_GLUON", "1")
-    calls = []
-    real = ga.attention_fp8_gluon
-    monkeypatch.setattr(ga, "attention_fp8_gluon", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_gluon_fp8(monkeypatch)
     _check_fp8_hidden(s, "cuda")
     assert calls, "the call did not reach the Gluon FP8 kernel"
 

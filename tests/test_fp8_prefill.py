@@ -32,7 +32,7 @@ import torch
 
 from attn.fast import fp8_prefill as fk
 from attn.reference import fp8_attention as fr
-from helpers import shape_id
+from helpers import shape_id, sm90
 
 FP8 = torch.float8_e4m3fn
 
@@ -232,9 +232,6 @@ def test_kernel_matches_reference_gpu(shape, causal):
 # ---------------------------------------------------------------------------------------------------------------
 # the Gluon FP8 kernel (sm_90 only: Gluon does not run in the interpreter), against the same reference and bounds
 
-ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-sm90 = pytest.mark.skipif(not ON_SM90, reason="the Gluon FP8 kernel is for sm_90 (H100/H200)")
-
 # many tiles with GQA 4 and a ragged last tile; MHA over 16 tiles; MQA with Sq < Sk and Sk not a multiple of 16
 # (Vᵀ's padded rows); Sq > Sk (causal rows that see no key); length 1; one past the tiles on both axes
 GLUON_SHAPES = [
@@ -289,7 +286,7 @@ def test_gluon_fp8_vt_key_order(sk):
 def test_gluon_fp8_matches_reference(shape, causal, monkeypatch):
     calls = _count_gluon_fp8(monkeypatch)
     q8, k8, v8, qd, kd, vd = _inputs(*shape, "cuda", spread=2.0)
-    out = torch.full((*q8.shape[:3], q8.shape[3]), float("nan"), dtype=torch.bfloat16, device="cuda")
+    out = torch.full(q8.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
     ref = fr.attention_fp8(q8, k8, v8, qd, kd, vd, causal=causal)
     exact, p, l_sum, vf = _exact(q8, k8, v8, qd, kd, vd, causal)
     # through the public wrapper (ATTN_GLUON=1), then into a NaN-poisoned output directly

@@ -20,10 +20,7 @@ import torch
 import attn.fast as fast
 import attn.reference as reference
 from attn.fast import gluon_attention as ga
-from helpers import LSE_TOL, TOL, assert_lse_close, dtype_id, rel_err
-
-ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-sm90 = pytest.mark.skipif(not ON_SM90, reason="the Gluon kernel is for sm_90 (H100/H200)")
+from helpers import LSE_TOL, ON_SM90, TOL, assert_lse_close, dtype_id, rel_err, sm90
 
 
 def _inputs(b, sq, sk, hq, hkv, d, dtype):

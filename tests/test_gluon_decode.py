@@ -22,10 +22,8 @@ import attn.fast as fast
 import attn.reference as reference
 from attn.fast import gluon_decode as gd
 from attn.reference.kv_quant import calibrate_kv_scales, quantize
-from helpers import LSE_TOL, TOL, assert_close, assert_lse_close, dtype_id
+from helpers import LSE_TOL, TOL, assert_close, assert_lse_close, dtype_id, sm90
 
-ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-sm90 = pytest.mark.skipif(not ON_SM90, reason="the Gluon kernel is for sm_90 (H100/H200)")
 QDTYPES = [torch.int8, torch.float8_e4m3fn]
 
 

@@ -22,7 +22,7 @@ import attn.fast as fast
 import attn.reference as reference
 from attn import RelativeBias
 from attn.layout import cu_seqlens_from_lengths
-from helpers import LSE_TOL, TOL, rel_err, to_paged, to_paged_fast
+from helpers import LSE_TOL, TOL, rel_err, sm90, to_paged, to_paged_fast
 
 NAN, INF = float("nan"), float("inf")
 
@@ -417,8 +417,7 @@ def test_gpu_fp8_prefill_nan_codes():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
-                    reason="the Gluon FP8 kernel is for sm_90")  # fmt: skip
+@sm90
 @pytest.mark.parametrize("s", [100, 1000, 1500])
 def test_gpu_fp8_prefill_nan_codes_gluon(s, monkeypatch):
     # the Gluon FP8 kernel (ATTN_GLUON=1): a NaN code in V reaches exactly the rows that see its key, in masked

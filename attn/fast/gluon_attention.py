@@ -282,7 +282,7 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lens_q
             mbarrier.wait(kv_empty.index(STAGES + s), phase)
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
             if v_desc.dtype == gl.float8e4nv:
-                # FP8: the descriptor is over Vᵀ [B, Hkv·D, Sk]: this head's D feature rows, keys n ...
+                # FP8: the descriptor is over `_fp8_vt`'s [B, Hkv·D, S']: this head's D feature rows, columns n ...
                 tma.async_copy_global_to_shared(v_desc, [tb, kv_col, start_k + n], v_ready.index(s), v_bufs.index(s))
             else:
                 tma.async_copy_global_to_shared(v_desc, [tb, start_k + n, kv_col], v_ready.index(s), v_bufs.index(s))
@@ -985,8 +985,8 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
                 cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, alibi_slopes=None,
                 alibi_with_scale=False, guard_hidden=True, v_t=None, descales=None):  # fmt: skip
     """The grid and the arguments of `_attn_fwd_gluon` (shared by `attention_gluon`, `attention_fp8_gluon` and
-    bench/probes/gluon_sass.py). FP8 (float8_e4m3fn q, k, v; padded, no lengths, causal or full): ``v_t`` is V
-    transposed (`attention_fp8_gluon`) and ``descales`` float32 ``[3, B, Hkv]`` (q, k, v), contiguous.
+    bench/probes/gluon_sass.py). FP8 (float8_e4m3fn q, k, v; padded, no lengths, causal or full): ``v_t`` is
+    ``_fp8_vt(v)`` and ``descales`` float32 ``[3, B, Hkv]`` (q, k, v), contiguous.
     Padded ``q [B, Sq, Hq, D]`` (optionally ``seqlens_q/k``), or packed ``q [Tq, Hq, D]`` with ``cu_seqlens_q/k``
     and ``max_seqlen_q/k`` (the row blocks per sequence and the L2 sections are sized by them). ALiBi:
     float32 ``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` (any strides), added after scaling and capping, or to the raw

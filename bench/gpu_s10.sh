@@ -12,6 +12,7 @@
 #   MODE=shards SHARDS="0/8" OUT=$OUT bash ...    # the three sanitizers over shards of the whole suite
 #   MODE=s11 SWEEP=1 OUT=$OUT bash bench/gpu_s10.sh # final's work plus the Gluon FP8 prefill's tests and table
 #   MODE=suite OUT=$OUT bash bench/gpu_s10.sh     # the whole suite alone, -n 14 (~300 s)
+#   MODE=s12 OUT=$OUT bash bench/gpu_s10.sh       # the whole suite beside memcheck's subset, then plan.run host
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
 t() { name=$1; lim=$2; shift 2; ( timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$? :: $name" >> "$L/$name.log" ) & }
@@ -62,6 +63,19 @@ s11)
   grep "run=\|rc=" $L/plan_host.log
   grep -sh "sweep\|rc=" $L/gluon1b_sweep.log
   cat $L/memcheck_1b/sanitizer/summary.txt 2>/dev/null ;;
+s12)
+  # session 12 call 1: the whole suite (-n 10) beside memcheck over tests/gpu_sanitize.sh's default subset (-n 4
+  # sanitized workers); then plan.run's host time on a quiet GPU
+  t suite "${SUITE_T:-450}" env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n ${SUITE_N:-10} -rf \
+    --tb=short --durations=25 tests
+  t memcheck "${SAN_T:-450}" env OUT=$L/memcheck SANITIZER_TOOLS=memcheck SAN_PYTEST_ARGS="-n 4" \
+    bash tests/gpu_sanitize.sh
+  wait
+  tar czf "$OUT/logs.tgz" -C $L .
+  b plan_host 80 python3 bench/probes/plan_host_profile.py
+  grep -h "^FAILED\|passed\|failed\|rc=\|^[0-9.]*s call" $L/suite.log | cut -c1-200 | tail -45
+  grep "run=\|rc=\|pass" $L/plan_host.log
+  cat $L/memcheck/sanitizer/summary.txt; tail -3 $L/memcheck/sanitizer/memcheck.pytest.log ;;
 suite)
   # the whole suite on the GPU alone (GPU tests and the CPU tests on CUDA tensors), fixed tiles
   b suite "${SUITE_T:-480}" env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 14 -rf --tb=short \

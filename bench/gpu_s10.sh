@@ -15,9 +15,10 @@
 #   MODE=s12 OUT=$OUT bash bench/gpu_s10.sh       # the whole suite beside memcheck's subset, then plan.run host
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
-t() { name=$1; lim=$2; shift 2; ( timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$? :: $name" >> "$L/$name.log" ) & }
+# timeout sends SIGINT first: pytest stops cleanly and still prints its failures and durations; -k: then SIGKILL
+t() { name=$1; lim=$2; shift 2; ( timeout -s INT -k 20 "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$? :: $name" >> "$L/$name.log" ) & }
 # b runs one step alone and archives what there is, so a call cut at the device's limit still returns its logs
-b() { name=$1; lim=$2; shift 2; timeout "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$?" >> "$L/$name.log"
+b() { name=$1; lim=$2; shift 2; timeout -s INT -k 20 "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$?" >> "$L/$name.log"
       tar czf "$OUT/logs.tgz" -C $L .; }
 case "${MODE:-verify}" in
 final)
@@ -71,16 +72,21 @@ s12)
   t memcheck "${SAN_T:-450}" env OUT=$L/memcheck SANITIZER_TOOLS=memcheck SAN_PYTEST_ARGS="-n 4" \
     bash tests/gpu_sanitize.sh
   wait
+  pkill -9 -f "pytest|compute-sanitizer" ; sleep 2  # no worker left to share the host with the probe
   tar czf "$OUT/logs.tgz" -C $L .
   b plan_host 80 python3 bench/probes/plan_host_profile.py
   grep -h "^FAILED\|passed\|failed\|rc=\|^[0-9.]*s call" $L/suite.log | cut -c1-200 | tail -45
   grep "run=\|rc=\|pass" $L/plan_host.log
   cat $L/memcheck/sanitizer/summary.txt; tail -3 $L/memcheck/sanitizer/memcheck.pytest.log ;;
 suite)
-  # the whole suite on the GPU alone (GPU tests and the CPU tests on CUDA tensors), fixed tiles
-  b suite "${SUITE_T:-480}" env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 14 -rf --tb=short \
-    --durations=15 tests
-  grep -h "^FAILED\|passed\|failed\|rc=\|^[0-9.]*s call" $L/suite.log | cut -c1-200 | tail -40 ;;
+  # the whole suite on the GPU alone (GPU tests and the CPU tests on CUDA tensors), fixed tiles; -v names each
+  # test as it ends, so a cut run still says what failed; then (HOST=1) plan.run's host time on a quiet GPU
+  b suite "${SUITE_T:-480}" env ATTN_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -n 14 -rf --tb=short \
+    --durations=25 tests
+  pkill -9 -f pytest; sleep 2
+  [ -n "${HOST:-}" ] && b plan_host 80 python3 bench/probes/plan_host_profile.py
+  grep -h "FAILED\|ERROR\|passed\|failed\|rc=\|^[0-9.]*s call" $L/suite.log | cut -c1-220 | tail -60
+  grep -hs "run=\|rc=\|pass" $L/plan_host.log ;;
 gluon1b)
   # the Gluon one-byte decode: its GPU tests, its benchmark on a quiet GPU, then the whole suite
   b gluon1b_tests 150 env ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n 8 -rf --tb=short \

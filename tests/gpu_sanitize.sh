@@ -6,6 +6,7 @@
 #   SANITIZER_TOOLS=memcheck bash tests/gpu_sanitize.sh tests/test_decode.py -k paged
 #   SAN_PYTEST_ARGS="-n 4" OUT=/tmp/out bash tests/gpu_sanitize.sh  # pytest-xdist workers, each one sanitized
 #   SHARD=2/8 SAN_PYTEST_ARGS="-n 8" bash tests/gpu_sanitize.sh      # one eighth of the whole suite's files
+#   SAN_BUDGET=400 ...                                               # stop the tests cleanly after 400 s
 #
 # Writes $OUT/sanitizer/<tool>.log (the sanitizer's report), <tool>.pytest.log (the tests' output) and
 # summary.txt (one "ERROR SUMMARY" line and the pytest result per tool). Exits non-zero if a tool reports an
@@ -66,8 +67,12 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
   [ "$tool" = racecheck ] && extra=(--racecheck-report all)
   echo "== $tool: ${TESTS[*]}"
   start=$(date +%s)
+  # SAN_BUDGET=<seconds>: pytest gets SIGINT then, stops cleanly and reports what ran; the sanitizer still
+  # prints its summary over every kernel launched until then (a partial run, which the pytest line says)
+  budget=()
+  [ -n "${SAN_BUDGET:-}" ] && budget=(timeout -s INT -k 30 "$SAN_BUDGET")
   "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 200 --log-file "$LOGS/$tool.log" \
-    python3 -m pytest -q -p no:cacheprovider ${SAN_PYTEST_ARGS:-} "${TESTS[@]}" > "$LOGS/$tool.pytest.log" 2>&1
+    "${budget[@]}" python3 -m pytest -q -p no:cacheprovider ${SAN_PYTEST_ARGS:-} "${TESTS[@]}" > "$LOGS/$tool.pytest.log" 2>&1
   rc=$?
   secs=$(( $(date +%s) - start ))
   summary=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS/$tool.log" | tail -1)

@@ -82,7 +82,7 @@ s12san)
   # session 12 call 3: the fixed OOM test, then the three sanitizers side by side, each stopping its tests
   # cleanly at SAN_BUDGET: memcheck over the default subset and tests/gpu_memcheck.py, racecheck and synccheck
   # over the default subset's decode/NaN files
-  b fixed 90 env ATTN_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -rf --tb=short \
+  t fixed 90 env ATTN_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -rf --tb=short \
     tests/test_gluon_attention.py::test_dispatch_seqlens
   t memcheck 520 env OUT=$L/memcheck SANITIZER_TOOLS=memcheck SAN_BUDGET=${SAN_BUDGET:-380} \
     SAN_PYTEST_ARGS="-n 7 -v" bash tests/gpu_sanitize.sh
@@ -92,7 +92,8 @@ s12san)
   t synccheck 520 env OUT=$L/synccheck SANITIZER_TOOLS=synccheck SAN_BUDGET=${SAN_BUDGET:-380} \
     SAN_PYTEST_ARGS="-n 3 -v" bash tests/gpu_sanitize.sh tests/test_nan.py tests/test_decode.py tests/test_beam.py \
     tests/test_context.py -m "not gpu"
-  ( timeout 200 /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/gpu_memcheck.py \
+  san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
+  ( timeout 200 "$san" --tool memcheck --error-exitcode 1 python3 tests/gpu_memcheck.py \
     > $L/gpu_memcheck.log 2>&1; echo "rc=$?" >> $L/gpu_memcheck.log ) &
   wait
   grep -h "passed\|failed\|rc=" $L/fixed.log

@@ -79,23 +79,25 @@ s12)
   grep "run=\|rc=\|pass" $L/plan_host.log
   cat $L/memcheck/sanitizer/summary.txt; tail -3 $L/memcheck/sanitizer/memcheck.pytest.log ;;
 s12san)
-  # session 12 call 3: the fixed OOM test, then the three sanitizers side by side, each stopping its tests
+  # session 12 call 3: (DECODE=1) the decode benchmark on a quiet GPU first; the fixed OOM test, then the three sanitizers side by side, each stopping its tests
   # cleanly at SAN_BUDGET: memcheck over the default subset and tests/gpu_memcheck.py, racecheck and synccheck
   # over the default subset's decode/NaN files
+  [ -n "${DECODE:-}" ] && b decode 230 python3 -m bench.bench_decode --peers cudnn,flash --out $L/decode.json
   t fixed 90 env ATTN_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -rf --tb=short \
     tests/test_gluon_attention.py::test_dispatch_seqlens
-  t memcheck 520 env OUT=$L/memcheck SANITIZER_TOOLS=memcheck SAN_BUDGET=${SAN_BUDGET:-380} \
+  t memcheck 330 env OUT=$L/memcheck SANITIZER_TOOLS=memcheck SAN_BUDGET=${SAN_BUDGET:-250} \
     SAN_PYTEST_ARGS="-n 7 -v" bash tests/gpu_sanitize.sh
-  t racecheck 520 env OUT=$L/racecheck SANITIZER_TOOLS=racecheck SAN_BUDGET=${SAN_BUDGET:-380} \
+  t racecheck 330 env OUT=$L/racecheck SANITIZER_TOOLS=racecheck SAN_BUDGET=${SAN_BUDGET:-250} \
     SAN_PYTEST_ARGS="-n 3 -v" bash tests/gpu_sanitize.sh tests/test_nan.py tests/test_decode.py tests/test_beam.py \
     tests/test_context.py -m "not gpu"
-  t synccheck 520 env OUT=$L/synccheck SANITIZER_TOOLS=synccheck SAN_BUDGET=${SAN_BUDGET:-380} \
+  t synccheck 330 env OUT=$L/synccheck SANITIZER_TOOLS=synccheck SAN_BUDGET=${SAN_BUDGET:-250} \
     SAN_PYTEST_ARGS="-n 3 -v" bash tests/gpu_sanitize.sh tests/test_nan.py tests/test_decode.py tests/test_beam.py \
     tests/test_context.py -m "not gpu"
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
   ( timeout 200 "$san" --tool memcheck --error-exitcode 1 python3 tests/gpu_memcheck.py \
     > $L/gpu_memcheck.log 2>&1; echo "rc=$?" >> $L/gpu_memcheck.log ) &
   wait
+  grep -hs "default-call\|==\|rc=" $L/decode.log; grep -hs -A12 "^TB/s" $L/decode.log | cut -c1-250
   grep -h "passed\|failed\|rc=" $L/fixed.log
   cat $L/*/sanitizer/summary.txt; grep -h "ERROR SUMMARY\|rc=" $L/gpu_memcheck.log ;;
 suite)

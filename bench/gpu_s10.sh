@@ -13,6 +13,8 @@
 #   MODE=s11 SWEEP=1 OUT=$OUT bash bench/gpu_s10.sh # final's work plus the Gluon FP8 prefill's tests and table
 #   MODE=suite OUT=$OUT bash bench/gpu_s10.sh     # the whole suite alone, -n 14 (~300 s)
 #   MODE=s12 OUT=$OUT bash bench/gpu_s10.sh       # the whole suite beside memcheck's subset, then plan.run host
+#   MODE=s12san DECODE=1 OUT=$OUT bash ...        # the decode benchmark, then the three sanitizers on budgets
+#   MODE=sanall TOOL=racecheck OUT=$OUT bash ...  # one sanitizer over the whole suite (-n 12, 500 s of tests)
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
 # timeout sends SIGINT first: pytest stops cleanly and still prints its failures and durations; -k: then SIGKILL
@@ -100,6 +102,18 @@ s12san)
   grep -hs "default-call\|==\|rc=" $L/decode.log; grep -hs -A12 "^TB/s" $L/decode.log | cut -c1-250
   grep -h "passed\|failed\|rc=" $L/fixed.log
   cat $L/*/sanitizer/summary.txt; grep -h "ERROR SUMMARY\|rc=" $L/gpu_memcheck.log ;;
+sanall)
+  # issue 18: one sanitizer (TOOL, default memcheck) over the whole suite, -n SAN_N sanitized workers, the tests
+  # stopped cleanly at SAN_BUDGET; the junit file names every test that ran. Session 12 measured memcheck at
+  # ~0.32 tests/s per worker (the suite unsanitized: ~0.86), and seven workers that had not started a test
+  # within 100 s (torch and CUDA initializing under the sanitizer): hence one tool a call, a long budget
+  tool=${TOOL:-memcheck}
+  b "san_$tool" "${SAN_T:-570}" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_BUDGET=${SAN_BUDGET:-500} \
+    SAN_PYTEST_ARGS="-n ${SAN_N:-12}" bash tests/gpu_sanitize.sh tests
+  cat $L/$tool/sanitizer/summary.txt
+  python3 -c "import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); s = r[0] if len(r) else r
+print('junit:', {k: s.get(k) for k in ('tests', 'failures', 'errors', 'skipped', 'time')})" \
+    $L/$tool/sanitizer/$tool.junit.xml ;;
 suite)
   # the whole suite on the GPU alone (GPU tests and the CPU tests on CUDA tensors), fixed tiles; -v names each
   # test as it ends, so a cut run still says what failed; then (HOST=1) plan.run's host time on a quiet GPU

@@ -8,9 +8,9 @@
 #   SHARD=2/8 SAN_PYTEST_ARGS="-n 8" bash tests/gpu_sanitize.sh      # one eighth of the whole suite's files
 #   SAN_BUDGET=400 ...                                               # stop the tests cleanly after 400 s
 #
-# Writes $OUT/sanitizer/<tool>.log (the sanitizer's report), <tool>.pytest.log (the tests' output) and
-# summary.txt (one "ERROR SUMMARY" line and the pytest result per tool). Exits non-zero if a tool reports an
-# error or a test fails.
+# Writes $OUT/sanitizer/<tool>.log (the sanitizer's report), <tool>.pytest.log (the tests' output),
+# <tool>.junit.xml (each test that ran, by name, also when SAN_BUDGET cut the run) and summary.txt (one
+# "ERROR SUMMARY" line and the pytest result per tool). Exits non-zero if a tool reports an error or a test fails.
 #
 # Notes:
 # - PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own allocation: with PyTorch's caching allocator
@@ -72,7 +72,8 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
   budget=()
   [ -n "${SAN_BUDGET:-}" ] && budget=(timeout -s INT -k 30 "$SAN_BUDGET")
   "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 200 --log-file "$LOGS/$tool.log" \
-    "${budget[@]}" python3 -m pytest -q -p no:cacheprovider ${SAN_PYTEST_ARGS:-} "${TESTS[@]}" > "$LOGS/$tool.pytest.log" 2>&1
+    "${budget[@]}" python3 -m pytest -q -p no:cacheprovider --junitxml="$LOGS/$tool.junit.xml" ${SAN_PYTEST_ARGS:-} \
+    "${TESTS[@]}" > "$LOGS/$tool.pytest.log" 2>&1
   rc=$?
   secs=$(( $(date +%s) - start ))
   summary=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS/$tool.log" | tail -1)

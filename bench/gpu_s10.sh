@@ -15,6 +15,7 @@
 #   MODE=s12 OUT=$OUT bash bench/gpu_s10.sh       # the whole suite beside memcheck's subset, then plan.run host
 #   MODE=s12san DECODE=1 OUT=$OUT bash ...        # the decode benchmark, then the three sanitizers on budgets
 #   MODE=sanall TOOL=racecheck OUT=$OUT bash ...  # one sanitizer over the whole suite (-n 12, 500 s of tests)
+#   MODE=s13 GRID=1 OUT=$OUT bash ...             # Nsight Compute on the Gluon FP8 prefill and one-byte decode
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
 # timeout sends SIGINT first: pytest stops cleanly and still prints its failures and durations; -k: then SIGKILL
@@ -102,6 +103,16 @@ s12san)
   grep -hs "default-call\|==\|rc=" $L/decode.log; grep -hs -A12 "^TB/s" $L/decode.log | cut -c1-250
   grep -h "passed\|failed\|rc=" $L/fixed.log
   cat $L/*/sanitizer/summary.txt; grep -h "ERROR SUMMARY\|rc=" $L/gpu_memcheck.log ;;
+s13)
+  # issue 17's open "where does the time go": Nsight Compute on the Gluon FP8 prefill beside the tl.* FP8 kernel,
+  # the bf16 Gluon kernel and cuDNN (B4 H32 S4096 D128 causal), and on the Gluon one-byte decode beside the tl.*
+  # one; then (GRID=1) the Gluon prefill grid that decides overlap="unmasked" (session 9's prediction in NOTES)
+  b ncu "${NCU_T:-330}" env OUT=$L/ncu bash bench/probes/ncu_profile.sh ${NCU_CASES:-fp8_long fp8_long_tl \
+    gluon_long prefill_long_cudnn gdecode_fp8 decode_fp8}
+  [ -n "${GRID:-}" ] && b gluon_grid 200 python3 -m bench.bench_gluon --grid --out $L --repeat 1 --rep 30 --warmup 10
+  rm -f $L/ncu/*.ncu-rep  # the summaries, details pages and raw CSVs come back; the reports are too large
+  cat $L/ncu/summary_*.txt | cut -c1-200 | head -150
+  grep -sh "==\|gluon \|serial\|ovl\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120 | tail -40 ;;
 sanall)
   # issue 18: one sanitizer (TOOL, default memcheck) over the whole suite, -n SAN_N sanitized workers, the tests
   # stopped cleanly at SAN_BUDGET; the junit file names every test that ran. Session 12 measured memcheck at

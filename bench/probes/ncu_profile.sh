@@ -20,7 +20,8 @@ for c in "${cases[@]}"; do
   "$NCU" -i "$OUT/$c.ncu-rep" --page raw --csv > "$OUT/$c.csv" 2>&1
 done
 cd "$OUT"
-pairs=("prefill prefill_cudnn" "prefill_long prefill_long_cudnn" "decode decode_fp8 decode_int8")
+pairs=("prefill prefill_cudnn" "prefill_long prefill_long_cudnn" "decode decode_fp8 decode_int8"
+       "fp8_long fp8_long_tl gluon_long prefill_long_cudnn" "gdecode_fp8 decode_fp8 gdecode_int8 decode_int8")
 for p in "${pairs[@]}"; do
   files=()
   for c in $p; do [ -s "$c.csv" ] && files+=("$c.csv"); done

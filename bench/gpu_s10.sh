@@ -107,10 +107,12 @@ s13)
   # issue 17's open "where does the time go": Nsight Compute on the Gluon FP8 prefill beside the tl.* FP8 kernel,
   # the bf16 Gluon kernel and cuDNN (B4 H32 S4096 D128 causal), and on the Gluon one-byte decode beside the tl.*
   # one; then (GRID=1) the Gluon prefill grid that decides overlap="unmasked" (session 9's prediction in NOTES)
-  b ncu "${NCU_T:-330}" env OUT=$L/ncu bash bench/probes/ncu_profile.sh ${NCU_CASES:-fp8_long fp8_long_tl \
+  # the reports stay in /tmp/ncu (too large to bring back); the summaries, details pages and raw CSVs come back
+  mkdir -p $L/ncu
+  b ncu "${NCU_T:-330}" env OUT=/tmp/ncu bash bench/probes/ncu_profile.sh ${NCU_CASES:-fp8_long fp8_long_tl \
     gluon_long prefill_long_cudnn gdecode_fp8 decode_fp8}
+  cp /tmp/ncu/*.txt /tmp/ncu/*.csv /tmp/ncu/*.log $L/ncu/ 2>/dev/null; tar czf "$OUT/logs.tgz" -C $L .
   [ -n "${GRID:-}" ] && b gluon_grid 200 python3 -m bench.bench_gluon --grid --out $L --repeat 1 --rep 30 --warmup 10
-  rm -f $L/ncu/*.ncu-rep  # the summaries, details pages and raw CSVs come back; the reports are too large
   cat $L/ncu/summary_*.txt | cut -c1-200 | head -150
   grep -sh "==\|gluon \|serial\|ovl\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120 | tail -40 ;;
 sanall)

@@ -54,6 +54,7 @@ def probe(name, b, n, hq, hkv, paged, profile, d=128, dev="cuda"):
     torch.cuda.synchronize()
     o = torch.empty_like(q)
     steps = [s for s in plan._replay.steps if s[0] == "launch"] if plan.replayable else []
+
     def us(fn):
         return statistics.median(common.host_us(fn, calls=100) for _ in range(9))
 

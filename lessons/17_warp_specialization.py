@@ -264,6 +264,16 @@ excerpt(ga._softmax_step, [r"convert_layout\(p"])
 # instructions sit between the exponentials, as intended (`bench/probes/gluon_sass.py` prints the order). The
 # benchmark times both.
 #
+# FlashAttention-3 orders the loop the other way: tile t's Q·Kᵀ and tile t−1's P·V are issued together, the
+# first wait collects only the Q·Kᵀ (a warpgroup's products complete in issue order), and tile t's softmax runs
+# while the tensor cores do tile t−1's P·V. Only one score tile is live, so registers should not be the
+# obstacle. We compiled that order too (not kept; `bench/NOTES.md`, 2026-12-07) and read the SASS. ptxas placed
+# the new P in the registers that the pending P·V was still reading as its A operand, so it had to wait for that
+# product before the first exponential. The PTX held the intended order. Two attempts left the SASS unchanged:
+# naming both P's in the wait's `deps`, which Triton passes to the assembler only as a comment, and unrolling the
+# loop so that P alternates between two variables. The lesson is the same as above: in Gluon you write the order,
+# but ptxas's register allocation decides what overlaps, and only the SASS shows which.
+#
 # P goes into P·V straight from registers: the score accumulator's register layout is already the A operand's
 # (the `convert_layout` compiles to no shared-memory traffic: `bench/probes/gluon_sass.py` counts no shared stores
 # in the tile loop).
@@ -494,5 +504,6 @@ else:
 #   about as many cycles of exponentials as of FP8 tensor work, so the softmax of one warpgroup must hide under
 #   the other's products: the ping-pong above matters twice as much here. It also still transposes V once
 #   per call, outside the pipeline.
-# - **The inner loop at D 128.** ptxas still sinks the next Q·Kᵀ below the softmax (section 3); with the L2
-#   order fixed, that is what is left between the MHA shapes and the GQA shape's rate.
+# - **The inner loop at D 128.** ptxas still sinks the next Q·Kᵀ below the softmax (section 3), and FA3's order
+#   lost its overlap to register reuse; with the L2 order fixed, that is what is left between the MHA shapes and
+#   the GQA shape's rate.

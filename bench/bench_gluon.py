@@ -20,6 +20,8 @@ reported, not timed); the bf16 8192³ matmul is measured in the same run as the 
                    on every shape
   gluon_ovl_unmasked attention_gluon called directly: overlap="unmasked", the masked tiles serial (the guard's
                    spills came from overlapping them), on every shape
+  gluon_pingpong   attention_gluon called directly: overlap="pingpong", the two consumers taking turns to issue
+                   their products over the unmasked range (FA3's ping-pong), masked tiles serial, on every shape
   tl               attn.fast.attention with ATTN_GLUON=0: the tl.* kernel (its fixed config unless autotuning)
   default          attn.fast.attention, ATTN_GLUON unset: the default dispatch (gluon_default decides; the
                    record's note says which kernel ran)
@@ -73,11 +75,12 @@ VARIANTS = {
     "gluon_bn64": {"block_n": 64},
     "gluon_noguard": {"guard_hidden": False},
     "gluon_ovl_unmasked": {"overlap": "unmasked"},
+    "gluon_pingpong": {"overlap": "pingpong"},
 }
 # the run-1 schedule is the same compiled kernel (the section is a runtime argument): timed on every shape; so are
 # the unguarded baseline, whose difference to gluon_rowmajor/gluon is the masked tiles' check, and the variant
 # that stops overlapping the masked tiles (what the check costs without its spills)
-EVERY_SHAPE_VARIANTS = ("gluon_rowmajor", "gluon_noguard", "gluon_ovl_unmasked")
+EVERY_SHAPE_VARIANTS = ("gluon_rowmajor", "gluon_noguard", "gluon_ovl_unmasked", "gluon_pingpong")
 COLUMNS = ["gluon", *VARIANTS, "tl", "default", "cudnn", "flash", "flex"]
 
 
@@ -166,7 +169,16 @@ GRID_SHAPES = [_padded(16384 // s, 32, hkv, s, d, causal, " gqa" if hkv != 32 el
                for s in (1024, 2048) for causal in (True, False) for d in (128, 64) for hkv in (32, 8)]  # fmt: skip
 # and two rows of the default's regime, for the variants' cost there
 GRID_SHAPES += [_padded(4, 32, 32, 4096, 128, causal) for causal in (True, False)]
-GRID_COLUMNS = ("gluon", "gluon_2x4_serial", "gluon_ovl_unmasked", "gluon_noguard", "tl", "default", "cudnn")
+GRID_COLUMNS = (
+    "gluon",
+    "gluon_2x4_serial",
+    "gluon_ovl_unmasked",
+    "gluon_pingpong",
+    "gluon_noguard",
+    "tl",
+    "default",
+    "cudnn",
+)
 
 
 def contenders(variants: str) -> dict[str, list]:
@@ -273,12 +285,20 @@ def run_fp8_shape(shape, args) -> dict:
     torch.manual_seed(args.seed)
     x = make_inputs(shape, torch.bfloat16)
     (q8, qd), (k8, kd), (v8, vd) = (fr.quantize_fp8(t, shape.heads_kv) for t in (x.q, x.k, x.v))
+    descales = torch.stack([qd, kd, vd]).contiguous()  # [3, B, Hkv], as attention_fp8_gluon takes them
     result: dict[str, Any] = {"name": "FP8 " + shape.name, "flops": flops, "contenders": {}}
     fns = {
         # the call as a user makes it (gluon_attention.fp8_default picks the kernel), and each kernel forced
         "fp8": (lambda: fk.attention_fp8(q8, k8, v8, qd, kd, vd, causal=shape.causal), None),
         "fp8_gluon": (lambda: fk.attention_fp8(q8, k8, v8, qd, kd, vd, causal=shape.causal), "1"),
         "fp8_tl": (lambda: fk.attention_fp8(q8, k8, v8, qd, kd, vd, causal=shape.causal), "0"),
+        # the Gluon FP8 kernel called directly with the consumers in ping-pong (not the default call)
+        "fp8_gluon_pp": (
+            lambda: ga.attention_fp8_gluon(
+                q8, k8, v8, descales, scale=shape.head_dim**-0.5, causal=shape.causal, overlap="pingpong"
+            ),
+            None,
+        ),
         "bf16_default": (lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal), None),
         "bf16_tl": (lambda: fast.attention(x.q, x.k, x.v, causal=shape.causal), "0"),
     }
@@ -302,7 +322,8 @@ def run_fp8_shape(shape, args) -> dict:
         finally:
             ga.attention_fp8_gluon = real
         got = out[:, rows].float()
-        rec = {"status": "ok", "err_vs_fp32_ref": rel_err(want, got), "note": f"ATTN_GLUON={env}"}
+        note = f"ATTN_GLUON={env}" if name != "fp8_gluon_pp" else "attention_fp8_gluon(overlap='pingpong'), direct"
+        rec = {"status": "ok", "err_vs_fp32_ref": rel_err(want, got), "note": note}
         if name == "fp8_gluon" and not launches:
             rec["status"] = "not launched"
             print("  fp8_gluon: the Gluon FP8 kernel did not run (not sm_90, or fp8_supported refused)", flush=True)
@@ -569,10 +590,11 @@ def main(argv=None) -> int:
         for r in doc["fp8_results"]:
             c = r["contenders"]
             cells = [f"{c[n]['tflops']:.0f} ({c[n]['vs_bf16_default']:.2f})" if c.get(n, {}).get("ms") else "ERR"
-                     for n in ("fp8", "fp8_gluon", "fp8_tl", "bf16_default", "bf16_tl")]  # fmt: skip
+                     for n in ("fp8", "fp8_gluon", "fp8_gluon_pp", "fp8_tl", "bf16_default", "bf16_tl")]  # fmt: skip
             rows.append([r["name"][4:], *cells])
         print("\nFP8 prefill, TFLOP/s (bf16_default_ms / ms in parentheses; target fp8 >= 1.6)")
-        print(common.format_table(["shape", "fp8 (default call)", "fp8_gluon (ATTN_GLUON=1)", "fp8_tl (ATTN_GLUON=0)",
+        print(common.format_table(["shape", "fp8 (default call)", "fp8_gluon (ATTN_GLUON=1)",
+                                   "fp8_gluon_pp (direct, ping-pong)", "fp8_tl (ATTN_GLUON=0)",
                                    "bf16_default", "bf16_tl"], rows))  # fmt: skip
     if doc.get("seqlens_results"):
         rows = []

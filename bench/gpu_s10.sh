@@ -16,6 +16,7 @@
 #   MODE=s12san DECODE=1 OUT=$OUT bash ...        # the decode benchmark, then the three sanitizers on budgets
 #   MODE=sanall TOOL=racecheck OUT=$OUT bash ...  # one sanitizer over the whole suite (-n 12, 500 s of tests)
 #   MODE=s13 GRID=1 OUT=$OUT bash ...             # Nsight Compute on the Gluon FP8 prefill and one-byte decode
+#   MODE=pingpong OUT=$OUT bash ...               # the consumers' ping-pong: its GPU tests, then both tables
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
 # timeout sends SIGINT first: pytest stops cleanly and still prints its failures and durations; -k: then SIGKILL
@@ -103,6 +104,17 @@ s12san)
   grep -hs "default-call\|==\|rc=" $L/decode.log; grep -hs -A12 "^TB/s" $L/decode.log | cut -c1-250
   grep -h "passed\|failed\|rc=" $L/fixed.log
   cat $L/*/sanitizer/summary.txt; grep -h "ERROR SUMMARY\|rc=" $L/gpu_memcheck.log ;;
+pingpong)
+  # the consumers' ping-pong (overlap="pingpong", session 12, compiled on the CPU only): its GPU tests first, each
+  # under a 120 s timeout (a turn that never comes would hang, not fail), then the FP8 table (its fp8_gluon_pp
+  # column) and the bf16 table on the PERF.md shapes (gluon_pingpong is timed on every shape)
+  b pp_tests 200 env ATTN_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -n 6 -rf --tb=short --timeout 120 \
+    tests/test_gluon_attention.py tests/test_fp8_prefill.py -k "pp or pingpong"
+  b pp_fp8 100 python3 -m bench.bench_gluon --fp8-only --out $L/fp8.json --repeat 1 --rep 30 --warmup 10
+  b pp_bf16 250 python3 -m bench.bench_gluon --no-fp8 --no-alibi --no-seqlens --out $L/bf16.json --repeat 1 \
+    --rep 30 --warmup 10
+  grep -h "FAILED\|passed\|failed\|Timeout\|rc=" $L/pp_tests.log | cut -c1-200 | tail -20
+  grep -A12 "^FP8 prefill, TFLOP" $L/pp_fp8.log; grep -v "^ *$" $L/pp_bf16.log | tail -30 ;;
 s13)
   # issue 17's open "where does the time go": Nsight Compute on the Gluon FP8 prefill beside the tl.* FP8 kernel,
   # the bf16 Gluon kernel and cuDNN (B4 H32 S4096 D128 causal), and on the Gluon one-byte decode beside the tl.*

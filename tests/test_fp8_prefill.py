@@ -301,8 +301,11 @@ def test_gluon_fp8_matches_reference(shape, causal, monkeypatch):
 
 @pytest.mark.gpu
 @sm90
-@pytest.mark.parametrize("variant", [dict(consumers=1), dict(overlap=False), dict(block_n=64)],
-                         ids=["one_partition", "no_overlap", "n64"])  # fmt: skip
+@pytest.mark.parametrize(
+    "variant",
+    [dict(consumers=1), dict(overlap=False), dict(block_n=64), dict(overlap="pingpong")],
+    ids=["one_partition", "no_overlap", "n64", "pingpong"],
+)
 def test_gluon_fp8_variants(variant):
     from attn.fast import gluon_attention as ga
 

@@ -148,11 +148,14 @@ VARIANTS = [
     (2, True, False, torch.bfloat16, 128),
     (2, True, True, torch.bfloat16, 64),
     (2, "unmasked", True, torch.bfloat16, 128),
+    (2, "pingpong", True, torch.bfloat16, 128),
+    (2, "pingpong", True, torch.float16, 128),
+    (2, "pingpong", False, torch.bfloat16, 64),
 ]
 
 
 def _vid(v):
-    ovl = {True: "ovl", False: "ser", "unmasked": "ovlfull"}[v[1]]
+    ovl = {True: "ovl", False: "ser", "unmasked": "ovlfull", "pingpong": "pp"}[v[1]]
     return f"c{v[0]}-{ovl}-{'pers' if v[2] else 'grid'}-{dtype_id(v[3])}-n{v[4]}"
 
 
@@ -221,6 +224,7 @@ HIDDEN_VARIANTS = [
     ("n64", {"block_n": 64}, torch.bfloat16, 128),
     ("grid", {"persistent": False}, torch.bfloat16, 128),
     ("ovlfull", {"overlap": "unmasked"}, torch.bfloat16, 128),
+    ("pingpong", {"overlap": "pingpong"}, torch.bfloat16, 128),
 ]
 
 
@@ -269,6 +273,7 @@ LENS_VARIANTS = [
     ("c1", {"consumers": 1}, torch.bfloat16, 128),
     ("serial", {"overlap": False}, torch.bfloat16, 128),
     ("n64", {"block_n": 64}, torch.bfloat16, 128),
+    ("pp", {"overlap": "pingpong"}, torch.bfloat16, 128),
 ]
 # per sequence (len_q, len_k) in [B, 300, ...] / [B, 333, ...] tensors: empty, length 1, full, a query longer than
 # its keys (causal rows that see no key), queries without keys, keys ending mid-tile, a row block past len_q
@@ -557,3 +562,15 @@ def test_dispatch_falls_back_off_sm90(monkeypatch, device):
     out = fast.attention(q, k, v, causal=True, **kw)
     ref = reference.attention(q.double(), k.double(), v.double(), causal=True, **kw)
     assert rel_err(ref, out) <= TOL[q.dtype]
+
+
+def test_launch_args_reject_bad_overlap():
+    # overlap="pingpong" alternates two consumer partitions: with one there is nobody to take turns with, and the
+    # kernel would wait forever for the other's turn; an unknown mode is refused too. The check comes before any
+    # descriptor is built, so CPU tensors do here
+    q = torch.zeros(1, 128, 2, 64, dtype=torch.bfloat16)
+    kw = dict(scale=1.0, window_left=-1, window_right=0, softcap=0.0)
+    with pytest.raises(ValueError, match="consumers=2"):
+        ga.launch_args(q, q, q, q, None, overlap="pingpong", consumers=1, **kw)
+    with pytest.raises(ValueError, match="overlap must be"):
+        ga.launch_args(q, q, q, q, None, overlap="fa3", **kw)

@@ -12,7 +12,8 @@ what FlashAttention-3 (Shah et al., 2024) is built from:
 - **Two consumer warpgroups.** Two 4-warp partitions own rows 0-63 and 64-127 of the 128-row query block and
   issue their own ``wgmma``. They share the K/V stages but synchronize only through the ring's barriers, so
   while one computes its softmax the other's products can occupy the tensor cores (FA3 forces the alternation
-  with named barriers; here the warp scheduler decides). ``consumers=1`` is the alternative of one 8-warp
+  with named barriers; here the warp scheduler decides, unless ``overlap="pingpong"``, where the consumers take
+  turns to issue their products through two mbarriers). ``consumers=1`` is the alternative of one 8-warp
   partition, whose two warpgroups move in lockstep (the compiler's barriers span all 8 warps).
 - **Softmax overlapped with the next QKᵀ** (``OVERLAP``): the product of tile j+1 is issued asynchronously
   before the softmax of tile j runs, so the tensor core and the exponent unit work at the same time within a
@@ -618,6 +619,17 @@ def _softmax_pv(qk, v_bufs, v_ready, slot, phase, acc, m_i, l_i, fix, start, off
 
 
 @gluon.jit
+def _v_operand(v_bufs, slot, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Ring slot ``slot``'s V tile as P·V's B operand, [BLOCK_N, HEAD_DIM] (FP8: the transposed view of the stored
+    Vᵀ, keys contiguous)."""
+    if v_bufs.dtype == gl.float8e4nv:
+        v = v_bufs.index(slot).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0))
+    else:
+        v = v_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM])
+    return v
+
+
+@gluon.jit
 def _qk(q, k_bufs, k_ready, it, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
         s_layout: gl.constexpr):  # fmt: skip
     """Q·Kᵀ of ring slot ``it`` issued asynchronously once its K tile has landed."""
@@ -630,18 +642,19 @@ def _qk(q, k_bufs, k_ready, it, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HE
 
 
 @gluon.jit
-def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes, fix_bar, v_ptr, v_base, kv_stride,
-           lo, hi, offs_m, diag, seqlen_k, qk_scale, cap_log2, slope, window_left, window_right,
+def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes, fix_bar, turns, turn_bars, v_ptr,
+           v_base, kv_stride, lo, hi, offs_m, diag, seqlen_k, qk_scale, cap_log2, slope, window_left, window_right,
            MASKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
            HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, OVERLAP: gl.constexpr, HALF: gl.constexpr,
            CONSUMERS: gl.constexpr,
            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, s_layout: gl.constexpr,
            o_layout: gl.constexpr, p_layout: gl.constexpr):  # fmt: skip
-    """The key tiles [lo, hi): ring slots ``it, it+1, ...``; returns the running state, the next slot and the
-    count of ``fix_bar`` phases (`_hidden_values_out`)."""
+    """The key tiles [lo, hi): ring slots ``it, it+1, ...``; returns the running state, the next slot, the count
+    of ``fix_bar`` phases (`_hidden_values_out`) and this consumer's count of turns (mode 2). Modes (OVERLAP):
+    0 serial, 1 the next tile's Q·Kᵀ issued before this tile's softmax, 2 ping-pong between the consumers."""
     STAGES: gl.constexpr = k_bufs.shape[0]
     n_tiles = gl.cdiv(hi - lo, BLOCK_N)
-    if OVERLAP:
+    if OVERLAP == 1:
         # software pipeline: tile t+1's Q·Kᵀ is issued before tile t's softmax, so the tensor cores work on it
         # while this warpgroup computes exponentials; one wait then collects both products
         if n_tiles > 0:
@@ -674,6 +687,47 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fix
             acc = warpgroup_mma_wait(0, deps=[acc_t])
             mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
             it += 1
+    elif OVERLAP == 2:
+        # FA3's ping-pong (unmasked ranges, two consumers; MASKED is False): the consumers take turns to issue
+        # their products, so that one's softmax runs while the other's products hold the tensor cores. Within a
+        # consumer the products and the softmax alternate: tile t's P·V and tile t+1's Q·Kᵀ are issued in one
+        # turn, then both are waited for, then tile t+1's softmax (one score tile live). Free-running consumers
+        # tend to move in phase instead, both waiting on the same K/V stages, so both compute exponentials while
+        # the tensor cores idle. Turn k of consumer 0 waits for the other's turn k − 1 (its first passes: parity
+        # 1 of a fresh barrier), turn k of consumer 1 for consumer 0's turn k. Both take one turn per tile of
+        # the same range, so the turns match; the data is awaited before a turn is taken, not while holding it.
+        if n_tiles > 0:
+            qk = warpgroup_mma_wait(0, deps=[_qk(q, k_bufs, k_ready, it, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)])
+            mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
+            sc = _scores(qk, offs_m, lo, diag, seqlen_k, qk_scale, cap_log2, slope, window_left, window_right, False,
+                         HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, BLOCK_N, s_layout)  # fmt: skip
+            p_op, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, False, HAS_SOFTCAP, o_layout, p_layout,
+                                                v_bufs.dtype)  # fmt: skip
+            for t in range(n_tiles - 1):
+                mbarrier.wait(v_ready.index(it % STAGES), (it // STAGES) & 1)
+                mbarrier.wait(k_ready.index((it + 1) % STAGES), ((it + 1) // STAGES) & 1)
+                mbarrier.wait(turn_bars.index(HALF), (turns & 1) ^ (1 - HALF))
+                acc = warpgroup_mma(p_op, _v_operand(v_bufs, it % STAGES, BLOCK_N, HEAD_DIM), acc, is_async=True)
+                qk_next = _qk(q, k_bufs, k_ready, it + 1, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)
+                mbarrier.arrive(turn_bars.index(1 - HALF), count=1)
+                turns += 1
+                acc, qk = warpgroup_mma_wait(0, deps=[acc, qk_next])
+                mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)  # this V stage is read
+                mbarrier.arrive(kv_empty.index((it + 1) % STAGES), count=1)  # the next K stage is read
+                sc = _scores(qk, offs_m, lo + (t + 1) * BLOCK_N, diag, seqlen_k, qk_scale, cap_log2, slope,
+                             window_left, window_right, False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI,
+                             BLOCK_N, s_layout)  # fmt: skip
+                p_op, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, False, HAS_SOFTCAP, o_layout,
+                                                    p_layout, v_bufs.dtype)  # fmt: skip
+                it += 1
+            mbarrier.wait(v_ready.index(it % STAGES), (it // STAGES) & 1)
+            mbarrier.wait(turn_bars.index(HALF), (turns & 1) ^ (1 - HALF))
+            acc = warpgroup_mma(p_op, _v_operand(v_bufs, it % STAGES, BLOCK_N, HEAD_DIM), acc, is_async=True)
+            mbarrier.arrive(turn_bars.index(1 - HALF), count=1)
+            turns += 1
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
+            it += 1
     else:
         for t in range(n_tiles):
             qk = warpgroup_mma_wait(0, deps=[_qk(q, k_bufs, k_ready, it, BLOCK_M, BLOCK_N, HEAD_DIM, s_layout)])
@@ -688,11 +742,12 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fix
             acc = warpgroup_mma_wait(0, deps=[acc_t])
             mbarrier.arrive(kv_empty.index(STAGES + it % STAGES), count=1)
             it += 1
-    return acc, m_i, l_i, it, fixes
+    return acc, m_i, l_i, it, fixes, turns
 
 
 @gluon.jit
-def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar, v_ptr, lse_ptr,
+def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar, turn_bars, v_ptr,
+              lse_ptr,
               lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab, stride_ah, stride_lb, stride_lh, batch,
               num_heads_q, section, group_size, seqlen_q,
               seqlen_k, rows_q, rows_k, qk_scale, cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr,
@@ -730,6 +785,7 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
     it = 0
     n_done = 0
     fixes = 0
+    turns = 0
     # V rows of one KV head are num_heads_kv · HEAD_DIM elements apart (the non-finite slow path reads them)
     num_heads_kv = num_heads_q // group_size
     kv_stride = num_heads_kv * HEAD_DIM
@@ -763,26 +819,25 @@ def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, k
         # OVERLAP 2 overlaps the unmasked range only: the guard's slow path beside a second score tile made the
         # overlapped masked loop spill (748 bytes at causal D128, 44 this way: bench/probes/gluon_sass.py), and
         # a causal block has one or two masked tiles, so their overlap is worth little
-        OVERLAP_MASKED: gl.constexpr = OVERLAP == 1
-        OVERLAP_FULL: gl.constexpr = OVERLAP != 0
-        acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
-                                          fix_bar, v_ptr, v_base, kv_stride, lo, full_lo, offs_m, diag, len_k,
-                                          item_scale, cap_log2, slope, window_left, window_right, MASKED,
-                                          HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_MASKED, HALF,
-                                          CONSUMERS, WG_M,
-                                          BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
-        acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
-                                          fix_bar, v_ptr, v_base, kv_stride, full_lo, full_hi, offs_m, diag,
-                                          len_k, item_scale, cap_log2, slope, window_left, window_right, False,
-                                          HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_FULL, HALF,
-                                          CONSUMERS,
-                                          WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
-        acc, m_i, l_i, it, fixes = _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes,
-                                          fix_bar, v_ptr, v_base, kv_stride, full_hi, hi, offs_m, diag, len_k,
-                                          item_scale, cap_log2, slope, window_left, window_right, MASKED,
-                                          HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_MASKED, HALF,
-                                          CONSUMERS, WG_M,
-                                          BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        # OVERLAP 3 ping-pongs the two consumers over the unmasked range (`_tiles`' mode 2) and runs the masked
+        # tiles serially
+        OVERLAP_MASKED: gl.constexpr = 1 if OVERLAP == 1 else 0
+        OVERLAP_FULL: gl.constexpr = 2 if OVERLAP == 3 and CONSUMERS == 2 else (1 if OVERLAP != 0 else 0)
+        acc, m_i, l_i, it, fixes, turns = _tiles(
+            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes, fix_bar, turns, turn_bars, v_ptr,
+            v_base, kv_stride, lo, full_lo, offs_m, diag, len_k, item_scale, cap_log2, slope, window_left,
+            window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_MASKED, HALF,
+            CONSUMERS, WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        acc, m_i, l_i, it, fixes, turns = _tiles(
+            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes, fix_bar, turns, turn_bars, v_ptr,
+            v_base, kv_stride, full_lo, full_hi, offs_m, diag, len_k, item_scale, cap_log2, slope, window_left,
+            window_right, False, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_FULL, HALF,
+            CONSUMERS, WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        acc, m_i, l_i, it, fixes, turns = _tiles(
+            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fixes, fix_bar, turns, turn_bars, v_ptr,
+            v_base, kv_stride, full_hi, hi, offs_m, diag, len_k, item_scale, cap_log2, slope, window_left,
+            window_right, MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, ALIBI, OVERLAP_MASKED, HALF,
+            CONSUMERS, WG_M, BLOCK_N, HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
         n_done += 1
 
         # every product that read Q has completed (the last wait): the next item's Q can come in already
@@ -858,6 +913,11 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, l
     # the consumers' rendezvous in the non-finite slow path (`_hidden_values_out`): one arrival per partition
     fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(fix_bar, count=CONSUMERS)
+    # OVERLAP 3 (ping-pong): turn_bars[h] completes a phase when the other consumer has issued its products
+    # (`_tiles`' mode 2); one arrival per partition
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(turn_bars.index(0), count=1)
+    mbarrier.init(turn_bars.index(1), count=1)
     for i in gl.static_range(CONSUMERS):
         mbarrier.init(q_bars.index(i), count=1)
     for i in gl.static_range(STAGES):
@@ -876,15 +936,15 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, l
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab, stride_ah,
-                             stride_lb, stride_lh, batch, num_heads_q,
+                             turn_bars, v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab,
+                             stride_ah, stride_lb, stride_lh, batch, num_heads_q,
                              section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
                              window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
                              HAS_SOFTCAP, ALIBI, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM,
                              0)),
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab, stride_ah,
-                             stride_lb, stride_lh, batch, num_heads_q,
+                             turn_bars, v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab,
+                             stride_ah, stride_lb, stride_lh, batch, num_heads_q,
                              section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
                              window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
                              HAS_SOFTCAP, ALIBI, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM,
@@ -904,8 +964,8 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, v_ptr, lse_ptr, lens_q_ptr, l
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar,
-                             v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab, stride_ah,
-                             stride_lb, stride_lh, batch, num_heads_q,
+                             turn_bars, v_ptr, lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab,
+                             stride_ah, stride_lb, stride_lh, batch, num_heads_q,
                              section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
                              window_left, window_right, HAS_SEQLENS, IS_PACKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
                              HAS_SOFTCAP, ALIBI, STORE_LSE, OVERLAP, GUARD_HIDDEN, BLOCK_M, WG_M, BLOCK_N, HEAD_DIM,
@@ -988,9 +1048,13 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
     and ``max_seqlen_q/k`` (the row blocks per sequence and the L2 sections are sized by them). ALiBi:
     float32 ``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` (any strides), added after scaling and capping, or to the raw
     product with ``alibi_with_scale``. ``overlap``: True (the next tile's Q·Kᵀ issued before this tile's softmax, in
-    every key range), False (never) or "unmasked" (in the unmasked range only)."""
-    if overlap not in (True, False, "unmasked"):
-        raise ValueError(f"overlap must be True, False or 'unmasked', got {overlap!r}")
+    every key range), False (never), "unmasked" (in the unmasked range only) or "pingpong" (the two consumers take
+    turns to issue their products over the unmasked range, FA3's inter-warpgroup ping-pong; masked tiles
+    serial; needs ``consumers=2``)."""
+    if overlap not in (True, False, "unmasked", "pingpong"):
+        raise ValueError(f"overlap must be True, False, 'unmasked' or 'pingpong', got {overlap!r}")
+    if overlap == "pingpong" and consumers != 2:
+        raise ValueError(f"overlap='pingpong' needs consumers=2, got {consumers}")
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
@@ -1042,8 +1106,8 @@ def launch_args(q, k, v, out, lse, *, scale, window_left, window_right, softcap,
     constexprs = dict(
         HAS_SEQLENS=lens_q is not None and not packed, IS_PACKED=packed, HAS_WINDOW_LEFT=window_left >= 0,
         HAS_WINDOW_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, ALIBI=alibi_mode, GUARD_HIDDEN=guard_hidden,
-        STORE_LSE=lse is not None, OVERLAP={False: 0, True: 1, "unmasked": 2}[overlap], CONSUMERS=consumers,
-        BLOCK_N=block_n,
+        STORE_LSE=lse is not None, OVERLAP={False: 0, True: 1, "unmasked": 2, "pingpong": 3}[overlap],
+        CONSUMERS=consumers, BLOCK_N=block_n,
         HEAD_DIM=head_dim, STAGES=stages, num_warps=8 // consumers, maxnreg=MAXNREG,
     )  # fmt: skip
     # one CTA per SM fits (224 KB of shared memory, 384 threads at 168 registers): a persistent grid is one

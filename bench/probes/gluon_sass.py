@@ -44,6 +44,11 @@ def cases():
         "fp8_causal_d128": (2, 1024, 1024, 8, 2, 128, f8, True, -1, 0.0, False, True, 2),
         "fp8_full_d128": (2, 1024, 1024, 8, 2, 128, f8, False, -1, 0.0, False, True, 2),
         "fp8_causal_d64": (2, 1024, 1024, 8, 2, 64, f8, True, -1, 0.0, False, True, 2),
+        # overlap="pingpong": the consumers take turns to issue their products over the unmasked range
+        "causal_d128_pp": (2, 1024, 1024, 4, 4, 128, bf, True, -1, 0.0, False, "pingpong", 2),
+        "full_d128_lse_pp": (2, 1024, 1024, 4, 4, 128, bf, False, -1, 0.0, True, "pingpong", 2),
+        "causal_d64_pp": (2, 1024, 1024, 4, 4, 64, bf, True, -1, 0.0, False, "pingpong", 2),
+        "fp8_causal_d128_pp": (2, 1024, 1024, 8, 2, 128, f8, True, -1, 0.0, False, "pingpong", 2),
     }
 
 
@@ -75,6 +80,17 @@ def every_specialization():
         for lse, d in ((True, 128), (False, 128), (False, 64)):
             key = f"ovl=unmasked causal={causal} lse={lse} D{d}"
             out[key] = (1, 256, 256, 8, 2, d, bf, causal, -1, 0.0, lse, "unmasked", 2, 128)
+    # overlap="pingpong": the tests' structural variants (bf16 and fp16, 64-key tiles; LSE on), per-sequence
+    # lengths, and the benchmark's (LSE off)
+    for causal in (False, True):
+        for dtype, bn, lse, d in ((bf, 128, True, 128), (f16, 128, True, 128), (bf, 64, True, 128),
+                                  (bf, 128, False, 128), (bf, 128, False, 64)):  # fmt: skip
+            key = f"ovl=pingpong causal={causal} {dtype} n{bn} lse={lse} D{d}"
+            out[key] = (1, 256, 256, 8, 2, d, dtype, causal, -1, 0.0, lse, "pingpong", 2, bn)
+    for d in (64, 128):
+        for name, (causal, window, cap) in features.items():
+            out[f"seqlens pingpong {name} D{d}"] = (2, 256, 256, 4, 4, d, bf, causal, window, cap, True, "pingpong",
+                                                    2, 128, True)  # fmt: skip
     # per-sequence lengths (seqlens_q/k): every feature at D128 and D64 (LSE on), the structural variants causal
     for d in (64, 128):
         for name, (causal, window, cap) in features.items():
@@ -115,6 +131,8 @@ def every_specialization():
             for consumers in (1, 2):
                 out[f"fp8 c{consumers} causal={causal} D{d}"] = (1, 256, 256, 8, 2, d, torch.float8_e4m3fn, causal,
                                                                  -1, 0.0, False, True, consumers)  # fmt: skip
+            out[f"fp8 pingpong causal={causal} D{d}"] = (1, 256, 256, 8, 2, d, torch.float8_e4m3fn, causal, -1, 0.0,
+                                                         False, "pingpong", 2)  # fmt: skip
     return out
 
 

@@ -106,10 +106,11 @@ s12san)
   cat $L/*/sanitizer/summary.txt; grep -h "ERROR SUMMARY\|rc=" $L/gpu_memcheck.log ;;
 pingpong)
   # the consumers' ping-pong (overlap="pingpong", session 12, compiled on the CPU only): its GPU tests first, each
-  # under a 120 s timeout (a turn that never comes would hang, not fail), then the FP8 table (its fp8_gluon_pp
-  # column) and the bf16 table on the PERF.md shapes (gluon_pingpong is timed on every shape)
+  # under a 120 s timeout (a turn that never comes would hang, not fail; the thread method ends the worker), then
+  # the FP8 table (its fp8_gluon_pp column) and the bf16 table on the PERF.md shapes (gluon_pingpong is timed on
+  # every shape); b's limits bound the tables if the variant hangs there
   b pp_tests 200 env ATTN_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -n 6 -rf --tb=short --timeout 120 \
-    tests/test_gluon_attention.py tests/test_fp8_prefill.py -k "pp or pingpong"
+    --timeout-method thread tests/test_gluon_attention.py tests/test_fp8_prefill.py -k "pp or pingpong"
   b pp_fp8 100 python3 -m bench.bench_gluon --fp8-only --out $L/fp8.json --repeat 1 --rep 30 --warmup 10
   b pp_bf16 250 python3 -m bench.bench_gluon --no-fp8 --no-alibi --no-seqlens --out $L/bf16.json --repeat 1 \
     --rep 30 --warmup 10
@@ -142,9 +143,11 @@ print('junit:', {k: s.get(k) for k in ('tests', 'failures', 'errors', 'skipped',
     $L/$tool/sanitizer/$tool.junit.xml ;;
 suite)
   # the whole suite on the GPU alone (GPU tests and the CPU tests on CUDA tensors), fixed tiles; -v names each
-  # test as it ends, so a cut run still says what failed; then (HOST=1) plan.run's host time on a quiet GPU
+  # test as it ends, so a cut run still says what failed; a test over 300 s (a hung kernel: the thread method ends
+  # the worker, which a blocking CUDA call would not let a signal do) is reported and the rest go on; then
+  # (HOST=1) plan.run's host time on a quiet GPU
   b suite "${SUITE_T:-480}" env ATTN_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -n 14 -rf --tb=short \
-    --durations=25 tests
+    --durations=25 --timeout 300 --timeout-method thread tests
   pkill -9 -f pytest; sleep 2
   [ -n "${HOST:-}" ] && b plan_host 80 python3 bench/probes/plan_host_profile.py
   grep -h "FAILED\|ERROR\|passed\|failed\|rc=\|^[0-9.]*s call" $L/suite.log | cut -c1-220 | tail -60

@@ -37,16 +37,16 @@ def assert_lse_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float
     assert worst <= 1.0, f"{name}: lse error {worst:.2f}x over its tolerance {tol:.1e}"
 
 
-# Why these tolerances (relative RMS error against a float64 reference):
-# - float32 inputs: products run in IEEE fp32 with fp32 accumulation, so the error is a few fp32 ulps
-#   amplified by the reduction length; 2e-5 leaves a wide margin over the ~1e-6 observed.
-# - float16 / bfloat16 inputs: the kernel rounds P to the input dtype before P·V and rounds the output, each a
-#   relative error of at most eps/2 per element; 2·eps bounds their sum with margin (eps = 2^-10 and 2^-7).
 # the Gluon kernels (prefill, FP8 prefill, one-byte decode) compile for sm_90 only and do not run in Triton's
 # interpreter: their tests run on an H100/H200 and are skipped elsewhere
 ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 sm90 = pytest.mark.skipif(not ON_SM90, reason="the Gluon kernels are for sm_90 (H100/H200)")
 
+# Why these tolerances (relative RMS error against a float64 reference):
+# - float32 inputs: products run in IEEE fp32 with fp32 accumulation, so the error is a few fp32 ulps
+#   amplified by the reduction length; 2e-5 leaves a wide margin over the ~1e-6 observed.
+# - float16 / bfloat16 inputs: the kernel rounds P to the input dtype before P·V and rounds the output, each a
+#   relative error of at most eps/2 per element; 2·eps bounds their sum with margin (eps = 2^-10 and 2^-7).
 TOL = {torch.float32: 2e-5, torch.float16: 2 * 2.0**-10, torch.bfloat16: 2 * 2.0**-7}
 # the lse is computed entirely in fp32 from exactly-represented inputs: rounding of the scores only
 LSE_TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}

@@ -747,10 +747,9 @@ def _tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, acc, m_i, l_i, it, fix
 
 @gluon.jit
 def _consumer(q_desc, o_ptr, q_bufs, q_bars, k_bufs, v_bufs, k_ready, v_ready, kv_empty, fix_bar, turn_bars, v_ptr,
-              lse_ptr,
-              lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab, stride_ah, stride_lb, stride_lh, batch,
-              num_heads_q, section, group_size, seqlen_q,
-              seqlen_k, rows_q, rows_k, qk_scale, cap_log2, window_left, window_right, HAS_SEQLENS: gl.constexpr,
+              lse_ptr, lens_q_ptr, lens_k_ptr, alibi_ptr, descale_ptr, stride_ab, stride_ah, stride_lb, stride_lh,
+              batch, num_heads_q, section, group_size, seqlen_q, seqlen_k, rows_q, rows_k, qk_scale, cap_log2,
+              window_left, window_right, HAS_SEQLENS: gl.constexpr,
               IS_PACKED: gl.constexpr, HAS_WINDOW_LEFT: gl.constexpr, HAS_WINDOW_RIGHT: gl.constexpr,
               HAS_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, STORE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
               GUARD_HIDDEN: gl.constexpr, BLOCK_M: gl.constexpr, WG_M: gl.constexpr, BLOCK_N: gl.constexpr,

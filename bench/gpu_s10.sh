@@ -105,12 +105,13 @@ s12san)
   grep -h "passed\|failed\|rc=" $L/fixed.log
   cat $L/*/sanitizer/summary.txt; grep -h "ERROR SUMMARY\|rc=" $L/gpu_memcheck.log ;;
 pingpong)
-  # the consumers' ping-pong (overlap="pingpong", session 12, compiled on the CPU only): its GPU tests first, each
+  # the consumers' ping-pong (overlap="pingpong", session 12, compiled on the CPU only): the Gluon tests first, each
   # under a 120 s timeout (a turn that never comes would hang, not fail; the thread method ends the worker), then
   # the FP8 table (its fp8_gluon_pp column) and the bf16 table on the PERF.md shapes (gluon_pingpong is timed on
   # every shape); b's limits bound the tables if the variant hangs there
-  b pp_tests 200 env ATTN_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -n 6 -rf --tb=short --timeout 120 \
-    --timeout-method thread tests/test_gluon_attention.py tests/test_fp8_prefill.py -k "pp or pingpong"
+  # both files whole: the default Gluon tile loop gained the turn bookkeeping's setup too (session 12)
+  b pp_tests 240 env ATTN_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -n 12 -rf --tb=short --timeout 120 \
+    --timeout-method thread tests/test_gluon_attention.py tests/test_fp8_prefill.py ${PP_K:+-k "$PP_K"}
   b pp_fp8 100 python3 -m bench.bench_gluon --fp8-only --out $L/fp8.json --repeat 1 --rep 30 --warmup 10
   b pp_bf16 250 python3 -m bench.bench_gluon --no-fp8 --no-alibi --no-seqlens --out $L/bf16.json --repeat 1 \
     --rep 30 --warmup 10

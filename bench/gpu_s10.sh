@@ -14,7 +14,8 @@
 #   MODE=suite OUT=$OUT bash bench/gpu_s10.sh     # the whole suite alone, -n 14 (~300 s)
 #   MODE=s12 OUT=$OUT bash bench/gpu_s10.sh       # the whole suite beside memcheck's subset, then plan.run host
 #   MODE=s12san DECODE=1 OUT=$OUT bash ...        # the decode benchmark, then the three sanitizers on budgets
-#   MODE=sanall TOOL=racecheck OUT=$OUT bash ...  # one sanitizer over the whole suite (-n 12, 500 s of tests)
+#   MODE=sanall TOOL=racecheck OUT=$OUT bash ...  # one sanitizer over the whole suite (-n 14, 500 s of tests;
+#                                                 # SAN_DONE=<junit files> resumes where earlier runs stopped)
 #   MODE=s13 GRID=1 OUT=$OUT bash ...             # Nsight Compute on the Gluon FP8 prefill and one-byte decode
 #   MODE=pingpong OUT=$OUT bash ...               # the consumers' ping-pong: its GPU tests, then both tables
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
@@ -137,7 +138,7 @@ sanall)
   # 3000-step GPU soak (97 s unsanitized) is left out by default: it repeats the kernels of the short soak
   tool=${TOOL:-memcheck}
   b "san_$tool" "${SAN_T:-570}" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_BUDGET=${SAN_BUDGET:-500} \
-    SAN_PYTEST_ARGS="-n ${SAN_N:-12}" bash tests/gpu_sanitize.sh tests -k "${SAN_K:-not test_gpu_long_soak}"
+    SAN_PYTEST_ARGS="-n ${SAN_N:-14}" bash tests/gpu_sanitize.sh tests -k "${SAN_K:-not test_gpu_long_soak}"
   cat $L/$tool/sanitizer/summary.txt
   python3 -c "import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); s = r[0] if len(r) else r
 print('junit:', {k: s.get(k) for k in ('tests', 'failures', 'errors', 'skipped', 'time')})" \

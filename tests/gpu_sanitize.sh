@@ -7,6 +7,7 @@
 #   SAN_PYTEST_ARGS="-n 4" OUT=/tmp/out bash tests/gpu_sanitize.sh  # pytest-xdist workers, each one sanitized
 #   SHARD=2/8 SAN_PYTEST_ARGS="-n 8" bash tests/gpu_sanitize.sh      # one eighth of the whole suite's files
 #   SAN_BUDGET=400 ...                                               # stop the tests cleanly after 400 s
+#   SAN_DONE="a.junit.xml b.junit.xml" ...  # resume: leave out the tests that passed or skipped in those runs
 #
 # Writes $OUT/sanitizer/<tool>.log (the sanitizer's report), <tool>.pytest.log (the tests' output),
 # <tool>.junit.xml (each test that ran, by name, also when SAN_BUDGET cut the run) and summary.txt (one
@@ -59,6 +60,24 @@ else
 fi
 export ATTN_FUZZ_PROFILE=${ATTN_FUZZ_PROFILE:-ci}
 
+# SAN_DONE: junit files of earlier runs of this tool (a budget cut them); the tests they record as passed or
+# skipped are deselected, so that runs over the same kernels add up to the whole suite. The union is what a
+# report may claim, and only while the kernels' sources are the same in every run.
+resume=()
+if [ -n "${SAN_DONE:-}" ]; then
+  python3 - $SAN_DONE > "$LOGS/done.args" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+
+for path in sys.argv[1:]:
+    for case in ET.parse(path).getroot().iter("testcase"):
+        if case.find("failure") is None and case.find("error") is None:
+            print(f"--deselect={case.get('classname').replace('.', '/')}.py::{case.get('name')}")
+PY
+  echo "resuming: $(wc -l < "$LOGS/done.args") tests done in $SAN_DONE" | tee -a "$LOGS/summary.txt"
+  resume=("@$LOGS/done.args")
+fi
+
 status=0
 : > "$LOGS/summary.txt"
 for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
@@ -73,7 +92,7 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
   [ -n "${SAN_BUDGET:-}" ] && budget=(timeout -s INT -k 30 "$SAN_BUDGET")
   "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 200 --log-file "$LOGS/$tool.log" \
     "${budget[@]}" python3 -m pytest -q -p no:cacheprovider --junitxml="$LOGS/$tool.junit.xml" ${SAN_PYTEST_ARGS:-} \
-    "${TESTS[@]}" > "$LOGS/$tool.pytest.log" 2>&1
+    "${resume[@]}" "${TESTS[@]}" > "$LOGS/$tool.pytest.log" 2>&1
   rc=$?
   secs=$(( $(date +%s) - start ))
   summary=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS/$tool.log" | tail -1)

@@ -100,6 +100,9 @@ def _write(entries) -> None:
     INDEX.write_text(json.dumps({"files": entries}, indent=1) + "\n")
 
 
+HAND = ("commit", "command", "what")  # fields a person may correct; a rebuild keeps them
+
+
 def rebuild() -> None:
     old = {e["file"]: e for e in load()}
     entries = []
@@ -107,9 +110,11 @@ def rebuild() -> None:
         if p.name == INDEX.name or p.name.endswith(".tmp"):
             continue
         new = _describe(p)
-        # what a file says about itself is re-read; what only a person could add is kept
+        # what a file says about itself is re-read; what only a person could add is kept, and so is a commit or
+        # command corrected by hand (a device copy's env names its git base, not the commit that ran)
         kept = old.get(new["file"], {})
-        entries.append({**new, **{k: v for k, v in kept.items() if v is not None and new.get(k) is None}})
+        keep = {k: v for k, v in kept.items() if v is not None and (new.get(k) is None or k in HAND)}
+        entries.append({**new, **keep})
     _write(entries)
 
 

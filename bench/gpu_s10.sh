@@ -14,7 +14,7 @@
 #   MODE=suite OUT=$OUT bash bench/gpu_s10.sh     # the whole suite alone, -n 14 (~300 s)
 #   MODE=s12 OUT=$OUT bash bench/gpu_s10.sh       # the whole suite beside memcheck's subset, then plan.run host
 #   MODE=s12san DECODE=1 OUT=$OUT bash ...        # the decode benchmark, then the three sanitizers on budgets
-#   MODE=sanall TOOL=racecheck OUT=$OUT bash ...  # one sanitizer over the whole suite (-n 14, 500 s of tests;
+#   MODE=sanall TOOL=racecheck OUT=$OUT bash ...  # one sanitizer over the whole suite (12 instances, 500 s;
 #                                                 # SAN_DONE=<junit files> resumes where earlier runs stopped)
 #   MODE=s13 GRID=1 OUT=$OUT bash ...             # Nsight Compute on the Gluon FP8 prefill and one-byte decode
 #   MODE=pingpong OUT=$OUT bash ...               # the consumers' ping-pong: its GPU tests, then both tables
@@ -131,18 +131,16 @@ s13)
   cat $L/ncu/summary_*.txt | cut -c1-200 | head -150
   grep -sh "==\|gluon \|serial\|ovl\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120 | tail -40 ;;
 sanall)
-  # issue 18: one sanitizer (TOOL, default memcheck) over the whole suite, -n SAN_N sanitized workers, the tests
-  # stopped cleanly at SAN_BUDGET; the junit file names every test that ran. Session 12 measured memcheck at
-  # ~0.32 tests/s per worker (the suite unsanitized: ~0.86), and seven workers that had not started a test
-  # within 100 s (torch and CUDA initializing under the sanitizer): hence one tool a call, a long budget. The
-  # 3000-step GPU soak (97 s unsanitized) is left out by default: it repeats the kernels of the short soak
+  # issue 18: one sanitizer (TOOL, default memcheck) over the whole suite, the tests stopped cleanly at SAN_BUDGET;
+  # the junit files name every test that ran, and SAN_DONE=<those files> resumes a cut run in a later call.
+  # Session 12 measured memcheck at ~0.32 tests/s per worker (the suite unsanitized: ~0.86); xdist workers under
+  # one sanitizer never started at -n 7 (100 s) or -n 14 (427 s, session 13), so SAN_PAR separate sanitizer
+  # instances, one pytest process each, share the collected ids. The 3000-step GPU soak (97 s unsanitized) is
+  # left out by default: it repeats the kernels of the short soak
   tool=${TOOL:-memcheck}
   b "san_$tool" "${SAN_T:-570}" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_BUDGET=${SAN_BUDGET:-500} \
-    SAN_PYTEST_ARGS="-n ${SAN_N:-14}" bash tests/gpu_sanitize.sh tests -k "${SAN_K:-not test_gpu_long_soak}"
-  cat $L/$tool/sanitizer/summary.txt
-  python3 -c "import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); s = r[0] if len(r) else r
-print('junit:', {k: s.get(k) for k in ('tests', 'failures', 'errors', 'skipped', 'time')})" \
-    $L/$tool/sanitizer/$tool.junit.xml ;;
+    SAN_PAR=${SAN_PAR:-12} bash tests/gpu_sanitize.sh tests -k "${SAN_K:-not test_gpu_long_soak}"
+  cat $L/$tool/sanitizer/summary.txt ;;
 suite)
   # the whole suite on the GPU alone (GPU tests and the CPU tests on CUDA tensors), fixed tiles; -v names each
   # test as it ends, so a cut run still says what failed; a test over 300 s (a hung kernel: the thread method ends

@@ -8,10 +8,12 @@
 #   SHARD=2/8 SAN_PYTEST_ARGS="-n 8" bash tests/gpu_sanitize.sh      # one eighth of the whole suite's files
 #   SAN_BUDGET=400 ...                                               # stop the tests cleanly after 400 s
 #   SAN_DONE="a.junit.xml b.junit.xml" ...  # resume: leave out the tests that passed or skipped in those runs
+#   SAN_PAR=12 ...  # 12 sanitizer instances side by side, one pytest process each, over 1/12 of the test ids
 #
 # Writes $OUT/sanitizer/<tool>.log (the sanitizer's report), <tool>.pytest.log (the tests' output),
 # <tool>.junit.xml (each test that ran, by name, also when SAN_BUDGET cut the run) and summary.txt (one
-# "ERROR SUMMARY" line and the pytest result per tool). Exits non-zero if a tool reports an error or a test fails.
+# "ERROR SUMMARY" line and the pytest result per tool); with SAN_PAR, one of each per instance (<tool>.<k>.*)
+# and a total line. Exits non-zero if a tool reports an error or a test fails.
 #
 # Notes:
 # - PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own allocation: with PyTorch's caching allocator
@@ -20,6 +22,9 @@
 # - The sanitizer slows kernels 10-100x: the default subset is the parity tests at their CPU sizes, the
 #   NaN, transactional and determinism tests, and the fuzzer in its CI profile (skipped when hypothesis is not
 #   installed); pass pytest arguments to choose others.
+# - Many xdist workers under one sanitizer do not scale: at -n 7 no test started within 100 s, at -n 14 none
+#   within 427 s (bench/NOTES.md, sessions 12-13). SAN_PAR gives each pytest process a sanitizer of its own;
+#   the ids are collected once, without the sanitizer, and dealt round-robin so that each share mixes files.
 set -uo pipefail
 # keep a caller's PYTHONPATH after the repository (hypothesis or pytest-xdist may be carried in a folder)
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 ATTN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1
@@ -63,6 +68,8 @@ export ATTN_FUZZ_PROFILE=${ATTN_FUZZ_PROFILE:-ci}
 # SAN_DONE: junit files of earlier runs of this tool (a budget cut them); the tests they record as passed or
 # skipped are deselected, so that runs over the same kernels add up to the whole suite. The union is what a
 # report may claim, and only while the kernels' sources are the same in every run.
+status=0
+: > "$LOGS/summary.txt"
 resume=()
 if [ -n "${SAN_DONE:-}" ]; then
   python3 - $SAN_DONE > "$LOGS/done.args" <<'PY'
@@ -78,27 +85,75 @@ PY
   resume=("@$LOGS/done.args")
 fi
 
-status=0
-: > "$LOGS/summary.txt"
-for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
-  extra=()
+# SAN_PAR=N: the test ids, collected once without the sanitizer (pytest -k/-m and SAN_DONE applied), dealt
+# round-robin into N argument files
+shares=()
+if [ -n "${SAN_PAR:-}" ]; then
+  python3 -m pytest --collect-only -q -p no:cacheprovider "${resume[@]}" "${TESTS[@]}" 2>/dev/null \
+    | grep "::" > "$LOGS/ids.txt"
+  for ((k = 0; k < SAN_PAR; k++)); do
+    awk -v n="$SAN_PAR" -v k="$k" '(NR - 1) % n == k' "$LOGS/ids.txt" > "$LOGS/share$k.args"
+    [ -s "$LOGS/share$k.args" ] && shares+=("$k")
+  done
+  echo "SAN_PAR=$SAN_PAR: $(wc -l < "$LOGS/ids.txt") test ids in ${#shares[@]} shares" | tee -a "$LOGS/summary.txt"
+fi
+
+# one sanitizer instance: sanitize <tool> <tag> <pytest arguments...>; its files are <tag>.log, <tag>.pytest.log
+# and <tag>.junit.xml, its line in summary.txt; returns the sanitizer's exit status
+sanitize() {
+  local tool=$1 tag=$2 extra=() budget=() start rc summary result
+  shift 2
   [ "$tool" = memcheck ] && extra=(--leak-check no --check-device-heap yes)
   [ "$tool" = racecheck ] && extra=(--racecheck-report all)
-  echo "== $tool: ${TESTS[*]}"
-  start=$(date +%s)
   # SAN_BUDGET=<seconds>: pytest gets SIGINT then, stops cleanly and reports what ran; the sanitizer still
   # prints its summary over every kernel launched until then (a partial run, which the pytest line says)
-  budget=()
   [ -n "${SAN_BUDGET:-}" ] && budget=(timeout -s INT -k 30 "$SAN_BUDGET")
-  "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 200 --log-file "$LOGS/$tool.log" \
-    "${budget[@]}" python3 -m pytest -q -p no:cacheprovider --junitxml="$LOGS/$tool.junit.xml" ${SAN_PYTEST_ARGS:-} \
-    "${resume[@]}" "${TESTS[@]}" > "$LOGS/$tool.pytest.log" 2>&1
+  start=$(date +%s)
+  "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 200 --log-file "$LOGS/$tag.log" \
+    "${budget[@]}" python3 -m pytest -q -p no:cacheprovider --junitxml="$LOGS/$tag.junit.xml" "$@" \
+    > "$LOGS/$tag.pytest.log" 2>&1
   rc=$?
-  secs=$(( $(date +%s) - start ))
-  summary=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS/$tool.log" | tail -1)
-  result=$(tail -1 "$LOGS/$tool.pytest.log")
-  echo "$tool${SHARD:+ shard $SHARD}: exit $rc in ${secs}s | ${summary:-no summary line} | pytest: $result" \
+  summary=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS/$tag.log" | tail -1)
+  result=$(tail -1 "$LOGS/$tag.pytest.log")
+  echo "$tag${SHARD:+ shard $SHARD}: exit $rc in $(( $(date +%s) - start ))s | ${summary:-no summary line} | pytest: $result" \
     | tee -a "$LOGS/summary.txt"
-  [ $rc -ne 0 ] && status=1
+  return $rc
+}
+
+for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
+  echo "== $tool: ${TESTS[*]}"
+  if [ ${#shares[@]} -eq 0 ]; then
+    # shellcheck disable=SC2086  # SAN_PYTEST_ARGS is a list of pytest options
+    sanitize "$tool" "$tool" ${SAN_PYTEST_ARGS:-} "${resume[@]}" "${TESTS[@]}" || status=1
+    continue
+  fi
+  pids=()
+  for k in "${shares[@]}"; do
+    sanitize "$tool" "$tool.$k" "@$LOGS/share$k.args" &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  # the total: every instance's error count, and the tests their pytest lines report
+  python3 - "$tool" "$LOGS" <<'PY' | tee -a "$LOGS/summary.txt"
+import re
+import sys
+from pathlib import Path
+
+tool, logs = sys.argv[1], Path(sys.argv[2])
+errors, missing, counts = 0, 0, {}
+for log in sorted(logs.glob(f"{tool}.[0-9]*.log")):
+    if log.name.endswith(".pytest.log"):
+        continue
+    # "ERROR SUMMARY: 0 errors", or racecheck's "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
+    m = re.findall(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: \d+ hazards displayed \((\d+) error", log.read_text())
+    if m:
+        errors += int(m[-1][0] or m[-1][1])
+    else:
+        missing += 1
+    last = log.with_name(log.name[: -len(".log")] + ".pytest.log").read_text().strip().splitlines()[-1:]
+    for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", " ".join(last)):
+        counts[what] = counts.get(what, 0) + int(n)
+print(f"{tool} total: {errors} errors reported, {missing} instances without a summary line | tests: {counts}")
+PY
 done
 exit $status

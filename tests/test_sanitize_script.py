@@ -1,0 +1,95 @@
+"""tests/gpu_sanitize.sh on a CPU, with a stand-in for compute-sanitizer.
+
+The script's sanitizer runs happen only on the GPU machine, where a broken summary line or a resume that
+deselects the wrong tests would cost a whole device call and could report "0 errors" over tests that never ran.
+Here a shell stand-in parses the sanitizer's options, runs the program and writes the summary line the real tool
+writes, so the script's own logic is what is tested: sharing the ids among SAN_PAR instances, adding up their
+reports, failing on an error, and resuming from junit files.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = ["tests/test_checks.py", "-k", "not-tensor"]  # a few quick tests; their count is collected below
+
+FAKE = r"""#!/usr/bin/env bash
+[ "$1" = --version ] && { echo "stand-in sanitizer"; exit 0; }
+tool=memcheck
+while [[ "$1" == --* ]]; do
+  [ "$1" = --log-file ] && log=$2
+  [ "$1" = --tool ] && tool=$2
+  shift 2
+done
+"$@"; rc=$?
+n=${FAKE_ERRORS:-0}
+if [ "$tool" = racecheck ]; then
+  echo "========= RACECHECK SUMMARY: $n hazards displayed ($n errors, 0 warnings)" > "$log"
+else
+  echo "========= ERROR SUMMARY: $n errors" > "$log"
+fi
+[ "$n" -gt 0 ] && exit 99
+exit $rc
+"""
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("awk") is None, reason="needs bash")
+
+
+def _run(tmp_path: Path, out: str, **env: str) -> tuple[int, str]:
+    fake = tmp_path / "fake-sanitizer"
+    fake.write_text(FAKE)
+    fake.chmod(0o755)
+    environ = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this python as python3
+        "COMPUTE_SANITIZER": str(fake),
+        "OUT": str(tmp_path / out),
+        "TRITON_INTERPRET": "1",
+        **env,
+    }
+    proc = subprocess.run(["bash", "tests/gpu_sanitize.sh", *TARGET], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return proc.returncode, (tmp_path / out / "sanitizer" / "summary.txt").read_text()
+
+
+def _collected() -> int:
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *TARGET]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+    n = sum("::" in line for line in proc.stdout.splitlines())
+    assert n >= 3, proc.stdout
+    return n
+
+
+def test_shares_add_up_to_every_test(tmp_path):
+    n = _collected()
+    rc, summary = _run(tmp_path, "a", SAN_PAR="2", SANITIZER_TOOLS="memcheck racecheck")
+    assert rc == 0, summary
+    assert f"{n} test ids in 2 shares" in summary
+    for tool in ("memcheck", "racecheck"):
+        total = re.search(rf"^{tool} total: (\d+) errors reported, (\d+) instances.*'passed': (\d+)", summary, re.M)
+        assert total and total.groups() == ("0", "0", str(n)), summary
+
+
+def test_an_error_in_one_instance_fails_the_run(tmp_path):
+    rc, summary = _run(tmp_path, "b", SAN_PAR="3", SANITIZER_TOOLS="racecheck", FAKE_ERRORS="2")
+    assert rc != 0
+    assert re.search(r"^racecheck total: 6 errors reported", summary, re.M), summary
+
+
+def test_resume_leaves_out_what_ran(tmp_path):
+    n = _collected()
+    rc, _ = _run(tmp_path, "c", SAN_PAR="2", SANITIZER_TOOLS="memcheck")
+    assert rc == 0
+    first = tmp_path / "c" / "sanitizer" / "memcheck.0.junit.xml"  # one share done: the other is left to run
+    rc, summary = _run(tmp_path, "d", SAN_PAR="2", SANITIZER_TOOLS="memcheck", SAN_DONE=str(first))
+    assert rc == 0, summary
+    done = int(re.search(r"resuming: (\d+) tests done", summary).group(1))
+    assert 0 < done < n
+    assert f"{n - done} test ids" in summary
+    assert re.search(rf"'passed': {n - done}\}}", summary), summary

@@ -371,12 +371,12 @@ else:
     doc = json.loads(runs[-1].read_text())
     print(f"{runs[-1].name}: {doc['env'].get('gpu')}, ceiling {doc['ceilings'].get('matmul_bf16_tflops', 0):.0f} "
           f"TFLOP/s (bf16 matmul)")  # fmt: skip
-    cols = ("gluon", "gluon_rowmajor", "tl", "default", "cudnn")
-    print(f"{'shape':32s}" + "".join(f"{c:>16s}" for c in cols) + "   gluon/cuDNN  gluon/tl")
+    cols = ("gluon", "gluon_rowmajor", "gluon_ovl_unmasked", "gluon_pingpong", "tl", "default", "cudnn")
+    print(f"{'shape':32s}" + "".join(f"{c.removeprefix('gluon_'):>13s}" for c in cols) + "   gluon/cuDNN  gluon/tl")
     for r in doc["results"]:
         c = r["contenders"]
         tf = {name: c.get(name, {}).get("tflops") for name in cols}
-        cells = "".join(f"{tf[n]:16.0f}" if tf[n] else f"{c.get(n, {}).get('status', '-'):>16s}" for n in cols)
+        cells = "".join(f"{tf[n]:13.0f}" if tf[n] else f"{c.get(n, {}).get('status', '-'):>13s}" for n in cols)
         g, t, cu = tf["gluon"], tf["tl"], tf["cudnn"]
         ratios = [f"{a / b:10.2f}x" if a and b else f"{'-':>11s}" for a, b in ((g, cu), (g, t))]
         print(f"{r['name']:32s}{cells}  {ratios[0]} {ratios[1]}")
@@ -396,8 +396,10 @@ else:
 # Where the guard's cost comes from shows in ptxas's report (`bench/probes/gluon_sass.py`, sm_90a): with the
 # check in the masked tiles *and* the next tile's Q·Kᵀ in flight beside them, the consumer spills 748 bytes at
 # causal D128; without the overlap in those tiles it spills 44. `overlap="unmasked"` keeps the overlap in the
-# unmasked range only (a causal row block has just one or two masked tiles). It is a variant, not the default,
-# until a benchmark row prices it (`gluon_ovl_unmasked` in `bench_gluon`).
+# unmasked range only (a causal row block has just one or two masked tiles). Priced in session 13 (the
+# `ovl_unmasked` column above, H100), it is slower than the default on five of the six shapes (0.89-1.00x) and
+# faster only at B16 S1024 (1.09x), where the default call runs the `tl.*` kernel anyway: fewer spills did not
+# buy time, so it stays a variant.
 
 # %%
 for case in ((4096, 4096, 32, 8), (4096, 4096, 32, 32), (16384, 16384, 32, 32), (512, 512, 32, 8)):
@@ -478,7 +480,7 @@ fp8_runs = [r for r in fp8_files for r in [json.loads(r.read_text())] if r.get("
 if not fp8_runs:
     print("FP8 prefill not measured yet (bench_gluon writes an fp8_results table).")
 else:
-    names = ("fp8", "fp8_gluon", "fp8_tl", "bf16_default", "bf16_tl")
+    names = ("fp8", "fp8_gluon", "fp8_gluon_pp", "fp8_tl", "bf16_default", "bf16_tl")
     print(f"TFLOP/s   {'shape':32s} " + " ".join(f"{n:>12s}" for n in names) + "   best FP8 / bf16 default")
     for r in fp8_runs[-1]["fp8_results"]:
         c = r["contenders"]
@@ -486,28 +488,34 @@ else:
         ratio = max((c.get(n, {}).get("vs_bf16_default") or 0) for n in names[:3])
         print(f"          {r['name'][4:]:32s} " + " ".join(f"{x or 0:12.0f}" for x in tf) + f"   {ratio:.2f}x")
     print("(fp8: the call as made: tl.* until session 11, Gluon at Sq = Sk >= 4096 since; fp8_gluon: ATTN_GLUON=1;")
-    print(" fp8_tl: ATTN_GLUON=0; 0 = not in that run)")
+    print(" fp8_gluon_pp: the ping-pong variant, called directly; fp8_tl: ATTN_GLUON=0; 0 = not in that run)")
 
 # %% [markdown]
 # ## What is left
 #
 # - **Ping-pong by order, not by chance.** FA3 makes the two consumers alternate with named barriers, so one's
 #   softmax always runs under the other's products. By default ours run free, and because both wait on the same
-#   K/V stages they tend to move in phase. `overlap="pingpong"` makes them take turns, with two mbarriers: a
+#   K/V stages they could move in phase. `overlap="pingpong"` makes them take turns, with two mbarriers: a
 #   consumer waits for its turn, issues tile t's P·V and tile t+1's Q·Kᵀ, hands the turn over, and then waits for
 #   its products and computes its softmax. It compiles without spills at D 64 and in FP8, with 28 bytes at D 128
-#   (the default spills 748), and the GPU tests cover it. It has not been timed yet, so it is not the default.
+#   (the default spills 748), and its GPU tests pass. We expected +5-15% in bf16 and +10-25% in FP8. The H100
+#   measured the opposite: 0.83-0.94x the default in bf16 and 0.85-0.90x in FP8 (the `pingpong` and
+#   `fp8_gluon_pp` columns above). Only B16 S1024 gained (1.10x), and there the default call runs `tl.*`. So
+#   either the free-running consumers were not stuck in phase, or the turns cost more than the phase did. Two
+#   costs are likely. Each tile now waits on a barrier round-trip, even when its own operands are ready. And
+#   when the softmax takes longer than the products, alternation alone cannot fill the tensor cores. No profile
+#   says yet which one dominates. Until one does, the variant stays opt-in.
 # - **The rest of the variants.** The Gluon kernel covers the padded layout with or without per-sequence
 #   lengths, packed varlen input (causal, windows, soft-cap, ALiBi, GQA, D 64/128), and keeps the values of
 #   hidden keys out of its masked tiles (a non-finite check per masked tile); T5 and the paged chunked context
 #   stay on the `tl.*` kernel (`gluon_supported` says which), and lengths, packed input and ALiBi run on it by
 #   default only once a benchmark row says they win (`gluon_default`).
-# - **FP8 at FA3's speed.** The Gluon FP8 kernel beats the `tl.*` one by 1.23-1.37x on an H100, but reaches
-#   only 0.79-1.11x our bf16 prefill at S4096 (FlashAttention-3's paper, Shah et al. 2024, reports close to
-#   1.2 PFLOP/s in FP8 against up to 740 TFLOP/s in FP16 on an H100: about 1.6x). Per 128x128 tile pair it needs
-#   about as many cycles of exponentials as of FP8 tensor work, so the softmax of one warpgroup must hide under
-#   the other's products: the ping-pong above matters twice as much here. It also still transposes V once
-#   per call, outside the pipeline.
+# - **FP8 at FA3's speed.** The Gluon FP8 kernel beats the `tl.*` one by 1.16-1.28x on an H100, but reaches
+#   only 0.79-1.24x our bf16 prefill at S4096 (session 13). FlashAttention-3's paper (Shah et al. 2024)
+#   reports close to 1.2 PFLOP/s in FP8 against up to 740 TFLOP/s in FP16 on an H100, about 1.6x. Per 128x128
+#   tile pair our kernel needs about as many cycles of exponentials as of FP8 tensor work, so one warpgroup's
+#   softmax must hide under the other's products. The ping-pong above was meant to do that and lost 10-15%
+#   here. It also still transposes V once per call, outside the pipeline.
 # - **The inner loop at D 128.** ptxas still sinks the next Q·Kᵀ below the softmax (section 3), and FA3's order
 #   lost its overlap to register reuse; with the L2 order fixed, that is what is left between the MHA shapes and
 #   the GQA shape's rate.

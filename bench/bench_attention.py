@@ -3,6 +3,7 @@
     python -m bench.bench_attention                  # the PERF.md shapes, all contenders
     python -m bench.bench_attention --quick          # two small shapes, a smoke run
     python -m bench.bench_attention --only S16384 --only gqa --out bench/results/x.json
+    python -m bench.bench_attention --sweep 36 --peers cudnn,flash  # 36 shapes drawn from the untuned space
 
 Contenders, each checked against the fp32 reference before it is timed (a wrong one is reported, not timed):
   ours       attn.fast.attention on [B, S, H, D] (or packed [T, H, D] + cu_seqlens)
@@ -95,6 +96,43 @@ QUICK_SHAPES = [
     _packed((200, 1000, 333, 512), 16, 64, False),
 ]
 COLUMNS = ["ours", "cudnn", "flash", "efficient", "flex", "varlen", "unfused"]
+
+# ``--sweep``: issue 17's space, which no kernel configuration was tuned on. Padded shapes at 8k-64k tokens a batch
+SWEEP_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
+SWEEP_HEAD_DIMS = (64, 128, 256)
+SWEEP_GQA = (1, 4, 8)  # query heads per KV head
+SWEEP_TOKENS = (8192, 65536)
+
+
+def sweep_shapes(n: int, seed: int = 0) -> list[Shape]:
+    """``n`` shapes drawn at random (``seed`` fixes the draw) from the sweep space: S 512-16k, batch 1-32 at
+    SWEEP_TOKENS tokens a batch, D 64/128/256 (32 query heads; 16 at D256), GQA 1/4/8, causal or full. Every
+    fourth is a packed batch of ragged lengths (1 to 8192 tokens, about 16k in all, the first of length 1).
+    Drawing instead of crossing keeps a run to a few minutes; a different seed draws other shapes."""
+    import random
+
+    rng = random.Random(seed)
+    shapes: list[Shape] = []
+    while len(shapes) < n:
+        d, group, causal = rng.choice(SWEEP_HEAD_DIMS), rng.choice(SWEEP_GQA), rng.random() < 0.5
+        hq = 16 if d == 256 else 32
+        hkv = hq // group
+        tag = " gqa" if group > 1 else ""
+        if len(shapes) % 4 == 3:
+            lengths = [1]
+            while sum(lengths) < 16384:
+                lengths.append(rng.randint(1, 8192))
+            heads = f"H{hq}" if hq == hkv else f"H{hq}/{hkv}"
+            name = f"packed{len(lengths)} {heads} T{sum(lengths)} D{d} {'causal' if causal else 'full'} varlen"
+            shapes.append(Shape(name, len(lengths), hq, hkv, max(lengths), d, causal, tuple(lengths)))
+            continue
+        s = rng.choice(SWEEP_SEQLENS)
+        b = rng.choice([b for b in SWEEP_BATCHES if SWEEP_TOKENS[0] <= b * s <= SWEEP_TOKENS[1]])
+        shape = _padded(b, hq, hkv, s, d, causal, tag)
+        if shape.name not in {x.name for x in shapes}:
+            shapes.append(shape)
+    return shapes
 
 
 class Skip(Exception):
@@ -528,9 +566,23 @@ def summary(results: list[dict], ceilings: dict) -> str:
     return "\n".join(lines)
 
 
+def sweep_summary(results: list[dict]) -> str:
+    """The sweep in one line per peer: how our time compares with that peer's over the shapes both ran."""
+    lines = ["sweep, peer_ms / our_ms over the shapes both ran (> 1: ours faster):"]
+    peers = [c for c in COLUMNS[1:] if any(r["contenders"].get(c, {}).get("speedup_ours_vs_this") for r in results)]
+    for peer in peers:
+        ratios = sorted(r["contenders"][peer]["speedup_ours_vs_this"] for r in results
+                        if r["contenders"].get(peer, {}).get("speedup_ours_vs_this"))  # fmt: skip
+        lines.append(f"  {peer:<10} {len(ratios)} shapes: min {ratios[0]:.2f}  median {statistics.median(ratios):.2f}  "
+                     f"max {ratios[-1]:.2f}  ours >= 1.0 on {sum(x >= 1.0 for x in ratios)}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two small shapes, a smoke run")
+    p.add_argument("--sweep", type=int, default=0, metavar="N",
+                   help="N shapes drawn (with --seed) from sweep_shapes' untuned space, not PERF.md's")  # fmt: skip
     p.add_argument("--out", help="result JSON (default bench/results/attention_<gpu>_<date>.json)")
     p.add_argument("--only", action="append", default=[], help="keep shapes whose name contains this (repeatable)")
     p.add_argument("--peers", default="", help=f"comma list of contenders besides ours (default all: {COLUMNS[1:]})")
@@ -555,7 +607,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.require_cuda("bench.bench_attention")
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = QUICK_SHAPES if args.quick else sweep_shapes(args.sweep, args.seed) if args.sweep else SHAPES
     if args.only:
         shapes = [s for s in shapes if any(o.lower() in s.name.lower() for o in args.only)]
         if not shapes:
@@ -598,6 +650,8 @@ def main(argv=None) -> int:
         doc["results"].append(res)
         common.write_json(out_path, doc)  # after every shape, so a crash keeps what was measured
     print("\n" + summary(doc["results"], ceilings))
+    if args.sweep:
+        print(sweep_summary(doc["results"]))
     print(f"results: {out_path}")
     return 0
 

@@ -18,6 +18,7 @@
 #                                                 # SAN_DONE=<junit files> resumes where earlier runs stopped)
 #   MODE=s13 GRID=1 OUT=$OUT bash ...             # Nsight Compute on the Gluon FP8 prefill and one-byte decode
 #   MODE=pingpong OUT=$OUT bash ...               # the consumers' ping-pong: its GPU tests, then both tables
+#   MODE=sweep OUT=$OUT bash ...                  # the untuned prefill sweep (36 drawn shapes) against cuDNN, FA2
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
 # timeout sends SIGINT first: pytest stops cleanly and still prints its failures and durations; -k: then SIGKILL
@@ -130,6 +131,13 @@ s13)
   [ -n "${GRID:-}" ] && b gluon_grid 200 python3 -m bench.bench_gluon --grid --out $L --repeat 1 --rep 30 --warmup 10
   cat $L/ncu/summary_*.txt | cut -c1-200 | head -150
   grep -sh "==\|gluon \|serial\|ovl\|noguard\| tl \|default \|cudnn \|rc=" $L/gluon_grid.log | cut -c1-120 | tail -40 ;;
+sweep)
+  # issue 17's untuned prefill sweep: 36 shapes drawn from S 512-16k, D 64/128/256, GQA 1/4/8, batch 1-32,
+  # causal and full, packed ragged batches (bench_attention.sweep_shapes, seed 0); the call a user makes against
+  # cuDNN and FlashAttention-2, one pass (prediction in bench/NOTES.md)
+  b sweep "${SWEEP_T:-540}" python3 -m bench.bench_attention --sweep ${SWEEP_N:-36} --peers cudnn,flash --repeat 1 \
+    --out $L/sweep.json
+  grep -v "^ *$" $L/sweep.log | tail -50 ;;
 sanall)
   # issue 18: one sanitizer (TOOL, default memcheck) over the whole suite, the tests stopped cleanly at SAN_BUDGET;
   # the junit files name every test that ran, and SAN_DONE=<those files> resumes a cut run in a later call.

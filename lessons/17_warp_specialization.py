@@ -203,7 +203,8 @@ _figures.schedule_gantt(schedules, tensor_busy)
 # softmax runs while the other warpgroup's products, or its own next Q·Kᵀ, occupy the tensor cores, and they
 # idle only while the pipeline fills and drains. The real gain is smaller: the softmax is not free on the real
 # machine (it takes issue slots from the same SM sub-partitions), and our two consumers are not forced to
-# alternate (FA3 orders them with named barriers; Gluon 3.6 exposes none, so the warp scheduler decides).
+# alternate by default. FA3 orders them with named barriers. Gluon 3.6 exposes none, so the warp scheduler
+# decides; a variant that forces the turns with mbarriers measured slower on an H100 ("What is left", below).
 
 # %% [markdown]
 # ## 3. The Gluon kernel, read from its source

@@ -14,7 +14,7 @@
 #   MODE=suite OUT=$OUT bash bench/gpu_s10.sh     # the whole suite alone, -n 14 (~300 s)
 #   MODE=s12 OUT=$OUT bash bench/gpu_s10.sh       # the whole suite beside memcheck's subset, then plan.run host
 #   MODE=s12san DECODE=1 OUT=$OUT bash ...        # the decode benchmark, then the three sanitizers on budgets
-#   MODE=sanall TOOL=racecheck OUT=$OUT bash ...  # one sanitizer over the whole suite (12 instances, 500 s;
+#   MODE=sanall TOOL=racecheck OUT=$OUT bash ...  # one sanitizer over the whole suite (8 instances, 500 s;
 #                                                 # SAN_DONE=<junit files> resumes where earlier runs stopped)
 #   MODE=s13 GRID=1 OUT=$OUT bash ...             # Nsight Compute on the Gluon FP8 prefill and one-byte decode
 #   MODE=pingpong OUT=$OUT bash ...               # the consumers' ping-pong: its GPU tests, then both tables
@@ -142,12 +142,14 @@ sanall)
   # issue 18: one sanitizer (TOOL, default memcheck) over the whole suite, the tests stopped cleanly at SAN_BUDGET;
   # the junit files name every test that ran, and SAN_DONE=<those files> resumes a cut run in a later call.
   # Session 12 measured memcheck at ~0.32 tests/s per worker (the suite unsanitized: ~0.86); xdist workers under
-  # one sanitizer never started at -n 7 (100 s) or -n 14 (427 s, session 13), so SAN_PAR separate sanitizer
-  # instances, one pytest process each, share the collected ids. The 3000-step GPU soak (97 s unsanitized) is
-  # left out by default: it repeats the kernels of the short soak
+  # one sanitizer never started at -n 7 (100 s) or -n 14 (427 s, session 13), while -n 4 ran. So SAN_PAR separate
+  # sanitizer instances, one pytest process each, share the collected ids, started SAN_STAGGER s apart; 8, not
+  # more, until <tool>.monitor.txt (host and GPU memory, tests passed, every 10 s) shows what the stall was.
+  # The 3000-step GPU soak (97 s unsanitized) is left out by default: it repeats the kernels of the short soak
   tool=${TOOL:-memcheck}
   b "san_$tool" "${SAN_T:-570}" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_BUDGET=${SAN_BUDGET:-500} \
-    SAN_PAR=${SAN_PAR:-12} bash tests/gpu_sanitize.sh tests -k "${SAN_K:-not test_gpu_long_soak}"
+    SAN_PAR=${SAN_PAR:-8} bash tests/gpu_sanitize.sh tests -k "${SAN_K:-not test_gpu_long_soak}"
+  cat $L/$tool/sanitizer/$tool.monitor.txt
   cat $L/$tool/sanitizer/summary.txt ;;
 suite)
   # the whole suite on the GPU alone (GPU tests and the CPU tests on CUDA tensors), fixed tiles; -v names each

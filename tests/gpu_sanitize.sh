@@ -127,12 +127,27 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
     sanitize "$tool" "$tool" ${SAN_PYTEST_ARGS:-} "${resume[@]}" "${TESTS[@]}" || status=1
     continue
   fi
+  # every 10 s: host memory used and available (MiB), GPU memory used (MiB), tests passed so far. Why many
+  # sanitized processes stall is not known (host memory is one suspect); this says when the first tests pass
+  monitor() {
+    while sleep 10; do
+      echo "$(date +%s) mem_used_avail $(free -m | awk '/^Mem:/ {print $3, $7}')" \
+        "gpu_mem $(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1)" \
+        "passed $(cat "$LOGS/$tool".[0-9]*.pytest.log 2>/dev/null | grep -c " PASSED")"
+    done
+  }
+  monitor > "$LOGS/$tool.monitor.txt" 2>&1 &
+  mon=$!
   pids=()
   for k in "${shares[@]}"; do
-    sanitize "$tool" "$tool.$k" "@$LOGS/share$k.args" &
+    # -v: each test's line as it ends, which the monitor counts; SAN_STAGGER s between starts (CUDA and the
+    # sanitizer initialize in each process at once otherwise)
+    sanitize "$tool" "$tool.$k" -v "@$LOGS/share$k.args" &
     pids+=($!)
+    sleep "${SAN_STAGGER:-5}"
   done
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  kill "$mon" 2>/dev/null
   # the total: every instance's error count, and the tests their pytest lines report
   python3 - "$tool" "$LOGS" <<'PY' | tee -a "$LOGS/summary.txt"
 import re

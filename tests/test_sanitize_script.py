@@ -51,6 +51,7 @@ def _run(tmp_path: Path, out: str, **env: str) -> tuple[int, str]:
         "COMPUTE_SANITIZER": str(fake),
         "OUT": str(tmp_path / out),
         "TRITON_INTERPRET": "1",
+        "SAN_STAGGER": "0",
         **env,
     }
     proc = subprocess.run(["bash", "tests/gpu_sanitize.sh", *TARGET], cwd=ROOT, env=environ,

@@ -146,10 +146,12 @@ sanall)
   # one sanitizer never started at -n 7 (100 s) or -n 14 (427 s, session 13), while -n 4 ran. So SAN_PAR separate
   # sanitizer instances, one pytest process each, share the collected ids, started SAN_STAGGER s apart; 8, not
   # more, until <tool>.monitor.txt (host and GPU memory, tests passed, every 10 s) shows what the stall was.
-  # The 3000-step GPU soak (97 s unsanitized) is left out by default: it repeats the kernels of the short soak
+  # Left out by default: the 3000-step GPU soak (97 s unsanitized), which repeats the kernels of the short soak,
+  # and test_sanitize_script, which runs this script on the CPU with a stand-in sanitizer (no kernel of ours)
   tool=${TOOL:-memcheck}
   b "san_$tool" "${SAN_T:-570}" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_BUDGET=${SAN_BUDGET:-500} \
-    SAN_PAR=${SAN_PAR:-8} bash tests/gpu_sanitize.sh tests -k "${SAN_K:-not test_gpu_long_soak}"
+    SAN_PAR=${SAN_PAR:-8} bash tests/gpu_sanitize.sh tests \
+    -k "${SAN_K:-not test_gpu_long_soak and not test_sanitize_script}"
   cat $L/$tool/sanitizer/$tool.monitor.txt
   cat $L/$tool/sanitizer/summary.txt ;;
 suite)

@@ -71,15 +71,19 @@ class Shape:
         return float(tokens * self.head_dim * elem * (2 * self.heads_q + 2 * self.heads_kv))
 
 
+def _heads(hq, hkv):
+    return f"H{hq}" if hq == hkv else f"H{hq}/{hkv}"
+
+
 def _padded(b, hq, hkv, s, d, causal, tag=""):
-    heads = f"H{hq}" if hq == hkv else f"H{hq}/{hkv}"
-    name = f"B{b} {heads} S{s} D{d} {'causal' if causal else 'full'}{tag}"
+    name = f"B{b} {_heads(hq, hkv)} S{s} D{d} {'causal' if causal else 'full'}{tag}"
     return Shape(name, b, hq, hkv, s, d, causal)
 
 
-def _packed(lengths, h, d, causal):
-    name = f"packed{len(lengths)} H{h} T{sum(lengths)} D{d} {'causal' if causal else 'full'} varlen"
-    return Shape(name, len(lengths), h, h, max(lengths), d, causal, tuple(lengths))
+def _packed(lengths, h, d, causal, hkv=None):
+    hkv = h if hkv is None else hkv
+    name = f"packed{len(lengths)} {_heads(h, hkv)} T{sum(lengths)} D{d} {'causal' if causal else 'full'} varlen"
+    return Shape(name, len(lengths), h, hkv, max(lengths), d, causal, tuple(lengths))
 
 
 SHAPES = [
@@ -123,9 +127,7 @@ def sweep_shapes(n: int, seed: int = 0) -> list[Shape]:
             lengths = [1]
             while sum(lengths) < 16384:
                 lengths.append(rng.randint(1, 8192))
-            heads = f"H{hq}" if hq == hkv else f"H{hq}/{hkv}"
-            name = f"packed{len(lengths)} {heads} T{sum(lengths)} D{d} {'causal' if causal else 'full'} varlen"
-            shapes.append(Shape(name, len(lengths), hq, hkv, max(lengths), d, causal, tuple(lengths)))
+            shapes.append(_packed(lengths, hq, d, causal, hkv))
             continue
         s = rng.choice(SWEEP_SEQLENS)
         b = rng.choice([b for b in SWEEP_BATCHES if SWEEP_TOKENS[0] <= b * s <= SWEEP_TOKENS[1]])

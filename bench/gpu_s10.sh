@@ -148,12 +148,20 @@ sanall)
   # more, until <tool>.monitor.txt (host and GPU memory, tests passed, every 10 s) shows what the stall was.
   # Left out by default: the 3000-step GPU soak (97 s unsanitized), which repeats the kernels of the short soak,
   # and test_sanitize_script, which runs this script on the CPU with a stand-in sanitizer (no kernel of ours)
-  tool=${TOOL:-memcheck}
-  b "san_$tool" "${SAN_T:-570}" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_BUDGET=${SAN_BUDGET:-500} \
-    SAN_PAR=${SAN_PAR:-8} bash tests/gpu_sanitize.sh tests \
-    -k "${SAN_K:-not test_gpu_long_soak and not test_sanitize_script}"
-  cat $L/$tool/sanitizer/$tool.monitor.txt
-  cat $L/$tool/sanitizer/summary.txt ;;
+  # TOOL may name several ("memcheck racecheck"): each runs in the time the ones before it left, until SAN_T
+  end=$(( $(date +%s) + ${SAN_T:-570} ))
+  for tool in ${TOOL:-memcheck}; do
+    # the instances' budget leaves room for collecting the ids (~30 s), the staggered starts and the summaries
+    left=$(( end - $(date +%s) - 10 ))
+    budget=$(( left - 70 - 5 * ${SAN_PAR:-8} ))
+    budget=$(( budget < ${SAN_BUDGET:-500} ? budget : ${SAN_BUDGET:-500} ))
+    [ "$budget" -lt 60 ] && { echo "$tool: ${left}s left, not started"; continue; }
+    b "san_$tool" "$left" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_BUDGET=$budget \
+      SAN_PAR=${SAN_PAR:-8} bash tests/gpu_sanitize.sh tests \
+      -k "${SAN_K:-not test_gpu_long_soak and not test_sanitize_script}"
+    cat $L/$tool/sanitizer/$tool.monitor.txt | awk 'NR % 3 == 1'
+    cat $L/$tool/sanitizer/summary.txt
+  done ;;
 suite)
   # the whole suite on the GPU alone (GPU tests and the CPU tests on CUDA tensors), fixed tiles; -v names each
   # test as it ends, so a cut run still says what failed; a test over 300 s (a hung kernel: the thread method ends

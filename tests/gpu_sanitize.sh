@@ -86,31 +86,61 @@ PY
 fi
 
 # SAN_PAR=N: the test ids, collected once without the sanitizer (pytest -k/-m and SAN_DONE applied), dealt
-# round-robin into N argument files
+# round-robin into argument files. Session 14's first run dealt every id alike and ran out of GPU memory: the ids
+# come in file order, so all instances ran a file's big gpu-marked tests (fp32 references over long sequences) at
+# once. So the gpu-marked ids go to SAN_HEAVY instances (default a quarter of SAN_PAR), the rest to the others.
+# Tests that capture CUDA graphs (SAN_CACHED_K, a regex on the ids) cannot run without PyTorch's caching allocator
+# (a cudaMalloc during capture is an error): they get an instance of their own, share "g", with the allocator on,
+# where memcheck still sees every access outside the allocator's blocks.
 shares=()
 if [ -n "${SAN_PAR:-}" ]; then
-  python3 -m pytest --collect-only -q -p no:cacheprovider "${resume[@]}" "${TESTS[@]}" 2>/dev/null \
-    | grep "::" > "$LOGS/ids.txt"
+  collect() { python3 -m pytest --collect-only -q -p no:cacheprovider "${resume[@]}" "${TESTS[@]}" "$@" 2>/dev/null \
+    | grep "::"; }
+  collect > "$LOGS/ids.txt"
+  collect -m gpu > "$LOGS/gpu_ids.txt"
+  grep -E "${SAN_CACHED_K:-graph|reduce_overhead}" "$LOGS/ids.txt" > "$LOGS/share_g.args"
+  grep -vxFf "$LOGS/share_g.args" "$LOGS/ids.txt" > "$LOGS/rest.txt"
+  grep -xFf "$LOGS/gpu_ids.txt" "$LOGS/rest.txt" > "$LOGS/heavy.txt"
+  grep -vxFf "$LOGS/gpu_ids.txt" "$LOGS/rest.txt" > "$LOGS/light.txt"
+  heavy=0
+  if [ -s "$LOGS/heavy.txt" ]; then
+    heavy=${SAN_HEAVY:-$(( (SAN_PAR + 3) / 4 ))}
+    [ "$heavy" -ge "$SAN_PAR" ] && heavy=$(( SAN_PAR - 1 ))
+    [ "$heavy" -lt 1 ] && heavy=1
+  fi
+  light=$(( SAN_PAR - heavy ))
   for ((k = 0; k < SAN_PAR; k++)); do
-    awk -v n="$SAN_PAR" -v k="$k" '(NR - 1) % n == k' "$LOGS/ids.txt" > "$LOGS/share$k.args"
+    if [ "$k" -lt "$light" ]; then
+      awk -v n="$light" -v k="$k" '(NR - 1) % n == k' "$LOGS/light.txt" > "$LOGS/share$k.args"
+    else
+      awk -v n="$heavy" -v k="$((k - light))" '(NR - 1) % n == k' "$LOGS/heavy.txt" > "$LOGS/share$k.args"
+    fi
     [ -s "$LOGS/share$k.args" ] && shares+=("$k")
   done
-  echo "SAN_PAR=$SAN_PAR: $(wc -l < "$LOGS/ids.txt") test ids in ${#shares[@]} shares" | tee -a "$LOGS/summary.txt"
+  [ -s "$LOGS/share_g.args" ] && shares+=("g")
+  echo "SAN_PAR=$SAN_PAR: $(wc -l < "$LOGS/ids.txt") test ids in ${#shares[@]} shares" \
+    "($(wc -l < "$LOGS/heavy.txt") gpu-marked in $heavy, $(wc -l < "$LOGS/share_g.args") capturing graphs in g)" \
+    | tee -a "$LOGS/summary.txt"
 fi
 
 # one sanitizer instance: sanitize <tool> <tag> <pytest arguments...>; its files are <tag>.log, <tag>.pytest.log
 # and <tag>.junit.xml, its line in summary.txt; returns the sanitizer's exit status
 sanitize() {
-  local tool=$1 tag=$2 extra=() budget=() start rc summary result
+  local tool=$1 tag=$2 extra=() budget=() pre=() start rc summary result
   shift 2
   [ "$tool" = memcheck ] && extra=(--leak-check no --check-device-heap yes)
   [ "$tool" = racecheck ] && extra=(--racecheck-report all)
   # SAN_BUDGET=<seconds>: pytest gets SIGINT then, stops cleanly and reports what ran; the sanitizer still
   # prints its summary over every kernel launched until then (a partial run, which the pytest line says)
   [ -n "${SAN_BUDGET:-}" ] && budget=(timeout -s INT -k 30 "$SAN_BUDGET")
+  # SAN_CACHING=1: PyTorch's caching allocator on (CUDA graph capture needs it)
+  [ -n "${SAN_CACHING:-}" ] && pre=(env -u PYTORCH_NO_CUDA_MEMORY_CACHING)
   start=$(date +%s)
-  "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 200 --log-file "$LOGS/$tag.log" \
-    "${budget[@]}" python3 -m pytest -q -p no:cacheprovider --junitxml="$LOGS/$tag.junit.xml" "$@" \
+  # every error printed (a limit hid 900 of session 14's first run's errors: they could not be told apart); -q
+  # unless SAN_VERBOSITY says otherwise (-q and -v would cancel out)
+  "${pre[@]}" "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 1000000 \
+    --log-file "$LOGS/$tag.log" "${budget[@]}" \
+    python3 -m pytest "${SAN_VERBOSITY:--q}" -p no:cacheprovider --junitxml="$LOGS/$tag.junit.xml" "$@" \
     > "$LOGS/$tag.pytest.log" 2>&1
   rc=$?
   summary=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS/$tag.log" | tail -1)
@@ -133,7 +163,7 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
     while sleep 10; do
       echo "$(date +%s) mem_used_avail $(free -m | awk '/^Mem:/ {print $3, $7}')" \
         "gpu_mem $(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1)" \
-        "passed $(cat "$LOGS/$tool".[0-9]*.pytest.log 2>/dev/null | grep -c " PASSED")"
+        "passed $(cat "$LOGS/$tool".*.pytest.log 2>/dev/null | grep -c " PASSED")"
     done
   }
   monitor > "$LOGS/$tool.monitor.txt" 2>&1 &
@@ -142,7 +172,11 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
   for k in "${shares[@]}"; do
     # -v: each test's line as it ends, which the monitor counts; SAN_STAGGER s between starts (CUDA and the
     # sanitizer initialize in each process at once otherwise)
-    sanitize "$tool" "$tool.$k" -v "@$LOGS/share$k.args" &
+    if [ "$k" = g ]; then
+      SAN_CACHING=1 SAN_VERBOSITY=-v sanitize "$tool" "$tool.$k" "@$LOGS/share_g.args" &
+    else
+      SAN_VERBOSITY=-v sanitize "$tool" "$tool.$k" "@$LOGS/share$k.args" &
+    fi
     pids+=($!)
     sleep "${SAN_STAGGER:-5}"
   done
@@ -156,7 +190,7 @@ from pathlib import Path
 
 tool, logs = sys.argv[1], Path(sys.argv[2])
 errors, missing, counts = 0, 0, {}
-for log in sorted(logs.glob(f"{tool}.[0-9]*.log")):
+for log in sorted(logs.glob(f"{tool}.*.log")):
     if log.name.endswith(".pytest.log"):
         continue
     # "ERROR SUMMARY: 0 errors", or racecheck's "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"

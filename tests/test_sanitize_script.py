@@ -7,6 +7,7 @@ writes, so the script's own logic is what is tested: sharing the ids among SAN_P
 reports, failing on an error, and resuming from junit files.
 """
 
+import ast
 import os
 import re
 import shutil
@@ -29,10 +30,11 @@ while [[ "$1" == --* ]]; do
 done
 "$@"; rc=$?
 n=${FAKE_ERRORS:-0}
+echo "allocator: ${PYTORCH_NO_CUDA_MEMORY_CACHING:-caching}" > "$log"
 if [ "$tool" = racecheck ]; then
-  echo "========= RACECHECK SUMMARY: $n hazards displayed ($n errors, 0 warnings)" > "$log"
+  echo "========= RACECHECK SUMMARY: $n hazards displayed ($n errors, 0 warnings)" >> "$log"
 else
-  echo "========= ERROR SUMMARY: $n errors" > "$log"
+  echo "========= ERROR SUMMARY: $n errors" >> "$log"
 fi
 [ "$n" -gt 0 ] && exit 99
 exit $rc
@@ -41,7 +43,7 @@ exit $rc
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("awk") is None, reason="needs bash")
 
 
-def _run(tmp_path: Path, out: str, **env: str) -> tuple[int, str]:
+def _run(tmp_path: Path, out: str, target: list[str] = TARGET, **env: str) -> tuple[int, str]:
     fake = tmp_path / "fake-sanitizer"
     fake.write_text(FAKE)
     fake.chmod(0o755)
@@ -54,16 +56,20 @@ def _run(tmp_path: Path, out: str, **env: str) -> tuple[int, str]:
         "SAN_STAGGER": "0",
         **env,
     }
-    proc = subprocess.run(["bash", "tests/gpu_sanitize.sh", *TARGET], cwd=ROOT, env=environ,
+    proc = subprocess.run(["bash", "tests/gpu_sanitize.sh", *target], cwd=ROOT, env=environ,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     return proc.returncode, (tmp_path / out / "sanitizer" / "summary.txt").read_text()
 
 
-def _collected() -> int:
-    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *TARGET]
+def _ids(target: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *target]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
-    n = sum("::" in line for line in proc.stdout.splitlines())
-    assert n >= 3, proc.stdout
+    return [line for line in proc.stdout.splitlines() if "::" in line]
+
+
+def _collected() -> int:
+    n = len(_ids(TARGET))
+    assert n >= 3
     return n
 
 
@@ -94,3 +100,32 @@ def test_resume_leaves_out_what_ran(tmp_path):
     assert 0 < done < n
     assert f"{n - done} test ids" in summary
     assert re.search(rf"'passed': {n - done}\}}", summary), summary
+
+
+def test_gpu_marked_and_graph_tests_get_instances_of_their_own(tmp_path):
+    # the dealing that keeps big gpu-marked tests from running in every instance at once, and graph capture on the
+    # caching allocator: light ids (test_checks), gpu-marked ids (test_no_sync's), graph-capturing ids (test_plan's)
+    target = ["tests/test_checks.py", "tests/test_no_sync.py", "tests/test_plan.py",
+              "-k", "not-tensor or test_gpu_default_calls or graph"]  # fmt: skip
+    ids = _ids(target)
+    graph = [x for x in ids if "graph" in x]
+    heavy = [x for x in ids if "test_gpu_default_calls" in x]
+    light = [x for x in ids if "test_checks.py" in x]
+    assert graph and heavy and light and len(graph) + len(heavy) + len(light) == len(ids)
+
+    rc, summary = _run(tmp_path, "e", target, SAN_PAR="4", SAN_HEAVY="1", SANITIZER_TOOLS="memcheck")
+    assert rc == 0, summary
+    dealt = f"{len(ids)} test ids in 5 shares ({len(heavy)} gpu-marked in 1, {len(graph)} capturing graphs in g)"
+    assert dealt in summary, summary
+    logs = tmp_path / "e" / "sanitizer"
+    shares = {k: (logs / f"share{k}.args").read_text().split() for k in ("0", "1", "2", "3", "_g")}
+    assert sorted(shares["0"] + shares["1"] + shares["2"]) == sorted(light)
+    assert sorted(shares["3"]) == sorted(heavy)
+    assert sorted(shares["_g"]) == sorted(graph)
+    total = re.search(r"^memcheck total: 0 errors reported, 0 instances without a summary line \| tests: (.*)$",
+                      summary, re.M)  # fmt: skip
+    assert total, summary
+    assert sum(ast.literal_eval(total.group(1)).values()) == len(ids), summary  # a dict of pytest's counts
+    # graph capture needs PyTorch's caching allocator; the other instances run without it
+    assert "allocator: caching" in (logs / "memcheck.g.log").read_text()
+    assert all("allocator: 1" in (logs / f"memcheck.{k}.log").read_text() for k in "0123")

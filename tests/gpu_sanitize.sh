@@ -140,7 +140,7 @@ sanitize() {
   # unless SAN_VERBOSITY says otherwise (-q and -v would cancel out)
   "${pre[@]}" "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 1000000 \
     --log-file "$LOGS/$tag.log" "${budget[@]}" \
-    python3 -m pytest "${SAN_VERBOSITY:--q}" -p no:cacheprovider --junitxml="$LOGS/$tag.junit.xml" "$@" \
+    python3 -m pytest "${SAN_VERBOSITY:--q}" -p no:cacheprovider --durations=25 --junitxml="$LOGS/$tag.junit.xml" "$@" \
     > "$LOGS/$tag.pytest.log" 2>&1
   rc=$?
   summary=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS/$tag.log" | tail -1)

@@ -22,15 +22,24 @@ TARGET = ["tests/test_checks.py", "-k", "not-tensor"]  # a few quick tests; thei
 
 FAKE = r"""#!/usr/bin/env bash
 [ "$1" = --version ] && { echo "stand-in sanitizer"; exit 0; }
-tool=memcheck
+tool=memcheck excl=
 while [[ "$1" == --* ]]; do
   [ "$1" = --log-file ] && log=$2
   [ "$1" = --tool ] && tool=$2
+  [ "$1" = --kernel-name-exclude ] && excl=$2
   shift 2
 done
+if [[ "$*" == *gpu_sanitize_canary.py* ]]; then  # FAKE_CANARY: seen, unfiltered (seen only without a filter), never
+  mode=${FAKE_CANARY:-seen}
+  if [ "$mode" = seen ] || { [ "$mode" = unfiltered ] && [ -z "$excl" ]; }; then
+    echo "========= Invalid __global__ read of size 4 bytes" > "$log"; exit 99
+  fi
+  echo "========= ERROR SUMMARY: 0 errors" > "$log"; exit 0
+fi
 "$@"; rc=$?
 n=${FAKE_ERRORS:-0}
 echo "allocator: ${PYTORCH_NO_CUDA_MEMORY_CACHING:-caching}" > "$log"
+echo "excluded: ${excl:-none}" >> "$log"
 if [ "$tool" = racecheck ]; then
   echo "========= RACECHECK SUMMARY: $n hazards displayed ($n errors, 0 warnings)" >> "$log"
 else
@@ -129,3 +138,19 @@ def test_gpu_marked_and_graph_tests_get_instances_of_their_own(tmp_path):
     # graph capture needs PyTorch's caching allocator; the other instances run without it
     assert "allocator: caching" in (logs / "memcheck.g.log").read_text()
     assert all("allocator: 1" in (logs / f"memcheck.{k}.log").read_text() for k in "0123")
+
+
+@pytest.mark.parametrize("canary", ["seen", "unfiltered", "never"])
+def test_the_canary_decides_the_kernel_filter(tmp_path, canary):
+    # the filter that skips PyTorch's and cuBLAS's kernels is kept only if the canary (a Triton kernel reading past
+    # its tensor) is still reported under it; a canary never reported fails the run
+    rc, summary = _run(tmp_path, canary, SANITIZER_TOOLS="memcheck", FAKE_CANARY=canary)
+    log = (tmp_path / canary / "sanitizer" / "memcheck.log").read_text()
+    if canary == "seen":
+        assert rc == 0 and "those kernels go unchecked" in summary, summary
+        assert "excluded: regex=^(_Z|" in log
+    elif canary == "unfiltered":
+        assert rc == 0 and "canary reported with every kernel checked (not under the filter" in summary, summary
+        assert "excluded: none" in log
+    else:
+        assert rc != 0 and "canary NOT reported" in summary, summary

@@ -168,7 +168,7 @@ sanitize() {
     python3 -m pytest "${SAN_VERBOSITY:--q}" -p no:cacheprovider --durations=25 --junitxml="$LOGS/$tag.junit.xml" "$@" \
     > "$LOGS/$tag.pytest.log" 2>&1
   rc=$?
-  summary=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS/$tag.log" | tail -1)
+  summary=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS/$tag.log" | grep -v "not printed" | tail -1)
   result=$(tail -1 "$LOGS/$tag.pytest.log")
   echo "$tag${SHARD:+ shard $SHARD}: exit $rc in $(( $(date +%s) - start ))s | ${summary:-no summary line} | pytest: $result" \
     | tee -a "$LOGS/summary.txt"
@@ -219,7 +219,9 @@ for log in sorted(logs.glob(f"{tool}.*.log")):
     if log.name.endswith(".pytest.log"):
         continue
     # "ERROR SUMMARY: 0 errors", or racecheck's "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
-    m = re.findall(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: \d+ hazards displayed \((\d+) error", log.read_text())
+    # (not "ERROR SUMMARY: 121 errors were not printed", which a print limit adds after the count)
+    text = log.read_text()
+    m = re.findall(r"ERROR SUMMARY: (\d+) errors?$|RACECHECK SUMMARY: \d+ hazards displayed \((\d+) error", text, re.M)
     if m:
         errors += int(m[-1][0] or m[-1][1])
     else:

@@ -44,6 +44,7 @@ if [ "$tool" = racecheck ]; then
   echo "========= RACECHECK SUMMARY: $n hazards displayed ($n errors, 0 warnings)" >> "$log"
 else
   echo "========= ERROR SUMMARY: $n errors" >> "$log"
+  [ "$n" -gt 1 ] && echo "========= ERROR SUMMARY: 1 error was not printed. Use --print-limit option" >> "$log"
 fi
 [ "$n" -gt 0 ] && exit 99
 exit $rc

@@ -23,9 +23,14 @@ export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
 # timeout sends SIGINT first: pytest stops cleanly and still prints its failures and durations; -k: then SIGKILL
 t() { name=$1; lim=$2; shift 2; ( timeout -s INT -k 20 "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$? :: $name" >> "$L/$name.log" ) & }
-# b runs one step alone and archives what there is, so a call cut at the device's limit still returns its logs
-b() { name=$1; lim=$2; shift 2; timeout -s INT -k 20 "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$?" >> "$L/$name.log"
-      tar czf "$OUT/logs.tgz" -C $L .; }
+# b runs one step alone and archives what there is, also every 30 s while it runs: a call cut at the device's
+# limit (which is the budget left after the machine's start, not timeout_s: session 14's call 2 was cut at 369 s of
+# a 400 s step and brought back nothing) still returns its logs. The archive is written aside, then renamed.
+save() { tar czf "$OUT/.logs.tgz.part" -C $L . 2>/dev/null && mv "$OUT/.logs.tgz.part" "$OUT/logs.tgz"; }
+b() { name=$1; lim=$2; shift 2
+      ( while sleep 30; do save; done ) & saver=$!
+      timeout -s INT -k 20 "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$?" >> "$L/$name.log"
+      kill $saver 2>/dev/null; wait $saver 2>/dev/null; save; }
 case "${MODE:-verify}" in
 final)
   # the fixed Gluon decode tests beside the suite's last files (earlier calls ran out before them), then on a

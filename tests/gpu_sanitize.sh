@@ -7,7 +7,7 @@
 #   SAN_PYTEST_ARGS="-n 4" OUT=/tmp/out bash tests/gpu_sanitize.sh  # pytest-xdist workers, each one sanitized
 #   SHARD=2/8 SAN_PYTEST_ARGS="-n 8" bash tests/gpu_sanitize.sh      # one eighth of the whole suite's files
 #   SAN_BUDGET=400 ...                                               # stop the tests cleanly after 400 s
-#   SAN_DONE="a.junit.xml b.junit.xml" ...  # resume: leave out the tests that passed or skipped in those runs
+#   SAN_DONE="a.junit.xml b.pytest.log" ...  # resume: leave out the tests that passed or skipped in those runs
 #   SAN_PAR=12 ...  # 12 sanitizer instances side by side, one pytest process each, over 1/12 of the test ids
 #
 # Writes $OUT/sanitizer/<tool>.log (the sanitizer's report), <tool>.pytest.log (the tests' output),
@@ -72,14 +72,25 @@ status=0
 : > "$LOGS/summary.txt"
 resume=()
 if [ -n "${SAN_DONE:-}" ]; then
+  # junit files, or the instances' -v pytest logs (a call cut before pytest wrote its junit file still has them)
   python3 - $SAN_DONE > "$LOGS/done.args" <<'PY'
+import re
 import sys
 import xml.etree.ElementTree as ET
 
+done = {}
 for path in sys.argv[1:]:
-    for case in ET.parse(path).getroot().iter("testcase"):
-        if case.find("failure") is None and case.find("error") is None:
-            print(f"--deselect={case.get('classname').replace('.', '/')}.py::{case.get('name')}")
+    if path.endswith(".xml"):
+        for case in ET.parse(path).getroot().iter("testcase"):
+            if case.find("failure") is None and case.find("error") is None:
+                done[f"{case.get('classname').replace('.', '/')}.py::{case.get('name')}"] = None
+    else:
+        for line in open(path, errors="replace"):
+            m = re.match(r"(tests/\S.*?) (PASSED|SKIPPED)\b", line)
+            if m:
+                done[m.group(1)] = None
+for test in done:
+    print(f"--deselect={test}")
 PY
   echo "resuming: $(wc -l < "$LOGS/done.args") tests done in $SAN_DONE" | tee -a "$LOGS/summary.txt"
   resume=("@$LOGS/done.args")

@@ -155,3 +155,17 @@ def test_the_canary_decides_the_kernel_filter(tmp_path, canary):
         assert "excluded: none" in log
     else:
         assert rc != 0 and "canary NOT reported" in summary, summary
+
+
+def test_resume_from_a_pytest_log(tmp_path):
+    # a call cut before pytest wrote its junit file still has the instance's -v log
+    n = _collected()
+    rc, _ = _run(tmp_path, "f", SAN_PAR="2", SANITIZER_TOOLS="memcheck")
+    assert rc == 0
+    log = tmp_path / "f" / "sanitizer" / "memcheck.1.pytest.log"
+    passed = sum(" PASSED" in line for line in log.read_text().splitlines())
+    assert 0 < passed < n
+    rc, summary = _run(tmp_path, "g", SAN_PAR="2", SANITIZER_TOOLS="memcheck", SAN_DONE=str(log))
+    assert rc == 0, summary
+    assert f"resuming: {passed} tests done" in summary, summary
+    assert re.search(rf"'passed': {n - passed}\}}", summary), summary

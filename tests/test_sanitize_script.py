@@ -169,3 +169,36 @@ def test_resume_from_a_pytest_log(tmp_path):
     assert rc == 0, summary
     assert f"resuming: {passed} tests done" in summary, summary
     assert re.search(rf"'passed': {n - passed}\}}", summary), summary
+
+
+def _jitted_name(obj) -> str | None:
+    # a @triton.jit / @gluon.jit function, also under the interpreter and inside an autotuner or heuristics
+    for _ in range(5):
+        if type(obj).__name__ in ("JITFunction", "InterpretedFunction", "GluonJITFunction"):
+            return getattr(getattr(obj, "fn", None), "__name__", None)
+        obj = getattr(obj, "fn", None)
+        if obj is None:
+            return None
+    return None
+
+
+def test_the_default_filter_leaves_every_kernel_of_ours_checked():
+    # the canary proves the filter keeps one Triton kernel; this keeps a future kernel named like a vendor's
+    # (cutlass_..., triton_...) from going unchecked without anyone seeing it
+    import importlib
+    import pkgutil
+
+    import attn
+
+    script = (ROOT / "tests" / "gpu_sanitize.sh").read_text()
+    pattern = re.search(r'excl=\$\{SAN_EXCLUDE-"regex=(.*?)"\}', script).group(1)
+    names = set()
+    for info in pkgutil.walk_packages(attn.__path__, "attn."):
+        module = importlib.import_module(info.name)
+        names |= {n for n in map(_jitted_name, vars(module).values()) if n}
+    assert {"_attn_fwd_kernel", "_decode_kernel", "_attn_fwd_gluon", "_decode_1b_kernel"} <= names, names
+    names.add("_sanitizer_canary_kernel")
+    assert not [n for n in names if re.match(pattern, n)]
+    # and it does exclude what it is for: PyTorch's mangled names, cuBLAS's, Inductor's
+    for vendor in ("_ZN2at6native29vectorized_elementwise_kernel", "sm80_xmma_gemm_f32f32", "triton_poi_fused_0"):
+        assert re.match(pattern, vendor), vendor

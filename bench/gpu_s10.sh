@@ -149,8 +149,9 @@ sanall)
   # the junit files name every test that ran, and SAN_DONE=<those files> resumes a cut run in a later call.
   # Session 12 measured memcheck at ~0.32 tests/s per worker (the suite unsanitized: ~0.86); xdist workers under
   # one sanitizer never started at -n 7 (100 s) or -n 14 (427 s, session 13), while -n 4 ran. So SAN_PAR separate
-  # sanitizer instances, one pytest process each, share the collected ids, started SAN_STAGGER s apart; 8, not
-  # more, until <tool>.monitor.txt (host and GPU memory, tests passed, every 10 s) shows what the stall was.
+  # sanitizer instances, one pytest process each, share the collected ids, started SAN_STAGGER s apart. Eight
+  # filled the H100's memory in session 14's first run (the gpu-marked tests now go to SAN_HEAVY of them);
+  # <tool>.monitor.txt records host and GPU memory and the tests passed every 10 s.
   # Left out by default: the 3000-step GPU soak (97 s unsanitized), which repeats the kernels of the short soak,
   # and test_sanitize_script, which runs this script on the CPU with a stand-in sanitizer (no kernel of ours)
   # TOOL may name several ("memcheck racecheck"): each runs in the time the ones before it left, until SAN_T

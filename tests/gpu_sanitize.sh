@@ -24,7 +24,7 @@
 #   installed); pass pytest arguments to choose others.
 # - Many xdist workers under one sanitizer do not scale: at -n 7 no test started within 100 s, at -n 14 none
 #   within 427 s (bench/NOTES.md, sessions 12-13). SAN_PAR gives each pytest process a sanitizer of its own;
-#   the ids are collected once, without the sanitizer, and dealt round-robin so that each share mixes files.
+#   the ids are collected once, without the sanitizer, and dealt out as described at SAN_PAR below.
 set -uo pipefail
 # keep a caller's PYTHONPATH after the repository (hypothesis or pytest-xdist may be carried in a folder)
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 ATTN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1
@@ -193,8 +193,8 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
     sanitize "$tool" "$tool" ${SAN_PYTEST_ARGS:-} "${resume[@]}" "${TESTS[@]}" || status=1
     continue
   fi
-  # every 10 s: host memory used and available (MiB), GPU memory used (MiB), tests passed so far. Why many
-  # sanitized processes stall is not known (host memory is one suspect); this says when the first tests pass
+  # every 10 s: host memory used and available (MiB), GPU memory used (MiB), tests passed so far (session 14's
+  # first run filled the GPU's memory; this shows when, and how fast the tests go)
   monitor() {
     while sleep 10; do
       echo "$(date +%s) mem_used_avail $(free -m | awk '/^Mem:/ {print $3, $7}')" \

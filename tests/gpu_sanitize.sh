@@ -158,6 +158,11 @@ else
   status=1
 fi
 
+# the option that bounds the queued launches, if this sanitizer has it (see SAN_SYNC_LIMIT below)
+sync_opt=""
+"$SAN" --help 2>&1 | grep -q -- "--force-synchronization-limit" && sync_opt=--force-synchronization-limit
+echo "sanitizer options: ${sync_opt:-no --force-synchronization-limit in --help}" >> "$LOGS/summary.txt"
+
 # one sanitizer instance: sanitize <tool> <tag> <pytest arguments...>; its files are <tag>.log, <tag>.pytest.log
 # and <tag>.junit.xml, its line in summary.txt; returns the sanitizer's exit status
 sanitize() {
@@ -171,6 +176,15 @@ sanitize() {
   [ -n "${SAN_BUDGET:-}" ] && budget=(timeout -s INT -k 30 "$SAN_BUDGET")
   # SAN_CACHING=1: PyTorch's caching allocator on (CUDA graph capture needs it)
   [ -n "${SAN_CACHING:-}" ] && pre=(env -u PYTORCH_NO_CUDA_MEMORY_CACHING)
+  # SAN_SYNC_LIMIT (default 32): the sanitizer synchronizes a stream after that many launches. Its tracking of
+  # queued launches takes device memory, and the host can queue PyTorch's small kernels far ahead of a sanitized
+  # GPU: session 15's first whole-suite run (10 instances) filled the H100's 80 GB within 180 s, and most of its
+  # errors were the sanitizer failing to allocate while launching PyTorch's kernels (the likely cause; the
+  # monitor's per-instance memory will say). Not in the graph share (SAN_CACHING): a synchronization inside a
+  # stream capture would break the capture.
+  if [ -z "${SAN_CACHING:-}" ] && [ "${SAN_SYNC_LIMIT:-32}" != 0 ] && [ -n "$sync_opt" ]; then
+    extra+=("$sync_opt" "${SAN_SYNC_LIMIT:-32}")
+  fi
   start=$(date +%s)
   # every error printed (a limit hid 900 of session 14's first run's errors: they could not be told apart); -q
   # unless SAN_VERBOSITY says otherwise (-q and -v would cancel out)
@@ -193,13 +207,21 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
     sanitize "$tool" "$tool" ${SAN_PYTEST_ARGS:-} "${resume[@]}" "${TESTS[@]}" || status=1
     continue
   fi
-  # every 10 s: host memory used and available (MiB), GPU memory used (MiB), tests passed so far (session 14's
-  # first run filled the GPU's memory; this shows when, and how fast the tests go)
+  # every 10 s: host memory used and available (MiB), the load average, GPU memory used (MiB) in all and by each
+  # instance (share:MiB), tests passed so far (sessions 14 and 15 filled the GPU's memory; this shows when, whose,
+  # and how fast the tests go)
+  per_share() {
+    nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null |
+      while IFS=', ' read -r pid mib; do
+        share=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -o "share[^ ]*\.args" | head -1)
+        share=${share#share}; echo -n "${share%.args}:$mib "
+      done
+  }
   monitor() {
     while sleep 10; do
-      echo "$(date +%s) mem_used_avail $(free -m | awk '/^Mem:/ {print $3, $7}')" \
+      echo "$(date +%s) mem_used_avail $(free -m | awk '/^Mem:/ {print $3, $7}') load $(cut -d' ' -f1 /proc/loadavg)" \
         "gpu_mem $(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1)" \
-        "passed $(cat "$LOGS/$tool".*.pytest.log 2>/dev/null | grep -c " PASSED")"
+        "[ $(per_share)] passed $(cat "$LOGS/$tool".*.pytest.log 2>/dev/null | grep -c " PASSED")"
     done
   }
   monitor > "$LOGS/$tool.monitor.txt" 2>&1 &

@@ -22,11 +22,13 @@ TARGET = ["tests/test_checks.py", "-k", "not-tensor"]  # a few quick tests; thei
 
 FAKE = r"""#!/usr/bin/env bash
 [ "$1" = --version ] && { echo "stand-in sanitizer"; exit 0; }
-tool=memcheck excl=
+[ "$1" = --help ] && { echo "  --force-synchronization-limit arg"; exit 0; }
+tool=memcheck excl= sync=
 while [[ "$1" == --* ]]; do
   [ "$1" = --log-file ] && log=$2
   [ "$1" = --tool ] && tool=$2
   [ "$1" = --kernel-name-exclude ] && excl=$2
+  [ "$1" = --force-synchronization-limit ] && sync=$2
   shift 2
 done
 if [[ "$*" == *gpu_sanitize_canary.py* ]]; then  # FAKE_CANARY: seen, unfiltered (seen only without a filter), never
@@ -40,6 +42,7 @@ fi
 n=${FAKE_ERRORS:-0}
 echo "allocator: ${PYTORCH_NO_CUDA_MEMORY_CACHING:-caching}" > "$log"
 echo "excluded: ${excl:-none}" >> "$log"
+echo "sync limit: ${sync:-none}" >> "$log"
 if [ "$tool" = racecheck ]; then
   echo "========= RACECHECK SUMMARY: $n hazards displayed ($n errors, 0 warnings)" >> "$log"
 else
@@ -139,6 +142,9 @@ def test_gpu_marked_and_graph_tests_get_instances_of_their_own(tmp_path):
     # graph capture needs PyTorch's caching allocator; the other instances run without it
     assert "allocator: caching" in (logs / "memcheck.g.log").read_text()
     assert all("allocator: 1" in (logs / f"memcheck.{k}.log").read_text() for k in "0123")
+    # the bound on queued launches (the sanitizer's device memory), except where a sync would break a capture
+    assert "sync limit: none" in (logs / "memcheck.g.log").read_text()
+    assert all("sync limit: 32" in (logs / f"memcheck.{k}.log").read_text() for k in "0123")
 
 
 @pytest.mark.parametrize("canary", ["seen", "unfiltered", "never"])

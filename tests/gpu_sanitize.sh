@@ -159,8 +159,11 @@ else
 fi
 
 # the option that bounds the queued launches, if this sanitizer has it (see SAN_SYNC_LIMIT below)
+# (the help goes to a file first: under pipefail, "--help | grep -q" fails when grep stops reading early, which is
+# how session 15's second run came to go without the option)
 sync_opt=""
-"$SAN" --help 2>&1 | grep -q -- "--force-synchronization-limit" && sync_opt=--force-synchronization-limit
+"$SAN" --help > "$LOGS/help.txt" 2>&1
+grep -q -- "--force-synchronization-limit" "$LOGS/help.txt" && sync_opt=--force-synchronization-limit
 echo "sanitizer options: ${sync_opt:-no --force-synchronization-limit in --help}" >> "$LOGS/summary.txt"
 
 # one sanitizer instance: sanitize <tool> <tag> <pytest arguments...>; its files are <tag>.log, <tag>.pytest.log

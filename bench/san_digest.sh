@@ -2,7 +2,7 @@
 # A committable digest of one tests/gpu_sanitize.sh run (its full logs carry a host backtrace per error, megabytes):
 #   bash bench/san_digest.sh <OUT/sanitizer folder> <tool> "<header line>"... > bench/results/<name>.log
 # Prints the header lines as comments, summary.txt, each instance's printed errors by kind (mangled names cut),
-# pytest's error lines, the slowest tests, and the monitor (seconds, host MiB used and available, GPU MiB, passed).
+# pytest's error lines, the slowest tests, and the monitor (from the first line's time on).
 set -uo pipefail
 dir=$1 tool=$2
 shift 2
@@ -23,6 +23,6 @@ grep -h "^FAILED" "$dir/$tool".*.pytest.log | cut -c1-200 | head -40
 echo "## slowest tests (pytest --durations, every instance)"
 grep -h "^[0-9.]*s \(call\|setup\|teardown\)" "$dir/$tool".*.pytest.log | sort -rn | head -25
 if [ -f "$dir/$tool.monitor.txt" ]; then
-  echo "## monitor: seconds, host MiB used, host MiB available, GPU MiB used, tests passed"
-  awk 'NR == 1 {t0 = $1} {print $1 - t0, $3, $4, $6, $8}' "$dir/$tool.monitor.txt"
+  echo "## monitor: seconds since the first line, then the line (host MiB used and available, load, GPU MiB, [share:MiB])"
+  awk 'NR == 1 {t0 = $1} {$1 = $1 - t0; print}' "$dir/$tool.monitor.txt"
 fi

@@ -9,6 +9,7 @@
 #   SAN_BUDGET=400 ...                                               # stop the tests cleanly after 400 s
 #   SAN_DONE="a.junit.xml b.pytest.log" ...  # resume: leave out the tests that passed or skipped in those runs
 #   SAN_PAR=12 ...  # 12 sanitizer instances side by side, one pytest process each, over 1/12 of the test ids
+#                   # (the gpu-marked ids in SAN_HEAVY of them, SAN_CHUNK tests per process there)
 #
 # Writes $OUT/sanitizer/<tool>.log (the sanitizer's report), <tool>.pytest.log (the tests' output),
 # <tool>.junit.xml (each test that ran, by name, also when SAN_BUDGET cut the run) and summary.txt (one
@@ -102,14 +103,15 @@ fi
 # once. So the gpu-marked ids go to SAN_HEAVY instances (default a quarter of SAN_PAR), the rest to the others.
 # Tests that capture CUDA graphs (SAN_CACHED_K, a regex on the ids) cannot run without PyTorch's caching allocator
 # (a cudaMalloc during capture is an error): they get an instance of their own, share "g", with the allocator on,
-# where memcheck still sees every access outside the allocator's blocks.
+# where memcheck still sees every access outside the allocator's blocks. static_cache: transformers' generate with
+# a StaticCache compiles the model with CUDA graphs (session 15 saw it fail without the allocator).
 shares=()
 if [ -n "${SAN_PAR:-}" ]; then
   collect() { python3 -m pytest --collect-only -q -p no:cacheprovider "${resume[@]}" "${TESTS[@]}" "$@" 2>/dev/null \
     | grep "::"; }
   collect > "$LOGS/ids.txt"
   collect -m gpu > "$LOGS/gpu_ids.txt"
-  grep -E "${SAN_CACHED_K:-graph|reduce_overhead}" "$LOGS/ids.txt" > "$LOGS/share_g.args"
+  grep -E "${SAN_CACHED_K:-graph|reduce_overhead|static_cache}" "$LOGS/ids.txt" > "$LOGS/share_g.args"
   grep -vxFf "$LOGS/share_g.args" "$LOGS/ids.txt" > "$LOGS/rest.txt"
   grep -xFf "$LOGS/gpu_ids.txt" "$LOGS/rest.txt" > "$LOGS/heavy.txt"
   grep -vxFf "$LOGS/gpu_ids.txt" "$LOGS/rest.txt" > "$LOGS/light.txt"
@@ -203,6 +205,31 @@ sanitize() {
   return $rc
 }
 
+# SAN_CHUNK=N (default 25; 0: off): a gpu-marked share runs as a series of processes of N tests each, one after
+# another, all within the share's SAN_BUDGET. Under memcheck a process running the gpu-marked tests only ever
+# grew: in session 15 each such instance's GPU memory rose at every 30 s sample, to 13-45 GB, while the
+# light instances stayed at ~1 GB; a fresh process gives back what the last one held. Files: <tool>.<k>.c<NNN>.*
+in_chunks() {  # in_chunks <tool> <share> <tests per process>
+  local tool=$1 k=$2 n=$3 rc=0 end="" left chunk
+  split -l "$n" -d -a 3 --additional-suffix=.args "$LOGS/share$k.args" "$LOGS/share$k.c"
+  [ -n "${SAN_BUDGET:-}" ] && end=$(( $(date +%s) + SAN_BUDGET ))
+  for chunk in "$LOGS/share$k".c[0-9][0-9][0-9].args; do
+    chunk=${chunk#"$LOGS/share$k."}; chunk=${chunk%.args}
+    if [ -n "$end" ]; then
+      left=$(( end - $(date +%s) ))
+      # too little time to start a process and run a test in it
+      if [ "$left" -lt 30 ]; then
+        echo "$tool.$k.$chunk: not started, ${left}s of the budget left" | tee -a "$LOGS/summary.txt"
+        rc=1; continue  # as a run the budget cut: its tests did not all run
+      fi
+      SAN_BUDGET=$left sanitize "$tool" "$tool.$k.$chunk" "@$LOGS/share$k.$chunk.args" || rc=1
+    else
+      sanitize "$tool" "$tool.$k.$chunk" "@$LOGS/share$k.$chunk.args" || rc=1
+    fi
+  done
+  return $rc
+}
+
 for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
   echo "== $tool: ${TESTS[*]}"
   if [ ${#shares[@]} -eq 0 ]; then
@@ -216,7 +243,7 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
   per_share() {
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null |
       while IFS=', ' read -r pid mib; do
-        share=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -o "share[^ ]*\.args" | head -1)
+        share=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -o "share[^ /]*\.args" | head -1)
         share=${share#share}; echo -n "${share%.args}:$mib "
       done
   }
@@ -235,6 +262,8 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
     # sanitizer initialize in each process at once otherwise)
     if [ "$k" = g ]; then
       SAN_CACHING=1 SAN_VERBOSITY=-v sanitize "$tool" "$tool.$k" "@$LOGS/share_g.args" &
+    elif [ "$k" -ge "$light" ] && [ "${SAN_CHUNK:-25}" -gt 0 ]; then
+      SAN_VERBOSITY=-v in_chunks "$tool" "$k" "${SAN_CHUNK:-25}" &
     else
       SAN_VERBOSITY=-v sanitize "$tool" "$tool.$k" "@$LOGS/share$k.args" &
     fi

@@ -126,7 +126,7 @@ def test_gpu_marked_and_graph_tests_get_instances_of_their_own(tmp_path):
     light = [x for x in ids if "test_checks.py" in x]
     assert graph and heavy and light and len(graph) + len(heavy) + len(light) == len(ids)
 
-    rc, summary = _run(tmp_path, "e", target, SAN_PAR="4", SAN_HEAVY="1", SANITIZER_TOOLS="memcheck")
+    rc, summary = _run(tmp_path, "e", target, SAN_PAR="4", SAN_HEAVY="1", SAN_CHUNK="1", SANITIZER_TOOLS="memcheck")
     assert rc == 0, summary
     dealt = f"{len(ids)} test ids in 5 shares ({len(heavy)} gpu-marked in 1, {len(graph)} capturing graphs in g)"
     assert dealt in summary, summary
@@ -139,12 +139,28 @@ def test_gpu_marked_and_graph_tests_get_instances_of_their_own(tmp_path):
                       summary, re.M)  # fmt: skip
     assert total, summary
     assert sum(ast.literal_eval(total.group(1)).values()) == len(ids), summary  # a dict of pytest's counts
+    # the gpu-marked share runs one process per SAN_CHUNK tests (here 1), each with its own logs
+    chunks = sorted(logs.glob("memcheck.3.c*.log"))
+    chunks = [c for c in chunks if not c.name.endswith(".pytest.log")]
+    assert len(chunks) == len(heavy) and not (logs / "memcheck.3.log").exists()
+    instances = [logs / f"memcheck.{k}.log" for k in "012"] + chunks
     # graph capture needs PyTorch's caching allocator; the other instances run without it
     assert "allocator: caching" in (logs / "memcheck.g.log").read_text()
-    assert all("allocator: 1" in (logs / f"memcheck.{k}.log").read_text() for k in "0123")
+    assert all("allocator: 1" in log.read_text() for log in instances)
     # the bound on queued launches (the sanitizer's device memory), except where a sync would break a capture
     assert "sync limit: none" in (logs / "memcheck.g.log").read_text()
-    assert all("sync limit: 32" in (logs / f"memcheck.{k}.log").read_text() for k in "0123")
+    assert all("sync limit: 32" in log.read_text() for log in instances)
+
+
+def test_chunks_past_the_budget_are_not_started_and_fail_the_run(tmp_path):
+    # SAN_BUDGET bounds a chunked share as a whole: a chunk with under 30 s left is not started, and says so (25 s:
+    # none starts, while the light share has time to finish)
+    target = ["tests/test_checks.py", "tests/test_no_sync.py", "-k", "not-tensor or test_gpu_default_calls"]
+    rc, summary = _run(tmp_path, "h", target, SAN_PAR="2", SAN_HEAVY="1", SAN_CHUNK="4", SAN_BUDGET="25",
+                       SANITIZER_TOOLS="memcheck")  # fmt: skip
+    assert rc != 0
+    assert re.search(r"^memcheck\.1\.c000: not started, \d+s of the budget left$", summary, re.M), summary
+    assert re.search(r"^memcheck\.0: exit 0 ", summary, re.M), summary  # the light share is not chunked
 
 
 @pytest.mark.parametrize("canary", ["seen", "unfiltered", "never"])

@@ -145,7 +145,7 @@ def _full_lengths(batch: int, capacity: int, device: torch.device) -> torch.Tens
     otherwise ran a fill kernel for each of q and k before the attention kernel (seen by Nsight Compute).
     Kernels only read these."""
     build = functools.partial(torch.full, (batch,), capacity, dtype=torch.int32, device=device)
-    return _memo.by_key(_FULL_LENGTHS, (batch, capacity, device), build, limit=256)
+    return _memo.by_key(_FULL_LENGTHS, (batch, capacity, device), build, limit=256, device=device)
 
 
 def _check_cu_shape(name: str, cu, device: torch.device) -> list:

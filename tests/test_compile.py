@@ -7,11 +7,17 @@ C++ compile time here); on the GPU with inductor, and with mode="reduce-overhead
 """
 
 import collections
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import attn
+
+ROOT = Path(__file__).resolve().parent.parent
 
 H_Q, H_KV, D, VOCAB, LAYERS, BLOCK, NUM_BLOCKS = 4, 2, 16, 32, 2, 8, 16
 
@@ -82,17 +88,20 @@ def _serve(model, device, prompt_lens=(5, 11), steps=3):
     return outs, model_.pools()
 
 
-def _check_compiled(device, **compile_kw):
+def _check_compiled(device, eager_first=True, **compile_kw):
     torch.manual_seed(0)
     model = TinyModel(device)
     with torch.no_grad():
-        eager, eager_pools = _serve(model, device)
+        if eager_first:
+            eager, eager_pools = _serve(model, device)
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, **compile_kw)
         # served twice: under mode="reduce-overhead" a function's first call warms up, its second is recorded in
         # a CUDA graph, later ones replay it (the prompt runs once per serve, each decode step once per token)
         for _ in range(2):
             got, got_pools = _serve(compiled, device)
+        if not eager_first:
+            eager, eager_pools = _serve(model, device)
     for a, b in zip(got, eager):
         # the same kernels on the same inputs; inductor may fuse the linear layers' epilogues differently
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -125,6 +134,24 @@ def test_model_matches_the_reference():
 @pytest.mark.gpu
 def test_compiled_model_equals_eager_gpu_inductor():
     _check_compiled("cuda")
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_as_the_first_attn_call_in_a_process():
+    """A model compiled with mode="reduce-overhead" before attn ever ran in the process, as a user's would be: the
+    buffers attn keeps (the error word, split-K counters, memos) are then first made during the graphs' warm-up,
+    and must not be made in their memory pool, or torch refuses to record the graph. In session 15 the test below
+    failed so ("tensors in the cudagraph pool not tracked as outputs") when it ran first in its process, under
+    compute-sanitizer, and passed in the suite after other tests; the likely cause, not yet confirmed on a GPU:
+    its eager serve made the buffers for the default stream, and the graphs' warm-up stream got new counters in
+    their pool. A fresh process here, so that no earlier test has made them."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import test_compile as t; "
+        "t._check_compiled('cuda', eager_first=False, mode='reduce-overhead')"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.gpu

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from .. import _memo
+
 # one bit per kind of violation; the kernels OR them into the word
 LENGTHS = 1
 BLOCK_TABLE = 2
@@ -68,7 +70,8 @@ def error_word(device: torch.device) -> torch.Tensor:
     """The int32 ``[1]`` error word of ``device``, made (zeroed) on first use.
 
     Made inside CUDA-graph capture, the word's zeroing is part of the graph, so every replay starts it at zero;
-    a call before capture (the usual warm-up) avoids that.
+    a call before capture (the usual warm-up) avoids that. Made outside any graph's memory pool (see
+    `attn._memo.outside_pools`): it outlives every call.
     """
     word = _WORDS.get(device)  # a tensor's own device: the launchers' case, one dict lookup
     if word is None:
@@ -77,7 +80,7 @@ def error_word(device: torch.device) -> torch.Tensor:
             dev = torch.device("cuda", torch.cuda.current_device())
         word = _WORDS.get(dev)
         if word is None:
-            word = torch.zeros(1, dtype=torch.int32, device=dev)
+            word = _memo.outside_pools(dev, lambda: torch.zeros(1, dtype=torch.int32, device=dev))
             _WORDS[dev] = word
         _WORDS[device] = word
     return word

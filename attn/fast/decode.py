@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _memo
 from ..checks import F16_MAX, check_decode, check_seqlen_hints
 from ..reference.preprocess import RopeScaling
 from . import _errors
@@ -1103,6 +1104,9 @@ def _split_counters(stream, device: torch.device, n: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.int32, device=device)
     if buf is not None:
         _RETIRED.append(buf)
-    buf = torch.zeros(max(n, 1024, 2 * (buf.shape[0] if buf is not None else 0)), dtype=torch.int32, device=device)
+    size = max(n, 1024, 2 * (buf.shape[0] if buf is not None else 0))
+    # kept for good, so made outside any CUDA graph's memory pool: torch.compile's graphs warm up on a stream of
+    # their own, whose first decode call makes its counters while the thread's allocations go to their pool
+    buf = _memo.outside_pools(device, lambda: torch.zeros(size, dtype=torch.int32, device=device))
     _COUNTERS[stream] = buf
     return buf

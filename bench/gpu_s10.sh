@@ -19,6 +19,7 @@
 #   MODE=s13 GRID=1 OUT=$OUT bash ...             # Nsight Compute on the Gluon FP8 prefill and one-byte decode
 #   MODE=pingpong OUT=$OUT bash ...               # the consumers' ping-pong: its GPU tests, then both tables
 #   MODE=sweep OUT=$OUT bash ...                  # the untuned prefill sweep (36 drawn shapes) against cuDNN, FA2
+#   MODE=pools OUT=$OUT bash ...                  # kept buffers outside CUDA graph pools: their GPU tests (session 15)
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 L=/tmp/s10; mkdir -p $L "$OUT"
 # timeout sends SIGINT first: pytest stops cleanly and still prints its failures and durations; -k: then SIGKILL
@@ -171,6 +172,17 @@ sanall)
     cat $L/$tool/sanitizer/$tool.monitor.txt | awk 'NR % 3 == 1'
     cat $L/$tool/sanitizer/summary.txt
   done ;;
+pools)
+  # session 15's kept buffers outside CUDA graph pools (df54a22): the MemPool test, the fresh-process compile test,
+  # and the reduce-overhead test first in its own process under memcheck with the caching allocator (as the graph
+  # share runs it), where calls 1-3 of session 15 saw it fail
+  b pools_tests 300 env ATTN_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -rf --tb=short \
+    tests/test_memo.py tests/test_compile.py
+  b pools_memcheck 200 env -u PYTORCH_NO_CUDA_MEMORY_CACHING ATTN_AUTOTUNE=0 compute-sanitizer --tool memcheck \
+    --error-exitcode 99 python3 -m pytest -q -p no:cacheprovider --tb=short \
+    tests/test_compile.py::test_compiled_model_equals_eager_gpu_reduce_overhead
+  grep -h "PASSED\|FAILED\|passed\|failed\|rc=" $L/pools_tests.log | cut -c1-200
+  grep -h "ERROR SUMMARY\|passed\|failed\|rc=" $L/pools_memcheck.log | cut -c1-200 ;;
 suite)
   # the whole suite on the GPU alone (GPU tests and the CPU tests on CUDA tensors), fixed tiles; -v names each
   # test as it ends, so a cut run still says what failed; a test over 300 s (a hung kernel: the thread method ends

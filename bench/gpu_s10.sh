@@ -178,7 +178,8 @@ pools)
   # share runs it), where calls 1-3 of session 15 saw it fail
   b pools_tests 300 env ATTN_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -rf --tb=short \
     tests/test_memo.py tests/test_compile.py
-  b pools_memcheck 200 env -u PYTORCH_NO_CUDA_MEMORY_CACHING ATTN_AUTOTUNE=0 compute-sanitizer --tool memcheck \
+  san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
+  b pools_memcheck 200 env -u PYTORCH_NO_CUDA_MEMORY_CACHING ATTN_AUTOTUNE=0 "$san" --tool memcheck \
     --error-exitcode 99 python3 -m pytest -q -p no:cacheprovider --tb=short \
     tests/test_compile.py::test_compiled_model_equals_eager_gpu_reduce_overhead
   grep -h "PASSED\|FAILED\|passed\|failed\|rc=" $L/pools_tests.log | cut -c1-200

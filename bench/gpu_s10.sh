@@ -153,7 +153,7 @@ sanall)
   # sanitizer instances, one pytest process each, share the collected ids, started SAN_STAGGER s apart. Eight
   # filled the H100's memory in session 14's first run (the gpu-marked tests now go to SAN_HEAVY of them);
   # <tool>.monitor.txt records host and GPU memory (also per instance) and the tests passed every 10 s. In
-  # session 15 a process running gpu-marked tests under memcheck only ever grew (13-45 GB), so those shares now
+  # session 15 a process running gpu-marked tests under memcheck only ever grew (9-45 GB), so those shares now
   # run SAN_CHUNK tests per process. Its memcheck runs passed 1739 of the 2089 ids; the rest:
   #   MODE=sanall TOOL=memcheck SAN_PAR=6 SAN_HEAVY=3 SAN_DONE=bench/results/sanitizer_memcheck_H100_2026-12-07_s15_done.txt
   # Left out by default: the 3000-step GPU soak (97 s unsanitized), which repeats the kernels of the short soak,

@@ -207,7 +207,7 @@ sanitize() {
 
 # SAN_CHUNK=N (default 25; 0: off): a gpu-marked share runs as a series of processes of N tests each, one after
 # another, all within the share's SAN_BUDGET. Under memcheck a process running the gpu-marked tests only ever
-# grew: in session 15 each such instance's GPU memory rose at every 30 s sample, to 9-45 GB, while the
+# grew: in session 15 no such instance's GPU memory ever fell between 30 s samples, and each reached 9-45 GB, while the
 # light instances stayed at ~1 GB; a fresh process gives back what the last one held. Files: <tool>.<k>.c<NNN>.*
 in_chunks() {  # in_chunks <tool> <share> <tests per process>
   local tool=$1 k=$2 n=$3 rc=0 end="" left chunk

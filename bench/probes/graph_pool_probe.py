@@ -1,0 +1,77 @@
+"""Probe: is a kept buffer made during torch.compile's graph warm-up what broke reduce-overhead (session 15)?
+
+    PYTHONPATH=. python bench/probes/graph_pool_probe.py     # on the GPU machine
+
+Session 15 saw `test_compiled_model_equals_eager_gpu_reduce_overhead` fail when it ran first in its process
+("tensor(s) in the cudagraph pool not tracked as outputs"), and df54a22 makes every buffer attn keeps on a helper
+thread (`attn._memo.outside_pools`), outside the pool the warm-up routes the thread's allocations to. This runs the
+test's model compiled with mode="reduce-overhead", with no eager call before it, in four fresh processes:
+
+- ``helper``: as shipped; expected to pass;
+- ``no helper``: `outside_pools` replaced by a plain call (the code before df54a22); expected to fail as seen,
+  which is what confirms the cause;
+- ``no helper, eager first``: the old test's order; expected to fail too if the warm-up stream's new split-K
+  counters are the culprit (the eager call made only the default stream's);
+- ``no helper, counters made``: as ``no helper``, but each stream's counters made before compiling; expected to
+  pass if the counters are the only such buffer.
+
+Each prints one line: the variant, pass or the first line of the error, and (on failure) which kept buffers were
+made during the run, by where they were made.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CHILD = r"""
+import collections
+import sys
+import traceback
+sys.path.insert(0, "tests")
+import torch
+import attn
+from attn import _memo
+import test_compile as t
+
+variant = sys.argv[1]
+made = collections.Counter()
+real = _memo.outside_pools
+
+def plain(device, make):
+    caller = traceback.extract_stack(limit=2)[0]
+    made[f"{caller.filename.rsplit('/', 1)[-1]}:{caller.lineno} {caller.name}"] += 1
+    return make()
+
+if variant != "helper":
+    _memo.outside_pools = plain
+if variant == "no helper, counters made":
+    from attn.fast import decode as dm
+    # the streams the graphs' warm-up and recording may use: torch hands out pooled streams round-robin, so
+    # making counters for many of them covers the one the compiled function will get
+    for _ in range(64):
+        s = torch.cuda.Stream()
+        dm._split_counters((torch.cuda.current_device(), s.cuda_stream), torch.device("cuda", 0), 64)
+try:
+    t._check_compiled("cuda", eager_first=(variant == "no helper, eager first"), mode="reduce-overhead")
+    print(f"{variant}: pass")
+except Exception as e:
+    print(f"{variant}: FAIL {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    print(f"  kept buffers made without the helper: {dict(made)}")
+"""
+
+
+def main() -> None:
+    variants = ["helper", "no helper", "no helper, eager first", "no helper, counters made"]
+    for variant in variants:
+        proc = subprocess.run([sys.executable, "-c", CHILD, variant], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        out = proc.stdout.strip() or f"{variant}: no output, rc={proc.returncode}: {proc.stderr.strip()[-300:]}"
+        print(out, flush=True)
+
+
+if __name__ == "__main__":
+    main()

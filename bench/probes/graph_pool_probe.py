@@ -5,9 +5,10 @@
 Session 15 saw `test_compiled_model_equals_eager_gpu_reduce_overhead` fail when it ran first in its process
 ("tensor(s) in the cudagraph pool not tracked as outputs"), and df54a22 makes every buffer attn keeps on a helper
 thread (`attn._memo.outside_pools`), outside the pool the warm-up routes the thread's allocations to. This runs the
-test's model compiled with mode="reduce-overhead", with no eager call before it, in four fresh processes:
+test's model compiled with mode="reduce-overhead", with no eager call before it, in fresh processes, as controls
+for `tests/test_compile.py::test_reduce_overhead_as_the_first_attn_call_in_a_process` (the same run with the
+helper, as shipped, which `MODE=pools` runs just before this):
 
-- ``helper``: as shipped; expected to pass;
 - ``no helper``: `outside_pools` replaced by a plain call (the code before df54a22); expected to fail as seen,
   which is what confirms the cause;
 - ``no helper, eager first``: the old test's order; expected to fail too if the warm-up stream's new split-K
@@ -39,15 +40,13 @@ import test_compile as t
 
 variant = sys.argv[1]
 made = collections.Counter()
-real = _memo.outside_pools
 
 def plain(device, make):
     caller = traceback.extract_stack(limit=2)[0]
     made[f"{caller.filename.rsplit('/', 1)[-1]}:{caller.lineno} {caller.name}"] += 1
     return make()
 
-if variant != "helper":
-    _memo.outside_pools = plain
+_memo.outside_pools = plain
 if variant == "no helper, counters made":
     from attn.fast import decode as dm
     # the streams the graphs' warm-up and recording may use: torch hands out pooled streams round-robin, so
@@ -65,7 +64,7 @@ except Exception as e:
 
 
 def main() -> None:
-    variants = ["helper", "no helper", "no helper, eager first", "no helper, counters made"]
+    variants = ["no helper", "no helper, eager first", "no helper, counters made"]
     for variant in variants:
         proc = subprocess.run([sys.executable, "-c", CHILD, variant], cwd=ROOT, capture_output=True, text=True,
                               timeout=600)  # fmt: skip

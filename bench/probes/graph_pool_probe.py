@@ -64,7 +64,7 @@ except Exception as e:
 
 
 def main() -> None:
-    variants = ["helper, history", "no helper"]
+    variants = ["helper, history"]  # session 16 call 1 ran the "no helper" controls (3 left)
     for variant in variants:
         proc = subprocess.run([sys.executable, "-c", CHILD, variant], cwd=ROOT, capture_output=True, text=True,
                               timeout=600)  # fmt: skip

@@ -9,12 +9,12 @@ test's model compiled with mode="reduce-overhead", with no eager call before it,
 for `tests/test_compile.py::test_reduce_overhead_as_the_first_attn_call_in_a_process` (the same run with the
 helper, as shipped, which `MODE=pools` runs just before this):
 
-- ``no helper``: `outside_pools` replaced by a plain call (the code before df54a22); expected to fail as seen,
-  which is what confirms the cause;
-- ``no helper, eager first``: the old test's order; expected to fail too if the warm-up stream's new split-K
-  counters are the culprit (the eager call made only the default stream's);
+- ``no helper``: `outside_pools` replaced by a plain call (the code before df54a22). Session 16 (H100): fails,
+  3 tensors left in the pool, the error word among them;
+- ``no helper, eager first``: the old test's order. Session 16: passes;
 - ``helper, history``: as shipped, with torch's allocation history on: the fresh-process test still failed in
-  session 16 (2 tensors left in the pool, where 14 were), and this names where they were made.
+  session 16 (2 tensors left in the pool), and this names where they were made;
+- ``helper, warm linear``: as shipped, after one eager cuBLAS call and no attn call before compiling.
 
 Each prints one line: the variant, pass or the first line of the error, and (on failure) which kept buffers were
 made during the run, by where they were made.
@@ -49,6 +49,12 @@ def plain(device, make):
 if variant == "helper, history":
     # as shipped, with torch recording where each pool allocation was made: the failure then names them
     torch._inductor.config.triton.cudagraph_trees_history_recording = True
+elif variant == "helper, warm linear":
+    # as shipped, after one eager linear layer with a bias (no attn call): passing would put the leftovers in
+    # cuBLAS's lazily made workspaces, not in attn
+    x = torch.randn(4, 8, device="cuda")
+    torch.nn.functional.linear(x, torch.randn(8, 8, device="cuda"), torch.randn(8, device="cuda"))
+    torch.cuda.synchronize()
 else:
     _memo.outside_pools = plain
 try:
@@ -64,7 +70,7 @@ except Exception as e:
 
 
 def main() -> None:
-    variants = ["helper, history"]  # session 16 call 1 ran the "no helper" controls (3 left)
+    variants = ["helper, history", "helper, warm linear"]  # the no-helper controls ran in session 16
     for variant in variants:
         proc = subprocess.run([sys.executable, "-c", CHILD, variant], cwd=ROOT, capture_output=True, text=True,
                               timeout=600)  # fmt: skip

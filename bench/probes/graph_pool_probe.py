@@ -14,7 +14,9 @@ helper, as shipped, which `MODE=pools` runs just before this):
 - ``no helper, eager first``: the old test's order. Session 16: passes;
 - ``helper, history``: as shipped, with torch's allocation history on: the fresh-process test still failed in
   session 16 (2 tensors left in the pool), and this names where they were made;
+- ``helper, eager first``: as shipped, the old test's order: under memcheck it failed in session 16 (10 tensors);
 - ``helper, warm linear``: as shipped, after one eager cuBLAS call and no attn call before compiling.
+  The ``helper`` variants record the histories.
 
 Each prints one line: the variant, pass or the first line of the error, and (on failure) which kept buffers were
 made during the run, by where they were made.
@@ -46,23 +48,23 @@ def plain(device, make):
     made[f"{caller.filename.rsplit('/', 1)[-1]}:{caller.lineno} {caller.name}"] += 1
     return make()
 
-if variant == "helper, history":
-    # as shipped, with torch recording where each pool allocation was made: the failure then names them
+if variant.startswith("helper"):
+    # as shipped, with torch recording where each pool allocation was made: a failure then names them
     torch._inductor.config.triton.cudagraph_trees_history_recording = True
-elif variant == "helper, warm linear":
+if variant == "helper, warm linear":
     # as shipped, after one eager linear layer with a bias (no attn call): passing would put the leftovers in
     # cuBLAS's lazily made workspaces, not in attn
     x = torch.randn(4, 8, device="cuda")
     torch.nn.functional.linear(x, torch.randn(8, 8, device="cuda"), torch.randn(8, device="cuda"))
     torch.cuda.synchronize()
-else:
+elif not variant.startswith("helper"):
     _memo.outside_pools = plain
 try:
-    t._check_compiled("cuda", eager_first=(variant == "no helper, eager first"), mode="reduce-overhead")
+    t._check_compiled("cuda", eager_first=variant.endswith("eager first"), mode="reduce-overhead")
     print(f"{variant}: pass")
 except Exception as e:
     print(f"{variant}: FAIL {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-    if variant == "helper, history":
+    if variant.startswith("helper"):
         # the allocation histories: the stack of each tensor left in the pool, attn's frames and torch's
         print("\n".join(line for line in str(e).splitlines()[1:] if line.strip()))
     print(f"  kept buffers made without the helper: {dict(made)}")
@@ -70,7 +72,7 @@ except Exception as e:
 
 
 def main() -> None:
-    variants = ["helper, history", "helper, warm linear"]  # the no-helper controls ran in session 16
+    variants = ["helper, history", "helper, eager first", "helper, warm linear"]  # no-helper controls: run in s16
     for variant in variants:
         proc = subprocess.run([sys.executable, "-c", CHILD, variant], cwd=ROOT, capture_output=True, text=True,
                               timeout=600)  # fmt: skip

@@ -49,8 +49,11 @@ def plain(device, make):
     return make()
 
 if variant.startswith("helper"):
-    # as shipped, with torch recording where each pool allocation was made: a failure then names them
+    # as shipped, with torch recording where each pool allocation was made: a failure then names them. torch
+    # records only inside its warm-ups and recordings; recording from the start costs nothing here and also
+    # covers an allocation made elsewhere and routed to the pool
     torch._inductor.config.triton.cudagraph_trees_history_recording = True
+    torch.cuda.memory._record_memory_history()
 if variant == "helper, warm linear":
     # as shipped, after one eager linear layer with a bias (no attn call): passing would put the leftovers in
     # cuBLAS's lazily made workspaces, not in attn

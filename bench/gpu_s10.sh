@@ -175,7 +175,8 @@ sanall)
 pools)
   # session 15's kept buffers outside CUDA graph pools (df54a22): the MemPool test, the fresh-process compile test,
   # the reduce-overhead test first in its own process under memcheck with the caching allocator (as the graph
-  # share runs it), where calls 1-3 of session 15 saw it fail; then the probe's controls (the helper off)
+  # share runs it), where calls 1-3 of session 15 saw it fail; then the probe (in session 16's call 1 its no-helper
+  # controls; since then its variants with the helper and torch's allocation history)
   b pools_tests 180 env ATTN_AUTOTUNE=0 python3 -m pytest -v -p no:cacheprovider -rf --tb=short \
     tests/test_memo.py tests/test_compile.py
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)

@@ -158,20 +158,40 @@ sanall)
   #   MODE=sanall TOOL=memcheck SAN_PAR=6 SAN_HEAVY=3 SAN_DONE=bench/results/sanitizer_memcheck_H100_2026-12-07_s15_done.txt
   # Left out by default: the 3000-step GPU soak (97 s unsanitized), which repeats the kernels of the short soak,
   # and test_sanitize_script, which runs this script on the CPU with a stand-in sanitizer (no kernel of ours)
-  # TOOL may name several ("memcheck racecheck"): each runs in the time the ones before it left, until SAN_T
+  # TOOL may name several ("memcheck racecheck"): each runs in the time the ones before it left, until SAN_T; with
+  # SAN_TOGETHER=1 side by side, each for the whole SAN_T (the GPU held 9 instances of ~1-2 GB and 3 heavy ones in
+  # session 15, on 16 cores). Per tool, SAN_DONE_<tool>, SAN_PAR_<tool> and SAN_HEAVY_<tool> override SAN_DONE,
+  # SAN_PAR and SAN_HEAVY (a memcheck resume file must not deselect racecheck's tests). PROBE=1 runs the graph-pool
+  # probe beside them (~150 s, one process, little GPU work).
+  [ -n "${PROBE:-}" ] && t pools_probe 200 env ATTN_AUTOTUNE=0 python3 bench/probes/graph_pool_probe.py
   end=$(( $(date +%s) + ${SAN_T:-570} ))
-  for tool in ${TOOL:-memcheck}; do
+  one_tool() {  # one_tool <tool>: its instances over the whole suite, within the time left
+    local tool=$1 left budget done_v par_v heavy_v
+    done_v=SAN_DONE_$tool; par_v=SAN_PAR_$tool; heavy_v=SAN_HEAVY_$tool
+    local par=${!par_v:-${SAN_PAR:-8}}
     # the instances' budget leaves room for collecting the ids (~30 s), the staggered starts and the summaries
     left=$(( end - $(date +%s) - 10 ))
-    budget=$(( left - 70 - 5 * ${SAN_PAR:-8} ))
+    budget=$(( left - 70 - 5 * par ))
     budget=$(( budget < ${SAN_BUDGET:-500} ? budget : ${SAN_BUDGET:-500} ))
-    [ "$budget" -lt 60 ] && { echo "$tool: ${left}s left, not started"; continue; }
-    b "san_$tool" "$left" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_BUDGET=$budget \
-      SAN_PAR=${SAN_PAR:-8} bash tests/gpu_sanitize.sh tests \
-      -k "${SAN_K:-not test_gpu_long_soak and not test_sanitize_script}"
-    cat $L/$tool/sanitizer/$tool.monitor.txt | awk 'NR % 3 == 1'
-    cat $L/$tool/sanitizer/summary.txt
-  done ;;
+    [ "$budget" -lt 60 ] && { echo "$tool: ${left}s left, not started" > "$L/san_$tool.log"; return; }
+    timeout -s INT -k 20 "$left" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_BUDGET=$budget SAN_PAR=$par \
+      SAN_HEAVY=${!heavy_v:-${SAN_HEAVY:-}} SAN_DONE="${!done_v:-${SAN_DONE:-}}" bash tests/gpu_sanitize.sh tests \
+      -k "${SAN_K:-not test_gpu_long_soak and not test_sanitize_script}" > "$L/san_$tool.log" 2>&1
+    echo "rc=$?" >> "$L/san_$tool.log"
+  }
+  ( while sleep 30; do save; done ) & saver=$!
+  for tool in ${TOOL:-memcheck}; do
+    if [ -n "${SAN_TOGETHER:-}" ]; then one_tool "$tool" & sleep 20; else one_tool "$tool"; fi
+  done
+  steps=$(jobs -p | grep -vx "$saver")
+  [ -n "$steps" ] && wait $steps  # (a bare wait would also wait for the saver, which never ends)
+  kill $saver 2>/dev/null; wait $saver 2>/dev/null; save
+  for tool in ${TOOL:-memcheck}; do
+    tail -3 $L/san_$tool.log
+    awk 'NR % 3 == 1' $L/$tool/sanitizer/$tool.monitor.txt 2>/dev/null
+    cat $L/$tool/sanitizer/summary.txt 2>/dev/null
+  done
+  [ -n "${PROBE:-}" ] && cat $L/pools_probe.log ;;
 pools)
   # session 15's kept buffers outside CUDA graph pools (df54a22): the MemPool test, the fresh-process compile test,
   # the reduce-overhead test first in its own process under memcheck with the caching allocator (as the graph

@@ -162,8 +162,10 @@ sanall)
   # SAN_TOGETHER=1 side by side, each for the whole SAN_T (the GPU held 9 instances of ~1-2 GB and 3 heavy ones in
   # session 15, on 16 cores). Per tool, SAN_DONE_<tool>, SAN_PAR_<tool> and SAN_HEAVY_<tool> override SAN_DONE,
   # SAN_PAR and SAN_HEAVY (a memcheck resume file must not deselect racecheck's tests). PROBE=1 runs the graph-pool
-  # probe beside them (~150 s, one process, little GPU work).
-  [ -n "${PROBE:-}" ] && t pools_probe 200 env ATTN_AUTOTUNE=0 python3 bench/probes/graph_pool_probe.py
+  # probe and then the pools tests (test_memo, test_compile) beside them (~250 s, one process at a time).
+  [ -n "${PROBE:-}" ] && t pools_probe 330 env ATTN_AUTOTUNE=0 bash -c "timeout 170 python3 \
+    bench/probes/graph_pool_probe.py; python3 -m pytest -v -p no:cacheprovider -rf --tb=short tests/test_memo.py \
+    tests/test_compile.py"
   end=$(( $(date +%s) + ${SAN_T:-570} ))
   one_tool() {  # one_tool <tool>: its instances over the whole suite, within the time left
     local tool=$1 left budget done_v par_v heavy_v
@@ -191,7 +193,7 @@ sanall)
     awk 'NR % 3 == 1' $L/$tool/sanitizer/$tool.monitor.txt 2>/dev/null
     cat $L/$tool/sanitizer/summary.txt 2>/dev/null
   done
-  [ -n "${PROBE:-}" ] && cat $L/pools_probe.log ;;
+  [ -n "${PROBE:-}" ] && grep -v "PASSED\|^ *$" $L/pools_probe.log | cut -c1-300 | tail -60 ;;
 pools)
   # session 15's kept buffers outside CUDA graph pools (df54a22): the MemPool test, the fresh-process compile test,
   # the reduce-overhead test first in its own process under memcheck with the caching allocator (as the graph

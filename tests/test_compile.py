@@ -97,9 +97,12 @@ def _check_compiled(device, eager_first=True, **compile_kw):
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, **compile_kw)
         # served twice: under mode="reduce-overhead" a function's first call warms up, its second is recorded in
-        # a CUDA graph, later ones replay it (the prompt runs once per serve, each decode step once per token)
-        for _ in range(2):
-            got, got_pools = _serve(compiled, device)
+        # a CUDA graph, later ones replay it (the prompt runs once per serve, each decode step once per token).
+        # With the allocation history on, a failure to record ("tensor(s) in the cudagraph pool not tracked as
+        # outputs") names where each tensor left in the pool was made (the warm-ups and recordings only)
+        with torch._inductor.config.patch({"triton.cudagraph_trees_history_recording": True}):
+            for _ in range(2):
+                got, got_pools = _serve(compiled, device)
         if not eager_first:
             eager, eager_pools = _serve(model, device)
     for a, b in zip(got, eager):

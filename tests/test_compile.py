@@ -142,12 +142,9 @@ def test_compiled_model_equals_eager_gpu_inductor():
 @pytest.mark.gpu
 def test_reduce_overhead_as_the_first_attn_call_in_a_process():
     """A model compiled with mode="reduce-overhead" before attn ever ran in the process, as a user's would be: the
-    buffers attn keeps (the error word, split-K counters, memos) are then first made during the graphs' warm-up,
-    and must not be made in their memory pool, or torch refuses to record the graph ("tensor(s) in the cudagraph
-    pool not tracked as outputs"). A fresh process here, so that no earlier test has made them. Session 16 (H100)
-    saw it fail with 2 tensors left in the pool after the other kept buffers moved out; preprocess's RoPE cos/sin
-    tables, the one kept pair still made on the calling thread, moved out since, unverified on a GPU so far
-    (`bench/probes/graph_pool_probe.py` prints where each tensor left in the pool was made)."""
+    buffers attn keeps (the error word, split-K counters, RoPE tables, memos) are then first made during the
+    graphs' warm-up, and must not be made in their memory pool, or torch refuses to record the graph ("tensor(s) in
+    the cudagraph pool not tracked as outputs"). A fresh process here, so that no earlier test has made them."""
     code = (
         "import sys; sys.path.insert(0, 'tests'); import test_compile as t; "
         "t._check_compiled('cuda', eager_first=False, mode='reduce-overhead')"

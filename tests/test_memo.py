@@ -175,13 +175,18 @@ def test_no_call_leaves_memory_alive_in_a_routed_pool(monkeypatch):
     torch.cuda.synchronize()
     del outs
     gc.collect()
-    alive = [
-        (hex(seg["address"]), block["size"])
-        for seg in torch.cuda.memory_snapshot()
-        if tuple(seg["segment_pool_id"]) == tuple(pool.id)
-        for block in seg["blocks"]
-        if block["state"] == "active_allocated"
-    ]
+    # the model's linear layers made cuBLAS's workspaces (32 MiB and 1 MiB on an H100) in the pool; torch's graph
+    # warm-up frees them the same way when it ends (cudagraph_trees.clear_cublas_manager)
+    torch._C._cuda_clearCublasWorkspaces()
+    alive = []  # (address, bytes) of each block still allocated in the pool
+    for seg in torch.cuda.memory_snapshot():
+        if tuple(seg["segment_pool_id"]) != tuple(pool.id):
+            continue
+        addr = seg["address"]
+        for block in seg["blocks"]:
+            if block["state"] == "active_allocated":
+                alive.append((hex(addr), block["size"]))
+            addr += block["size"]
     assert not alive, f"alive in the pool after the calls: {alive}"
     # not vacuous: the calls did keep buffers (made elsewhere)
     assert preprocess._tables and attn.fast._errors._WORDS, emptied

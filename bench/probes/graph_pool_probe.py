@@ -18,6 +18,9 @@ helper, as shipped, which `MODE=pools` runs just before this):
 - ``helper, warm linear``: as shipped, after one eager cuBLAS call and no attn call before compiling.
   The ``helper`` variants record the histories.
 
+Session 17 (H100): all three ``helper`` variants pass once preprocess's RoPE cos/sin tables (the 2 tensors) are
+made outside the pool too (`bench/results/graph_pool_H100_2026-12-07_s17.log`).
+
 Each prints one line: the variant, pass or the first line of the error, and (on failure) which kept buffers were
 made during the run, by where they were made.
 """

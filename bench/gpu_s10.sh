@@ -162,8 +162,9 @@ sanall)
   # SAN_TOGETHER=1 side by side, each for the whole SAN_T (the GPU held 9 instances of ~1-2 GB and 3 heavy ones in
   # session 15, on 16 cores). Per tool, SAN_DONE_<tool>, SAN_PAR_<tool> and SAN_HEAVY_<tool> override SAN_DONE,
   # SAN_PAR and SAN_HEAVY (a memcheck resume file must not deselect racecheck's tests). PROBE=1 runs the graph-pool
-  # probe and then the pools tests (test_memo, test_compile) beside them (~250 s, one process at a time).
-  [ -n "${PROBE:-}" ] && t pools_probe 330 env ATTN_AUTOTUNE=0 bash -c "timeout 170 python3 \
+  # probe (the compiled model plain and under memcheck, ~150 s) and then the pools tests (test_memo,
+  # test_compile, ~50 s) beside them, one process at a time.
+  [ -n "${PROBE:-}" ] && t pools_probe 330 env ATTN_AUTOTUNE=0 bash -c "timeout 220 python3 \
     bench/probes/graph_pool_probe.py; python3 -m pytest -v -p no:cacheprovider -rf --tb=short tests/test_memo.py \
     tests/test_compile.py"
   end=$(( $(date +%s) + ${SAN_T:-570} ))

@@ -1,32 +1,27 @@
-"""Probe: is a kept buffer made during torch.compile's graph warm-up what broke reduce-overhead (session 15)?
+"""Probe: what keeps a reduce-overhead warm-up's temporaries alive under compute-sanitizer's memcheck?
 
-    PYTHONPATH=. python bench/probes/graph_pool_probe.py     # on the GPU machine
+    PYTHONPATH=. python bench/probes/graph_pool_probe.py     # on the GPU machine (~150 s)
 
-Session 15 saw `test_compiled_model_equals_eager_gpu_reduce_overhead` fail when it ran first in its process
-("tensor(s) in the cudagraph pool not tracked as outputs"), and df54a22 makes every buffer attn keeps on a helper
-thread (`attn._memo.outside_pools`), outside the pool the warm-up routes the thread's allocations to. This runs the
-test's model compiled with mode="reduce-overhead", with no eager call before it, in fresh processes, as controls
-for `tests/test_compile.py::test_reduce_overhead_as_the_first_attn_call_in_a_process` (the same run with the
-helper, as shipped, which `MODE=pools` runs just before this):
+History. Session 15 saw `test_compiled_model_equals_eager_gpu_reduce_overhead` fail with "tensor(s) in the
+cudagraph pool not tracked as outputs"; sessions 15-17 moved every buffer attn keeps across calls out of the
+graphs' pool (`attn._memo.outside_pools`; the last pair, preprocess's RoPE tables, in session 17), and on an
+H100 the reduce-overhead tests now pass (`bench/results/graph_pool_H100_2026-12-07_s17.log`). Under memcheck
+(caching allocator on) both still fail with 10 tensors left in the pool, and the allocation histories name them:
+per layer, the linear's output, preprocess's `device_positions` (2), its q output and context attention's output,
+kernel arguments of the prefill function's warm-up that should have died when it returned.
 
-- ``no helper``: `outside_pools` replaced by a plain call (the code before df54a22). Session 16 (H100): fails,
-  3 tensors left in the pool, the error word among them;
-- ``no helper, eager first``: the old test's order. Session 16: passes;
-- ``helper, history``: as shipped, with torch's allocation history on: the fresh-process test still failed in
-  session 16 (2 tensors left in the pool), and this names where they were made;
-- ``helper, eager first``: as shipped, the old test's order: under memcheck it failed in session 16 (10 tensors);
-- ``helper, warm linear``: as shipped, after one eager cuBLAS call and no attn call before compiling.
-  The ``helper`` variants record the histories.
-
-Session 17 (H100): all three ``helper`` variants pass once preprocess's RoPE cos/sin tables (the 2 tensors) are
-made outside the pool too (`bench/results/graph_pool_H100_2026-12-07_s17.log`).
-
-Each prints one line: the variant, pass or the first line of the error, and (on failure) which kept buffers were
-made during the run, by where they were made.
+This runs the test's model compiled with mode="reduce-overhead" in fresh processes, eager run first as in the old
+test: ``plain`` (expected to pass) and ``memcheck`` (the same child under `compute-sanitizer --tool memcheck`,
+expected to fail). On a failure it looks up every live tensor whose address torch names and prints who refers
+to it, three levels up (frames by function and line, containers by type and size), and the history frames of
+attn, the test and inductor's generated code. A frame or a traceback among the referrers would point at a
+swallowed exception; a Triton or sanitizer object at a launch that holds its arguments.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,55 +29,73 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
-import collections
+import gc
+import re
 import sys
-import traceback
+import types
 sys.path.insert(0, "tests")
 import torch
-import attn
-from attn import _memo
 import test_compile as t
 
-variant = sys.argv[1]
-made = collections.Counter()
 
-def plain(device, make):
-    caller = traceback.extract_stack(limit=2)[0]
-    made[f"{caller.filename.rsplit('/', 1)[-1]}:{caller.lineno} {caller.name}"] += 1
-    return make()
+def describe(obj):
+    if isinstance(obj, types.FrameType):
+        return f"frame {obj.f_code.co_name} {obj.f_code.co_filename.rsplit('/', 1)[-1]}:{obj.f_lineno}"
+    if isinstance(obj, types.TracebackType):
+        return f"traceback at {obj.tb_frame.f_code.co_name}:{obj.tb_lineno}"
+    if isinstance(obj, BaseException):
+        return f"exception {type(obj).__name__}: {str(obj)[:80]}"
+    if isinstance(obj, dict):
+        return f"dict of {len(obj)} (keys {[str(k)[:30] for k in list(obj)[:6]]})"
+    if isinstance(obj, (list, tuple)):
+        return f"{type(obj).__name__} of {len(obj)}"
+    if isinstance(obj, torch.Tensor):
+        return f"tensor {tuple(obj.shape)} {obj.dtype}"
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
-if variant.startswith("helper"):
-    # as shipped, with torch recording where each pool allocation was made: a failure then names them. torch
-    # records only inside its warm-ups and recordings; recording from the start costs nothing here and also
-    # covers an allocation made elsewhere and routed to the pool
-    torch._inductor.config.triton.cudagraph_trees_history_recording = True
-    torch.cuda.memory._record_memory_history()
-if variant == "helper, warm linear":
-    # as shipped, after one eager linear layer with a bias (no attn call): passing would put the leftovers in
-    # cuBLAS's lazily made workspaces, not in attn
-    x = torch.randn(4, 8, device="cuda")
-    torch.nn.functional.linear(x, torch.randn(8, 8, device="cuda"), torch.randn(8, device="cuda"))
-    torch.cuda.synchronize()
-elif not variant.startswith("helper"):
-    _memo.outside_pools = plain
+
+def referrers(obj, depth, seen, indent="    "):
+    if depth == 0:
+        return
+    for r in gc.get_referrers(obj):
+        if id(r) in seen or r is seen or isinstance(r, types.FrameType) and r.f_code.co_name == "referrers":
+            continue
+        seen.add(id(r))
+        print(indent + describe(r))
+        referrers(r, depth - 1, seen, indent + "  ")
+
+
 try:
-    t._check_compiled("cuda", eager_first=variant.endswith("eager first"), mode="reduce-overhead")
-    print(f"{variant}: pass")
+    t._check_compiled("cuda", eager_first=True, mode="reduce-overhead")
+    print(f"{sys.argv[1]}: pass")
 except Exception as e:
-    print(f"{variant}: FAIL {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-    if variant.startswith("helper"):
-        # the allocation histories: the stack of each tensor left in the pool, attn's frames and torch's
-        print("\n".join(line for line in str(e).splitlines()[1:] if line.strip()))
-    print(f"  kept buffers made without the helper: {dict(made)}")
+    msg = str(e)
+    print(f"{sys.argv[1]}: FAIL {type(e).__name__}: {msg.splitlines()[0][:160]}")
+    ptrs = {int(p) for p in re.findall(r"\d{6,}", (re.findall(r"data_ptr\(\) in (.*)", msg) or [""])[0])}
+    del e
+    gc.collect()
+    objs = gc.get_objects()
+    live = [o for o in objs if isinstance(o, torch.Tensor) and o.is_cuda and o.untyped_storage().data_ptr() in ptrs]
+    for obj in live:
+        print(f"  live {describe(obj)} at {obj.untyped_storage().data_ptr()}; referred to by:")
+        referrers(obj, 3, {id(obj), id(objs), id(live)})  # not this search's own lists
+    for line in msg.splitlines():
+        if "Data Pointer" in line or re.search(r'File "/(work|tmp/torchinductor)', line):
+            print("  " + line.strip()[:200])
 """
 
 
 def main() -> None:
-    variants = ["helper, history", "helper, eager first", "helper, warm linear"]  # no-helper controls: run in s16
-    for variant in variants:
-        proc = subprocess.run([sys.executable, "-c", CHILD, variant], cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
-        out = proc.stdout.strip() or f"{variant}: no output, rc={proc.returncode}: {proc.stderr.strip()[-300:]}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    found = sorted(Path("/usr/local").glob("cuda*/bin/compute-sanitizer"))
+    san = shutil.which("compute-sanitizer") or (found[0] if found else None)
+    runs = {"plain": []}
+    if san:
+        runs["memcheck"] = [str(san), "--tool", "memcheck", "--print-limit", "20"]
+    for name, prefix in runs.items():
+        proc = subprocess.run([*prefix, sys.executable, "-c", CHILD, name], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        out = proc.stdout.strip() or f"{name}: no output, rc={proc.returncode}: {proc.stderr.strip()[-300:]}"
         print(out, flush=True)
 
 

@@ -79,14 +79,13 @@ def derived(
     return out
 
 
-def by_key(
-    memo: dict, key: Hashable, build: Callable[[], torch.Tensor], limit: int, device: torch.device
-) -> torch.Tensor:
-    """``build()``, or what it returned before for ``key``; ``build`` makes its tensor on ``device``."""
+def by_key(memo: dict, key: Hashable, build: Callable[[], T], limit: int, device: torch.device) -> T:
+    """``build()``, or what it returned before for ``key``; ``build`` makes its tensors on ``device``."""
     out = memo.get(key)
     if out is None:
-        out = outside_pools(torch.device(device), build)
-        if not _capturing(out.device):
+        device = torch.device(device)
+        out = outside_pools(device, build)
+        if not _capturing(device):
             if len(memo) >= limit:
                 memo.clear()
             memo[key] = out

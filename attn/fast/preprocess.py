@@ -9,6 +9,8 @@ written once, so the kernel's speed is bytes over bandwidth. The rotation reads 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -152,22 +154,20 @@ def _cos_sin(num_positions: int, rotary_dim: int, base: float, device, scaling: 
     Rows of a longer table equal the shorter one's, except under ``dynamic`` scaling, whose frequencies
     depend on the length served: that table is built for exactly the call's length.
 
-    Kept tables follow `attn._memo`'s rules: made by `_memo.outside_pools` (a model's first preprocess call
-    inside torch.compile(mode="reduce-overhead") otherwise left cos and sin in the CUDA graphs' pool, and torch
-    refused to record: "2 tensor(s) in the cudagraph pool not tracked as outputs"), and never kept from inside
-    stream capture, where the kernels that fill a table only run when the graph replays.
+    Kept through `attn._memo.by_key`: made outside CUDA graph pools (a model's first preprocess call inside
+    torch.compile(mode="reduce-overhead") otherwise left cos and sin in the graphs' pool, and torch refused to
+    record: "2 tensor(s) in the cudagraph pool not tracked as outputs"), and never kept from inside stream
+    capture, where the kernels that fill a table only run when the graph replays.
     """
     if scaling is not None and scaling.type == "dynamic":
         return rope_cos_sin(num_positions, rotary_dim, base, device, scaling)
     key = (rotary_dim, float(base), scaling, str(device))
     table = _tables.get(key)
-    if table is None or table[0].shape[0] < num_positions:
-        rows = max(next_power_of_2(num_positions), 4096)
-        device = torch.device(device)
-        table = _memo.outside_pools(device, lambda: rope_cos_sin(rows, rotary_dim, base, device, scaling))
-        if not _memo._capturing(device):
-            _tables[key] = table
-    return table
+    if table is not None and table[0].shape[0] < num_positions:
+        del _tables[key]  # too short: a longer one replaces it
+    rows = max(next_power_of_2(num_positions), 4096)
+    build = functools.partial(rope_cos_sin, rows, rotary_dim, base, device, scaling)
+    return _memo.by_key(_tables, key, build, limit=64, device=device)
 
 
 def preprocess(

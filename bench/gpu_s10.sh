@@ -28,10 +28,12 @@ t() { name=$1; lim=$2; shift 2; ( timeout -s INT -k 20 "$lim" "$@" > "$L/$name.l
 # limit (which is the budget left after the machine's start, not timeout_s: session 14's call 2 was cut at 369 s of
 # a 400 s step and brought back nothing) still returns its logs. The archive is written aside, then renamed.
 save() { tar czf "$OUT/.logs.tgz.part" -C $L . 2>/dev/null && mv "$OUT/.logs.tgz.part" "$OUT/logs.tgz"; }
+saving() { ( while sleep 30; do save; done ) & saver=$!; }
+saved() { kill $saver 2>/dev/null; wait $saver 2>/dev/null; save; }
 b() { name=$1; lim=$2; shift 2
-      ( while sleep 30; do save; done ) & saver=$!
+      saving
       timeout -s INT -k 20 "$lim" "$@" > "$L/$name.log" 2>&1; echo "rc=$?" >> "$L/$name.log"
-      kill $saver 2>/dev/null; wait $saver 2>/dev/null; save; }
+      saved; }
 case "${MODE:-verify}" in
 final)
   # the fixed Gluon decode tests beside the suite's last files (earlier calls ran out before them), then on a
@@ -182,13 +184,13 @@ sanall)
       -k "${SAN_K:-not test_gpu_long_soak and not test_sanitize_script}" > "$L/san_$tool.log" 2>&1
     echo "rc=$?" >> "$L/san_$tool.log"
   }
-  ( while sleep 30; do save; done ) & saver=$!
+  saving
   for tool in ${TOOL:-memcheck}; do
     if [ -n "${SAN_TOGETHER:-}" ]; then one_tool "$tool" & sleep 20; else one_tool "$tool"; fi
   done
   steps=$(jobs -p | grep -vx "$saver")
   [ -n "$steps" ] && wait $steps  # (a bare wait would also wait for the saver, which never ends)
-  kill $saver 2>/dev/null; wait $saver 2>/dev/null; save
+  saved
   for tool in ${TOOL:-memcheck}; do
     tail -3 $L/san_$tool.log
     awk 'NR % 3 == 1' $L/$tool/sanitizer/$tool.monitor.txt 2>/dev/null

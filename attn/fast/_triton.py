@@ -27,6 +27,29 @@ def is_interpreter() -> bool:
     return _INTERPRET
 
 
+# Kernels compile for a GPU (True) or run in Triton's CPU interpreter (False), as a constexpr a kernel may branch
+# on: the interpreter cannot run inline PTX.
+COMPILED = tl.constexpr(not is_interpreter())
+
+
+@triton.jit
+def mul_rn(a, b):
+    """``a · b`` in fp32, rounded, and never fused into an add that follows it.
+
+    Use it for a product that feeds a ``tl.sum`` across lanes. The reduction shuffles each lane's value to its
+    butterfly partner, which receives the rounded product, while ptxas fuses the lane's own product into the
+    add as an fma (unrounded): lanes that should hold the same sum end up an ulp apart, and then each writes its
+    copy to the same shared-memory slot. compute-sanitizer's racecheck reports those writes as WAW hazards
+    (triton-lang/triton#7264), and which copy lands is up to the hardware. ``mul.rn`` has an explicit rounding
+    mode, which PTX never contracts, so every lane adds the same rounded values.
+    """
+    if COMPILED:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)  # fmt: skip
+    else:
+        return a * b
+
+
 # int8 -> fp16, four codes at a time (inline PTX for tl.inline_asm_elementwise with pack=4, as in the decode
 # kernels' widening): each byte plus 128 (xor 0x80) becomes the low mantissa byte of 1024.0 (high byte 0x64), which
 # reads as 1024 + 128 + x; subtracting 1152 (0x6480) from both halves leaves x exactly. FasterTransformer's trick.

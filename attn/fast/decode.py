@@ -30,7 +30,16 @@ from ..checks import F16_MAX, check_decode, check_seqlen_hints
 from ..reference.preprocess import RopeScaling
 from . import _errors
 from . import gluon_decode as gd
-from ._triton import INT8_TO_F16, autotune_enabled, cdiv, current_stream, is_interpreter, launch, next_power_of_2
+from ._triton import (
+    INT8_TO_F16,
+    autotune_enabled,
+    cdiv,
+    current_stream,
+    is_interpreter,
+    launch,
+    mul_rn,
+    next_power_of_2,
+)
 from .attention import LOG2E, _tanh, relative_bias_operands
 from .kv_cache import quant_code, rope_pairs
 from .preprocess import _cos_sin
@@ -734,11 +743,12 @@ def _merge_splits(
         m = tl.max(m_lane, 1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         scale = tl.exp(m_lane - m_safe[:, None])
-        total = tl.sum(w_sum * scale, 1)
+        # mul_rn: every lane of a reduction must hold the same sum (see its docstring)
+        total = tl.sum(mul_rn(w_sum, scale), 1)
         # a NaN partial (lse_s NaN) makes its weight and so the total NaN: != 0 keeps it, only empty rows are 0
         has_key = total != 0.0
         t_safe = tl.where(has_key, total, 1.0)
-        out = tl.sum(acc * scale[:, :, None], 1) / t_safe[:, None]
+        out = tl.sum(mul_rn(acc, scale[:, :, None]), 1) / t_safe[:, None]
         tok = r // GROUP
         head = h_kv * GROUP + r % GROUP
         out_rows = o_ptr + b64 * stride_ob + tok * stride_om + head * stride_oh

@@ -471,6 +471,14 @@ def _decode_1b_kernel(
 
 
 @gluon.jit
+def _mul_rn(a, b):
+    # a product never fused into the add that follows: a cross-lane gl.sum of fused products leaves the lanes an
+    # ulp apart, and their copies race for one shared-memory slot (attn.fast._triton.mul_rn says more)
+    return gl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=gl.float32, is_pure=True,
+                                     pack=1)  # fmt: skip
+
+
+@gluon.jit
 def _merge(o_part, lse_part, o_ptr, lse_ptr, b64, h, num_splits, stride_ob, stride_oh, stride_lb, stride_lh,
            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, STORE_LSE: gl.constexpr, LM: gl.constexpr):  # fmt: skip
     """``lse = logsumexp_s(lse_s)``, ``o = Σ_s exp(lse_s − lse)·o_s`` for each of the pair's rows: two passes
@@ -497,7 +505,7 @@ def _merge(o_part, lse_part, o_ptr, lse_ptr, b64, h, num_splits, stride_ob, stri
                         mask=gl.expand_dims(s_ok, 1), other=0.0, cache_modifier=".cg")  # fmt: skip
             w = gl.exp(sl - m_safe)
             w_vec += w
-            acc += gl.sum(gl.expand_dims(w, 1) * o, 0)
+            acc += gl.sum(_mul_rn(gl.expand_dims(w, 1), o), 0)
         total = gl.sum(w_vec, 0)
         # a NaN partial makes its weight, and so the total, NaN: != 0 keeps it
         out = gl.where(total != 0.0, acc / gl.where(total != 0.0, total, 1.0), acc * 0.0)

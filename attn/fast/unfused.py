@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..checks import check_attention
 from ..layout import pad
-from ._triton import is_interpreter, launch, next_power_of_2
+from ._triton import is_interpreter, launch, mul_rn, next_power_of_2
 from .attention import _tanh
 
 # a constexpr, because jitted code may only read globals that are
@@ -110,7 +110,8 @@ def _softmax_kernel(s_ptr, lse_ptr, seqlen_k_pad, BLOCK_N: tl.constexpr):
         m = m_new
     m_row = tl.max(m, 0)
     m_row_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
-    l_row = tl.sum(l * tl.math.exp2(m - m_row_safe), 0)
+    # mul_rn: every lane of a reduction must hold the same sum (see its docstring)
+    l_row = tl.sum(mul_rn(l, tl.math.exp2(m - m_row_safe)), 0)
     # l = 0 only for a row that sees no key; a NaN score makes l NaN, which must reach p and the lse, not vanish
     has_key = l_row != 0.0
     l_safe = tl.where(has_key, l_row, 1.0)

@@ -104,14 +104,15 @@ fi
 # Tests that capture CUDA graphs (SAN_CACHED_K, a regex on the ids) cannot run without PyTorch's caching allocator
 # (a cudaMalloc during capture is an error): they get an instance of their own, share "g", with the allocator on,
 # where memcheck still sees every access outside the allocator's blocks. static_cache: transformers' generate with
-# a StaticCache compiles the model with CUDA graphs (session 15 saw it fail without the allocator).
+# a StaticCache compiles the model with CUDA graphs (session 15 saw it fail without the allocator). routed_pool:
+# test_memo routes allocations into a MemPool and reads the allocator's segments, which exist only with it on.
 shares=()
 if [ -n "${SAN_PAR:-}" ]; then
   collect() { python3 -m pytest --collect-only -q -p no:cacheprovider "${resume[@]}" "${TESTS[@]}" "$@" 2>/dev/null \
     | grep "::"; }
   collect > "$LOGS/ids.txt"
   collect -m gpu > "$LOGS/gpu_ids.txt"
-  grep -E "${SAN_CACHED_K:-graph|reduce_overhead|static_cache}" "$LOGS/ids.txt" > "$LOGS/share_g.args"
+  grep -E "${SAN_CACHED_K:-graph|reduce_overhead|static_cache|routed_pool}" "$LOGS/ids.txt" > "$LOGS/share_g.args"
   grep -vxFf "$LOGS/share_g.args" "$LOGS/ids.txt" > "$LOGS/rest.txt"
   grep -xFf "$LOGS/gpu_ids.txt" "$LOGS/rest.txt" > "$LOGS/heavy.txt"
   grep -vxFf "$LOGS/gpu_ids.txt" "$LOGS/rest.txt" > "$LOGS/light.txt"

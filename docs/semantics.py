@@ -264,8 +264,11 @@ except ValueError as err:
 # merges the partials in split order, whichever program arrives last; no kernel accumulates through
 # floating-point atomics. What changes the last bits: another split count (`num_splits=None` picks it from the
 # shapes and the GPU's SM count), another autotuned tile (`ATTN_AUTOTUNE=0` fixes the tiles), another GPU model
-# or Triton version. The GPU test (`tests/test_determinism.py`) runs each entry 20 times; here, one split-K
-# decode run twice:
+# or Triton version. Inside a program, every lane that holds a copy of one reduced value must compute it
+# bit for bit alike, or the copies race for the same shared-memory slot: compute-sanitizer's racecheck found
+# that in the split merge (the compiler fused the summed products into the reduction on some lanes and not on
+# others), and those products are now rounded explicitly (`attn.fast._triton.mul_rn`). The GPU test
+# (`tests/test_determinism.py`) runs each entry 20 times; here, one split-K decode run twice:
 
 # %%
 kc, vc = torch.randn(2, 64, 1, 16), torch.randn(2, 64, 1, 16)

@@ -25,23 +25,27 @@ def test_no_multiply_is_fused_into_a_butterfly_add():
                           text=True, timeout=600)  # fmt: skip
     assert proc.stdout.strip(), proc.stderr[-3000:]
     found = json.loads(proc.stdout)
-    assert len(found) >= 9 and not any(found.values()), found
+    assert len(found) >= 12 and not any(found.values()), found
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_the_check_sees_a_fused_shuffle():
-    # the pattern as ptxas emitted it before the fix (decode's merge, bf16 paged): the partner's product arrives
-    # rounded through the shuffle, the lane's own is fused into the add
+    # the pattern as ptxas emitted it before the fix (decode's merge, bf16, paged): the lane's product goes to its
+    # partner rounded (FMUL, SHFL.BFLY), and its own copy is fused into the add (FFMA). Not the pattern: an FFMA
+    # that reads a shuffled value of another kind (here a broadcast maximum, the same bits in every lane).
     sys.path.insert(0, str(ROOT / "bench" / "probes"))
     from reduction_lanes import fused_shuffles
 
     listing = """
-        /*0a10*/                   FMUL R14, R15, R81 ;
-        /*0a20*/                   SHFL.BFLY PT, R5, R14, 0x1, 0x1f ;
-        /*0a30*/                   FFMA R81, R15, R81, R5 ;
-        /*0a40*/                   SHFL.BFLY PT, R6, R81, 0x2, 0x1f ;
-        /*0a50*/                   FADD R7, R81, R6 ;
-        /*0a60*/                   MOV R5, R7 ;
-        /*0a70*/                   FFMA R8, R2, R3, R5 ;
+        /*7980*/                   FMUL R5, R14, R81.reuse ;
+        /*79a0*/                   SHFL.IDX PT, R12, R12, R22, 0x1f ;
+        /*79d0*/                   SHFL.BFLY PT, R5, R5, 0x4, 0x1f ;
+        /*79e0*/                   FFMA R81, R14, R81, R5 ;
+        /*79f0*/                   SHFL.BFLY PT, R4, R81, 0x2, 0x1f ;
+        /*7a00*/                   FADD R4, R81, R4 ;
+        /*7a10*/                   FMNMX R9, R3, R2, !PT ;
+        /*7a20*/                   SHFL.BFLY PT, R6, R9, 0x1, 0x1f ;
+        /*7a30*/                   FFMA R40, R56, UR9, -R6.reuse ;
     """
-    assert fused_shuffles(listing) == ["FFMA R81, R15, R81, R5"]
+    assert fused_shuffles(listing) == ["FFMA R81, R14, R81, R5"]
+    assert fused_shuffles(listing.replace("FMUL R5, R14", "FMUL R5, R13")) == []

@@ -9,13 +9,13 @@ the partner received the product rounded. Two lanes that should hold the same su
 writes its copy to the same shared-memory slot: compute-sanitizer's racecheck reported 1,369 such WAW hazards in
 decode's split merge on an H100 (session 18, `bench/results/sanitizer_racecheck_H100_2026-12-07_s18_call1.log`;
 triton-lang/triton#7264), and which copy lands is up to the hardware. `attn.fast._triton.mul_rn` rounds those
-products explicitly. This check finds the pattern without a GPU: an FFMA that reads a register a SHFL.BFLY wrote,
-before anything overwrote it. `tests/test_reduction_lanes.py` runs it; before the fix it named one FFMA in each
-split-merge kernel.
+products explicitly. This check finds the pattern without a GPU (see `fused_shuffles`);
+`tests/test_reduction_lanes.py` runs it. Before the fix it named one FFMA in each split-merge kernel.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -24,6 +24,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import gluon_sass  # noqa: E402
+import prefill_sass  # noqa: E402
 import torch  # noqa: E402
 from decode_sass import compile_decode  # noqa: E402
 from gluon_decode_sass import compile_case  # noqa: E402
@@ -32,23 +34,30 @@ from sass_tools import compile_for_target, sass_of  # noqa: E402
 from attn.fast import unfused  # noqa: E402
 
 INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*);")
-REG = re.compile(r"[-|!]*R(\d+)(?:\.\w+)*\|?")
+OPERAND = re.compile(r"[-|!]*(U?R\w+?)(?:\.reuse)?\|?")
 
 
 def fused_shuffles(sass: str) -> list[str]:
-    """The FFMAs that read a register a ``SHFL.BFLY`` wrote, in code order (a straight scan: the reductions'
-    butterflies are branch-free, and a register counts as the shuffle's until an instruction writes it again)."""
-    shuffled, found = set(), []
+    """The FFMAs that add a shuffled product to the same product unrounded, in code order.
+
+    The pattern: ``FMUL t, a, b`` (the lane's product, rounded, for its partner), ``SHFL.BFLY s, t`` (the
+    partner's), then ``FFMA r, a, b, s``: the lane's own product fused into the add. A straight scan, with each
+    register's last writer: the butterflies are branch-free. An FFMA that merely reads a shuffled value (a
+    broadcast row maximum, say) is not this pattern: every lane reads the same bits there."""
+    writer, found = {}, []  # register -> (opcode, source registers, a shuffle's source's writer)
     for m in INSTR.finditer(sass):
-        op, operands = m.group(1), [o.strip() for o in m.group(2).split(",")]
-        regs = [int(r.group(1)) if (r := REG.fullmatch(o)) else None for o in operands]
+        op, text = m.group(1), m.group(2).strip()
+        regs = [r.group(1) if (r := OPERAND.fullmatch(o.strip())) else None for o in text.split(",")]
         # SHFL's operands are (predicate out, destination, source, lane, clamp); the others write their first
         dst, srcs = (regs[1], regs[2:]) if op.startswith("SHFL") else (regs[0] if regs else None, regs[1:])
-        if op.startswith("FFMA") and shuffled.intersection(srcs):
-            found.append(f"{op} {m.group(2).strip()}")
-        shuffled.discard(dst)
-        if op.startswith("SHFL.BFLY") and dst is not None:
-            shuffled.add(dst)
+        if op.startswith("FFMA") and len(srcs) == 3:
+            shuffle = writer.get(srcs[2])
+            product = shuffle[2] if shuffle and shuffle[0].startswith("SHFL.BFLY") else None
+            if product and product[0].startswith("FMUL") and sorted(product[1][:2]) == sorted(srcs[:2]):
+                found.append(f"{op} {text}")
+        if dst is not None:
+            # (read before the write: a shuffle's source may be its destination)
+            writer[dst] = (op, srcs, writer.get(srcs[0]) if op.startswith("SHFL") and srcs else None)
     return found
 
 
@@ -67,6 +76,11 @@ def kernels():
     )
     yield ("Gluon one-byte decode, split", lambda: compile_case(8, 4096, 32, 8, 128, torch.int8, torch.bfloat16, 64,
                                                                 16, True))  # fmt: skip
+    # no product is summed across lanes in the prefill kernels today; these keep it so
+    prefill_module = importlib.import_module("attn.fast.attention")  # the module (attn.fast.attention is a function)
+    yield "prefill (tl), plain", lambda: prefill_sass.compile_prefill(prefill_module, {}, (128, 128, 8, 3))
+    for case in ("causal_d128", "full_d128_lse_pp"):
+        yield f"Gluon prefill, {case}", lambda c=case: gluon_sass.compile_case(gluon_sass.cases()[c])
 
 
 def main() -> int:

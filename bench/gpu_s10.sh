@@ -162,8 +162,10 @@ sanall)
   # and test_sanitize_script, which runs this script on the CPU with a stand-in sanitizer (no kernel of ours)
   # TOOL may name several ("memcheck racecheck"): each runs in the time the ones before it left, until SAN_T; with
   # SAN_TOGETHER=1 side by side, each for the whole SAN_T (the GPU held 9 instances of ~1-2 GB and 3 heavy ones in
-  # session 15, on 16 cores). Per tool, SAN_DONE_<tool>, SAN_PAR_<tool> and SAN_HEAVY_<tool> override SAN_DONE,
-  # SAN_PAR and SAN_HEAVY (a memcheck resume file must not deselect racecheck's tests). PROBE=1 runs the graph-pool
+  # session 15, on 16 cores; but in session 18 memcheck's 3 heavy shares beside racecheck's heavy one filled the
+  # H100's 80 GB and ~30 tests failed on it: give SAN_TOGETHER one heavy share in all). Per tool, SAN_DONE_<tool>,
+  # SAN_PAR_<tool> and SAN_HEAVY_<tool> override SAN_DONE, SAN_PAR and SAN_HEAVY (a memcheck resume file must not
+  # deselect racecheck's tests). PROBE=1 runs the graph-pool
   # probe (the compiled model plain and under memcheck, ~150 s) and then the pools tests (test_memo,
   # test_compile, ~50 s) beside them, one process at a time.
   [ -n "${PROBE:-}" ] && t pools_probe 330 env ATTN_AUTOTUNE=0 bash -c "timeout 220 python3 \

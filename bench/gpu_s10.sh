@@ -168,10 +168,14 @@ sanall)
   # deselect racecheck's tests). PROBE=1 runs the graph-pool
   # probe (the compiled model plain and under memcheck, ~150 s) and then the pools tests (test_memo,
   # test_compile, ~50 s) beside them, one process at a time.
+  # DECODE=1 first runs the decode benchmark alone on the quiet GPU (the call a user makes, against cuDNN and FA2),
+  # inside SAN_T: the sanitizers get what it leaves
+  end=$(( $(date +%s) + ${SAN_T:-570} ))
+  [ -n "${DECODE:-}" ] && b decode "${DECODE_T:-200}" python3 -m bench.bench_decode --peers cudnn,flash \
+    --out $L/decode.json
   [ -n "${PROBE:-}" ] && t pools_probe 330 env ATTN_AUTOTUNE=0 bash -c "timeout 220 python3 \
     bench/probes/graph_pool_probe.py; python3 -m pytest -v -p no:cacheprovider -rf --tb=short tests/test_memo.py \
     tests/test_compile.py"
-  end=$(( $(date +%s) + ${SAN_T:-570} ))
   one_tool() {  # one_tool <tool>: its instances over the whole suite, within the time left
     local tool=$1 left budget done_v par_v heavy_v
     done_v=SAN_DONE_$tool; par_v=SAN_PAR_$tool; heavy_v=SAN_HEAVY_$tool
@@ -193,6 +197,7 @@ sanall)
   steps=$(jobs -p | grep -vx "$saver")
   [ -n "$steps" ] && wait $steps  # (a bare wait would also wait for the saver, which never ends)
   saved
+  [ -n "${DECODE:-}" ] && { grep -hs "default-call\|==\|rc=" $L/decode.log; grep -hs -A14 "^TB/s" $L/decode.log | cut -c1-250; }
   for tool in ${TOOL:-memcheck}; do
     tail -3 $L/san_$tool.log
     awk 'NR % 3 == 1' $L/$tool/sanitizer/$tool.monitor.txt 2>/dev/null

@@ -18,7 +18,7 @@
 #
 # Notes:
 # - PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own allocation: with PyTorch's caching allocator
-#   a read past one tensor lands inside the allocator's block and memcheck cannot see it.
+#   a read past one tensor lands inside the allocator's block and memcheck cannot see it. Only memcheck runs so.
 # - ATTN_AUTOTUNE=0: fixed tiles (autotuning would time every config under the sanitizer, for hours).
 # - The sanitizer slows kernels 10-100x: the default subset is the parity tests at their CPU sizes, the
 #   NaN, transactional and determinism tests, and the fuzzer in its CI profile (skipped when hypothesis is not
@@ -180,8 +180,10 @@ sanitize() {
   # SAN_BUDGET=<seconds>: pytest gets SIGINT then, stops cleanly and reports what ran; the sanitizer still
   # prints its summary over every kernel launched until then (a partial run, which the pytest line says)
   [ -n "${SAN_BUDGET:-}" ] && budget=(timeout -s INT -k 30 "$SAN_BUDGET")
-  # SAN_CACHING=1: PyTorch's caching allocator on (CUDA graph capture needs it)
-  [ -n "${SAN_CACHING:-}" ] && pre=(env -u PYTORCH_NO_CUDA_MEMORY_CACHING)
+  # SAN_CACHING=1: PyTorch's caching allocator on (CUDA graph capture needs it). racecheck and synccheck keep it
+  # on too: they check shared memory and barriers inside a block, which no global allocation changes, and without
+  # the cache every freed tensor is a cudaFree, which waits for the device
+  if [ -n "${SAN_CACHING:-}" ] || [ "$tool" != memcheck ]; then pre=(env -u PYTORCH_NO_CUDA_MEMORY_CACHING); fi
   # SAN_SYNC_LIMIT (default 32): the sanitizer synchronizes a stream after that many launches. Its tracking of
   # queued launches takes device memory, and the host can queue PyTorch's small kernels far ahead of a sanitized
   # GPU: session 15's first whole-suite run (10 instances) filled the H100's 80 GB within 180 s, and most of its

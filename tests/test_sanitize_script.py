@@ -94,6 +94,11 @@ def test_shares_add_up_to_every_test(tmp_path):
     for tool in ("memcheck", "racecheck"):
         total = re.search(rf"^{tool} total: (\d+) errors reported, (\d+) instances.*'passed': (\d+)", summary, re.M)
         assert total and total.groups() == ("0", "0", str(n)), summary
+    # memcheck needs every tensor in an allocation of its own; racecheck keeps the caching allocator (no cudaFree,
+    # which waits for the device, per freed tensor)
+    logs = tmp_path / "a" / "sanitizer"
+    assert all("allocator: 1" in (logs / f"memcheck.{k}.log").read_text() for k in "01")
+    assert all("allocator: caching" in (logs / f"racecheck.{k}.log").read_text() for k in "01")
 
 
 def test_an_error_in_one_instance_fails_the_run(tmp_path):

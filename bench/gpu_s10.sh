@@ -165,9 +165,8 @@ sanall)
   # session 15, on 16 cores; but in session 18 memcheck's 3 heavy shares beside racecheck's heavy one filled the
   # H100's 80 GB and ~30 tests failed on it: give SAN_TOGETHER one heavy share in all). Per tool, SAN_DONE_<tool>,
   # SAN_PAR_<tool> and SAN_HEAVY_<tool> override SAN_DONE, SAN_PAR and SAN_HEAVY (a memcheck resume file must not
-  # deselect racecheck's tests). PROBE=1 runs the graph-pool
-  # probe (the compiled model plain and under memcheck, ~150 s) and then the pools tests (test_memo,
-  # test_compile, ~50 s) beside them, one process at a time.
+  # deselect racecheck's tests). PROBE=1 runs the graph-pool probe (the compiled model plain and under memcheck,
+  # ~150 s) and then the pools tests (test_memo, test_compile, ~50 s) beside them, one process at a time.
   # DECODE=1 first runs the decode benchmark alone on the quiet GPU (the call a user makes, against cuDNN and FA2),
   # inside SAN_T: the sanitizers get what it leaves
   end=$(( $(date +%s) + ${SAN_T:-570} ))

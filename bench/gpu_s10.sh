@@ -172,6 +172,17 @@ sanall)
   end=$(( $(date +%s) + ${SAN_T:-570} ))
   [ -n "${DECODE:-}" ] && b decode "${DECODE_T:-200}" python3 -m bench.bench_decode --peers cudnn,flash \
     --out $L/decode.json
+  # KMAP=1 (after DECODE): the suite once, plainly (-n KMAP_N), recording the kernel binaries each test launches
+  # (tests/kernel_map.py); bench/kernel_coverage.py then picks, per tool, tests that launch every one of them, and
+  # SAN_PICK=1 gives each tool its pick instead of the suite. The sanitized instances record their own maps, so
+  # coverage per binary is read from what they ran (`--ran`), not from the pick
+  if [ -n "${KMAP:-}" ]; then
+    b kmap "${KMAP_T:-200}" env ATTN_AUTOTUNE=0 ATTN_KERNEL_MAP=$L/kmap python3 -m pytest -q -p no:cacheprovider \
+      -n "${KMAP_N:-14}" -rf --tb=line tests -k "${SAN_K:-not test_gpu_long_soak and not test_sanitize_script}"
+    # shellcheck disable=SC2046,SC2086  # one --tool per word of TOOL
+    python3 -m bench.kernel_coverage --suite $L/kmap $(printf -- "--tool %s " ${TOOL:-memcheck}) --pick $L/pick \
+      > $L/kmap_coverage.txt 2>&1
+  fi
   [ -n "${PROBE:-}" ] && t pools_probe 330 env ATTN_AUTOTUNE=0 bash -c "timeout 220 python3 \
     bench/probes/graph_pool_probe.py; python3 -m pytest -v -p no:cacheprovider -rf --tb=short tests/test_memo.py \
     tests/test_compile.py"
@@ -184,8 +195,10 @@ sanall)
     budget=$(( left - 70 - 5 * par ))
     budget=$(( budget < ${SAN_BUDGET:-500} ? budget : ${SAN_BUDGET:-500} ))
     [ "$budget" -lt 60 ] && { echo "$tool: ${left}s left, not started" > "$L/san_$tool.log"; return; }
+    local what=tests
+    [ -n "${SAN_PICK:-}" ] && [ -s "$L/pick/pick_$tool.txt" ] && what=@$L/pick/pick_$tool.txt
     timeout -s INT -k 20 "$left" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_BUDGET=$budget SAN_PAR=$par \
-      SAN_HEAVY=${!heavy_v:-${SAN_HEAVY:-}} SAN_DONE="${!done_v:-${SAN_DONE:-}}" bash tests/gpu_sanitize.sh tests \
+      SAN_HEAVY=${!heavy_v:-${SAN_HEAVY:-}} SAN_DONE="${!done_v:-${SAN_DONE:-}}" bash tests/gpu_sanitize.sh "$what" \
       -k "${SAN_K:-not test_gpu_long_soak and not test_sanitize_script}" > "$L/san_$tool.log" 2>&1
     echo "rc=$?" >> "$L/san_$tool.log"
   }
@@ -202,6 +215,14 @@ sanall)
     awk 'NR % 3 == 1' $L/$tool/sanitizer/$tool.monitor.txt 2>/dev/null
     cat $L/$tool/sanitizer/summary.txt 2>/dev/null
   done
+  if [ -n "${KMAP:-}" ]; then
+    tail -4 $L/kmap.log | cut -c1-300
+    # shellcheck disable=SC2046,SC2086
+    python3 -m bench.kernel_coverage --suite $L/kmap $(for t in ${TOOL:-memcheck}; do echo "--ran $t=$L/$t/sanitizer"; done) \
+      > $L/kmap_after.txt 2>&1
+    cat $L/kmap_coverage.txt $L/kmap_after.txt | cut -c1-300
+    save
+  fi
   [ -n "${PROBE:-}" ] && grep -v "PASSED\|^ *$" $L/pools_probe.log | cut -c1-300 | tail -60 ;;
 pools)
   # session 15's kept buffers outside CUDA graph pools (df54a22): the MemPool test, the fresh-process compile test,

@@ -14,6 +14,15 @@ import pytest  # noqa: E402
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
+def pytest_configure(config):
+    # ATTN_KERNEL_MAP=<folder>: record the compiled kernels each test launches (tests/kernel_map.py)
+    folder = os.environ.get("ATTN_KERNEL_MAP")
+    if folder:
+        from kernel_map import KernelMap
+
+        config.pluginmanager.register(KernelMap(folder), "attn_kernel_map")
+
+
 def pytest_collection_modifyitems(config, items):
     if ON_GPU:
         return

@@ -196,8 +196,10 @@ sanitize() {
   start=$(date +%s)
   # every error printed (a limit hid 900 of session 14's first run's errors: they could not be told apart); -q
   # unless SAN_VERBOSITY says otherwise (-q and -v would cancel out)
-  "${pre[@]}" "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 1000000 \
-    --log-file "$LOGS/$tag.log" "${budget[@]}" \
+  # ATTN_KERNEL_MAP: each test's launched kernel binaries, kmap/<tag>/kmap_<pid>.jsonl (tests/kernel_map.py), so
+  # that bench/kernel_coverage.py can say which binaries ran in an instance with 0 errors
+  ATTN_KERNEL_MAP="$LOGS/kmap/$tag" "${pre[@]}" "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 \
+    --print-limit 1000000 --log-file "$LOGS/$tag.log" "${budget[@]}" \
     python3 -m pytest "${SAN_VERBOSITY:--q}" -p no:cacheprovider --durations=25 --junitxml="$LOGS/$tag.junit.xml" "$@" \
     > "$LOGS/$tag.pytest.log" 2>&1
   rc=$?

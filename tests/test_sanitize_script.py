@@ -8,6 +8,7 @@ reports, failing on an error, and resuming from junit files.
 """
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -99,6 +100,15 @@ def test_shares_add_up_to_every_test(tmp_path):
     logs = tmp_path / "a" / "sanitizer"
     assert all("allocator: 1" in (logs / f"memcheck.{k}.log").read_text() for k in "01")
     assert all("allocator: caching" in (logs / f"racecheck.{k}.log").read_text() for k in "01")
+    # each instance records the tests it ran in its kernel map (none launches a compiled kernel on a CPU), and the
+    # coverage report reads the maps of clean instances
+    mapped = [json.loads(line)["id"] for f in (logs / "kmap").glob("racecheck.*/kmap_*.jsonl")
+              for line in f.read_text().splitlines()]  # fmt: skip
+    assert sorted(mapped) == sorted(_ids(TARGET))
+    from bench import kernel_coverage
+
+    text = kernel_coverage.report({}, ["racecheck"], {"racecheck": [logs]}, None)
+    assert "(2 of 2 instances clean, 0 without a summary line)" in text, text
 
 
 def test_an_error_in_one_instance_fails_the_run(tmp_path):

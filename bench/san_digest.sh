@@ -14,7 +14,9 @@ for log in "$dir/$tool".*.log; do
   case $log in *.pytest.log) continue ;; esac
   echo "-- $(basename "$log")"
   grep -h "^=========" "$log" | grep -v "^=========  \|^========= *$" | sed 's/_Z[A-Za-z0-9_]*//g' \
-    | sed 's/at 0x[0-9a-f]*/at 0x.../; s/address 0x[0-9a-f]*/address 0x.../' | sort | uniq -c | sort -rn | cut -c1-220
+    | sed 's/at 0x[0-9a-f]*/at 0x.../; s/address 0x[0-9a-f]*/address 0x.../; s/__shared__ 0x[0-9a-f]*/__shared__ 0x.../' \
+    | sed 's/block ([0-9,]*)/block (...)/; s/Thread ([0-9,]*)/Thread (...)/; s/Current Value : .*/Current Value : .../' \
+    | sort | uniq -c | sort -rn | cut -c1-220
 done
 echo "## pytest error lines (all instances)"
 grep -h "^E  " "$dir/$tool".*.pytest.log | cut -c1-160 | sort | uniq -c | sort -rn | head -15

@@ -15,9 +15,9 @@ r() {  # r <tag> [sanitizer options] <command...>; LIM seconds (default 100)
     | sed 's/Thread ([0-9]*,0,0)//' | sort | uniq -c | head -8
   tail -2 "$OUT/$tag.out" | cut -c1-200
 }
-LIM=80 r probe python3 bench/probes/ws_racecheck_probe.py
-LIM=50 r probe_trace --racecheck-trace-sync yes python3 bench/probes/ws_racecheck_probe.py
+LIM=70 r probe python3 bench/probes/ws_racecheck_probe.py
+LIM=40 r probe_trace --racecheck-trace-sync yes python3 bench/probes/ws_racecheck_probe.py
 id=$(python3 -m pytest --collect-only -q tests/test_gluon_attention.py -k "hidden_values and causal and nan" \
   2>/dev/null | grep "::" | head -1)
-LIM=120 r hidden python3 -m pytest -q -p no:cacheprovider "$id"
+LIM=100 r hidden python3 -m pytest -q -p no:cacheprovider "$id"
 echo "hidden test: $id"

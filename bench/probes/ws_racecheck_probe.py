@@ -16,6 +16,9 @@ mbarrier arrive, every thread's wait), then the other writes it. ``_ws_handoff``
 4-warp partition reads a shared buffer, syncs as `_sync_consumers` does, and the other 4-warp partition writes it
 after the wait. The order is valid in the PTX memory model (the bar.sync orders each thread's read before the
 arriving thread's release; the waiters acquire it); a hazard here is racecheck not following that chain.
+Session 20's run of these two showed the state-byte hazard in ``_ws_handoff`` and none on its buffer, so
+``_ws_rounds`` comes closer to the kernel: both partitions read the whole buffer, sync, rewrite their halves and
+sync again, three rounds, the barrier's phase parity alternating as the kernel's does across tiles.
 """
 
 import sys
@@ -68,6 +71,39 @@ def _ws_handoff(out_ptr):
     gl.warp_specialize([(_reader, (buf, bar, out_ptr)), (_writer, (buf, bar, out_ptr))], [4], [24])
 
 
+@gluon.jit
+def _rounds(buf, bar, out_ptr, HALF: gl.constexpr, ROUNDS: gl.constexpr):
+    # as `_hidden_values_out`: both partitions read the whole buffer, sync, each rewrites its own half, sync; the
+    # barrier's phase parity alternates, as fix_bar's does over a kernel's tiles
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    phase = 0
+    total = gl.zeros([128], gl.float32, layout)
+    for r in gl.static_range(ROUNDS):
+        total += buf.load(layout)
+        gl.thread_barrier()
+        mbarrier.arrive(bar, count=1)
+        mbarrier.wait(bar, phase & 1)
+        phase += 1
+        buf.slice(HALF * 64, 64).store(gl.full([64], r + 2.0, gl.float32, layout))
+        gl.thread_barrier()
+        mbarrier.arrive(bar, count=1)
+        mbarrier.wait(bar, phase & 1)
+        phase += 1
+    gl.store(out_ptr + HALF * 128 + gl.arange(0, 128, layout=layout), total)
+
+
+@gluon.jit
+def _ws_rounds(out_ptr, ROUNDS: gl.constexpr):
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    buf = gl.allocate_shared_memory(gl.float32, [128], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    buf.store(gl.full([128], 1.0, gl.float32, layout))
+    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar, count=2)
+    gl.thread_barrier()
+    gl.warp_specialize([(_rounds, (buf, bar, out_ptr, 0, ROUNDS)), (_rounds, (buf, bar, out_ptr, 1, ROUNDS))],
+                       [4], [24])  # fmt: skip
+
+
 def main() -> None:
     if "--ptx" in sys.argv:
         sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -75,6 +111,7 @@ def main() -> None:
 
         print(compile_for_target(_ws_probe, (torch.empty(2048),), {}).asm["ptx"])
         print(compile_for_target(_ws_handoff, (torch.empty(128),), {}).asm["ptx"])
+        print(compile_for_target(_ws_rounds, (torch.empty(256),), {"ROUNDS": 3}).asm["ptx"])
         return
     out = torch.zeros(2048, device="cuda")
     _ws_probe[(4,)](out, num_warps=4)
@@ -88,6 +125,12 @@ def main() -> None:
     # the reader saw the first value: the writer's store came after its read
     assert torch.equal(got, torch.ones(128, device="cuda")), got
     print("handoff probe ran: the reader read before the writer wrote")
+    sums = torch.zeros(256, device="cuda")
+    _ws_rounds[(4,)](sums, ROUNDS=3)
+    torch.cuda.synchronize()
+    # each partition sums the buffer before each round's writes: 1 + 2 + 3 in every element
+    assert torch.equal(sums, torch.full((256,), 6.0, device="cuda")), sums
+    print("rounds probe ran: every round read the previous round's writes")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ from pathlib import Path
 # kernels that are not ours: the same names tests/gpu_sanitize.sh leaves unchecked (--kernel-name-exclude),
 # and inductor's generated Triton kernels
 NOT_OURS = re.compile(r"^(_Z|sm[0-9]|nvjet|cutlass|ampere|cudnn|triton_)")
+# "ERROR SUMMARY: 0 errors", or racecheck's "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"; not
+# "ERROR SUMMARY: 121 errors were not printed", which a print limit adds after the count (tests/gpu_sanitize.sh
+# adds up its instances' counts with `instance_errors` too)
 SUMMARY = re.compile(r"ERROR SUMMARY: (\d+) errors?$|RACECHECK SUMMARY: \d+ hazards displayed \((\d+) error", re.M)
 
 

@@ -283,19 +283,18 @@ import re
 import sys
 from pathlib import Path
 
+from bench.kernel_coverage import instance_errors
+
 tool, logs = sys.argv[1], Path(sys.argv[2])
 errors, missing, counts = 0, 0, {}
 for log in sorted(logs.glob(f"{tool}.*.log")):
     if log.name.endswith(".pytest.log"):
         continue
-    # "ERROR SUMMARY: 0 errors", or racecheck's "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
-    # (not "ERROR SUMMARY: 121 errors were not printed", which a print limit adds after the count)
-    text = log.read_text()
-    m = re.findall(r"ERROR SUMMARY: (\d+) errors?$|RACECHECK SUMMARY: \d+ hazards displayed \((\d+) error", text, re.M)
-    if m:
-        errors += int(m[-1][0] or m[-1][1])
-    else:
+    found = instance_errors(log)
+    if found is None:
         missing += 1
+    else:
+        errors += found
     last = log.with_name(log.name[: -len(".log")] + ".pytest.log").read_text().strip().splitlines()[-1:]
     for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", " ".join(last)):
         counts[what] = counts.get(what, 0) + int(n)

@@ -170,6 +170,7 @@ sanall)
   # DECODE=1 first runs the decode benchmark alone on the quiet GPU (the call a user makes, against cuDNN and FA2),
   # inside SAN_T: the sanitizers get what it leaves
   end=$(( $(date +%s) + ${SAN_T:-570} ))
+  san_k=${SAN_K:-not test_gpu_long_soak and not test_sanitize_script}  # the ids the plain map and the tools run
   [ -n "${DECODE:-}" ] && b decode "${DECODE_T:-200}" python3 -m bench.bench_decode --peers cudnn,flash \
     --out $L/decode.json
   # KMAP=1 (after DECODE): the suite once, plainly (-n KMAP_N), recording the kernel binaries each test launches
@@ -178,7 +179,7 @@ sanall)
   # coverage per binary is read from what they ran (`--ran`), not from the pick
   if [ -n "${KMAP:-}" ]; then
     b kmap "${KMAP_T:-200}" env ATTN_AUTOTUNE=0 ATTN_KERNEL_MAP=$L/kmap python3 -m pytest -q -p no:cacheprovider \
-      -n "${KMAP_N:-14}" -rf --tb=line tests -k "${SAN_K:-not test_gpu_long_soak and not test_sanitize_script}"
+      -n "${KMAP_N:-14}" -rf --tb=line tests -k "$san_k"
     # shellcheck disable=SC2046,SC2086  # one --tool per word of TOOL
     python3 -m bench.kernel_coverage --suite $L/kmap $(printf -- "--tool %s " ${TOOL:-memcheck}) --pick $L/pick \
       > $L/kmap_coverage.txt 2>&1
@@ -199,7 +200,7 @@ sanall)
     [ -n "${SAN_PICK:-}" ] && [ -s "$L/pick/pick_$tool.txt" ] && what=@$L/pick/pick_$tool.txt
     timeout -s INT -k 20 "$left" env OUT=$L/$tool SANITIZER_TOOLS=$tool SAN_BUDGET=$budget SAN_PAR=$par \
       SAN_HEAVY=${!heavy_v:-${SAN_HEAVY:-}} SAN_DONE="${!done_v:-${SAN_DONE:-}}" bash tests/gpu_sanitize.sh "$what" \
-      -k "${SAN_K:-not test_gpu_long_soak and not test_sanitize_script}" > "$L/san_$tool.log" 2>&1
+      -k "$san_k" > "$L/san_$tool.log" 2>&1
     echo "rc=$?" >> "$L/san_$tool.log"
   }
   saving

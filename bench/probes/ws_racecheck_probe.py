@@ -13,9 +13,9 @@ Triton's warp specialization (or to racecheck's model of it), not to attn's kern
 The same run reported WAR hazards between the Gluon prefill's two consumer partitions in its non-finite slow path
 (`_hidden_values_out`): one reads the V stage, then `_sync_consumers` (the partition's own barrier, one thread's
 mbarrier arrive, every thread's wait), then the other writes it. ``_ws_handoff`` keeps only that handoff: one
-4-warp partition reads a shared buffer, syncs as `_sync_consumers` does, and the other 4-warp partition writes it
-after the wait. The order is valid in the PTX memory model (the bar.sync orders each thread's read before the
-arriving thread's release; the waiters acquire it); a hazard here is racecheck not following that chain.
+4-warp partition reads a shared buffer and the other writes it, ordered by the kernel's own `_sync_consumers`.
+The order is valid in the PTX memory model (the bar.sync orders each thread's read before the arriving thread's
+release; the waiters acquire it); a hazard here is racecheck not following that chain.
 Session 20's run of these two showed the state-byte hazard in ``_ws_handoff`` and none on its buffer, so
 ``_ws_rounds`` comes closer to the kernel: both partitions read the whole buffer, sync, rewrite their halves and
 sync again, three rounds, the barrier's phase parity alternating as the kernel's does across tiles.
@@ -27,6 +27,8 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+from attn.fast.gluon_attention import _sync_consumers
 
 
 @gluon.jit
@@ -46,28 +48,31 @@ def _reader(buf, bar, out_ptr):
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     x = buf.load(layout)
     gl.store(out_ptr + gl.arange(0, 128, layout=layout), x)
-    gl.thread_barrier()
-    mbarrier.arrive(bar, count=1)
-    mbarrier.wait(bar, 0)
+    _sync_consumers(bar, 0)
 
 
 @gluon.jit
 def _writer(buf, bar, out_ptr):
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    gl.thread_barrier()
-    mbarrier.arrive(bar, count=1)
-    mbarrier.wait(bar, 0)
+    _sync_consumers(bar, 0)
     buf.store(gl.full([128], 2.0, gl.float32, layout))
 
 
 @gluon.jit
-def _ws_handoff(out_ptr):
+def _buffer_and_barrier():
+    """128 floats of shared memory, all 1.0, and an mbarrier for two partitions' arrivals, as fix_bar is."""
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     buf = gl.allocate_shared_memory(gl.float32, [128], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     buf.store(gl.full([128], 1.0, gl.float32, layout))
     bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(bar, count=2)
     gl.thread_barrier()
+    return buf, bar
+
+
+@gluon.jit
+def _ws_handoff(out_ptr):
+    buf, bar = _buffer_and_barrier()
     gl.warp_specialize([(_reader, (buf, bar, out_ptr)), (_writer, (buf, bar, out_ptr))], [4], [24])
 
 
@@ -80,26 +85,15 @@ def _rounds(buf, bar, out_ptr, HALF: gl.constexpr, ROUNDS: gl.constexpr):
     total = gl.zeros([128], gl.float32, layout)
     for r in gl.static_range(ROUNDS):
         total += buf.load(layout)
-        gl.thread_barrier()
-        mbarrier.arrive(bar, count=1)
-        mbarrier.wait(bar, phase & 1)
-        phase += 1
+        phase = _sync_consumers(bar, phase)
         buf.slice(HALF * 64, 64).store(gl.full([64], r + 2.0, gl.float32, layout))
-        gl.thread_barrier()
-        mbarrier.arrive(bar, count=1)
-        mbarrier.wait(bar, phase & 1)
-        phase += 1
+        phase = _sync_consumers(bar, phase)
     gl.store(out_ptr + HALF * 128 + gl.arange(0, 128, layout=layout), total)
 
 
 @gluon.jit
 def _ws_rounds(out_ptr, ROUNDS: gl.constexpr):
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    buf = gl.allocate_shared_memory(gl.float32, [128], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    buf.store(gl.full([128], 1.0, gl.float32, layout))
-    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(bar, count=2)
-    gl.thread_barrier()
+    buf, bar = _buffer_and_barrier()
     gl.warp_specialize([(_rounds, (buf, bar, out_ptr, 0, ROUNDS)), (_rounds, (buf, bar, out_ptr, 1, ROUNDS))],
                        [4], [24])  # fmt: skip
 

@@ -19,6 +19,9 @@ release; the waiters acquire it); a hazard here is racecheck not following that 
 Session 20's run of these two showed the state-byte hazard in ``_ws_handoff`` and none on its buffer, so
 ``_ws_rounds`` comes closer to the kernel: both partitions read the whole buffer, sync, rewrite their halves and
 sync again, three rounds, the barrier's phase parity alternating as the kernel's does across tiles.
+Both of these access their buffer with ldmatrix/stmatrix, not the kernel's ``ld/st.shared.v4``:
+`slowpath_racecheck_probe.py` runs the kernel's own slow path instead. ``_ws_probe4`` and ``_ws_probe4_bar``
+split the state-byte question: a 4-warp worker alone, then with a barrier in the default warps.
 """
 
 import sys
@@ -41,6 +44,25 @@ def _store_one(out_ptr, at: gl.constexpr):
 @gluon.jit
 def _ws_probe(out_ptr):
     gl.warp_specialize([(_store_one, (out_ptr, 0)), (_store_one, (out_ptr, 1))], [1], [24])
+
+
+@gluon.jit
+def _ws_probe4(out_ptr):
+    # as _ws_probe with a 4-warp worker partition (the prefill's consumer 1): session 20 saw the state-byte
+    # hazard with one (_ws_handoff) and not with a 1-warp worker
+    gl.warp_specialize([(_store_one, (out_ptr, 0)), (_store_one, (out_ptr, 1))], [4], [24])
+
+
+@gluon.jit
+def _barrier_then_store(out_ptr, at: gl.constexpr):
+    gl.thread_barrier()  # in a partition: bar.sync <id>, 128 (the default warps' id is 0)
+    _store_one(out_ptr, at)
+
+
+@gluon.jit
+def _ws_probe4_bar(out_ptr):
+    # _ws_probe4 plus one partition barrier in the default warps, as `_sync_consumers` has
+    gl.warp_specialize([(_barrier_then_store, (out_ptr, 0)), (_store_one, (out_ptr, 1))], [4], [24])
 
 
 @gluon.jit
@@ -104,6 +126,8 @@ def main() -> None:
         from sass_tools import compile_for_target
 
         print(compile_for_target(_ws_probe, (torch.empty(2048),), {}).asm["ptx"])
+        print(compile_for_target(_ws_probe4, (torch.empty(2048),), {}).asm["ptx"])
+        print(compile_for_target(_ws_probe4_bar, (torch.empty(2048),), {}).asm["ptx"])
         print(compile_for_target(_ws_handoff, (torch.empty(128),), {}).asm["ptx"])
         print(compile_for_target(_ws_rounds, (torch.empty(256),), {"ROUNDS": 3}).asm["ptx"])
         return
@@ -113,6 +137,12 @@ def main() -> None:
     assert torch.equal(out[:128], torch.arange(128.0, device="cuda")), "default partition's store"
     assert torch.equal(out[1024:1056], torch.arange(32.0, device="cuda")), "worker partition's store"
     print("ws probe ran: both partitions stored")
+    for k in (_ws_probe4, _ws_probe4_bar):
+        out.zero_()
+        k[(4,)](out, num_warps=4)
+        torch.cuda.synchronize()
+        assert torch.equal(out[1024:1152], torch.arange(128.0, device="cuda")), f"{k.__name__}: worker's store"
+        print(f"{k.__name__} ran: both partitions stored")
     got = torch.zeros(128, device="cuda")
     _ws_handoff[(4,)](got, num_warps=4)
     torch.cuda.synchronize()

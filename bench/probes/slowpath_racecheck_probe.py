@@ -1,0 +1,141 @@
+"""The Gluon prefill's non-finite slow path alone, for racecheck: is its WAR hazard attn's race or racecheck's?
+
+    python bench/probes/slowpath_racecheck_probe.py tma|plain    # on a GPU, under compute-sanitizer racecheck
+    TRITON_INTERPRET=0 python bench/probes/slowpath_racecheck_probe.py --ptx   # on a CPU: both variants' PTX
+
+Session 20's racecheck run of `_attn_fwd_gluon` reported WAR hazards between consumer 0 reading a V stage in
+`_has_nonfinite` and consumer 1 writing the indicator rows there in `_hidden_values_out`, which
+`_sync_consumers` orders. Its control (`ws_racecheck_probe._ws_handoff`) showed no hazard, but its buffer
+accesses compile to ldmatrix/stmatrix, while the kernel's check and stores are ``ld/st.shared.v4``: the control
+did not test the kernel's accesses. This kernel is the prefill with Q·Kᵀ, softmax and P·V taken out: the same
+partitions (consumer 0 in the default warps, consumer 1 in 4 worker warps, a 1-warp producer), the same
+[128, 128] bf16 stages in the TMA's swizzled layout, and the kernel's own `_has_nonfinite` and
+`_hidden_values_out` over every tile, each of which holds a NaN.
+
+- ``tma``: the producer fills a 2-stage ring by TMA (the async proxy), as the prefill does; ``n_tiles`` tiles.
+- ``plain``: the default warps fill one stage with ordinary stores before the partitions start; one tile.
+
+A hazard in ``plain`` is racecheck's model of `_sync_consumers` over these accesses; one only in ``tma`` ties it
+to the TMA-written stage.
+"""
+
+import sys
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from attn.fast.gluon_attention import CONSUMER_REGS, PRODUCER_REGS, _chunk_layout, _has_nonfinite, _hidden_values_out
+
+BLOCK_N, HEAD_DIM, BAD_COL = 128, 128, 7
+
+
+@gluon.jit
+def _sp_consumer(bufs, ready, empty, fix_bar, v_ptr, out_ptr, n_tiles, TMA: gl.constexpr, HALF: gl.constexpr):
+    STAGES: gl.constexpr = bufs.shape[0]
+    BLOCK_N: gl.constexpr = bufs.shape[1]
+    HEAD_DIM: gl.constexpr = bufs.shape[2]
+    WG_M: gl.constexpr = 64
+    NW: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    offs_m = HALF * WG_M + gl.arange(0, WG_M, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
+    fixes = 0
+    for t in range(n_tiles):
+        slot = t % STAGES
+        if TMA:
+            mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        v = bufs.index(slot)
+        # every key visible (no window): the slow path's product makes acc NaN in each bad column
+        if _has_nonfinite(v, BLOCK_N, HEAD_DIM) != 0:
+            acc, fixes = _hidden_values_out(v, acc, fix_bar, fixes, v_ptr, 0, HEAD_DIM, t * BLOCK_N, offs_m, 0,
+                                            n_tiles * BLOCK_N, 0, 0, False, False, HALF, 2, WG_M, BLOCK_N, HEAD_DIM,
+                                            s_layout, o_layout, p_layout)  # fmt: skip
+        if TMA:
+            mbarrier.arrive(empty.index(slot), count=1)
+    # out[HALF]: this consumer's fix_bar phases; out[2 + HALF]: its NaN outputs
+    gl.store(out_ptr + HALF, fixes)
+    gl.store(out_ptr + 2 + HALF, gl.sum(gl.sum((acc != acc).to(gl.int32), 1), 0))
+
+
+@gluon.jit
+def _sp_producer(v_desc, bufs, ready, empty, n_tiles, TMA: gl.constexpr):
+    STAGES: gl.constexpr = bufs.shape[0]
+    BLOCK_N: gl.constexpr = bufs.shape[1]
+    if TMA:
+        for t in range(n_tiles):
+            slot = t % STAGES
+            # a fresh barrier's "previous phase" (parity 1) counts as complete: the first lap does not wait
+            mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(slot), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [t * BLOCK_N, 0], ready.index(slot), bufs.index(slot))
+
+
+@gluon.jit
+def _sp_kernel(v_desc, v_ptr, out_ptr, n_tiles, TMA: gl.constexpr, STAGES: gl.constexpr):
+    BLOCK_N: gl.constexpr = v_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = v_desc.block_type.shape[1]
+    bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(fix_bar, count=2)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    if not TMA:
+        layout: gl.constexpr = _chunk_layout(HEAD_DIM, gl.num_warps())
+        rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+        bufs.index(0).store(gl.load(v_ptr + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0)))
+        fence_async_shared()
+    gl.thread_barrier()
+    gl.warp_specialize(
+        [
+            (_sp_consumer, (bufs, ready, empty, fix_bar, v_ptr, out_ptr, n_tiles, TMA, 0)),
+            (_sp_consumer, (bufs, ready, empty, fix_bar, v_ptr, out_ptr, n_tiles, TMA, 1)),
+            (_sp_producer, (v_desc, bufs, ready, empty, n_tiles, TMA)),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, PRODUCER_REGS],
+    )  # fmt: skip
+
+
+def args(mode: str, device: str):
+    n_tiles = 4 if mode == "tma" else 1
+    v = torch.randn(n_tiles * BLOCK_N, HEAD_DIM, device=device).to(torch.bfloat16)
+    v[torch.arange(n_tiles) * BLOCK_N + 5, BAD_COL] = float("nan")  # one NaN per tile, all in one column
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], gl.bfloat16)
+    desc = TensorDescriptor(v, [n_tiles * BLOCK_N, HEAD_DIM], [HEAD_DIM, 1], [BLOCK_N, HEAD_DIM], layout)
+    out = torch.full((4,), -1, dtype=torch.int32, device=device)
+    return (desc, v, out, n_tiles), {"TMA": mode == "tma", "STAGES": 2}
+
+
+def main() -> None:
+    if "--ptx" in sys.argv:
+        sys.path.insert(0, __file__.rsplit("/", 1)[0])
+        from sass_tools import compile_for_target
+
+        for mode in ("tma", "plain"):
+            a, c = args(mode, "cpu")
+            print(compile_for_target(_sp_kernel, a, c).asm["ptx"])
+        return
+    mode = sys.argv[1]
+    a, c = args(mode, "cuda")
+    _sp_kernel[(1,)](*a, **c, num_warps=4)
+    torch.cuda.synchronize()
+    out, n_tiles = a[2].tolist(), a[3]
+    # each tile takes the slow path (four fix_bar phases per consumer); its NaN reaches column BAD_COL of all 64
+    # rows of each consumer
+    assert out == [4 * n_tiles, 4 * n_tiles, 64, 64], out
+    print(f"slow path probe ({mode}) ran: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """The Gluon prefill's non-finite slow path alone, for racecheck: is its WAR hazard attn's race or racecheck's?
 
-    python bench/probes/slowpath_racecheck_probe.py tma|plain    # on a GPU, under compute-sanitizer racecheck
+    python bench/probes/slowpath_racecheck_probe.py tma|plain|mixed    # on a GPU, under compute-sanitizer racecheck
     TRITON_INTERPRET=0 python bench/probes/slowpath_racecheck_probe.py --ptx   # on a CPU: both variants' PTX
 
 Session 20's racecheck run of `_attn_fwd_gluon` reported WAR hazards between consumer 0 reading a V stage in
@@ -14,6 +14,8 @@ partitions (consumer 0 in the default warps, consumer 1 in 4 worker warps, a 1-w
 
 - ``tma``: the producer fills a 2-stage ring by TMA (the async proxy), as the prefill does; ``n_tiles`` tiles.
 - ``plain``: the default warps fill one stage with ordinary stores before the partitions start; one tile.
+- ``mixed``: closer to the prefill's loop: a 3-stage ring, 9 tiles of which 2, 5, 8 hold the NaN, 0, 3, 6 are
+  checked and clean, 1, 4, 7 are not checked (the unmasked range), and a P·V wgmma reads every stage.
 
 A hazard in ``plain`` is racecheck's model of `_sync_consumers` over these accesses; one only in ``tma`` ties it
 to the TMA-written stage.
@@ -24,7 +26,13 @@ import sys
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attn.fast.gluon_attention import CONSUMER_REGS, PRODUCER_REGS, _chunk_layout, _has_nonfinite, _hidden_values_out
@@ -33,7 +41,8 @@ BLOCK_N, HEAD_DIM, BAD_COL = 128, 128, 7
 
 
 @gluon.jit
-def _sp_consumer(bufs, ready, empty, fix_bar, v_ptr, out_ptr, n_tiles, TMA: gl.constexpr, HALF: gl.constexpr):
+def _sp_consumer(bufs, ready, empty, fix_bar, v_ptr, out_ptr, n_tiles, TMA: gl.constexpr, MIXED: gl.constexpr,
+                 HALF: gl.constexpr):  # fmt: skip
     STAGES: gl.constexpr = bufs.shape[0]
     BLOCK_N: gl.constexpr = bufs.shape[1]
     HEAD_DIM: gl.constexpr = bufs.shape[2]
@@ -52,11 +61,17 @@ def _sp_consumer(bufs, ready, empty, fix_bar, v_ptr, out_ptr, n_tiles, TMA: gl.c
         if TMA:
             mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
         v = bufs.index(slot)
-        # every key visible (no window): the slow path's product makes acc NaN in each bad column
-        if _has_nonfinite(v, BLOCK_N, HEAD_DIM) != 0:
-            acc, fixes = _hidden_values_out(v, acc, fix_bar, fixes, v_ptr, 0, HEAD_DIM, t * BLOCK_N, offs_m, 0,
-                                            n_tiles * BLOCK_N, 0, 0, False, False, HALF, 2, WG_M, BLOCK_N, HEAD_DIM,
-                                            s_layout, o_layout, p_layout)  # fmt: skip
+        # MIXED: tiles 1, 4, 7, ... stand for the unmasked range, which is never checked
+        if not MIXED or t % 3 != 1:
+            # every key visible (no window): the slow path's product makes acc NaN in each bad column
+            if _has_nonfinite(v, BLOCK_N, HEAD_DIM) != 0:
+                acc, fixes = _hidden_values_out(v, acc, fix_bar, fixes, v_ptr, 0, HEAD_DIM, t * BLOCK_N, offs_m, 0,
+                                                n_tiles * BLOCK_N, 0, 0, False, False, HALF, 2, WG_M, BLOCK_N,
+                                                HEAD_DIM, s_layout, o_layout, p_layout)  # fmt: skip
+        if MIXED:
+            # P·V's read of the stage by the tensor cores (P = 0 adds nothing), as the prefill issues it
+            p = gl.zeros([WG_M, BLOCK_N], gl.bfloat16, p_layout)
+            acc = warpgroup_mma_wait(0, deps=[warpgroup_mma(p, v, acc, is_async=True)])
         if TMA:
             mbarrier.arrive(empty.index(slot), count=1)
     # out[HALF]: this consumer's fix_bar phases; out[2 + HALF]: its NaN outputs
@@ -78,7 +93,7 @@ def _sp_producer(v_desc, bufs, ready, empty, n_tiles, TMA: gl.constexpr):
 
 
 @gluon.jit
-def _sp_kernel(v_desc, v_ptr, out_ptr, n_tiles, TMA: gl.constexpr, STAGES: gl.constexpr):
+def _sp_kernel(v_desc, v_ptr, out_ptr, n_tiles, TMA: gl.constexpr, MIXED: gl.constexpr, STAGES: gl.constexpr):
     BLOCK_N: gl.constexpr = v_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = v_desc.block_type.shape[1]
     bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -98,8 +113,8 @@ def _sp_kernel(v_desc, v_ptr, out_ptr, n_tiles, TMA: gl.constexpr, STAGES: gl.co
     gl.thread_barrier()
     gl.warp_specialize(
         [
-            (_sp_consumer, (bufs, ready, empty, fix_bar, v_ptr, out_ptr, n_tiles, TMA, 0)),
-            (_sp_consumer, (bufs, ready, empty, fix_bar, v_ptr, out_ptr, n_tiles, TMA, 1)),
+            (_sp_consumer, (bufs, ready, empty, fix_bar, v_ptr, out_ptr, n_tiles, TMA, MIXED, 0)),
+            (_sp_consumer, (bufs, ready, empty, fix_bar, v_ptr, out_ptr, n_tiles, TMA, MIXED, 1)),
             (_sp_producer, (v_desc, bufs, ready, empty, n_tiles, TMA)),
         ],
         [4, 1],
@@ -108,13 +123,16 @@ def _sp_kernel(v_desc, v_ptr, out_ptr, n_tiles, TMA: gl.constexpr, STAGES: gl.co
 
 
 def args(mode: str, device: str):
-    n_tiles = 4 if mode == "tma" else 1
+    n_tiles = {"tma": 4, "plain": 1, "mixed": 9}[mode]
     v = torch.randn(n_tiles * BLOCK_N, HEAD_DIM, device=device).to(torch.bfloat16)
-    v[torch.arange(n_tiles) * BLOCK_N + 5, BAD_COL] = float("nan")  # one NaN per tile, all in one column
+    # one NaN per bad tile, all in one column: every tile, or (mixed) tiles 2, 5, 8
+    bad = torch.arange(2 if mode == "mixed" else 0, n_tiles, 3 if mode == "mixed" else 1)
+    v[bad * BLOCK_N + 5, BAD_COL] = float("nan")
     layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], gl.bfloat16)
     desc = TensorDescriptor(v, [n_tiles * BLOCK_N, HEAD_DIM], [HEAD_DIM, 1], [BLOCK_N, HEAD_DIM], layout)
     out = torch.full((4,), -1, dtype=torch.int32, device=device)
-    return (desc, v, out, n_tiles), {"TMA": mode == "tma", "STAGES": 2}
+    return (desc, v, out, n_tiles, bad.numel()), {"TMA": mode != "plain", "MIXED": mode == "mixed",
+                                                  "STAGES": 3 if mode == "mixed" else 2}
 
 
 def main() -> None:
@@ -122,18 +140,18 @@ def main() -> None:
         sys.path.insert(0, __file__.rsplit("/", 1)[0])
         from sass_tools import compile_for_target
 
-        for mode in ("tma", "plain"):
+        for mode in ("tma", "plain", "mixed"):
             a, c = args(mode, "cpu")
-            print(compile_for_target(_sp_kernel, a, c).asm["ptx"])
+            print(compile_for_target(_sp_kernel, a[:4], c).asm["ptx"])
         return
     mode = sys.argv[1]
     a, c = args(mode, "cuda")
-    _sp_kernel[(1,)](*a, **c, num_warps=4)
+    _sp_kernel[(1,)](*a[:4], **c, num_warps=4)
     torch.cuda.synchronize()
-    out, n_tiles = a[2].tolist(), a[3]
-    # each tile takes the slow path (four fix_bar phases per consumer); its NaN reaches column BAD_COL of all 64
-    # rows of each consumer
-    assert out == [4 * n_tiles, 4 * n_tiles, 64, 64], out
+    out, n_bad = a[2].tolist(), a[4]
+    # each bad tile takes the slow path (four fix_bar phases per consumer); its NaN reaches column BAD_COL of all
+    # 64 rows of each consumer
+    assert out == [4 * n_bad, 4 * n_bad, 64, 64], out
     print(f"slow path probe ({mode}) ran: {out}")
 
 

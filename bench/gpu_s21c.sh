@@ -4,7 +4,8 @@
 # 1. The graph-pool tests that fail under every sanitizer (share g): are they failing for ATTN_AUTOTUNE=0, which
 #    tests/gpu_sanitize.sh sets, rather than for the tool? Run plainly with ATTN_AUTOTUNE=0, then with the default.
 # 2. Beside them: racecheck on the 64-key Gluon prefill's hidden-values tests (the only structure where session 21
-#    call 2 saw the slow path's WAR, in one CTA), twice for causal and once for each other mask.
+#    call 2 saw the slow path's WAR, in one CTA), twice for causal and once for each other mask; and on
+#    slowpath_racecheck_probe.py's lag/nolag (consumer 1 waits for phase 0 after consumer 0 arrived at phase 1).
 # 3. Then synccheck and racecheck over the ids not yet run clean (mostly the gpu-marked ones), memcheck's rest.
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
@@ -24,13 +25,15 @@ rc() {  # rc <tag> <command...>: racecheck, every hazard reported
     --log-file "$L/$tag.log" "$@" > "$L/$tag.out" 2>&1
   echo "rc=$?" >> "$L/$tag.out"
 }
+rc lag python3 bench/probes/slowpath_racecheck_probe.py lag &
+rc nolag python3 bench/probes/slowpath_racecheck_probe.py nolag &
 for run in causal-n64-nan:a causal-n64-nan:b causal-n64-inf:a window-n64-nan:a full-ragged-n64-nan:a; do
   rc "n64_${run/:/_}" python3 -m pytest -q -p no:cacheprovider \
     "tests/test_gluon_attention.py::test_gluon_hidden_values_stay_out[${run%:*}]" &
   sleep 1
 done
 wait
-for f in $L/n64_*.log; do
+for f in $L/lag.log $L/nolag.log $L/n64_*.log; do
   python3 -m bench.race_digest "$f" | cut -c1-250
   grep -oE "WAR hazard detected at __shared__ 0x[0-9a-f]+ in block \([0-9,]+\)" "$f" | awk '{print $NF}' | sort | uniq -c
   tail -2 "${f%.log}.out" | cut -c1-200

@@ -1,7 +1,7 @@
 """The Gluon prefill's non-finite slow path alone, for racecheck: is its WAR hazard attn's race or racecheck's?
 
-    python bench/probes/slowpath_racecheck_probe.py tma|plain|mixed    # on a GPU, under compute-sanitizer racecheck
-    TRITON_INTERPRET=0 python bench/probes/slowpath_racecheck_probe.py --ptx   # on a CPU: both variants' PTX
+    python bench/probes/slowpath_racecheck_probe.py tma|plain|mixed|lag|nolag   # on a GPU, under racecheck
+    TRITON_INTERPRET=0 python bench/probes/slowpath_racecheck_probe.py --ptx   # on a CPU: every variant's PTX
 
 Session 20's racecheck run of `_attn_fwd_gluon` reported WAR hazards between consumer 0 reading a V stage in
 `_has_nonfinite` and consumer 1 writing the indicator rows there in `_hidden_values_out`, which
@@ -16,6 +16,10 @@ partitions (consumer 0 in the default warps, consumer 1 in 4 worker warps, a 1-w
 - ``plain``: the default warps fill one stage with ordinary stores before the partitions start; one tile.
 - ``mixed``: closer to the prefill's loop: a 3-stage ring, 9 tiles of which 2, 5, 8 hold the NaN, 0, 3, 6 are
   checked and clean, 1, 4, 7 are not checked (the unmasked range), and a P·V wgmma reads every stage.
+
+- ``lag`` / ``nolag``: one stage, the slow path's first two phases; in ``lag`` consumer 1 sleeps ~20 ms between
+  its arrival and its wait, so that it waits for phase 0 when the barrier is already in phase 1 (consumer 0 went
+  on and arrived there), an order PTX defines (try_wait.parity returns once the phase of that parity completed).
 
 A hazard in ``plain`` is racecheck's model of `_sync_consumers` over these accesses; one only in ``tma`` ties it
 to the TMA-written stage.
@@ -35,7 +39,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from attn.fast.gluon_attention import CONSUMER_REGS, PRODUCER_REGS, _chunk_layout, _has_nonfinite, _hidden_values_out
+from attn.fast.gluon_attention import (
+    CONSUMER_REGS,
+    PRODUCER_REGS,
+    _chunk_layout,
+    _has_nonfinite,
+    _hidden_values_out,
+    _sync_consumers,
+)
 
 BLOCK_N, HEAD_DIM, BAD_COL = 128, 128, 7
 
@@ -122,6 +133,59 @@ def _sp_kernel(v_desc, v_ptr, out_ptr, n_tiles, TMA: gl.constexpr, MIXED: gl.con
     )  # fmt: skip
 
 
+@gluon.jit
+def _sleep(ns):
+    """Sleep about ``ns`` nanoseconds (PTX nanosleep; an int32 in and out, so that the call stays in order)."""
+    return gl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, $1;", "=r,r", [ns], dtype=gl.int32,
+                                     is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _lag_consumer(bufs, fix_bar, out_ptr, LAG: gl.constexpr, HALF: gl.constexpr):
+    # the slow path's first two steps with the kernel's own check and store: both read the stage, both arrive at
+    # phase 0; consumer 0 goes straight on to arrive at phase 1, while consumer 1 (LAG) sleeps between its arrival
+    # and its wait, so that it waits for phase 0 when the barrier is already in phase 1 with consumer 0's arrival
+    BLOCK_N: gl.constexpr = bufs.shape[1]
+    HEAD_DIM: gl.constexpr = bufs.shape[2]
+    NW: gl.constexpr = gl.num_warps()
+    CH: gl.constexpr = (32 // (HEAD_DIM // 8)) * NW
+    ROWS: gl.constexpr = BLOCK_N // 2
+    layout: gl.constexpr = _chunk_layout(HEAD_DIM, NW)
+    v = bufs.index(0)
+    bad = _has_nonfinite(v, BLOCK_N, HEAD_DIM)
+    gl.thread_barrier()
+    mbarrier.arrive(fix_bar, count=1)
+    if LAG and HALF == 1:
+        # ~20 ms in 1 ms naps (nanosleep's cap): under racecheck consumer 0's stores take far longer than natively
+        t = gl.full([32 * NW], 1000000, gl.int32, gl.BlockedLayout([1], [32], [NW], [0]))
+        for _ in gl.static_range(20):
+            t = _sleep(t)
+        bad += gl.max(t, 0) * 0  # keeps the sleeps
+    mbarrier.wait(fix_bar, 0)
+    for c in gl.static_range(ROWS // CH):
+        v.slice(HALF * ROWS + c * CH, CH).store(gl.full([CH, HEAD_DIM], 0.0, gl.bfloat16, layout))
+    fence_async_shared()
+    _sync_consumers(fix_bar, 1)
+    gl.store(out_ptr + HALF, bad)
+
+
+@gluon.jit
+def _lag_kernel(v_desc, v_ptr, out_ptr, LAG: gl.constexpr):
+    BLOCK_N: gl.constexpr = v_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = v_desc.block_type.shape[1]
+    bufs = gl.allocate_shared_memory(v_desc.dtype, [1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(fix_bar, count=2)
+    layout: gl.constexpr = _chunk_layout(HEAD_DIM, gl.num_warps())
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    bufs.index(0).store(gl.load(v_ptr + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0)))
+    fence_async_shared()
+    gl.thread_barrier()
+    gl.warp_specialize([(_lag_consumer, (bufs, fix_bar, out_ptr, LAG, 0)),
+                        (_lag_consumer, (bufs, fix_bar, out_ptr, LAG, 1))], [4], [CONSUMER_REGS])  # fmt: skip
+
+
 def args(mode: str, device: str):
     n_tiles = {"tma": 4, "plain": 1, "mixed": 9}[mode]
     v = torch.randn(n_tiles * BLOCK_N, HEAD_DIM, device=device).to(torch.bfloat16)
@@ -131,8 +195,11 @@ def args(mode: str, device: str):
     layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], gl.bfloat16)
     desc = TensorDescriptor(v, [n_tiles * BLOCK_N, HEAD_DIM], [HEAD_DIM, 1], [BLOCK_N, HEAD_DIM], layout)
     out = torch.full((4,), -1, dtype=torch.int32, device=device)
-    return (desc, v, out, n_tiles, bad.numel()), {"TMA": mode != "plain", "MIXED": mode == "mixed",
-                                                  "STAGES": 3 if mode == "mixed" else 2}
+    return (desc, v, out, n_tiles, bad.numel()), {
+        "TMA": mode != "plain",
+        "MIXED": mode == "mixed",
+        "STAGES": 3 if mode == "mixed" else 2,
+    }
 
 
 def main() -> None:
@@ -143,8 +210,19 @@ def main() -> None:
         for mode in ("tma", "plain", "mixed"):
             a, c = args(mode, "cpu")
             print(compile_for_target(_sp_kernel, a[:4], c).asm["ptx"])
+        a, _ = args("plain", "cpu")
+        lag_args = (a[0], a[1], torch.empty(2, dtype=torch.int32))
+        print(compile_for_target(_lag_kernel, lag_args, {"LAG": True}).asm["ptx"])
         return
     mode = sys.argv[1]
+    if mode in ("lag", "nolag"):
+        a, _ = args("plain", "cuda")
+        out = torch.full((2,), -1, dtype=torch.int32, device="cuda")
+        _lag_kernel[(1,)](a[0], a[1], out, LAG=mode == "lag", num_warps=4)
+        torch.cuda.synchronize()
+        assert out.tolist() == [1, 1], out  # both saw the NaN before either wrote
+        print(f"lag probe ({mode}) ran: {out.tolist()}")
+        return
     a, c = args(mode, "cuda")
     _sp_kernel[(1,)](*a[:4], **c, num_warps=4)
     torch.cuda.synchronize()

@@ -40,6 +40,7 @@ for f in $L/lag.log $L/nolag.log $L/n64_*.log; do
 done | tee $L/digest.txt
 for at in 0 1; do echo "== ATTN_AUTOTUNE=$at"; grep -E "PASSED|FAILED|ERROR|^E .*Error|rc=" $L/pools_autotune$at.log | cut -c1-250 | head -12; done
 tar czf "$OUT/race.tgz" -C $L .
+[ "${RACE_SAN_T:-400}" -gt 0 ] || exit 0  # RACE_SAN_T=0: steps 1 and 2 only
 MODE=sanall TOOL="synccheck racecheck memcheck" SAN_TOGETHER=1 SAN_PAR_racecheck=3 SAN_HEAVY_racecheck=2 \
   SAN_PAR_synccheck=3 SAN_HEAVY_synccheck=2 SAN_PAR_memcheck=1 SAN_HEAVY_memcheck=1 \
   SAN_DONE_racecheck=bench/results/sanitizer_racecheck_H100_2026-12-08_s21_done.txt \

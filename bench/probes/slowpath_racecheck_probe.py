@@ -104,6 +104,18 @@ def _sp_producer(v_desc, bufs, ready, empty, n_tiles, TMA: gl.constexpr):
 
 
 @gluon.jit
+def _fill_stage(stage, v_ptr):
+    """The stage's rows from V in global memory by ordinary stores (the generic proxy), fenced for the async one."""
+    BLOCK_N: gl.constexpr = stage.shape[0]
+    HEAD_DIM: gl.constexpr = stage.shape[1]
+    layout: gl.constexpr = _chunk_layout(HEAD_DIM, gl.num_warps())
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    stage.store(gl.load(v_ptr + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0)))
+    fence_async_shared()
+
+
+@gluon.jit
 def _sp_kernel(v_desc, v_ptr, out_ptr, n_tiles, TMA: gl.constexpr, MIXED: gl.constexpr, STAGES: gl.constexpr):
     BLOCK_N: gl.constexpr = v_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = v_desc.block_type.shape[1]
@@ -116,11 +128,7 @@ def _sp_kernel(v_desc, v_ptr, out_ptr, n_tiles, TMA: gl.constexpr, MIXED: gl.con
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)
     if not TMA:
-        layout: gl.constexpr = _chunk_layout(HEAD_DIM, gl.num_warps())
-        rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
-        bufs.index(0).store(gl.load(v_ptr + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0)))
-        fence_async_shared()
+        _fill_stage(bufs.index(0), v_ptr)
     gl.thread_barrier()
     gl.warp_specialize(
         [
@@ -176,11 +184,7 @@ def _lag_kernel(v_desc, v_ptr, out_ptr, LAG: gl.constexpr):
     bufs = gl.allocate_shared_memory(v_desc.dtype, [1, BLOCK_N, HEAD_DIM], v_desc.layout)
     fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(fix_bar, count=2)
-    layout: gl.constexpr = _chunk_layout(HEAD_DIM, gl.num_warps())
-    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
-    bufs.index(0).store(gl.load(v_ptr + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0)))
-    fence_async_shared()
+    _fill_stage(bufs.index(0), v_ptr)
     gl.thread_barrier()
     gl.warp_specialize([(_lag_consumer, (bufs, fix_bar, out_ptr, LAG, 0)),
                         (_lag_consumer, (bufs, fix_bar, out_ptr, LAG, 1))], [4], [CONSUMER_REGS])  # fmt: skip

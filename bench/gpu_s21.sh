@@ -8,21 +8,17 @@
 #    benchmark (INT8/FP8 against the bf16 cache), neither run since session 18's mul_rn change.
 # Logs go into $OUT/logs.tgz (rewritten after each step, so a cut call still returns what ran), the JSON beside it.
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
-SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
 L=/tmp/s21; mkdir -p $L "$OUT"
+. bench/racecheck_run.sh
 save() { tar czf "$OUT/.logs.tgz.part" -C $L . 2>/dev/null && mv "$OUT/.logs.tgz.part" "$OUT/logs.tgz"; }
-r() {  # r <tag> <limit s> <command...>: racecheck with every hazard reported, then the digest
-  local tag=$1 lim=$2; shift 2
-  timeout -s INT -k 10 "$lim" "$SAN" --tool racecheck --racecheck-report all --print-limit 400 \
-    --log-file "$L/$tag.log" "$@" > "$L/$tag.out" 2>&1
-  echo "== $tag: rc=$?"
-  python3 -m bench.race_digest "$L/$tag.log" | cut -c1-250
-  tail -4 "$L/$tag.out" | cut -c1-300
+r() {  # r <tag> <limit s> <print limit> <command...>: racecheck, then the digest
+  racecheck "$@" && echo "== $1: $(tail -1 "$L/$1.out")"
+  race_digests "$L/$1.log"
   save
 }
-r ws 90 python3 bench/probes/ws_racecheck_probe.py
-r slow_tma 120 python3 bench/probes/slowpath_racecheck_probe.py tma
-r slow_plain 120 python3 bench/probes/slowpath_racecheck_probe.py plain
+r ws 90 400 python3 bench/probes/ws_racecheck_probe.py
+r slow_tma 120 400 python3 bench/probes/slowpath_racecheck_probe.py tma
+r slow_plain 120 400 python3 bench/probes/slowpath_racecheck_probe.py plain
 timeout -s INT -k 20 170 python3 -m bench.bench_decode --peers cudnn,flash --out "$OUT/decode.json" \
   > "$L/decode.log" 2>&1; echo "decode rc=$?"; save
 grep -h -A14 "^TB/s" "$L/decode.log" | cut -c1-250

@@ -7,25 +7,16 @@
 #    digests in $OUT/race.tgz.
 # 2. Then the three tools over the suite's ids not yet run clean (bench/gpu_s10.sh sanall, SAN_T=RACE_SAN_T).
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
-SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
 L=/tmp/s21b; mkdir -p $L "$OUT"
-rc() {  # rc <tag> <command...>: racecheck, every hazard reported
-  local tag=$1; shift
-  timeout -s INT -k 10 110 "$SAN" --tool racecheck --racecheck-report all --print-limit 2000 \
-    --log-file "$L/$tag.log" "$@" > "$L/$tag.out" 2>&1
-  echo "rc=$?" >> "$L/$tag.out"
-}
+. bench/racecheck_run.sh
 for v in default fp16 d64 c1 serial n64 grid ovlfull pingpong; do
-  rc "hidden_$v" python3 -m pytest -q -p no:cacheprovider \
+  racecheck "hidden_$v" 110 2000 python3 -m pytest -q -p no:cacheprovider \
     "tests/test_gluon_attention.py::test_gluon_hidden_values_stay_out[causal-$v-nan]" &
   sleep 1
 done
-rc slow_mixed python3 bench/probes/slowpath_racecheck_probe.py mixed &
+racecheck slow_mixed 110 2000 python3 bench/probes/slowpath_racecheck_probe.py mixed &
 wait
-for f in $L/*.log; do
-  python3 -m bench.race_digest "$f" | cut -c1-250
-  tail -2 "${f%.log}.out" | cut -c1-200
-done | tee $L/digest.txt
+race_digests $L/*.log | tee $L/digest.txt
 tar czf "$OUT/race.tgz" -C $L .
 MODE=sanall TOOL="racecheck synccheck memcheck" SAN_TOGETHER=1 SAN_PAR_racecheck=7 SAN_HEAVY_racecheck=1 \
   SAN_PAR_synccheck=6 SAN_HEAVY_synccheck=1 SAN_PAR_memcheck=2 SAN_HEAVY_memcheck=1 \

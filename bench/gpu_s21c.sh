@@ -6,27 +6,17 @@
 #    slowpath_racecheck_probe.py's lag/nolag (consumer 1 waits for phase 0 after consumer 0 arrived at phase 1).
 # 2. Then synccheck and racecheck over the ids not yet run clean (mostly the gpu-marked ones), memcheck's rest.
 export PYTHONPATH=.:.gpu_pkgs PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
-SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
 L=/tmp/s21c; mkdir -p $L "$OUT"
-rc() {  # rc <tag> <command...>: racecheck, every hazard reported
-  local tag=$1; shift
-  timeout -s INT -k 10 150 "$SAN" --tool racecheck --racecheck-report all --print-limit 4000 \
-    --log-file "$L/$tag.log" "$@" > "$L/$tag.out" 2>&1
-  echo "rc=$?" >> "$L/$tag.out"
-}
-rc lag python3 bench/probes/slowpath_racecheck_probe.py lag &
-rc nolag python3 bench/probes/slowpath_racecheck_probe.py nolag &
+. bench/racecheck_run.sh
+racecheck lag 150 4000 python3 bench/probes/slowpath_racecheck_probe.py lag &
+racecheck nolag 150 4000 python3 bench/probes/slowpath_racecheck_probe.py nolag &
 for run in causal-n64-nan:a causal-n64-nan:b causal-n64-inf:a window-n64-nan:a full-ragged-n64-nan:a; do
-  rc "n64_${run/:/_}" python3 -m pytest -q -p no:cacheprovider \
+  racecheck "n64_${run/:/_}" 150 4000 python3 -m pytest -q -p no:cacheprovider \
     "tests/test_gluon_attention.py::test_gluon_hidden_values_stay_out[${run%:*}]" &
   sleep 1
 done
 wait
-for f in $L/lag.log $L/nolag.log $L/n64_*.log; do
-  python3 -m bench.race_digest "$f" | cut -c1-250
-  grep -oE "WAR hazard detected at __shared__ 0x[0-9a-f]+ in block \([0-9,]+\)" "$f" | awk '{print $NF}' | sort | uniq -c
-  tail -2 "${f%.log}.out" | cut -c1-200
-done | tee $L/digest.txt
+race_digests $L/lag.log $L/nolag.log $L/n64_*.log | tee $L/digest.txt
 tar czf "$OUT/race.tgz" -C $L .
 [ "${RACE_SAN_T:-400}" -gt 0 ] || exit 0  # RACE_SAN_T=0: step 1 only
 MODE=sanall TOOL="synccheck racecheck memcheck" SAN_TOGETHER=1 SAN_PAR_racecheck=3 SAN_HEAVY_racecheck=2 \

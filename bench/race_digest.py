@@ -1,5 +1,7 @@
 """Racecheck hazards of one log, counted by (kind, first access, second access) with each thread's warpgroup
-(thread id // 128) and source line; the shared address is kept only where few distinct ones occur.
+(thread id // 128) and source line; the shared address is kept only where few distinct ones occur. Then the
+hazards of each kind by CTA: a hazard that racecheck's model makes would show in every CTA that runs the code,
+one that depends on an interleaving in a few.
 
     python -m bench.race_digest <racecheck log>...
 """
@@ -10,7 +12,7 @@ import re
 import sys
 from collections import Counter
 
-HAZARD = re.compile(r"Potential (\w+) hazard detected at __shared__ (0x[0-9a-f]+)")
+HAZARD = re.compile(r"Potential (\w+) hazard detected at __shared__ (0x[0-9a-f]+) in block \(([0-9,]+)\)")
 ACCESS = re.compile(r"(Read|Write) Thread \((\d+),\d+,\d+\) at (\w+)\+0x[0-9a-f]+ in (?:.*/)?([^/\s]+:\d+)")
 
 
@@ -29,6 +31,11 @@ def digest(text: str) -> Counter:
     return counts
 
 
+def by_cta(text: str) -> Counter:
+    """Hazards counted by (kind, CTA), printed or not cut."""
+    return Counter((m.group(1), m.group(3)) for m in HAZARD.finditer(text))
+
+
 def main() -> None:
     for path in sys.argv[1:]:
         text = open(path, errors="replace").read()
@@ -45,6 +52,11 @@ def main() -> None:
             where = addrs[(kind, kern, a, b)]
             shown = " ".join(sorted(where)) if len(where) <= 4 else f"{len(where)} addresses"
             print(f"{n:7d}  {kind}  {kern}  {a}  ->  {b}  {shown}")
+        ctas = by_cta(text)
+        for kind in sorted({k for k, _ in ctas}):
+            per = sorted(((n, c) for (k, c), n in ctas.items() if k == kind), reverse=True)
+            shown = ", ".join(f"({c}) x{n}" for n, c in per[:6]) + (f", ... {len(per)} CTAs" if len(per) > 6 else "")
+            print(f"  {kind} by CTA: {shown}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """bench/race_digest.py: racecheck hazards counted by access pair, on a log written the way racecheck writes one."""
 
-from bench.race_digest import digest
+from bench.race_digest import by_cta, digest
 
 LOG = """\
 ========= COMPUTE-SANITIZER
@@ -36,3 +36,7 @@ def test_digest_skips_a_report_cut_before_its_accesses():
     cut = "========= Error: Potential WAR hazard detected at __shared__ 0x10 in block (0,0,0) :\n=========     Read Th"
     assert not digest(cut)
     assert sum(digest(LOG + cut).values()) == 3
+
+
+def test_hazards_are_counted_by_cta():
+    assert by_cta(LOG) == {("WAR", "5,0,0"): 2, ("RAW", "1,0,0"): 1}

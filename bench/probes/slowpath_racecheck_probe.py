@@ -1,6 +1,6 @@
 """The Gluon prefill's non-finite slow path alone, for racecheck: is its WAR hazard attn's race or racecheck's?
 
-    python bench/probes/slowpath_racecheck_probe.py tma|plain|mixed|lag|nolag   # on a GPU, under racecheck
+    python bench/probes/slowpath_racecheck_probe.py tma|plain|mixed|lag|nolag|lag2   # on a GPU, under racecheck
     TRITON_INTERPRET=0 python bench/probes/slowpath_racecheck_probe.py --ptx   # on a CPU: every variant's PTX
 
 Session 20's racecheck run of `_attn_fwd_gluon` reported WAR hazards between consumer 0 reading a V stage in
@@ -20,6 +20,8 @@ partitions (consumer 0 in the default warps, consumer 1 in 4 worker warps, a 1-w
 - ``lag`` / ``nolag``: one stage, the slow path's first two phases; in ``lag`` consumer 1 sleeps ~20 ms between
   its arrival and its wait, so that it waits for phase 0 when the barrier is already in phase 1 (consumer 0 went
   on and arrived there), an order PTX defines (try_wait.parity returns once the phase of that parity completed).
+  ``lag2``: the same lag with the second phase on a second barrier, so the awaited barrier never holds an
+  arrival past the awaited phase.
 
 A hazard in ``plain`` is racecheck's model of `_sync_consumers` over these accesses; one only in ``tma`` ties it
 to the TMA-written stage.
@@ -149,10 +151,13 @@ def _sleep(ns):
 
 
 @gluon.jit
-def _lag_consumer(bufs, fix_bar, out_ptr, LAG: gl.constexpr, HALF: gl.constexpr):
+def _lag_consumer(bufs, fix_bars, out_ptr, LAG: gl.constexpr, HALF: gl.constexpr):
     # the slow path's first two steps with the kernel's own check and store: both read the stage, both arrive at
     # phase 0; consumer 0 goes straight on to arrive at phase 1, while consumer 1 (LAG) sleeps between its arrival
-    # and its wait, so that it waits for phase 0 when the barrier is already in phase 1 with consumer 0's arrival
+    # and its wait, so that it waits for phase 0 when the barrier is already in phase 1 with consumer 0's arrival.
+    # With two barriers (``lag2``) step 1 arrives at the second one: the first has no arrival past the phase
+    # consumer 1 waits for, whatever the lag (the candidate fix for `_sync_consumers`)
+    fix_bar = fix_bars.index(0)
     BLOCK_N: gl.constexpr = bufs.shape[1]
     HEAD_DIM: gl.constexpr = bufs.shape[2]
     NW: gl.constexpr = gl.num_warps()
@@ -173,21 +178,25 @@ def _lag_consumer(bufs, fix_bar, out_ptr, LAG: gl.constexpr, HALF: gl.constexpr)
     for c in gl.static_range(ROWS // CH):
         v.slice(HALF * ROWS + c * CH, CH).store(gl.full([CH, HEAD_DIM], 0.0, gl.bfloat16, layout))
     fence_async_shared()
-    _sync_consumers(fix_bar, 1)
+    if fix_bars.shape[0] == 2:
+        _sync_consumers(fix_bars.index(1), 0)
+    else:
+        _sync_consumers(fix_bar, 1)
     gl.store(out_ptr + HALF, bad)
 
 
 @gluon.jit
-def _lag_kernel(v_desc, v_ptr, out_ptr, LAG: gl.constexpr):
+def _lag_kernel(v_desc, v_ptr, out_ptr, LAG: gl.constexpr, BARS: gl.constexpr):
     BLOCK_N: gl.constexpr = v_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = v_desc.block_type.shape[1]
     bufs = gl.allocate_shared_memory(v_desc.dtype, [1, BLOCK_N, HEAD_DIM], v_desc.layout)
-    fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(fix_bar, count=2)
+    fix_bars = gl.allocate_shared_memory(gl.int64, [BARS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(BARS):
+        mbarrier.init(fix_bars.index(i), count=2)
     _fill_stage(bufs.index(0), v_ptr)
     gl.thread_barrier()
-    gl.warp_specialize([(_lag_consumer, (bufs, fix_bar, out_ptr, LAG, 0)),
-                        (_lag_consumer, (bufs, fix_bar, out_ptr, LAG, 1))], [4], [CONSUMER_REGS])  # fmt: skip
+    gl.warp_specialize([(_lag_consumer, (bufs, fix_bars, out_ptr, LAG, 0)),
+                        (_lag_consumer, (bufs, fix_bars, out_ptr, LAG, 1))], [4], [CONSUMER_REGS])  # fmt: skip
 
 
 def args(mode: str, device: str):
@@ -216,13 +225,14 @@ def main() -> None:
             print(compile_for_target(_sp_kernel, a[:4], c).asm["ptx"])
         a, _ = args("plain", "cpu")
         lag_args = (a[0], a[1], torch.empty(2, dtype=torch.int32))
-        print(compile_for_target(_lag_kernel, lag_args, {"LAG": True}).asm["ptx"])
+        for bars in (1, 2):
+            print(compile_for_target(_lag_kernel, lag_args, {"LAG": True, "BARS": bars}).asm["ptx"])
         return
     mode = sys.argv[1]
-    if mode in ("lag", "nolag"):
+    if mode in ("lag", "nolag", "lag2"):
         a, _ = args("plain", "cuda")
         out = torch.full((2,), -1, dtype=torch.int32, device="cuda")
-        _lag_kernel[(1,)](a[0], a[1], out, LAG=mode == "lag", num_warps=4)
+        _lag_kernel[(1,)](a[0], a[1], out, LAG=mode != "nolag", BARS=2 if mode == "lag2" else 1, num_warps=4)
         torch.cuda.synchronize()
         assert out.tolist() == [1, 1], out  # both saw the NaN before either wrote
         print(f"lag probe ({mode}) ran: {out.tolist()}")

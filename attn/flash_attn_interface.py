@@ -15,6 +15,10 @@ int32 ``cu_seqlens``, bottom-right causal, ``window_size = (left, right)``, ``so
 - ``softmax_lse`` is the natural-log log-sum-exp, ``[B, H, Sq]`` (padded) or ``[H, total_q]`` (varlen), ``-inf``
   for rows that see no key, whose output is zero.
 - ``cache_leftpad`` is not supported (a ValueError).
+- ``flash_attn_with_kvcache``'s rotary tables are checked as FlashAttention checks them (``[seqlen_ro,
+  rotary_dim / 2]``, ``rotary_dim <= D``, ``seqlen_ro`` at least the cache's capacity), except that any float
+  dtype is taken (they are applied in fp32) and rotary without new keys is allowed (the queries are turned).
+  Every argument is checked before the append writes: a refused call leaves the cache as it was.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import torch
 
 import attn
+from attn.checks import check_decode
+from attn.fast.decode import MAX_HEAD_DIM
 
 __all__ = [
     "flash_attn_func",
@@ -122,12 +128,43 @@ def flash_attn_varlen_func(
     return _result(*res, True) if return_attn_probs else res
 
 
+def _check_rotary_tables(rotary_cos, rotary_sin, q, positions_needed):
+    """FlashAttention's checks of the rotary tables (its ``mha_fwd_kvcache``), as TypeError/ValueError: float
+    ``[seqlen_ro, rotary_dim / 2]`` tensors of one shape on q's device, ``rotary_dim <= D``, and ``seqlen_ro``
+    covering every position a call within the cache's capacity can turn (``positions_needed``)."""
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [seqlen_ro, rotary_dim / 2], got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if rotary_sin.shape != rotary_cos.shape:
+        raise ValueError(
+            f"rotary_sin must have rotary_cos's shape {tuple(rotary_cos.shape)}, got {tuple(rotary_sin.shape)}"
+        )
+    seqlen_ro, half = rotary_cos.shape
+    if not 1 <= 2 * half <= q.shape[-1]:
+        raise ValueError(f"rotary_cos's rotary_dim (2 x {half}) must be between 2 and q's head dim {q.shape[-1]}")
+    if seqlen_ro < positions_needed:
+        raise ValueError(
+            f"rotary_cos must have at least {positions_needed} rows (every position this call can turn within the "
+            f"cache's capacity), got {seqlen_ro}"
+        )
+
+
 def _rotate(x, cos, sin, positions, interleaved):
     """x ``[B, S, H, D]`` turned by the rows ``positions [B, S]`` of ``cos/sin [seqlen_ro, rotary_dim / 2]``:
     GPT-J pairs ``(2i, 2i+1)`` when interleaved, NeoX halves ``(i, i + rotary_dim/2)`` otherwise; in fp32,
     rounded once to x's dtype (as FlashAttention's rotary kernel)."""
     half = cos.shape[-1]
     rd = 2 * half
+    # positions come from device lengths, unread here: a length past the cache's capacity (which the append
+    # rejects or skips and records for `attn.check_errors`) must not index past the table, which on a GPU is a
+    # device-side assert that ends the process's CUDA context
+    positions = positions.clamp(0, cos.shape[0] - 1)
     c = cos[positions].float()[:, :, None, :]
     s = sin[positions].float()[:, :, None, :]
     xf = x.float()
@@ -170,37 +207,56 @@ def flash_attn_with_kvcache(
         raise ValueError("k and v must be given together")
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
-    if not isinstance(num_splits, int) or num_splits < 0:
+    if type(num_splits) is not int or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be a 4-D tensor [B, Sq, H, D], got {getattr(q, 'shape', type(q).__name__)}")
     batch, device = q.shape[0], q.device
     if block_table is not None and cache_batch_idx is not None:
         raise ValueError("cache_batch_idx applies to contiguous caches; with block_table, order the table's rows")
     if cache_batch_idx is not None:
+        if not isinstance(cache_batch_idx, torch.Tensor) or cache_batch_idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cache_batch_idx must be an int32 tensor, got {getattr(cache_batch_idx, 'dtype', None)}")
+        if cache_batch_idx.shape != (batch,):
+            raise ValueError(f"cache_batch_idx must be [B={batch}], got shape {tuple(cache_batch_idx.shape)}")
         # a contiguous cache read through its rows is a paged cache whose blocks are whole rows
         block_table = cache_batch_idx.to(device=device, dtype=torch.int32).reshape(batch, 1)
     if cache_seqlens is None:
         if block_table is not None and cache_batch_idx is None:
             raise ValueError("cache_seqlens is required with block_table")
         cache_seqlens = k_cache.shape[1]
-    if isinstance(cache_seqlens, int):
+    if type(cache_seqlens) is int:
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
-    if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (batch,):
-        got = f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}"
-        raise ValueError(f"cache_seqlens must be an int or int32 [{batch}], got {got}")
-    seqlen_q = q.shape[1]
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be an int or an int32 tensor, got {getattr(cache_seqlens, 'dtype', None)}")
+    if cache_seqlens.shape != (batch,):
+        raise ValueError(f"cache_seqlens must be [B={batch}], got shape {tuple(cache_seqlens.shape)}")
+    seqlen_q, s_new = q.shape[1], 0 if k is None else k.shape[1]
+    lengths = cache_seqlens + s_new if s_new else cache_seqlens
+    # everything the decode step checks, checked before the append writes anything: a rejected call leaves the
+    # cache as it was (the append checks its own arguments before it writes)
+    args = check_decode(
+        q, k_cache, v_cache, lengths, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
+        window_size=window_size, softcap=softcap, alibi_slopes=_alibi(alibi_slopes, causal),
+        num_splits=None if num_splits == 0 else num_splits, validate=False,
+    )  # fmt: skip
+    if args.head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"q's head dim must be at most {MAX_HEAD_DIM} for the decode kernel, got {args.head_dim}")
+    per_row = causal or tuple(window_size) != (-1, -1)
     if rotary_cos is not None:
+        # within capacity, the new keys sit below it, the queries at cache_seqlens + i (causal or windowed; the
+        # cache before the append holds capacity − s_new at most) or all at cache_seqlens
+        _check_rotary_tables(rotary_cos, rotary_sin, q, args.capacity + max(0, (seqlen_q if per_row else 1) - s_new))
         offs = cache_seqlens.long()[:, None]
-        if causal or tuple(window_size) != (-1, -1):
+        if per_row:
             q = _rotate(q, rotary_cos, rotary_sin, offs + torch.arange(seqlen_q, device=device), rotary_interleaved)
         else:
             q = _rotate(q, rotary_cos, rotary_sin, offs.expand(batch, seqlen_q), rotary_interleaved)
-    lengths = cache_seqlens
     if k is not None:
         if rotary_cos is not None:
-            pos = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=device)
+            pos = cache_seqlens.long()[:, None] + torch.arange(s_new, device=device)
             k = _rotate(k, rotary_cos, rotary_sin, pos, rotary_interleaved)
         attn.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table)
-        lengths = cache_seqlens + k.shape[1]
     res = attn.decode(
         q, k_cache, v_cache, lengths, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
         window_size=window_size, softcap=softcap, alibi_slopes=_alibi(alibi_slopes, causal),

@@ -211,6 +211,67 @@ def test_with_kvcache_errors(device):
         flash_attn_with_kvcache(q, kc, kc.clone(), k=torch.zeros(1, 1, 2, 16, device=device), cache_seqlens=1)
 
 
+def _bad_kvcache_calls(device):
+    """(case, keyword arguments, exception type, message) of calls that must be refused before the append."""
+    f32 = dict(device=device)
+    cos, sin = torch.rand(40, 8, **f32), torch.rand(40, 8, **f32)
+    return [
+        ("cos short", dict(rotary_cos=cos[:4], rotary_sin=sin[:4]), ValueError, "rotary_cos must have at least 32"),
+        ("rotary_dim > D", dict(rotary_cos=torch.rand(40, 24, **f32), rotary_sin=torch.rand(40, 24, **f32)),
+         ValueError, "rotary_dim"),
+        ("cos/sin shapes", dict(rotary_cos=cos, rotary_sin=sin[:, :4]), ValueError, "rotary_sin must have"),
+        ("cos 1-D", dict(rotary_cos=cos[:, 0], rotary_sin=sin[:, 0]), ValueError, "rotary_cos must be 2-D"),
+        ("cos int", dict(rotary_cos=cos.int(), rotary_sin=sin.int()), TypeError, "rotary_cos must be a floating"),
+        ("cos device", dict(rotary_cos=cos.to("meta"), rotary_sin=sin.to("meta")), ValueError, "q's device"),
+        ("batch_idx float", dict(cache_batch_idx=torch.tensor([0.0, 1.0], **f32)), TypeError, "cache_batch_idx"),
+        ("batch_idx shape", dict(cache_batch_idx=torch.tensor([0, 1, 1], dtype=torch.int32, **f32)), ValueError,
+         "cache_batch_idx"),
+        ("seqlens int64", dict(cache_seqlens=torch.tensor([3, 5], **f32)), TypeError, "cache_seqlens"),
+        ("num_splits bool", dict(num_splits=True), ValueError, "num_splits"),
+        # errors of the decode step's own arguments, which used to surface after the append had written
+        ("alibi shape", dict(alibi_slopes=torch.rand(3, **f32), causal=True), ValueError, "alibi_slopes"),
+        ("softcap", dict(softcap=-1.0), ValueError, "softcap"),
+        ("scale", dict(softmax_scale="x"), ValueError, "softmax_scale"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(len(_bad_kvcache_calls("cpu"))))
+def test_with_kvcache_refuses_before_writing(case, device):
+    """Every refused call leaves the cache exactly as it was, and names the argument: the rotary tables are
+    checked as FlashAttention checks them (shape, dtype, rotary_dim <= D, enough rows for the cache's capacity),
+    and the decode step's arguments before the append writes anything."""
+    name, kw, exc, match = _bad_kvcache_calls(device)[case]
+    b, cap, h, d = 2, 32, 2, 32
+    kc, vc = torch.randn(b, cap, h, d, device=device), torch.randn(b, cap, h, d, device=device)
+    k0, v0 = kc.clone(), vc.clone()
+    q = torch.randn(b, 1, h, d, device=device)
+    k_new, v_new = torch.randn(b, 1, h, d, device=device), torch.randn(b, 1, h, d, device=device)
+    kw.setdefault("cache_seqlens", torch.tensor([3, 5], dtype=torch.int32, device=device))
+    with pytest.raises(exc, match=match):
+        flash_attn_with_kvcache(q, kc, vc, k=k_new, v=v_new, **kw)
+    assert torch.equal(kc, k0) and torch.equal(vc, v0), f"{name}: a refused call changed the cache"
+
+
+def test_with_kvcache_rotary_past_capacity_stays_inside(device):
+    """A length past the cache's capacity (device values, unread) must not index past the rotary tables, which on
+    a GPU is a device-side assert that ends the CUDA context: the append skips the token and records it, and
+    `attn.check_errors` reports it. Before the fix, the table lookup raised IndexError (CPU) or asserted (GPU)."""
+    import attn
+
+    b, cap, h, d = 2, 32, 2, 32
+    kc, vc = torch.zeros(b, cap, h, d, device=device), torch.zeros(b, cap, h, d, device=device)
+    q = torch.randn(b, 1, h, d, device=device)
+    k_new, v_new = torch.randn(b, 1, h, d, device=device), torch.randn(b, 1, h, d, device=device)
+    cos, sin = torch.rand(cap, 8, device=device), torch.rand(cap, 8, device=device)
+    attn.check_errors()  # nothing pending from earlier tests
+    lens = torch.tensor([3, cap + 7], dtype=torch.int32, device=device)
+    flash_attn_with_kvcache(q, kc, vc, k=k_new, v=v_new, cache_seqlens=lens, rotary_cos=cos, rotary_sin=sin)
+    with pytest.raises(ValueError, match="out-of-range"):
+        attn.check_errors()
+    assert torch.count_nonzero(kc[1]) == 0, "the token past the capacity was written"
+    assert torch.count_nonzero(kc[0, 3]) > 0, "the valid sequence's token was not written"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 239), (3, 799), (127, 512), (113, 203), (1023, 1024), (512, 256)])

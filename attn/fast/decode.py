@@ -62,6 +62,8 @@ ROTARY_CONFIGS = [
 
 # the shared memory one block may use on the H100 and H200 (227 KiB); a GPU reports its own
 SMEM_LIMIT = 232448
+# the largest head dim the decode kernel takes (its tiles and their shared memory are sized up to it)
+MAX_HEAD_DIM = 256
 
 
 def shared_bytes(
@@ -912,8 +914,8 @@ def decode(
     )  # fmt: skip
     if max_seqlen_k is not None or total_seqlen_k is not None:
         check_seqlen_hints(max_seqlen_k, total_seqlen_k)
-    if args.head_dim > 256:
-        raise ValueError(f"q's head dim must be at most 256 for the decode kernel, got {args.head_dim}")
+    if args.head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"q's head dim must be at most {MAX_HEAD_DIM} for the decode kernel, got {args.head_dim}")
     interpret = is_interpreter()
     if not q.is_cuda and not interpret:
         raise ValueError(f"q must be a CUDA tensor (or run with TRITON_INTERPRET=1), got device {q.device}")

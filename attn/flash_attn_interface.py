@@ -27,7 +27,7 @@ import torch
 
 import attn
 from attn.checks import check_decode
-from attn.fast.decode import MAX_HEAD_DIM
+from attn.fast._triton import MAX_HEAD_DIM
 
 __all__ = [
     "flash_attn_func",

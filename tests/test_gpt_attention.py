@@ -209,6 +209,23 @@ def test_option_error_is_raised_before_the_append(device):
     assert torch.equal(k_cache, before)
 
 
+@pytest.mark.parametrize("mode", ["unified", "split"])
+def test_head_dim_limit_is_raised_before_the_append(mode, device):
+    # the kernels take D <= 256; the pre-processing launch that appends does not care, so before this check the
+    # step wrote the new tokens and then refused (a rejected call must change nothing)
+    d = 264
+    types, new, past = [CONTEXT, GENERATION], [3, 1], [0, 5]
+    table = torch.arange(4, dtype=torch.int32, device=device).view(2, 2)
+    k_cache = torch.randn(5, 8, HKV, d, device=device)
+    v_cache = torch.randn_like(k_cache)
+    before = k_cache.clone(), v_cache.clone()
+    batch = InflightBatch.build(types, new, past, block_table=table, device=device)
+    qkv = torch.randn(batch.num_tokens, (HQ + 2 * HKV) * d, device=device)
+    with pytest.raises(ValueError, match="head dim must be at most 256"):
+        fast.gpt_attention(qkv, batch, k_cache, v_cache, num_heads_q=HQ, num_heads_kv=HKV, mode=mode)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
 BAD_BATCH = {
     "lengths": (([0, 1], [3], [0, 2]), ValueError, "one entry per request"),
     "type": (([2], [3], [0]), ValueError, "request_types"),

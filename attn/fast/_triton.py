@@ -31,6 +31,10 @@ def is_interpreter() -> bool:
 # on: the interpreter cannot run inline PTX.
 COMPILED = tl.constexpr(not is_interpreter())
 
+# the largest head dim the fused prefill, context and decode kernels take: their tiles and shared memory are
+# sized up to it
+MAX_HEAD_DIM = 256
+
 
 @triton.jit
 def mul_rn(a, b):

@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import _memo
 from ..checks import check_attention
 from . import _errors
-from ._triton import autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2
+from ._triton import MAX_HEAD_DIM, autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
 # error bits (attn.fast._errors), as compile-time constants of the kernels
@@ -818,8 +818,8 @@ def attention(
         alibi_slopes=alibi_slopes, alibi_mode=alibi_mode, rel_bias=rel_bias,
         dtypes=(torch.float16, torch.bfloat16, torch.float32), validate=_errors.resolve_validate(validate),
     )  # fmt: skip
-    if args.head_dim > 256:
-        raise ValueError(f"q's head dim must be at most 256 for the fused kernel, got {args.head_dim}")
+    if args.head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"q's head dim must be at most {MAX_HEAD_DIM} for the fused kernel, got {args.head_dim}")
     if q.device.type != "cuda" and not is_interpreter():
         raise ValueError(f"q must be a CUDA tensor (or run with TRITON_INTERPRET=1), got device {q.device}")
     # the kernel reads each head's D features with unit stride; anything else is copied once here

@@ -27,7 +27,7 @@ from ..checks import ContextArgs, check_context
 from ..reference.attention import scale_and_cap
 from ..reference.preprocess import RopeScaling, rope_inv_freq, rotate_pairs
 from . import _errors
-from ._triton import autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2
+from ._triton import MAX_HEAD_DIM, autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2
 from .attention import LOG2E, _attn_fwd_kernel, _attn_fwd_tuned, _fixed_config, attention, relative_bias_operands
 from .kv_cache import gather_window, quant_code
 
@@ -133,8 +133,8 @@ def context_attention(
         sink_token_length=sink_token_length, k_new=k_new, v_new=v_new, rotary_dim=rotary_dim, rope_style=rope_style,
     )  # fmt: skip
     c = args.cache
-    if c.head_dim > 256:
-        raise ValueError(f"q's head dim must be at most 256 for the fused kernel, got {c.head_dim}")
+    if c.head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"q's head dim must be at most {MAX_HEAD_DIM} for the fused kernel, got {c.head_dim}")
     if q.device.type != "cuda" and not is_interpreter():
         raise ValueError(f"q must be a CUDA tensor (or run with TRITON_INTERPRET=1), got device {q.device}")
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):

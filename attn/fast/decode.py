@@ -32,6 +32,7 @@ from . import _errors
 from . import gluon_decode as gd
 from ._triton import (
     INT8_TO_F16,
+    MAX_HEAD_DIM,
     autotune_enabled,
     cdiv,
     current_stream,
@@ -62,8 +63,6 @@ ROTARY_CONFIGS = [
 
 # the shared memory one block may use on the H100 and H200 (227 KiB); a GPU reports its own
 SMEM_LIMIT = 232448
-# the largest head dim the decode kernel takes (its tiles and their shared memory are sized up to it)
-MAX_HEAD_DIM = 256
 
 
 def shared_bytes(

@@ -25,6 +25,7 @@ import torch
 from ..checks import check_gpt_attention
 from ..reference.preprocess import RopeScaling
 from . import _errors
+from ._triton import MAX_HEAD_DIM
 from .context import context_attention
 from .decode import decode
 from .preprocess import launch_preprocess
@@ -74,6 +75,10 @@ def gpt_attention(
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, alibi_mode=alibi_mode,
         rel_bias=rel_bias, k_scale=k_scale, v_scale=v_scale, validate=validate, mode=mode,
     )  # fmt: skip
+    # the kernels' own limit, checked before the pre-processing launch appends anything
+    if pre_args.head_dim > MAX_HEAD_DIM:
+        d = pre_args.head_dim
+        raise ValueError(f"qkv's head dim must be at most {MAX_HEAD_DIM} for the fused kernels, got {d}")
     # checked above, with the positions the batch carries: the launch alone
     q = launch_preprocess(
         pre_args, qkv, k_cache, v_cache, batch.cache_seqlens_before, num_heads_q=num_heads_q,

@@ -192,13 +192,34 @@ def _check_max_seqlen(name: str, given, lens: list[int]) -> int:
     return given
 
 
+# the most parts `decode` cuts a cache into when asked (its heuristic stays at or below 256): each part's partial
+# output is a float32 row of the head dim, so an unbounded count is an unbounded allocation
+MAX_SPLITS = 1024
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_flag(name: str, value) -> None:
+    """A switch (``causal``, ``return_lse``, ``validate``, ...) must be a bool: a string, a number or a tensor in
+    its place is a caller's bug that ``if value:`` would read as True, or fail on with a message naming nothing."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap):
     """Checks the score options shared by every attention call; returns ``(scale, left, right, softcap)``."""
+    check_flag("causal", causal)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+    if not _is_number(softmax_scale) or not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
-    if not isinstance(q_scaling, (int, float)) or not math.isfinite(q_scaling) or q_scaling <= 0:
+    if not _is_number(q_scaling) or not math.isfinite(q_scaling) or q_scaling <= 0:
         raise ValueError(f"q_scaling must be a positive finite number, got {q_scaling!r}")
 
     if (
@@ -215,7 +236,7 @@ def _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, soft
             raise ValueError(f"window_size right={right} contradicts causal=True (which means right=0)")
         right = 0
 
-    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+    if not _is_number(softcap) or not math.isfinite(softcap) or softcap < 0:
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
 
     return float(softmax_scale) / float(q_scaling), left, right, float(softcap)
@@ -348,6 +369,7 @@ def check_attention(
         TypeError: a tensor of the wrong type or dtype.
         ValueError: wrong ranks or shapes, mismatched devices, malformed lengths or options.
     """
+    check_flag("validate", validate)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x, dtypes)
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -399,6 +421,14 @@ def check_attention(
             bias = getattr(rel_bias, "bias", None)
             if max_seqlen_k is None and isinstance(bias, torch.Tensor) and bias.dim() == 3:
                 max_k = min(max_k, *bias.shape[1:])
+        # no packed sequence is longer than the packed rows: a larger hint only sizes a larger grid of programs
+        # with nothing to do (an absurd one, one the launch cannot take), so it is cut to the rows
+        max_q, max_k = min(max_q, q.shape[0]), min(max_k, k.shape[0])
+        if not validate:
+            # a hint of 0 over rows that exist would launch no query program at all, leaving the output unwritten
+            # with nothing recorded; with one row block per sequence the kernel sees a longer sequence and
+            # records it (attn.check_errors)
+            max_q = max(max_q, min(q.shape[0], 1))
         seqlens_q_t = seqlens_k_t = None
     else:
         if max_seqlen_q is not None or max_seqlen_k is not None:
@@ -537,6 +567,7 @@ def check_decode(
     # A serving loop calls this once per layer and step with validate=False, so every check here reads each
     # attribute once and the option checks run only for non-default options: on the H200 machine's host the
     # function took 18 µs of a decode call that the GPU finishes in tens of microseconds.
+    check_flag("validate", validate)
     _check_tensor("q", q, dtypes)
     kv_dtypes = dtypes + QUANT_DTYPES
     _check_tensor("k_cache", k_cache, kv_dtypes)
@@ -617,8 +648,8 @@ def check_decode(
             q, k_cache, cache_seqlens, block_table, cache_indirection, batch, capacity, page_size, window
         )
 
-    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
-        raise ValueError(f"num_splits must be None (automatic) or an int >= 1, got {num_splits!r}")
+    if num_splits is not None and (not _is_int(num_splits) or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be None (automatic) or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
 
     scale, left, right, softcap = _check_options(head_dim, causal, softmax_scale, q_scaling, window_size, softcap)
     slopes = None
@@ -779,6 +810,7 @@ def check_context(
             queries than cached tokens in a causal sequence, lengths or block indices out of range, and for a
             cyclic cache a missing or mis-shaped ``k_new``/``v_new`` or a non-causal call.
     """
+    check_flag("validate", validate)
     _check_tensor("q", q, dtypes)
     if q.dim() != 3:
         raise ValueError(f"q must be packed [T, Hq, D], got shape {tuple(q.shape)}")
@@ -842,6 +874,11 @@ def check_context(
                     "cu_seqlens_q than tokens in cache_seqlens (append the new tokens first)"
                 )
         max_seqlen_q = longest if max_seqlen_q is None else max_seqlen_q
+    # no query sequence is longer than the packed rows: a larger hint would only size an emptier, larger grid
+    max_seqlen_q = min(max_seqlen_q, num_tokens)
+    if not validate:
+        # as in check_attention: a hint of 0 over existing rows would launch nothing and record nothing
+        max_seqlen_q = max(max_seqlen_q, min(num_tokens, 1))
     return ContextArgs(cache=cache, max_seqlen_q=max_seqlen_q, num_tokens=num_tokens)
 
 
@@ -926,6 +963,7 @@ def check_append(
         ValueError: mismatched shapes or devices, a sequence that would outgrow its cache, or a block the
             append would write that lies outside the pool.
     """
+    check_flag("validate", validate)
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, x, FLOAT_DTYPES + QUANT_DTYPES)
     for name, x in (("k_new", k_new), ("v_new", v_new)):
@@ -1266,14 +1304,18 @@ def check_gpt_attention(
     return pre_args, args, mode
 
 
-def check_encoder_lengths(encoder_lengths, batch: int, capacity: int, validate: bool) -> None:
-    """Cross attention's ``encoder_input_lengths``: int32 ``[B]``, each within the cross cache's capacity."""
+def check_encoder_lengths(encoder_lengths, batch: int, capacity: int, validate: bool, device=None) -> None:
+    """Cross attention's ``encoder_input_lengths``: int32 ``[B]`` (on ``device``, q's, when given), each within the
+    cross cache's capacity."""
+    check_flag("validate", validate)
     if not isinstance(encoder_lengths, torch.Tensor):
         raise TypeError(f"encoder_lengths must be a torch.Tensor, got {type(encoder_lengths).__name__}")
     if encoder_lengths.dtype != torch.int32:
         raise TypeError(f"encoder_lengths must be int32, got {encoder_lengths.dtype}")
     if encoder_lengths.shape != (batch,):
         raise ValueError(f"encoder_lengths must have shape [B]=({batch},), got {tuple(encoder_lengths.shape)}")
+    if device is not None and encoder_lengths.device != device:
+        raise ValueError(f"encoder_lengths must be on q's device {device}, got {encoder_lengths.device}")
     if validate:
         bad = [x for x in encoder_lengths.tolist() if x < 0 or x > capacity]
         if bad:
@@ -1294,6 +1336,7 @@ def check_update_indirection(cache_indirection, parents, step, out=None, validat
             ``cache_indirection``, and (with ``validate``) a parent outside ``[0, beam_width)`` or a step
             outside ``[0, max_len)``.
     """
+    check_flag("validate", validate)
     if not isinstance(cache_indirection, torch.Tensor) or cache_indirection.dtype != torch.int32:
         raise TypeError(
             "cache_indirection must be an int32 torch.Tensor [B, beam_width, max_len], got "

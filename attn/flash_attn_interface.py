@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 import attn
-from attn.checks import check_decode
+from attn.checks import check_decode, check_flag
 from attn.fast._triton import MAX_HEAD_DIM
 
 __all__ = [
@@ -38,8 +38,12 @@ __all__ = [
 ]
 
 
-def _check_common(dropout_p, window_size, alibi_slopes, causal) -> tuple[int, int]:
-    """Checks what attn's own checks do not, and returns the window as attn takes it."""
+def _check_common(dropout_p, window_size, alibi_slopes, causal, **flags) -> tuple[int, int]:
+    """Checks what attn's own checks do not (``flags``: the entry's switches, which must be bools), and returns
+    the window as attn takes it."""
+    check_flag("causal", causal)
+    for name, value in flags.items():
+        check_flag(name, value)
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p must be 0.0: attn implements inference (no dropout), got {dropout_p}")
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
@@ -56,6 +60,8 @@ def _alibi(alibi_slopes, causal):
     # bias is slope·(j − (i + Sk − Sq)), attn's ALiBi. Without causality the absolute value has no attn form.
     if alibi_slopes is None:
         return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor [H] or [B, H], got {type(alibi_slopes).__name__}")
     if not causal:
         raise ValueError("alibi_slopes are supported with causal=True only (attn's ALiBi is the causal form)")
     return alibi_slopes.float() if alibi_slopes.dtype != torch.float32 else alibi_slopes
@@ -71,7 +77,8 @@ def flash_attn_func(
 ):  # fmt: skip
     """``q [B, Sq, H, D]``, ``k, v [B, Sk, Hkv, D]`` → ``out [B, Sq, H, D]`` (and with ``return_attn_probs``
     ``(out, softmax_lse [B, H, Sq], None)``)."""
-    window_size = _check_common(dropout_p, window_size, alibi_slopes, causal)
+    window_size = _check_common(dropout_p, window_size, alibi_slopes, causal, deterministic=deterministic,
+                                return_attn_probs=return_attn_probs)  # fmt: skip
     res = attn.attention(
         q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
         alibi_slopes=_alibi(alibi_slopes, causal), return_lse=return_attn_probs,
@@ -108,7 +115,8 @@ def flash_attn_varlen_func(
     ``block_table [B, max_blocks]``, ``k``/``v`` are paged pools ``[num_blocks, block_size, Hkv, D]`` and
     ``cu_seqlens_k`` gives each sequence's cached length. Returns ``out [total_q, H, D]`` (and with
     ``return_attn_probs`` ``(out, softmax_lse [H, total_q], None)``)."""
-    window_size = _check_common(dropout_p, window_size, alibi_slopes, causal)
+    window_size = _check_common(dropout_p, window_size, alibi_slopes, causal, deterministic=deterministic,
+                                return_attn_probs=return_attn_probs)  # fmt: skip
     opts = dict(
         causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
         alibi_slopes=_alibi(alibi_slopes, causal), return_lse=return_attn_probs,
@@ -200,7 +208,8 @@ def flash_attn_with_kvcache(
     Returns:
         ``out [B, Sq, H, D]``, and with ``return_softmax_lse`` also ``softmax_lse [B, H, Sq]``.
     """
-    window_size = _check_common(0.0, window_size, alibi_slopes, causal)
+    window_size = _check_common(0.0, window_size, alibi_slopes, causal, rotary_interleaved=rotary_interleaved,
+                                return_softmax_lse=return_softmax_lse)  # fmt: skip
     if cache_leftpad is not None:
         raise ValueError("cache_leftpad is not supported by attn")
     if (k is None) != (v is None):
@@ -209,8 +218,11 @@ def flash_attn_with_kvcache(
         raise ValueError("rotary_cos and rotary_sin must be given together")
     if type(num_splits) is not int or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"q must be a 4-D tensor [B, Sq, H, D], got {getattr(q, 'shape', type(q).__name__)}")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be a 4-D tensor [B, Sq, H, D], got shape {tuple(q.shape)}")
     batch, device = q.shape[0], q.device
     if block_table is not None and cache_batch_idx is not None:
         raise ValueError("cache_batch_idx applies to contiguous caches; with block_table, order the table's rows")
@@ -231,6 +243,18 @@ def flash_attn_with_kvcache(
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor, got {getattr(cache_seqlens, 'dtype', None)}")
     if cache_seqlens.shape != (batch,):
         raise ValueError(f"cache_seqlens must be [B={batch}], got shape {tuple(cache_seqlens.shape)}")
+    if k is not None:
+        # the shapes the rotation and the append take (the append checks the rest before it writes)
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.device != device:
+                raise ValueError(f"{name} must be on q's device {device}, got {x.device}")
+            if x.dim() != 4 or x.shape[0] != batch or x.shape != k.shape or x.shape[2:] != k_cache.shape[2:]:
+                raise ValueError(
+                    f"k and v must both be [B={batch}, S_new, Hkv, D] with the cache's Hkv and D "
+                    f"{tuple(k_cache.shape[2:])}, got k {tuple(k.shape)}, v {tuple(v.shape)}"
+                )
     seqlen_q, s_new = q.shape[1], 0 if k is None else k.shape[1]
     lengths = cache_seqlens + s_new if s_new else cache_seqlens
     # everything the decode step checks, checked before the append writes anything: a rejected call leaves the

@@ -382,14 +382,18 @@ for _op in (_attention_op, _decode_op, _context_op):
 # the public functions
 
 
-def _wants_op(x: torch.Tensor) -> bool:
-    return torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
+def _wants_op(x) -> bool:
+    # x is the call's first argument, unchecked yet: anything but a tensor goes to the launcher, whose checks
+    # name it
+    return torch.compiler.is_compiling() or (
+        isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
+    )
 
 
 def _public(fast_fn, op_call):
     @functools.wraps(fast_fn)
     def fn(*args, **kwargs):
-        if _wants_op(args[0] if args else next(iter(kwargs.values()))):
+        if _wants_op(args[0] if args else next(iter(kwargs.values()), None)):
             return op_call(*args, **kwargs)
         return fast_fn(*args, **kwargs)
 

@@ -31,6 +31,14 @@ def is_interpreter() -> bool:
 # on: the interpreter cannot run inline PTX.
 COMPILED = tl.constexpr(not is_interpreter())
 
+
+def unit_stride(*xs):
+    """Index tensors (lengths, cu_seqlens, block tables) as the kernels read them: element i of the last axis at
+    ``ptr + i``. A view with another stride there (``lengths[:, 0]`` of a 2-D tensor) is copied, a tensor that
+    has it passes as it is (no copy), anything else passes on to the checks that name it."""
+    return tuple(x.contiguous() if isinstance(x, Tensor) and x.dim() and x.stride(-1) != 1 else x for x in xs)
+
+
 # the largest head dim the fused prefill, context and decode kernels take: their tiles and shared memory are
 # sized up to it
 MAX_HEAD_DIM = 256

@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 
 from .. import _memo
-from ..checks import check_attention
+from ..checks import check_attention, check_flag
 from . import _errors
-from ._triton import MAX_HEAD_DIM, autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2
+from ._triton import MAX_HEAD_DIM, autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2, unit_stride
 
 LOG2E = 1.4426950408889634
 # error bits (attn.fast._errors), as compile-time constants of the kernels
@@ -811,6 +811,8 @@ def attention(
         ``out`` shaped like q in q's dtype, and with ``return_lse`` also float32 ``lse``: ``[B, Hq, Sq]``
         padded or ``[Hq, Tq]`` packed (``-inf`` for rows that see no key, and for padding rows).
     """
+    check_flag("return_lse", return_lse)
+    cu_seqlens_q, cu_seqlens_k, seqlens_q, seqlens_k = unit_stride(cu_seqlens_q, cu_seqlens_k, seqlens_q, seqlens_k)
     args = check_attention(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,

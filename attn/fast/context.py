@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import ContextArgs, check_context
+from ..checks import ContextArgs, check_context, check_flag
 from ..reference.attention import scale_and_cap
 from ..reference.preprocess import RopeScaling, rope_inv_freq, rotate_pairs
 from . import _errors
-from ._triton import MAX_HEAD_DIM, autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2
+from ._triton import MAX_HEAD_DIM, autotune_enabled, cdiv, is_interpreter, launch, next_power_of_2, unit_stride
 from .attention import LOG2E, _attn_fwd_kernel, _attn_fwd_tuned, _fixed_config, attention, relative_bias_operands
 from .kv_cache import gather_window, quant_code
 
@@ -123,7 +123,9 @@ def context_attention(
     Returns:
         ``out [T, Hq, D]`` in q's dtype, and with ``return_lse`` also float32 ``lse [Hq, T]``.
     """
+    check_flag("return_lse", return_lse)
     validate = _errors.resolve_validate(validate)
+    cache_seqlens, cu_seqlens_q, block_table = unit_stride(cache_seqlens, cu_seqlens_q, block_table)
     args = check_context(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
         block_table=block_table, causal=causal, softmax_scale=softmax_scale, q_scaling=q_scaling,

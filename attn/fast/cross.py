@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_flag
 from ..reference.cross import _as_packed, _check_cross, _like_q
 from . import _errors
 from .context import context_attention
@@ -40,6 +41,7 @@ def cross_attention(
     ``validate`` as in `attn.fast.decode`: None (the default) reads nothing back unless ``ATTN_DEBUG=1``; the
     kernels clamp ``encoder_lengths`` into the cross cache and record it for `attn.check_errors`.
     """
+    check_flag("return_lse", return_lse)
     validate = _errors.resolve_validate(validate)
     _check_cross(q, cu_seqlens_q, k_cache, block_table, encoder_lengths, validate)
     opts = dict(softmax_scale=softmax_scale, q_scaling=q_scaling, softcap=softcap, k_scale=k_scale, v_scale=v_scale,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import _memo
-from ..checks import F16_MAX, check_decode, check_seqlen_hints
+from ..checks import F16_MAX, check_decode, check_flag, check_seqlen_hints
 from ..reference.preprocess import RopeScaling
 from . import _errors
 from . import gluon_decode as gd
@@ -40,6 +40,7 @@ from ._triton import (
     launch,
     mul_rn,
     next_power_of_2,
+    unit_stride,
 )
 from .attention import LOG2E, _tanh, relative_bias_operands
 from .kv_cache import quant_code, rope_pairs
@@ -902,7 +903,9 @@ def decode(
     Returns:
         ``out [B, Sq, Hq, D]`` in q's dtype, and with ``return_lse`` also float32 ``lse [B, Hq, Sq]``.
     """
+    check_flag("return_lse", return_lse)
     validate = _errors.resolve_validate(validate)
+    cache_seqlens, block_table = unit_stride(cache_seqlens, block_table)
     args = check_decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,

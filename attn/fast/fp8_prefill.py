@@ -200,7 +200,7 @@ def attention_fp8(
     """FP8 prefill, `attn.reference.attention_fp8`'s signature: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``
     float8_e4m3fn, descales ``[B, Hkv]`` float32 (None: 1). ``config`` overrides the tile (BLOCK_M, BLOCK_N,
     num_warps, num_stages) for benchmarks."""
-    b, sq, sk, hq, hkv, d = check_fp8_args(q, k, v, q_descale, k_descale, v_descale, out_dtype)
+    b, sq, sk, hq, hkv, d = check_fp8_args(q, k, v, q_descale, k_descale, v_descale, out_dtype, causal, softmax_scale)
     if d not in HEAD_DIMS:
         raise ValueError(f"q's head dim must be one of {HEAD_DIMS} for the FP8 kernel, got {d}")
     if q.device.type != "cuda" and not is_interpreter():

@@ -15,7 +15,7 @@ import triton.language as tl
 from ..checks import check_append, device_positions
 from ..layout import new_token_positions
 from . import _errors
-from ._triton import cdiv, is_interpreter, launch, next_power_of_2
+from ._triton import cdiv, is_interpreter, launch, next_power_of_2, unit_stride
 
 # error bits (attn.fast._errors), as compile-time constants of the kernels
 APPEND = tl.constexpr(_errors.APPEND)
@@ -203,6 +203,7 @@ def append_kv(
             pool, or two tokens would write one slot. Nothing is written then.
     """
     validate = _errors.resolve_validate(validate)
+    cache_seqlens, cu_seqlens_new, block_table = unit_stride(cache_seqlens, cu_seqlens_new, block_table)
     args = check_append(
         k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens_new, block_table, k_scale, v_scale,
         max_attention_window, sink_token_length=sink_token_length, validate=validate,

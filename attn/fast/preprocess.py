@@ -17,9 +17,9 @@ import triton.language as tl
 
 from .. import _memo
 from ..checks import check_preprocess, cyclic_slot
-from ..reference.preprocess import RopeScaling, _lengths_after, cache_positions, rope_cos_sin
+from ..reference.preprocess import RopeScaling, _lengths_after, cache_positions, check_rope_options, rope_cos_sin
 from . import _errors
-from ._triton import cdiv, is_interpreter, launch, next_power_of_2
+from ._triton import cdiv, is_interpreter, launch, next_power_of_2, unit_stride
 from .kv_cache import _quantize, quant_code, write_mask
 
 APPEND = tl.constexpr(_errors.APPEND)
@@ -159,6 +159,7 @@ def _cos_sin(num_positions: int, rotary_dim: int, base: float, device, scaling: 
     record: "2 tensor(s) in the cudagraph pool not tracked as outputs"), and never kept from inside stream
     capture, where the kernels that fill a table only run when the graph replays.
     """
+    check_rope_options(base, scaling)
     if scaling is not None and scaling.type == "dynamic":
         return rope_cos_sin(num_positions, rotary_dim, base, device, scaling)
     key = (rotary_dim, float(base), scaling, str(device))
@@ -227,7 +228,10 @@ def preprocess(
         ``q`` shaped ``[T, Hq, D]`` (packed) or ``[B, S_new, Hq, D]`` (padded), rotated, in qkv's dtype.
     """
     validate = _errors.resolve_validate(validate)
+    cache_seqlens, cu_seqlens_new, block_table = unit_stride(cache_seqlens, cu_seqlens_new, block_table)
     num_positions = None
+    if rotary_dim:
+        check_rope_options(rope_base, rope_scaling)
     if not validate and rotary_dim and rope_scaling is not None and rope_scaling.type == "dynamic":
         # dynamic scaling's frequencies depend on the longest sequence: read it (the one sync of this case)
         counts = (cu_seqlens_new[1:] - cu_seqlens_new[:-1]) if cu_seqlens_new is not None else qkv.shape[1]

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import check_attention
+from ..checks import check_attention, check_flag
 from ..layout import pad
 from ._triton import is_interpreter, launch, mul_rn, next_power_of_2
 from .attention import _tanh
@@ -243,6 +243,7 @@ def attention_unfused(
     Materializes the fp32 score/probability buffer ``[B, Hq, max_seqlen_q, max_seqlen_k]``: use it to see
     (and measure) what the fused kernel saves, not to serve.
     """
+    check_flag("return_lse", return_lse)
     args = check_attention(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from ..checks import AttentionArgs, check_attention
+from ..checks import AttentionArgs, check_attention, check_flag
 from .relative_bias import relative_bias_matrix
 
 
@@ -209,6 +209,7 @@ def attention(
         ``out`` shaped like q in q's dtype, and with ``return_lse`` also float32 ``lse``: ``[B, Hq, Sq]``
         padded or ``[Hq, Tq]`` packed (``-inf`` for rows that see no key, and for padding rows).
     """
+    check_flag("return_lse", return_lse)
     args = check_attention(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,
@@ -266,6 +267,7 @@ def attention_unfused(
     first (the padding is masked out). Arguments and results are those of `attention`, except that the T5
     relative bias is not offered on this path.
     """
+    check_flag("return_lse", return_lse)
     args = check_attention(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, seqlens_q=seqlens_q, seqlens_k=seqlens_k, causal=causal,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import AttentionArgs, check_context, cyclic_slot
+from ..checks import AttentionArgs, check_context, check_flag, cyclic_slot
 from .attention import _attend_one
 from .decode import gather_kv
 from .kv_cache import window_tokens
@@ -104,6 +104,7 @@ def context_attention(
     Returns:
         ``out [T, Hq, D]`` in q's dtype, and with ``return_lse`` also float32 ``lse [Hq, T]``.
     """
+    check_flag("return_lse", return_lse)
     args = check_context(
         q, k_cache, v_cache, cache_seqlens, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
         block_table=block_table, causal=causal, softmax_scale=softmax_scale, q_scaling=q_scaling,

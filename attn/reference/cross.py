@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_encoder_lengths
+from ..checks import check_encoder_lengths, check_flag
 from .context import context_attention
 
 
@@ -24,7 +24,8 @@ def _check_cross(q, cu_seqlens_q, k_cache, block_table, encoder_lengths, validat
         capacity = block_table.shape[1] * k_cache.shape[1]
     else:
         capacity = k_cache.shape[1] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else 0
-    check_encoder_lengths(encoder_lengths, batch, capacity, validate)
+    device = q.device if isinstance(q, torch.Tensor) else None
+    check_encoder_lengths(encoder_lengths, batch, capacity, validate, device)
 
 
 def _as_packed(q, cu_seqlens_q):
@@ -85,6 +86,7 @@ def cross_attention(
     Returns:
         ``out`` shaped like q, and with ``return_lse`` the lse.
     """
+    check_flag("return_lse", return_lse)
     _check_cross(q, cu_seqlens_q, k_cache, block_table, encoder_lengths, validate)
     rows, cu = _as_packed(q, cu_seqlens_q)
     out, lse = context_attention(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import AttentionArgs, check_decode, check_seqlen_hints, cyclic_slot
+from ..checks import AttentionArgs, check_decode, check_flag, check_seqlen_hints, cyclic_slot
 from .attention import _attend_one
 from .kv_cache import window_tokens
 from .kv_quant import dequantize
@@ -136,6 +136,7 @@ def decode(
     Returns:
         ``out [B, Sq, Hq, D]`` in q's dtype, and with ``return_lse`` also float32 ``lse [B, Hq, Sq]``.
     """
+    check_flag("return_lse", return_lse)
     args = check_decode(
         q, k_cache, v_cache, cache_seqlens, block_table=block_table, causal=causal, softmax_scale=softmax_scale,
         q_scaling=q_scaling, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,

@@ -26,8 +26,11 @@ accumulator when the max grows, so its roundings in step 4 fall on different val
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..checks import check_flag
 from .attention import _mix_values
 
 P_SCALE = 256.0
@@ -40,15 +43,28 @@ def _descale(x: torch.Tensor | None, name: str, batch: int, num_heads_kv: int, d
     if not isinstance(x, torch.Tensor) or x.shape != (batch, num_heads_kv):
         raise ValueError(f"{name} must be a [B, Hkv] = [{batch}, {num_heads_kv}] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")  # fmt: skip
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {x.device}")
     return x.to(torch.float64)
 
 
-def check_fp8_args(q, k, v, q_descale, k_descale, v_descale, out_dtype):
-    """Shapes and dtypes of an FP8 prefill call (shared with the kernel's wrapper). Returns (B, Sq, Sk, Hq, Hkv, D)."""
+def check_fp8_args(q, k, v, q_descale, k_descale, v_descale, out_dtype, causal=False, softmax_scale=None):
+    """Shapes, dtypes, devices and options of an FP8 prefill call (shared with the kernel's wrapper). Returns
+    (B, Sq, Sk, Hq, Hkv, D)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dtype != FP8 or x.dim() != 4:
             what = f"{x.dtype} with {x.dim()} dims" if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"{name} must be a 4-d float8_e4m3fn tensor [B, S, H, D], got {what}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    check_flag("causal", causal)
+    if softmax_scale is not None and (
+        isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+        or not math.isfinite(softmax_scale) or softmax_scale <= 0
+    ):  # fmt: skip
+        raise ValueError(f"softmax_scale must be None or a positive finite number, got {softmax_scale!r}")
     b, sq, hq, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"k and v must be [B, Sk, Hkv, D] with q's B and D, got q {tuple(q.shape)}, "
@@ -77,7 +93,7 @@ def attention_fp8(
 ) -> torch.Tensor:
     """FP8 prefill attention: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` in e4m3, output ``[B, Sq, Hq, D]``
     in ``out_dtype``. Causal is bottom-right aligned, as in `attention`. The numerics are the module's."""
-    b, sq, sk, hq, hkv, d = check_fp8_args(q, k, v, q_descale, k_descale, v_descale, out_dtype)
+    b, sq, sk, hq, hkv, d = check_fp8_args(q, k, v, q_descale, k_descale, v_descale, out_dtype, causal, softmax_scale)
     scale = d**-0.5 if softmax_scale is None else softmax_scale
     g = hq // hkv
     qd, kd, vd = (_descale(x, n, b, hkv, q.device) for x, n in

@@ -76,6 +76,15 @@ class RopeScaling:
 ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
 
 
+def check_rope_options(base, scaling) -> None:
+    """``rope_base`` a positive finite number (a NaN, zero or negative base turns every key NaN), and
+    ``rope_scaling`` a `RopeScaling` or None."""
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
+        raise ValueError(f"rope_base must be a positive finite number, got {base!r}")
+    if scaling is not None and not isinstance(scaling, RopeScaling):
+        raise TypeError(f"rope_scaling must be a RopeScaling or None, got {type(scaling).__name__}")
+
+
 def rope_inv_freq(
     rotary_dim: int, base: float = 10000.0, scaling: RopeScaling | None = None, seq_len: int | None = None
 ) -> tuple[torch.Tensor, float]:
@@ -85,6 +94,7 @@ def rope_inv_freq(
     ``original_max_position`` tokens can read longer sequences. ``seq_len`` (the sequence length the table
     serves) matters only to ``dynamic``.
     """
+    check_rope_options(base, scaling)
     r = rotary_dim
     exponents = torch.arange(0, r, 2, dtype=torch.int64).float() / r
     if scaling is None:

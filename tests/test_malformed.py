@@ -1,0 +1,371 @@
+"""Every public entry, called with one argument replaced by a malformed value (issue 18): the call either runs or
+raises a ValueError or TypeError, and a refused call that would have written a cache leaves it exactly as it was.
+
+tests/test_checks.py and the entries' own test files hold hand-written tables of bad calls with the message
+each must give. This file does not judge messages; it tries what a hand-written table misses: for every
+argument of every entry (positional, keyword, and the optional ones a base call leaves out), the values a
+careless or hostile caller passes: the wrong type (a list, a string, a bool for an int), the wrong dtype, one
+rank too many or too few, one element too few or too many along the first and last axes, an empty tensor, a
+tensor on another device (``meta``), negative and huge integers, NaN and ±inf floats, malformed tuples. An
+IndexError, RuntimeError, AttributeError or a Triton error from deep inside is a defect: the caller learns
+neither which argument was wrong nor whether the cache changed.
+
+Values inside valid tensors (lengths past the cache, table entries outside the pool) are the fuzzer's and
+tests/test_no_sync.py's: with ``validate=False`` the kernels clamp them and record them for `attn.check_errors`.
+A substitute that happens to be valid runs; what is checked then is only that the output and the caches stay
+finite (every base input is), since a malformed option that silently turns them NaN is a defect as well.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import signal
+
+import pytest
+import torch
+
+import attn
+import attn.fast as fast
+import attn.reference as reference
+from attn import InflightBatch
+from attn import flash_attn_interface as fa
+from attn.fast import fp8_prefill
+from attn.layout import cu_seqlens_from_lengths
+
+B, HQ, HKV, D, CAP = 2, 4, 2, 16, 8
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ACCEPTED = (ValueError, TypeError)
+# a huge integer: past int32, so that a size or a count built from it cannot be allocated or launched
+HUGE = 2**40
+# no base call takes a second in the interpreter; one that runs this long was sized by a malformed argument
+CALL_SECONDS = 20
+
+
+def _rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+def _i32(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+# each base call: (function, positional arguments, keyword arguments, names of the arguments it writes)
+def _attention(fn):
+    return fn, (_rand(B, 5, HQ, D), _rand(B, 5, HKV, D), _rand(B, 5, HKV, D)), dict(causal=True), ()
+
+
+def _packed_attention(fn):
+    cu = cu_seqlens_from_lengths(_i32(2, 3))
+    return (
+        fn,
+        (_rand(5, HQ, D), _rand(5, HKV, D), _rand(5, HKV, D)),
+        dict(cu_seqlens_q=cu, cu_seqlens_k=cu.clone(), max_seqlen_q=3, max_seqlen_k=3, causal=True),
+        (),
+    )
+
+
+def _decode(fn):
+    return fn, (_rand(B, 1, HQ, D), _rand(B, CAP, HKV, D), _rand(B, CAP, HKV, D), _i32(3, 5)), {}, ()
+
+
+def _paged_decode(fn):
+    # 5 blocks of 4 tokens; sequence 0 holds blocks 3, 1, sequence 1 blocks 0, 4
+    pool = _rand(5, 4, HKV, D), _rand(5, 4, HKV, D)
+    return fn, (_rand(B, 1, HQ, D), *pool, _i32(3, 7)), dict(block_table=_i32(3, 1, 0, 4).view(2, 2)), ()
+
+
+def _context(fn):
+    cu = cu_seqlens_from_lengths(_i32(1, 2))
+    return (
+        fn,
+        (_rand(3, HQ, D), _rand(B, CAP, HKV, D), _rand(B, CAP, HKV, D), _i32(3, 5)),
+        dict(cu_seqlens_q=cu, max_seqlen_q=2),
+        (),
+    )
+
+
+def _append(fn):
+    return fn, (_rand(B, CAP, HKV, D), _rand(B, CAP, HKV, D), _rand(B, 2, HKV, D), _rand(B, 2, HKV, D),
+                _i32(3, 5)), {}, ("k_cache", "v_cache")  # fmt: skip
+
+
+def _preprocess(fn):
+    qkv = _rand(B, 2, (HQ + 2 * HKV) * D)
+    return (
+        fn,
+        (qkv, _rand(B, CAP, HKV, D), _rand(B, CAP, HKV, D), _i32(3, 5)),
+        dict(num_heads_q=HQ, num_heads_kv=HKV, rotary_dim=D),
+        ("k_cache", "v_cache"),
+    )
+
+
+def _gpt(fn):
+    # one prompt of 3 tokens and one generation request over 5 cached tokens, 4-token pages
+    batch = InflightBatch.build([0, 1], [3, 1], [0, 5], block_table=_i32(3, 1, 0, 4).view(2, 2))
+    qkv = _rand(batch.num_tokens, (HQ + 2 * HKV) * D)
+    return (
+        fn,
+        (qkv, batch, _rand(5, 4, HKV, D), _rand(5, 4, HKV, D)),
+        dict(num_heads_q=HQ, num_heads_kv=HKV, rotary_dim=D),
+        ("k_cache", "v_cache"),
+    )
+
+
+def _cross(fn):
+    return fn, (_rand(B, 1, HQ, D), _rand(B, 6, HKV, D), _rand(B, 6, HKV, D), _i32(4, 6)), {}, ()
+
+
+def _indirection(fn):
+    table = torch.zeros(B, 2, CAP, dtype=torch.int32)
+    return fn, (table, _i32(1, 0, 0, 0).view(B, 2), 3), {}, ()
+
+
+def _fp8(fn):
+    q, k, v = (_rand(1, 4, 2, 64).to(torch.float8_e4m3fn) for _ in range(3))
+    return fn, (q, k, v, torch.ones(1, 2), torch.ones(1, 2), torch.ones(1, 2)), dict(causal=True), ()
+
+
+def _fa_func(fn):
+    return fn, (_rand(B, 5, HQ, D), _rand(B, 5, HKV, D), _rand(B, 5, HKV, D)), dict(causal=True), ()
+
+
+def _fa_varlen(fn):
+    cu = cu_seqlens_from_lengths(_i32(2, 3))
+    return fn, (_rand(5, HQ, D), _rand(5, HKV, D), _rand(5, HKV, D), cu, cu.clone(), 3, 3), dict(causal=True), ()
+
+
+def _fa_kvcache(fn):
+    angle = torch.rand(CAP, 8) * 6
+    return fn, (_rand(B, 1, HQ, D), _rand(B, CAP, HKV, D), _rand(B, CAP, HKV, D)), dict(
+        k=_rand(B, 1, HKV, D), v=_rand(B, 1, HKV, D), cache_seqlens=_i32(3, 5), causal=True,
+        rotary_cos=angle.cos(), rotary_sin=angle.sin(),
+    ), ("k_cache", "v_cache")  # fmt: skip
+
+
+ENTRIES = {
+    "attention": lambda: _attention(fast.attention),
+    "attention-packed": lambda: _packed_attention(fast.attention),
+    "attention_unfused": lambda: _attention(fast.attention_unfused),
+    "decode": lambda: _decode(fast.decode),
+    "decode-paged": lambda: _paged_decode(fast.decode),
+    "context_attention": lambda: _context(fast.context_attention),
+    "append_kv": lambda: _append(fast.append_kv),
+    "preprocess": lambda: _preprocess(fast.preprocess),
+    "gpt_attention": lambda: _gpt(fast.gpt_attention),
+    "cross_attention": lambda: _cross(fast.cross_attention),
+    "update_indirection": lambda: _indirection(fast.update_indirection),
+    "attention_fp8": lambda: _fp8(fp8_prefill.attention_fp8),
+    "flash_attn_func": lambda: _fa_func(fa.flash_attn_func),
+    "flash_attn_varlen_func": lambda: _fa_varlen(fa.flash_attn_varlen_func),
+    "flash_attn_with_kvcache": lambda: _fa_kvcache(fa.flash_attn_with_kvcache),
+    # the top-level names (`attn.ops`: the launcher in eager mode, the registered operator under autograd or
+    # torch.compile) take the same arguments
+    "attn.attention": lambda: _attention(attn.attention),
+    "attn.decode": lambda: _decode(attn.decode),
+    "attn.context_attention": lambda: _context(attn.context_attention),
+    "attn.append_kv": lambda: _append(attn.append_kv),
+    "attn.preprocess": lambda: _preprocess(attn.preprocess),
+    "attn.gpt_attention": lambda: _gpt(attn.gpt_attention),
+    "reference.attention": lambda: _attention(reference.attention),
+    "reference.decode-paged": lambda: _paged_decode(reference.decode),
+    "reference.context_attention": lambda: _context(reference.context_attention),
+    "reference.append_kv": lambda: _append(reference.append_kv),
+    "reference.preprocess": lambda: _preprocess(reference.preprocess),
+    "reference.gpt_attention": lambda: _gpt(reference.gpt_attention),
+    "reference.cross_attention": lambda: _cross(reference.cross_attention),
+    "reference.attention_fp8": lambda: _fp8(reference.attention_fp8),
+}
+
+# arguments that only steer a benchmark or a test (a tile override), not a user's call
+SKIP = {"config"}
+
+
+def _kind(value, annotation: str) -> str:
+    """What a malformed substitute for this argument looks like: by the base call's value, else its annotation."""
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, tuple):
+        return "tuple"
+    if isinstance(value, str):
+        return "str"
+    if value is None and annotation:
+        for word, kind in (("Tensor", "opt-tensor"), ("tuple", "tuple"), ("bool", "bool"), ("float", "float"),
+                           ("int", "int"), ("str", "str")):  # fmt: skip
+            if word in annotation:
+                return kind
+    return "object"
+
+
+def _tensor_substitutes(x: torch.Tensor) -> dict:
+    subs = {"list": x.tolist() if x.numel() <= 64 else [1.0], "string": "x", "meta": x.to("meta"), "empty": x[:0],
+            "rank+1": x.unsqueeze(0), "noncontiguous": torch.stack([x, x], -1)[..., 0]}  # fmt: skip
+    if x.dim() > 0:
+        subs["rank-1"] = x[0]
+        subs["first+1"] = torch.cat([x, x[:1]])
+        if x.shape[0] > 1:
+            subs["first-1"] = x[1:]
+        if x.shape[-1] > 1:
+            subs["last-1"] = x[..., 1:]
+    if x.is_floating_point():
+        subs.update({"float64": x.double(), "int64": x.long(), "bool": x != 0})
+    else:
+        subs.update({"float32": x.float(), "int64": x.long(), "negative": x * 0 - 1, "huge": x * 0 + 2**30})
+    return subs
+
+
+SUBSTITUTES = {
+    "int": {"negative": -1, "zero": 0, "huge": HUGE, "bool": True, "float": 2.5, "string": "2", "none": None},
+    "float": {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "negative": -1.0, "zero": 0.0, "string": "x",
+              "bool": True, "tensor": torch.tensor(1.0)},
+    "bool": {"string": "yes", "int": 2, "tensor": torch.tensor([True, False])},
+    "tuple": {"short": (1,), "long": (1, 2, 3), "string": ("a", 0), "negative": (-5, 0), "float": (1.5, 0),
+              "none": None, "int": 3, "huge": (HUGE, HUGE)},
+    "str": {"bogus": "bogus", "none": None, "int": 1},
+    "opt-tensor": {"scalar": torch.tensor(1.0), "int64": torch.zeros(3, dtype=torch.int64), "wrong": torch.ones(3),
+                   "list": [1.0, 2.0], "string": "x", "meta": torch.ones(4, device="meta")},
+    "object": {"string": "x", "int": 1},
+}  # fmt: skip
+
+
+def _arguments(entry):
+    """(name, positional index or None, base value, kind) for every argument of the entry's signature."""
+    fn, args, kwargs, _ = ENTRIES[entry]()
+    out = []
+    for i, (name, p) in enumerate(inspect.signature(fn).parameters.items()):
+        if name in SKIP or p.kind is p.VAR_KEYWORD:
+            continue
+        positional = i < len(args)
+        value = args[i] if positional else kwargs.get(name, p.default if p.default is not p.empty else None)
+        out.append((name, i if positional else None, value, _kind(value, str(p.annotation))))
+    return out
+
+
+def _cases():
+    for entry in ENTRIES:
+        for name, _, _, _ in _arguments(entry):
+            yield pytest.param(entry, name, id=f"{entry}-{name}")
+
+
+class _Hung(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Hung
+
+
+def _nonfinite(x) -> bool:
+    return (
+        isinstance(x, torch.Tensor)
+        and x.is_floating_point()
+        and x.device.type != "meta"
+        and (not torch.isfinite(x.float()).all())
+    )
+
+
+def _recorded() -> bool:
+    """Whether the call recorded an out-of-range value for `attn.check_errors` (and clears the record): its
+    outputs are then undefined by contract, but the kernels stayed inside their tensors."""
+    try:
+        attn.check_errors()
+    except ValueError:
+        return True
+    return False
+
+
+def _build(entry):
+    # the same random inputs every time, so that a call can be compared with the base call; on a GPU machine
+    # the base call's tensors are made there (the substitutes of other devices stay malformed)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        fn, args, kwargs, writes = ENTRIES[entry]()
+    return fn, list(args), kwargs, writes
+
+
+def _run(fn, args, kwargs):
+    """The call under a time limit: a size taken from a huge argument without a bound makes the interpreter run a
+    grid of billions of programs (on a GPU, a launch error or a grid of empty programs), a finding, not a hang."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, CALL_SECONDS)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a.nan_to_num(), b.nan_to_num())
+    return a == b
+
+
+@pytest.mark.parametrize("entry,name", list(_cases()))
+def test_malformed_argument(entry, name):
+    index, _, kind = next((i, v, k) for n, i, v, k in _arguments(entry) if n == name)
+    params = list(inspect.signature(ENTRIES[entry]()[0]).parameters)
+    failures = []
+    _recorded()
+    labels = None
+    k = 0
+    while labels is None or k < len(labels):
+        fn, args, kwargs, writes = _build(entry)
+        base = args[index] if index is not None else kwargs.get(name)
+        subs = _tensor_substitutes(base) if kind == "tensor" else dict(SUBSTITUTES[kind])
+        if kind == "tensor":
+            subs["none"] = None
+        labels = labels or list(subs)
+        label = labels[k]
+        k += 1
+        bad = subs[label]
+        if index is not None:
+            args[index] = bad
+        else:
+            kwargs[name] = bad
+        state = {w: (args[params.index(w)] if params.index(w) < len(args) else kwargs[w]) for w in writes}
+        before = {w: t.clone() for w, t in state.items() if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        try:
+            result = _run(fn, args, kwargs)
+        except _Hung:
+            failures.append(f"{label}: still running after {CALL_SECONDS} s")
+            continue
+        except ACCEPTED:
+            _recorded()
+            changed = [w for w, t in before.items() if not torch.equal(state[w], t)]
+            if changed:
+                failures.append(f"{label}: refused, but {', '.join(changed)} changed")
+            continue
+        except Exception as e:  # noqa: BLE001 - any other exception is the finding
+            _recorded()
+            failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            continue
+        if _recorded():
+            continue
+        # every base input is finite: a malformed option that ran must not have made the output or a written
+        # cache non-finite (a NaN rope_base once turned every key NaN, silently)
+        out = result[0] if isinstance(result, tuple) else result
+        if label == "first+1" and name == "q" and base.dim() == 3:
+            # a packed q with a row past cu_seqlens_q[-1]: no sequence owns it, and an unvalidated call leaves it
+            # unwritten, as FlashAttention does (a buffer padded for a CUDA graph; docs/api/errors.md)
+            out = out[: base.shape[0]]
+        nonfinite = [w for w, t in [("out", out), *state.items()] if _nonfinite(t)]
+        if nonfinite:
+            failures.append(f"{label}: ran, and left non-finite values in {', '.join(nonfinite)}")
+        if label == "noncontiguous":
+            # the same values in another memory layout: the same result, and the same writes
+            fn0, args0, kwargs0, _ = _build(entry)
+            expected = _run(fn0, args0, kwargs0)
+            _recorded()
+            state0 = {w: (args0[params.index(w)] if params.index(w) < len(args0) else kwargs0[w]) for w in writes}
+            if not _same(result, expected) or not all(_same(state[w], state0[w]) for w in writes):
+                failures.append(f"{label}: ran, but differs from the same values laid out contiguously")
+    assert not failures, f"{entry}({name}=...):\n  " + "\n  ".join(failures)

@@ -204,6 +204,10 @@ def test_kernel_empty(device):
     q8, k8, v8, qd, kd, vd = _inputs(1, 3, 0, 2, 1, 64, device)
     out = fk.attention_fp8(q8, k8, v8, qd, kd, vd, causal=True)
     assert torch.equal(out, torch.zeros_like(out))
+    # the reference too (it failed on the empty key axis's max before the fuzzer found it)
+    for causal in (False, True):
+        ref = fr.attention_fp8(q8, k8, v8, qd, kd, vd, causal=causal)
+        assert ref.shape == (1, 3, 2, 64) and torch.equal(ref, torch.zeros_like(ref))
 
 
 # GPU: the benchmark's head dims, longer sequences (many tiles and a long running-max history), GQA 4 and D256

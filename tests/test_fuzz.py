@@ -8,7 +8,8 @@ and 1, causal masks and sliding windows, soft-capping, ``q_scaling``, ALiBi (bot
 with sinks, RoPE at read time, beams, pages of 1 to 64 tokens, split-K, NaN-poisoned padding, unused cache
 slots and unused pool blocks, non-contiguous inputs, and NaN/±inf injected into q or into any key or value
 of a sequence, hidden from some rows by the causal mask or a window or not (the kernels must then give the
-reference's non-finite pattern: see tests/test_nan.py for the rule).
+reference's non-finite pattern: see tests/test_nan.py for the rule). FP8 prefill (`attention_fp8`) is fuzzed
+over its own options: lengths 0 and 1, causal rows without keys, GQA, descales or none, explicit scales.
 
 Budget. ``ATTN_FUZZ_PROFILE`` picks a Hypothesis profile: ``ci`` (the default: derandomized, so CI runs the
 same ~30-50 s of examples every time; a failure prints the configuration and a reproduction blob), ``gpu`` (20x
@@ -872,6 +873,59 @@ def _report():
         print(
             f"\nfuzzed {total} configurations ({PROFILE} profile): " + ", ".join(f"{k} {v}" for k, v in COUNTS.items())
         )
+
+
+# ---------------------------------------------------------------------------------------------- FP8 prefill
+
+
+@st.composite
+def fp8_cfg(draw):
+    return dict(
+        seed=draw(st.integers(0, 2**16)), b=draw(st.integers(1, 2)), sq=draw(st.sampled_from([0, 1, 5, 37, 130])),
+        sk=draw(st.sampled_from([0, 1, 9, 64, 150])), hkv=draw(st.integers(1, 2)), group=draw(st.sampled_from([1, 3])),
+        d=draw(st.sampled_from([64, 128])), causal=draw(st.booleans()), descale=draw(st.booleans()),
+        scale=draw(st.sampled_from([None, 0.02, 0.3])), spread=draw(st.sampled_from([0.5, 2.0, 8.0])),
+    )  # fmt: skip
+
+
+@given(cfg=fp8_cfg())
+@settings(max_examples=budget(20))
+def test_fuzz_fp8_prefill(cfg):
+    """`attention_fp8` (e4m3 Q, K, V with per-(batch, KV head) descales) against its reference over the shapes
+    and options: lengths 0 and 1, Sq > Sk under a causal mask (rows that see no key), GQA, descales or none,
+    explicit scales. Tolerances are tests/test_fp8_prefill.py's (its module docstring derives them)."""
+    from test_fp8_prefill import _check_against_reference, _exact
+
+    from attn.fast import fp8_prefill
+    from attn.reference import fp8_attention as fr
+
+    note(cfg)
+    _count("attention_fp8")
+    torch.manual_seed(cfg["seed"])
+    b, sq, sk, hkv, d = cfg["b"], cfg["sq"], cfg["sk"], cfg["hkv"], cfg["d"]
+    hq = hkv * cfg["group"]
+    q = torch.randn(b, sq, hq, d, device=DEVICE) * cfg["spread"]
+    k, v = torch.randn(b, sk, hkv, d, device=DEVICE), torch.randn(b, sk, hkv, d, device=DEVICE) * 3.0
+    if cfg["descale"]:
+        (q8, qd), (k8, kd), (v8, vd) = (fr.quantize_fp8(x, hkv) for x in (q, k, v))
+    else:
+        q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
+        qd = kd = vd = None
+    kw = dict(causal=cfg["causal"], softmax_scale=cfg["scale"])
+    out = fp8_prefill.attention_fp8(q8, k8, v8, qd, kd, vd, **kw)
+    ref = fr.attention_fp8(q8, k8, v8, qd, kd, vd, **kw)
+    assert out.shape == ref.shape == (b, sq, hq, d) and out.dtype == ref.dtype == torch.bfloat16
+    if out.numel() == 0:
+        return
+    if sk == 0:
+        # no key: every row is keyless and zero, in both
+        assert not out.any() and not ref.any(), "rows without keys must be zeros"
+        return
+    ones = torch.ones(b, hkv, device=DEVICE)
+    exact, p, l_sum, vf = _exact(q8, k8, v8, *(x if x is not None else ones for x in (qd, kd, vd)), cfg["causal"],
+                                 scale=cfg["scale"])  # fmt: skip
+    one_tile = sk <= fp8_prefill._config(d)["BLOCK_N"]
+    _check_against_reference(out, ref, exact, p, l_sum, vf, str(cfg), one_tile)
 
 
 # ------------------------------------------------------------------------ regressions of the issue's findings

@@ -94,6 +94,9 @@ def attention_fp8(
     """FP8 prefill attention: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` in e4m3, output ``[B, Sq, Hq, D]``
     in ``out_dtype``. Causal is bottom-right aligned, as in `attention`. The numerics are the module's."""
     b, sq, sk, hq, hkv, d = check_fp8_args(q, k, v, q_descale, k_descale, v_descale, out_dtype, causal, softmax_scale)
+    if sk == 0:
+        # no key at all: every row sees none, and outputs zeros (the module's rule for a keyless row)
+        return torch.zeros(b, sq, hq, d, dtype=out_dtype, device=q.device)
     scale = d**-0.5 if softmax_scale is None else softmax_scale
     g = hq // hkv
     qd, kd, vd = (_descale(x, n, b, hkv, q.device) for x, n in

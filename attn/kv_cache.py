@@ -23,6 +23,7 @@ share history through ``cache_indirection`` instead (`attn.reference.update_indi
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -175,6 +176,9 @@ class _SequenceSlots:
         raise PoolExhaustedError(f"all {self.max_seqs} sequence slots are in use")
 
     def _check_live(self, slot: int) -> None:
+        # a bool would pass as slot 0 or 1 (True == 1), and a list of them would index as a mask
+        if isinstance(slot, bool) or not _is_index(slot):
+            raise TypeError(f"a sequence slot must be an int, got {slot!r}")
         if slot not in self._live:
             raise ValueError(f"sequence slot {slot} is not in use (live slots: {sorted(self._live)})")
 
@@ -189,7 +193,7 @@ class _SequenceSlots:
     def advance(self, slots: Sequence[int], counts: Sequence[int]) -> None:
         """Counts ``counts[i]`` more tokens as cached in ``slots[i]``, after an operation that wrote them itself
         (`attn.gpt_attention`, `attn.preprocess`); pair it with `reserve_tokens` before that operation."""
-        slots, counts = list(slots), [int(n) for n in counts]
+        slots, counts = list(slots), _counts(counts)
         for s in slots:
             self._check_live(s)
         if len(counts) != len(slots):
@@ -272,7 +276,7 @@ class ContiguousKVCache(_SequenceSlots):
             ValueError: a slot not in use or listed twice, a negative count, or a sequence that would outgrow
                 ``max_len``.
         """
-        slots, counts = list(slots), [int(n) for n in counts]
+        slots, counts = list(slots), _counts(counts)
         for s in slots:
             self._check_live(s)
         if len(counts) != len(slots):
@@ -299,6 +303,8 @@ class ContiguousKVCache(_SequenceSlots):
         ``self.seqlens`` and no table instead.)
         """
         idx = list(slots)
+        for s in idx:
+            self._check_live(s)
         table = torch.tensor(idx, dtype=torch.int32, device=self.k.device).view(-1, 1)
         return self.seqlens[idx], table
 
@@ -482,7 +488,7 @@ class PagedKVCache(_SequenceSlots):
     def _plan_writes(self, slots, counts):
         """``[(slot, indices of its blocks to copy, blocks to add)]`` for appending ``counts`` tokens; checks
         everything and changes nothing."""
-        slots, counts = list(slots), [int(n) for n in counts]
+        slots, counts = list(slots), _counts(counts)
         if len(counts) != len(slots):
             raise ValueError(f"counts must have one entry per slot ({len(slots)}), got {len(counts)}")
         for s in slots:
@@ -605,6 +611,8 @@ class PagedKVCache(_SequenceSlots):
     def metadata(self, slots: Sequence[int]):
         """``(cache_seqlens, block_table)`` for ``decode``/``append_kv`` over ``slots``, as keyword-ready tensors."""
         idx = list(slots)
+        for s in idx:
+            self._check_live(s)
         return self.seqlens[idx], self.block_table[idx]
 
     # plans (attn.plan): the step's metadata from the host bookkeeping, checked once, for every layer's call
@@ -680,8 +688,27 @@ def _new_counts(slots, k_new, cu_seqlens_new) -> list[int]:
     return [k_new.shape[1]] * len(slots)
 
 
+def _is_index(x) -> bool:
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
+
+
+def _counts(counts) -> list[int]:
+    """Token counts as ints: a float (0.5 tokens) or a bool is a caller's bug, not a count to round."""
+    if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence):
+        raise TypeError(f"counts must be a sequence of ints, got {counts!r}")
+    if any(isinstance(n, bool) or not _is_index(n) for n in counts):
+        raise TypeError(f"counts must be ints, got {list(counts)}")
+    return [operator.index(n) for n in counts]
+
+
 def _append_impl(impl):
     if impl is not None:
+        if not callable(impl):
+            raise TypeError(f"impl must be None or an append function (attn.append_kv's signature), got {impl!r}")
         return impl
     from .fast import append_kv
 

@@ -28,14 +28,15 @@ import torch
 import attn
 import attn.fast as fast
 import attn.reference as reference
-from attn import InflightBatch
+from attn import ContiguousKVCache, InflightBatch, PagedKVCache, PoolExhaustedError
 from attn import flash_attn_interface as fa
 from attn.fast import fp8_prefill
 from attn.layout import cu_seqlens_from_lengths
 
 B, HQ, HKV, D, CAP = 2, 4, 2, 16, 8
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ACCEPTED = (ValueError, TypeError)
+# refusals: a clear error, or (a cache object's) a pool too small for the request
+ACCEPTED = (ValueError, TypeError, PoolExhaustedError)
 # a huge integer: past int32, so that a size or a count built from it cannot be allocated or launched
 HUGE = 2**40
 # no base call takes a second in the interpreter; one that runs this long was sized by a malformed argument
@@ -143,6 +144,55 @@ def _fa_kvcache(fn):
     ), ("k_cache", "v_cache")  # fmt: skip
 
 
+def _tok(n, batch=1):
+    return _rand(batch, n, HKV, D, dtype=torch.float16), _rand(batch, n, HKV, D, dtype=torch.float16)
+
+
+def _cache_state(c):
+    """What a cache object holds: its bookkeeping (host and device) and the bytes of every token a live sequence
+    lists (free blocks' contents are not state: nothing reads them; tests/test_transactional.py)."""
+    state = {"lengths": list(c._lengths), "live": sorted(c._live), "seqlens": c.seqlens.clone()}
+    paged = isinstance(c, PagedKVCache)
+    if paged:
+        state.update(free=list(c.allocator._free), refs=dict(c.allocator._refs), table=c.block_table.clone(),
+                     blocks={s: list(b) for s, b in c._blocks.items()})  # fmt: skip
+    for s in sorted(c._live):
+        n = c._lengths[s]
+        rows, cols = ([c._blocks[s][t // c.block_size] for t in range(n)], [t % c.block_size for t in range(n)]) \
+            if paged else ([s] * n, list(range(n)))  # fmt: skip
+        state[f"tokens of slot {s}"] = (c.k[rows, cols].clone(), c.v[rows, cols].clone())
+    return state
+
+
+def _paged_cache():
+    """Two live sequences (6 and 9 tokens) and a fork of the first, in 4-token blocks, 3 of 9 blocks free."""
+    c = PagedKVCache(num_blocks=9, block_size=4, num_heads_kv=HKV, head_dim=D, max_seqs=4, max_blocks_per_seq=4,
+                     device=DEVICE)  # fmt: skip
+    a, b = c.add_sequence(), c.add_sequence()
+    c.append([a], *_tok(6))
+    c.append([b], *_tok(9))
+    f = c.fork(a)
+    return c, (a, b, f)
+
+
+def _contiguous_cache():
+    c = ContiguousKVCache(max_seqs=3, max_len=10, num_heads_kv=HKV, head_dim=D, device=DEVICE)
+    a, b = c.add_sequence(), c.add_sequence()
+    c.append([a], *_tok(4))
+    c.append([b], *_tok(7))
+    return c, (a, b)
+
+
+def _method(make, name, args_of, kwargs=None):
+    """A cache method's base call: (bound method, its arguments, the cache's whole state as what it writes)."""
+
+    def build():
+        c, slots = make()
+        return getattr(c, name), args_of(slots), dict(kwargs or {}), lambda: _cache_state(c)
+
+    return build
+
+
 ENTRIES = {
     "attention": lambda: _attention(fast.attention),
     "attention-packed": lambda: _packed_attention(fast.attention),
@@ -167,6 +217,18 @@ ENTRIES = {
     "attn.append_kv": lambda: _append(attn.append_kv),
     "attn.preprocess": lambda: _preprocess(attn.preprocess),
     "attn.gpt_attention": lambda: _gpt(attn.gpt_attention),
+    # the cache objects' methods (their writes: the whole cache)
+    "PagedKVCache.append": _method(_paged_cache, "append", lambda s: (s[:2], *_tok(1, 2))),
+    "PagedKVCache.reserve_tokens": _method(_paged_cache, "reserve_tokens", lambda s: ([s[0], s[2]], [1, 2])),
+    "PagedKVCache.reserve": _method(_paged_cache, "reserve", lambda s: (s[1], 3)),
+    "PagedKVCache.fork": _method(_paged_cache, "fork", lambda s: (s[1],)),
+    "PagedKVCache.reorder_beams": _method(_paged_cache, "reorder_beams", lambda s: ([s[0], s[2]], [1, 0])),
+    "PagedKVCache.release": _method(_paged_cache, "release", lambda s: (s[2],)),
+    "PagedKVCache.metadata": _method(_paged_cache, "metadata", lambda s: (list(s),)),
+    "ContiguousKVCache.append": _method(_contiguous_cache, "append", lambda s: (list(s), *_tok(2, 2))),
+    "ContiguousKVCache.reserve_tokens": _method(_contiguous_cache, "reserve_tokens", lambda s: (list(s), [1, 3])),
+    "ContiguousKVCache.release": _method(_contiguous_cache, "release", lambda s: (s[0],)),
+    "ContiguousKVCache.metadata": _method(_contiguous_cache, "metadata", lambda s: (list(s),)),
     "reference.attention": lambda: _attention(reference.attention),
     "reference.decode-paged": lambda: _paged_decode(reference.decode),
     "reference.context_attention": lambda: _context(reference.context_attention),
@@ -193,6 +255,8 @@ def _kind(value, annotation: str) -> str:
         return "float"
     if isinstance(value, tuple):
         return "tuple"
+    if isinstance(value, list):
+        return "list"
     if isinstance(value, str):
         return "str"
     if value is None and annotation:
@@ -231,6 +295,9 @@ SUBSTITUTES = {
     "opt-tensor": {"scalar": torch.tensor(1.0), "int64": torch.zeros(3, dtype=torch.int64), "wrong": torch.ones(3),
                    "list": [1.0, 2.0], "string": "x", "meta": torch.ones(4, device="meta")},
     "object": {"string": "x", "int": 1},
+    # lists of slots, counts or parents
+    "list": {"empty": [], "negative": [-1], "unknown": [10**6], "huge": [HUGE, HUGE], "string": ["a"],
+             "float": [0.5], "bool": [True, False], "none": None, "int": 1, "nested": [[0]]},
 }  # fmt: skip
 
 
@@ -302,11 +369,24 @@ def _run(fn, args, kwargs):
 
 
 def _same(a, b) -> bool:
-    if isinstance(a, tuple):
-        return isinstance(b, tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    """Deep equality of results and states: tensors bitwise (NaN equal to NaN), containers by their items."""
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a.nan_to_num(), b.nan_to_num())
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if hasattr(a, "__dataclass_fields__"):
+        return type(a) is type(b) and all(_same(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
     return a == b
+
+
+def _snapshot(writes, params, args, kwargs):
+    """What the call may write, copied: the named tensor arguments, or a cache object's whole state."""
+    if callable(writes):
+        return writes()
+    state = {w: (args[params.index(w)] if params.index(w) < len(args) else kwargs[w]) for w in writes}
+    return {w: t.clone() for w, t in state.items() if isinstance(t, torch.Tensor) and t.device.type != "meta"}
 
 
 @pytest.mark.parametrize("entry,name", list(_cases()))
@@ -331,8 +411,7 @@ def test_malformed_argument(entry, name):
             args[index] = bad
         else:
             kwargs[name] = bad
-        state = {w: (args[params.index(w)] if params.index(w) < len(args) else kwargs[w]) for w in writes}
-        before = {w: t.clone() for w, t in state.items() if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        before = _snapshot(writes, params, args, kwargs)
         try:
             result = _run(fn, args, kwargs)
         except _Hung:
@@ -340,7 +419,8 @@ def test_malformed_argument(entry, name):
             continue
         except ACCEPTED:
             _recorded()
-            changed = [w for w, t in before.items() if not torch.equal(state[w], t)]
+            after = _snapshot(writes, params, args, kwargs)
+            changed = [w for w in before if not _same(before[w], after[w])]
             if changed:
                 failures.append(f"{label}: refused, but {', '.join(changed)} changed")
             continue
@@ -350,6 +430,7 @@ def test_malformed_argument(entry, name):
             continue
         if _recorded():
             continue
+        after = _snapshot(writes, params, args, kwargs)
         # every base input is finite: a malformed option that ran must not have made the output or a written
         # cache non-finite (a NaN rope_base once turned every key NaN, silently)
         out = result[0] if isinstance(result, tuple) else result
@@ -357,15 +438,14 @@ def test_malformed_argument(entry, name):
             # a packed q with a row past cu_seqlens_q[-1]: no sequence owns it, and an unvalidated call leaves it
             # unwritten, as FlashAttention does (a buffer padded for a CUDA graph; docs/api/errors.md)
             out = out[: base.shape[0]]
-        nonfinite = [w for w, t in [("out", out), *state.items()] if _nonfinite(t)]
+        nonfinite = [w for w, t in [("out", out), *after.items()] if _nonfinite(t)]
         if nonfinite:
             failures.append(f"{label}: ran, and left non-finite values in {', '.join(nonfinite)}")
         if label == "noncontiguous":
             # the same values in another memory layout: the same result, and the same writes
-            fn0, args0, kwargs0, _ = _build(entry)
+            fn0, args0, kwargs0, writes0 = _build(entry)
             expected = _run(fn0, args0, kwargs0)
             _recorded()
-            state0 = {w: (args0[params.index(w)] if params.index(w) < len(args0) else kwargs0[w]) for w in writes}
-            if not _same(result, expected) or not all(_same(state[w], state0[w]) for w in writes):
+            if not _same(result, expected) or not _same(after, _snapshot(writes0, params, args0, kwargs0)):
                 failures.append(f"{label}: ran, but differs from the same values laid out contiguously")
     assert not failures, f"{entry}({name}=...):\n  " + "\n  ".join(failures)

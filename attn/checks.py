@@ -201,6 +201,18 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def check_device(name: str, device) -> torch.device:
+    """A ``device=`` argument as a `torch.device`: a string, an index or a device that names one this process can
+    use (a CUDA device on a machine without CUDA is refused here, not by the first tensor made on it)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must name a torch device ('cpu', 'cuda', 'cuda:0', ...), got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} is {device!r}, but this machine has no CUDA device")
+    return dev
+
+
 def check_flag(name: str, value) -> None:
     """A switch (``causal``, ``return_lse``, ``validate``, ...) must be a bool: a string, a number or a tensor in
     its place is a caller's bug that ``if value:`` would read as True, or fail on with a message naming nothing."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_device
 from .layout import new_token_positions
 
 CONTEXT, GENERATION = 0, 1
@@ -123,13 +124,16 @@ class InflightBatch:
                 raise ValueError(f"past_lengths[{b}]: a generation request needs a cache holding its prompt, got 0")
             if kind == CONTEXT and new < 1:
                 raise ValueError(f"new_tokens[{b}] of a context request must be >= 1, got {new}")
+            if past + new >= 2**31:
+                # positions are int32 on the device
+                raise ValueError(f"past_lengths[{b}] + new_tokens[{b}] must stay below 2^31, got {past + new}")
         if block_table is not None:
             if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
                 raise TypeError("block_table must be an int32 torch.Tensor [B, max_blocks]")
             if block_table.dim() != 2 or block_table.shape[0] != batch:
                 raise ValueError(f"block_table must be [B={batch}, max_blocks], got {tuple(block_table.shape)}")
             device = block_table.device if device is None else device
-        device = torch.device("cpu" if device is None else device)
+        device = check_device("device", "cpu" if device is None else device)
 
         def ints(values, dtype=torch.int32):
             return torch.tensor(list(values), dtype=dtype, device=device)

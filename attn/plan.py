@@ -45,6 +45,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .checks import check_device, check_flag
 from .fast import _errors, _triton
 from .fast.decode import _num_sms, choose_num_splits
 
@@ -269,7 +270,11 @@ def _record(flat, inputs):
     """Runs ``flat(*inputs)`` once, recording it; returns ``(result, _Replay or None)``."""
     # the device's error word (attn.fast._errors) must exist before recording: made during the call, its zeroing
     # would be recorded as a fill, and every replay would then clear violations recorded by earlier calls
-    _errors.error_word(inputs[0].device)
+    # (only for a tensor on a device the kernels run on: anything else is refused by the flat function's checks, and
+    # must not leave a word behind on the meta device)
+    first = inputs[0]
+    if isinstance(first, torch.Tensor) and first.device.type in ("cuda", "cpu"):
+        _errors.error_word(first.device)
     rec = _Recorder()
     with _patch_lock:
         modules = _launch_modules()
@@ -386,8 +391,8 @@ def _rebuild_view(base: torch.Tensor, view: tuple) -> torch.Tensor:
     return base.as_strided(shape, stride, base.storage_offset() + offset)
 
 
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+def _capturing(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _outputs_of(result):
@@ -414,6 +419,8 @@ class _Plan:
         return self._replay.reason if isinstance(self._replay, _Refused) else None
 
     def _execute(self, inputs, out):
+        if out is not None and any(o is not None and not isinstance(o, torch.Tensor) for o in out):
+            raise TypeError(f"out must be None, a tensor or a tuple of tensors (None for one not wanted), got {out!r}")
         rep = self._replay
         if isinstance(rep, _Replay) and rep.matches(inputs):
             return rep(inputs, out)
@@ -449,10 +456,15 @@ def _host_ints(x, name: str) -> list[int]:
                             f"back from the device, got a tensor on {x.device}")  # fmt: skip
         if x.dtype.is_floating_point or x.dtype == torch.bool or x.dim() != 1:
             raise TypeError(f"{name} must be a 1-D integer tensor, got {x.dtype} of shape {tuple(x.shape)}")
-        return [int(v) for v in x.tolist()]
-    if not isinstance(x, (list, tuple)) or any(not isinstance(v, int) or isinstance(v, bool) for v in x):
+        values = [int(v) for v in x.tolist()]
+    elif not isinstance(x, (list, tuple)) or any(not isinstance(v, int) or isinstance(v, bool) for v in x):
         raise TypeError(f"{name} must be a list of ints or a CPU tensor, got {type(x).__name__}")
-    return list(x)
+    else:
+        values = list(x)
+    if any(not -(2**31) <= v < 2**31 for v in values):
+        # the kernels read them as int32
+        raise ValueError(f"{name} entries must fit in int32, got {values[:8]}")
+    return values
 
 
 def _flat_options(plan: str, fn, options: dict, block_table=None):
@@ -572,6 +584,8 @@ class DecodePlan(_Plan):
         if not isinstance(q_len, int) or q_len < 1:
             raise ValueError(f"q_len must be a positive int, got {q_len}")
         self.k_cache, self.v_cache = k_cache, v_cache
+        if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+            raise ValueError(f"round_to must be a positive int, got {round_to!r}")
         self.num_heads_q, self.q_len, self.options = num_heads_q, q_len, options
         self.round_to, self._bound, self._forced_splits = round_to, max_seqlen_k, num_splits
         self.paged = block_table is not None
@@ -754,6 +768,8 @@ class PrefillPlan(_Plan):
         options, _ = _flat_options("PrefillPlan", attention, options)
         if "validate" in options:
             raise TypeError("PrefillPlan sets validate itself")
+        check_flag("packed", packed)
+        device = check_device("device", device)
         lq = _host_ints(seqlens_q, "seqlens_q")
         lk = lq if seqlens_k is None else _host_ints(seqlens_k, "seqlens_k")
         if len(lk) != len(lq):

@@ -183,6 +183,18 @@ def _contiguous_cache():
     return c, (a, b)
 
 
+def _plan_run():
+    plan = attn.DecodePlan(_rand(B, CAP, HKV, D), _rand(B, CAP, HKV, D), [3, 5], num_heads_q=HQ)
+    return plan.run, (_rand(B, 1, HQ, D),), {}, ()
+
+
+def _allocator(name, arg):
+    """A 6-block allocator with blocks 0 and 1 taken; its state is its free list and reference counts."""
+    a = attn.BlockAllocator(6)
+    a.allocate(2)
+    return getattr(a, name), (arg,), {}, lambda: {"free": list(a._free), "refs": dict(a._refs)}
+
+
 def _method(make, name, args_of, kwargs=None):
     """A cache method's base call: (bound method, its arguments, the cache's whole state as what it writes)."""
 
@@ -229,6 +241,32 @@ ENTRIES = {
     "ContiguousKVCache.reserve_tokens": _method(_contiguous_cache, "reserve_tokens", lambda s: (list(s), [1, 3])),
     "ContiguousKVCache.release": _method(_contiguous_cache, "release", lambda s: (s[0],)),
     "ContiguousKVCache.metadata": _method(_contiguous_cache, "metadata", lambda s: (list(s),)),
+    # plans, the step metadata, the allocator and the helpers that make a call's arguments
+    "DecodePlan": lambda: (
+        attn.DecodePlan,
+        (_rand(B, CAP, HKV, D), _rand(B, CAP, HKV, D), [3, 5]),
+        dict(num_heads_q=HQ),
+        (),
+    ),  # fmt: skip
+    "DecodePlan.run": lambda: _plan_run(),
+    "PrefillPlan": lambda: (attn.PrefillPlan, ([2, 3],), dict(causal=True, device=DEVICE), ()),
+    "InflightBatch.build": lambda: (
+        InflightBatch.build,
+        ([0, 1], [3, 1], [0, 5]),
+        dict(block_table=_i32(3, 1, 0, 4).view(2, 2)),
+        (),
+    ),  # fmt: skip
+    "BlockAllocator.allocate": lambda: _allocator("allocate", 2),
+    "BlockAllocator.free": lambda: _allocator("free", [0]),
+    "BlockAllocator.share": lambda: _allocator("share", [1]),
+    "calibrate_kv_scales": lambda: (
+        attn.calibrate_kv_scales,
+        (_rand(B, 5, HKV, D), _rand(B, 5, HKV, D), torch.int8),
+        {},
+        (),
+    ),  # fmt: skip
+    "alibi_slopes": lambda: (attn.alibi_slopes, (8,), dict(tp_size=2, tp_rank=1), ()),
+    "RelativeBias": lambda: (attn.RelativeBias, (), dict(table=_rand(HQ, 32), max_distance=16), ()),
     "reference.attention": lambda: _attention(reference.attention),
     "reference.decode-paged": lambda: _paged_decode(reference.decode),
     "reference.context_attention": lambda: _context(reference.context_attention),
@@ -378,7 +416,10 @@ def _same(a, b) -> bool:
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if hasattr(a, "__dataclass_fields__"):
         return type(a) is type(b) and all(_same(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
-    return a == b
+    if isinstance(a, (int, float, str, bool, type(None), torch.dtype, torch.device)):
+        return a == b
+    # an object a call made (a plan): what it computes is compared where it is run
+    return type(a) is type(b)
 
 
 def _snapshot(writes, params, args, kwargs):

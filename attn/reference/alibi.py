@@ -13,6 +13,11 @@ import math
 
 import torch
 
+from ..checks import check_device
+
+# far past any model's head count (the slopes are a [num_heads] table)
+MAX_HEADS = 2**16
+
 
 def alibi_slopes(
     num_heads: int,
@@ -36,14 +41,24 @@ def alibi_slopes(
     Returns:
         float32 ``[num_heads / tp_size]``.
     """
-    if not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    if not isinstance(tp_size, int) or tp_size < 1 or num_heads % tp_size:
+
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_finite(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not is_int(num_heads) or not 1 <= num_heads <= MAX_HEADS:
+        raise ValueError(f"num_heads must be an int in [1, {MAX_HEADS}], got {num_heads!r}")
+    if not is_int(tp_size) or tp_size < 1 or num_heads % tp_size:
         raise ValueError(f"tp_size must be a positive int dividing num_heads={num_heads}, got {tp_size!r}")
-    if not isinstance(tp_rank, int) or not 0 <= tp_rank < tp_size:
+    if not is_int(tp_rank) or not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank must lie in [0, {tp_size}), got {tp_rank!r}")
-    if not alibi_bias_max > 0:
-        raise ValueError(f"alibi_bias_max must be positive, got {alibi_bias_max!r}")
+    if not is_finite(alibi_scale):
+        raise ValueError(f"alibi_scale must be a finite number, got {alibi_scale!r}")
+    if not is_finite(alibi_bias_max) or not alibi_bias_max > 0:
+        raise ValueError(f"alibi_bias_max must be a positive finite number, got {alibi_bias_max!r}")
+    device = None if device is None else check_device("device", device)
     p = 2 ** math.floor(math.log2(num_heads))
     h = torch.arange(num_heads, dtype=torch.float64)
     exponent = torch.where(h < p, alibi_bias_max * (h + 1) / p, alibi_bias_max * (2 * (h - p) + 1) / (2 * p))

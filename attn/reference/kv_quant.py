@@ -57,6 +57,14 @@ def calibrate_kv_scales(
     """
     if dtype not in QUANT_DTYPES:
         raise TypeError(f"dtype must be one of {QUANT_DTYPES}, got {dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor [..., Hkv, D], got {getattr(x, 'dtype', x)!r}")
+        if x.dim() < 2 or x.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty [..., Hkv, D] sample, got shape {tuple(x.shape)}")
+    if k.shape[-2:] != v.shape[-2:] or k.device != v.device:
+        raise ValueError(f"k and v must share [Hkv, D] and a device, got {tuple(k.shape)} on {k.device} and "
+                         f"{tuple(v.shape)} on {v.device}")  # fmt: skip
     limit = QUANT_MAX[dtype]
     hkv = k.shape[-2]
 
@@ -73,5 +81,9 @@ def calibrate_kv_scales(
         k_amax, v_amax = amax(k, True), amax(v, True)
     else:
         raise ValueError(f"granularity must be 'tensor', 'kv' or 'head', got {granularity!r}")
+    # a NaN or an inf in the sample would make every scale of its group NaN or inf (a host read: calibration runs
+    # once, offline)
+    if not bool(torch.isfinite(k_amax).all() and torch.isfinite(v_amax).all()):
+        raise ValueError("k and v must be finite: a NaN or ±inf sample gives no scale")
     # an all-zero sample would give a zero scale; any positive one represents zeros exactly
     return (k_amax / limit).clamp(min=1e-12), (v_amax / limit).clamp(min=1e-12)

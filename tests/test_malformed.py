@@ -267,6 +267,22 @@ ENTRIES = {
     ),  # fmt: skip
     "alibi_slopes": lambda: (attn.alibi_slopes, (8,), dict(tp_size=2, tp_rank=1), ()),
     "RelativeBias": lambda: (attn.RelativeBias, (), dict(table=_rand(HQ, 32), max_distance=16), ()),
+    # context parallelism's host-side pieces (the collectives need a process group: tests/test_distributed.py)
+    "distributed.merge_stack": lambda: (attn.distributed.merge_stack, (_rand(3, 5, HQ, D), _rand(3, 5, HQ)), {}, ()),
+    "distributed.merge_into": lambda: (
+        attn.distributed.merge_into,
+        (torch.zeros(5, HQ, D), torch.full((HQ, 5), -math.inf), _rand(5, HQ, D), _rand(HQ, 5)),
+        {},
+        ("out", "lse"),
+    ),  # fmt: skip
+    "distributed.zigzag_plan": lambda: (attn.distributed.zigzag_plan, ([9, 16], 2), {}, ()),
+    "distributed.contiguous_plan": lambda: (attn.distributed.contiguous_plan, ([9, 16], 2), {}, ()),
+    "distributed.plan_pieces": lambda: (
+        attn.distributed.plan_pieces,
+        (attn.distributed.zigzag_plan([9, 16], 2), 1, 0),
+        dict(causal=True),
+        (),
+    ),  # fmt: skip
     "reference.attention": lambda: _attention(reference.attention),
     "reference.decode-paged": lambda: _paged_decode(reference.decode),
     "reference.context_attention": lambda: _context(reference.context_attention),

@@ -143,9 +143,13 @@ class ShardPlan:
         return f"ShardPlan({ranks})"
 
 
+# far past any job's rank count: plans are lists per rank, built on the host
+MAX_WORLD = 2**16
+
+
 def _check_world(world_size) -> None:
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or not 1 <= world_size <= MAX_WORLD:
+        raise ValueError(f"world_size must be an int in [1, {MAX_WORLD}], got {world_size!r}")
 
 
 def contiguous_plan(seqlens: Sequence[int], world_size: int, cuts: Sequence[Sequence[int]] | None = None) -> ShardPlan:

@@ -299,20 +299,11 @@ SKIP = {"config"}
 
 def _kind(value, annotation: str) -> str:
     """What a malformed substitute for this argument looks like: by the base call's value, else its annotation."""
-    if isinstance(value, torch.Tensor):
-        return "tensor"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, tuple):
-        return "tuple"
-    if isinstance(value, list):
-        return "list"
-    if isinstance(value, str):
-        return "str"
+    # bool before int: a bool is an int to isinstance
+    for typ, kind in ((torch.Tensor, "tensor"), (bool, "bool"), (int, "int"), (float, "float"), (tuple, "tuple"),
+                      (list, "list"), (str, "str")):  # fmt: skip
+        if isinstance(value, typ):
+            return kind
     if value is None and annotation:
         for word, kind in (("Tensor", "opt-tensor"), ("tuple", "tuple"), ("bool", "bool"), ("float", "float"),
                            ("int", "int"), ("str", "str")):  # fmt: skip

@@ -35,9 +35,8 @@ COMPILED = tl.constexpr(not is_interpreter())
 def unit_stride(*xs) -> list:
     """Index tensors (lengths, cu_seqlens, block tables) as the kernels read them: element i of the last axis at
     ``ptr + i``. A view with another stride there (``lengths[:, 0]`` of a 2-D tensor) is copied, a tensor that
-    has it passes as it is (no copy), anything else passes on to the checks that name it. (is_contiguous first:
-    one C++ call settles the usual case; 0.4 µs for two tensors on this project's CI CPU, against 1.0 µs with
-    the stride test alone.)"""
+    has it passes as it is (no copy), anything else passes on to the checks that name it. ``is_contiguous`` first:
+    one call settles the usual case on every call of every entry (timings in bench/NOTES.md)."""
     return [x if not isinstance(x, Tensor) or x.is_contiguous() else _last_unit(x) for x in xs]
 
 

@@ -35,15 +35,9 @@ import math
 
 import torch
 
+from .checks import _is_int, _is_number
+
 __all__ = ["CacheView", "RopeOptions", "ScoreOptions", "accepts_options", "expand_options"]
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

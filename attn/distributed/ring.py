@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..checks import check_flag
+from ..checks import _is_int, check_flag
 from .merge import merge_into
 from .sharding import ShardPlan
 
@@ -87,7 +87,7 @@ def plan_pieces(plan: ShardPlan, rank: int, src: int, *, causal: bool = False, w
     if not isinstance(plan, ShardPlan):
         raise TypeError(f"plan must be a ShardPlan, got {type(plan).__name__}")
     for name, r in (("rank", rank), ("src", src)):
-        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < plan.world_size:
+        if not _is_int(r) or not 0 <= r < plan.world_size:
             raise ValueError(f"{name} must be a rank in [0, {plan.world_size}), got {r!r}")
     check_flag("causal", causal)
     L, R = _mask_bounds(causal, window_size)

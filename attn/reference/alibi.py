@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..checks import check_device
+from ..checks import _is_int, _is_number, check_device
 
 # far past any model's head count (the slopes are a [num_heads] table)
 MAX_HEADS = 2**16
@@ -42,17 +42,14 @@ def alibi_slopes(
         float32 ``[num_heads / tp_size]``.
     """
 
-    def is_int(x):
-        return isinstance(x, int) and not isinstance(x, bool)
-
     def is_finite(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        return _is_number(x) and math.isfinite(x)
 
-    if not is_int(num_heads) or not 1 <= num_heads <= MAX_HEADS:
+    if not _is_int(num_heads) or not 1 <= num_heads <= MAX_HEADS:
         raise ValueError(f"num_heads must be an int in [1, {MAX_HEADS}], got {num_heads!r}")
-    if not is_int(tp_size) or tp_size < 1 or num_heads % tp_size:
+    if not _is_int(tp_size) or tp_size < 1 or num_heads % tp_size:
         raise ValueError(f"tp_size must be a positive int dividing num_heads={num_heads}, got {tp_size!r}")
-    if not is_int(tp_rank) or not 0 <= tp_rank < tp_size:
+    if not _is_int(tp_rank) or not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank must lie in [0, {tp_size}), got {tp_rank!r}")
     if not is_finite(alibi_scale):
         raise ValueError(f"alibi_scale must be a finite number, got {alibi_scale!r}")

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ..checks import check_flag
+from ..checks import _is_number, check_flag
 from .attention import _mix_values
 
 P_SCALE = 256.0
@@ -61,9 +61,8 @@ def check_fp8_args(q, k, v, q_descale, k_descale, v_descale, out_dtype, causal=F
             raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
     check_flag("causal", causal)
     if softmax_scale is not None and (
-        isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
-        or not math.isfinite(softmax_scale) or softmax_scale <= 0
-    ):  # fmt: skip
+        not _is_number(softmax_scale) or not math.isfinite(softmax_scale) or softmax_scale <= 0
+    ):
         raise ValueError(f"softmax_scale must be None or a positive finite number, got {softmax_scale!r}")
     b, sq, hq, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_preprocess
+from ..checks import _is_number, check_preprocess
 from .kv_cache import append_kv
 
 
@@ -79,7 +79,7 @@ ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
 def check_rope_options(base, scaling) -> None:
     """``rope_base`` a positive finite number (a NaN, zero or negative base turns every key NaN), and
     ``rope_scaling`` a `RopeScaling` or None."""
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
+    if not _is_number(base) or not math.isfinite(base) or base <= 0:
         raise ValueError(f"rope_base must be a positive finite number, got {base!r}")
     if scaling is not None and not isinstance(scaling, RopeScaling):
         raise TypeError(f"rope_scaling must be a RopeScaling or None, got {type(scaling).__name__}")

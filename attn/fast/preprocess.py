@@ -230,9 +230,8 @@ def preprocess(
     validate = _errors.resolve_validate(validate)
     cache_seqlens, cu_seqlens_new, block_table = unit_stride(cache_seqlens, cu_seqlens_new, block_table)
     num_positions = None
-    if rotary_dim:
-        check_rope_options(rope_base, rope_scaling)
-    if not validate and rotary_dim and rope_scaling is not None and rope_scaling.type == "dynamic":
+    # (a rope_scaling of another type is refused by _cos_sin, before the launch writes anything)
+    if not validate and rotary_dim and isinstance(rope_scaling, RopeScaling) and rope_scaling.type == "dynamic":
         # dynamic scaling's frequencies depend on the longest sequence: read it (the one sync of this case)
         counts = (cu_seqlens_new[1:] - cu_seqlens_new[:-1]) if cu_seqlens_new is not None else qkv.shape[1]
         num_positions = int((cache_seqlens + counts).max()) if cache_seqlens.numel() else 1
